@@ -1,0 +1,345 @@
+"""The GPTDeployment API: pydantic v2 models, the single source of truth.
+
+The CRD's OpenAPI schema is generated from these models (``crd.py``), and the operator validates every
+object it sees with the same models (``parse_spec``), so the two can never disagree.
+Field names are camelCase because they are the Kubernetes API; Python attributes use the same names.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+GROUP = "gptd.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "GPTDeployment"
+PLURAL = "gptdeployments"
+SINGULAR = "gptdeployment"
+SHORT_NAMES = ["gptd"]
+CATEGORIES = ["gptd", "all"]
+
+# hf://org/name | pvc://claim[/sub/path] | s3://bucket[/prefix] | file:///abs/path
+MODEL_URI_PATTERN = (
+    r"^(hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?"
+    r"|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^/\s]+)*/?"
+    r"|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?"
+    r"|file:///[^\s]*)$"
+)
+_MODEL_URI_RE = re.compile(MODEL_URI_PATTERN)
+
+Quantity = Annotated[
+    str,
+    Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$", examples=["4", "500m", "16Gi"]),
+]
+
+
+class _Model(BaseModel):
+    # Unknown fields are errors: a typo such as `replica:` must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class SecretKeyRef(_Model):
+    """A key in a Secret in the same namespace; its value never appears in the pod spec or the logs."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret.")
+    key: str = Field(min_length=1, max_length=253, description="Key within the Secret.")
+
+
+class ModelSpec(_Model):
+    """Which model to serve. A change to uri or revision starts a rollout of a new revision."""
+
+    uri: str = Field(
+        pattern=MODEL_URI_PATTERN,
+        description=(
+            "Where the weights come from: hf://org/name (Hugging Face Hub), pvc://claim/sub/path "
+            "(a PersistentVolumeClaim mounted read-only), s3://bucket/prefix, or file:///abs/path "
+            "(already in the image)."
+        ),
+        examples=["hf://openai-community/gpt2"],
+    )
+    revision: str = Field(
+        "main",
+        min_length=1,
+        max_length=255,
+        description="Model revision: a Hub branch, tag or commit sha. Part of the rollout revision.",
+    )
+    task: Literal["text-generation", "text-classification", "token-classification"] = Field(
+        "text-generation", description="What the runtime serves: OpenAI API, or v2 inference for the others."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weights dtype; auto picks float16/bfloat16 on GPU and float32 on CPU."
+    )
+    hfTokenSecretRef: SecretKeyRef | None = Field(
+        None, description="Secret key holding a Hugging Face token for gated or private models."
+    )
+
+
+class ResourcesSpec(_Model):
+    """Compute per replica."""
+
+    gpus: int = Field(1, ge=0, le=16, description="GPUs per replica; 0 runs on CPU.")
+    gpuResourceName: str = Field(
+        "nvidia.com/gpu",
+        pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$",
+        description="Extended resource name of the GPU (nvidia.com/gpu, amd.com/gpu, a MIG profile...).",
+    )
+    cpu: Quantity | None = Field(None, description="CPU request and limit per replica, e.g. '4'.")
+    memory: Quantity | None = Field(None, description="Memory request and limit per replica, e.g. '32Gi'.")
+
+
+class Toleration(_Model):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: int | None = None
+
+
+class SchedulingSpec(_Model):
+    """Where replicas may run; passed through to the pod spec."""
+
+    nodeSelector: dict[str, str] | None = Field(None, description="Pod nodeSelector.")
+    tolerations: list[Toleration] | None = Field(
+        None, description="Extra tolerations (a toleration for the GPU resource taint is added by default)."
+    )
+    affinity: dict[str, Any] | None = Field(
+        None,
+        description="Pod affinity (core/v1 Affinity), passed through unchanged.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    priorityClassName: str | None = Field(None, description="Pod priorityClassName.")
+    runtimeClassName: str | None = Field(None, description="Pod runtimeClassName (e.g. nvidia).")
+
+
+class EnvVar(_Model):
+    """An environment variable for the runtime container. Secrets go through valueFrom.secretKeyRef."""
+
+    name: str = Field(min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    value: str | None = None
+    valueFrom: dict[str, Any] | None = Field(
+        None,
+        description="core/v1 EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef...).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+
+class RuntimeSpec(_Model):
+    """The bundled runtime's settings. A change to image or any limit starts a rollout."""
+
+    image: str | None = Field(None, description="Runtime image; defaults to the operator's configured image.")
+    maxBatchSize: int = Field(32, ge=1, le=1024, description="Most requests batched in one forward pass.")
+    maxInputTokens: int = Field(2048, ge=1, le=1_048_576, description="Longest accepted prompt, in tokens.")
+    maxNewTokens: int = Field(512, ge=1, le=1_048_576, description="Largest accepted max_tokens.")
+    maxQueue: int = Field(256, ge=1, le=100_000, description="Waiting requests before the runtime answers 429.")
+    apiKeySecretRef: SecretKeyRef | None = Field(
+        None, description="Secret key holding the API key; when set every /v1 and /v2 route needs a Bearer token."
+    )
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment for the runtime container.")
+    startupTimeoutSeconds: int = Field(
+        1800, ge=30, le=86_400, description="How long a replica may take to load and warm up before restart."
+    )
+    drainTimeoutSeconds: int = Field(
+        30, ge=0, le=3600, description="How long in-flight requests may run after SIGTERM."
+    )
+
+
+class ServiceSpec(_Model):
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Service type.")
+    port: int = Field(8000, ge=1, le=65535, description="Service and container port (named http).")
+
+
+class AutoscalingSpec(_Model):
+    """An autoscaling/v2 HorizontalPodAutoscaler owned by the operator; it then owns the replica count."""
+
+    minReplicas: int = Field(
+        1, ge=0, description="Lower bound. 0 needs a scale-to-zero provider (KEDA) configured on the operator."
+    )
+    maxReplicas: int = Field(ge=1, description="Upper bound.")
+    targetInflightRequests: int | None = Field(
+        None, ge=1, description="Target average gptd:num_requests_running per pod (a Pods metric)."
+    )
+    targetCPUUtilization: int | None = Field(None, ge=1, le=100, description="Target average CPU utilisation %.")
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoscalingSpec:
+        if self.maxReplicas < self.minReplicas:
+            raise ValueError("maxReplicas must be >= minReplicas")
+        if self.targetInflightRequests is None and self.targetCPUUtilization is None:
+            raise ValueError("set targetInflightRequests and/or targetCPUUtilization")
+        return self
+
+
+class CanaryStep(_Model):
+    weight: int = Field(ge=1, le=99, description="Share of traffic (percent) for the new revision at this step.")
+    pauseSeconds: int | None = Field(
+        None, ge=0, description="Wait this long with the canary Ready; unset waits for gptd.io/promote=true."
+    )
+
+
+class CanaryAnalysis(_Model):
+    """Metric checks against Prometheus at every step; a breach aborts and rolls back."""
+
+    prometheusUrl: str = Field(pattern=r"^https?://", description="Prometheus base URL.")
+    maxErrorRate: float = Field(0.05, ge=0, le=1, description="Highest allowed share of failed requests.")
+    maxTimeToFirstTokenSeconds: float | None = Field(None, gt=0, description="Highest allowed p95 TTFT.")
+    intervalSeconds: int = Field(60, ge=10, description="Query window and period.")
+
+
+class CanarySpec(_Model):
+    steps: list[CanaryStep] = Field(min_length=1, description="Traffic steps, in order; then promotion.")
+    analysis: CanaryAnalysis | None = None
+
+
+class RolloutSpec(_Model):
+    """How a new revision (model uri/revision, image, runtime args) replaces the old one."""
+
+    strategy: Literal["RollingUpdate", "Canary"] = Field("RollingUpdate", description="Rollout strategy.")
+    maxSurge: int = Field(1, ge=0, description="Extra pods during a rolling update.")
+    maxUnavailable: int = Field(0, ge=0, description="Pods that may be missing during a rolling update.")
+    progressDeadlineSeconds: int = Field(
+        1800, ge=60, description="A new revision not Ready by then is rolled back."
+    )
+    allowCapacityDip: bool | None = Field(
+        None,
+        description=(
+            "When the surge pod can't get a GPU, replace pods in place (one down, one up). "
+            "Defaults to true when replicas > 1."
+        ),
+    )
+    surgeGraceSeconds: int = Field(
+        120, ge=0, description="How long a surge pod may stay Unschedulable before the fallback applies."
+    )
+    canary: CanarySpec | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> RolloutSpec:
+        if self.strategy == "Canary" and self.canary is None:
+            raise ValueError("strategy Canary needs canary.steps")
+        if self.maxSurge == 0 and self.maxUnavailable == 0:
+            raise ValueError("maxSurge and maxUnavailable can't both be 0")
+        return self
+
+
+class GPTDeploymentSpec(_Model):
+    """Desired state of a GPT-style model behind an OpenAI-compatible API."""
+
+    model: ModelSpec
+    replicas: int = Field(1, ge=0, description="Replicas; owned by the autoscaler when autoscaling is set.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    service: ServiceSpec = Field(default_factory=ServiceSpec)
+    autoscaling: AutoscalingSpec | None = None
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+
+
+# ---------------------------------------------------------------------------------------------- status
+
+ConditionType = Literal["Ready", "Progressing", "Degraded", "RolledBack"]
+Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    lastTransitionTime: str | None = None
+    observedGeneration: int | None = None
+
+
+class RolloutStatus(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    revision: str | None = Field(None, description="Revision being rolled out.")
+    step: int | None = Field(None, description="Canary step index (0-based), or None.")
+    startedAt: str | None = None
+    phase: str | None = None
+
+
+class AutoscalingStatus(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    currentReplicas: int | None = None
+    desiredReplicas: int | None = None
+
+
+class GPTDeploymentStatus(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    observedGeneration: int | None = None
+    phase: Phase | None = None
+    replicas: int | None = Field(None, description="Pods that exist (scale subresource).")
+    desiredReplicas: int | None = None
+    readyReplicas: int | None = None
+    updatedReplicas: int | None = None
+    selector: str | None = Field(None, description="Label selector of the pods (scale subresource).")
+    url: str | None = None
+    currentRevision: str | None = None
+    updateRevision: str | None = None
+    lastGoodRevision: str | None = None
+    failedRevision: str | None = None
+    lastGoodTemplate: dict[str, Any] | None = Field(
+        None,
+        description="The revisioned part of the spec (model, runtime) of lastGoodRevision, for rollback.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    rollout: RolloutStatus | None = None
+    autoscaling: AutoscalingStatus | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class GPTDeployment(BaseModel):
+    """The whole object, for the CRD generator and for documentation."""
+
+    model_config = ConfigDict(extra="allow")
+
+    apiVersion: str = API_VERSION
+    kind: str = KIND
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: GPTDeploymentSpec
+    status: GPTDeploymentStatus | None = None
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+class InvalidSpec(Exception):
+    """A spec the operator refuses; ``field`` is the dotted path users see (e.g. ``spec.model.uri``)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = "spec"
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def parse_spec(spec: dict[str, Any] | None) -> GPTDeploymentSpec:
+    """Validate a raw ``spec`` dict; raise ``InvalidSpec`` naming the first bad field."""
+    try:
+        return GPTDeploymentSpec.model_validate(spec or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        # Validators on a model report the model's own path; name it so the user knows where to look.
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "string_pattern_mismatch" and err["loc"][-1:] == ("uri",):
+            msg = "must be hf://org/name, pvc://claim/path, s3://bucket/prefix or file:///abs/path"
+        value = err.get("input")
+        if err["type"] != "missing" and isinstance(value, str | int | float | bool) and len(str(value)) < 200:
+            msg += f" (got {value!r})"
+        raise InvalidSpec(_loc(tuple(err["loc"])), msg) from None
+
+
+def is_valid_model_uri(uri: str) -> bool:
+    return bool(_MODEL_URI_RE.match(uri))
