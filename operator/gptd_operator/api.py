@@ -277,6 +277,7 @@ class GPTDeploymentStatus(BaseModel):
     replicas: int | None = Field(None, description="Pods that exist (scale subresource).")
     desiredReplicas: int | None = None
     readyReplicas: int | None = None
+    readyDisplay: str | None = Field(None, description='"ready/desired", e.g. "1/2" (the Ready printer column).')
     updatedReplicas: int | None = None
     selector: str | None = Field(None, description="Label selector of the pods (scale subresource).")
     url: str | None = None
