@@ -1,0 +1,1 @@
+"""HTTP layer: thin routers that call the engine (see gptd_runtime.engine)."""

@@ -1,0 +1,48 @@
+"""Kubernetes probes (and the Open Inference Protocol's equivalents).
+
+live: the process works (an engine whose worker thread died is not live: restart it).
+ready: 200 only after load + a real warm-up generation, and not while draining."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+router = APIRouter()
+
+
+def _live(request: Request) -> JSONResponse:
+    state = request.app.state.runtime
+    engine = state.engine
+    if engine is not None and state.phase.value in ("ready", "draining") and not engine.healthy:
+        return JSONResponse({"status": "engine stopped"}, status_code=500)
+    return JSONResponse({"status": "ok"})
+
+
+def _ready(request: Request) -> JSONResponse:
+    state = request.app.state.runtime
+    ok = state.phase.value == "ready"
+    body = {"status": state.phase.value}
+    if state.error:
+        body["error"] = state.error
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@router.get("/health/live")
+async def live(request: Request) -> JSONResponse:
+    return _live(request)
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> JSONResponse:
+    return _ready(request)
+
+
+@router.get("/v2/health/live")
+async def v2_live(request: Request) -> JSONResponse:
+    return _live(request)
+
+
+@router.get("/v2/health/ready")
+async def v2_ready(request: Request) -> JSONResponse:
+    return _ready(request)

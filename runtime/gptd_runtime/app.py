@@ -1,0 +1,232 @@
+"""App factory and process lifecycle: listen at once -> load -> warm up -> ready -> (SIGTERM) drain -> exit.
+
+The server listens while loading so liveness probes pass and readiness says 503; a failed load ends the
+process with a non-zero code and a one-line reason (kubelet shows it, nothing hangs "ready")."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .api import health, metrics, openai, tasks
+from .api.metrics import Metrics
+from .api.middleware import GuardMiddleware
+from .api.protocol import APIError
+from .config import Settings
+from .engine import ClassificationEngine, GenerationEngine
+from .loading import ModelLoadError, load_model, resolve_model_dir
+
+log = logging.getLogger("gptd_runtime")
+WARMUP_TIMEOUT_SECONDS = 600.0
+
+
+class Phase(enum.StrEnum):
+    LOADING = "loading"
+    WARMING_UP = "warming_up"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+@dataclass
+class RuntimeState:
+    settings: Settings
+    metrics: Metrics
+    api_key: str | None
+    phase: Phase = Phase.LOADING
+    engine: Any = None  # GenerationEngine | ClassificationEngine (or a test double with the same methods)
+    error: str | None = None
+    inflight: int = 0  # HTTP requests being served (streams included); the drain waits for 0
+    on_fatal: Callable[[str], None] | None = None
+    _startup: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.model_name
+
+    def require_ready(self) -> Any:
+        if self.phase is Phase.READY and self.engine is not None:
+            return self.engine
+        reason = {"draining": "server is shutting down", "failed": f"model failed to load: {self.error}"}.get(
+            self.phase.value, f"model is not ready ({self.phase.value})"
+        )
+        raise APIError(503, reason, type="service_unavailable", code=self.phase.value, headers={"Retry-After": "1"})
+
+
+def build_engine(settings: Settings, metrics: Metrics) -> Any:
+    """Blocking: resolve, load, start the engine. Runs in a worker thread."""
+    loaded = load_model(settings, resolve_model_dir(settings))
+    if settings.task == "text-generation":
+        engine: Any = GenerationEngine(loaded, settings, metrics)
+    else:
+        engine = ClassificationEngine(loaded, settings)
+    engine.start()
+    return engine
+
+
+async def _startup(state: RuntimeState, engine: Any | None) -> None:
+    try:
+        if engine is None:
+            engine = await asyncio.to_thread(build_engine, state.settings, state.metrics)
+        state.engine = engine
+        state.phase = Phase.WARMING_UP
+        # Readiness means "a real generation went through", not merely "weights are in memory".
+        await asyncio.wait_for(engine.warmup(), WARMUP_TIMEOUT_SECONDS)
+        if state.phase is Phase.WARMING_UP:  # a SIGTERM during warm-up wins
+            state.phase = Phase.READY
+            log.info("model %s ready", state.model_name)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        state.phase = Phase.FAILED
+        state.error = str(e) if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}".splitlines()[0]
+        log.error("startup failed: %s", state.error)
+        if state.on_fatal is not None:
+            state.on_fatal(state.error)
+
+
+def create_app(
+    settings: Settings, *, engine: Any | None = None, on_fatal: Callable[[str], None] | None = None
+) -> FastAPI:
+    """Build the app. `engine` swaps in a ready-made engine (tests); otherwise the model is loaded in the
+    background when the app starts. `on_fatal(reason)` is called if loading or warm-up fails."""
+    state = RuntimeState(settings=settings, metrics=Metrics(), api_key=settings.api_key(), on_fatal=on_fatal)
+
+    def gauge(name: str) -> Callable[[], float]:
+        return lambda: float(getattr(state.engine, name)()) if state.engine is not None else 0.0
+
+    state.metrics.bind(gauge("num_running"), gauge("num_waiting"), lambda: float(state.phase is Phase.READY))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state._startup = asyncio.create_task(_startup(state, engine))
+        try:
+            yield
+        finally:
+            state._startup.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await state._startup
+            if state.engine is not None:
+                await asyncio.to_thread(state.engine.stop)
+
+    app = FastAPI(title="gptd runtime", version="0.1.0", lifespan=lifespan)
+    app.state.runtime = state
+    app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.include_router(openai.router)
+    app.include_router(tasks.router)
+    app.add_middleware(GuardMiddleware, state=state)
+    _install_error_handlers(app)
+    return app
+
+
+def _is_v2(request: Request) -> bool:
+    return request.url.path.startswith("/v2/")
+
+
+def _render(request: Request, err: APIError) -> JSONResponse:
+    # The Open Inference Protocol specifies {"error": "<message>"}; everything else speaks OpenAI's format.
+    body: dict[str, Any] = {"error": err.message} if _is_v2(request) else err.body()
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _render(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+        if first.get("type") == "json_invalid":
+            return _render(request, APIError(400, f"request body is not valid JSON: {first.get('msg')}"))
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # pydantic puts union member names in the path (e.g. "str", "list[int]"); drop them for readability.
+        param = ".".join(p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int")) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return _render(request, APIError(400, message, param=param, code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _render(request, APIError(exc.status_code, str(exc.detail), type=kind))
+
+
+async def drain(state: RuntimeState, timeout: float) -> None:
+    """Stop admitting work (readiness 503 at once), then wait for in-flight requests, streams included."""
+    state.phase = Phase.DRAINING
+    log.info("draining: %d request(s) in flight, timeout %.0fs", state.inflight, timeout)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while state.inflight > 0 and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if state.inflight:
+        log.warning("drain timeout: %d request(s) still in flight, exiting anyway", state.inflight)
+
+
+def run_server(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT (drained) or a fatal startup error. Returns the process exit code."""
+    import uvicorn
+
+    fatal: list[str] = []
+
+    class Server(uvicorn.Server):
+        # uvicorn's own handlers stop listening at once; we keep listening (503s) while draining instead.
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, on_signal, sig)
+            try:
+                yield
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        server.should_exit = True
+
+    app = create_app(settings, on_fatal=on_fatal)
+    state: RuntimeState = app.state.runtime
+    draining: list[asyncio.Task[None]] = []
+
+    def on_signal(sig: int) -> None:
+        if draining:  # second signal: stop now
+            server.should_exit = server.force_exit = True
+            return
+        log.info("received %s", signal.Signals(sig).name)
+
+        async def drain_then_exit() -> None:
+            await drain(state, settings.drain_timeout_seconds)
+            server.should_exit = True
+
+        draining.append(asyncio.get_running_loop().create_task(drain_then_exit()))
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=5,
+        # Default keep-alive lets idle connections pin the shutdown; drain already waited for real work.
+        timeout_keep_alive=5,
+    )
+    server = Server(config)
+    server.run()
+    if fatal:
+        print(f"gptd-runtime: error: {fatal[0]}", file=sys.stderr, flush=True)
+        return 1
+    return 0

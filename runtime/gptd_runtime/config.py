@@ -1,0 +1,126 @@
+"""Runtime settings: one pydantic model filled from CLI flags, then GPTD_* environment variables, then defaults.
+
+The operator configures pods through the environment variables only, so their names are a contract (see
+docs/runtime.md); flags exist for humans.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Task = Literal["text-generation", "text-classification", "token-classification"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+# field name -> environment variable. Every field is settable from the environment.
+ENV_VARS: dict[str, str] = {
+    "model": "GPTD_MODEL",
+    "revision": "GPTD_REVISION",
+    "task": "GPTD_TASK",
+    "dtype": "GPTD_DTYPE",
+    "device": "GPTD_DEVICE",
+    "host": "GPTD_HOST",
+    "port": "GPTD_PORT",
+    "served_model_name": "GPTD_SERVED_MODEL_NAME",
+    "max_batch_size": "GPTD_MAX_BATCH_SIZE",
+    "max_input_tokens": "GPTD_MAX_INPUT_TOKENS",
+    "max_new_tokens": "GPTD_MAX_NEW_TOKENS",
+    "max_queue": "GPTD_MAX_QUEUE",
+    "api_key_file": "GPTD_API_KEY_FILE",
+    "drain_timeout_seconds": "GPTD_DRAIN_TIMEOUT_SECONDS",
+    "max_body_bytes": "GPTD_MAX_BODY_BYTES",
+    "kv_cache_blocks": "GPTD_KV_CACHE_BLOCKS",
+    "kv_cache_page_size": "GPTD_KV_CACHE_PAGE_SIZE",
+    "max_batch_tokens": "GPTD_MAX_BATCH_TOKENS",
+    "demo": "GPTD_DEMO",
+    "cache_dir": "GPTD_CACHE_DIR",
+    "hf_token_file": "GPTD_HF_TOKEN_FILE",
+    "log_level": "GPTD_LOG_LEVEL",
+}
+
+
+class Settings(BaseModel):
+    """Everything the server needs to know. Immutable once built."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str | None = Field(None, description="local dir, file://, hf://org/name, pvc:// or s3:// (mounted)")
+    revision: str | None = Field(None, description="hf:// revision (branch, tag or commit)")
+    task: Task = "text-generation"
+    dtype: DType = "auto"
+    device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    served_model_name: str | None = Field(None, description="name in /v1/models; default: last path part")
+    max_batch_size: int = Field(32, ge=1, description="max requests sharing one forward pass")
+    max_input_tokens: int = Field(2048, ge=1)
+    max_new_tokens: int = Field(512, ge=1, description="cap on max_tokens per request (also the default)")
+    max_queue: int = Field(256, ge=0, description="requests allowed to wait beyond the running batch")
+    api_key_file: Path | None = None
+    drain_timeout_seconds: float = Field(30.0, ge=0)
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1)
+    kv_cache_blocks: int | None = Field(
+        None, ge=1, description="KV cache pages; default sized to fit max_batch_size full-length requests"
+    )
+    kv_cache_page_size: int = Field(64, ge=4, description="tokens per KV cache page")
+    max_batch_tokens: int | None = Field(None, ge=1, description="tokens per forward pass (prefill chunking)")
+    demo: bool = False
+    cache_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "gptd")
+    )
+    hf_token_file: Path | None = None
+    log_level: str = "info"
+
+    @field_validator("task", "dtype", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if self.demo and not self.model:
+            return "gptd-demo"
+        return (self.model or "model").rstrip("/").rsplit("/", 1)[-1] or "model"
+
+    def kv_blocks(self) -> int:
+        """Explicit KV budget. Without one, transformers sizes the cache from the *node's* free memory (psutil),
+        which inside a pod ignores the container limit and gets the pod OOM-killed."""
+        if self.kv_cache_blocks is not None:
+            return self.kv_cache_blocks
+        per_request = -(-(self.max_input_tokens + self.max_new_tokens) // self.kv_cache_page_size)
+        return per_request * self.max_batch_size
+
+    def batch_tokens(self) -> int:
+        return self.max_batch_tokens or max(self.max_input_tokens, 256)
+
+    def api_key(self) -> str | None:
+        if self.api_key_file is None:
+            return None
+        key = self.api_key_file.read_text().strip()
+        if not key:
+            raise ValueError(f"API key file {self.api_key_file} is empty")
+        return key
+
+
+_BOOL_TRUE = {"1", "true", "yes", "on"}
+
+
+def load_settings(cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Merge CLI values (None = not given) over GPTD_* env vars over defaults. Raises pydantic.ValidationError."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for field, var in ENV_VARS.items():
+        raw = env.get(var)
+        if raw is None or raw == "":
+            continue
+        values[field] = raw.strip().lower() in _BOOL_TRUE if field == "demo" else raw
+    for field, value in (cli or {}).items():
+        if value is not None and value is not False:
+            values[field] = value
+    return Settings(**values)

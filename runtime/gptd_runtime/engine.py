@@ -1,0 +1,431 @@
+"""Inference engines behind small interfaces, so the HTTP layer (and tests) never touch transformers directly.
+
+`GenerationEngine` wraps transformers' ContinuousBatchingManager: one background thread runs the forward
+passes and every in-flight request shares them (continuous batching with a paged KV cache). Outputs reach
+the asyncio loop through the manager's `call_soon_threadsafe` result handlers; nothing here blocks the loop.
+`ClassificationEngine` serves sequence/token classification with one worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .config import Settings
+from .loading import LoadedModel
+
+log = logging.getLogger("gptd_runtime.engine")
+
+# Sampling with temperature 0 means greedy; the CB sampler divides by temperature, so map 0 to a value small
+# enough that sampling is effectively argmax.
+_GREEDY_TEMPERATURE = 1e-5
+# transformers only builds a per-request temperature/top-p processor when the *default* differs from 1.0; a
+# default a hair below 1.0 makes the processor exist (so requests can set their own) with no visible effect.
+_NEUTRAL = 0.9999999
+
+
+class EngineError(Exception):
+    """Base class for errors the API maps to HTTP statuses."""
+
+
+class QueueFullError(EngineError):
+    """Too many requests in flight (running + waiting): answer 429 and let the client retry."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine is not started, stopping, or its worker died: answer 503."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class Delta:
+    """A piece of generated text. The last delta of a stream has finish_reason set."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
+class EngineMetrics(Protocol):
+    """What the engine reports; api.metrics.Metrics implements it with prometheus_client."""
+
+    def observe_batch(self, size: int) -> None: ...
+    def observe_request(
+        self, prompt_tokens: int, completion_tokens: int, ttft: float | None, e2e: float, finish_reason: str
+    ) -> None: ...
+
+
+class NullMetrics:
+    def observe_batch(self, size: int) -> None:
+        pass
+
+    def observe_request(
+        self, prompt_tokens: int, completion_tokens: int, ttft: float | None, e2e: float, finish_reason: str
+    ) -> None:
+        pass
+
+
+class GenerationStream:
+    """One request's output, consumed with `async for delta in stream`. Leaving the loop early (client gone)
+    or calling cancel() frees the request's batch slot and KV pages."""
+
+    def __init__(self, engine: GenerationEngine, request_id: str, prompt_ids: list[int], params: SamplingParams):
+        from tokenizers.decoders import DecodeStream
+
+        self.engine = engine
+        self.request_id = request_id
+        self.prompt_tokens = len(prompt_ids)
+        self.params = params
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._decoder = DecodeStream(skip_special_tokens=True)
+        self._text = ""
+        self._emitted = 0
+        self._started = time.perf_counter()
+        self._first_token_at: float | None = None
+        self._done = False
+
+    def _on_output(self, output: Any) -> None:  # runs on the event loop
+        if self._first_token_at is None and output.generated_tokens:
+            # Non-streamed requests only report at the end; their per-token timestamps give the real TTFT.
+            ts = output.timestamps
+            self._first_token_at = ts[0] if ts else time.perf_counter()
+        self._queue.put_nowait(output)
+
+    def _consume_tokens(self, tokens: list[int]) -> None:
+        tok = self.engine.rust_tokenizer
+        for token_id in tokens[self.completion_tokens :]:
+            piece = self._decoder.step(tok, token_id)
+            if piece:
+                self._text += piece
+        self.completion_tokens = len(tokens)
+
+    def _take(self, final: bool) -> tuple[str, bool]:
+        """Text that is safe to emit now, and whether a stop string ended the request. Text that might be the
+        start of a stop string is held back until it is disambiguated."""
+        stops = self.params.stop
+        if stops:
+            window = max(len(s) for s in stops)
+            start = max(0, self._emitted - window + 1)
+            hits = [i for s in stops if (i := self._text.find(s, start)) != -1]
+            if hits:
+                end = min(hits)
+                out = self._text[self._emitted : end] if end > self._emitted else ""
+                self._emitted = max(self._emitted, end)
+                return out, True
+            if not final:
+                safe = max(self._emitted, len(self._text) - window + 1)
+                out, self._emitted = self._text[self._emitted : safe], safe
+                return out, False
+        out, self._emitted = self._text[self._emitted :], len(self._text)
+        return out, False
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        try:
+            while not self._done:
+                output = await self._queue.get()
+                if output.error is not None:
+                    self._done = True
+                    raise EngineUnavailableError(f"generation failed: {output.error}")
+                self._consume_tokens(output.generated_tokens)
+                finished = output.is_finished()
+                text, stopped = self._take(final=finished)
+                if stopped:
+                    self.engine.cancel(self.request_id)
+                    self._finish("stop")
+                    yield Delta(text, self.completion_tokens, "stop")
+                elif finished:
+                    reason = "length" if self.completion_tokens >= self.params.max_tokens else "stop"
+                    self._finish(reason)
+                    yield Delta(text, self.completion_tokens, reason)
+                elif text:
+                    yield Delta(text, self.completion_tokens)
+        finally:
+            if not self._done:  # consumer went away (client disconnect): free the slot now
+                self.cancel()
+
+    async def collect(self) -> tuple[str, str]:
+        """Whole text and finish reason (non-streaming requests)."""
+        parts = [d.text async for d in self]
+        return "".join(parts), self.finish_reason or "stop"
+
+    def cancel(self) -> None:
+        if not self._done:
+            self._done = True
+            self.engine.cancel(self.request_id)
+            self.engine._forget(self.request_id)
+
+    def _finish(self, reason: str) -> None:
+        self._done = True
+        self.finish_reason = reason
+        now = time.perf_counter()
+        ttft = None if self._first_token_at is None else self._first_token_at - self._started
+        e2e = now - self._started
+        self.engine.metrics.observe_request(self.prompt_tokens, self.completion_tokens, ttft, e2e, reason)
+        self.engine._forget(self.request_id)
+
+
+class GenerationEngine:
+    """Continuous-batching text generation (transformers' ContinuousBatchingManager)."""
+
+    def __init__(self, loaded: LoadedModel, settings: Settings, metrics: EngineMetrics | None = None):
+        self.loaded = loaded
+        self.settings = settings
+        self.metrics: EngineMetrics = metrics or NullMetrics()
+        self.tokenizer = loaded.tokenizer
+        self.rust_tokenizer = loaded.tokenizer.backend_tokenizer
+        self.max_batch_seen = 0
+        self.forward_passes = 0
+        self._streams: dict[str, GenerationStream] = {}
+        self._ids = itertools.count()
+        self._manager: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        import torch
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        s = self.settings
+        model = self.loaded.model
+        eos = self.tokenizer.eos_token_id
+        gen_config = GenerationConfig(
+            do_sample=True,
+            temperature=_NEUTRAL,
+            top_p=_NEUTRAL,
+            max_new_tokens=s.max_new_tokens,
+            eos_token_id=eos if eos is not None else -1,
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos,
+        )
+        cb_config = ContinuousBatchingConfig(
+            page_size=s.kv_cache_page_size,
+            num_blocks=s.kv_blocks(),  # explicit budget: never sized from the node's RAM
+            max_batch_tokens=s.batch_tokens(),
+            max_requests_per_batch=s.max_batch_size,
+            per_request_processors=True,
+        )
+        with torch.no_grad():
+            self._manager = model.init_continuous_batching(
+                generation_config=gen_config, continuous_batching_config=cb_config
+            )
+        mgr = self._manager
+        step = mgr._generation_step
+
+        # Instrument each forward pass (runs on the manager's thread): batch size, and drop outputs of
+        # cancelled requests that arrive after their handler was removed so the shared queue cannot grow.
+        def instrumented_step() -> None:
+            size = mgr.batch_processor.inputs_and_outputs.num_request_in_batch
+            self.forward_passes += 1
+            self.max_batch_seen = max(self.max_batch_seen, size)
+            self.metrics.observe_batch(size)
+            step()
+            try:
+                while True:
+                    mgr.output_router.output_queue.get_nowait()
+            except queue.Empty:
+                pass
+
+        mgr._generation_step = instrumented_step
+        mgr.start()
+
+    async def warmup(self) -> None:
+        """A real generation through the whole path; readiness waits for it."""
+        ids = self.tokenizer("warm up").input_ids or [self.tokenizer.eos_token_id or 0]
+        stream = self.submit(ids, SamplingParams(max_tokens=4, temperature=0.0), check_capacity=False)
+        await stream.collect()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._manager is not None and self._manager.is_running():
+            self._manager.stop(block=True, timeout=timeout, hard_stop=True)
+
+    @property
+    def healthy(self) -> bool:
+        mgr = self._manager
+        return mgr is not None and mgr.is_running() and mgr.background_thread_status.fatal_error is None
+
+    # -- requests -------------------------------------------------------------------------------------------
+    def num_inflight(self) -> int:
+        return len(self._streams)
+
+    def num_running(self) -> int:
+        bp = getattr(self._manager, "batch_processor", None)
+        if bp is None:
+            return 0
+        return min(len(bp.scheduler.active_requests), len(self._streams))
+
+    def num_waiting(self) -> int:
+        return max(0, len(self._streams) - self.num_running())
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, *, stream: bool = False, check_capacity: bool = True
+    ) -> GenerationStream:
+        """Queue a request. Raises QueueFullError / EngineUnavailableError; never blocks."""
+        if not self.healthy:
+            raise EngineUnavailableError("generation engine is not running")
+        s = self.settings
+        if check_capacity and len(self._streams) >= s.max_batch_size + s.max_queue:
+            raise QueueFullError(f"{len(self._streams)} requests in flight (max {s.max_batch_size + s.max_queue})")
+        request_id = f"gptd-{next(self._ids)}"
+        out = GenerationStream(self, request_id, prompt_ids, params)
+        self._streams[request_id] = out
+        mgr = self._manager
+        mgr.register_result_handler(request_id, out._on_output)
+        # Token-by-token delivery only when needed (SSE, or stop strings that must be seen as they appear);
+        # otherwise one delivery at the end saves per-token work on both threads.
+        streaming = stream or bool(params.stop)
+        kwargs: dict[str, Any] = {
+            "temperature": float(params.temperature) if params.temperature > 0 else _GREEDY_TEMPERATURE,
+            "top_p": float(params.top_p),
+        }
+        if params.ignore_eos:
+            kwargs["eos_token_id"] = -1
+        accepted = mgr.add_request(
+            list(prompt_ids),
+            request_id=request_id,
+            max_new_tokens=params.max_tokens,
+            streaming=streaming,
+            record_timestamps=not streaming,
+            **kwargs,
+        )
+        if accepted is None:
+            self._forget(request_id)
+            raise EngineUnavailableError("generation engine is stopping")
+        return out
+
+    def cancel(self, request_id: str) -> None:
+        if self._manager is not None:
+            self._manager.cancel_request(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        mgr = self._manager
+        if mgr is not None:
+            with mgr.output_router._lock:
+                mgr.output_router.result_handlers.pop(request_id, None)
+
+
+@dataclass
+class ClassificationResult:
+    label: str
+    score: float
+    entities: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ClassificationEngine:
+    """Sequence or token classification. One worker thread: forward passes never run on the event loop, and
+    torch gets all cores for one batch at a time instead of thrashing between concurrent calls."""
+
+    def __init__(self, loaded: LoadedModel, settings: Settings):
+        self.loaded = loaded
+        self.settings = settings
+        self.id2label: dict[int, str] = {int(k): v for k, v in loaded.model.config.id2label.items()}
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptd-classify")
+        self._inflight = 0
+        self.healthy = True
+
+    def start(self) -> None:
+        pass
+
+    async def warmup(self) -> None:
+        await self.infer(["warm up"])
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.healthy = False
+
+    def num_inflight(self) -> int:
+        return self._inflight
+
+    def num_running(self) -> int:
+        return min(self._inflight, 1)
+
+    def num_waiting(self) -> int:
+        return max(0, self._inflight - 1)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.loaded.tokenizer(text).input_ids)
+
+    async def infer(self, texts: list[str]) -> list[ClassificationResult]:
+        s = self.settings
+        if self._inflight >= s.max_batch_size + s.max_queue:
+            raise QueueFullError(f"{self._inflight} requests in flight")
+        fn: Callable[[list[str]], list[ClassificationResult]] = (
+            self._classify_tokens if self.loaded.task == "token-classification" else self._classify
+        )
+        self._inflight += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, texts)
+        finally:
+            self._inflight -= 1
+
+    def _encode(self, texts: list[str], offsets: bool) -> Any:
+        return self.loaded.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.settings.max_input_tokens,
+            return_tensors="pt",
+            return_offsets_mapping=offsets,
+        )
+
+    def _classify(self, texts: list[str]) -> list[ClassificationResult]:
+        import torch
+
+        enc = self._encode(texts, offsets=False).to(self.loaded.device)
+        with torch.inference_mode():
+            probs = self.loaded.model(**enc).logits.float().softmax(-1)
+        scores, ids = probs.max(-1)
+        return [ClassificationResult(self.id2label[int(i)], float(p)) for p, i in zip(scores, ids, strict=True)]
+
+    def _classify_tokens(self, texts: list[str]) -> list[ClassificationResult]:
+        import torch
+
+        enc = self._encode(texts, offsets=True)
+        offsets = enc.pop("offset_mapping").tolist()
+        enc = enc.to(self.loaded.device)
+        with torch.inference_mode():
+            probs = self.loaded.model(**enc).logits.float().softmax(-1)
+        scores, ids = probs.max(-1)
+        mask = enc["attention_mask"].tolist()
+        results = []
+        for row, text in enumerate(texts):
+            entities: list[dict[str, Any]] = []
+            for col, (start, end) in enumerate(offsets[row]):
+                label = self.id2label[int(ids[row, col])]
+                if not mask[row][col] or start == end or label == "O":
+                    continue
+                kind = label.split("-", 1)[-1]
+                prev = entities[-1] if entities else None
+                # Simple aggregation: an I-X (or B-X) token directly continuing an X entity extends it.
+                if prev and prev["entity_group"] == kind and label.startswith("I-") and start <= prev["end"] + 1:
+                    prev["end"] = end
+                    prev["word"] = text[prev["start"] : end].strip()
+                    prev["_scores"].append(float(scores[row, col]))
+                else:
+                    entities.append(
+                        {"entity_group": kind, "start": start, "end": end, "word": text[start:end].strip(),
+                         "_scores": [float(scores[row, col])]}
+                    )
+            for ent in entities:
+                s = ent.pop("_scores")
+                ent["score"] = sum(s) / len(s)
+            results.append(ClassificationResult(label="", score=0.0, entities=entities))
+        return results

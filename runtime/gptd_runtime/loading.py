@@ -1,0 +1,131 @@
+"""Model URI -> local directory -> (model, tokenizer). Every failure becomes one ModelLoadError with a
+one-line reason, which the CLI prints before exiting non-zero (a pod must crash-loop visibly, not hang)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from .config import Settings
+
+log = logging.getLogger("gptd_runtime.loading")
+
+
+class ModelLoadError(Exception):
+    """The model cannot be resolved or loaded. str() is a single line meant for humans."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # PreTrainedTokenizerFast
+    path: Path
+    task: str
+    device: str
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _hf_token(settings: Settings) -> str | None:
+    if os.environ.get("HF_TOKEN"):
+        return os.environ["HF_TOKEN"]
+    if settings.hf_token_file is not None:
+        try:
+            return settings.hf_token_file.read_text().strip() or None
+        except OSError as e:
+            raise ModelLoadError(f"cannot read HF token file {settings.hf_token_file}: {_one_line(e)}") from e
+    return None
+
+
+def resolve_model_dir(settings: Settings) -> Path:
+    """Map --model to a local directory holding config.json (downloading hf:// repos into HF_HOME)."""
+    uri = settings.model
+    if settings.demo and not uri:
+        from .demo import build_demo_model
+
+        # Built once into the cache dir and reused on restarts.
+        return build_demo_model(settings.cache_dir / "demo" / settings.task, settings.task)
+    if not uri:
+        raise ModelLoadError("no model given: pass --model PATH_OR_URI (or GPTD_MODEL), or --demo")
+    parsed = urlparse(uri)
+    scheme = parsed.scheme if len(parsed.scheme) > 1 else ""  # "C:\..." is not a scheme
+    if scheme == "hf":
+        repo_id = (parsed.netloc + parsed.path).strip("/")
+        if repo_id.count("/") != 1:
+            raise ModelLoadError(f"hf:// URI must look like hf://org/name, got {uri!r}")
+        try:
+            from huggingface_hub import snapshot_download
+
+            # HF_HOME decides the cache; HF_HUB_OFFLINE=1 serves from a warm cache without network.
+            path = Path(snapshot_download(repo_id, revision=settings.revision, token=_hf_token(settings)))
+        except Exception as e:
+            raise ModelLoadError(f"cannot download {uri} (revision {settings.revision}): {_one_line(e)}") from e
+    elif scheme in ("pvc", "s3", "gs"):
+        # The operator mounts/syncs these and passes the resulting local path; the runtime never talks to
+        # storage APIs itself.
+        raise ModelLoadError(
+            f"{scheme}:// URIs are resolved by the gptd operator (it mounts the volume and passes a local path); "
+            "pass the local directory instead"
+        )
+    elif scheme in ("file", ""):
+        path = Path(parsed.path if scheme == "file" else uri).expanduser()
+    else:
+        raise ModelLoadError(f"unsupported model URI scheme {scheme!r} in {uri!r} (use a path, file:// or hf://)")
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model directory {path} has no config.json (not a Hugging Face model directory)")
+    return path
+
+
+def _pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def _pick_dtype(requested: str, device: str) -> Any:
+    import torch
+
+    if requested == "auto":
+        # Half precision on CPU is slow and poorly supported; on GPUs fp16/bf16 is the norm.
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, requested)
+
+
+def load_model(settings: Settings, path: Path) -> LoadedModel:
+    """Load weights and tokenizer. Slow (seconds to minutes): called off the event loop."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+    )
+
+    classes = {
+        "text-generation": AutoModelForCausalLM,
+        "text-classification": AutoModelForSequenceClassification,
+        "token-classification": AutoModelForTokenClassification,
+    }
+    device = _pick_device(settings.device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = classes[settings.task].from_pretrained(path, dtype=_pick_dtype(settings.dtype, device))
+        model = model.to(device).eval()
+    except Exception as e:
+        raise ModelLoadError(f"cannot load {settings.task} model from {path}: {_one_line(e)}") from e
+    if settings.task != "text-generation" and not getattr(model.config, "id2label", None):
+        raise ModelLoadError(f"{settings.task} model at {path} has no id2label in its config")
+    log.info("loaded %s model from %s on %s (%s)", settings.task, path, device, model.dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, path=path, task=settings.task, device=device)
