@@ -1,0 +1,471 @@
+"""Pure builders: (name, spec, settings) → the complete dicts of the children we own. No I/O here.
+
+Every child is named after the CR and carries an ownerReference to it, so deleting the CR lets the
+Kubernetes garbage collector remove them (the operator has no finalizer and no delete handler).
+Optional pod-spec fields we own are emitted as ``None`` when unset: ``kube.apply`` sends the desired
+dict as a JSON merge patch, where ``None`` removes a field a previous spec had set (e.g. affinity).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+from . import api
+from .api import GPTDeploymentSpec, InvalidSpec, ModelSpec, RuntimeSpec
+from .settings import Settings
+
+Template = dict[str, Any]
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_REVISION = "gptd.io/revision"
+LABEL_TRACK = "gptd.io/track"
+ANN_TEMPLATE = "gptd.io/template"
+ANN_REVISION = "gptd.io/revision"
+RUNTIME_APP = "gptd-runtime"
+MANAGER = "gptd-operator"
+
+CONTAINER = "runtime"
+PORT_NAME = "http"
+CACHE_DIR = "/var/cache/gptd"  # HF_HOME: writable model cache (emptyDir)
+MODELS_DIR = "/models"  # pvc:// models are mounted read-only below here
+API_KEY_DIR = "/var/run/gptd/api-key"
+API_KEY_FILE = f"{API_KEY_DIR}/api-key"
+RUN_AS = 10001
+STARTUP_PERIOD_SECONDS = 10
+TERMINATION_MARGIN_SECONDS = 10  # between the runtime finishing its drain and the kubelet's SIGKILL
+REVISION_HISTORY_LIMIT = 3
+HPA_METRIC = "gptd_num_requests_running"  # Prometheus `gptd:num_requests_running`, renamed by the adapter
+
+# Env names whose literal values would leak a secret into the pod spec; they must use valueFrom.
+_SECRET_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GPTD_API_KEY", "AWS_SECRET_ACCESS_KEY")
+
+
+# ------------------------------------------------------------------------------------------- labels
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    """What the Service (and the PDB, the scale subresource) select: stable and canary pods alike."""
+    return {LABEL_NAME: RUNTIME_APP, LABEL_INSTANCE: name}
+
+
+def common_labels(name: str) -> dict[str, str]:
+    return {**selector_labels(name), LABEL_MANAGED_BY: MANAGER}
+
+
+def deployment_selector(name: str, track: str) -> dict[str, str]:
+    # Immutable in a Deployment, so it carries nothing that changes between revisions.
+    return {**selector_labels(name), LABEL_TRACK: track}
+
+
+def selector_string(name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(name).items()))
+
+
+def deployment_name(name: str, track: str = "stable") -> str:
+    return name if track == "stable" else f"{name}-{track}"
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(name: str, namespace: str, uid: str, owner: str, **extra_labels: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": namespace,
+        "labels": {**common_labels(owner), **extra_labels},
+        "ownerReferences": [owner_reference(owner, uid)],
+    }
+
+
+# ----------------------------------------------------------------------------------- validation
+
+
+def check_spec(spec: GPTDeploymentSpec, settings: Settings) -> None:
+    """Checks that depend on the operator's settings or span fields; raise InvalidSpec naming the field."""
+    if spec.autoscaling is not None and spec.autoscaling.minReplicas == 0 and not settings.scale_to_zero_provider:
+        raise InvalidSpec(
+            "spec.autoscaling.minReplicas",
+            "0 needs a scale-to-zero provider configured on the operator (GPTD_SCALE_TO_ZERO_PROVIDER=keda)",
+        )
+    if spec.autoscaling is not None and spec.autoscaling.targetCPUUtilization and not spec.resources.cpu:
+        raise InvalidSpec(
+            "spec.resources.cpu",
+            "must be set when spec.autoscaling.targetCPUUtilization is (utilisation is relative to the request)",
+        )
+    if spec.model.uri.startswith("s3://") and not settings.s3_init_image:
+        raise InvalidSpec(
+            "spec.model.uri",
+            "s3:// models need the operator setting GPTD_S3_INIT_IMAGE (an AWS CLI image); "
+            "use hf://, pvc:// or file:// otherwise",
+        )
+    for i, env in enumerate(spec.runtime.env):
+        if env.name.upper() in _SECRET_ENV_NAMES and env.value is not None:
+            raise InvalidSpec(f"spec.runtime.env[{i}].value", f"{env.name} must come from valueFrom.secretKeyRef")
+
+
+def referenced_secrets(spec: GPTDeploymentSpec) -> list[tuple[str, str]]:
+    """(field path, Secret name) of every Secret the pods need; handlers check they exist."""
+    refs = []
+    if spec.model.hfTokenSecretRef is not None:
+        refs.append(("spec.model.hfTokenSecretRef", spec.model.hfTokenSecretRef.name))
+    if spec.runtime.apiKeySecretRef is not None:
+        refs.append(("spec.runtime.apiKeySecretRef", spec.runtime.apiKeySecretRef.name))
+    return refs
+
+
+# ------------------------------------------------------------------------------------- revisions
+
+
+def revision_template(spec: GPTDeploymentSpec, settings: Settings) -> Template:
+    """The revisioned part of the spec: a change here is a new revision (and a rollout)."""
+    runtime = spec.runtime.model_dump(mode="json", exclude_none=True)
+    runtime["image"] = spec.runtime.image or settings.runtime_image
+    return {"model": spec.model.model_dump(mode="json", exclude_none=True), "runtime": runtime}
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def revision_hash(template: Template) -> str:
+    return hashlib.sha256(canonical_json(template).encode()).hexdigest()[:10]
+
+
+def desired_replicas(spec: GPTDeploymentSpec) -> int | None:
+    """None while an autoscaler owns the count: the Deployment's live replicas are then left alone."""
+    return None if spec.autoscaling is not None else spec.replicas
+
+
+def rolling_strategy(spec: GPTDeploymentSpec) -> dict[str, Any]:
+    return {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": spec.rollout.maxSurge, "maxUnavailable": spec.rollout.maxUnavailable},
+    }
+
+
+# ------------------------------------------------------------------------------------------- pods
+
+
+def _model_source(model: ModelSpec, settings: Settings) -> tuple[str, list[dict], list[dict], list[dict]]:
+    """(GPTD_MODEL, volumes, runtime volumeMounts, initContainers) for a model URI."""
+    uri = model.uri
+    if uri.startswith("pvc://"):
+        claim, _, sub = uri.removeprefix("pvc://").partition("/")
+        mount = f"{MODELS_DIR}/{claim}"
+        volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        path = f"{mount}/{sub}".rstrip("/")
+        return f"file://{path}", [volume], [{"name": "model", "mountPath": mount, "readOnly": True}], []
+    if uri.startswith("s3://"):
+        if not settings.s3_init_image:
+            raise InvalidSpec("spec.model.uri", "s3:// models need GPTD_S3_INIT_IMAGE on the operator")
+        local = f"{CACHE_DIR}/s3/{uri.removeprefix('s3://')}".rstrip("/")
+        init = {
+            "name": "model-sync",
+            "image": settings.s3_init_image,
+            "command": ["aws", "s3", "sync", "--only-show-errors", uri, local],
+            # Credentials: the pod's identity (IRSA / workload identity) or AWS_* env from spec.runtime.env.
+            "env": [{"name": "HOME", "value": "/tmp"}],
+            "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
+            "securityContext": container_security_context(),
+        }
+        return f"file://{local}", [], [], [init]
+    return uri, [], [], []  # hf:// and file:// go to the runtime as they are
+
+
+def pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "fsGroup": RUN_AS,  # PVC-mounted models stay readable
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _resources(spec: GPTDeploymentSpec) -> dict[str, Any]:
+    res = spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.cpu:
+        requests["cpu"] = limits["cpu"] = res.cpu
+    if res.memory:
+        requests["memory"] = limits["memory"] = res.memory
+    if res.gpus > 0:
+        # Extended resources: the limit is the request.
+        limits[res.gpuResourceName] = str(res.gpus)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _tolerations(spec: GPTDeploymentSpec) -> list[dict[str, Any]] | None:
+    out = []
+    if spec.resources.gpus > 0:
+        out.append({"key": spec.resources.gpuResourceName, "operator": "Exists", "effect": "NoSchedule"})
+    for tol in spec.scheduling.tolerations or []:
+        item = tol.model_dump(mode="json", exclude_none=True)
+        if item not in out:
+            out.append(item)
+    return out or None
+
+
+def _env(model: ModelSpec, runtime: RuntimeSpec, port: int, model_ref: str) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "GPTD_MODEL", "value": model_ref},
+        {"name": "GPTD_REVISION", "value": model.revision},
+        {"name": "GPTD_TASK", "value": model.task},
+        {"name": "GPTD_DTYPE", "value": model.dtype},
+        {"name": "GPTD_PORT", "value": str(port)},
+        {"name": "GPTD_MAX_BATCH_SIZE", "value": str(runtime.maxBatchSize)},
+        {"name": "GPTD_MAX_INPUT_TOKENS", "value": str(runtime.maxInputTokens)},
+        {"name": "GPTD_MAX_NEW_TOKENS", "value": str(runtime.maxNewTokens)},
+        {"name": "GPTD_MAX_QUEUE", "value": str(runtime.maxQueue)},
+        {"name": "GPTD_DRAIN_TIMEOUT_SECONDS", "value": str(runtime.drainTimeoutSeconds)},
+        {"name": "HF_HOME", "value": CACHE_DIR},
+    ]
+    if runtime.apiKeySecretRef is not None:
+        env.append({"name": "GPTD_API_KEY_FILE", "value": API_KEY_FILE})
+    if model.hfTokenSecretRef is not None:
+        ref = model.hfTokenSecretRef
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    # User entries come last and replace ours of the same name (kubelet takes the last duplicate anyway).
+    for extra in runtime.env:
+        item = extra.model_dump(mode="json", exclude_none=True)
+        env = [e for e in env if e["name"] != extra.name]
+        env.append(item)
+    return env
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": PORT_NAME},
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+def startup_failure_threshold(startup_timeout_seconds: int) -> int:
+    # failureThreshold * periodSeconds must cover the whole load + warm-up time.
+    return max(1, math.ceil(startup_timeout_seconds / STARTUP_PERIOD_SECONDS))
+
+
+def termination_grace_seconds(runtime: RuntimeSpec, settings: Settings) -> int:
+    return settings.prestop_sleep_seconds + runtime.drainTimeoutSeconds + TERMINATION_MARGIN_SECONDS
+
+
+def build_pod_template(
+    name: str, spec: GPTDeploymentSpec, settings: Settings, template: Template, track: str
+) -> dict[str, Any]:
+    model = ModelSpec.model_validate(template["model"])
+    runtime = RuntimeSpec.model_validate(template["runtime"])
+    image = runtime.image or settings.runtime_image
+    port = spec.service.port
+    model_ref, volumes, mounts, init_containers = _model_source(model, settings)
+    volumes = [
+        *volumes,
+        {"name": "model-cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts = [
+        *mounts,
+        {"name": "model-cache", "mountPath": CACHE_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    if runtime.apiKeySecretRef is not None:
+        ref = runtime.apiKeySecretRef
+        volumes.append(
+            {
+                "name": "api-key",
+                "secret": {
+                    "secretName": ref.name,
+                    "items": [{"key": ref.key, "path": "api-key"}],
+                    "defaultMode": 0o440,  # group-readable: fsGroup makes the runtime's group own it
+                },
+            }
+        )
+        mounts.append({"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True})
+    if init_containers:
+        # The sync container can use the same credentials (AWS_* via valueFrom) as the runtime.
+        for init in init_containers:
+            init["env"] += [e.model_dump(mode="json", exclude_none=True) for e in runtime.env]
+    container = {
+        "name": CONTAINER,
+        "image": image,
+        "command": ["python", "-m", "gptd_runtime", "serve"],
+        "ports": [{"name": PORT_NAME, "containerPort": port, "protocol": "TCP"}],
+        "env": _env(model, runtime, port, model_ref),
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        "startupProbe": _probe(
+            "/health/ready", STARTUP_PERIOD_SECONDS, startup_failure_threshold(runtime.startupTimeoutSeconds)
+        ),
+        "readinessProbe": _probe("/health/ready", 5, 3),
+        "livenessProbe": _probe("/health/live", 10, 3),
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(settings.prestop_sleep_seconds)]}}},
+        "securityContext": container_security_context(),
+    }
+    sched = spec.scheduling
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "initContainers": init_containers or None,
+        "volumes": volumes,
+        "securityContext": pod_security_context(),
+        "terminationGracePeriodSeconds": termination_grace_seconds(runtime, settings),
+        "enableServiceLinks": False,  # no *_SERVICE_HOST env noise in the runtime
+        "automountServiceAccountToken": False,  # the runtime never talks to the API server
+        "nodeSelector": sched.nodeSelector or None,
+        "tolerations": _tolerations(spec),
+        "affinity": sched.affinity or None,
+        "priorityClassName": sched.priorityClassName,
+        "runtimeClassName": sched.runtimeClassName,
+    }
+    revision = revision_hash(template)
+    return {
+        "metadata": {"labels": {**common_labels(name), LABEL_TRACK: track, LABEL_REVISION: revision}},
+        "spec": pod_spec,
+    }
+
+
+# -------------------------------------------------------------------------------------- children
+
+
+_DEFAULT = object()
+
+
+def build_deployment(
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: GPTDeploymentSpec,
+    settings: Settings,
+    *,
+    template: Template | None = None,
+    track: str = "stable",
+    replicas: int | object | None = _DEFAULT,
+    strategy: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The Deployment ``<name>`` (track stable) or ``<name>-canary`` running ``template``.
+
+    ``replicas=None`` omits spec.replicas, so a patch never overwrites what an autoscaler set.
+    """
+    template = template if template is not None else revision_template(spec, settings)
+    revision = revision_hash(template)
+    count = desired_replicas(spec) if replicas is _DEFAULT else replicas
+    dep_spec: dict[str, Any] = {
+        "selector": {"matchLabels": deployment_selector(name, track)},
+        "strategy": strategy if strategy is not None else rolling_strategy(spec),
+        "progressDeadlineSeconds": spec.rollout.progressDeadlineSeconds,
+        "revisionHistoryLimit": REVISION_HISTORY_LIMIT,
+        "template": build_pod_template(name, spec, settings, template, track),
+    }
+    if count is not None:
+        dep_spec = {"replicas": count, **dep_spec}
+    metadata = _metadata(deployment_name(name, track), namespace, uid, name, **{LABEL_TRACK: track})
+    metadata["annotations"] = {ANN_TEMPLATE: canonical_json(template), ANN_REVISION: revision}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata, "spec": dep_spec}
+
+
+def build_service(name: str, namespace: str, uid: str, spec: GPTDeploymentSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(name, namespace, uid, name),
+        "spec": {
+            "type": spec.service.type,
+            # name + instance only: a canary Deployment's pods get traffic in proportion to their count.
+            "selector": selector_labels(name),
+            "ports": [{"name": PORT_NAME, "port": spec.service.port, "targetPort": PORT_NAME, "protocol": "TCP"}],
+        },
+    }
+
+
+def wants_pdb(spec: GPTDeploymentSpec) -> bool:
+    floor = spec.autoscaling.minReplicas if spec.autoscaling is not None else spec.replicas
+    return floor > 1
+
+
+def build_pdb(name: str, namespace: str, uid: str, spec: GPTDeploymentSpec) -> dict[str, Any]:
+    # maxUnavailable 1 (not minAvailable 1): a node drain takes one GPU replica at a time, whatever the
+    # count; AlwaysAllow so crash-looping pods never block a drain.
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(name, namespace, uid, name),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector_labels(name)},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def build_hpa(name: str, namespace: str, uid: str, spec: GPTDeploymentSpec) -> dict[str, Any]:
+    auto = spec.autoscaling
+    if auto is None:
+        raise ValueError("build_hpa needs spec.autoscaling")
+    metrics: list[dict[str, Any]] = []
+    if auto.targetInflightRequests is not None:
+        metrics.append(
+            {
+                "type": "Pods",
+                "pods": {
+                    "metric": {"name": HPA_METRIC},
+                    "target": {"type": "AverageValue", "averageValue": str(auto.targetInflightRequests)},
+                },
+            }
+        )
+    if auto.targetCPUUtilization is not None:
+        metrics.append(
+            {
+                "type": "Resource",
+                "resource": {
+                    "name": "cpu",
+                    "target": {"type": "Utilization", "averageUtilization": auto.targetCPUUtilization},
+                },
+            }
+        )
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(name, namespace, uid, name),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": auto.minReplicas,
+            "maxReplicas": auto.maxReplicas,
+            "metrics": metrics,
+        },
+    }
+
+
+def service_url(name: str, namespace: str, spec: GPTDeploymentSpec) -> str:
+    return f"http://{name}.{namespace}.svc.cluster.local:{spec.service.port}"

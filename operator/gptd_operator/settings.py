@@ -1,0 +1,41 @@
+"""Operator settings, read once from the environment (the Deployment of the operator sets them)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_RUNTIME_IMAGE = "ghcr.io/gptd-io/gptd-runtime:0.1.0"
+SCALE_TO_ZERO_PROVIDERS = ("keda",)
+
+
+@dataclass(frozen=True)
+class Settings:
+    runtime_image: str = DEFAULT_RUNTIME_IMAGE
+    # Empty: all namespaces. `--namespace` on the command line wins over GPTD_NAMESPACES.
+    namespaces: tuple[str, ...] = ()
+    # Set when the cluster has a scale-to-zero provider; only then is autoscaling.minReplicas 0 accepted.
+    scale_to_zero_provider: str | None = None
+    # Image with the AWS CLI for s3:// models; unset means s3:// URIs are rejected as InvalidSpec.
+    s3_init_image: str | None = None
+    # Periodic re-check of every GPTDeployment (restores hand-edited children, re-checks Secrets).
+    resync_seconds: float = 30.0
+    # Seconds the preStop hook sleeps so endpoints deregister before the runtime gets SIGTERM.
+    prestop_sleep_seconds: int = 5
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        provider = env.get("GPTD_SCALE_TO_ZERO_PROVIDER", "").strip().lower() or None
+        if provider is not None and provider not in SCALE_TO_ZERO_PROVIDERS:
+            raise ValueError(f"GPTD_SCALE_TO_ZERO_PROVIDER must be one of {SCALE_TO_ZERO_PROVIDERS}, got {provider!r}")
+        namespaces = tuple(ns.strip() for ns in env.get("GPTD_NAMESPACES", "").split(",") if ns.strip())
+        return cls(
+            runtime_image=env.get("GPTD_RUNTIME_IMAGE", "").strip() or DEFAULT_RUNTIME_IMAGE,
+            namespaces=namespaces,
+            scale_to_zero_provider=provider,
+            s3_init_image=env.get("GPTD_S3_INIT_IMAGE", "").strip() or None,
+            resync_seconds=float(env.get("GPTD_RESYNC_SECONDS", "30")),
+            prestop_sleep_seconds=int(env.get("GPTD_PRESTOP_SLEEP_SECONDS", "5")),
+        )
