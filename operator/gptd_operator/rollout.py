@@ -17,8 +17,11 @@ INTERFACE CONTRACT (handlers.py depends on these names):
 
 from __future__ import annotations
 
+import copy
+import json
+import math
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from .api import GPTDeploymentSpec
@@ -34,6 +37,7 @@ class PodObs:
     unschedulable_message: str = ""  # e.g. "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
     crashloop_message: str = ""  # CrashLoopBackOff / ImagePullBackOff / ErrImagePull, with the container
     restarts: int = 0
+    waiting_reason: str = ""  # the container's state.waiting.reason behind crashloop_message
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,581 @@ class Plan:
     conditions: tuple[ConditionPlan, ...] = ()
     events: tuple[EventPlan, ...] = ()
     annotations_to_clear: tuple[str, ...] = ()  # e.g. gptd.io/promote after it was honoured
+    # Reconcile again after this many seconds even if nothing changes (a pause, grace or deadline ends).
+    requeue_after: float | None = None
+
+
+# ------------------------------------------------------------------------------------------- constants
+
+REVISION_LABEL = "gptd.io/revision"  # on the pod template: which revision a pod runs
+TEMPLATE_ANNOTATION = "gptd.io/template"  # on the Deployment: the revision template, JSON
+PROMOTE_ANNOTATION = "gptd.io/promote"
+ABORT_ANNOTATION = "gptd.io/abort"
+
+# A new-revision pod counts as crash-looping once it restarted this often with a waiting reason set...
+CRASHLOOP_RESTARTS = 3
+# ...or at once for waiting reasons that restarting never fixes.
+FATAL_WAITING_REASONS = frozenset({"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+_BAD_WAITING_REASONS = frozenset(
+    {
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "CreateContainerError",
+        "CreateContainerConfigError",
+        "RunContainerError",
+    }
+)
+
+# The keys of the CR status this module owns; plan.status holds exactly these.
+STATUS_KEYS = ("currentRevision", "updateRevision", "lastGoodRevision", "lastGoodTemplate", "failedRevision", "rollout")
+
+# status.rollout.phase: an in-flight rollout...
+ROLLING_OUT, CANARY, PROMOTING = "RollingOut", "Canary", "Promoting"
+ACTIVE_PHASES = (ROLLING_OUT, CANARY, PROMOTING)
+# ...or a finished one that failed; kept while the spec still asks for that revision so it is not retried.
+ROLLED_BACK, FAILED = "RolledBack", "Failed"
+HOLD_PHASES = (ROLLED_BACK, FAILED)
+
+
+# ----------------------------------------------------------------------------------- observation helpers
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """An ISO-8601 timestamp ("...Z") as an aware UTC datetime; None stays None."""
+    if not value:
+        return None
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def format_time(value: datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def observe_deployment(dep: dict[str, Any]) -> DeploymentObs:
+    """A Deployment (as the API returns it) → what ``decide`` needs to know about it."""
+    meta = dep.get("metadata") or {}
+    spec = dep.get("spec") or {}
+    status = dep.get("status") or {}
+    pod_labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+    raw_template = (meta.get("annotations") or {}).get(TEMPLATE_ANNOTATION)
+    template: Template | None = None
+    if raw_template:
+        try:
+            loaded = json.loads(raw_template)
+            template = loaded if isinstance(loaded, dict) else None
+        except ValueError:  # hand-edited annotation: treat as unknown rather than crash the reconcile
+            template = None
+    replicas = spec.get("replicas")
+    observed, generation = status.get("observedGeneration"), meta.get("generation")
+    return DeploymentObs(
+        revision=pod_labels.get(REVISION_LABEL),
+        template=template,
+        spec_replicas=1 if replicas is None else int(replicas),  # the API server's default
+        replicas=int(status.get("replicas") or 0),
+        ready_replicas=int(status.get("readyReplicas") or 0),
+        updated_replicas=int(status.get("updatedReplicas") or 0),
+        available_replicas=int(status.get("availableReplicas") or 0),
+        up_to_date=generation is None or (observed is not None and observed >= generation),
+    )
+
+
+def observe_pod(pod: dict[str, Any]) -> PodObs:
+    """A Pod (as the API returns it) → readiness, scheduling and crash-loop facts for ``decide``."""
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    ready = (conditions.get("Ready") or {}).get("status") == "True"
+    scheduled = conditions.get("PodScheduled") or {}
+    unschedulable_since: datetime | None = None
+    unschedulable_message = ""
+    if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        unschedulable_since = parse_time(scheduled.get("lastTransitionTime")) or parse_time(
+            meta.get("creationTimestamp")
+        )
+        unschedulable_message = scheduled.get("message") or "Unschedulable"
+    restarts = 0
+    crashloop_message = waiting_reason = ""
+    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        restarts += int(cs.get("restartCount") or 0)
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason") or ""
+        if reason in _BAD_WAITING_REASONS and not crashloop_message:
+            waiting_reason = reason
+            crashloop_message = f"{reason}: container {cs.get('name')}"
+            last = ((cs.get("lastState") or {}).get("terminated")) or {}
+            if last:  # why it died is what the user needs (OOMKilled, exit code 1...)
+                crashloop_message += f" last exited {last.get('reason') or 'with'} code {last.get('exitCode')}"
+            if waiting.get("message"):
+                crashloop_message += f": {waiting['message']}"
+    return PodObs(
+        revision=(meta.get("labels") or {}).get(REVISION_LABEL),
+        ready=ready,
+        unschedulable_since=unschedulable_since,
+        unschedulable_message=unschedulable_message,
+        crashloop_message=crashloop_message,
+        restarts=restarts,
+        waiting_reason=waiting_reason,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- decide
 
 
 def decide(spec: GPTDeploymentSpec, status: dict[str, Any], obs: Observations) -> Plan:
-    raise NotImplementedError("being written (issue 4)")
+    """Next plan for the Deployments and the rollout status; pure (see the module docstring)."""
+    d = _Ctx(spec, obs, status or {})
+    d.state["updateRevision"] = obs.desired_revision
+    # Annotations are one-shot requests: honoured or not, they are cleared so they can't fire later by surprise.
+    if obs.promote:
+        d.clear.append(PROMOTE_ANNOTATION)
+    if obs.abort:
+        d.clear.append(ABORT_ANNOTATION)
+    ro = d.ro
+    phase = ro.get("phase") if ro else None
+    same_revision = bool(ro) and ro.get("revision") == obs.desired_revision
+    if phase in ACTIVE_PHASES and same_revision:
+        return _advance(d)
+    if phase in HOLD_PHASES and same_revision:
+        return _hold(d)
+    if phase not in ACTIVE_PHASES and obs.desired_revision == d.state.get("currentRevision"):
+        return _steady(d)
+    # A new revision, or the spec changed mid-rollout (even back to the current one): start over.
+    return _start(d)
+
+
+@dataclass
+class _Ctx:
+    """The working state of one ``decide`` call."""
+
+    spec: GPTDeploymentSpec
+    obs: Observations
+    original: dict[str, Any]
+    state: dict[str, Any] = field(init=False)
+    events: list[EventPlan] = field(default_factory=list)
+    clear: list[str] = field(default_factory=list)
+    requeue: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.original = {k: self.original[k] for k in STATUS_KEYS if k in self.original}
+        self.state = copy.deepcopy(self.original)
+
+    @property
+    def ro(self) -> dict[str, Any] | None:
+        return self.state.get("rollout")
+
+    @property
+    def rev(self) -> str:
+        return self.obs.desired_revision
+
+    @property
+    def now_s(self) -> str:
+        return format_time(self.obs.now)
+
+    def since(self, stamp: str | datetime | None) -> float:
+        """Seconds from ``stamp`` to now (0 when unknown)."""
+        when = parse_time(stamp) if isinstance(stamp, str | None) else stamp
+        if when is None:
+            return 0.0
+        now = self.obs.now if self.obs.now.tzinfo else self.obs.now.replace(tzinfo=UTC)
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+        return (now - when).total_seconds()
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.events.append(EventPlan(type_, reason, message))
+
+
+# --- the phases ---------------------------------------------------------------------------------------
+
+
+def _steady(d: _Ctx) -> Plan:
+    """Nothing in flight and the spec's revision is the one served: the plan changes nothing."""
+    d.state.pop("rollout", None)  # a finished RolledBack/Failed record once the spec moved on
+    stable = DeploymentPlan(d.obs.desired_template, d.rev, _total_replicas(d), _strategy(d.spec, False))
+    return _finish(d, stable, None, _cond("Progressing", False, "RolloutComplete", f"revision {d.rev} is rolled out"))
+
+
+def _start(d: _Ctx) -> Plan:
+    lg, lgt = d.state.get("lastGoodRevision"), d.state.get("lastGoodTemplate")
+    # A canary needs something to compare against; the first revision (or a return to the last good one)
+    # is rolled out directly.
+    canary = d.spec.rollout.strategy == "Canary" and d.spec.rollout.canary is not None and bool(lgt) and lg != d.rev
+    d.state["rollout"] = {
+        "revision": d.rev,
+        "step": 0 if canary else None,
+        "startedAt": d.now_s,
+        "phase": CANARY if canary else ROLLING_OUT,
+        "progressAt": d.now_s,
+        "readyPods": 0,
+    }
+    current = d.state.get("currentRevision")
+    how = "canary" if canary else "rolling update"
+    d.event("Normal", "RolloutStarted", f"rolling out revision {d.rev} (from {current or 'nothing'}) by {how}")
+    return _advance(d)
+
+
+def _advance(d: _Ctx) -> Plan:
+    _track_progress(d)
+    phase = d.ro["phase"]
+    if phase == CANARY:
+        return _canary(d)
+    if phase == PROMOTING:
+        return _promoting(d)
+    return _rolling(d)
+
+
+def _rolling(d: _Ctx) -> Plan:
+    want = _total_replicas(d)
+    if _stable_done(d, want):
+        return _complete(d, "RolloutComplete", f"revision {d.rev} is rolled out")
+    gpu = _gpu(d, can_dip=True, waiting_reason="RollingOut")
+    failure = _failure(d, want)
+    if failure:
+        return _fail(d, *failure)
+    stable = DeploymentPlan(d.obs.desired_template, d.rev, want, _strategy(d.spec, bool(d.ro.get("inPlace"))))
+    return _finish(d, stable, None, gpu or _rolling_cond(d, want))
+
+
+def _canary(d: _Ctx) -> Plan:
+    canary_spec = d.spec.rollout.canary
+    step = int(d.ro.get("step") or 0)
+    if d.spec.rollout.strategy != "Canary" or canary_spec is None or step >= len(canary_spec.steps):
+        return _to_promoting(d, "the spec no longer has canary steps left")
+    if not d.state.get("lastGoodTemplate"):  # status lost: no baseline to keep serving, so just promote
+        return _to_promoting(d, "there is no last good revision to compare against")
+    if d.obs.promote:
+        return _to_promoting(d, f"promoted by {PROMOTE_ANNOTATION}=true")
+    steps = canary_spec.steps
+    n, weight, pause = len(steps), steps[step].weight, steps[step].pauseSeconds
+    count = _canary_replicas(d, weight)
+    ready = _canary_ready(d, count)
+    if ready and not d.ro.get("stepReadyAt"):
+        d.ro["stepReadyAt"] = d.now_s
+    gpu = _gpu(d, can_dip=d.spec.autoscaling is None, waiting_reason=f"CanaryStep{step + 1}of{n}")
+    failure = _failure(d, count)
+    if failure:
+        return _fail(d, *failure)
+    where = f"step {step + 1}/{n}: weight {weight}% = {count} canary pod(s) beside {_share(d, count)}"
+    reason = f"CanaryStep{step + 1}of{n}"
+    if ready:
+        if pause is None:
+            cond = _cond("Progressing", True, reason, f"{where}; Ready, paused until {PROMOTE_ANNOTATION}=true")
+        else:
+            left = pause - d.since(d.ro["stepReadyAt"])
+            if left <= 0:
+                return _next_step(d, step, n)
+            d.requeue.append(left)
+            cond = _cond("Progressing", True, reason, f"{where}; Ready since {d.ro['stepReadyAt']}, pausing {pause}s")
+    else:
+        cond = gpu or _cond("Progressing", True, reason, f"{where}; waiting for the canary to be Ready")
+    return _finish(d, _baseline_plan(d, count), _canary_plan(d, count), cond)
+
+
+def _next_step(d: _Ctx, step: int, n: int) -> Plan:
+    if step + 1 >= n:
+        return _to_promoting(d, "all canary steps passed")
+    d.ro["step"] = step + 1
+    d.ro.pop("stepReadyAt", None)
+    d.ro["progressAt"] = d.now_s  # the deadline restarts for the bigger canary
+    weight = d.spec.rollout.canary.steps[step + 1].weight  # type: ignore[union-attr]
+    d.event("Normal", "CanaryStep", f"revision {d.rev}: canary step {step + 2}/{n}, weight {weight}%")
+    return _canary(d)
+
+
+def _to_promoting(d: _Ctx, why: str) -> Plan:
+    d.ro["phase"] = PROMOTING
+    d.ro["progressAt"] = d.now_s
+    d.ro.pop("stepReadyAt", None)
+    d.ro["canaryReplicas"] = _promoting_canary_replicas(d)  # frozen: the canary keeps serving as it was
+    d.event("Normal", "Promoting", f"promoting revision {d.rev} to all replicas: {why}")
+    return _promoting(d)
+
+
+def _promoting(d: _Ctx) -> Plan:
+    count = int(d.ro.get("canaryReplicas") or 0)
+    want = _stable_replicas(d, count)
+    if _stable_done(d, want):
+        return _complete(d, "Promoted", f"revision {d.rev} is promoted to all replicas")
+    gpu = _gpu(d, can_dip=True, waiting_reason="Promoting")
+    failure = _failure(d, want)
+    if failure:
+        return _fail(d, *failure)
+    stable = DeploymentPlan(d.obs.desired_template, d.rev, want, _strategy(d.spec, bool(d.ro.get("inPlace"))))
+    canary = _canary_plan(d, count) if count else None
+    s = d.obs.stable
+    updated = s.updated_replicas if s and s.revision == d.rev else 0
+    target = want if want is not None else (s.spec_replicas if s else "?")
+    msg = f"promoting revision {d.rev}: {updated}/{target} stable pods updated; the canary stays until they are Ready"
+    return _finish(d, stable, canary, gpu or _cond("Progressing", True, "Promoting", msg))
+
+
+def _complete(d: _Ctx, event_reason: str, message: str) -> Plan:
+    d.state["currentRevision"] = d.state["lastGoodRevision"] = d.rev
+    d.state["lastGoodTemplate"] = copy.deepcopy(d.obs.desired_template)
+    d.state.pop("rollout", None)
+    d.event("Normal", event_reason, message)
+    stable = DeploymentPlan(d.obs.desired_template, d.rev, _total_replicas(d), _strategy(d.spec, False))
+    return _finish(d, stable, None, _cond("Progressing", False, "RolloutComplete", f"revision {d.rev} is rolled out"))
+
+
+def _fail(d: _Ctx, reason: str, message: str) -> Plan:
+    """The new revision failed: restore the last good one, or with none keep trying the only one there is."""
+    ro = d.ro
+    lg, lgt = d.state.get("lastGoodRevision"), d.state.get("lastGoodTemplate")
+    in_place = bool(ro.get("inPlace"))  # a GPU-starved rollout must roll back in place too
+    d.state["failedRevision"] = d.rev
+    record: dict[str, Any] = {"revision": d.rev, "step": ro.get("step"), "startedAt": ro.get("startedAt")}
+    if in_place:
+        record["inPlace"] = True
+    if lgt and lg and lg != d.rev:
+        message = f"revision {d.rev} rolled back to {lg}: {message}"
+        d.state["rollout"] = {**record, "phase": ROLLED_BACK, "reason": reason, "message": message}
+        d.event("Warning", "RolledBack", message)
+        return _hold(d)
+    message = f"revision {d.rev} failed and there is no earlier good revision to roll back to: {message}"
+    d.state["rollout"] = {**record, "phase": FAILED, "reason": reason, "message": message}
+    d.event("Warning", "RolloutFailed", message)
+    return _hold(d)
+
+
+def _hold(d: _Ctx) -> Plan:
+    """After a failure, while the spec still asks for the failed revision: don't retry it."""
+    ro = d.ro
+    in_place = bool(ro.get("inPlace"))
+    lg, lgt = d.state.get("lastGoodRevision"), d.state.get("lastGoodTemplate")
+    if ro["phase"] == ROLLED_BACK and lgt and lg:
+        stable = DeploymentPlan(lgt, lg, _total_replicas(d), _strategy(d.spec, in_place))
+        return _finish(d, stable, None, _cond("Progressing", False, "RolledBack", ro.get("message", "")))
+    # Nothing to roll back to: keep the desired template (the Deployment keeps retrying it), and accept it
+    # if it recovers on its own (a slow download, a GPU that freed up).
+    want = _total_replicas(d)
+    if _stable_done(d, want):
+        return _complete(d, "RolloutComplete", f"revision {d.rev} is rolled out after an earlier failure")
+    stable = DeploymentPlan(d.obs.desired_template, d.rev, want, _strategy(d.spec, in_place))
+    return _finish(d, stable, None, _cond("Progressing", False, "FirstRevisionFailed", ro.get("message", "")))
+
+
+# --- checks -------------------------------------------------------------------------------------------
+
+
+def _track_progress(d: _Ctx) -> None:
+    """Each new-revision pod that becomes Ready is progress and restarts the deadline (as Kubernetes does)."""
+    ready = sum(1 for p in d.obs.pods if p.revision == d.rev and p.ready)
+    if ready > int(d.ro.get("readyPods") or 0):
+        d.ro["readyPods"] = ready
+        d.ro["progressAt"] = d.now_s
+
+
+def _failure(d: _Ctx, want: int | None) -> tuple[str, str] | None:
+    """Why the in-flight rollout must be abandoned, as (RolledBack reason, message), or None."""
+    ro = d.ro
+    if d.obs.abort:
+        return "Aborted", f"aborted by {ABORT_ANNOTATION}=true"
+    if d.obs.analysis_breach and ro["phase"] in (CANARY, PROMOTING):
+        return "AnalysisFailed", f"canary analysis failed: {d.obs.analysis_breach}"
+    for pod in d.obs.pods:
+        if pod.revision == d.rev and _crashlooping(pod):
+            return "CrashLoop", f"a pod is crash-looping ({pod.restarts} restarts): {pod.crashloop_message}"
+    # Waiting for a GPU is not the revision's fault, and a canary pausing on purpose is not stuck.
+    if ro.get("gpuWait") or (ro["phase"] == CANARY and ro.get("stepReadyAt")):
+        return None
+    deadline = d.spec.rollout.progressDeadlineSeconds
+    left = deadline - d.since(ro.get("progressAt") or ro.get("startedAt"))
+    if left <= 0:
+        ready = sum(1 for p in d.obs.pods if p.revision == d.rev and p.ready)
+        of = f" of {want}" if want is not None else ""
+        return "ProgressDeadlineExceeded", f"no progress for {deadline}s ({ready}{of} new pods Ready)"
+    d.requeue.append(left)
+    return None
+
+
+def _crashlooping(pod: PodObs) -> bool:
+    if not pod.crashloop_message:
+        return False
+    return pod.restarts >= CRASHLOOP_RESTARTS or pod.waiting_reason in FATAL_WAITING_REASONS
+
+
+def _gpu(d: _Ctx, *, can_dip: bool, waiting_reason: str) -> ConditionPlan | None:
+    """New-revision pods stuck Unschedulable: wait out the grace, then dip capacity or say why we're stuck."""
+    ro = d.ro
+    pending = [p for p in d.obs.pods if p.revision == d.rev and not p.ready and p.unschedulable_since]
+    if not pending:
+        if ro.pop("gpuWait", None):
+            ro["progressAt"] = d.now_s  # the pods got their GPUs: the deadline counts from now
+        return None
+    oldest = min(pending, key=lambda p: p.unschedulable_since)  # type: ignore[arg-type,return-value]
+    scheduler = oldest.unschedulable_message or "Unschedulable"
+    ro.setdefault("gpuWait", "pending")
+    if ro.get("inPlace"):
+        return _cond("Progressing", True, "CapacityDip", f"{_dip_text(d)}; waiting for a freed GPU: {scheduler}")
+    grace = d.spec.rollout.surgeGraceSeconds
+    allowed = can_dip and _allow_dip(d)
+    left = grace - d.since(oldest.unschedulable_since)
+    if left > 0:
+        d.requeue.append(left)
+        then = "replacing pods in place" if allowed else "reporting InsufficientGPUForSurge"
+        msg = f"waiting up to {grace}s for a GPU for a new pod of revision {d.rev}, then {then}: {scheduler}"
+        return _cond("Progressing", True, waiting_reason, msg)
+    if allowed:
+        ro["inPlace"] = True
+        msg = f"no GPU for an extra pod of revision {d.rev} after {grace}s: {_dip_text(d)}: {scheduler}"
+        d.event("Warning", "CapacityDip", msg)
+        return _cond("Progressing", True, "CapacityDip", msg)
+    msg = (
+        f"no GPU for an extra pod of revision {d.rev} after {grace}s and capacity may not dip "
+        f"(set spec.rollout.allowCapacityDip: true or free a GPU); still waiting: {scheduler}"
+    )
+    if ro.get("gpuWait") != "blocked":
+        ro["gpuWait"] = "blocked"
+        d.event("Warning", "InsufficientGPUForSurge", msg)
+    return _cond("Progressing", False, "InsufficientGPUForSurge", msg)
+
+
+def _dip_text(d: _Ctx) -> str:
+    if d.ro.get("phase") == CANARY:
+        return "the stable Deployment gives up GPUs to the canary (capacity dips)"
+    if (_total_replicas(d) or 0) <= 1:
+        return "replacing the only pod in place (downtime until the new pod is Ready)"
+    return "replacing pods in place, one at a time (capacity dips by one pod)"
+
+
+def _allow_dip(d: _Ctx) -> bool:
+    explicit = d.spec.rollout.allowCapacityDip
+    if explicit is not None:
+        return explicit
+    total = _total_replicas(d)
+    if total is None:  # autoscaled: judge by what runs now
+        total = d.obs.stable.spec_replicas if d.obs.stable else d.spec.autoscaling.minReplicas  # type: ignore[union-attr]
+    return total > 1
+
+
+def _stable_done(d: _Ctx, want: int | None) -> bool:
+    """The stable Deployment runs the desired revision on every pod, all Ready, and the controller saw it."""
+    s = d.obs.stable
+    if s is None or s.revision != d.rev or not s.up_to_date:
+        return False
+    if want is None:  # the HPA owns the count
+        want = s.spec_replicas
+    elif s.spec_replicas != want:
+        return False
+    return s.updated_replicas >= want and s.ready_replicas >= want and s.replicas <= s.updated_replicas
+
+
+def _canary_ready(d: _Ctx, count: int) -> bool:
+    c = d.obs.canary
+    if c is None or c.revision != d.rev or not c.up_to_date or c.spec_replicas != count:
+        return False
+    return c.updated_replicas >= count and c.ready_replicas >= count
+
+
+# --- plan pieces --------------------------------------------------------------------------------------
+
+
+def _strategy(spec: GPTDeploymentSpec, in_place: bool) -> dict[str, Any]:
+    surge, unavailable = (0, 1) if in_place else (spec.rollout.maxSurge, spec.rollout.maxUnavailable)
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": surge, "maxUnavailable": unavailable}}
+
+
+def _total_replicas(d: _Ctx) -> int | None:
+    """The stable count to ask for; None when the HPA owns it (never overwrite the HPA's choice)."""
+    return None if d.spec.autoscaling is not None else d.spec.replicas
+
+
+def _live_total(d: _Ctx) -> int:
+    total = _total_replicas(d)
+    if total is not None:
+        return total
+    if d.obs.stable is not None:
+        return d.obs.stable.spec_replicas
+    return d.spec.autoscaling.minReplicas  # type: ignore[union-attr]
+
+
+def _stable_replicas(d: _Ctx, canary_count: int) -> int | None:
+    """Stable keeps its count; only a canary that dipped capacity takes its pods' GPUs from the stable."""
+    total = _total_replicas(d)
+    if total is not None and d.ro and d.ro.get("inPlace") and d.ro.get("phase") in (CANARY, PROMOTING):
+        return max(0, total - canary_count)
+    return total
+
+
+def canary_replicas(total: int, weight: int) -> int:
+    """Canary pods for a step: max(1, round(total * weight / 100)), rounding halves up."""
+    return max(1, math.floor(total * weight / 100 + 0.5))
+
+
+def _canary_replicas(d: _Ctx, weight: int) -> int:
+    return canary_replicas(_live_total(d), weight)
+
+
+def _promoting_canary_replicas(d: _Ctx) -> int:
+    canary_spec = d.spec.rollout.canary
+    if d.spec.rollout.strategy == "Canary" and canary_spec is not None and canary_spec.steps:
+        step = min(int(d.ro.get("step") or 0), len(canary_spec.steps) - 1)
+        return _canary_replicas(d, canary_spec.steps[step].weight)
+    return d.obs.canary.spec_replicas if d.obs.canary is not None else 0
+
+
+def _share(d: _Ctx, count: int) -> str:
+    stable = _stable_replicas(d, count)
+    stable_n = stable if stable is not None else _live_total(d)
+    pct = round(100 * count / (count + stable_n)) if count + stable_n else 100
+    return f"{stable_n} stable (~{pct}% of traffic)"
+
+
+def _baseline_plan(d: _Ctx, canary_count: int) -> DeploymentPlan:
+    return DeploymentPlan(
+        d.state["lastGoodTemplate"],
+        d.state["lastGoodRevision"],
+        _stable_replicas(d, canary_count),
+        _strategy(d.spec, False),
+    )
+
+
+def _canary_plan(d: _Ctx, count: int) -> DeploymentPlan:
+    return DeploymentPlan(d.obs.desired_template, d.rev, count, _strategy(d.spec, False))
+
+
+def _rolling_cond(d: _Ctx, want: int | None) -> ConditionPlan:
+    s = d.obs.stable
+    updated = s.updated_replicas if s and s.revision == d.rev else 0
+    ready = sum(1 for p in d.obs.pods if p.revision == d.rev and p.ready)
+    target = want if want is not None else (s.spec_replicas if s else "?")
+    msg = f"rolling out revision {d.rev}: {updated}/{target} pods updated, {ready} Ready"
+    if d.ro.get("inPlace"):
+        return _cond("Progressing", True, "CapacityDip", f"{msg}; {_dip_text(d)}")
+    return _cond("Progressing", True, "RollingOut", msg)
+
+
+def _cond(type_: str, status: bool, reason: str, message: str) -> ConditionPlan:
+    return ConditionPlan(type_, "True" if status else "False", reason, message)
+
+
+def _rolled_back_cond(d: _Ctx) -> ConditionPlan:
+    ro = d.ro
+    if ro and ro.get("phase") == ROLLED_BACK and ro.get("revision") == d.rev:
+        return _cond("RolledBack", True, ro.get("reason") or "RolledBack", ro.get("message") or "")
+    failed = d.state.get("failedRevision")
+    if failed and failed != d.rev:
+        return _cond("RolledBack", False, "NewRevision", f"revision {failed} failed earlier; now on {d.rev}")
+    return _cond("RolledBack", False, "NoRollback", "")
+
+
+def _finish(d: _Ctx, stable: DeploymentPlan, canary: DeploymentPlan | None, progressing: ConditionPlan) -> Plan:
+    status = copy.deepcopy(d.state)
+    for key in d.original:  # a key this call dropped is cleared in the CR (merge-patch null)
+        status.setdefault(key, None)
+    requeue = min(d.requeue) if d.requeue else None
+    return Plan(
+        stable=stable,
+        canary=canary,
+        status=status,
+        conditions=(progressing, _rolled_back_cond(d)),
+        events=tuple(d.events),
+        annotations_to_clear=tuple(d.clear),
+        requeue_after=None if requeue is None else max(1.0, math.ceil(requeue)),
+    )
