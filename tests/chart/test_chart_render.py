@@ -1,0 +1,264 @@
+"""The Helm chart: lint, render, Kubernetes schema validation, values schema, RBAC, pod security, single replica."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from chartlib import CHART, K8S_VERSIONS, NAMESPACE, assert_restricted, by_kind, one, run_helm
+
+VARIANTS = {
+    "default": (),
+    "namespaced": ("--set", "watchNamespaces={team-a,team-b}"),
+    "no-crds": ("--set", "crds.enabled=false", "--set", "crds.keep=false"),
+    "keda-custom": (
+        "--set", "scaleToZeroProvider=keda",
+        "--set", "runtime.image=registry.local/gptd-runtime:dev",
+        "--set", "image.tag=dev",
+        "--set", "extraArgs={--verbose}",
+        "--set", "serviceAccount.create=false", "--set", "serviceAccount.name=existing-sa",
+    ),
+}
+
+
+def _deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "Deployment")
+
+
+def _container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (container,) = _deployment(docs)["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _env(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in _container(docs)["env"]}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_helm_lint(helm_bin, variant):
+    proc = run_helm(helm_bin, "lint", "--strict", str(CHART), "--namespace", NAMESPACE, *VARIANTS[variant])
+    assert "0 chart(s) failed" in proc.stdout
+
+
+@pytest.mark.parametrize("k8s", K8S_VERSIONS)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_rendered_objects_validate_against_kubernetes_schemas(render, variant, k8s):
+    docs = render(*VARIANTS[variant])
+    assert docs
+    for doc in docs:
+        # strict: unknown fields (typos in templates) are errors too.
+        kubernetes_validate.validate(doc, k8s, strict=True)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ("--set", "foo=bar"),
+        ("--set", "image.foo=bar"),
+        ("--set", "crds.foo=true"),
+        ("--set", "resources.foo=1"),
+        ("--set", "replicaCount=2"),
+        ("--set", "scaleToZeroProvider=knative"),
+        ("--set", "watchNamespaces={Not_A_Namespace}"),
+    ],
+    ids=lambda a: a[1],
+)
+@pytest.mark.parametrize("command", ["lint", "template"])
+def test_values_schema_rejects_bad_values(helm_bin, command, bad):
+    proc = run_helm(helm_bin, command, "gptd", str(CHART), *bad, check=False) if command == "template" else (
+        run_helm(helm_bin, "lint", str(CHART), *bad, check=False)
+    )
+    assert proc.returncode != 0, proc.stdout
+    assert "schema" in (proc.stderr + proc.stdout).lower()
+
+
+def test_values_schema_forbids_unknown_keys_everywhere():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        if node.get("type") == "object" and "properties" in node:
+            assert node.get("additionalProperties") is False, f"{path}: additionalProperties must be false"
+        for key, child in (node.get("properties") or {}).items():
+            walk(child, f"{path}.{key}")
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], f"{path}[]")
+
+    walk(schema, "values")
+
+
+def test_every_value_is_documented_and_in_the_schema():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    values = yaml.safe_load("\n".join(lines))
+    stack: list[tuple[int, str]] = []
+    seen: set[str] = set()
+    documented: set[str] = set()
+    for i, line in enumerate(lines):
+        m = re.match(r"^( *)([A-Za-z][\w.-]*):(.*)$", line)
+        if not m:
+            continue
+        indent, key, rest = len(m.group(1)), m.group(2), m.group(3).strip()
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        parent = stack[-1][1] if stack else ""
+        path = f"{parent}.{key}" if parent else key
+        stack.append((indent, path))
+        node: dict[str, Any] | None = schema
+        for part in path.split("."):
+            node = (node or {}).get("properties", {}).get(part)
+        if node is None:
+            continue  # inside a free-form map (e.g. resources.requests.cpu): a default, not a chart key
+        seen.add(path)
+        previous = lines[i - 1].strip() if i else ""
+        if previous.startswith("#"):
+            documented.add(path)
+        elif rest == "" and "properties" in node:
+            continue  # uncommented section header (image:): each of its keys carries a comment
+        else:  # a key inside a documented block (resources.requests) is covered by the block's comment
+            assert parent in documented, f"values.yaml: {path} has no comment above it"
+    top = set(schema["properties"])
+    assert top == set(values), f"values.yaml and schema disagree: {top ^ set(values)}"
+    for section, node in schema["properties"].items():
+        for key in node.get("properties", {}):
+            if values.get(section) and isinstance(values[section], dict):  # empty {} maps: free-form
+                assert f"{section}.{key}" in seen, f"{section}.{key} is in the schema but not in values.yaml"
+
+
+def test_single_active_operator(render, helm_bin):
+    dep = _deployment(render())
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert _deployment(render("--set", "replicaCount=0"))["spec"]["replicas"] == 0
+    proc = run_helm(helm_bin, "template", "gptd", str(CHART), "--set", "replicaCount=2", check=False)
+    assert proc.returncode != 0 and "replicaCount" in proc.stderr
+
+
+def test_operator_container(render):
+    docs = render()
+    c = _container(docs)
+    assert c["image"] == "ghcr.io/gptd-io/gptd-operator:" + yaml.safe_load((CHART / "Chart.yaml").read_text())[
+        "appVersion"
+    ]
+    assert c["command"] == ["python", "-m", "gptd_operator"]
+    assert c["args"] == ["--liveness=http://0.0.0.0:8080/healthz"]
+    probe = c["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz"
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert probe["port"] in ports and ports[probe["port"]] == 8080
+    env = _env(docs)
+    assert env["GPTD_RUNTIME_IMAGE"] == "ghcr.io/gptd-io/gptd-runtime:0.1.0"
+    assert env["GPTD_SCALE_TO_ZERO_PROVIDER"] == ""
+
+
+def test_values_reach_the_operator(render):
+    docs = render(*VARIANTS["keda-custom"])
+    c = _container(docs)
+    assert c["image"] == "ghcr.io/gptd-io/gptd-operator:dev"
+    assert c["args"] == ["--liveness=http://0.0.0.0:8080/healthz", "--verbose"]
+    env = _env(docs)
+    assert env["GPTD_RUNTIME_IMAGE"] == "registry.local/gptd-runtime:dev"
+    assert env["GPTD_SCALE_TO_ZERO_PROVIDER"] == "keda"
+    assert not by_kind(docs, "ServiceAccount")
+    assert _deployment(docs)["spec"]["template"]["spec"]["serviceAccountName"] == "existing-sa"
+    (crb,) = by_kind(docs, "ClusterRoleBinding")
+    assert crb["subjects"] == [{"kind": "ServiceAccount", "name": "existing-sa", "namespace": NAMESPACE}]
+
+
+def test_pod_security_restricted(render):
+    for variant in VARIANTS.values():
+        docs = render(*variant)
+        dep = _deployment(docs)
+        spec = dep["spec"]["template"]["spec"]
+        assert_restricted(spec, "operator")
+        (c,) = spec["containers"]
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert c["securityContext"]["runAsUser"] == 10001
+        for pod in by_kind(docs, "Pod"):
+            assert_restricted(pod["spec"], pod["metadata"]["name"])
+
+
+def test_helm_test_hook_probes_liveness_through_the_service(render):
+    docs = render()
+    (pod,) = by_kind(docs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    svc = one(docs, "Service")
+    dep = _deployment(docs)
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    script = pod["spec"]["containers"][0]["command"][-1]
+    assert f"http://{svc['metadata']['name']}:8080/healthz" in script
+    assert pod["spec"]["containers"][0]["image"] == _container(docs)["image"]
+    assert not by_kind(render("--set", "tests.enabled=false"), "Pod")
+
+
+# ------------------------------------------------------------------------------------------------- RBAC
+
+CHILD_VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
+EXPECTED_NAMESPACED = {
+    ("", "events"): {"create", "patch"},
+    ("gptd.io", "gptdeployments"): {"get", "list", "watch", "patch"},
+    ("gptd.io", "gptdeployments/status"): {"patch"},
+    ("apps", "deployments"): CHILD_VERBS,
+    ("", "services"): CHILD_VERBS,
+    ("policy", "poddisruptionbudgets"): CHILD_VERBS,
+    ("autoscaling", "horizontalpodautoscalers"): CHILD_VERBS,
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "secrets"): {"get"},
+}
+CRD_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"}}
+NAMESPACE_DISCOVERY = {("", "namespaces"): {"list", "watch"}}
+
+
+def _grants(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert "nonResourceURLs" not in rule and "resourceNames" not in rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                assert "*" not in (group, resource), rule
+                assert not set(rule["verbs"]) & {"*", "escalate", "bind", "impersonate"}, rule
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+def test_rbac_clusterwide_least_privilege(render):
+    docs = render()
+    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
+    role = one(docs, "ClusterRole")
+    assert _grants(role) == {**CRD_DISCOVERY, **EXPECTED_NAMESPACED}
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    sa = one(docs, "ServiceAccount")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NAMESPACE}]
+    assert _deployment(docs)["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+
+
+def test_rbac_namespaced(render):
+    docs = render(*VARIANTS["namespaced"])
+    assert _grants(one(docs, "ClusterRole")) == {**CRD_DISCOVERY, **NAMESPACE_DISCOVERY}
+    roles = {r["metadata"]["namespace"]: r for r in by_kind(docs, "Role")}
+    bindings = {b["metadata"]["namespace"]: b for b in by_kind(docs, "RoleBinding")}
+    assert set(roles) == set(bindings) == {"team-a", "team-b"}
+    for ns, role in roles.items():
+        assert _grants(role) == EXPECTED_NAMESPACED, ns
+        assert bindings[ns]["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]
+        }
+        assert bindings[ns]["subjects"][0]["namespace"] == NAMESPACE
+    assert _container(docs)["args"][1:] == ["--namespace=team-a", "--namespace=team-b"]
+
+
+def test_rbac_keda_adds_only_scaledobjects(render):
+    grants = _grants(one(render(*VARIANTS["keda-custom"]), "ClusterRole"))
+    assert grants == {**CRD_DISCOVERY, **EXPECTED_NAMESPACED, ("keda.sh", "scaledobjects"): CHILD_VERBS}
+
+
+def test_notes_tell_the_next_command(helm_bin):
+    proc = run_helm(helm_bin, "install", "gptd", str(CHART), "--namespace", NAMESPACE, "--dry-run=client")
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert "kubectl apply -f" in notes and "manifests/samples/cpu.yaml" in notes
+    assert "kubectl get gptd" in notes
+    assert "kubectl wait --for=condition=Ready gptd/demo" in notes
