@@ -69,9 +69,13 @@ class EngineMetrics(Protocol):
     def observe_request(
         self, prompt_tokens: int, completion_tokens: int, ttft: float | None, e2e: float, finish_reason: str
     ) -> None: ...
+    def observe_abort(self) -> None: ...
 
 
 class NullMetrics:
+    def observe_abort(self) -> None:
+        pass
+
     def observe_batch(self, size: int) -> None:
         pass
 
@@ -169,6 +173,7 @@ class GenerationStream:
     def cancel(self) -> None:
         if not self._done:
             self._done = True
+            self.engine.metrics.observe_abort()
             self.engine.cancel(self.request_id)
             self.engine._forget(self.request_id)
 

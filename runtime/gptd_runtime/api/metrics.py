@@ -38,6 +38,9 @@ class Metrics:
         self.request_success = Counter(
             "gptd:request_success", "Finished generation requests by finish reason", ["finished_reason"], registry=r
         )
+        self.request_aborted = Counter(
+            "gptd:request_aborted", "Requests cancelled before finishing (client went away)", registry=r
+        )
         self.prompt_tokens = Counter("gptd:prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("gptd:generation_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram(
@@ -59,6 +62,9 @@ class Metrics:
     # EngineMetrics protocol (called from the engine; prometheus_client is thread-safe)
     def observe_batch(self, size: int) -> None:
         self.batch_size.observe(size)
+
+    def observe_abort(self) -> None:
+        self.request_aborted.inc()
 
     def observe_request(
         self, prompt_tokens: int, completion_tokens: int, ttft: float | None, e2e: float, finish_reason: str
