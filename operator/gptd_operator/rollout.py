@@ -169,7 +169,7 @@ def observe_deployment(dep: dict[str, Any]) -> DeploymentObs:
     replicas = spec.get("replicas")
     observed, generation = status.get("observedGeneration"), meta.get("generation")
     return DeploymentObs(
-        revision=pod_labels.get(REVISION_LABEL),
+        revision=pod_labels.get(REVISION_LABEL) or (meta.get("annotations") or {}).get(REVISION_LABEL),
         template=template,
         spec_replicas=1 if replicas is None else int(replicas),  # the API server's default
         replicas=int(status.get("replicas") or 0),
