@@ -1,7 +1,8 @@
 """End to end on a kind cluster: the `make demo` path (hack/demo.sh stages), asserted step by step.
 
 Needs docker with a reachable engine and kind; skipped (with the reason) where either is missing.
-GPTD_E2E_REQUIRE=1 turns the skip into a failure (CI's kind job). GPTD_E2E_KEEP=1 keeps the cluster afterwards; GPTD_E2E_SKIP_BUILD=1 reuses images already built and tagged.
+GPTD_E2E_REQUIRE=1 turns the skip into a failure (CI's kind job). GPTD_E2E_KEEP=1 keeps the cluster afterwards;
+GPTD_E2E_SKIP_BUILD=1 reuses images already built and tagged.
 """
 
 from __future__ import annotations
