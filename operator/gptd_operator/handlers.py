@@ -1,0 +1,457 @@
+"""kopf handlers: thin glue. validate → plan → build → create/patch (only what differs) → observe → status.
+
+Level-based: every trigger (CR create/update/resume, a child's or a pod's watch event, the resync timer)
+runs the same ``Reconciler.reconcile`` for the owning GPTDeployment, which reads the cluster from kopf
+indices (kept current by the watch streams) rather than with GETs, so a no-op resync makes no writes
+and almost no requests. Handlers are registered by ``register(registry, settings)`` (not at import)
+so tests can run several operators with their own registries and settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from . import api, builders, kube
+from . import status as st
+from .api import GPTDeploymentSpec, InvalidSpec
+from .rollout import DeploymentPlan, Observations, Plan
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+ANN_PROMOTE = "gptd.io/promote"
+ANN_ABORT = "gptd.io/abort"
+MANAGED = {builders.LABEL_MANAGED_BY: builders.MANAGER}
+RUNTIME_PODS = {builders.LABEL_NAME: builders.RUNTIME_APP}
+# Child resource → its index id, for the event handlers and the snapshot.
+CHILD_INDICES = {
+    "Deployment": "gptd_deployments",
+    "Service": "gptd_services",
+    "PodDisruptionBudget": "gptd_pdbs",
+    "HorizontalPodAutoscaler": "gptd_hpas",
+}
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+
+def steady_state_plan(spec: GPTDeploymentSpec, status: Mapping[str, Any], obs: Observations) -> Plan:
+    """No rollout logic: the stable Deployment runs the desired revision, no canary."""
+    return Plan(
+        stable=DeploymentPlan(
+            template=obs.desired_template,
+            revision=obs.desired_revision,
+            replicas=builders.desired_replicas(spec),
+            strategy=builders.rolling_strategy(spec),
+        ),
+        canary=None,
+    )
+
+
+def make_plan(spec: GPTDeploymentSpec, status: Mapping[str, Any], obs: Observations) -> Plan:
+    """THE one place a plan is made. When rollout.decide is implemented this body becomes
+    ``return rollout.decide(spec, dict(status), obs)`` (plus ``from . import rollout``)."""
+    return steady_state_plan(spec, status, obs)
+
+
+# -------------------------------------------------------------------------------------- snapshot
+
+
+@dataclass
+class Children:
+    """What the watch streams last showed us of one GPTDeployment's children."""
+
+    stable: dict[str, Any] | None = None
+    canary: dict[str, Any] | None = None
+    service: dict[str, Any] | None = None
+    pdb: dict[str, Any] | None = None
+    hpa: dict[str, Any] | None = None
+    pods: tuple[dict[str, Any], ...] = ()
+
+    def by_kind(self, kind: str, name: str, owner: str) -> dict[str, Any] | None:
+        if kind == "Deployment":
+            return self.stable if name == owner else self.canary
+        return {"Service": self.service, "PodDisruptionBudget": self.pdb, "HorizontalPodAutoscaler": self.hpa}[kind]
+
+
+def _values(index: Any, key: tuple[str, str]) -> list[dict[str, Any]]:
+    if index is None or key not in index:
+        return []
+    return list(index[key])
+
+
+def snapshot(indices: Mapping[str, Any], namespace: str, name: str, uid: str | None) -> Children:
+    key = (namespace, name)
+
+    def owned(objs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        # Only children controlled by *this* CR (a recreated CR with the same name has a new uid).
+        out = []
+        for obj in objs:
+            refs = obj.get("metadata", {}).get("ownerReferences") or []
+            if uid is None or any(r.get("uid") == uid for r in refs):
+                out.append(obj)
+        return out
+
+    def one(index_id: str, obj_name: str) -> dict[str, Any] | None:
+        for obj in owned(_values(indices.get(index_id), key)):
+            if obj["metadata"]["name"] == obj_name:
+                return obj
+        return None
+
+    pods = sorted(_values(indices.get("gptd_pods"), key), key=lambda p: p["metadata"]["name"])
+    return Children(
+        stable=one("gptd_deployments", builders.deployment_name(name)),
+        canary=one("gptd_deployments", builders.deployment_name(name, "canary")),
+        service=one("gptd_services", name),
+        pdb=one("gptd_pdbs", name),
+        hpa=one("gptd_hpas", name),
+        pods=tuple(pods),
+    )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# ------------------------------------------------------------------------------------ reconciler
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, client: kube.Kube) -> None:
+        self.settings = settings
+        self.kube = client
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # Status we last wrote, by CR uid: fresher than a CR body from an index that lags our own write.
+        self._written: dict[str, dict[str, Any]] = {}
+        self.reconciles = 0
+        self.resync_passes = 0  # completed passes of the periodic resync (tests and the benchmark wait on it)
+
+    def forget(self, namespace: str, name: str, uid: str | None) -> None:
+        self._locks.pop((namespace, name), None)
+        if uid:
+            self._written.pop(uid, None)
+
+    async def reconcile(self, body: Mapping[str, Any], indices: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        namespace, name = meta["namespace"], meta["name"]
+        if meta.get("deletionTimestamp"):
+            return  # being deleted: the garbage collector removes the children
+        lock = self._locks.setdefault((namespace, name), asyncio.Lock())
+        async with lock:
+            self.reconciles += 1
+            await self._reconcile(body, indices)
+
+    async def _reconcile(self, body: Mapping[str, Any], indices: Mapping[str, Any]) -> None:
+        meta = body["metadata"]
+        namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid", "")
+        generation = meta.get("generation")
+        previous = {**(body.get("status") or {}), **self._written.get(uid, {})}
+        now = _now()
+
+        try:
+            spec = api.parse_spec(body.get("spec"))
+            builders.check_spec(spec, self.settings)
+            await self._check_secrets(namespace, spec)
+        except InvalidSpec as exc:
+            new = st.invalid_status(name, namespace, previous, exc.field, exc.message, generation=generation, now=now)
+            if await self._write_status(body, previous, new):
+                kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc))
+            return
+
+        template = builders.revision_template(spec, self.settings)
+        revision = builders.revision_hash(template)
+        children = snapshot(indices, namespace, name, uid or None)
+        annotations = meta.get("annotations") or {}
+        obs = Observations(
+            now=now,
+            desired_template=template,
+            desired_revision=revision,
+            stable=st.observe_deployment(children.stable),
+            canary=st.observe_deployment(children.canary),
+            pods=tuple(st.observe_pod(p) for p in children.pods),
+            promote=annotations.get(ANN_PROMOTE) == "true",
+            abort=annotations.get(ANN_ABORT) == "true",
+        )
+        plan = make_plan(spec, previous, obs)
+
+        desired: list[dict[str, Any]] = [
+            self._deployment(name, namespace, uid, spec, plan.stable, "stable"),
+            builders.build_service(name, namespace, uid, spec),
+        ]
+        unwanted: list[tuple[kube.Resource, dict[str, Any] | None]] = []
+        if plan.canary is not None:
+            desired.append(self._deployment(name, namespace, uid, spec, plan.canary, "canary"))
+        else:
+            unwanted.append((kube.DEPLOYMENTS, children.canary))
+        if builders.wants_pdb(spec):
+            desired.append(builders.build_pdb(name, namespace, uid, spec))
+        else:
+            unwanted.append((kube.PDBS, children.pdb))
+        if spec.autoscaling is not None:
+            desired.append(builders.build_hpa(name, namespace, uid, spec))
+        else:
+            unwanted.append((kube.HPAS, children.hpa))
+
+        applied: dict[tuple[str, str], dict[str, Any] | None] = {}
+        for obj in desired:
+            kind, obj_name = obj["kind"], obj["metadata"]["name"]
+            live = children.by_kind(kind, obj_name, name)
+            action, result = await self.kube.apply(obj, live)
+            applied[(kind, obj_name)] = result
+            if action != "unchanged":
+                kopf.event(body, type="Normal", reason=f"{kind}{action.capitalize()}", message=f"{kind} {obj_name}")
+        for res, live in unwanted:
+            if live is not None:
+                await self.kube.delete(res, namespace, live["metadata"]["name"])
+                kopf.event(body, type="Normal", reason="Deleted", message=f"{res.plural} {live['metadata']['name']}")
+        if plan.annotations_to_clear:
+            present = [a for a in plan.annotations_to_clear if a in annotations]
+            if present:
+                await self.kube.patch(
+                    kube.GPTDEPLOYMENTS, namespace, name, {"metadata": {"annotations": dict.fromkeys(present)}}
+                )
+
+        new = st.compute_status(
+            name=name,
+            namespace=namespace,
+            spec=spec,
+            generation=generation,
+            desired_revision=plan.stable.revision if plan.canary is None else revision,
+            stable=applied.get(("Deployment", builders.deployment_name(name))),
+            canary=applied.get(("Deployment", builders.deployment_name(name, "canary"))),
+            pods=children.pods,
+            hpa=applied.get(("HorizontalPodAutoscaler", name)),
+            previous=previous,
+            now=now,
+        )
+        # The rollout plan has the last word on its own fields and conditions.
+        new.update(plan.status)
+        if plan.conditions:
+            new["conditions"] = st.merge_conditions(
+                new["conditions"],
+                [
+                    st.set_condition(
+                        previous.get("conditions") or [], c.type, c.status, c.reason, c.message,
+                        generation=generation, now=now,
+                    )
+                    for c in plan.conditions
+                ],
+            )
+        if await self._write_status(body, previous, new):
+            old_phase, new_phase = previous.get("phase"), new.get("phase")
+            if old_phase != new_phase:
+                etype = "Warning" if new_phase in ("Degraded", "Failed") else "Normal"
+                degraded = next((c for c in new["conditions"] if c["type"] == "Degraded"), {})
+                msg = f"phase {old_phase} -> {new_phase}"
+                if new_phase in ("Degraded", "Failed") and degraded.get("message"):
+                    msg += f": {degraded['message']}"
+                kopf.event(body, type=etype, reason=new_phase or "Unknown", message=msg)
+        for ev in plan.events:
+            kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
+
+    def _deployment(
+        self, name: str, namespace: str, uid: str, spec: GPTDeploymentSpec, plan: DeploymentPlan, track: str
+    ) -> dict[str, Any]:
+        return builders.build_deployment(
+            name, namespace, uid, spec, self.settings,
+            template=plan.template, track=track, replicas=plan.replicas, strategy=plan.strategy,
+        )
+
+    async def _check_secrets(self, namespace: str, spec: GPTDeploymentSpec) -> None:
+        for field, secret in builders.referenced_secrets(spec):
+            if await self.kube.get(kube.SECRETS, namespace, secret) is None:
+                raise InvalidSpec(field, f"Secret {secret!r} not found in namespace {namespace}")
+
+    async def _write_status(self, body: Mapping[str, Any], previous: Mapping[str, Any], new: dict[str, Any]) -> bool:
+        """Patch the status subresource with what changed; False (no request) when nothing did."""
+        patch = st.status_patch(previous, new)
+        meta = body["metadata"]
+        if not patch:
+            return False
+        await self.kube.patch(
+            kube.GPTDEPLOYMENTS, meta["namespace"], meta["name"], {"status": patch}, subresource="status"
+        )
+        uid = meta.get("uid", "")
+        self._written[uid] = {**self._written.get(uid, {}), **{k: v for k, v in new.items()}}
+        return True
+
+
+# ------------------------------------------------------------------------------------- registration
+
+
+def _summary(body: Mapping[str, Any], keep_status: Iterable[str]) -> dict[str, Any]:
+    """What an index keeps of an object: enough to compare and observe, not managedFields and such."""
+    meta = body.get("metadata") or {}
+    out: dict[str, Any] = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {
+            k: meta[k]
+            for k in ("name", "namespace", "uid", "labels", "annotations", "ownerReferences", "generation")
+            if k in meta
+        },
+    }
+    if "spec" in body:
+        out["spec"] = body["spec"]
+    status = body.get("status") or {}
+    out["status"] = {k: status[k] for k in keep_status if k in status}
+    return out
+
+
+def _owner_key(namespace: str | None, labels: Mapping[str, str]) -> tuple[str, str] | None:
+    instance = labels.get(builders.LABEL_INSTANCE)
+    return (namespace or "", instance) if instance else None
+
+
+def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Reconciler | None = None) -> Reconciler:
+    """Register all handlers on ``registry``; returns the Reconciler (tests and the benchmark read it)."""
+    state: dict[str, Reconciler] = {}
+    state_tasks: dict[str, asyncio.Task[None]] = {}
+    # kopf hands the (live, long-lived) index objects only to handlers; the resync loop borrows them.
+    state_indices: dict[str, Mapping[str, Any]] = {}
+
+    def remember(kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
+        indices = {k: kwargs[k] for k in (*CHILD_INDICES.values(), "gptd_pods", "gptd_crs") if k in kwargs}
+        state_indices.setdefault("i", indices)
+        return indices
+    if reconciler is not None:
+        state["r"] = reconciler
+
+    def rec() -> Reconciler:
+        if "r" not in state:
+            state["r"] = Reconciler(settings, kube.Kube())
+        return state["r"]
+
+    group, version, plural = api.GROUP, api.VERSION, api.PLURAL
+
+    @kopf.on.startup(registry=registry)
+    def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # Handler progress and the diff base live in annotations under our own prefix.
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="gptd.io")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="gptd.io", key="last-handled-configuration"
+        )
+        settings.persistence.finalizer = "gptd.io/finalizer"  # unused: no delete handlers, GC does it
+        # kopf posts handler log lines of this level as Events; INFO would post "Timer succeeded"
+        # on every resync. Our own Events go through kopf.event() and are not affected.
+        settings.posting.level = logging.WARNING
+        settings.scanning.disabled = True  # no CRD/namespace watching: less RBAC, CRD installed first
+        settings.watching.server_timeout = 300
+        settings.execution.max_workers = 4
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> Any:
+        return kube.connection_info(kube.get_config())
+
+    @kopf.on.cleanup(registry=registry)
+    async def close_client(**_: Any) -> None:
+        task = state_tasks.pop("resync", None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if "r" in state:
+            await state["r"].kube.close()
+
+    # --- indices: the cluster as the watch streams show it, keyed by (namespace, CR name)
+
+    @kopf.index(group, version, plural, id="gptd_crs", registry=registry)
+    def index_crs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any]:
+        return {(namespace, name): _plain(body)}
+
+    def child_indexer(index_id: str, group_version: str, plural_: str, keep: tuple[str, ...]) -> None:
+        @kopf.index(group_version, plural_, id=index_id, labels=MANAGED, registry=registry)
+        def index_child(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+            key = _owner_key(namespace, labels)
+            return {key: _summary(body, keep)} if key else None
+
+        @kopf.on.event(group_version, plural_, id=f"{index_id}_event", labels=MANAGED, registry=registry)
+        async def child_event(
+            type: str | None, namespace: str, labels: kopf.Labels, **kwargs: Any
+        ) -> None:
+            if type is None:
+                return  # the initial listing: the CR's resume handler covers it
+            await _reconcile_owner(_owner_key(namespace, labels), remember(kwargs))
+
+    child_indexer(
+        "gptd_deployments", "apps/v1", "deployments",
+        ("replicas", "readyReplicas", "updatedReplicas", "availableReplicas", "observedGeneration", "conditions"),
+    )
+    child_indexer("gptd_services", "v1", "services", ())
+    child_indexer("gptd_pdbs", "policy/v1", "poddisruptionbudgets", ())
+    child_indexer("gptd_hpas", "autoscaling/v2", "horizontalpodautoscalers", ("currentReplicas", "desiredReplicas"))
+
+    @kopf.index("v1", "pods", id="gptd_pods", labels=RUNTIME_PODS, registry=registry)
+    def index_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+        key = _owner_key(namespace, labels)
+        if not key:
+            return None
+        pod = _summary(body, ("phase", "conditions", "containerStatuses", "initContainerStatuses"))
+        pod.pop("spec", None)  # pod specs are big and we never compare them
+        return {key: pod}
+
+    @kopf.on.event("v1", "pods", id="gptd_pods_event", labels=RUNTIME_PODS, registry=registry)
+    async def pod_event(type: str | None, namespace: str, labels: kopf.Labels, **kwargs: Any) -> None:
+        if type is None:
+            return
+        await _reconcile_owner(_owner_key(namespace, labels), remember(kwargs))
+
+    async def _reconcile_owner(key: tuple[str, str] | None, indices: Mapping[str, Any]) -> None:
+        crs = indices.get("gptd_crs")
+        if key is None or crs is None or key not in crs:
+            return
+        for body in crs[key]:
+            await rec().reconcile(body, indices)
+
+    # --- the CR itself
+
+    @kopf.on.resume(group, version, plural, backoff=10, registry=registry)
+    @kopf.on.create(group, version, plural, backoff=10, registry=registry)
+    @kopf.on.update(group, version, plural, backoff=10, registry=registry)
+    async def reconcile_cr(body: kopf.Body, **kwargs: Any) -> None:
+        await rec().reconcile(_plain(body), remember(kwargs))
+
+    async def resync_loop() -> None:
+        # A plain task instead of @kopf.timer: kopf timers put a finalizer on every CR, which would
+        # block `kubectl delete` whenever the operator is down. Restores children that no watch event
+        # reported (e.g. missed while disconnected) and re-checks referenced Secrets.
+        while True:
+            await asyncio.sleep(settings.resync_seconds)
+            indices = state_indices.get("i")
+            crs = indices.get("gptd_crs") if indices else None
+            if crs is None:
+                rec().resync_passes += 1
+                continue
+            for key in list(crs):
+                for body in list(crs.get(key, [])):
+                    try:
+                        await rec().reconcile(body, indices)
+                    except Exception:  # one broken CR must not stop the resync of the others
+                        log.exception("resync of %s/%s failed", *key)
+            rec().resync_passes += 1
+
+    @kopf.on.startup(registry=registry, id="gptd_start_resync")
+    async def start_resync(**_: Any) -> None:
+        state_tasks["resync"] = asyncio.create_task(resync_loop(), name="gptd-resync")
+
+    @kopf.on.event(group, version, plural, id="gptd_forget", registry=registry)
+    def forget(type: str | None, namespace: str, name: str, uid: str | None, **_: Any) -> None:
+        if type == "DELETED":
+            rec().forget(namespace, name, uid)
+
+    return rec()
+
+
+def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
+
+
+def configure(settings: Settings) -> Reconciler:
+    """For ``python -m gptd_operator``: handlers on kopf's default registry."""
+    return register(kopf.get_default_registry(), settings)

@@ -1,0 +1,292 @@
+"""The one module that talks to the Kubernetes API server (besides kopf's own watching).
+
+Why not the official client's API classes: they are synchronous (one thread per call, 500 CRs → a
+thread pool bottleneck) and ``kubernetes_asyncio`` is not a dependency. So credentials come from the
+official client's config loader (in-cluster first, then kubeconfig / ``$KUBECONFIG``) — the same loader
+kopf's login uses, and ``connection_info()`` hands the very same credentials to kopf — and requests go
+through aiohttp (a kopf dependency) as plain JSON. Writes are JSON merge patches, never PUT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+@dataclass(frozen=True)
+class Resource:
+    group_version: str  # "v1", "apps/v1", "gptd.io/v1alpha1"
+    plural: str
+    namespaced: bool = True
+
+    def path(self, namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> str:
+        base = f"/api/{self.group_version}" if "/" not in self.group_version else f"/apis/{self.group_version}"
+        if self.namespaced and namespace:
+            base += f"/namespaces/{namespace}"
+        base += f"/{self.plural}"
+        if name:
+            base += f"/{name}"
+        if subresource:
+            base += f"/{subresource}"
+        return base
+
+
+GPTDEPLOYMENTS = Resource("gptd.io/v1alpha1", "gptdeployments")
+DEPLOYMENTS = Resource("apps/v1", "deployments")
+SERVICES = Resource("v1", "services")
+PDBS = Resource("policy/v1", "poddisruptionbudgets")
+HPAS = Resource("autoscaling/v2", "horizontalpodautoscalers")
+PODS = Resource("v1", "pods")
+SECRETS = Resource("v1", "secrets")
+BY_KIND = {
+    "Deployment": DEPLOYMENTS,
+    "Service": SERVICES,
+    "PodDisruptionBudget": PDBS,
+    "HorizontalPodAutoscaler": HPAS,
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+# ---------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class Config:
+    server: str
+    ca_path: str | None = None
+    insecure: bool = False
+    cert_path: str | None = None
+    key_path: str | None = None
+    authorization: str | None = None  # the full header value, e.g. "Bearer abc"
+    _client_config: Any = field(default=None, repr=False)
+
+    def auth_header(self) -> str | None:
+        cfg = self._client_config
+        if cfg is not None and getattr(cfg, "refresh_api_key_hook", None) is not None:
+            # In-cluster tokens rotate; the official client's hook re-reads the file when it expired.
+            cfg.refresh_api_key_hook(cfg)
+            self.authorization = _auth_from(cfg)
+        return self.authorization
+
+
+def _auth_from(cfg: Any) -> str | None:
+    # kubernetes>=36 keeps the token under BearerToken, older versions under authorization.
+    return cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
+
+
+def load_config(kubeconfig: str | None = None) -> Config:
+    """In-cluster service account first, then the kubeconfig (``$KUBECONFIG`` or ~/.kube/config)."""
+    import kubernetes.client
+    import kubernetes.config
+
+    cfg = kubernetes.client.Configuration()
+    try:
+        if kubeconfig:
+            raise kubernetes.config.ConfigException("explicit kubeconfig")
+        kubernetes.config.load_incluster_config(client_configuration=cfg)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    return Config(
+        server=cfg.host.rstrip("/"),
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        cert_path=cfg.cert_file,
+        key_path=cfg.key_file,
+        authorization=_auth_from(cfg),
+        _client_config=cfg,
+    )
+
+
+_config: Config | None = None
+
+
+def configure(kubeconfig: str | None = None) -> Config:
+    global _config
+    _config = load_config(kubeconfig)
+    return _config
+
+
+def get_config() -> Config:
+    return _config if _config is not None else configure()
+
+
+def connection_info(cfg: Config) -> Any:
+    """The same credentials for kopf's ``@kopf.on.login``."""
+    import kopf
+
+    scheme, token = None, None
+    header = cfg.auth_header()
+    if header:
+        scheme, _, token = header.partition(" ") if " " in header else ("Bearer", "", header)
+    return kopf.ConnectionInfo(
+        server=cfg.server,
+        ca_path=cfg.ca_path,
+        insecure=cfg.insecure,
+        scheme=scheme,
+        token=token,
+        certificate_path=cfg.cert_path,
+        private_key_path=cfg.key_path,
+    )
+
+
+# ----------------------------------------------------------------------------------- comparison
+
+
+def is_subset(desired: Any, live: Any) -> bool:
+    """Whether ``live`` already has everything ``desired`` says; ``None`` in desired means "absent".
+
+    Extra keys in live (server defaults, other controllers' fields, status) are fine. Lists must have
+    the same length and match item by item (they are ours entirely: a merge patch replaces them).
+    """
+    if desired is None:
+        return live is None
+    if isinstance(desired, Mapping):
+        if not isinstance(live, Mapping):
+            return False
+        return all(is_subset(v, live.get(k)) for k, v in desired.items())
+    if isinstance(desired, list):
+        if not isinstance(live, list) or len(live) != len(desired):
+            return False
+        return all(is_subset(d, lv) for d, lv in zip(desired, live, strict=True))
+    return bool(desired == live)
+
+
+def strip_none(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: strip_none(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list):
+        return [strip_none(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------- client
+
+
+@dataclass
+class Counters:
+    reads: int = 0
+    writes: int = 0
+
+
+class Kube:
+    """A tiny async Kubernetes client: get / create / patch / delete, plus apply (patch-if-different)."""
+
+    def __init__(self, cfg: Config | None = None, *, limit: int = 32) -> None:
+        self.cfg = cfg if cfg is not None else get_config()
+        self.counters = Counters()
+        self._session: aiohttp.ClientSession | None = None
+        self._limit = limit
+
+    async def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            ssl_ctx: ssl.SSLContext | bool = False
+            if self.cfg.server.startswith("https"):
+                if self.cfg.insecure:
+                    ssl_ctx = False
+                else:
+                    ssl_ctx = ssl.create_default_context(cafile=self.cfg.ca_path)
+                if self.cfg.cert_path and isinstance(ssl_ctx, ssl.SSLContext):
+                    ssl_ctx.load_cert_chain(self.cfg.cert_path, self.cfg.key_path)
+            connector = aiohttp.TCPConnector(ssl=ssl_ctx, limit=self._limit)
+            self._session = aiohttp.ClientSession(
+                base_url=self.cfg.server + "/",
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=30),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _request(
+        self, method: str, path: str, *, body: Any = None, content_type: str = "application/json"
+    ) -> dict[str, Any] | None:
+        session = await self._get_session()
+        headers = {"Accept": "application/json"}
+        auth = self.cfg.auth_header()
+        if auth:
+            headers["Authorization"] = auth
+        if body is not None:
+            headers["Content-Type"] = content_type
+        if method == "GET":
+            self.counters.reads += 1
+        else:
+            self.counters.writes += 1
+        async with session.request(method, path.lstrip("/"), json=body, headers=headers) as resp:
+            if resp.status == 404:
+                return None
+            if resp.status >= 400:
+                text = await resp.text()
+                raise ApiError(resp.status, text[:500])
+            data = await resp.json(content_type=None)
+            return data if isinstance(data, dict) else None
+
+    async def get(self, res: Resource, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._request("GET", res.path(namespace, name))
+
+    async def create(self, res: Resource, body: Mapping[str, Any]) -> dict[str, Any]:
+        ns = body["metadata"].get("namespace")
+        out = await self._request("POST", res.path(ns), body=strip_none(body))
+        if out is None:
+            raise ApiError(404, f"namespace {ns} or resource {res.plural} not found")
+        return out
+
+    async def patch(
+        self, res: Resource, namespace: str, name: str, patch: Mapping[str, Any], *, subresource: str | None = None
+    ) -> dict[str, Any] | None:
+        return await self._request(
+            "PATCH", res.path(namespace, name, subresource), body=dict(patch), content_type=MERGE_PATCH
+        )
+
+    async def delete(self, res: Resource, namespace: str, name: str) -> bool:
+        # Background propagation: the garbage collector removes the ReplicaSets/pods of a Deployment.
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
+        return await self._request("DELETE", res.path(namespace, name), body=body) is not None
+
+    async def apply(
+        self, desired: Mapping[str, Any], live: Mapping[str, Any] | None, *, refetch: bool = True
+    ) -> tuple[str, dict[str, Any] | None]:
+        """Create ``desired`` if missing, merge-patch it if ``live`` differs; zero writes when equal.
+
+        ``live`` is what the caller last saw (e.g. a kopf index); on a create conflict (the watch
+        lagged behind) the object is fetched and compared again. Returns (action, object).
+        """
+        res = BY_KIND[desired["kind"]]
+        meta = desired["metadata"]
+        if live is None:
+            try:
+                return "created", await self.create(res, desired)
+            except ApiError as exc:
+                if exc.status != 409 or not refetch:
+                    raise
+                live = await self.get(res, meta["namespace"], meta["name"])
+                if live is None:
+                    raise
+        if is_subset(desired, live):
+            return "unchanged", dict(live)
+        patch = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}
+        return "patched", await self.patch(res, meta["namespace"], meta["name"], patch)
+
+
+async def gather_limited(*aws: Any, limit: int = 8) -> list[Any]:
+    sem = asyncio.Semaphore(limit)
+
+    async def one(aw: Any) -> Any:
+        async with sem:
+            return await aw
+
+    return list(await asyncio.gather(*(one(a) for a in aws)))

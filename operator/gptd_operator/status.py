@@ -1,0 +1,335 @@
+"""Pure: observed Deployments, pods and HPA → the CR's status and conditions. No I/O, no clock.
+
+Determinism matters: a resync that observes the same cluster must compute byte-identical status, so
+the handlers can skip the write. Messages are built from sorted inputs, and a condition's
+lastTransitionTime only moves when its status flips.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from . import builders
+from .api import GPTDeploymentSpec
+from .rollout import DeploymentObs, PodObs
+
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
+# Waiting reasons that mean a container will not come up on its own.
+BAD_WAITING_REASONS = (
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "InvalidImageName",
+)
+# Status keys this module owns; anything else in .status (kopf's, rollout's) is left alone.
+OWNED_KEYS = (
+    "observedGeneration",
+    "phase",
+    "replicas",
+    "desiredReplicas",
+    "readyReplicas",
+    "updatedReplicas",
+    "readyDisplay",
+    "selector",
+    "url",
+    "currentRevision",
+    "updateRevision",
+    "lastGoodRevision",
+    "autoscaling",
+    "conditions",
+)
+
+
+def _ts(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_ts(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+# ------------------------------------------------------------------------------------ observation
+
+
+def observe_deployment(dep: Mapping[str, Any] | None) -> DeploymentObs | None:
+    """A Deployment (as the API returns it) → what rollout and status need to know."""
+    if not dep:
+        return None
+    meta = dep.get("metadata") or {}
+    spec = dep.get("spec") or {}
+    st = dep.get("status") or {}
+    labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+    raw_template = (meta.get("annotations") or {}).get(builders.ANN_TEMPLATE)
+    try:
+        template = json.loads(raw_template) if raw_template else None
+    except ValueError:
+        template = None
+    generation = meta.get("generation")
+    observed = st.get("observedGeneration")
+    return DeploymentObs(
+        revision=labels.get(builders.LABEL_REVISION),
+        template=template,
+        spec_replicas=int(spec.get("replicas", 1) if spec.get("replicas") is not None else 1),
+        replicas=int(st.get("replicas") or 0),
+        ready_replicas=int(st.get("readyReplicas") or 0),
+        updated_replicas=int(st.get("updatedReplicas") or 0),
+        available_replicas=int(st.get("availableReplicas") or 0),
+        # Without generations (e.g. an emulator) trust the status as it is.
+        up_to_date=generation is None or (observed is not None and observed >= generation),
+    )
+
+
+def observe_pod(pod: Mapping[str, Any]) -> PodObs:
+    meta = pod.get("metadata") or {}
+    st = pod.get("status") or {}
+    conditions = {c.get("type"): c for c in st.get("conditions") or []}
+    sched = conditions.get("PodScheduled") or {}
+    unschedulable_since = None
+    unschedulable_message = ""
+    if sched.get("status") == "False":
+        unschedulable_message = sched.get("message") or sched.get("reason") or "Unschedulable"
+        unschedulable_since = _parse_ts(sched.get("lastTransitionTime"))
+    crash = ""
+    restarts = 0
+    for cs in [*(st.get("initContainerStatuses") or []), *(st.get("containerStatuses") or [])]:
+        restarts += int(cs.get("restartCount") or 0)
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        if reason in BAD_WAITING_REASONS and not crash:
+            crash = f"container {cs.get('name')} in pod {meta.get('name')}: {reason}"
+            if waiting.get("message"):
+                crash += f": {waiting['message']}"
+    ready = (conditions.get("Ready") or {}).get("status") == "True"
+    return PodObs(
+        revision=(meta.get("labels") or {}).get(builders.LABEL_REVISION),
+        ready=ready,
+        unschedulable_since=unschedulable_since,
+        unschedulable_message=unschedulable_message,
+        crashloop_message=crash,
+        restarts=restarts,
+    )
+
+
+def deployment_failure(dep: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """(reason, message) when the Deployment controller itself reports a failure."""
+    for cond in ((dep or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            return "ProgressDeadlineExceeded", cond.get("message") or "progress deadline exceeded"
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            return cond.get("reason") or "ReplicaFailure", cond.get("message") or ""
+    return None
+
+
+# ------------------------------------------------------------------------------------- conditions
+
+
+def set_condition(
+    previous: Sequence[Mapping[str, Any]],
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    *,
+    generation: int | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """A condition whose lastTransitionTime is kept unless its status changed."""
+    old = next((c for c in previous if c.get("type") == type_), None)
+    since = old.get("lastTransitionTime") if old and old.get("status") == status else None
+    cond: dict[str, Any] = {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": since or _ts(now),
+    }
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    return cond
+
+
+def merge_conditions(
+    previous: Sequence[Mapping[str, Any]], new: Iterable[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """New conditions replace same-typed old ones; other types (e.g. rollout's RolledBack) stay."""
+    out = {c["type"]: dict(c) for c in previous if c.get("type")}
+    for cond in new:
+        out[cond["type"]] = cond
+    order = {t: i for i, t in enumerate((*CONDITION_TYPES, "RolledBack"))}
+    return sorted(out.values(), key=lambda c: (order.get(c["type"], 99), c["type"]))
+
+
+# ----------------------------------------------------------------------------------------- status
+
+
+def invalid_status(
+    name: str, namespace: str, previous: Mapping[str, Any], field: str, message: str, *,
+    generation: int | None, now: datetime,
+) -> dict[str, Any]:
+    """Status for a spec the operator refuses: nothing is created until it is fixed."""
+    prev = list(previous.get("conditions") or [])
+    text = f"{field}: {message}"
+    conditions = [
+        set_condition(prev, "Ready", "False", "InvalidSpec", text, generation=generation, now=now),
+        set_condition(prev, "Progressing", "False", "InvalidSpec", text, generation=generation, now=now),
+        set_condition(prev, "Degraded", "True", "InvalidSpec", text, generation=generation, now=now),
+    ]
+    return {
+        "observedGeneration": generation,
+        "phase": "Failed",
+        "conditions": merge_conditions(prev, conditions),
+    }
+
+
+def compute_status(
+    *,
+    name: str,
+    namespace: str,
+    spec: GPTDeploymentSpec,
+    generation: int | None,
+    desired_revision: str,
+    stable: Mapping[str, Any] | None,
+    canary: Mapping[str, Any] | None,
+    pods: Sequence[Mapping[str, Any]],
+    hpa: Mapping[str, Any] | None,
+    previous: Mapping[str, Any],
+    now: datetime,
+) -> dict[str, Any]:
+    """The status fields in OWNED_KEYS for what was observed. ``pods``: all pods of this instance."""
+    prev_conditions = list(previous.get("conditions") or [])
+    s_obs = observe_deployment(stable)
+    c_obs = observe_deployment(canary)
+    observed = [o for o in (s_obs, c_obs) if o is not None]
+
+    # The HPA may have changed the replica count: the Deployment's spec is the truth, not ours.
+    if s_obs is not None and stable and (stable.get("spec") or {}).get("replicas") is not None:
+        desired = s_obs.spec_replicas
+    elif spec.autoscaling is not None:
+        desired = spec.autoscaling.minReplicas
+    else:
+        desired = spec.replicas
+    desired += c_obs.spec_replicas if c_obs is not None else 0
+    existing = sum(o.replicas for o in observed)
+    ready = sum(o.ready_replicas for o in observed)
+    updated = s_obs.updated_replicas if s_obs is not None else 0
+    up_to_date = all(o.up_to_date for o in observed)
+    stable_revision = s_obs.revision if s_obs is not None else None
+
+    # Degraded: the first problem, in a stable order (pods sorted by name), with the cluster's words.
+    pod_obs = [(p.get("metadata", {}).get("name", ""), observe_pod(p)) for p in pods]
+    pod_obs.sort(key=lambda item: item[0])
+    degraded: tuple[str, str] | None = None
+    failure = deployment_failure(stable) or deployment_failure(canary)
+    if failure is not None:
+        degraded = failure
+    for pod_name, po in pod_obs:
+        if degraded is not None:
+            break
+        if po.unschedulable_message:
+            degraded = ("Unschedulable", f"pod {pod_name}: {po.unschedulable_message}")
+        elif po.crashloop_message:
+            degraded = ("CrashLoopBackOff", po.crashloop_message)
+
+    is_ready = (
+        s_obs is not None
+        and up_to_date
+        and stable_revision == desired_revision
+        and c_obs is None
+        and updated >= s_obs.spec_replicas
+        and ready >= desired
+        and existing == desired  # old-revision pods are gone
+    )
+    if s_obs is None:
+        progressing = ("Creating", "creating the Deployment")
+    elif stable_revision != desired_revision or c_obs is not None:
+        progressing = ("RollingOut", f"rolling out revision {desired_revision}")
+    elif existing != desired or ready < desired or updated < s_obs.spec_replicas or not up_to_date:
+        progressing = ("Scaling", f"{ready}/{desired} replicas ready")
+    else:
+        progressing = None
+
+    current = previous.get("currentRevision")
+    last_good = previous.get("lastGoodRevision")
+    if is_ready:
+        current = last_good = stable_revision
+
+    gen = generation
+    conds = [
+        set_condition(
+            prev_conditions, "Ready", "True" if is_ready else "False",
+            "AllReplicasReady" if is_ready else (degraded[0] if degraded else "ReplicasNotReady"),
+            f"{ready}/{desired} replicas ready" + (f", revision {stable_revision}" if is_ready else ""),
+            generation=gen, now=now,
+        ),
+        set_condition(
+            prev_conditions, "Progressing", "True" if progressing and not is_ready else "False",
+            progressing[0] if progressing and not is_ready else "Complete",
+            progressing[1] if progressing and not is_ready else f"revision {stable_revision} is available",
+            generation=gen, now=now,
+        ),
+        set_condition(
+            prev_conditions, "Degraded", "True" if degraded else "False",
+            degraded[0] if degraded else "AsExpected", degraded[1] if degraded else "",
+            generation=gen, now=now,
+        ),
+    ]
+
+    if degraded is not None and not is_ready:
+        phase = "Failed" if degraded[0] == "ProgressDeadlineExceeded" else "Degraded"
+    elif is_ready:
+        phase = "Ready"
+    elif current is None and ready == 0:
+        phase = "Pending"  # never been ready yet: the first revision is still coming up
+    else:
+        phase = "Progressing"
+
+    autoscaling = None
+    if hpa is not None and spec.autoscaling is not None:
+        hst = hpa.get("status") or {}
+        autoscaling = {
+            "currentReplicas": hst.get("currentReplicas"),
+            "desiredReplicas": hst.get("desiredReplicas"),
+        }
+        autoscaling = {k: v for k, v in autoscaling.items() if v is not None} or None
+
+    return {
+        "observedGeneration": generation,
+        "phase": phase,
+        "replicas": existing,
+        "desiredReplicas": desired,
+        "readyReplicas": ready,
+        "updatedReplicas": updated,
+        "readyDisplay": f"{ready}/{desired}",
+        "selector": builders.selector_string(name),
+        "url": builders.service_url(name, namespace, spec),
+        "currentRevision": current,
+        "updateRevision": desired_revision,
+        "lastGoodRevision": last_good,
+        "autoscaling": autoscaling,
+        "conditions": merge_conditions(prev_conditions, conds),
+    }
+
+
+def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch turning ``old`` status into ``new`` for the keys in ``new``; {} when equal.
+
+    ``None`` in ``new`` removes the key (JSON merge patch semantics).
+    """
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        if value is None:
+            if old.get(key) is not None:
+                patch[key] = None
+        elif old.get(key) != value:
+            patch[key] = value
+    return patch

@@ -1,0 +1,105 @@
+"""Fixtures: the emulator, a kubeconfig pointing at it, and the real kopf operator in the test's loop.
+
+The emulator has no controllers: tests play kube-controller-manager (Deployment status, pods, the
+HPA's replica writes, the garbage collector) by calling its API themselves. Nothing is monkey-patched:
+kopf and gptd's client both read a kubeconfig file whose server is the emulator's URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import kmock
+import kopf
+import pytest
+import yaml
+from gptd_cluster import RESOURCES, VERBS, Cluster, RunningOperator
+from gptd_operator import handlers, kube
+from gptd_operator.settings import Settings
+
+
+class Emulator(kmock.KubernetesEmulator):
+    """The emulator plus ``metadata.generateName`` (kopf posts Events that way), nothing else."""
+
+    async def _handle(self, request: Any) -> Any:
+        data = request.data
+        if str(request.method).upper().endswith("POST") and isinstance(data, dict):
+            meta = data.get("metadata") or {}
+            if not meta.get("name") and meta.get("generateName"):
+                self._generated = getattr(self, "_generated", 0) + 1
+                meta["name"] = f"{meta['generateName']}{self._generated:05d}"
+        return await super()._handle(request)
+
+
+@pytest.fixture()
+async def emulator() -> AsyncIterator[tuple[kmock.KubernetesEmulator, str]]:
+    async with Emulator() as k, kmock.Server(k) as srv:
+        for key, (kind, namespaced, subs) in RESOURCES.items():
+            k.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, subresources=subs, verbs=VERBS)
+        yield k, str(srv.url).rstrip("/")
+
+
+@pytest.fixture()
+def kubeconfig(tmp_path: Path, emulator: tuple[kmock.KubernetesEmulator, str],
+               monkeypatch: pytest.MonkeyPatch) -> Path:
+    _, url = emulator
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": url}}],
+        "users": [{"name": "test", "user": {"token": "test-token"}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "test"}}],
+    }))
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    # Both kopf (via the operator's login handler) and gptd's client read this file.
+    kube.configure(str(path))
+    return path
+
+
+@pytest.fixture()
+async def cluster(emulator: tuple[kmock.KubernetesEmulator, str]) -> AsyncIterator[Cluster]:
+    k, url = emulator
+    async with aiohttp.ClientSession(url) as session:
+        yield Cluster(k, session)
+
+
+@pytest.fixture()
+def operator_settings() -> Settings:
+    return Settings(resync_seconds=0.5)
+
+
+@pytest.fixture()
+async def operator(kubeconfig: Path, operator_settings: Settings) -> AsyncIterator[RunningOperator]:
+    """The operator in its own thread and event loop, like ``kopf.testing.KopfRunner`` does.
+
+    Not a task in the test's loop: at shutdown kopf cancels (and waits for) every task it did not see
+    when it started, which would include this fixture's own teardown.
+    """
+    registry = kopf.OperatorRegistry()
+    reconciler = handlers.Reconciler(operator_settings, kube.Kube(kube.load_config(str(kubeconfig))))
+    handlers.register(registry, operator_settings, reconciler)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(kopf.operator(
+                registry=registry, standalone=True, clusterwide=True, stop_flag=stop, liveness_endpoint=None,
+            ))
+        except BaseException as exc:  # surfaced in the teardown
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="gptd-operator", daemon=True)
+    thread.start()
+    running = RunningOperator(reconciler, thread)
+    await running.resync_passes(1)  # the operator is up: its resync loop runs
+    yield running
+    stop.set()
+    await asyncio.to_thread(thread.join, 20)
+    assert not thread.is_alive(), "the operator did not stop within 20 s"
+    assert not errors, errors

@@ -1,0 +1,118 @@
+"""Helpers for the integration tests (see conftest.py)."""
+
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import kmock
+from gptd_operator import handlers
+
+VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
+RESOURCES = {
+    "gptd.io/v1alpha1/gptdeployments": ("GPTDeployment", True, {"status", "scale"}),
+    "apps/v1/deployments": ("Deployment", True, {"status", "scale"}),
+    "v1/services": ("Service", True, set()),
+    "v1/pods": ("Pod", True, {"status"}),
+    "v1/secrets": ("Secret", True, set()),
+    "v1/events": ("Event", True, set()),
+    "v1/namespaces": ("Namespace", False, set()),
+    "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True, {"status"}),
+    "autoscaling/v2/horizontalpodautoscalers": ("HorizontalPodAutoscaler", True, {"status"}),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, set()),
+}
+PATHS = {
+    "gptdeployments": "/apis/gptd.io/v1alpha1/namespaces/{ns}/gptdeployments",
+    "deployments": "/apis/apps/v1/namespaces/{ns}/deployments",
+    "services": "/api/v1/namespaces/{ns}/services",
+    "pods": "/api/v1/namespaces/{ns}/pods",
+    "secrets": "/api/v1/namespaces/{ns}/secrets",
+    "poddisruptionbudgets": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
+    "horizontalpodautoscalers": "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
+}
+WRITE_METHODS = {"POST", "PATCH", "PUT"}
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], *, timeout: float = 10.0, what: str = "") -> Any:
+    """Poll ``check`` until it returns something truthy; fail with the last value at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = await check()
+        except AssertionError as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}: last={last!r}")
+        await asyncio.sleep(0.05)  # polling interval, not synchronisation
+
+
+@dataclass
+class Cluster:
+    """A test's handle on the emulator: plain HTTP calls, as kubectl or a controller would make."""
+
+    emulator: kmock.KubernetesEmulator
+    session: aiohttp.ClientSession
+
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else {}
+        async with self.session.request(method, path, json=body, headers=headers) as resp:
+            if resp.status == 404:
+                return None
+            assert resp.status < 400, f"{method} {path}: {resp.status} {await resp.text()}"
+            return await resp.json(content_type=None)
+
+    async def create(self, plural: str, ns: str, body: dict[str, Any]) -> Any:
+        body = {**body, "metadata": {"namespace": ns, **body["metadata"]}}
+        return await self._call("POST", PATHS[plural].format(ns=ns), body)
+
+    async def get(self, plural: str, ns: str, name: str) -> dict[str, Any] | None:
+        return await self._call("GET", f"{PATHS[plural].format(ns=ns)}/{name}")
+
+    async def patch(self, plural: str, ns: str, name: str, patch: dict[str, Any], sub: str = "") -> Any:
+        return await self._call("PATCH", f"{PATHS[plural].format(ns=ns)}/{name}{'/' + sub if sub else ''}", patch)
+
+    async def delete(self, plural: str, ns: str, name: str) -> Any:
+        return await self._call("DELETE", f"{PATHS[plural].format(ns=ns)}/{name}")
+
+    async def list(self, plural: str, ns: str) -> list[dict[str, Any]]:
+        return (await self._call("GET", PATHS[plural].format(ns=ns)) or {}).get("items", [])
+
+    def requests(self) -> list[Any]:
+        return list(self.emulator)
+
+    def writes(self, since: int = 0, *, path_part: str = "") -> list[str]:
+        """Writes after request number ``since``: 'METHOD path' strings (events included)."""
+        out = []
+        for req in self.requests()[since:]:
+            method = str(req.method).rsplit(".", 1)[-1].upper()
+            if method in WRITE_METHODS and path_part in str(req.url):
+                out.append(f"{method} {req.url.path}")
+        return out
+
+
+@dataclass
+class RunningOperator:
+    reconciler: handlers.Reconciler
+    thread: threading.Thread
+
+    async def resync_passes(self, n: int = 2, timeout: float = 10.0) -> None:
+        """Wait until ``n`` more full resync passes (every CR reconciled) have completed."""
+        target = self.reconciler.resync_passes + n
+        await eventually(lambda: _true(self.reconciler.resync_passes >= target), timeout=timeout,
+                         what=f"{n} resync passes")
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
