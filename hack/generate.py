@@ -90,10 +90,17 @@ def render_chart_crd(source: Path = CRD_SOURCE) -> str:
     if own_labels:
         lines.append(_indent(_dump(own_labels), 4))
     lines.append('    {{- include "gptd-operator.labels" . | nindent 4 }}\n')
+    # The source's own annotations (none today) are always kept; the block is left out when it would be empty.
+    always = bool(meta.get("annotations"))
+    if not always:
+        lines.append("  {{- if or .Values.crds.keep .Values.crds.annotations }}\n")
     lines.append("  annotations:\n")
-    if meta.get("annotations"):
+    if always:
         lines.append(_indent(_dump(meta["annotations"]), 4))
     lines.append("    {{- if .Values.crds.keep }}\n    helm.sh/resource-policy: keep\n    {{- end }}\n")
+    lines.append("    {{- with .Values.crds.annotations }}\n    {{- toYaml . | nindent 4 }}\n    {{- end }}\n")
+    if not always:
+        lines.append("  {{- end }}\n")
     lines.append(body)
     lines.append("{{- end }}\n")
     return "".join(lines)

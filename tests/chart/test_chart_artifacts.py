@@ -52,6 +52,15 @@ def test_crd_toggles(render):
     assert not by_kind(render("--set", "crds.enabled=false"), "CustomResourceDefinition")
     crd = one(render("--set", "crds.keep=false"), "CustomResourceDefinition")
     assert "helm.sh/resource-policy" not in (crd["metadata"].get("annotations") or {})
+    docs = render("--set", "crds.annotations.argocd\\.argoproj\\.io/sync-options=Prune=false")
+    crd = one(docs, "CustomResourceDefinition")
+    assert crd["metadata"]["annotations"] == {
+        "helm.sh/resource-policy": "keep",
+        "argocd.argoproj.io/sync-options": "Prune=false",
+    }
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(one(render("--set", "crds.keep=false"), "CustomResourceDefinition"), version,
+                                     strict=True)
 
 
 def test_install_yaml():
