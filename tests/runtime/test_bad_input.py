@@ -1,0 +1,129 @@
+"""Bad input and overload: every rejection happens before model work, with OpenAI-style error JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from runtime_testlib import wait_until
+
+
+def _error(r: Any) -> dict[str, Any]:
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+async def test_invalid_json(app_factory: Any) -> None:
+    async with app_factory() as (client, _app):
+        r = await client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 400
+        assert "JSON" in _error(r)["message"]
+
+
+@pytest.mark.parametrize(("payload", "param"), [
+    ({"max_tokens": 3}, "prompt"),  # missing field
+    ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),  # wrong type
+    ({"prompt": "x", "temperature": 9}, "temperature"),  # out of range
+    ({"prompt": {"a": 1}}, "prompt"),
+])
+async def test_validation_names_the_field(app_factory: Any, payload: dict[str, Any], param: str) -> None:
+    async with app_factory() as (client, _app):
+        r = await client.post("/v1/completions", json=payload)
+        assert r.status_code == 400
+        err = _error(r)
+        assert err["param"] == param
+        assert param in err["message"]
+
+
+async def test_chat_validation(app_factory: Any) -> None:
+    async with app_factory() as (client, _app):
+        r = await client.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]})
+        assert r.status_code == 400
+        assert _error(r)["param"].startswith("messages")
+
+
+async def test_limits_rejected_before_model_work(app_factory: Any) -> None:
+    async with app_factory(max_input_tokens=8, max_new_tokens=16) as (client, app):
+        passes = app.state.runtime.engine.forward_passes
+        long = await client.post("/v1/completions", json={"prompt": "word " * 50, "max_tokens": 4})
+        assert long.status_code == 400
+        assert _error(long)["code"] == "context_length_exceeded"
+        too_many = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 17})
+        assert too_many.status_code == 400
+        assert _error(too_many)["param"] == "max_tokens"
+        n2 = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 2})
+        assert n2.status_code == 400
+        assert _error(n2)["param"] == "n"
+        assert app.state.runtime.engine.forward_passes == passes  # nothing reached the engine
+
+
+async def test_body_size_cap(app_factory: Any) -> None:
+    async with app_factory(max_body_bytes=1000) as (client, _app):
+        big = {"prompt": "x" * 2000, "max_tokens": 1}
+        r = await client.post("/v1/completions", json=big)
+        assert r.status_code == 413
+        assert _error(r)["code"] == "request_too_large"
+
+        async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted while read
+            yield b'{"prompt": "'
+            for _ in range(20):
+                yield b"y" * 100
+            yield b'", "max_tokens": 1}'
+
+        r = await client.post("/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        ok = await client.post("/v1/completions", json={"prompt": "small", "max_tokens": 1})
+        assert ok.status_code == 200
+
+
+async def test_queue_full_429(app_factory: Any) -> None:
+    async with app_factory(max_batch_size=1, max_queue=0, max_new_tokens=1000) as (client, app):
+        engine = app.state.runtime.engine
+        slow = asyncio.create_task(client.post(
+            "/v1/completions", json={"prompt": "long", "max_tokens": 1000, "ignore_eos": True}))
+        await wait_until(lambda: engine.num_inflight() == 1)
+        r = await client.post("/v1/completions", json={"prompt": "another", "max_tokens": 1})
+        assert r.status_code == 429
+        assert r.headers["retry-after"] == "1"
+        assert _error(r)["type"] == "rate_limit_error"
+        assert (await slow).status_code == 200
+
+
+async def test_not_ready_and_draining_503(app_factory: Any) -> None:
+    from gptd_runtime.app import drain
+
+    async with app_factory() as (client, app):
+        await drain(app.state.runtime, timeout=0)
+        assert (await client.get("/health/ready")).status_code == 503
+        assert (await client.get("/health/live")).status_code == 200
+        r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert r.status_code == 503
+        assert _error(r)["code"] == "draining"
+
+
+async def test_api_key(app_factory: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    secret = "s3cr3t-key-value"
+    key_file = tmp_path / "key"
+    key_file.write_text(secret + "\n")
+    caplog.set_level(logging.DEBUG)
+    async with app_factory(api_key_file=key_file) as (client, _app):
+        req = {"prompt": "x", "max_tokens": 1}
+        missing = await client.post("/v1/completions", json=req)
+        assert missing.status_code == 401
+        assert _error(missing)["type"] == "authentication_error"
+        wrong = await client.post("/v1/completions", json=req, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        assert (await client.get("/v1/models")).status_code == 401
+        ok = await client.post("/v1/completions", json=req, headers={"Authorization": f"Bearer {secret}"})
+        assert ok.status_code == 200
+        # Probes and scrapes stay open.
+        assert (await client.get("/health/ready")).status_code == 200
+        assert (await client.get("/health/live")).status_code == 200
+        assert (await client.get("/metrics")).status_code == 200
+        assert secret not in missing.text + wrong.text
+    assert secret not in caplog.text

@@ -1,0 +1,83 @@
+"""Settings from flags/env, model URI resolution, and the demo builder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from gptd_runtime.config import ENV_VARS, Settings, load_settings
+from gptd_runtime.demo import build_demo_model
+from gptd_runtime.loading import ModelLoadError, resolve_model_dir
+from pydantic import ValidationError
+
+
+def test_env_vars_fill_every_field() -> None:
+    assert set(ENV_VARS) == set(Settings.model_fields)
+    env = {"GPTD_MODEL": "/m", "GPTD_PORT": "9000", "GPTD_MAX_BATCH_SIZE": "4", "GPTD_MAX_QUEUE": "0",
+           "GPTD_DRAIN_TIMEOUT_SECONDS": "2.5", "GPTD_MAX_BODY_BYTES": "10", "GPTD_KV_CACHE_BLOCKS": "7",
+           "GPTD_TASK": "Text-Classification", "GPTD_DEMO": "true"}
+    s = load_settings({}, env)
+    assert (s.model, s.port, s.max_batch_size, s.max_queue) == ("/m", 9000, 4, 0)
+    assert (s.drain_timeout_seconds, s.max_body_bytes, s.kv_blocks()) == (2.5, 10, 7)
+    assert s.task == "text-classification" and s.demo is True
+
+
+def test_flags_override_env() -> None:
+    s = load_settings({"port": 1234, "model": None}, {"GPTD_PORT": "9000", "GPTD_MODEL": "/env"})
+    assert s.port == 1234 and s.model == "/env"
+
+
+def test_invalid_values_rejected() -> None:
+    with pytest.raises(ValidationError):
+        load_settings({}, {"GPTD_MAX_BATCH_SIZE": "zero"})
+    with pytest.raises(ValidationError):
+        load_settings({}, {"GPTD_TASK": "summarization"})
+
+
+def test_default_kv_budget_fits_full_batch() -> None:
+    s = Settings(max_batch_size=8, max_input_tokens=100, max_new_tokens=28, kv_cache_page_size=64)
+    assert s.kv_blocks() == 8 * 2
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("pvc://claim/models/x", "resolved by the gptd operator"),
+    ("s3://bucket/x", "resolved by the gptd operator"),
+    ("ftp://host/x", "unsupported model URI scheme"),
+    ("hf://justname", "hf://org/name"),
+    ("/definitely/not/here", "does not exist"),
+])
+def test_uri_errors_are_clear(uri: str, message: str) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        resolve_model_dir(Settings(model=uri))
+
+
+def test_local_and_file_uris(models: dict[str, Path], tmp_path: Path) -> None:
+    path = models["plain"]
+    assert resolve_model_dir(Settings(model=str(path))) == path
+    assert resolve_model_dir(Settings(model=f"file://{path}")) == path
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
+        resolve_model_dir(Settings(model=str(tmp_path)))
+
+
+def test_hf_uri_offline_cache_miss_is_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="cannot download hf://org/name"):
+        resolve_model_dir(Settings(model="hf://org/name", revision="main"))
+
+
+def test_demo_builder_is_cached(tmp_path: Path) -> None:
+    out = build_demo_model(tmp_path / "d")
+    assert json.loads((out / "config.json").read_text())["n_layer"] == 2
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert build_demo_model(tmp_path / "d") == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    with pytest.raises(ValueError, match="unknown task"):
+        build_demo_model(tmp_path / "e", "summarization")
+
+
+def test_demo_setting_builds_into_cache_dir(tmp_path: Path) -> None:
+    path = resolve_model_dir(Settings(demo=True, cache_dir=tmp_path, task="token-classification"))
+    labels = json.loads((path / "config.json").read_text())["id2label"]
+    assert "B-PER" in labels.values()
