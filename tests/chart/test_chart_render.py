@@ -154,6 +154,20 @@ def test_operator_container(render):
     assert env["GPTD_SCALE_TO_ZERO_PROVIDER"] == ""
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_operator_cli_accepts_the_rendered_args(render, variant):
+    """The chart's args are the operator's real CLI (its argparse parser), not a guess."""
+    from gptd_operator.__main__ import _parser
+
+    c = _container(render(*VARIANTS[variant]))
+    assert c["command"][-2:] == ["-m", "gptd_operator"]
+    args = _parser().parse_args(c["args"])
+    assert args.command is None  # the default command: run the operator
+    assert args.liveness == "http://0.0.0.0:8080/healthz"
+    expected = {"namespaced": ["team-a", "team-b"]}.get(variant)
+    assert args.namespace == expected
+
+
 def test_values_reach_the_operator(render):
     docs = render(*VARIANTS["keda-custom"])
     c = _container(docs)
