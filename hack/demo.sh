@@ -128,15 +128,33 @@ stage_scale() {
   kd get gptd demo
 }
 
+first_other_line() {  # first_other_line OLD CMD...: print CMD's first non-empty output line that isn't OLD
+  local old=$1 line pid fd; shift
+  exec {fd}< <("$@")
+  pid=$!
+  while IFS= read -r line <&"$fd"; do
+    if [ -n "$line" ] && [ "$line" != "$old" ]; then
+      kill "$pid" 2>/dev/null || true
+      exec {fd}<&-
+      printf '%s\n' "$line"
+      return 0
+    fi
+  done
+  exec {fd}<&-
+  return 1
+}
+
 stage_rollout() {
   local before after
   before=$(kd get gptd demo -o jsonpath='{.status.currentRevision}')
   log "rolling out a new revision (spec.runtime.maxNewTokens 64 -> 48); current revision: ${before:-?}"
   kd patch gptd demo --type merge -p '{"spec":{"runtime":{"maxNewTokens":48}}}'
+  # Watch (no polling) until status.currentRevision is neither empty nor the old one.
+  after=$(first_other_line "$before" timeout "$WAIT_TIMEOUT" "$KUBECTL_BIN" --context "kind-$CLUSTER" \
+    -n "$DEMO_NAMESPACE" get gptd demo --watch -o jsonpath='{.status.currentRevision}{"\n"}') \
+    || die "currentRevision did not change from ${before:-<none>} within $WAIT_TIMEOUT"
   wait_ready
   kd wait --for=condition=Progressing=False gptd/demo --timeout="$WAIT_TIMEOUT"
-  after=$(kd get gptd demo -o jsonpath='{.status.currentRevision}')
-  [ -n "$after" ] && [ "$after" != "$before" ] || die "currentRevision did not change ($before -> $after)"
   log "new revision $after is Ready"
   kd get gptd demo
 }
