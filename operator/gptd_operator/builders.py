@@ -215,8 +215,9 @@ def _resources(spec: GPTDeploymentSpec) -> dict[str, Any]:
     if res.memory:
         requests["memory"] = limits["memory"] = res.memory
     if res.gpus > 0:
-        # Extended resources: the limit is the request.
-        limits[res.gpuResourceName] = str(res.gpus)
+        # Extended resources need request == limit; the API server would copy it anyway, say it ourselves
+        # so the live object equals what we build (no patch on every resync).
+        requests[res.gpuResourceName] = limits[res.gpuResourceName] = str(res.gpus)
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests

@@ -199,6 +199,13 @@ class Reconciler:
         else:
             unwanted.append((kube.HPAS, children.hpa))
 
+        if any(children.by_kind(o["kind"], o["metadata"]["name"], name) is None for o in desired):
+            # About to create: make sure the CR still exists. A child's DELETED event (the garbage
+            # collector at work) can arrive before the CR's own DELETED event reaches our index.
+            fresh = await self.kube.get(kube.GPTDEPLOYMENTS, namespace, name)
+            if fresh is None or (uid and fresh.get("metadata", {}).get("uid") != uid):
+                return
+
         applied: dict[tuple[str, str], dict[str, Any] | None] = {}
         for obj in desired:
             kind, obj_name = obj["kind"], obj["metadata"]["name"]
@@ -406,7 +413,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
         crs = indices.get("gptd_crs")
         if key is None or crs is None or key not in crs:
             return
-        for body in crs[key]:
+        for body in list(crs[key]):
             await rec().reconcile(body, indices)
 
     # --- the CR itself

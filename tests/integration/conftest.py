@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,15 +25,18 @@ from gptd_operator.settings import Settings
 
 
 class Emulator(kmock.KubernetesEmulator):
-    """The emulator plus ``metadata.generateName`` (kopf posts Events that way), nothing else."""
+    """The emulator plus what every real API server does on create and kopf relies on:
+    ``metadata.uid`` (kopf keys its indices by namespace+name+uid, so a Service and a Deployment
+    both named ``gpt2`` without uids would evict each other) and ``metadata.generateName``
+    (kopf posts Events that way). Nothing else."""
 
     async def _handle(self, request: Any) -> Any:
         data = request.data
         if str(request.method).upper().endswith("POST") and isinstance(data, dict):
-            meta = data.get("metadata") or {}
+            meta = data.setdefault("metadata", {})
             if not meta.get("name") and meta.get("generateName"):
-                self._generated = getattr(self, "_generated", 0) + 1
-                meta["name"] = f"{meta['generateName']}{self._generated:05d}"
+                meta["name"] = f"{meta['generateName']}{uuid.uuid4().hex[:5]}"
+            meta.setdefault("uid", str(uuid.uuid4()))
         return await super()._handle(request)
 
 

@@ -1,4 +1,9 @@
-"""End-to-end behaviour of the operator against the emulated API server."""
+"""End-to-end behaviour of the operator against the emulated API server.
+
+The emulator runs no controllers, so where a real cluster would act (the Deployment controller's
+status, the scheduler's pod conditions, the HPA's replica writes, the garbage collector) the test does
+it through the API, and says so.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from typing import Any
 
 import pytest
 from gptd_cluster import Cluster, RunningOperator, eventually
+from gptd_operator import builders
 
 pytestmark = pytest.mark.timeout(60)
 NS = "ns1"
@@ -20,6 +26,23 @@ def cr(name: str = "gpt2", uid: str = "uid-gpt2", **spec: Any) -> dict[str, Any]
     }
 
 
+async def status_of(cluster: Cluster, name: str = "gpt2") -> dict[str, Any]:
+    obj = await cluster.get("gptdeployments", NS, name)
+    return (obj or {}).get("status") or {}
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
+
+
+async def ready_deployment(cluster: Cluster, name: str = "gpt2", replicas: int = 1) -> None:
+    """Play the Deployment controller: all replicas exist, are updated and ready."""
+    await cluster.patch("deployments", NS, name, {"status": {
+        "replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas,
+        "availableReplicas": replicas,
+    }}, sub="status")
+
+
 async def test_create_makes_children(cluster: Cluster, operator: RunningOperator) -> None:
     await cluster.create("gptdeployments", NS, cr(replicas=2))
     dep = await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
@@ -27,8 +50,238 @@ async def test_create_makes_children(cluster: Cluster, operator: RunningOperator
     assert dep["metadata"]["ownerReferences"][0]["uid"] == "uid-gpt2"
     pod = dep["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert labels["gptd.io/track"] == "stable" and len(labels["gptd.io/revision"]) == 10
+    # None-valued optional fields are not sent on create.
+    assert "nodeSelector" not in pod and "affinity" not in pod
     svc = await eventually(lambda: cluster.get("services", NS, "gpt2"), what="Service")
     assert svc["spec"]["ports"][0]["name"] == "http"
+    assert svc["metadata"]["ownerReferences"][0]["controller"] is True
     pdb = await eventually(lambda: cluster.get("poddisruptionbudgets", NS, "gpt2"), what="PDB")
     assert pdb["spec"]["maxUnavailable"] == 1
     assert await cluster.get("horizontalpodautoscalers", NS, "gpt2") is None
+    st = await eventually(lambda: status_of(cluster), what="status")
+    assert st["url"] == "http://gpt2.ns1.svc.cluster.local:8000"
+    assert st["selector"] == "app.kubernetes.io/instance=gpt2,app.kubernetes.io/name=gptd-runtime"
+    assert st["replicas"] == 0 and st["readyDisplay"] == "0/2" and st["phase"] == "Pending"
+    assert st["updateRevision"] == labels["gptd.io/revision"]
+    # Events on the CR for the important steps.
+    posted = [w for w in cluster.writes(path_part="/events")]
+    assert posted, "no Events posted"
+
+
+async def test_ready_when_controller_reports_ready(cluster: Cluster, operator: RunningOperator) -> None:
+    await cluster.create("gptdeployments", NS, cr(replicas=2))
+    await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
+    await ready_deployment(cluster, replicas=2)
+
+    async def ready() -> dict[str, Any] | None:
+        st = await status_of(cluster)
+        return st if st.get("phase") == "Ready" else None
+
+    st = await eventually(ready, what="phase Ready")
+    assert condition(st, "Ready")["status"] == "True"
+    assert condition(st, "Progressing")["status"] == "False"
+    assert condition(st, "Degraded")["status"] == "False"
+    assert st["readyReplicas"] == 2 and st["readyDisplay"] == "2/2" and st["replicas"] == 2
+    assert st["currentRevision"] == st["updateRevision"]
+    assert condition(st, "Ready")["observedGeneration"] == 1
+
+
+async def test_revision_change_updates_deployment(cluster: Cluster, operator: RunningOperator) -> None:
+    await cluster.create("gptdeployments", NS, cr())
+    dep = await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
+    old = dep["spec"]["template"]["metadata"]["labels"]["gptd.io/revision"]
+    await cluster.patch("gptdeployments", NS, "gpt2", {"metadata": {"generation": 2},
+                                                       "spec": {"model": {"revision": "v2"}}})
+
+    async def new_revision() -> dict[str, Any] | None:
+        d = await cluster.get("deployments", NS, "gpt2")
+        labels = d["spec"]["template"]["metadata"]["labels"] if d else {}
+        return d if labels.get("gptd.io/revision") not in (None, old) else None
+
+    dep = await eventually(new_revision, what="new revision label")
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["GPTD_REVISION"] == "v2"
+    assert dep["metadata"]["annotations"]["gptd.io/revision"] == dep["spec"]["template"]["metadata"]["labels"][
+        "gptd.io/revision"]
+
+
+async def test_deleted_and_edited_children_are_restored(cluster: Cluster, operator: RunningOperator) -> None:
+    await cluster.create("gptdeployments", NS, cr(replicas=2))
+    await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
+    await eventually(lambda: cluster.get("services", NS, "gpt2"), what="Service")
+    await cluster.delete("deployments", NS, "gpt2")
+    dep = await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="restored Deployment")
+    assert dep["spec"]["replicas"] == 2
+    # A hand edit of a field we own is reverted.
+    await cluster.patch("services", NS, "gpt2", {"spec": {"selector": {"app": "hijacked"}}})
+
+    async def selector_back() -> bool:
+        svc = await cluster.get("services", NS, "gpt2")
+        return bool(svc) and svc["spec"]["selector"] == builders.selector_labels("gpt2")
+
+    await eventually(selector_back, what="Service selector restored")
+
+
+async def test_noop_resync_makes_zero_writes(cluster: Cluster, operator: RunningOperator) -> None:
+    await cluster.create("gptdeployments", NS, cr(replicas=2))
+    await cluster.create("gptdeployments", NS, cr("other", "uid-other", autoscaling={
+        "minReplicas": 2, "maxReplicas": 4, "targetInflightRequests": 4}))
+    await eventually(lambda: cluster.get("poddisruptionbudgets", NS, "gpt2"), what="children")
+    await eventually(lambda: cluster.get("horizontalpodautoscalers", NS, "other"), what="children")
+    await ready_deployment(cluster, replicas=2)
+    await eventually(lambda: _phase(cluster, "gpt2", "Ready"), what="Ready")
+    await operator.resync_passes(2)  # settle: every reaction to our own writes is done
+    before = len(cluster.requests())
+    reconciles = operator.reconciler.reconciles
+    await operator.resync_passes(3)
+    assert operator.reconciler.reconciles >= reconciles + 6  # 2 CRs x 3 passes really ran
+    assert cluster.writes(before) == [], "\n".join(cluster.writes(before))
+
+
+async def _phase(cluster: Cluster, name: str, phase: str) -> bool:
+    return (await status_of(cluster, name)).get("phase") == phase
+
+
+async def test_invalid_spec_sets_status_and_creates_nothing(cluster: Cluster, operator: RunningOperator) -> None:
+    await cluster.create("gptdeployments", NS, cr(model={"uri": "ftp://nope"}))
+
+    async def invalid() -> dict[str, Any] | None:
+        st = await status_of(cluster)
+        return st if condition(st, "Ready").get("reason") == "InvalidSpec" else None
+
+    st = await eventually(invalid, what="InvalidSpec")
+    ready = condition(st, "Ready")
+    assert ready["status"] == "False" and "spec.model.uri" in ready["message"]
+    assert st["phase"] == "Failed"
+    await operator.resync_passes(2)
+    assert await cluster.list("deployments", NS) == []
+    assert await cluster.list("services", NS) == []
+    # One Warning Event, not one per resync.
+    warnings = [r for r in cluster.requests() if "/events" in str(r.url) and (r.data or {}).get("type") == "Warning"]
+    assert len(warnings) == 1 and warnings[0].data["reason"] == "InvalidSpec"
+
+
+async def test_missing_secret_is_invalid_until_created(cluster: Cluster, operator: RunningOperator) -> None:
+    await cluster.create("gptdeployments", NS, cr(model={
+        "uri": "hf://org/private", "hfTokenSecretRef": {"name": "hf", "key": "token"}}))
+
+    async def invalid() -> dict[str, Any] | None:
+        st = await status_of(cluster)
+        return st if condition(st, "Ready").get("reason") == "InvalidSpec" else None
+
+    st = await eventually(invalid, what="InvalidSpec")
+    assert "spec.model.hfTokenSecretRef" in condition(st, "Ready")["message"]
+    assert await cluster.get("deployments", NS, "gpt2") is None
+    await cluster.create("secrets", NS, {"metadata": {"name": "hf"}, "data": {"token": "aGZfeHl6"}})
+    dep = await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment after Secret")
+    env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    assert "aGZfeHl6" not in str(dep)
+
+
+async def test_degraded_when_pod_unschedulable(cluster: Cluster, operator: RunningOperator) -> None:
+    await cluster.create("gptdeployments", NS, cr())
+    dep = await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
+    # Play the ReplicaSet controller and the scheduler: a pod that can't get a GPU.
+    message = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+    await cluster.create("pods", NS, {
+        "metadata": {"name": "gpt2-abc-1", "labels": dep["spec"]["template"]["metadata"]["labels"]},
+        "status": {"phase": "Pending", "conditions": [{
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
+    })
+
+    async def degraded() -> dict[str, Any] | None:
+        st = await status_of(cluster)
+        return st if st.get("phase") == "Degraded" else None
+
+    st = await eventually(degraded, what="Degraded")
+    deg = condition(st, "Degraded")
+    assert deg["status"] == "True" and deg["reason"] == "Unschedulable"
+    assert message in deg["message"]
+    assert condition(st, "Ready")["status"] == "False"
+
+
+async def test_degraded_on_crashloop(cluster: Cluster, operator: RunningOperator) -> None:
+    await cluster.create("gptdeployments", NS, cr())
+    dep = await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
+    await cluster.create("pods", NS, {
+        "metadata": {"name": "gpt2-abc-2", "labels": dep["spec"]["template"]["metadata"]["labels"]},
+        "status": {"phase": "Running", "containerStatuses": [{
+            "name": "runtime", "restartCount": 4, "ready": False,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting"}}}]},
+    })
+
+    async def degraded() -> dict[str, Any] | None:
+        st = await status_of(cluster)
+        return st if condition(st, "Degraded").get("reason") == "CrashLoopBackOff" else None
+
+    st = await eventually(degraded, what="CrashLoopBackOff")
+    assert "gpt2-abc-2" in condition(st, "Degraded")["message"]
+
+
+async def test_delete_leaves_nothing_behind(cluster: Cluster, operator: RunningOperator) -> None:
+    await cluster.create("gptdeployments", NS, cr(replicas=2, autoscaling={
+        "minReplicas": 2, "maxReplicas": 3, "targetInflightRequests": 2}))
+    for plural in ("deployments", "services", "poddisruptionbudgets", "horizontalpodautoscalers"):
+        obj = await eventually(lambda p=plural: cluster.get(p, NS, "gpt2"), what=plural)
+        refs = obj["metadata"]["ownerReferences"]
+        assert refs == [builders.owner_reference("gpt2", "uid-gpt2")], plural
+    gptd = await cluster.get("gptdeployments", NS, "gpt2")
+    assert not gptd["metadata"].get("finalizers"), "no finalizer: deletion never waits for the operator"
+    await cluster.delete("gptdeployments", NS, "gpt2")
+    # Play the garbage collector (the emulator has none): delete what the CR's uid owns.
+    for plural in ("deployments", "services", "poddisruptionbudgets", "horizontalpodautoscalers"):
+        for obj in await cluster.list(plural, NS):
+            if any(r["uid"] == "uid-gpt2" for r in obj["metadata"].get("ownerReferences", [])):
+                await cluster.delete(plural, NS, obj["metadata"]["name"])
+    await operator.resync_passes(2)
+    for plural in ("deployments", "services", "poddisruptionbudgets", "horizontalpodautoscalers"):
+        assert await cluster.list(plural, NS) == [], plural
+
+
+async def test_autoscaling_creates_hpa_and_never_overwrites_replicas(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    await cluster.create("gptdeployments", NS, cr(replicas=1, autoscaling={
+        "minReplicas": 1, "maxReplicas": 5, "targetInflightRequests": 4}))
+    hpa = await eventually(lambda: cluster.get("horizontalpodautoscalers", NS, "gpt2"), what="HPA")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "gpt2" and hpa["spec"]["maxReplicas"] == 5
+    dep = await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
+    assert "replicas" not in dep["spec"]
+    # Play the HPA: it scales the Deployment to 4.
+    await cluster.patch("deployments", NS, "gpt2", {"spec": {"replicas": 4}})
+    await cluster.patch("horizontalpodautoscalers", NS, "gpt2",
+                        {"status": {"currentReplicas": 1, "desiredReplicas": 4}}, sub="status")
+    before = len(cluster.requests())
+    await operator.resync_passes(3)
+    dep = await cluster.get("deployments", NS, "gpt2")
+    assert dep["spec"]["replicas"] == 4
+    assert [w for w in cluster.writes(before) if "/deployments/" in w] == []
+    st = await eventually(lambda: _desired(cluster, 4), what="desiredReplicas 4")
+    assert st["autoscaling"] == {"currentReplicas": 1, "desiredReplicas": 4}
+
+
+async def _desired(cluster: Cluster, n: int) -> dict[str, Any] | None:
+    st = await status_of(cluster)
+    return st if st.get("desiredReplicas") == n and st.get("autoscaling") else None
+
+
+async def test_scale_subresource_moves_deployment(cluster: Cluster, operator: RunningOperator) -> None:
+    await cluster.create("gptdeployments", NS, cr(replicas=1))
+    await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
+    # `kubectl scale gptd/gpt2 --replicas=3` PATCHes the scale subresource with a Scale body; the emulator
+    # merges that body ({"spec": {"replicas": 3}}) into the object, which is what the real one's mapping does.
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"replicas": 3}}, sub="scale")
+
+    async def scaled() -> bool:
+        d = await cluster.get("deployments", NS, "gpt2")
+        return bool(d) and d["spec"].get("replicas") == 3
+
+    await eventually(scaled, what="Deployment replicas 3")
+    pdb = await eventually(lambda: cluster.get("poddisruptionbudgets", NS, "gpt2"), what="PDB after scale-up")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    st = await status_of(cluster)
+    assert st["selector"] and "replicas" in st

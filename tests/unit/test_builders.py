@@ -152,13 +152,13 @@ def test_literal_secret_env_rejected() -> None:
 def test_gpu_on() -> None:
     d = dep(resources={"gpus": 2, "cpu": "4", "memory": "16Gi"})
     assert container(d)["resources"] == {
-        "requests": {"cpu": "4", "memory": "16Gi"},
+        "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2"},
         "limits": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2"},
     }
     assert d["spec"]["template"]["spec"]["tolerations"] == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     amd = dep(resources={"gpus": 1, "gpuResourceName": "amd.com/gpu"})
-    assert container(amd)["resources"] == {"limits": {"amd.com/gpu": "1"}}
+    assert container(amd)["resources"] == {"requests": {"amd.com/gpu": "1"}, "limits": {"amd.com/gpu": "1"}}
     assert amd["spec"]["template"]["spec"]["tolerations"][0]["key"] == "amd.com/gpu"
 
 
