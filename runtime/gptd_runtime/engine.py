@@ -145,6 +145,10 @@ class GenerationStream:
         try:
             while not self._done:
                 output = await self._queue.get()
+                # Streaming outputs carry all tokens so far: when the consumer lags (many streams on few cores),
+                # skip to the newest one and emit one larger delta instead of many small ones.
+                while not output.is_finished() and not self._queue.empty():
+                    output = self._queue.get_nowait()
                 if output.error is not None:
                     self._done = True
                     raise EngineUnavailableError(f"generation failed: {output.error}")
@@ -199,6 +203,7 @@ class GenerationEngine:
         self.max_batch_seen = 0
         self.forward_passes = 0
         self._streams: dict[str, GenerationStream] = {}
+        self._greedy: set[str] = set()  # request ids with temperature 0
         self._ids = itertools.count()
         self._manager: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -237,7 +242,14 @@ class GenerationEngine:
         # Instrument each forward pass (runs on the manager's thread): batch size, and drop outputs of
         # cancelled requests that arrive after their handler was removed so the shared queue cannot grow.
         def instrumented_step() -> None:
-            size = mgr.batch_processor.inputs_and_outputs.num_request_in_batch
+            bp = mgr.batch_processor
+            ios = bp.inputs_and_outputs
+            size = ios.num_request_in_batch
+            # transformers' sampling mode is engine-wide; when every request in this pass is greedy, take the
+            # argmax path and skip the temperature/top-p processors (sort + softmax + multinomial per step).
+            greedy = all(fs.state.request_id in self._greedy for fs in ios.requests_in_batch)
+            bp.model_runner.do_sample = not greedy
+            bp.logit_processor.do_processing = not greedy
             self.forward_passes += 1
             self.max_batch_seen = max(self.max_batch_seen, size)
             self.metrics.observe_batch(size)
@@ -302,6 +314,8 @@ class GenerationEngine:
         }
         if params.ignore_eos:
             kwargs["eos_token_id"] = -1
+        if params.temperature <= 0:
+            self._greedy.add(request_id)
         accepted = mgr.add_request(
             list(prompt_ids),
             request_id=request_id,
@@ -321,6 +335,7 @@ class GenerationEngine:
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
+        self._greedy.discard(request_id)
         mgr = self._manager
         if mgr is not None:
             with mgr.output_router._lock:
