@@ -56,9 +56,11 @@ def _port() -> int:
 
 
 @contextlib.contextmanager
-def _server(name: str, cmd: list[str], port: int, ready_path: str, log_dir: Path) -> Iterator[str]:
+def _server(
+    name: str, cmd: list[str], port: int, ready_path: str, log_dir: Path, env: dict[str, str]
+) -> Iterator[str]:
     log = open(log_dir / f"{name}.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -151,6 +153,8 @@ def main() -> int:
     p.add_argument("--single-client-requests", type=int, default=16,
                    help="requests for the 1-client level (sequential runs are slow)")
     p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, help="gptd --torch-threads (default: its own CPU-budget rule)")
+    p.add_argument("--peer-threads", type=int, help="OMP_NUM_THREADS for transformers serve (default: unset)")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--json", type=Path, help="also write raw results here")
     args = p.parse_args()
@@ -165,13 +169,15 @@ def main() -> int:
           f"{args.max_tokens} tokens (1 client: {args.single_client_requests} requests)", file=sys.stderr)
 
     gptd_port, tf_port = _port(), _port()
-    servers: list[tuple[str, list[str], int, str]] = [(
+    threads = [] if args.threads is None else ["--torch-threads", str(args.threads)]
+    peer_env = {} if args.peer_threads is None else {"OMP_NUM_THREADS": str(args.peer_threads)}
+    servers: list[tuple[str, list[str], int, str, dict[str, str]]] = [(
         "gptd",
         [sys.executable, "-m", "gptd_runtime", "serve", "--model", str(args.model_dir), "--host", "127.0.0.1",
          "--port", str(gptd_port), "--device", args.device, "--dtype", args.dtype,
          "--max-batch-size", str(args.max_batch_size), "--max-new-tokens", str(max(args.max_tokens, 64)),
-         "--max-queue", "4096", "--log-level", "warning"],
-        gptd_port, "/health/ready",
+         "--max-queue", "4096", "--log-level", "warning", *threads],
+        gptd_port, "/health/ready", {},
     )]
     if not args.skip_transformers:
         exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
@@ -179,14 +185,18 @@ def main() -> int:
             "transformers-serve",
             [exe, "serve", str(args.model_dir), "--device", args.device, "--dtype", args.dtype,
              "--continuous-batching", "--host", "127.0.0.1", "--port", str(tf_port)],
-            tf_port, "/health",
+            tf_port, "/health", peer_env,
         ))
 
     results: list[Result] = []
-    for name, cmd, port, ready in servers:
-        with _server(name, cmd, port, ready, work) as url:
-            for clients in levels:
-                n = args.single_client_requests if clients == 1 else args.requests
+    # Both servers stay up and the load alternates between them level by level, so drift in background load
+    # (shared CI boxes) hits both alike.
+    with contextlib.ExitStack() as stack:
+        urls = {name: stack.enter_context(_server(name, cmd, port, ready, work, env))
+                for name, cmd, port, ready, env in servers}
+        for clients in levels:
+            n = args.single_client_requests if clients == 1 else args.requests
+            for name, url in urls.items():
                 r = asyncio.run(_drive(name, url, clients, n, args.max_tokens))
                 print(f"{name} clients={clients}: {r.tok_s:.0f} tok/s, {r.errors} errors", file=sys.stderr)
                 results.append(r)

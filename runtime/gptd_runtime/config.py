@@ -36,6 +36,7 @@ ENV_VARS: dict[str, str] = {
     "kv_cache_blocks": "GPTD_KV_CACHE_BLOCKS",
     "kv_cache_page_size": "GPTD_KV_CACHE_PAGE_SIZE",
     "max_batch_tokens": "GPTD_MAX_BATCH_TOKENS",
+    "torch_threads": "GPTD_TORCH_THREADS",
     "demo": "GPTD_DEMO",
     "cache_dir": "GPTD_CACHE_DIR",
     "hf_token_file": "GPTD_HF_TOKEN_FILE",
@@ -68,6 +69,9 @@ class Settings(BaseModel):
     )
     kv_cache_page_size: int = Field(64, ge=4, description="tokens per KV cache page")
     max_batch_tokens: int | None = Field(None, ge=1, description="tokens per forward pass (prefill chunking)")
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU intra-op threads; default: the container's CPU budget minus one"
+    )
     demo: bool = False
     cache_dir: Path = Field(
         default_factory=lambda: Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "gptd")
