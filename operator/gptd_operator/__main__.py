@@ -54,7 +54,7 @@ def run(namespaces: list[str] | None, liveness: str | None, verbose: bool) -> No
         kopf.operator(
             standalone=True,  # one operator replica; peering would need extra RBAC and CRDs
             clusterwide=not namespaces,
-            namespaces=namespaces or None,
+            namespaces=namespaces or (),
             liveness_endpoint=liveness or None,
         )
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -130,6 +131,9 @@ class Reconciler:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         # Status we last wrote, by CR uid: fresher than a CR body from an index that lags our own write.
         self._written: dict[str, dict[str, Any]] = {}
+        # Children we just wrote, until their watch event reaches the index (kopf's watch lags our
+        # writes; without this a reconcile triggered meanwhile would POST again and get a 409).
+        self.recent: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.reconciles = 0
         self.resync_passes = 0  # completed passes of the periodic resync (tests and the benchmark wait on it)
 
@@ -199,7 +203,11 @@ class Reconciler:
         else:
             unwanted.append((kube.HPAS, children.hpa))
 
-        if any(children.by_kind(o["kind"], o["metadata"]["name"], name) is None for o in desired):
+        if any(
+            children.by_kind(o["kind"], o["metadata"]["name"], name) is None
+            and (o["kind"], namespace, o["metadata"]["name"]) not in self.recent
+            for o in desired
+        ):
             # About to create: make sure the CR still exists. A child's DELETED event (the garbage
             # collector at work) can arrive before the CR's own DELETED event reaches our index.
             fresh = await self.kube.get(kube.GPTDEPLOYMENTS, namespace, name)
@@ -209,14 +217,17 @@ class Reconciler:
         applied: dict[tuple[str, str], dict[str, Any] | None] = {}
         for obj in desired:
             kind, obj_name = obj["kind"], obj["metadata"]["name"]
-            live = children.by_kind(kind, obj_name, name)
+            live = children.by_kind(kind, obj_name, name) or self.recent.get((kind, namespace, obj_name))
             action, result = await self.kube.apply(obj, live)
             applied[(kind, obj_name)] = result
+            if action != "unchanged" and result is not None:
+                self.recent[(kind, namespace, obj_name)] = result
             if action != "unchanged":
                 kopf.event(body, type="Normal", reason=f"{kind}{action.capitalize()}", message=f"{kind} {obj_name}")
         for res, live in unwanted:
             if live is not None:
                 await self.kube.delete(res, namespace, live["metadata"]["name"])
+                self.recent.pop((live.get("kind", ""), namespace, live["metadata"]["name"]), None)
                 kopf.event(body, type="Normal", reason="Deleted", message=f"{res.plural} {live['metadata']['name']}")
         if plan.annotations_to_clear:
             present = [a for a in plan.annotations_to_clear if a in annotations]
@@ -380,8 +391,10 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
 
         @kopf.on.event(group_version, plural_, id=f"{index_id}_event", labels=MANAGED, registry=registry)
         async def child_event(
-            type: str | None, namespace: str, labels: kopf.Labels, **kwargs: Any
+            type: str | None, namespace: str, name: str, labels: kopf.Labels, body: kopf.Body, **kwargs: Any
         ) -> None:
+            # From now on the index is authoritative for this object.
+            rec().recent.pop((body.get("kind", ""), namespace, name), None)
             if type is None:
                 return  # the initial listing: the CR's resume handler covers it
             await _reconcile_owner(_owner_key(namespace, labels), remember(kwargs))
@@ -435,13 +448,16 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
             if crs is None:
                 rec().resync_passes += 1
                 continue
-            for key in list(crs):
+            started = time.monotonic()
+            keys = list(crs)
+            for key in keys:
                 for body in list(crs.get(key, [])):
                     try:
                         await rec().reconcile(body, indices)
                     except Exception:  # one broken CR must not stop the resync of the others
                         log.exception("resync of %s/%s failed", *key)
             rec().resync_passes += 1
+            log.info("resync pass done: %d GPTDeployments in %.2f s", len(keys), time.monotonic() - started)
 
     @kopf.on.startup(registry=registry, id="gptd_start_resync")
     async def start_resync(**_: Any) -> None:
