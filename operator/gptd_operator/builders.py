@@ -100,6 +100,17 @@ def check_spec(spec: GPTDeploymentSpec, settings: Settings) -> None:
             "spec.autoscaling.minReplicas",
             "0 needs a scale-to-zero provider configured on the operator (GPTD_SCALE_TO_ZERO_PROVIDER=keda)",
         )
+    if spec.autoscaling is not None and spec.autoscaling.minReplicas == 0:
+        if not spec.autoscaling.targetInflightRequests:
+            raise InvalidSpec(
+                "spec.autoscaling.targetInflightRequests",
+                "must be set when minReplicas is 0 (CPU alone can't wake a Deployment from zero)",
+            )
+        if not settings.prometheus_url:
+            raise InvalidSpec(
+                "spec.autoscaling.minReplicas",
+                "0 needs GPTD_PROMETHEUS_URL on the operator (the KEDA ScaledObject queries it)",
+            )
     if spec.autoscaling is not None and spec.autoscaling.targetCPUUtilization and not spec.resources.cpu:
         raise InvalidSpec(
             "spec.resources.cpu",
@@ -426,6 +437,60 @@ def build_pdb(name: str, namespace: str, uid: str, spec: GPTDeploymentSpec) -> d
             "maxUnavailable": 1,
             "selector": {"matchLabels": selector_labels(name)},
             "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def wants_scaled_object(spec: GPTDeploymentSpec, settings: Settings) -> bool:
+    """An HPA can't scale to zero: with minReplicas 0 a KEDA ScaledObject replaces it."""
+    return (
+        spec.autoscaling is not None
+        and spec.autoscaling.minReplicas == 0
+        and settings.scale_to_zero_provider == "keda"
+    )
+
+
+def wants_hpa(spec: GPTDeploymentSpec, settings: Settings) -> bool:
+    return spec.autoscaling is not None and not wants_scaled_object(spec, settings)
+
+
+def inflight_query(name: str, namespace: str) -> str:
+    # Running + waiting, so queued requests count; `pod` is the label kubernetes service discovery sets.
+    sel = f'namespace="{namespace}",pod=~"{name}-.*"'
+    running = f"sum(gptd:num_requests_running{{{sel}}} or vector(0))"
+    return f"{running} + sum(gptd:num_requests_waiting{{{sel}}} or vector(0))"
+
+
+def build_scaled_object(
+    name: str, namespace: str, uid: str, spec: GPTDeploymentSpec, settings: Settings
+) -> dict[str, Any]:
+    """KEDA ScaledObject for minReplicas 0 (KEDA then owns an HPA of its own for 1..max)."""
+    auto = spec.autoscaling
+    if auto is None or not auto.targetInflightRequests:
+        raise ValueError("build_scaled_object needs spec.autoscaling.targetInflightRequests")
+    triggers: list[dict[str, Any]] = [
+        {
+            "type": "prometheus",
+            "metadata": {
+                "serverAddress": settings.prometheus_url or "",
+                "query": inflight_query(name, namespace),
+                "threshold": str(auto.targetInflightRequests),
+                "activationThreshold": "0",
+            },
+        }
+    ]
+    if auto.targetCPUUtilization is not None:
+        triggers.append({"type": "cpu", "metricType": "Utilization",
+                         "metadata": {"value": str(auto.targetCPUUtilization)}})
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": _metadata(name, namespace, uid, name),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicaCount": 0,
+            "maxReplicaCount": auto.maxReplicas,
+            "triggers": triggers,
         },
     }
 

@@ -198,13 +198,22 @@ class Reconciler:
             desired.append(builders.build_pdb(name, namespace, uid, spec))
         else:
             unwanted.append((kube.PDBS, children.pdb))
-        if spec.autoscaling is not None:
+        if builders.wants_hpa(spec, self.settings):
             desired.append(builders.build_hpa(name, namespace, uid, spec))
         else:
             unwanted.append((kube.HPAS, children.hpa))
+        scaled_object = None
+        if self.settings.scale_to_zero_provider == "keda":
+            # Not watched (the KEDA CRD may be absent): read live, only where scale-to-zero is configured.
+            scaled_object = await self.kube.get(kube.SCALEDOBJECTS, namespace, name)
+            if builders.wants_scaled_object(spec, self.settings):
+                desired.append(builders.build_scaled_object(name, namespace, uid, spec, self.settings))
+            else:
+                unwanted.append((kube.SCALEDOBJECTS, scaled_object))
 
         if any(
-            children.by_kind(o["kind"], o["metadata"]["name"], name) is None
+            (scaled_object if o["kind"] == "ScaledObject" else children.by_kind(o["kind"], o["metadata"]["name"], name))
+            is None
             and (o["kind"], namespace, o["metadata"]["name"]) not in self.recent
             for o in desired
         ):
@@ -217,7 +226,9 @@ class Reconciler:
         applied: dict[tuple[str, str], dict[str, Any] | None] = {}
         for obj in desired:
             kind, obj_name = obj["kind"], obj["metadata"]["name"]
-            live = children.by_kind(kind, obj_name, name) or self.recent.get((kind, namespace, obj_name))
+            live = (
+                scaled_object if kind == "ScaledObject" else children.by_kind(kind, obj_name, name)
+            ) or self.recent.get((kind, namespace, obj_name))
             action, result = await self.kube.apply(obj, live)
             applied[(kind, obj_name)] = result
             if action != "unchanged" and result is not None:

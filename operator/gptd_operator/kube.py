@@ -47,7 +47,9 @@ PDBS = Resource("policy/v1", "poddisruptionbudgets")
 HPAS = Resource("autoscaling/v2", "horizontalpodautoscalers")
 PODS = Resource("v1", "pods")
 SECRETS = Resource("v1", "secrets")
+SCALEDOBJECTS = Resource("keda.sh/v1alpha1", "scaledobjects")
 BY_KIND = {
+    "ScaledObject": SCALEDOBJECTS,
     "Deployment": DEPLOYMENTS,
     "Service": SERVICES,
     "PodDisruptionBudget": PDBS,

@@ -17,6 +17,8 @@ class Settings:
     namespaces: tuple[str, ...] = ()
     # Set when the cluster has a scale-to-zero provider; only then is autoscaling.minReplicas 0 accepted.
     scale_to_zero_provider: str | None = None
+    # Prometheus the KEDA ScaledObjects query (scale to zero); e.g. http://prometheus.monitoring:9090
+    prometheus_url: str | None = None
     # Image with the AWS CLI for s3:// models; unset means s3:// URIs are rejected as InvalidSpec.
     s3_init_image: str | None = None
     # Periodic re-check of every GPTDeployment (restores hand-edited children, re-checks Secrets).
@@ -36,6 +38,7 @@ class Settings:
             namespaces=namespaces,
             scale_to_zero_provider=provider,
             s3_init_image=env.get("GPTD_S3_INIT_IMAGE", "").strip() or None,
+            prometheus_url=env.get("GPTD_PROMETHEUS_URL", "").strip() or None,
             resync_seconds=float(env.get("GPTD_RESYNC_SECONDS", "30")),
             prestop_sleep_seconds=int(env.get("GPTD_PRESTOP_SLEEP_SECONDS", "5")),
         )

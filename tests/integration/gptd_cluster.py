@@ -25,6 +25,7 @@ RESOURCES = {
     "v1/namespaces": ("Namespace", False, set()),
     "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True, {"status"}),
     "autoscaling/v2/horizontalpodautoscalers": ("HorizontalPodAutoscaler", True, {"status"}),
+    "keda.sh/v1alpha1/scaledobjects": ("ScaledObject", True, {"status"}),
     "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, set()),
 }
 PATHS = {
@@ -35,6 +36,7 @@ PATHS = {
     "secrets": "/api/v1/namespaces/{ns}/secrets",
     "poddisruptionbudgets": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
     "horizontalpodautoscalers": "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
+    "scaledobjects": "/apis/keda.sh/v1alpha1/namespaces/{ns}/scaledobjects",
 }
 WRITE_METHODS = {"POST", "PATCH", "PUT"}
 

@@ -264,7 +264,7 @@ def test_check_spec_scale_to_zero_and_cpu_target() -> None:
     with pytest.raises(InvalidSpec) as err:
         b.check_spec(zero, S)
     assert err.value.field == "spec.autoscaling.minReplicas"
-    b.check_spec(zero, Settings(scale_to_zero_provider="keda"))
+    b.check_spec(zero, Settings(scale_to_zero_provider="keda", prometheus_url="http://prom:9090"))
     with pytest.raises(InvalidSpec) as err:
         b.check_spec(spec(autoscaling={"maxReplicas": 3, "targetCPUUtilization": 70}), S)
     assert err.value.field == "spec.resources.cpu"
@@ -330,3 +330,30 @@ def test_deployment_validates_against_kubernetes_schema() -> None:
     for obj in (b.build_deployment("gpt2", "ns1", UID, full, S), b.build_service("gpt2", "ns1", UID, full),
                 b.build_pdb("gpt2", "ns1", UID, full), b.build_hpa("gpt2", "ns1", UID, full)):
         kv.validate(strip_none(obj), "1.31", strict=True)
+
+
+def test_scale_to_zero_uses_a_keda_scaled_object() -> None:
+    zero = spec(autoscaling={"minReplicas": 0, "maxReplicas": 3, "targetInflightRequests": 4})
+    keda = Settings(scale_to_zero_provider="keda", prometheus_url="http://prom:9090")
+    b.check_spec(zero, keda)
+    assert not b.wants_hpa(zero, keda) and b.wants_scaled_object(zero, keda)
+    assert "replicas" not in b.build_deployment("m", "ns", UID, zero, keda)["spec"]
+    so = b.build_scaled_object("m", "ns", UID, zero, keda)
+    assert so["apiVersion"] == "keda.sh/v1alpha1" and so["kind"] == "ScaledObject"
+    assert so["spec"]["scaleTargetRef"]["name"] == "m"
+    assert (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"]) == (0, 3)
+    (trigger,) = so["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metadata"]["serverAddress"] == "http://prom:9090"
+    assert trigger["metadata"]["threshold"] == "4"
+    assert 'gptd:num_requests_running{namespace="ns",pod=~"m-.*"}' in trigger["metadata"]["query"]
+    assert so["metadata"]["ownerReferences"][0]["uid"] == UID
+    # minReplicas >= 1 keeps the plain HPA even with KEDA configured.
+    assert b.wants_hpa(spec(autoscaling={"maxReplicas": 3, "targetInflightRequests": 4}), keda)
+    assert not b.wants_hpa(spec(), S) and not b.wants_scaled_object(spec(), keda)
+    with pytest.raises(InvalidSpec) as err:
+        b.check_spec(zero, Settings(scale_to_zero_provider="keda"))
+    assert err.value.field == "spec.autoscaling.minReplicas" and "GPTD_PROMETHEUS_URL" in err.value.message
+    with pytest.raises(InvalidSpec) as err:
+        b.check_spec(spec(resources={"cpu": "1"}, autoscaling={"minReplicas": 0, "maxReplicas": 3,
+                                                               "targetCPUUtilization": 50}), keda)
+    assert err.value.field == "spec.autoscaling.targetInflightRequests"
