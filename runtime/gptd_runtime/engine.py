@@ -266,8 +266,15 @@ class GenerationEngine:
     async def warmup(self) -> None:
         """A real generation through the whole path; readiness waits for it."""
         ids = self.tokenizer("warm up").input_ids or [self.tokenizer.eos_token_id or 0]
-        stream = self.submit(ids, SamplingParams(max_tokens=4, temperature=0.0), check_capacity=False)
-        await stream.collect()
+        # A full-width batch, then a sampled request: the first pass at a new batch shape is several times
+        # slower on CPU (allocator growth), and that cost belongs before readiness, not in a user's request.
+        width = min(self.settings.max_batch_size, 64)
+        greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        streams = [self.submit(ids, greedy, check_capacity=False) for _ in range(width)]
+        await asyncio.gather(*(s.collect() for s in streams))
+        sampled = SamplingParams(max_tokens=2, temperature=1.0, ignore_eos=True)
+        await self.submit(ids, sampled, check_capacity=False).collect()
+        self.max_batch_seen = 0  # stats describe real traffic only
 
     def stop(self, timeout: float = 5.0) -> None:
         if self._manager is not None and self._manager.is_running():
