@@ -118,3 +118,13 @@ def test_sample_cr_matches_schema_defaults() -> None:
     assert spec["runtime"]["properties"]["maxBatchSize"]["default"] == parsed.runtime.maxBatchSize
     assert spec["rollout"]["properties"]["maxSurge"]["default"] == parsed.rollout.maxSurge
     assert spec["service"]["properties"]["port"]["default"] == parsed.service.port
+
+
+def test_cli_parser() -> None:
+    from gptd_operator.__main__ import _parser
+
+    args = _parser().parse_args(["run", "--namespace", "a", "-n", "b", "--liveness", "", "--verbose"])
+    assert (args.command, args.namespace, args.liveness, args.verbose) == ("run", ["a", "b"], "", True)
+    default = _parser().parse_args([])
+    assert default.command is None and default.namespace is None
+    assert default.liveness == "http://0.0.0.0:8080/healthz"

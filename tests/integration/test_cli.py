@@ -1,0 +1,34 @@
+"""`python -m gptd_operator` as deployed: a separate process configured only by a kubeconfig and env."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from gptd_cluster import Cluster, eventually
+from test_operator import NS, cr
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def test_cli_runs_the_operator(cluster: Cluster, kubeconfig: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "GPTD_RUNTIME_IMAGE": "example.org/runtime:test"}
+    log = (tmp_path / "operator.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptd_operator", "--namespace", NS, "--liveness", ""],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        await cluster.create("gptdeployments", NS, cr())
+        dep = await eventually(lambda: cluster.get("deployments", NS, "gpt2"), timeout=45, what="Deployment")
+        assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "example.org/runtime:test"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 30)
+        log.close()
+    assert code == 0, (tmp_path / "operator.log").read_text()[-3000:]
