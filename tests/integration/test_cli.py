@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from gptd_cluster import Cluster, eventually
-from test_operator import NS, cr
+from test_reconcile import NS, cr
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from gptd_cluster import Cluster, RunningOperator, eventually
 from gptd_operator.settings import Settings
-from test_operator import NS, cr
+from test_reconcile import NS, cr
 
 pytestmark = pytest.mark.timeout(60)
 
