@@ -136,6 +136,24 @@ async def _drive(name: str, url: str, clients: int, requests: int, max_tokens: i
     return Result(name, clients, requests, tokens, wall, latencies, ttfts, errors)
 
 
+def _merge(results: list[Result]) -> list[Result]:
+    """Pool the rounds of each (server, clients): tokens/s = all tokens / all timed wall time."""
+    merged: dict[tuple[str, int], Result] = {}
+    for r in results:
+        m = merged.get((r.server, r.clients))
+        if m is None:
+            merged[(r.server, r.clients)] = Result(r.server, r.clients, r.requests, r.tokens, r.wall,
+                                                   list(r.latencies), list(r.ttfts), r.errors)
+        else:
+            m.requests += r.requests
+            m.tokens += r.tokens
+            m.wall += r.wall
+            m.latencies += r.latencies
+            m.ttfts += r.ttfts
+            m.errors += r.errors
+    return list(merged.values())
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -152,7 +170,9 @@ def main() -> int:
     p.add_argument("--clients", default="1,32", help="comma-separated concurrency levels")
     p.add_argument("--single-client-requests", type=int, default=16,
                    help="requests for the 1-client level (sequential runs are slow)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the alternating runs and pool them")
     p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--gptd-args", default="", help="extra flags for the gptd server (e.g. '--kv-cache-blocks 64')")
     p.add_argument("--threads", type=int, help="gptd --torch-threads (default: its own CPU-budget rule)")
     p.add_argument("--peer-threads", type=int, help="OMP_NUM_THREADS for transformers serve (default: unset)")
     p.add_argument("--skip-transformers", action="store_true")
@@ -176,7 +196,7 @@ def main() -> int:
         [sys.executable, "-m", "gptd_runtime", "serve", "--model", str(args.model_dir), "--host", "127.0.0.1",
          "--port", str(gptd_port), "--device", args.device, "--dtype", args.dtype,
          "--max-batch-size", str(args.max_batch_size), "--max-new-tokens", str(max(args.max_tokens, 64)),
-         "--max-queue", "4096", "--log-level", "warning", *threads],
+         "--max-queue", "4096", "--log-level", "warning", *threads, *args.gptd_args.split()],
         gptd_port, "/health/ready", {},
     )]
     if not args.skip_transformers:
@@ -194,12 +214,15 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         urls = {name: stack.enter_context(_server(name, cmd, port, ready, work, env))
                 for name, cmd, port, ready, env in servers}
-        for clients in levels:
-            n = args.single_client_requests if clients == 1 else args.requests
-            for name, url in urls.items():
-                r = asyncio.run(_drive(name, url, clients, n, args.max_tokens))
-                print(f"{name} clients={clients}: {r.tok_s:.0f} tok/s, {r.errors} errors", file=sys.stderr)
-                results.append(r)
+        for round_ in range(args.rounds):
+            for clients in levels:
+                n = args.single_client_requests if clients == 1 else args.requests
+                for name, url in urls.items():
+                    r = asyncio.run(_drive(name, url, clients, n, args.max_tokens))
+                    print(f"round {round_ + 1} {name} clients={clients}: {r.tok_s:.0f} tok/s, {r.errors} errors",
+                          file=sys.stderr)
+                    results.append(r)
+    results = _merge(results)
 
     print("\n| server | clients | requests | gen tokens | tokens/s | p50 latency s | p95 latency s "
           "| p50 TTFT s | p95 TTFT s | errors |")
