@@ -226,9 +226,10 @@ class Reconciler:
         applied: dict[tuple[str, str], dict[str, Any] | None] = {}
         for obj in desired:
             kind, obj_name = obj["kind"], obj["metadata"]["name"]
-            live = (
+            # What we wrote last wins over the index until the watch event for it arrives (then popped).
+            live = self.recent.get((kind, namespace, obj_name)) or (
                 scaled_object if kind == "ScaledObject" else children.by_kind(kind, obj_name, name)
-            ) or self.recent.get((kind, namespace, obj_name))
+            )
             action, result = await self.kube.apply(obj, live)
             applied[(kind, obj_name)] = result
             if action != "unchanged" and result is not None:
@@ -350,6 +351,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
         indices = {k: kwargs[k] for k in (*CHILD_INDICES.values(), "gptd_pods", "gptd_crs") if k in kwargs}
         state_indices.setdefault("i", indices)
         return indices
+
+    # Handlers are async on purpose: kopf runs sync handlers in a thread pool, a hop per watch event.
     if reconciler is not None:
         state["r"] = reconciler
 
@@ -391,12 +394,12 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
     # --- indices: the cluster as the watch streams show it, keyed by (namespace, CR name)
 
     @kopf.index(group, version, plural, id="gptd_crs", registry=registry)
-    def index_crs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any]:
+    async def index_crs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any]:
         return {(namespace, name): _plain(body)}
 
     def child_indexer(index_id: str, group_version: str, plural_: str, keep: tuple[str, ...]) -> None:
         @kopf.index(group_version, plural_, id=index_id, labels=MANAGED, registry=registry)
-        def index_child(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+        async def index_child(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
             key = _owner_key(namespace, labels)
             return {key: _summary(body, keep)} if key else None
 
@@ -419,7 +422,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
     child_indexer("gptd_hpas", "autoscaling/v2", "horizontalpodautoscalers", ("currentReplicas", "desiredReplicas"))
 
     @kopf.index("v1", "pods", id="gptd_pods", labels=RUNTIME_PODS, registry=registry)
-    def index_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    async def index_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
         key = _owner_key(namespace, labels)
         if not key:
             return None
@@ -475,7 +478,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
         state_tasks["resync"] = asyncio.create_task(resync_loop(), name="gptd-resync")
 
     @kopf.on.event(group, version, plural, id="gptd_forget", registry=registry)
-    def forget(type: str | None, namespace: str, name: str, uid: str | None, **_: Any) -> None:
+    async def forget(type: str | None, namespace: str, name: str, uid: str | None, **_: Any) -> None:
         if type == "DELETED":
             rec().forget(namespace, name, uid)
 
