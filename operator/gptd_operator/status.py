@@ -249,16 +249,22 @@ def compute_status(
         and ready >= desired
         and existing == desired  # old-revision pods are gone
     )
+    previous_current = previous.get("currentRevision")
     if s_obs is None:
         progressing = ("Creating", "creating the Deployment")
-    elif stable_revision != desired_revision or c_obs is not None:
+    elif (
+        stable_revision != desired_revision
+        or c_obs is not None
+        or (previous_current is not None and previous_current != desired_revision)
+    ):
+        # The last fully rolled-out revision is not the desired one: a rollout, whatever the counts say.
         progressing = ("RollingOut", f"rolling out revision {desired_revision}")
     elif existing != desired or ready < desired or updated < s_obs.spec_replicas or not up_to_date:
         progressing = ("Scaling", f"{ready}/{desired} replicas ready")
     else:
         progressing = None
 
-    current = previous.get("currentRevision")
+    current = previous_current
     last_good = previous.get("lastGoodRevision")
     if is_ready:
         current = last_good = stable_revision

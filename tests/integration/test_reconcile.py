@@ -36,8 +36,11 @@ def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
 
 
 async def ready_deployment(cluster: Cluster, name: str = "gpt2", replicas: int = 1) -> None:
-    """Play the Deployment controller: all replicas exist, are updated and ready."""
+    """Play the Deployment controller: it saw the latest spec; all replicas exist, are updated and ready."""
+    dep = await cluster.get("deployments", NS, name)
+    assert dep is not None
     await cluster.patch("deployments", NS, name, {"status": {
+        "observedGeneration": dep["metadata"]["generation"],
         "replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas,
         "availableReplicas": replicas,
     }}, sub="status")
@@ -92,6 +95,8 @@ async def test_revision_change_updates_deployment(cluster: Cluster, operator: Ru
     await cluster.create("gptdeployments", NS, cr())
     dep = await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
     old = dep["spec"]["template"]["metadata"]["labels"]["gptd.io/revision"]
+    await ready_deployment(cluster, replicas=1)
+    await eventually(lambda: _phase(cluster, "gpt2", "Ready"), what="Ready")
     await cluster.patch("gptdeployments", NS, "gpt2", {"metadata": {"generation": 2},
                                                        "spec": {"model": {"revision": "v2"}}})
 
@@ -101,6 +106,16 @@ async def test_revision_change_updates_deployment(cluster: Cluster, operator: Ru
         return d if labels.get("gptd.io/revision") not in (None, old) else None
 
     dep = await eventually(new_revision, what="new revision label")
+    # Play the Deployment controller mid-rollout: the new pod is not updated/ready yet.
+    await cluster.patch("deployments", NS, "gpt2", {"status": {"updatedReplicas": 0, "replicas": 2}}, sub="status")
+
+    async def rolling_out() -> dict[str, Any] | None:
+        st = await status_of(cluster)
+        return st if condition(st, "Progressing").get("reason") == "RollingOut" else None
+
+    st = await eventually(rolling_out, what="Progressing RollingOut")
+    assert st["currentRevision"] == old and st["updateRevision"] != old
+    assert condition(st, "Ready")["status"] == "False"
     env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["GPTD_REVISION"] == "v2"
     assert dep["metadata"]["annotations"]["gptd.io/revision"] == dep["spec"]["template"]["metadata"]["labels"][
@@ -122,6 +137,18 @@ async def test_deleted_and_edited_children_are_restored(cluster: Cluster, operat
         return bool(svc) and svc["spec"]["selector"] == builders.selector_labels("gpt2")
 
     await eventually(selector_back, what="Service selector restored")
+    # A hand edit inside the pod template (a list we own) is reverted as well.
+    dep = await cluster.get("deployments", NS, "gpt2")
+    containers = dep["spec"]["template"]["spec"]["containers"]
+    image = containers[0]["image"]
+    await cluster.patch("deployments", NS, "gpt2", {"spec": {"template": {"spec": {
+        "containers": [{**containers[0], "image": "evil:latest"}]}}}})
+
+    async def image_back() -> bool:
+        d = await cluster.get("deployments", NS, "gpt2")
+        return bool(d) and d["spec"]["template"]["spec"]["containers"][0]["image"] == image
+
+    await eventually(image_back, what="container image restored")
 
 
 async def test_noop_resync_makes_zero_writes(cluster: Cluster, operator: RunningOperator) -> None:

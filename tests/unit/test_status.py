@@ -166,3 +166,12 @@ def test_observe_deployment_reads_template_annotation() -> None:
     assert obs.template == TEMPLATE and obs.revision == REV
     assert (obs.spec_replicas, obs.ready_replicas, obs.updated_replicas) == (2, 1, 2)
     assert st.observe_deployment(None) is None
+
+
+def test_new_revision_is_rolling_out_until_ready() -> None:
+    # The Deployment already runs the new template (patched) but pods are not there yet.
+    s = compute(deployment(ready=2, updated=1, existing=3), previous={"currentRevision": "oldrev0000"})
+    assert cond(s, "Progressing")["reason"] == "RollingOut" and s["phase"] == "Progressing"
+    assert s["currentRevision"] == "oldrev0000" and s["updateRevision"] == REV
+    done = compute(deployment(ready=2, updated=2), previous=s)
+    assert done["phase"] == "Ready" and done["currentRevision"] == REV
