@@ -81,7 +81,8 @@ async def _startup(state: RuntimeState, engine: Any | None) -> None:
         if engine is None:
             engine = await asyncio.to_thread(build_engine, state.settings, state.metrics)
         state.engine = engine
-        state.phase = Phase.WARMING_UP
+        if state.phase is Phase.LOADING:  # not if a SIGTERM already started the drain
+            state.phase = Phase.WARMING_UP
         # Readiness means "a real generation went through", not merely "weights are in memory".
         await asyncio.wait_for(engine.warmup(), WARMUP_TIMEOUT_SECONDS)
         if state.phase is Phase.WARMING_UP:  # a SIGTERM during warm-up wins

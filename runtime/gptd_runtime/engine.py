@@ -151,6 +151,7 @@ class GenerationStream:
                     output = self._queue.get_nowait()
                 if output.error is not None:
                     self._done = True
+                    self.engine._forget(self.request_id)
                     raise EngineUnavailableError(f"generation failed: {output.error}")
                 self._consume_tokens(output.generated_tokens)
                 finished = output.is_finished()

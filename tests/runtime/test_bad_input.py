@@ -127,3 +127,41 @@ async def test_api_key(app_factory: Any, tmp_path: Path, caplog: pytest.LogCaptu
         assert (await client.get("/metrics")).status_code == 200
         assert secret not in missing.text + wrong.text
     assert secret not in caplog.text
+
+
+async def test_non_streaming_disconnect_cancels(app_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raw ASGI call whose client 'disconnects' while a long non-streamed generation runs."""
+    import json
+
+    from gptd_runtime.api import openai as openai_routes
+    from runtime_testlib import metric
+
+    monkeypatch.setattr(openai_routes, "_DISCONNECT_POLL_SECONDS", 0.02)
+    async with app_factory(max_new_tokens=1000) as (client, app):
+        engine = app.state.runtime.engine
+        body = json.dumps({"prompt": "bye", "max_tokens": 1000, "ignore_eos": True}).encode()
+        gone = asyncio.Event()
+        delivered = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                 "root_path": "", "client": ("test", 1), "server": ("test", 80), "state": {},
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        call = asyncio.create_task(app(scope, receive, send))
+        await wait_until(lambda: engine.num_running() == 1)
+        gone.set()
+        await wait_until(lambda: engine.num_inflight() == 0 and engine.num_running() == 0, timeout=10)
+        await call
+        text = (await client.get("/metrics")).text
+        assert metric(text, "gptd:request_aborted_total") == 1
