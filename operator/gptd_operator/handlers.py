@@ -363,7 +363,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
 
     group, version, plural = api.GROUP, api.VERSION, api.PLURAL
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(id="configure_kopf", registry=registry)
     def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
         # Handler progress and the diff base live in annotations under our own prefix.
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="gptd.io")
@@ -378,11 +378,11 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
         settings.watching.server_timeout = 300
         settings.execution.max_workers = 4
 
-    @kopf.on.login(registry=registry)
+    @kopf.on.login(id="login", registry=registry)
     def login(**_: Any) -> Any:
         return kube.connection_info(kube.get_config())
 
-    @kopf.on.cleanup(registry=registry)
+    @kopf.on.cleanup(id="close_client", registry=registry)
     async def close_client(**_: Any) -> None:
         task = state_tasks.pop("resync", None)
         if task is not None:
@@ -445,9 +445,10 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
 
     # --- the CR itself
 
-    @kopf.on.resume(group, version, plural, backoff=10, registry=registry)
-    @kopf.on.create(group, version, plural, backoff=10, registry=registry)
-    @kopf.on.update(group, version, plural, backoff=10, registry=registry)
+    # Explicit ids: kopf keeps handler progress in annotations named after them (gptd.io/reconcile).
+    @kopf.on.resume(group, version, plural, id="reconcile", backoff=10, registry=registry)
+    @kopf.on.create(group, version, plural, id="reconcile", backoff=10, registry=registry)
+    @kopf.on.update(group, version, plural, id="reconcile", backoff=10, registry=registry)
     async def reconcile_cr(body: kopf.Body, **kwargs: Any) -> None:
         await rec().reconcile(_plain(body), remember(kwargs))
 

@@ -7,6 +7,7 @@ it through the API, and says so.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -258,6 +259,10 @@ async def test_delete_leaves_nothing_behind(cluster: Cluster, operator: RunningO
         assert refs == [builders.owner_reference("gpt2", "uid-gpt2")], plural
     gptd = await cluster.get("gptdeployments", NS, "gpt2")
     assert not gptd["metadata"].get("finalizers"), "no finalizer: deletion never waits for the operator"
+    # kopf's bookkeeping lives under our prefix, with valid annotation keys.
+    kopf_keys = [k for k in gptd["metadata"].get("annotations", {}) if k.startswith("gptd.io/")]
+    assert "gptd.io/last-handled-configuration" in kopf_keys
+    assert all(re.fullmatch(r"gptd\.io/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", k) for k in kopf_keys), kopf_keys
     await cluster.delete("gptdeployments", NS, "gpt2")
     # Play the garbage collector (the emulator has none): delete what the CR's uid owns.
     for plural in ("deployments", "services", "poddisruptionbudgets", "horizontalpodautoscalers"):
