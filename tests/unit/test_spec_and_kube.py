@@ -108,3 +108,16 @@ def test_load_config_from_kubeconfig(tmp_path: Any) -> None:
     assert cfg.auth_header() == "Bearer abc"
     info = kube.connection_info(cfg)
     assert (info.server, info.scheme, info.token) == ("http://127.0.0.1:1234", "Bearer", "abc")
+
+
+def test_docs_example_is_valid() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "operator.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    obj = yaml.safe_load(block)
+    assert obj["kind"] == "GPTDeployment"
+    spec = parse_spec(obj["spec"])
+    assert spec.autoscaling is not None and spec.model.hfTokenSecretRef is not None
