@@ -76,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"gptd-runtime: error: {e}", file=sys.stderr)
         return 2
+    if not settings.model and not settings.demo:
+        print("gptd-runtime: error: no model given: pass --model PATH_OR_URI (or GPTD_MODEL), or --demo",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from .app import run_server
