@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
-from . import api, builders, kube
+from . import api, builders, kube, rollout
 from . import status as st
 from .api import GPTDeploymentSpec, InvalidSpec
 from .rollout import DeploymentPlan, Observations, Plan
@@ -57,9 +57,9 @@ def steady_state_plan(spec: GPTDeploymentSpec, status: Mapping[str, Any], obs: O
 
 
 def make_plan(spec: GPTDeploymentSpec, status: Mapping[str, Any], obs: Observations) -> Plan:
-    """THE one place a plan is made. When rollout.decide is implemented this body becomes
-    ``return rollout.decide(spec, dict(status), obs)`` (plus ``from . import rollout``)."""
-    return steady_state_plan(spec, status, obs)
+    """THE one place a plan is made: the rollout state machine. ``steady_state_plan`` is the
+    rollout-free fallback it replaced (kept for tests and as the reference for "no rollout logic")."""
+    return rollout.decide(spec, dict(status), obs)
 
 
 # -------------------------------------------------------------------------------------- snapshot
@@ -135,6 +135,9 @@ class Reconciler:
         # writes; without this a reconcile triggered meanwhile would POST again and get a 409).
         self.recent: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.reconciles = 0
+        # Set by register(): schedules one more reconcile of (namespace, name) after N seconds, for the
+        # rollout's pauses and deadlines that no watch event would announce.
+        self.requeue: Callable[[str, str, float], None] | None = None
         self.resync_passes = 0  # completed passes of the periodic resync (tests and the benchmark wait on it)
 
     def forget(self, namespace: str, name: str, uid: str | None) -> None:
@@ -177,9 +180,10 @@ class Reconciler:
             now=now,
             desired_template=template,
             desired_revision=revision,
-            stable=st.observe_deployment(children.stable),
-            canary=st.observe_deployment(children.canary),
-            pods=tuple(st.observe_pod(p) for p in children.pods),
+            # rollout's own observation helpers: its decisions are tested against exactly these.
+            stable=rollout.observe_deployment(children.stable) if children.stable else None,
+            canary=rollout.observe_deployment(children.canary) if children.canary else None,
+            pods=tuple(rollout.observe_pod(p) for p in children.pods),
             promote=annotations.get(ANN_PROMOTE) == "true",
             abort=annotations.get(ANN_ABORT) == "true",
         )
@@ -261,7 +265,9 @@ class Reconciler:
             previous=previous,
             now=now,
         )
-        # The rollout plan has the last word on its own fields and conditions.
+        # The rollout plan owns its status fields (revisions, rollout) and has the last word on conditions.
+        for key in rollout.STATUS_KEYS:
+            new.pop(key, None)
         new.update(plan.status)
         if plan.conditions:
             new["conditions"] = st.merge_conditions(
@@ -285,6 +291,8 @@ class Reconciler:
                 kopf.event(body, type=etype, reason=new_phase or "Unknown", message=msg)
         for ev in plan.events:
             kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
+        if plan.requeue_after is not None and self.requeue is not None:
+            self.requeue(namespace, name, plan.requeue_after)
 
     def _deployment(
         self, name: str, namespace: str, uid: str, spec: GPTDeploymentSpec, plan: DeploymentPlan, track: str
@@ -384,10 +392,13 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
 
     @kopf.on.cleanup(id="close_client", registry=registry)
     async def close_client(**_: Any) -> None:
-        task = state_tasks.pop("resync", None)
-        if task is not None:
+        for handle in timers.values():
+            handle.cancel()
+        tasks = list(state_tasks.values())
+        state_tasks.clear()
+        for task in tasks:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if "r" in state:
             await state["r"].kube.close()
 
@@ -451,6 +462,29 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
     @kopf.on.update(group, version, plural, id="reconcile", backoff=10, registry=registry)
     async def reconcile_cr(body: kopf.Body, **kwargs: Any) -> None:
         await rec().reconcile(_plain(body), remember(kwargs))
+
+    timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+
+    def requeue(namespace: str, name: str, delay: float) -> None:
+        # One pending wake-up per CR; the earliest wins (a later reconcile may ask again).
+        loop = asyncio.get_running_loop()
+        key = (namespace, name)
+        due = loop.time() + delay
+        old = timers.get(key)
+        if old is not None and not old.cancelled() and old.when() <= due:
+            return
+        if old is not None:
+            old.cancel()
+
+        def fire() -> None:
+            timers.pop(key, None)
+            task = loop.create_task(_reconcile_owner(key, state_indices.get("i") or {}))
+            state_tasks[f"requeue-{id(task)}"] = task
+            task.add_done_callback(lambda t: state_tasks.pop(f"requeue-{id(t)}", None))
+
+        timers[key] = loop.call_later(delay, fire)
+
+    rec().requeue = requeue
 
     async def resync_loop() -> None:
         # A plain task instead of @kopf.timer: kopf timers put a finalizer on every CR, which would
