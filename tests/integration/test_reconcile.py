@@ -317,3 +317,25 @@ async def test_scale_subresource_moves_deployment(cluster: Cluster, operator: Ru
     assert pdb["spec"]["maxUnavailable"] == 1
     st = await status_of(cluster)
     assert st["selector"] and "replicas" in st
+
+
+async def test_canary_rollout_creates_canary_deployment(cluster: Cluster, operator: RunningOperator) -> None:
+    await cluster.create("gptdeployments", NS, cr(replicas=2, rollout={
+        "strategy": "Canary", "canary": {"steps": [{"weight": 50}]}}))
+    dep = await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
+    old = dep["spec"]["template"]["metadata"]["labels"]["gptd.io/revision"]
+    await ready_deployment(cluster, replicas=2)
+    await eventually(lambda: _phase(cluster, "gpt2", "Ready"), what="first revision Ready")
+    await cluster.patch("gptdeployments", NS, "gpt2", {"metadata": {"generation": 2},
+                                                       "spec": {"model": {"revision": "v2"}}})
+    canary = await eventually(lambda: cluster.get("deployments", NS, "gpt2-canary"), what="canary Deployment")
+    labels = canary["spec"]["template"]["metadata"]["labels"]
+    assert labels["gptd.io/track"] == "canary" and labels["gptd.io/revision"] != old
+    assert canary["spec"]["selector"]["matchLabels"]["gptd.io/track"] == "canary"
+    assert canary["metadata"]["ownerReferences"][0]["uid"] == "uid-gpt2"
+    stable = await cluster.get("deployments", NS, "gpt2")
+    assert stable["spec"]["template"]["metadata"]["labels"]["gptd.io/revision"] == old
+    svc = await cluster.get("services", NS, "gpt2")
+    assert "gptd.io/track" not in svc["spec"]["selector"]  # both tracks get traffic
+    st = await status_of(cluster)
+    assert st["rollout"]["phase"] == "Canary" and st["currentRevision"] == old
