@@ -192,6 +192,16 @@ class GenerationStream:
         self.engine._forget(self.request_id)
 
 
+def kv_cache_bytes(model: Any, settings: Settings) -> int:
+    """Approximate KV cache size for the configured budget (keys + values, every layer)."""
+    cfg = model.config.get_text_config()
+    heads = getattr(cfg, "num_attention_heads", 1)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    per_token = cfg.num_hidden_layers * 2 * kv_heads * head_dim * model.dtype.itemsize
+    return per_token * settings.kv_cache_page_size * settings.kv_blocks()
+
+
 class GenerationEngine:
     """Continuous-batching text generation (transformers' ContinuousBatchingManager)."""
 
@@ -232,6 +242,10 @@ class GenerationEngine:
             max_batch_tokens=s.batch_tokens(),
             max_requests_per_batch=s.max_batch_size,
             per_request_processors=True,
+        )
+        log.info(
+            "KV cache: %d pages x %d tokens, about %.0f MiB (set GPTD_KV_CACHE_BLOCKS to change)",
+            s.kv_blocks(), s.kv_cache_page_size, kv_cache_bytes(model, s) / 2**20,
         )
         with torch.no_grad():
             self._manager = model.init_continuous_batching(
