@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 
 GROUP = "gptd.io"
 VERSION = "v1alpha1"
@@ -30,10 +30,28 @@ MODEL_URI_PATTERN = (
 )
 _MODEL_URI_RE = re.compile(MODEL_URI_PATTERN)
 
+_QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
+
+
+def _quantity(value: Any) -> str:
+    # Kubernetes quantities are int-or-string: `cpu: 4` and `cpu: "4"` mean the same.
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError("must be a quantity such as 4, 500m or 16Gi")
+    text = str(value)
+    if not _QUANTITY_RE.match(text):
+        raise ValueError("must be a quantity such as 4, 500m or 16Gi")
+    return text
+
+
 Quantity = Annotated[
     str,
-    Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$", examples=["4", "500m", "16Gi"]),
+    BeforeValidator(_quantity),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "pattern": _QUANTITY_RE.pattern}),
 ]
+
+# A nested object whose fields all have defaults: the CRD defaults it to {} so the API server fills in the
+# nested defaults too (kubectl get -o yaml shows what the operator will use).
+_OBJECT_DEFAULT = {"default": {}}
 
 
 class _Model(BaseModel):
@@ -200,7 +218,7 @@ class RolloutSpec(_Model):
     maxSurge: int = Field(1, ge=0, description="Extra pods during a rolling update.")
     maxUnavailable: int = Field(0, ge=0, description="Pods that may be missing during a rolling update.")
     progressDeadlineSeconds: int = Field(
-        1800, ge=60, description="A new revision not Ready by then is rolled back."
+        1800, ge=10, description="A new revision not Ready by then is rolled back."
     )
     allowCapacityDip: bool | None = Field(
         None,
@@ -228,12 +246,12 @@ class GPTDeploymentSpec(_Model):
 
     model: ModelSpec
     replicas: int = Field(1, ge=0, description="Replicas; owned by the autoscaler when autoscaling is set.")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
-    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
-    service: ServiceSpec = Field(default_factory=ServiceSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, json_schema_extra=_OBJECT_DEFAULT)
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, json_schema_extra=_OBJECT_DEFAULT)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, json_schema_extra=_OBJECT_DEFAULT)
+    service: ServiceSpec = Field(default_factory=ServiceSpec, json_schema_extra=_OBJECT_DEFAULT)
     autoscaling: AutoscalingSpec | None = None
-    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, json_schema_extra=_OBJECT_DEFAULT)
 
 
 # ---------------------------------------------------------------------------------------------- status

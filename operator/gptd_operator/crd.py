@@ -35,6 +35,7 @@ _KEEP = {
     "nullable",
     "format",
     "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-int-or-string",
 }
 
 
@@ -92,6 +93,10 @@ def to_structural(node: dict[str, Any], defs: dict[str, Any], *, keep_defaults: 
         out["additionalProperties"] = to_structural(extra, defs, keep_defaults=keep_defaults)
     # additionalProperties: false (extra="forbid") is the structural default: unknown fields are pruned,
     # and the operator's own parse_spec rejects them in objects it sees before pruning (e.g. in tests).
+    if out.get("x-kubernetes-int-or-string"):
+        # Quantities: the only anyOf a structural schema allows, and it must carry no type of its own.
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
     if out.get("x-kubernetes-preserve-unknown-fields") and "type" not in out:
         out["type"] = "object"
     return out

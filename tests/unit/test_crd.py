@@ -34,7 +34,12 @@ def test_every_node_is_structural() -> None:
     nodes = _walk(_schema())
     assert len(nodes) > 50  # the walk really descended
     for path, node in nodes:
-        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
+        if node.get("x-kubernetes-int-or-string"):
+            # The one anyOf Kubernetes allows in a structural schema: int-or-string, with no type of its own.
+            assert node["anyOf"] == [{"type": "integer"}, {"type": "string"}] and "type" not in node, path
+            node = {k: v for k, v in node.items() if k != "anyOf"}
+        else:
+            assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), path
         for banned in ("$ref", "anyOf", "oneOf", "allOf", "title", "examples", "$defs"):
             assert banned not in node, f"{path} has {banned}"
         assert node.get("additionalProperties") is not False, path
@@ -57,6 +62,10 @@ def test_key_fields() -> None:
     }
     sched = spec["properties"]["scheduling"]["properties"]
     assert sched["nodeSelector"]["additionalProperties"] == {"type": "string"}
+    assert spec["properties"]["resources"]["properties"]["cpu"]["x-kubernetes-int-or-string"] is True
+    for parent in ("resources", "scheduling", "runtime", "service", "rollout"):
+        # so the API server fills the nested defaults even when the user omits the parent object
+        assert spec["properties"][parent]["default"] == {}, parent
     assert sched["affinity"]["x-kubernetes-preserve-unknown-fields"] is True
     assert spec["properties"]["runtime"]["properties"]["env"]["items"]["properties"]["valueFrom"][
         "x-kubernetes-preserve-unknown-fields"
