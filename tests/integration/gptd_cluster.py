@@ -34,6 +34,7 @@ PATHS = {
     "services": "/api/v1/namespaces/{ns}/services",
     "pods": "/api/v1/namespaces/{ns}/pods",
     "secrets": "/api/v1/namespaces/{ns}/secrets",
+    "events": "/api/v1/namespaces/{ns}/events",
     "poddisruptionbudgets": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
     "horizontalpodautoscalers": "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
     "scaledobjects": "/apis/keda.sh/v1alpha1/namespaces/{ns}/scaledobjects",

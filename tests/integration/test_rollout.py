@@ -1,0 +1,326 @@
+"""Rollouts of a new revision with the real operator (docs/rollout.md), against the emulated API server.
+
+The test plays the controllers the emulator lacks: the Deployment controller (status counts and
+observedGeneration), the ReplicaSet controller and the scheduler/kubelet (pods of a revision, Ready,
+Unschedulable for want of a GPU, crash-looping). It asserts what the operator writes: the Deployments'
+templates, replica counts and strategies, the CR's status and conditions, and the Events it posts.
+Synchronisation is by polling with deadlines (``eventually``) and by counting the operator's resync passes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from gptd_cluster import Cluster, RunningOperator, eventually
+from test_reconcile import NS, condition, cr, ready_deployment, status_of
+
+pytestmark = pytest.mark.timeout(30)
+REV = "gptd.io/revision"
+GPU_MESSAGE = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+LONG_AGO = "2026-01-01T00:00:00Z"  # older than any surgeGraceSeconds the tests use
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def model(revision: str) -> dict[str, Any]:
+    return {"uri": "hf://openai-community/gpt2", "revision": revision}
+
+
+def labels_of(dep: dict[str, Any] | None) -> dict[str, str]:
+    return ((((dep or {}).get("spec") or {}).get("template") or {}).get("metadata") or {}).get("labels") or {}
+
+
+def env_of(dep: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def strategy_of(dep: dict[str, Any]) -> dict[str, Any]:
+    return dep["spec"]["strategy"]["rollingUpdate"]
+
+
+async def deployment_where(cluster: Cluster, name: str, what: str, pred: Any) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        dep = await cluster.get("deployments", NS, name)
+        return dep if dep is not None and pred(dep) else None
+
+    return await eventually(check, what=what)
+
+
+async def status_where(cluster: Cluster, what: str, pred: Any, timeout: float = 10.0) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        st = await status_of(cluster)
+        return st if st and pred(st) else None
+
+    return await eventually(check, what=what, timeout=timeout)
+
+
+def progressing(reason: str) -> Any:
+    return lambda st: condition(st, "Progressing").get("reason") == reason
+
+
+async def events(cluster: Cluster, reason: str) -> list[dict[str, Any]]:
+    """Events the operator posted on the CR with this reason (they are real objects on the emulator)."""
+    return [
+        e for e in await cluster.list("events", NS)
+        if e.get("reason") == reason and (e.get("involvedObject") or {}).get("name") == "gpt2"
+    ]
+
+
+async def event(cluster: Cluster, reason: str) -> dict[str, Any]:
+    found = await eventually(lambda: events(cluster, reason), what=f"Event {reason}")
+    return found[0]
+
+
+async def started(cluster: Cluster, replicas: int, **spec: Any) -> str:
+    """A GPTDeployment on revision v1, rolled out and Ready; returns that revision's hash."""
+    await cluster.create("gptdeployments", NS, cr(model=model("v1"), replicas=replicas, **spec))
+    dep = await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
+    await ready_deployment(cluster, replicas=replicas)
+    await status_where(cluster, "v1 Ready", lambda st: st.get("phase") == "Ready")
+    return labels_of(dep)[REV]
+
+
+async def change_revision(cluster: Cluster, revision: str, old: str, name: str = "gpt2") -> dict[str, Any]:
+    """`kubectl edit`: a new spec.model.revision; returns Deployment ``name`` once it runs a new revision."""
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"model": {"revision": revision}}})
+    return await deployment_where(cluster, name, f"{name} on a revision other than {old}",
+                                  lambda d: labels_of(d).get(REV) not in (None, old))
+
+
+async def add_pod(cluster: Cluster, dep: dict[str, Any], name: str, status: dict[str, Any]) -> None:
+    """Play the ReplicaSet controller, scheduler and kubelet: a pod of ``dep``'s template in ``status``."""
+    await cluster.create("pods", NS, {"metadata": {"name": name, "labels": labels_of(dep)}, "status": status})
+
+
+READY_POD = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+UNSCHEDULABLE_POD = {"phase": "Pending", "conditions": [{
+    "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": GPU_MESSAGE,
+    "lastTransitionTime": LONG_AGO}]}
+CRASHLOOP_POD = {"phase": "Running", "containerStatuses": [{
+    "name": "runtime", "restartCount": 3, "ready": False,
+    "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}},
+    "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}]}
+
+
+# --------------------------------------------------------------------------------------------- tests
+
+
+async def test_rolling_update_completes_then_resync_is_silent(cluster: Cluster, operator: RunningOperator) -> None:
+    old = await started(cluster, replicas=2)
+    dep = await change_revision(cluster, "v2", old)
+    new = labels_of(dep)[REV]
+    assert env_of(dep)["GPTD_REVISION"] == "v2"
+    assert strategy_of(dep) == {"maxSurge": 1, "maxUnavailable": 0}  # capacity never drops
+    assert dep["spec"]["replicas"] == 2
+    st = await status_where(cluster, "RollingOut", progressing("RollingOut"))
+    assert st["updateRevision"] == new and st["currentRevision"] == old and st["lastGoodRevision"] == old
+    assert condition(st, "Progressing")["status"] == "True"
+    assert condition(st, "Ready")["status"] == "False"
+    assert st["phase"] == "Progressing" and st["rollout"]["revision"] == new
+    assert (await event(cluster, "RolloutStarted"))["type"] == "Normal"
+
+    # Play the Deployment controller to the end of the rolling update: two new pods, both Ready.
+    await add_pod(cluster, dep, "gpt2-new-1", READY_POD)
+    await add_pod(cluster, dep, "gpt2-new-2", READY_POD)
+    await ready_deployment(cluster, replicas=2)
+    st = await status_where(cluster, "RolloutComplete", lambda s: progressing("RolloutComplete")(s)
+                            and s.get("currentRevision") == new)
+    assert st["lastGoodRevision"] == new and st["updateRevision"] == new
+    assert condition(st, "Progressing")["status"] == "False"
+    assert condition(st, "Ready")["status"] == "True" and st["phase"] == "Ready"
+    assert condition(st, "RolledBack")["status"] == "False"
+    assert st.get("rollout") is None
+    assert (await event(cluster, "RolloutComplete"))["type"] == "Normal"
+
+    # A finished rollout is a steady state: resyncs that observe nothing new write nothing.
+    await operator.resync_passes(2)  # settle: every reaction to our own writes is done
+    before = len(cluster.requests())
+    reconciles = operator.reconciler.reconciles
+    await operator.resync_passes(3)
+    assert operator.reconciler.reconciles >= reconciles + 3
+    assert cluster.writes(before) == [], "\n".join(cluster.writes(before))
+
+
+async def test_surge_blocked_dips_capacity(cluster: Cluster, operator: RunningOperator) -> None:
+    # replicas 2 and no allowCapacityDip: the dip is allowed by default.
+    old = await started(cluster, replicas=2, rollout={"surgeGraceSeconds": 30})
+    dep = await change_revision(cluster, "v2", old)
+    assert strategy_of(dep) == {"maxSurge": 1, "maxUnavailable": 0}
+    # The scheduler: the surge pod of the new revision has had no GPU for longer than the grace.
+    await add_pod(cluster, dep, "gpt2-new-1", UNSCHEDULABLE_POD)
+    dep = await deployment_where(cluster, "gpt2", "in-place strategy",
+                                 lambda d: strategy_of(d) == {"maxSurge": 0, "maxUnavailable": 1})
+    assert labels_of(dep)[REV] != old and dep["spec"]["replicas"] == 2
+    st = await status_where(cluster, "CapacityDip", progressing("CapacityDip"))
+    cond = condition(st, "Progressing")
+    assert cond["status"] == "True" and "capacity dips by one pod" in cond["message"]
+    ev = await event(cluster, "CapacityDip")
+    assert ev["type"] == "Warning" and GPU_MESSAGE in ev["message"]
+    assert st["rollout"]["inPlace"] is True and st["currentRevision"] == old
+
+
+async def test_surge_blocked_without_dip_says_why(cluster: Cluster, operator: RunningOperator) -> None:
+    old = await started(cluster, replicas=2, rollout={"allowCapacityDip": False, "surgeGraceSeconds": 0})
+    dep = await change_revision(cluster, "v2", old)
+    await add_pod(cluster, dep, "gpt2-new-1", UNSCHEDULABLE_POD)
+    st = await status_where(cluster, "InsufficientGPUForSurge", progressing("InsufficientGPUForSurge"))
+    cond = condition(st, "Progressing")
+    assert cond["status"] == "False" and GPU_MESSAGE in cond["message"]
+    assert "allowCapacityDip" in cond["message"]
+    ev = await event(cluster, "InsufficientGPUForSurge")
+    assert ev["type"] == "Warning" and GPU_MESSAGE in ev["message"]
+    await operator.resync_passes(2)
+    dep = await cluster.get("deployments", NS, "gpt2")
+    assert strategy_of(dep) == {"maxSurge": 1, "maxUnavailable": 0}  # no dip
+    assert labels_of(dep)[REV] != old  # still rolling out the new revision, waiting for a GPU
+    assert len(await events(cluster, "InsufficientGPUForSurge")) == 1  # once, not once per resync
+    st = await status_of(cluster)
+    assert condition(st, "RolledBack")["status"] == "False"  # lack of GPUs is not the revision's fault
+
+
+async def test_crashloop_rolls_back_and_does_not_retry(cluster: Cluster, operator: RunningOperator) -> None:
+    old = await started(cluster, replicas=2)
+    dep = await change_revision(cluster, "v2", old)
+    new = labels_of(dep)[REV]
+    await add_pod(cluster, dep, "gpt2-new-1", CRASHLOOP_POD)
+
+    # The operator restores the last good revision's template...
+    dep = await deployment_where(cluster, "gpt2", "rolled back template", lambda d: labels_of(d).get(REV) == old)
+    env = env_of(dep)
+    assert env["GPTD_REVISION"] == "v1" and env["GPTD_MODEL"] == "hf://openai-community/gpt2"
+    assert dep["metadata"]["annotations"][REV] == old
+    # ...says so in the status...
+    st = await status_where(cluster, "RolledBack", lambda s: condition(s, "RolledBack").get("status") == "True")
+    rb = condition(st, "RolledBack")
+    assert rb["reason"] == "CrashLoop"
+    assert new in rb["message"] and old in rb["message"] and "OOMKilled" in rb["message"]
+    assert st["failedRevision"] == new and st["updateRevision"] == new and st["lastGoodRevision"] == old
+    assert condition(st, "Progressing")["status"] == "False" and condition(st, "Progressing")["reason"] == "RolledBack"
+    # ...and with a Warning Event on the CR.
+    ev = await event(cluster, "RolledBack")
+    assert ev["type"] == "Warning" and new in ev["message"]
+    assert ev["involvedObject"]["kind"] == "GPTDeployment"
+
+    # Play the Deployment controller: the old ReplicaSet is back at full strength, the crashing pod is gone.
+    await cluster.delete("pods", NS, "gpt2-new-1")
+    await ready_deployment(cluster, replicas=2)
+    st = await status_where(cluster, "Ready on the last good revision",
+                            lambda s: condition(s, "Ready").get("status") == "True")
+    assert st["phase"] == "Ready"  # serving the last good revision (docs/rollout.md)
+    assert st["currentRevision"] == old and condition(st, "RolledBack")["status"] == "True"
+
+    # Not retried: a CR update (an annotation) and further resyncs keep the old template.
+    before = len(cluster.requests())
+    await cluster.patch("gptdeployments", NS, "gpt2", {"metadata": {"annotations": {"example.com/touched": "1"}}})
+    await operator.resync_passes(3)
+    dep = await cluster.get("deployments", NS, "gpt2")
+    assert labels_of(dep)[REV] == old
+    assert cluster.writes(before, path_part="/deployments") == []
+    assert len(await events(cluster, "RolledBack")) == 1
+
+    # A new revision in the spec is a fresh rollout.
+    dep = await change_revision(cluster, "v3", old)
+    assert env_of(dep)["GPTD_REVISION"] == "v3" and labels_of(dep)[REV] != new
+    st = await status_where(cluster, "fresh rollout", progressing("RollingOut"))
+    rb = condition(st, "RolledBack")
+    assert rb["status"] == "False" and rb["reason"] == "NewRevision"
+    assert st["rollout"]["revision"] == labels_of(dep)[REV] and st["currentRevision"] == old
+
+
+@pytest.mark.timeout(40)
+async def test_progress_deadline_rolls_back(cluster: Cluster, operator: RunningOperator) -> None:
+    # The one slow test: progressDeadlineSeconds can't go below 10 and the operator stamps the rollout's
+    # start itself (it can't be backdated), so this waits out a real 10 s deadline. Finer cases (progress
+    # restarting the clock, GPU waits not counting) are unit tests of rollout.decide.
+    old = await started(cluster, replicas=1, rollout={"progressDeadlineSeconds": 10})
+    dep = await change_revision(cluster, "v2", old)
+    new = labels_of(dep)[REV]
+    await add_pod(cluster, dep, "gpt2-new-1", {"phase": "Pending"})  # never becomes Ready
+    st = await status_where(cluster, "deadline rollback", lambda s: condition(s, "RolledBack").get("status") == "True",
+                            timeout=20)
+    rb = condition(st, "RolledBack")
+    assert rb["reason"] == "ProgressDeadlineExceeded" and new in rb["message"] and "no progress for 10s" in rb["message"]
+    assert st["failedRevision"] == new
+    dep = await cluster.get("deployments", NS, "gpt2")
+    assert labels_of(dep)[REV] == old
+
+
+async def test_canary_steps_and_promotion(cluster: Cluster, operator: RunningOperator) -> None:
+    old = await started(cluster, replicas=4, rollout={"strategy": "Canary", "canary": {"steps": [
+        {"weight": 25, "pauseSeconds": 0}, {"weight": 50}]}})
+    canary = await change_revision(cluster, "v2", old, name="gpt2-canary")
+    new = labels_of(canary)[REV]
+    assert canary["spec"]["replicas"] == 1  # 25% of 4
+    assert env_of(canary)["GPTD_REVISION"] == "v2" and labels_of(canary)["gptd.io/track"] == "canary"
+    stable = await cluster.get("deployments", NS, "gpt2")
+    assert labels_of(stable)[REV] == old and stable["spec"]["replicas"] == 4  # full capacity kept
+    st = await status_where(cluster, "step 1", progressing("CanaryStep1of2"))
+    assert st["rollout"]["phase"] == "Canary" and st["currentRevision"] == old
+
+    # The canary is Ready; step 1 pauses 0 s, so step 2 follows: 50% of 4 = 2 canary pods.
+    await ready_deployment(cluster, "gpt2-canary", replicas=1)
+    canary = await deployment_where(cluster, "gpt2-canary", "2 canary replicas", lambda d: d["spec"]["replicas"] == 2)
+    st = await status_where(cluster, "step 2", progressing("CanaryStep2of2"))
+    assert st["rollout"]["step"] == 1
+    assert (await event(cluster, "CanaryStep"))["type"] == "Normal"
+    await ready_deployment(cluster, "gpt2-canary", replicas=2)
+    st = await status_where(cluster, "step 2 paused", lambda s: "paused until gptd.io/promote=true" in
+                            condition(s, "Progressing").get("message", ""))
+    # Step 2 has no pause: it waits for the promote annotation, however many resyncs pass.
+    await operator.resync_passes(2)
+    assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old
+    assert progressing("CanaryStep2of2")(await status_of(cluster))
+
+    await cluster.patch("gptdeployments", NS, "gpt2", {"metadata": {"annotations": {"gptd.io/promote": "true"}}})
+    stable = await deployment_where(cluster, "gpt2", "stable promoted", lambda d: labels_of(d).get(REV) == new)
+    assert stable["spec"]["replicas"] == 4
+    st = await status_where(cluster, "Promoting", progressing("Promoting"))
+    assert await cluster.get("deployments", NS, "gpt2-canary") is not None  # serves until stable is Ready
+    assert st["currentRevision"] == old
+
+    async def promote_cleared() -> bool:
+        cr_ = await cluster.get("gptdeployments", NS, "gpt2")
+        return "gptd.io/promote" not in (cr_["metadata"].get("annotations") or {})
+
+    await eventually(promote_cleared, what="promote annotation removed")
+
+    await ready_deployment(cluster, replicas=4)  # the Deployment controller finished the stable's update
+
+    async def canary_gone() -> bool:
+        return await cluster.get("deployments", NS, "gpt2-canary") is None
+
+    await eventually(canary_gone, what="canary Deployment deleted")
+    st = await status_where(cluster, "promoted", lambda s: s.get("currentRevision") == new)
+    assert st["lastGoodRevision"] == new and progressing("RolloutComplete")(st)
+    assert st["phase"] == "Ready" and condition(st, "Ready")["status"] == "True"
+    assert (await event(cluster, "Promoted"))["type"] == "Normal"
+
+
+async def test_canary_abort_rolls_back(cluster: Cluster, operator: RunningOperator) -> None:
+    old = await started(cluster, replicas=4, rollout={"strategy": "Canary", "canary": {"steps": [
+        {"weight": 25, "pauseSeconds": 0}, {"weight": 50}]}})
+    canary = await change_revision(cluster, "v2", old, name="gpt2-canary")
+    new = labels_of(canary)[REV]
+    await status_where(cluster, "step 1", progressing("CanaryStep1of2"))
+    before = len(cluster.requests())
+    await cluster.patch("gptdeployments", NS, "gpt2", {"metadata": {"annotations": {"gptd.io/abort": "true"}}})
+
+    async def canary_gone() -> bool:
+        return await cluster.get("deployments", NS, "gpt2-canary") is None
+
+    await eventually(canary_gone, what="canary Deployment deleted")
+    st = await status_where(cluster, "Aborted", lambda s: condition(s, "RolledBack").get("reason") == "Aborted")
+    rb = condition(st, "RolledBack")
+    assert rb["status"] == "True" and new in rb["message"]
+    assert st["failedRevision"] == new and st["currentRevision"] == old
+    assert (await event(cluster, "RolledBack"))["type"] == "Warning"
+    stable = await cluster.get("deployments", NS, "gpt2")
+    assert labels_of(stable)[REV] == old and stable["spec"]["replicas"] == 4
+    # The stable Deployment was never written to during the abort.
+    assert not [w for w in cluster.writes(before) if w.endswith("/deployments/gpt2")]
+    cr_ = await cluster.get("gptdeployments", NS, "gpt2")
+    assert "gptd.io/abort" not in (cr_["metadata"].get("annotations") or {})
+    await operator.resync_passes(2)
+    assert await cluster.get("deployments", NS, "gpt2-canary") is None  # not recreated: no retry
