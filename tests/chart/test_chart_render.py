@@ -9,7 +9,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from chartlib import CHART, K8S_VERSIONS, NAMESPACE, assert_restricted, by_kind, one, run_helm
+from chartlib import CHART, K8S_VERSIONS, NAMESPACE, ROOT, assert_restricted, by_kind, one, run_helm
 
 VARIANTS = {
     "default": (),
@@ -17,9 +17,13 @@ VARIANTS = {
     "no-crds": ("--set", "crds.enabled=false", "--set", "crds.keep=false"),
     "keda-custom": (
         "--set", "scaleToZeroProvider=keda",
+        "--set", "prometheusUrl=http://prometheus-operated.monitoring:9090",
+        "--set", "s3InitImage=public.ecr.aws/aws-cli/aws-cli:2.27.0",
+        "--set", "resyncSeconds=10",
+        "--set", "prestopSleepSeconds=3",
+        "--set", "verbose=true",
         "--set", "runtime.image=registry.local/gptd-runtime:dev",
         "--set", "image.tag=dev",
-        "--set", "extraArgs={--verbose}",
         "--set", "serviceAccount.create=false", "--set", "serviceAccount.name=existing-sa",
     ),
 }
@@ -64,6 +68,11 @@ def test_rendered_objects_validate_against_kubernetes_schemas(render, variant, k
         ("--set", "replicaCount=2"),
         ("--set", "scaleToZeroProvider=knative"),
         ("--set", "watchNamespaces={Not_A_Namespace}"),
+        ("--set", "scaleToZeroProvider=keda"),  # keda without prometheusUrl: minReplicas 0 could never work
+        ("--set", "prometheusUrl=prometheus:9090"),
+        ("--set", "resyncSeconds=0"),
+        ("--set", "prestopSleepSeconds=-1"),
+        ("--set", "verbose=yes"),
     ],
     ids=lambda a: a[1],
 )
@@ -152,6 +161,46 @@ def test_operator_container(render):
     env = _env(docs)
     assert env["GPTD_RUNTIME_IMAGE"] == "ghcr.io/gptd-io/gptd-runtime:0.1.0"
     assert env["GPTD_SCALE_TO_ZERO_PROVIDER"] == ""
+    assert env["GPTD_PROMETHEUS_URL"] == "" and env["GPTD_S3_INIT_IMAGE"] == ""
+
+
+def _operator_settings_env_vars() -> set[str]:
+    """Every GPTD_* variable the operator's Settings.from_env reads (from its source, not a copy of the list)."""
+    import inspect
+
+    from gptd_operator.settings import Settings
+
+    return set(re.findall(r"env\.get\(\"(GPTD_[A-Z0-9_]+)\"", inspect.getsource(Settings.from_env)))
+
+
+def test_every_operator_setting_is_a_chart_value(render):
+    """Each setting the operator reads is rendered from a value (GPTD_NAMESPACES is --namespace from
+    watchNamespaces, which wins over it)."""
+    names = _operator_settings_env_vars()
+    assert {"GPTD_RUNTIME_IMAGE", "GPTD_PROMETHEUS_URL", "GPTD_S3_INIT_IMAGE"} <= names
+    for variant in VARIANTS.values():
+        rendered = {e["name"] for e in _container(render(*variant))["env"]}
+        assert names - {"GPTD_NAMESPACES"} <= rendered
+        assert all(n in names for n in rendered if n.startswith("GPTD_")), "the chart sets a variable nobody reads"
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_operator_settings_parse_the_rendered_env(render, variant):
+    """The rendered env is what the operator's own Settings.from_env accepts (empty strings mean unset)."""
+    from gptd_operator.settings import Settings
+
+    settings = Settings.from_env({k: v for k, v in _env(render(*VARIANTS[variant])).items() if isinstance(v, str)})
+    if variant == "keda-custom":
+        assert settings == Settings(
+            runtime_image="registry.local/gptd-runtime:dev",
+            scale_to_zero_provider="keda",
+            prometheus_url="http://prometheus-operated.monitoring:9090",
+            s3_init_image="public.ecr.aws/aws-cli/aws-cli:2.27.0",
+            resync_seconds=10,
+            prestop_sleep_seconds=3,
+        )
+    else:
+        assert settings == Settings()
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -169,13 +218,19 @@ def test_operator_cli_accepts_the_rendered_args(render, variant):
 
 
 def test_values_reach_the_operator(render):
+    from gptd_operator.__main__ import _parser
+
     docs = render(*VARIANTS["keda-custom"])
     c = _container(docs)
     assert c["image"] == "ghcr.io/gptd-io/gptd-operator:dev"
     assert c["args"] == ["--liveness=http://0.0.0.0:8080/healthz", "--verbose"]
+    assert _parser().parse_args(c["args"]).verbose is True
     env = _env(docs)
     assert env["GPTD_RUNTIME_IMAGE"] == "registry.local/gptd-runtime:dev"
     assert env["GPTD_SCALE_TO_ZERO_PROVIDER"] == "keda"
+    assert env["GPTD_PROMETHEUS_URL"] == "http://prometheus-operated.monitoring:9090"
+    assert env["GPTD_S3_INIT_IMAGE"] == "public.ecr.aws/aws-cli/aws-cli:2.27.0"
+    assert env["GPTD_RESYNC_SECONDS"] == "10" and env["GPTD_PRESTOP_SLEEP_SECONDS"] == "3"
     assert not by_kind(docs, "ServiceAccount")
     assert _deployment(docs)["spec"]["template"]["spec"]["serviceAccountName"] == "existing-sa"
     (crb,) = by_kind(docs, "ClusterRoleBinding")
@@ -210,20 +265,20 @@ def test_helm_test_hook_probes_liveness_through_the_service(render):
 
 # ------------------------------------------------------------------------------------------------- RBAC
 
-CHILD_VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
+# Exactly the calls in docs/operator.md "RBAC needs" (the tests below also parse that table).
+CHILD_VERBS = {"list", "watch", "get", "create", "patch", "delete"}
 EXPECTED_NAMESPACED = {
-    ("", "events"): {"create", "patch"},
-    ("gptd.io", "gptdeployments"): {"get", "list", "watch", "patch"},
+    ("", "events"): {"create"},
+    ("gptd.io", "gptdeployments"): {"list", "watch", "get", "patch"},
     ("gptd.io", "gptdeployments/status"): {"patch"},
     ("apps", "deployments"): CHILD_VERBS,
-    ("", "services"): CHILD_VERBS,
     ("policy", "poddisruptionbudgets"): CHILD_VERBS,
     ("autoscaling", "horizontalpodautoscalers"): CHILD_VERBS,
-    ("", "pods"): {"get", "list", "watch"},
+    ("", "services"): {"list", "watch", "get", "create", "patch"},
+    ("", "pods"): {"list", "watch"},
     ("", "secrets"): {"get"},
 }
-CRD_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"}}
-NAMESPACE_DISCOVERY = {("", "namespaces"): {"list", "watch"}}
+KEDA = {("keda.sh", "scaledobjects"): {"get", "create", "patch", "delete"}}
 
 
 def _grants(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
@@ -233,16 +288,68 @@ def _grants(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 assert "*" not in (group, resource), rule
-                assert not set(rule["verbs"]) & {"*", "escalate", "bind", "impersonate"}, rule
-                out.setdefault((group, resource), set()).update(rule["verbs"])
+                assert not set(rule["verbs"]) & {"*", "update", "escalate", "bind", "impersonate"}, rule
+                assert (group, resource) not in out, f"{(group, resource)} in two rules"
+                out[(group, resource)] = set(rule["verbs"])
     return out
+
+
+def _documented_rbac() -> tuple[dict[tuple[str, str], set[str]], dict[tuple[str, str], set[str]]]:
+    """docs/operator.md's "RBAC needs" table: (always, keda-only) grants."""
+    text = (ROOT / "docs" / "operator.md").read_text()
+    table = text.split("### RBAC needs", 1)[1].split("\n\n", 2)[1]
+    always: dict[tuple[str, str], set[str]] = {}
+    keda: dict[tuple[str, str], set[str]] = {}
+    for row in table.splitlines()[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        group, resource = re.findall(r"`([^`]*)`", cells[0])
+        group = "" if group == '""' else group
+        verbs = set(re.findall(r"`(\w+)`", cells[1]))
+        target = keda if "keda" in cells[2].lower() else always
+        target.setdefault((group, resource), set()).update(verbs)
+    return always, keda
+
+
+def test_rbac_expectations_are_the_documented_needs():
+    always, keda = _documented_rbac()
+    assert always == EXPECTED_NAMESPACED
+    assert keda == KEDA
+    text = (ROOT / "docs" / "operator.md").read_text()
+    assert "Not needed: `customresourcedefinitions` and `namespaces`" in text
+
+
+def test_rbac_covers_what_kopf_watches_and_nothing_cluster_scoped():
+    """Every resource the operator's kopf handlers watch/index gets list+watch; the operator turns kopf's
+    scanning off, so kopf never lists/watches CustomResourceDefinitions or Namespaces (kopf 1.45
+    _core/reactor/observation.py: both observers skip their list/watch when settings.scanning.disabled;
+    resources come from the /api + /apis discovery documents, readable by every authenticated user)."""
+    import kopf
+    from gptd_operator import handlers, kube
+    from gptd_operator.settings import Settings
+
+    registry = kopf.OperatorRegistry()
+    settings = Settings()
+    handlers.register(registry, settings, handlers.Reconciler(settings, kube.Kube(kube.Config(server="https://x"))))
+    (configure,) = [h for h in registry._activities.get_all_handlers() if h.id == "configure_kopf"]
+    kopf_settings = kopf.OperatorSettings()
+    configure.fn(settings=kopf_settings)
+    assert kopf_settings.scanning.disabled is True
+    watched = {
+        (h.selector.group or "", h.selector.any_name or h.selector.plural)
+        for h in [*registry._indexing.get_all_handlers(), *registry._watching.get_all_handlers(),
+                  *registry._changing.get_all_handlers()]
+    }
+    assert watched == {("gptd.io", "gptdeployments"), ("apps", "deployments"), ("", "services"),
+                       ("policy", "poddisruptionbudgets"), ("autoscaling", "horizontalpodautoscalers"), ("", "pods")}
+    for key in watched:
+        assert {"list", "watch"} <= EXPECTED_NAMESPACED[key], key
 
 
 def test_rbac_clusterwide_least_privilege(render):
     docs = render()
     assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
     role = one(docs, "ClusterRole")
-    assert _grants(role) == {**CRD_DISCOVERY, **EXPECTED_NAMESPACED}
+    assert _grants(role) == EXPECTED_NAMESPACED
     binding = one(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     sa = one(docs, "ServiceAccount")
@@ -252,7 +359,8 @@ def test_rbac_clusterwide_least_privilege(render):
 
 def test_rbac_namespaced(render):
     docs = render(*VARIANTS["namespaced"])
-    assert _grants(one(docs, "ClusterRole")) == {**CRD_DISCOVERY, **NAMESPACE_DISCOVERY}
+    # Nothing cluster-scoped: no CRD or Namespace access (kopf's scanning is off), all else per namespace.
+    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
     roles = {r["metadata"]["namespace"]: r for r in by_kind(docs, "Role")}
     bindings = {b["metadata"]["namespace"]: b for b in by_kind(docs, "RoleBinding")}
     assert set(roles) == set(bindings) == {"team-a", "team-b"}
@@ -267,7 +375,10 @@ def test_rbac_namespaced(render):
 
 def test_rbac_keda_adds_only_scaledobjects(render):
     grants = _grants(one(render(*VARIANTS["keda-custom"]), "ClusterRole"))
-    assert grants == {**CRD_DISCOVERY, **EXPECTED_NAMESPACED, ("keda.sh", "scaledobjects"): CHILD_VERBS}
+    assert grants == {**EXPECTED_NAMESPACED, **KEDA}
+    docs = render("--set", "watchNamespaces={team-a}", "--set", "scaleToZeroProvider=keda",
+                  "--set", "prometheusUrl=http://prometheus:9090")
+    assert _grants(one(docs, "Role")) == {**EXPECTED_NAMESPACED, **KEDA}
 
 
 def test_notes_tell_the_next_command(helm_bin):

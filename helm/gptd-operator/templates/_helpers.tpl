@@ -72,47 +72,51 @@ seccompProfile:
 {{- end -}}
 
 {{/*
-RBAC rules. "framework": what kopf itself needs; "application": what gptd's handlers do.
-Namespaced rules (events + application) go into the ClusterRole when watching all namespaces, or into one
-Role per watched namespace.
+RBAC rules: exactly the API calls in docs/operator.md ("RBAC needs"). "kopf": the framework's own calls;
+"gptd": the operator's handlers (kube.py). All writes are merge patches: no `update` anywhere. They go into
+the ClusterRole when watching all namespaces, or into one Role per watched namespace.
 */}}
 {{- define "gptd-operator.namespacedRules" -}}
-# framework: kopf posts k8s events about handler progress and errors.
+# kopf + gptd: Events on GPTDeployments (POST core/v1 events; never patched).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-# application: the custom resource; patch covers kopf's finalizer and last-handled-configuration annotation.
+  verbs: ["create"]
+# kopf: list/watch the CRs and patch its progress/diff-base annotations; gptd: get (does the CR still exist
+# before creating a child) and patch (clearing the gptd.io/promote and gptd.io/abort annotations).
 - apiGroups: ["gptd.io"]
   resources: ["gptdeployments"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "get", "patch"]
 - apiGroups: ["gptd.io"]
   resources: ["gptdeployments/status"]
   verbs: ["patch"]
-# application: the children the operator owns.
+# gptd: the children (watched through kopf indices; get only after a create conflict; delete for the canary
+# Deployment, a PDB when replicas drop to 1, an HPA when autoscaling is removed).
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
-- apiGroups: [""]
-  resources: ["services"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["list", "watch", "get", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["list", "watch", "get", "create", "patch", "delete"]
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
-{{- if eq .Values.scaleToZeroProvider "keda" }}
-# application: KEDA ScaledObjects replace the HPA when autoscaling.minReplicas is 0.
-- apiGroups: ["keda.sh"]
-  resources: ["scaledobjects"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
-{{- end }}
-# application: pod state (scheduling failures, readiness) for status and rollout decisions.
+  verbs: ["list", "watch", "get", "create", "patch", "delete"]
+# gptd: the Service is never deleted by the operator (garbage collection does it with the CR).
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["list", "watch", "get", "create", "patch"]
+# gptd: runtime pods (watched) for Degraded detection: scheduling failures, crash loops.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
-# application: only checks that referenced Secrets (hfTokenSecretRef, apiKeySecretRef) exist.
+  verbs: ["list", "watch"]
+# gptd: only checks that referenced Secrets (hfTokenSecretRef, apiKeySecretRef) exist; no list/watch.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
+{{- if eq .Values.scaleToZeroProvider "keda" }}
+# gptd, only with scaleToZeroProvider=keda: the ScaledObject that replaces the HPA for minReplicas 0
+# (read live, not watched: the KEDA CRD may be absent).
+- apiGroups: ["keda.sh"]
+  resources: ["scaledobjects"]
+  verbs: ["get", "create", "patch", "delete"]
+{{- end }}
 {{- end -}}
