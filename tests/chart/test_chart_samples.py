@@ -1,9 +1,13 @@
 """manifests/samples: valid for the API server (the CRD's schema, as kubectl --validate=strict sees it) and for the
-operator (parse_spec), and GitOps-stable: nothing the operator or the API server writes is in them."""
+operator (parse_spec, and the checks only its handlers make: builders.check_spec with the settings the chart's
+default values give), the children the operator would build from them valid for Kubernetes, and GitOps-stable:
+nothing the operator or the API server writes is in them. Also the demo's PVC path and the prometheus-adapter
+rule that the HPA's metric name depends on."""
 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +16,9 @@ import kubernetes_validate
 import pytest
 import yaml
 from chartlib import K8S_VERSIONS, ROOT, assert_restricted, load_docs
+from gptd_operator import builders
 from gptd_operator.api import API_VERSION, KIND, InvalidSpec, parse_spec
+from gptd_operator.settings import Settings
 
 SAMPLES = sorted((ROOT / "manifests" / "samples").glob("*.yaml"))
 CR_SAMPLES = [p for p in SAMPLES if any(d["kind"] == KIND for d in load_docs(p.read_text()))]
@@ -138,3 +144,107 @@ def test_cpu_sample_serves_the_demo_model():
     for version in K8S_VERSIONS:
         for doc in docs:
             kubernetes_validate.validate(doc, version, strict=True)
+
+
+# The chart's default values give exactly these settings (test_chart_render checks Settings.from_env on the
+# rendered env): no scale-to-zero provider, no Prometheus, no s3 init image.
+DEFAULT_SETTINGS = Settings()
+
+
+def _children(cr: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
+    """What the operator's handlers would create for this CR (steady state, no canary in flight)."""
+    name, ns, uid = cr["metadata"]["name"], "default", "00000000-0000-0000-0000-000000000000"
+    spec = parse_spec(cr["spec"])
+    builders.check_spec(spec, settings)  # raises InvalidSpec (phase Failed) for what the CRD can't express
+    out = [builders.build_deployment(name, ns, uid, spec, settings), builders.build_service(name, ns, uid, spec)]
+    if builders.wants_pdb(spec):
+        out.append(builders.build_pdb(name, ns, uid, spec))
+    if builders.wants_hpa(spec, settings):
+        out.append(builders.build_hpa(name, ns, uid, spec))
+    # KEDA ScaledObjects only exist with scaleToZeroProvider=keda (not the default): no CRD schema to check here.
+    assert not builders.wants_scaled_object(spec, settings)
+    return out
+
+
+@pytest.mark.parametrize("path", CR_SAMPLES, ids=lambda p: p.name)
+def test_sample_passes_the_operators_own_checks_with_default_settings(path):
+    for cr in _crs(path):
+        for child in _children(cr, DEFAULT_SETTINGS):
+            for version in K8S_VERSIONS:
+                kubernetes_validate.validate(child, version, strict=True)
+            if child["kind"] == "Deployment":
+                assert_restricted(child["spec"]["template"]["spec"], f"{path.name} pods")
+
+
+def test_operator_check_catches_cpu_utilisation_without_cpu_request():
+    """The mistake autoscaling.yaml once had: the CRD accepts it, the operator answers InvalidSpec."""
+    (cr,) = _crs(ROOT / "manifests" / "samples" / "autoscaling.yaml")
+    cr = copy.deepcopy(cr)
+    del cr["spec"]["resources"]["cpu"]
+    assert not list(VALIDATOR.iter_errors(cr))
+    with pytest.raises(InvalidSpec) as exc:
+        _children(cr, DEFAULT_SETTINGS)
+    assert exc.value.field == "spec.resources.cpu"
+
+
+def test_autoscaling_sample_hpa_uses_the_adapter_metric():
+    (cr,) = _crs(ROOT / "manifests" / "samples" / "autoscaling.yaml")
+    hpa = next(c for c in _children(cr, DEFAULT_SETTINGS) if c["kind"] == "HorizontalPodAutoscaler")
+    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert metrics["Pods"]["pods"]["metric"]["name"] == "gptd_num_requests_running"
+    assert metrics["Resource"]["resource"]["name"] == "cpu"
+    assert "gptd_num_requests_running" in (ROOT / "manifests" / "samples" / "autoscaling.yaml").read_text()
+
+
+def test_prometheus_adapter_rule_turns_the_runtime_gauge_into_the_hpa_metric():
+    doc = yaml.safe_load((ROOT / "manifests" / "prometheus-adapter" / "rules.yaml").read_text())
+    (rule,) = doc["rules"]["custom"]
+    runtime_metrics = (ROOT / "runtime" / "gptd_runtime" / "api" / "metrics.py").read_text()
+    exported = re.search(r'Gauge\("(gptd:num_requests_running)"', runtime_metrics).group(1)
+    assert rule["seriesQuery"].startswith(exported + "{")
+    # The adapter's `as` uses Go's regexp expansion (${1}); the same rename in Python:
+    renamed = re.sub(rule["name"]["matches"], rule["name"]["as"].replace("${1}", r"\1"), exported)
+    assert renamed == builders.HPA_METRIC
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    assert "<<.Series>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
+
+
+def test_demo_model_path_matches_the_operators_pvc_mapping():
+    """The Job writes build-demo's output to <PVC>/demo; the operator serves pvc://demo-model/demo from the same
+    place, and the served model name (the directory name) is what hack/demo.sh asks for."""
+    (cr,) = _crs(ROOT / "manifests" / "samples" / "cpu.yaml")
+    dep = _children(cr, DEFAULT_SETTINGS)[0]
+    pod = dep["spec"]["template"]["spec"]
+    (vol,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    (c,) = pod["containers"]
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == vol["name"]]
+    model = next(e["value"] for e in c["env"] if e["name"] == "GPTD_MODEL")
+    assert vol["persistentVolumeClaim"] == {"claimName": "demo-model", "readOnly": True}
+    in_pvc = model.removeprefix("file://").removeprefix(mount["mountPath"] + "/")
+    assert model.startswith("file://" + mount["mountPath"] + "/") and in_pvc == "demo"
+
+    job = next(d for d in load_docs((ROOT / "manifests" / "samples" / "demo-model.yaml").read_text())
+               if d["kind"] == "Job")
+    jpod = job["spec"]["template"]["spec"]
+    (jc,) = jpod["containers"]
+    (jvol,) = [v for v in jpod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == "demo-model"]
+    (jmount,) = [m for m in jc["volumeMounts"] if m["name"] == jvol["name"]]
+    target = jc["command"][-1]
+    assert target.startswith(jmount["mountPath"] + "/") and target.removeprefix(jmount["mountPath"] + "/") == in_pvc
+    assert Path(in_pvc).name == "demo"
+    assert '"model": "demo"' in (ROOT / "hack" / "demo.sh").read_text()
+
+
+def test_demo_model_job_writes_only_to_its_volumes():
+    """Read-only root filesystem: build-demo (torch, tokenizers, transformers) writes temp files below /tmp and
+    nothing else outside the PVC (measured with an audit hook); HOME points there too."""
+    job = next(d for d in load_docs((ROOT / "manifests" / "samples" / "demo-model.yaml").read_text())
+               if d["kind"] == "Job")
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert "/tmp" in mounts and {"name": mounts["/tmp"], "emptyDir": {}} in pod["volumes"]
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    assert env["HOME"] == "/tmp"
+    assert pod["securityContext"]["runAsUser"] == 10001

@@ -70,7 +70,8 @@ def test_all_stages_in_order(fake_path):
     expected_in_order = [
         "kind create cluster --name t",
         "docker build -f operator/Dockerfile -t reg/op:x .",
-        "docker build -f runtime/Dockerfile -t reg/rt:x .",
+        "docker build -f runtime/Dockerfile --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
+        " -t reg/rt:x .",
         "kind load docker-image --name t reg/op:x reg/rt:x",
         "label namespace gptd-system --overwrite pod-security.kubernetes.io/enforce=restricted",
         "helm --kube-context kind-t upgrade --install gptd helm/gptd-operator",
@@ -131,3 +132,49 @@ def test_clear_errors_without_docker_engine(fake_path):
     assert proc.returncode != 0 and "engine is not reachable" in proc.stderr
     proc, _ = run_demo(fake_path, "nonsense")
     assert proc.returncode != 0 and "unknown stage nonsense" in proc.stderr
+
+
+AUDIT = r"""
+import os, runpy, sys
+allowed = tuple(os.path.realpath(p) + os.sep for p in sys.argv[1:3])
+bad = []
+def hook(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes)):
+        path, mode, flags = args
+        writing = (mode is not None and any(c in str(mode) for c in "wax+")) or (mode is None and flags & 0o3)
+    elif event in ("os.mkdir", "os.rename", "os.replace", "os.remove", "os.symlink", "shutil.rmtree"):
+        path, writing = args[0], True
+    else:
+        return
+    if writing and isinstance(path, (str, bytes)):
+        real = os.path.realpath(os.fsdecode(path))
+        if not (real + os.sep).startswith(allowed):
+            bad.append(f"{event} {real}")
+sys.addaudithook(hook)
+sys.argv = ["gptd_runtime", "build-demo", sys.argv[1] + "/demo"]
+try:
+    runpy.run_module("gptd_runtime", run_name="__main__")
+finally:
+    sys.stderr.write("".join(f"OUTSIDE {b}\n" for b in bad))
+"""
+
+
+def test_build_demo_writes_only_to_the_volume_and_tmp(tmp_path):
+    """The demo model Job (manifests/samples/demo-model.yaml) runs `python -m gptd_runtime build-demo /models/demo`
+    with a read-only root filesystem, HOME=/tmp and emptyDir /tmp: everything it writes must be below the target
+    volume or the temp dir (torch's inductor dir, tempfile probes), never HOME, HF_HOME or the image."""
+    out, tmp, home = tmp_path / "models", tmp_path / "tmp", tmp_path / "home"
+    for d in (out, tmp, home):
+        d.mkdir()
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "TMPDIR": str(tmp), "PYTHONDONTWRITEBYTECODE": "1",
+           "HF_HOME": str(tmp_path / "ro-hf"), "GPTD_CACHE_DIR": str(tmp_path / "ro-hf")}
+    script = tmp_path / "audit.py"
+    script.write_text(AUDIT)
+    import sys
+
+    proc = subprocess.run([sys.executable, str(script), str(out), str(tmp)], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "OUTSIDE" not in proc.stderr, proc.stderr
+    assert (out / "demo" / "config.json").is_file()
+    assert not list(home.iterdir()) and not (tmp_path / "ro-hf").exists()
