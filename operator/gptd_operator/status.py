@@ -225,20 +225,21 @@ def compute_status(
     up_to_date = all(o.up_to_date for o in observed)
     stable_revision = s_obs.revision if s_obs is not None else None
 
-    # Degraded: the first problem, in a stable order (pods sorted by name), with the cluster's words.
+    # Degraded: the first problem, in a stable order (pods sorted by name), with the cluster's words. A pod's
+    # own problem (the scheduler's or kubelet's message) says more than the Deployment's "timed out
+    # progressing", so pods come first and the Deployment's failure is the fallback.
     pod_obs = [(p.get("metadata", {}).get("name", ""), observe_pod(p)) for p in pods]
     pod_obs.sort(key=lambda item: item[0])
     degraded: tuple[str, str] | None = None
-    failure = deployment_failure(stable) or deployment_failure(canary)
-    if failure is not None:
-        degraded = failure
     for pod_name, po in pod_obs:
-        if degraded is not None:
-            break
         if po.unschedulable_message:
             degraded = ("Unschedulable", f"pod {pod_name}: {po.unschedulable_message}")
         elif po.crashloop_message:
             degraded = ("CrashLoopBackOff", po.crashloop_message)
+        if degraded is not None:
+            break
+    if degraded is None:
+        degraded = deployment_failure(stable) or deployment_failure(canary)
 
     is_ready = (
         s_obs is not None
@@ -291,7 +292,10 @@ def compute_status(
     ]
 
     if degraded is not None and not is_ready:
-        phase = "Failed" if degraded[0] == "ProgressDeadlineExceeded" else "Degraded"
+        # Not "Failed" for the Deployment's ProgressDeadlineExceeded: whether a revision failed is the rollout's
+        # call (it rolls back, docs/rollout.md), and a rollout waiting for a GPU is not a failure. "Failed" is
+        # for a spec the operator refuses (invalid_status).
+        phase = "Degraded"
     elif is_ready:
         phase = "Ready"
     elif current is None and ready == 0:

@@ -143,6 +143,28 @@ async def test_rolling_update_completes_then_resync_is_silent(cluster: Cluster, 
     assert cluster.writes(before) == [], "\n".join(cluster.writes(before))
 
 
+async def test_rolling_update_under_hpa_keeps_its_replica_count(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    await cluster.create("gptdeployments", NS, cr(model=model("v1"), autoscaling={
+        "minReplicas": 1, "maxReplicas": 5, "targetInflightRequests": 4}))
+    dep = await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
+    old = labels_of(dep)[REV]
+    # Play the HPA: it scales the Deployment to 3; the controller brings them up.
+    await cluster.patch("deployments", NS, "gpt2", {"spec": {"replicas": 3}})
+    await ready_deployment(cluster, replicas=3)
+    await status_where(cluster, "Ready at 3", lambda s: s.get("phase") == "Ready" and s.get("readyDisplay") == "3/3")
+    dep = await change_revision(cluster, "v2", old)
+    new = labels_of(dep)[REV]
+    assert dep["spec"]["replicas"] == 3  # the rollout did not touch the HPA's choice
+    st = await status_where(cluster, "RollingOut", progressing("RollingOut"))
+    assert "0/3 pods updated" in condition(st, "Progressing")["message"]
+    await ready_deployment(cluster, replicas=3)
+    st = await status_where(cluster, "RolloutComplete", lambda s: s.get("currentRevision") == new)
+    assert progressing("RolloutComplete")(st) and st["phase"] == "Ready" and st["readyDisplay"] == "3/3"
+    assert (await cluster.get("deployments", NS, "gpt2"))["spec"]["replicas"] == 3
+
+
 async def test_surge_blocked_dips_capacity(cluster: Cluster, operator: RunningOperator) -> None:
     # replicas 2 and no allowCapacityDip: the dip is allowed by default.
     old = await started(cluster, replicas=2, rollout={"surgeGraceSeconds": 30})
@@ -159,6 +181,22 @@ async def test_surge_blocked_dips_capacity(cluster: Cluster, operator: RunningOp
     ev = await event(cluster, "CapacityDip")
     assert ev["type"] == "Warning" and GPU_MESSAGE in ev["message"]
     assert st["rollout"]["inPlace"] is True and st["currentRevision"] == old
+    # The scheduler's words are on the CR (phase Degraded while a pod can't be scheduled: docs/operator.md).
+    assert condition(st, "Degraded")["reason"] == "Unschedulable" and GPU_MESSAGE in condition(st, "Degraded")["message"]
+
+    # Play the Deployment controller with the new strategy: an old pod stops, the new one gets its GPU...
+    await cluster.patch("pods", NS, "gpt2-new-1", {"status": READY_POD}, sub="status")
+    await add_pod(cluster, dep, "gpt2-new-2", READY_POD)
+    await ready_deployment(cluster, replicas=2)
+    # ...and the rollout completes; the next one surges again.
+    dep = await deployment_where(cluster, "gpt2", "surge strategy restored",
+                                 lambda d: strategy_of(d) == {"maxSurge": 1, "maxUnavailable": 0})
+    assert labels_of(dep)[REV] != old
+    st = await status_where(cluster, "RolloutComplete", progressing("RolloutComplete"))
+    assert st["currentRevision"] == labels_of(dep)[REV] and "rollout" not in st
+    await ready_deployment(cluster, replicas=2)  # the controller observed the strategy change
+    st = await status_where(cluster, "Ready", lambda s: s.get("phase") == "Ready")
+    assert condition(st, "Degraded")["status"] == "False" and condition(st, "Ready")["status"] == "True"
 
 
 async def test_surge_blocked_without_dip_says_why(cluster: Cluster, operator: RunningOperator) -> None:
@@ -178,6 +216,28 @@ async def test_surge_blocked_without_dip_says_why(cluster: Cluster, operator: Ru
     assert len(await events(cluster, "InsufficientGPUForSurge")) == 1  # once, not once per resync
     st = await status_of(cluster)
     assert condition(st, "RolledBack")["status"] == "False"  # lack of GPUs is not the revision's fault
+
+    # The Deployment controller's own deadline (the same progressDeadlineSeconds) passes while the surge pod
+    # waits: it reports ProgressDeadlineExceeded. Waiting for a GPU is not a failed revision (docs/rollout.md):
+    # the CR stays Degraded with the scheduler's words, not Failed, and nothing is rolled back.
+    await cluster.patch("deployments", NS, "gpt2", {"status": {"conditions": [{
+        "type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+        "message": 'ReplicaSet "gpt2-new" has timed out progressing.'}]}}, sub="status")
+    await operator.resync_passes(2)
+    st = await status_of(cluster)
+    assert st["phase"] == "Degraded", st["phase"]
+    degraded = condition(st, "Degraded")
+    assert degraded["reason"] == "Unschedulable" and GPU_MESSAGE in degraded["message"]
+    assert progressing("InsufficientGPUForSurge")(st) and condition(st, "RolledBack")["status"] == "False"
+    assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] != old
+
+    # A GPU frees up: the surge pod is scheduled and becomes Ready, and the rollout goes on.
+    await cluster.patch("pods", NS, "gpt2-new-1", {"status": {
+        "phase": "Running", "conditions": [{"type": "PodScheduled", "status": "True"},
+                                           {"type": "Ready", "status": "True"}]}}, sub="status")
+    st = await status_where(cluster, "RollingOut again", progressing("RollingOut"))
+    assert condition(st, "Progressing")["status"] == "True" and "1 Ready" in condition(st, "Progressing")["message"]
+    assert strategy_of(await cluster.get("deployments", NS, "gpt2")) == {"maxSurge": 1, "maxUnavailable": 0}
 
 
 async def test_crashloop_rolls_back_and_does_not_retry(cluster: Cluster, operator: RunningOperator) -> None:
@@ -322,5 +382,7 @@ async def test_canary_abort_rolls_back(cluster: Cluster, operator: RunningOperat
     assert not [w for w in cluster.writes(before) if w.endswith("/deployments/gpt2")]
     cr_ = await cluster.get("gptdeployments", NS, "gpt2")
     assert "gptd.io/abort" not in (cr_["metadata"].get("annotations") or {})
+    st = await status_where(cluster, "Ready on the old revision", lambda s: s.get("phase") == "Ready")
+    assert condition(st, "Ready")["status"] == "True" and condition(st, "RolledBack")["status"] == "True"
     await operator.resync_passes(2)
     assert await cluster.get("deployments", NS, "gpt2-canary") is None  # not recreated: no retry

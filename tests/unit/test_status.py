@@ -105,11 +105,32 @@ def test_crashloop_is_degraded() -> None:
     assert st.observe_pod(pod).restarts == 5
 
 
-def test_progress_deadline_is_failed() -> None:
+def test_progress_deadline_is_degraded_not_failed() -> None:
+    # The rollout decides whether a revision failed (and rolls back); the Deployment's deadline is a symptom.
     dep = deployment(conditions=[{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
                                   "message": 'ReplicaSet "gpt2-1" has timed out progressing.'}])
     s = compute(dep)
-    assert s["phase"] == "Failed" and cond(s, "Degraded")["reason"] == "ProgressDeadlineExceeded"
+    assert s["phase"] == "Degraded" and cond(s, "Degraded")["reason"] == "ProgressDeadlineExceeded"
+    assert "timed out progressing" in cond(s, "Degraded")["message"]
+
+
+def test_pod_problem_is_named_before_the_deployment_deadline() -> None:
+    dep = deployment(conditions=[{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                                  "message": 'ReplicaSet "gpt2-1" has timed out progressing.'}])
+    pod = {"metadata": {"name": "gpt2-x"}, "status": {"conditions": [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}}
+    s = compute(dep, pods=[pod])
+    assert s["phase"] == "Degraded" and cond(s, "Degraded")["reason"] == "Unschedulable"
+    assert "Insufficient nvidia.com/gpu" in cond(s, "Degraded")["message"]
+
+
+def test_ready_wins_over_a_stale_deployment_deadline() -> None:
+    # After a rollback the last good revision serves again before the controller clears its old condition.
+    dep = deployment(ready=2, updated=2, conditions=[{"type": "Progressing", "status": "False",
+                                                      "reason": "ProgressDeadlineExceeded", "message": "x"}])
+    s = compute(dep)
+    assert s["phase"] == "Ready" and cond(s, "Ready")["status"] == "True"
 
 
 def test_transition_time_moves_only_on_flip() -> None:
