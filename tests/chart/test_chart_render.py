@@ -385,5 +385,8 @@ def test_notes_tell_the_next_command(helm_bin):
     proc = run_helm(helm_bin, "install", "gptd", str(CHART), "--namespace", NAMESPACE, "--dry-run=client")
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert "kubectl apply -f" in notes and "manifests/samples/cpu.yaml" in notes
+    # cpu.yaml serves pvc://demo-model/demo: the PVC and its Job come first.
+    assert notes.index("manifests/samples/demo-model.yaml") < notes.index("manifests/samples/cpu.yaml")
+    assert "kubectl wait --for=condition=complete job/demo-model" in notes
     assert "kubectl get gptd" in notes
     assert "kubectl wait --for=condition=Ready gptd/demo" in notes
