@@ -314,8 +314,6 @@ def test_rbac_expectations_are_the_documented_needs():
     always, keda = _documented_rbac()
     assert always == EXPECTED_NAMESPACED
     assert keda == KEDA
-    text = (ROOT / "docs" / "operator.md").read_text()
-    assert "Not needed: `customresourcedefinitions` and `namespaces`" in text
 
 
 def test_rbac_covers_what_kopf_watches_and_nothing_cluster_scoped():
