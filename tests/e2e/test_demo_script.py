@@ -20,7 +20,9 @@ case "$args" in
   *" apply -f - "*) cat >> "$FAKE_DIR/applied.yaml"; exit 0 ;;
   *" create namespace "*) echo "apiVersion: v1"; echo "kind: Namespace"; exit 0 ;;
   *"{.metadata.generation}"*) echo -n 2; exit 0 ;;
-  *" --watch "*) printf 'rev-1\n\nrev-1\nrev-2\n'; exec sleep 600 ;;
+  # A watch never ends by itself; the sleep must not hold the test's pipes open if the script's kill of the
+  # watcher races with `timeout` starting it (seen under load), so its output goes nowhere.
+  *" --watch "*) printf 'rev-1\n\nrev-1\nrev-2\n'; exec sleep 120 >/dev/null 2>&1 ;;
   *"{.status.currentRevision}"*) echo -n rev-1; exit 0 ;;
   *"{.status.url}"*) echo -n http://demo.default.svc.cluster.local:8000; exit 0 ;;
   *" run gptd-demo-client "*) echo '{"model": "demo", "choices": [{"text": "lorem"}]}'; exit 0 ;;
@@ -120,7 +122,7 @@ def test_existing_cluster_and_skip_build(fake_path):
 
 def test_rollout_fails_when_the_revision_never_changes(fake_path):
     kubectl = fake_path / "bin" / "kubectl"
-    kubectl.write_text(FAKE_KUBECTL.replace(r"printf 'rev-1\n\nrev-1\nrev-2\n'; exec sleep 600", "printf 'rev-1\\n'"))
+    kubectl.write_text(FAKE_KUBECTL.replace(r"printf 'rev-1\n\nrev-1\nrev-2\n'", r"printf 'rev-1\n'"))
     proc, _ = run_demo(fake_path, "rollout")
     assert proc.returncode != 0
     assert "currentRevision did not change from rev-1" in proc.stderr
