@@ -403,7 +403,7 @@ def _promoting(d: _Ctx) -> Plan:
     stable = DeploymentPlan(d.obs.desired_template, d.rev, want, _strategy(d.spec, bool(d.ro.get("inPlace"))))
     canary = _canary_plan(d, count) if count else None
     s = d.obs.stable
-    updated = s.updated_replicas if s and s.revision == d.rev else 0
+    updated = _updated(d)
     target = want if want is not None else (s.spec_replicas if s else "?")
     msg = f"promoting revision {d.rev}: {updated}/{target} stable pods updated; the canary stays until they are Ready"
     return _finish(d, stable, canary, gpu or _cond("Progressing", True, "Promoting", msg))
@@ -637,13 +637,20 @@ def _canary_plan(d: _Ctx, count: int) -> DeploymentPlan:
 
 def _rolling_cond(d: _Ctx, want: int | None) -> ConditionPlan:
     s = d.obs.stable
-    updated = s.updated_replicas if s and s.revision == d.rev else 0
+    updated = _updated(d)
     ready = sum(1 for p in d.obs.pods if p.revision == d.rev and p.ready)
     target = want if want is not None else (s.spec_replicas if s else "?")
     msg = f"rolling out revision {d.rev}: {updated}/{target} pods updated, {ready} Ready"
     if d.ro.get("inPlace"):
         return _cond("Progressing", True, "CapacityDip", f"{msg}; {_dip_text(d)}")
     return _cond("Progressing", True, "RollingOut", msg)
+
+
+def _updated(d: _Ctx) -> int:
+    """Stable pods on the desired revision; 0 until the controller has seen the new template (its counts
+    until then are the previous template's)."""
+    s = d.obs.stable
+    return s.updated_replicas if s and s.revision == d.rev and s.up_to_date else 0
 
 
 def _cond(type_: str, status: bool, reason: str, message: str) -> ConditionPlan:

@@ -211,6 +211,8 @@ def test_not_complete_while_old_pods_remain_or_controller_lags() -> None:
     lagging = DeploymentObs(RB, TB, 2, 2, 2, 2, 2, up_to_date=False)
     plan = decide(spec, status, obs(10, RB, stable=lagging))
     assert plan.status["currentRevision"] == RA
+    # The lagging controller's counts are the old template's: not reported as the new revision's progress.
+    assert "0/2 pods updated" in cond(plan, "Progressing").message
 
 
 def test_autoscaling_leaves_replicas_to_the_hpa() -> None:
