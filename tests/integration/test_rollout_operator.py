@@ -393,3 +393,68 @@ async def test_canary_abort_rolls_back(cluster: Cluster, operator: RunningOperat
     assert condition(st, "Ready")["status"] == "True" and condition(st, "RolledBack")["status"] == "True"
     await operator.resync_passes(2)
     assert await cluster.get("deployments", NS, "gpt2-canary") is None  # not recreated: no retry
+
+
+CANARY = {"strategy": "Canary", "canary": {"steps": [{"weight": 25, "pauseSeconds": 0}, {"weight": 50}]}}
+
+
+async def test_canary_crashloop_rolls_back_and_gpu_starved_canary_dips_the_stable(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    old = await started(cluster, replicas=4, rollout={**CANARY, "surgeGraceSeconds": 30})
+    canary = await change_revision(cluster, "v2", old, name="gpt2-canary")
+    # The canary pod gets no GPU: after the grace the stable gives one up (allowCapacityDip defaults to true).
+    await add_pod(cluster, canary, "gpt2-canary-1", UNSCHEDULABLE_POD)
+    stable = await deployment_where(cluster, "gpt2", "stable 3", lambda d: d["spec"]["replicas"] == 3)
+    assert labels_of(stable)[REV] == old
+    st = await status_where(cluster, "CapacityDip", progressing("CapacityDip"))
+    assert "gives up GPUs to the canary" in condition(st, "Progressing")["message"]
+    # A revision change mid-canary restarts it at step 1 with the newest revision.
+    canary = await change_revision(cluster, "v3", labels_of(canary)[REV], name="gpt2-canary")
+    v3 = labels_of(canary)[REV]
+    assert env_of(canary)["GPTD_REVISION"] == "v3" and canary["spec"]["replicas"] == 1
+    st = await status_where(cluster, "v3 step 1", lambda s: s.get("rollout", {}).get("revision") == v3)
+    assert st["rollout"]["step"] == 0 and st["currentRevision"] == old
+    await cluster.delete("pods", NS, "gpt2-canary-1")  # the v2 pod goes with the old canary template
+    stable = await deployment_where(cluster, "gpt2", "stable back to 4", lambda d: d["spec"]["replicas"] == 4)
+    # The v3 canary crash-loops: rolled back, canary gone, stable on the old revision at full count.
+    await add_pod(cluster, canary, "gpt2-canary-2", CRASHLOOP_POD)
+
+    async def canary_gone() -> bool:
+        return await cluster.get("deployments", NS, "gpt2-canary") is None
+
+    await eventually(canary_gone, what="canary deleted")
+    st = await status_where(cluster, "RolledBack", lambda s: condition(s, "RolledBack").get("status") == "True")
+    assert condition(st, "RolledBack")["reason"] == "CrashLoop" and st["failedRevision"] == v3
+    stable = await cluster.get("deployments", NS, "gpt2")
+    assert labels_of(stable)[REV] == old and stable["spec"]["replicas"] == 4
+
+
+async def test_canary_under_hpa_is_sized_from_the_live_count_and_rolls_back_while_promoting(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    await cluster.create("gptdeployments", NS, cr(model=model("v1"), rollout=CANARY, autoscaling={
+        "minReplicas": 1, "maxReplicas": 8, "targetInflightRequests": 4}))
+    dep = await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
+    old = labels_of(dep)[REV]
+    await cluster.patch("deployments", NS, "gpt2", {"spec": {"replicas": 6}})  # the HPA's choice
+    await ready_deployment(cluster, replicas=6)
+    await status_where(cluster, "Ready", lambda s: s.get("phase") == "Ready")
+    canary = await change_revision(cluster, "v2", old, name="gpt2-canary")
+    assert canary["spec"]["replicas"] == 2  # 25% of the live 6, rounded
+    assert "replicas" in (await cluster.get("deployments", NS, "gpt2"))["spec"]
+    assert (await cluster.get("deployments", NS, "gpt2"))["spec"]["replicas"] == 6
+    await cluster.patch("gptdeployments", NS, "gpt2", {"metadata": {"annotations": {"gptd.io/promote": "true"}}})
+    stable = await deployment_where(cluster, "gpt2", "promoting", lambda d: labels_of(d).get(REV) != old)
+    assert stable["spec"]["replicas"] == 6
+    await status_where(cluster, "Promoting", progressing("Promoting"))
+    await add_pod(cluster, stable, "gpt2-new-1", CRASHLOOP_POD)
+    stable = await deployment_where(cluster, "gpt2", "rolled back", lambda d: labels_of(d).get(REV) == old)
+    assert stable["spec"]["replicas"] == 6
+
+    async def canary_gone() -> bool:
+        return await cluster.get("deployments", NS, "gpt2-canary") is None
+
+    await eventually(canary_gone, what="canary deleted")
+    st = await status_where(cluster, "RolledBack", lambda s: condition(s, "RolledBack").get("status") == "True")
+    assert condition(st, "RolledBack")["reason"] == "CrashLoop"
