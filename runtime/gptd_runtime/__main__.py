@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     opt("--kv-cache-blocks", "kv_cache_blocks", type=int, help="KV cache pages (memory budget)")
     opt("--kv-cache-page-size", "kv_cache_page_size", type=int, help="tokens per KV page")
     opt("--max-batch-tokens", "max_batch_tokens", type=int)
+    opt("--torch-threads", "torch_threads", type=int, help="CPU intra-op threads (default: CPU budget - 1)")
     opt("--cache-dir", "cache_dir", help="where --demo builds its model (default $HF_HOME)")
     opt("--hf-token-file", "hf_token_file")
     opt("--log-level", "log_level")

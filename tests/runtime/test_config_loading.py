@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from gptd_runtime.__main__ import _parser
 from gptd_runtime.config import ENV_VARS, Settings, load_settings
 from gptd_runtime.demo import build_demo_model
 from gptd_runtime.loading import ModelLoadError, resolve_model_dir
@@ -81,3 +82,9 @@ def test_demo_setting_builds_into_cache_dir(tmp_path: Path) -> None:
     path = resolve_model_dir(Settings(demo=True, cache_dir=tmp_path, task="token-classification"))
     labels = json.loads((path / "config.json").read_text())["id2label"]
     assert "B-PER" in labels.values()
+
+
+def test_every_setting_has_a_flag() -> None:
+    flags = {a.dest for a in _parser()._subparsers._group_actions[0].choices["serve"]._actions}  # type: ignore[union-attr]
+    assert set(ENV_VARS) <= flags
+    assert _parser().parse_args(["serve", "--demo", "--torch-threads", "3"]).torch_threads == 3
