@@ -312,6 +312,25 @@ async def test_progress_deadline_rolls_back(cluster: Cluster, operator: RunningO
     assert st["failedRevision"] == new
     dep = await cluster.get("deployments", NS, "gpt2")
     assert labels_of(dep)[REV] == old
+    # Play the Deployment controller: its own deadline (the same 10 s) passed too, and it still says so while
+    # the old ReplicaSet takes over again. The CR is not "Failed": the rollout has handled it.
+    await cluster.patch("deployments", NS, "gpt2", {"status": {"conditions": [{
+        "type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+        "message": 'ReplicaSet "gpt2-new" has timed out progressing.'}]}}, sub="status")
+    st = await status_where(cluster, "Degraded",
+                            lambda s: condition(s, "Degraded").get("reason") == "ProgressDeadlineExceeded")
+    assert st["phase"] == "Degraded"
+    # The old revision serves again (the controller clears its condition once complete): Ready, RolledBack=True.
+    await cluster.delete("pods", NS, "gpt2-new-1")
+    dep = await cluster.get("deployments", NS, "gpt2")
+    await cluster.patch("deployments", NS, "gpt2", {"status": {
+        "observedGeneration": dep["metadata"]["generation"], "replicas": 1, "readyReplicas": 1, "updatedReplicas": 1,
+        "availableReplicas": 1, "conditions": [{"type": "Progressing", "status": "True",
+                                                "reason": "NewReplicaSetAvailable", "message": "complete"}]}},
+        sub="status")
+    st = await status_where(cluster, "Ready", lambda s: s.get("phase") == "Ready")
+    assert condition(st, "Ready")["status"] == "True" and condition(st, "Degraded")["status"] == "False"
+    assert condition(st, "RolledBack")["status"] == "True" and st["currentRevision"] == old
 
 
 async def test_canary_steps_and_promotion(cluster: Cluster, operator: RunningOperator) -> None:
