@@ -354,6 +354,7 @@ async def test_canary_steps_and_promotion(cluster: Cluster, operator: RunningOpe
     await ready_deployment(cluster, "gpt2-canary", replicas=2)
     st = await status_where(cluster, "step 2 paused", lambda s: "paused until gptd.io/promote=true" in
                             condition(s, "Progressing").get("message", ""))
+    assert st["readyDisplay"] == "6/6" and st["phase"] == "Progressing"  # READY counts both tracks
     # Step 2 has no pause: it waits for the promote annotation, however many resyncs pass.
     await operator.resync_passes(2)
     assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old
