@@ -106,6 +106,33 @@ def default_torch_threads() -> int:
     return max(1, budget - 1)
 
 
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_malloc() -> bool:
+    """Keep freed CPU tensor memory in the process instead of handing it back to the kernel each step.
+
+    Every forward pass allocates and frees activation tensors of a few MiB. glibc mmaps blocks above its
+    mmap threshold (or trims the heap top) and returns them on free, so the next step takes a fresh page
+    fault per 4 KiB. glibc raises the threshold adaptively, but whether it does depends on the allocation
+    history: the same server measured 2-20k or 600k minor faults per 4,096 generated tokens, and ~30% lower
+    throughput in the second case. Fixed thresholds (32 MiB mmap, glibc's maximum; 1 GiB trim) make the
+    good case deterministic. Retained memory stays bounded by the peak working set. No-op without glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    ok = mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) == 1
+    return mallopt(_M_TRIM_THRESHOLD, 2**30) == 1 and ok
+
+
 def _pick_device(requested: str) -> str:
     import torch
 
@@ -146,6 +173,8 @@ def load_model(settings: Settings, path: Path) -> LoadedModel:
         threads = settings.torch_threads or default_torch_threads()
         torch.set_num_threads(threads)  # applies to the engine's worker threads too
         log.info("using %d CPU thread(s) for torch", threads)
+        if tune_malloc():
+            log.debug("malloc: 32 MiB mmap threshold, 1 GiB trim threshold")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = classes[settings.task].from_pretrained(path, dtype=_pick_dtype(settings.dtype, device))

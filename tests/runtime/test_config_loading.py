@@ -88,3 +88,13 @@ def test_every_setting_has_a_flag() -> None:
     flags = {a.dest for a in _parser()._subparsers._group_actions[0].choices["serve"]._actions}  # type: ignore[union-attr]
     assert set(ENV_VARS) <= flags
     assert _parser().parse_args(["serve", "--demo", "--torch-threads", "3"]).torch_threads == 3
+
+
+def test_tune_malloc_applies_on_glibc() -> None:
+    import platform
+
+    from gptd_runtime.loading import tune_malloc
+
+    applied = tune_malloc()
+    if platform.libc_ver()[0] == "glibc":
+        assert applied
