@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from . import attention
 from .config import Settings
 from .loading import LoadedModel
 
@@ -252,12 +253,24 @@ class GenerationEngine:
                 generation_config=gen_config, continuous_batching_config=cb_config
             )
         mgr = self._manager
+        varlen = (self.loaded.device == "cpu" and model.config._attn_implementation == "sdpa"
+                  and attention.supported(model.config))
+        if varlen:
+            # Per-request attention instead of sdpa over the whole packed batch (see attention.py). Set after
+            # init (which only accepts its own names) and before start (which sizes the dense mask by it).
+            model.config._attn_implementation = attention.register()
+        cache_patched = not varlen
         step = mgr._generation_step
 
         # Instrument each forward pass (runs on the manager's thread): batch size, and drop outputs of
         # cancelled requests that arrive after their handler was removed so the shared queue cannot grow.
         def instrumented_step() -> None:
+            nonlocal cache_patched
             bp = mgr.batch_processor
+            if not cache_patched:  # the manager creates its cache on its own thread, before the first step
+                cache_patched = True
+                direct = attention.enable_direct_reads(bp.cache)
+                log.debug("attention: %s, direct cache reads: %s", attention.NAME, direct)
             ios = bp.inputs_and_outputs
             size = ios.num_request_in_batch
             # transformers' sampling mode is engine-wide; when every request in this pass is greedy, take the
