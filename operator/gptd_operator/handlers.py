@@ -10,6 +10,7 @@ so tests can run several operators with their own registries and settings.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -19,7 +20,7 @@ from typing import Any
 
 import kopf
 
-from . import api, builders, kube, rollout
+from . import analysis, api, builders, kube, rollout
 from . import status as st
 from .api import GPTDeploymentSpec, InvalidSpec
 from .rollout import DeploymentPlan, Observations, Plan
@@ -139,11 +140,14 @@ class Reconciler:
         # rollout's pauses and deadlines that no watch event would announce.
         self.requeue: Callable[[str, str, float], None] | None = None
         self.resync_passes = 0  # completed passes of the periodic resync (tests and the benchmark wait on it)
+        # Canary analysis against Prometheus, at most once per intervalSeconds per canary (analysis.py).
+        self.analyzer = analysis.Analyzer()
 
     def forget(self, namespace: str, name: str, uid: str | None) -> None:
         self._locks.pop((namespace, name), None)
         if uid:
             self._written.pop(uid, None)
+            self.analyzer.forget(uid)
 
     async def reconcile(self, body: Mapping[str, Any], indices: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
@@ -176,16 +180,20 @@ class Reconciler:
         revision = builders.revision_hash(template)
         children = snapshot(indices, namespace, name, uid or None)
         annotations = meta.get("annotations") or {}
+        # rollout's own observation helpers: its decisions are tested against exactly these.
+        canary_obs = rollout.observe_deployment(children.canary) if children.canary else None
+        outcome, analysis_due = await self._analyse(uid, name, namespace, spec, previous, revision, canary_obs)
         obs = Observations(
             now=now,
             desired_template=template,
             desired_revision=revision,
-            # rollout's own observation helpers: its decisions are tested against exactly these.
             stable=rollout.observe_deployment(children.stable) if children.stable else None,
-            canary=rollout.observe_deployment(children.canary) if children.canary else None,
+            canary=canary_obs,
             pods=tuple(rollout.observe_pod(p) for p in children.pods),
             promote=annotations.get(ANN_PROMOTE) == "true",
             abort=annotations.get(ANN_ABORT) == "true",
+            analysis_breach=outcome.breach,
+            analysis_unavailable=outcome.unavailable,
         )
         plan = make_plan(spec, previous, obs)
 
@@ -291,8 +299,23 @@ class Reconciler:
                 kopf.event(body, type=etype, reason=new_phase or "Unknown", message=msg)
         for ev in plan.events:
             kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
-        if plan.requeue_after is not None and self.requeue is not None:
-            self.requeue(namespace, name, plan.requeue_after)
+        # Re-run due analysis even when nothing else happens (no watch event announces new metrics).
+        delays = [d for d in (plan.requeue_after, analysis_due) if d is not None]
+        if delays and self.requeue is not None:
+            self.requeue(namespace, name, max(1.0, min(delays)))
+
+    async def _analyse(
+        self, uid: str, name: str, namespace: str, spec: GPTDeploymentSpec, previous: Mapping[str, Any],
+        revision: str, canary: rollout.DeploymentObs | None,
+    ) -> tuple[analysis.Outcome, float | None]:
+        """The canary analysis outcome for this reconcile (memoised per interval), and when it is next due."""
+        ready = canary.ready_replicas if canary is not None and canary.revision == revision else 0
+        key = analysis.analysis_key(spec, previous, revision, ready)
+        if key is None:
+            self.analyzer.forget(uid)
+            return analysis.Outcome(), None
+        config = spec.rollout.canary.analysis  # type: ignore[union-attr]  # analysis_key checked it
+        return await self.analyzer.analyse(uid, key, name, namespace, config)  # type: ignore[arg-type]
 
     def _deployment(
         self, name: str, namespace: str, uid: str, spec: GPTDeploymentSpec, plan: DeploymentPlan, track: str
@@ -354,11 +377,20 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
     state_tasks: dict[str, asyncio.Task[None]] = {}
     # kopf hands the (live, long-lived) index objects only to handlers; the resync loop borrows them.
     state_indices: dict[str, Mapping[str, Any]] = {}
+    # kopf.event() needs context variables kopf sets only in the tasks that run handlers; reconciles started
+    # by the resync loop or a requeue timer run in a copy of a handler's context, or they could not post Events.
+    state_context: dict[str, contextvars.Context] = {}
 
     def remember(kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
         indices = {k: kwargs[k] for k in (*CHILD_INDICES.values(), "gptd_pods", "gptd_crs") if k in kwargs}
         state_indices.setdefault("i", indices)
+        if "c" not in state_context:
+            state_context["c"] = contextvars.copy_context()
         return indices
+
+    def in_handler_context(coro: Any) -> asyncio.Task[Any]:
+        context = state_context.get("c")
+        return asyncio.get_running_loop().create_task(coro, context=None if context is None else context.copy())
 
     # Handlers are async on purpose: kopf runs sync handlers in a thread pool, a hop per watch event.
     if reconciler is not None:
@@ -401,6 +433,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
         await asyncio.gather(*tasks, return_exceptions=True)
         if "r" in state:
             await state["r"].kube.close()
+            await state["r"].analyzer.close()
 
     # --- indices: the cluster as the watch streams show it, keyed by (namespace, CR name)
 
@@ -478,7 +511,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
 
         def fire() -> None:
             timers.pop(key, None)
-            task = loop.create_task(_reconcile_owner(key, state_indices.get("i") or {}))
+            task = in_handler_context(_reconcile_owner(key, state_indices.get("i") or {}))
             state_tasks[f"requeue-{id(task)}"] = task
             task.add_done_callback(lambda t: state_tasks.pop(f"requeue-{id(t)}", None))
 
@@ -502,7 +535,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
             for key in keys:
                 for body in list(crs.get(key, [])):
                     try:
-                        await rec().reconcile(body, indices)
+                        await in_handler_context(rec().reconcile(body, indices))
                     except Exception:  # one broken CR must not stop the resync of the others
                         log.exception("resync of %s/%s failed", *key)
             rec().resync_passes += 1

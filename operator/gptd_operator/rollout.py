@@ -63,6 +63,9 @@ class Observations:
     promote: bool = False  # annotation gptd.io/promote=true
     abort: bool = False  # annotation gptd.io/abort=true
     analysis_breach: str | None = None  # set by handlers when canary.analysis found a breach
+    # Set by handlers when canary.analysis could not be evaluated (Prometheus unreachable or erroring): the
+    # canary is held at its step (no advance, no rollback) until it can be.
+    analysis_unavailable: str | None = None
 
 
 @dataclass(frozen=True)
@@ -317,6 +320,8 @@ def _start(d: _Ctx) -> Plan:
 def _advance(d: _Ctx) -> Plan:
     _track_progress(d)
     phase = d.ro["phase"]
+    if phase in (CANARY, PROMOTING):
+        _analysis_health(d)
     if phase == CANARY:
         return _canary(d)
     if phase == PROMOTING:
@@ -358,7 +363,10 @@ def _canary(d: _Ctx) -> Plan:
     where = f"step {step + 1}/{n}: weight {weight}% = {count} canary pod(s) beside {_share(d, count)}"
     reason = f"CanaryStep{step + 1}of{n}"
     if ready:
-        if pause is None:
+        if d.obs.analysis_unavailable:  # can't judge the canary: don't advance it (handlers re-run the analysis)
+            hold = f"Ready, not advancing: canary analysis unavailable: {d.obs.analysis_unavailable}"
+            cond = _cond("Progressing", True, reason, f"{where}; {hold}")
+        elif pause is None:
             cond = _cond("Progressing", True, reason, f"{where}; Ready, paused until {PROMOTE_ANNOTATION}=true")
         else:
             left = pause - d.since(d.ro["stepReadyAt"])
@@ -369,6 +377,19 @@ def _canary(d: _Ctx) -> Plan:
     else:
         cond = gpu or _cond("Progressing", True, reason, f"{where}; waiting for the canary to be Ready")
     return _finish(d, _baseline_plan(d, count), _canary_plan(d, count), cond)
+
+
+def _analysis_health(d: _Ctx) -> None:
+    """An analysis outage is recorded in status.rollout.analysisUnavailable, with one Warning Event when it
+    starts and one Normal Event when it ends; it never fails the rollout."""
+    ro = d.ro
+    if d.obs.analysis_unavailable:
+        if not ro.get("analysisUnavailable"):
+            ro["analysisUnavailable"] = d.obs.analysis_unavailable
+            msg = f"revision {d.rev}: canary analysis unavailable, holding the canary: {d.obs.analysis_unavailable}"
+            d.event("Warning", "AnalysisUnavailable", msg)
+    elif ro.pop("analysisUnavailable", None):
+        d.event("Normal", "AnalysisRecovered", f"revision {d.rev}: canary analysis available again")
 
 
 def _next_step(d: _Ctx, step: int, n: int) -> Plan:

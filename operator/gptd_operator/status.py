@@ -333,13 +333,19 @@ def compute_status(
 def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """The merge patch turning ``old`` status into ``new`` for the keys in ``new``; {} when equal.
 
-    ``None`` in ``new`` removes the key (JSON merge patch semantics).
+    ``None`` in ``new`` removes the key (JSON merge patch semantics). A nested object (``rollout``) is patched
+    key by key, with ``None`` for the keys ``new`` dropped: a merge patch would otherwise keep them.
     """
     patch: dict[str, Any] = {}
     for key, value in new.items():
+        before = old.get(key)
         if value is None:
-            if old.get(key) is not None:
+            if before is not None:
                 patch[key] = None
-        elif old.get(key) != value:
+        elif isinstance(value, dict) and isinstance(before, dict):
+            nested = status_patch(before, {**dict.fromkeys(before), **value})
+            if nested:
+                patch[key] = nested
+        elif before != value:
             patch[key] = value
     return patch

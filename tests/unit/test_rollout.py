@@ -683,3 +683,34 @@ def test_observe_pod() -> None:
         }
     )
     assert ready == PodObs(RA, True)
+
+
+def test_canary_analysis_unavailable_holds_the_step_then_recovers() -> None:
+    spec = canary_spec(replicas=4)  # step 1: weight 10 (1 pod), pause 60 s
+    status = _canary_started(spec)
+    down = "Prometheus unavailable: HTTP 500"
+    plan = decide(spec, status, obs(10, RB, stable=dep(RA, 4), canary=dep(RB, 1), analysis_unavailable=down))
+    status = merged(status, plan)
+    assert plan.canary is not None and plan.stable.template == TA  # no rollback
+    assert events(plan) == ["AnalysisUnavailable"] and plan.events[0].type == "Warning"
+    assert status["rollout"]["analysisUnavailable"] == down
+    # Long past the pause, still down: held at step 1, no further Event, no rollback, no deadline.
+    for t in (100, 5000):
+        plan = decide(spec, status, obs(t, RB, stable=dep(RA, 4), canary=dep(RB, 1), analysis_unavailable=down))
+        status = merged(status, plan)
+        assert plan.events == () and status["rollout"]["step"] == 0 and plan.canary is not None
+        c = cond(plan, "Progressing")
+        assert c.reason == "CanaryStep1of2" and "not advancing: canary analysis unavailable" in c.message
+        assert cond(plan, "RolledBack").status == "False"
+    # Prometheus is back: one Normal Event, and the overdue step advances.
+    plan = decide(spec, status, obs(5010, RB, stable=dep(RA, 4), canary=dep(RB, 1)))
+    assert events(plan) == ["AnalysisRecovered", "CanaryStep"]
+    assert plan.status["rollout"]["step"] == 1 and "analysisUnavailable" not in plan.status["rollout"]
+
+
+def test_canary_analysis_unavailable_does_not_block_a_manual_promote() -> None:
+    spec = canary_spec(replicas=4)
+    status = _canary_started(spec)
+    plan = decide(spec, status, obs(10, RB, stable=dep(RA, 4), canary=dep(RB, 1), promote=True,
+                                    analysis_unavailable="Prometheus unavailable"))
+    assert plan.status["rollout"]["phase"] == "Promoting" and plan.stable.template == TB

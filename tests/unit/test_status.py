@@ -196,3 +196,11 @@ def test_new_revision_is_rolling_out_until_ready() -> None:
     assert s["currentRevision"] == "oldrev0000" and s["updateRevision"] == REV
     done = compute(deployment(ready=2, updated=2), previous=s)
     assert done["phase"] == "Ready" and done["currentRevision"] == REV
+
+
+def test_status_patch_removes_keys_dropped_from_a_nested_object() -> None:
+    old = {"rollout": {"phase": "Canary", "step": 0, "stepReadyAt": "t", "analysisUnavailable": "down"}, "x": 1}
+    new = {"rollout": {"phase": "Canary", "step": 1}}
+    assert st.status_patch(old, new) == {"rollout": {"step": 1, "stepReadyAt": None, "analysisUnavailable": None}}
+    assert st.status_patch(old, {"rollout": dict(old["rollout"])}) == {}
+    assert st.status_patch(old, {"rollout": None}) == {"rollout": None}
