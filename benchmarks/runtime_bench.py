@@ -232,6 +232,11 @@ def main() -> int:
               f"{_pct(r.latencies, 50):.3f} | {_pct(r.latencies, 95):.3f} | {_pct(r.ttfts, 50):.3f} | "
               f"{_pct(r.ttfts, 95):.3f} | {r.errors} |")
     by = {(r.server, r.clients): r for r in results}
+    for c in levels:  # fairness: both servers must have generated the same number of tokens
+        counts = {name: by[(name, c)].tokens for name, *_ in servers}
+        if len(set(counts.values())) > 1:
+            print(f"WARNING: {c} clients: generated token counts differ {counts}; compare tokens/s with care",
+                  file=sys.stderr)
     if not args.skip_transformers:
         print("\n| clients | throughput ratio gptd / transformers-serve | p50 latency ratio | p50 TTFT ratio |")
         print("|---|---|---|---|")
