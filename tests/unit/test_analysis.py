@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import re
+import socket
 from typing import Any
 
+import aiohttp
 import pytest
 from gptd_operator import analysis, api
 from gptd_operator.analysis import ERROR_RATE, TTFT_P95, build_queries, evaluate, missing
@@ -107,3 +109,33 @@ def test_sample(data: dict[str, Any], value: float | None) -> None:
 def test_sample_rejects_malformed_answers(data: Any) -> None:
     with pytest.raises(analysis.PrometheusError):
         analysis._sample(data)
+
+
+async def test_query_raises_a_typed_error_when_prometheus_is_unreachable() -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(analysis.PrometheusError, match=r"127\.0\.0\.1:\d+/api/v1/query: Client"):
+            await analysis.query(session, f"http://127.0.0.1:{port}", "up", timeout=2)
+
+
+async def test_analyzer_runs_at_most_once_per_interval_and_at_once_for_a_new_step() -> None:
+    now = [0.0]
+
+    class Fake(analysis.Analyzer):
+        async def _run(self, name: str, namespace: str, config: api.CanaryAnalysis) -> analysis.Outcome:
+            self.runs += 1
+            return analysis.Outcome(breach=f"run {self.runs}")
+
+    an = Fake(clock=lambda: now[0])
+    c = cfg(intervalSeconds=60)
+    assert await an.analyse("uid", ("r2", 0), "chat", "ns", c) == (analysis.Outcome(breach="run 1"), 60.0)
+    now[0] = 45.0
+    assert await an.analyse("uid", ("r2", 0), "chat", "ns", c) == (analysis.Outcome(breach="run 1"), 15.0)
+    assert (await an.analyse("uid", ("r2", 1), "chat", "ns", c))[0].breach == "run 2"  # new step: at once
+    now[0] = 105.0
+    assert (await an.analyse("uid", ("r2", 1), "chat", "ns", c))[0].breach == "run 3"  # interval passed
+    an.forget("uid")
+    assert (await an.analyse("uid", ("r2", 1), "chat", "ns", c))[0].breach == "run 4"
