@@ -7,14 +7,14 @@ lastTransitionTime only moves when its status flips.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from . import builders
 from .api import GPTDeploymentSpec
-from .rollout import DeploymentObs, PodObs
+from .rollout import observe_deployment as _observe_deployment
+from .rollout import observe_pod
 
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
 # Waiting reasons that mean a container will not come up on its own.
@@ -56,68 +56,6 @@ def _parse_ts(value: str | None) -> datetime | None:
         return datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
-
-
-# ------------------------------------------------------------------------------------ observation
-
-
-def observe_deployment(dep: Mapping[str, Any] | None) -> DeploymentObs | None:
-    """A Deployment (as the API returns it) → what rollout and status need to know."""
-    if not dep:
-        return None
-    meta = dep.get("metadata") or {}
-    spec = dep.get("spec") or {}
-    st = dep.get("status") or {}
-    labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
-    raw_template = (meta.get("annotations") or {}).get(builders.ANN_TEMPLATE)
-    try:
-        template = json.loads(raw_template) if raw_template else None
-    except ValueError:
-        template = None
-    generation = meta.get("generation")
-    observed = st.get("observedGeneration")
-    return DeploymentObs(
-        revision=labels.get(builders.LABEL_REVISION),
-        template=template,
-        spec_replicas=int(spec.get("replicas", 1) if spec.get("replicas") is not None else 1),
-        replicas=int(st.get("replicas") or 0),
-        ready_replicas=int(st.get("readyReplicas") or 0),
-        updated_replicas=int(st.get("updatedReplicas") or 0),
-        available_replicas=int(st.get("availableReplicas") or 0),
-        # Without generations (e.g. an emulator) trust the status as it is.
-        up_to_date=generation is None or (observed is not None and observed >= generation),
-    )
-
-
-def observe_pod(pod: Mapping[str, Any]) -> PodObs:
-    meta = pod.get("metadata") or {}
-    st = pod.get("status") or {}
-    conditions = {c.get("type"): c for c in st.get("conditions") or []}
-    sched = conditions.get("PodScheduled") or {}
-    unschedulable_since = None
-    unschedulable_message = ""
-    if sched.get("status") == "False":
-        unschedulable_message = sched.get("message") or sched.get("reason") or "Unschedulable"
-        unschedulable_since = _parse_ts(sched.get("lastTransitionTime"))
-    crash = ""
-    restarts = 0
-    for cs in [*(st.get("initContainerStatuses") or []), *(st.get("containerStatuses") or [])]:
-        restarts += int(cs.get("restartCount") or 0)
-        waiting = (cs.get("state") or {}).get("waiting") or {}
-        reason = waiting.get("reason")
-        if reason in BAD_WAITING_REASONS and not crash:
-            crash = f"container {cs.get('name')} in pod {meta.get('name')}: {reason}"
-            if waiting.get("message"):
-                crash += f": {waiting['message']}"
-    ready = (conditions.get("Ready") or {}).get("status") == "True"
-    return PodObs(
-        revision=(meta.get("labels") or {}).get(builders.LABEL_REVISION),
-        ready=ready,
-        unschedulable_since=unschedulable_since,
-        unschedulable_message=unschedulable_message,
-        crashloop_message=crash,
-        restarts=restarts,
-    )
 
 
 def deployment_failure(dep: Mapping[str, Any] | None) -> tuple[str, str] | None:
@@ -207,8 +145,9 @@ def compute_status(
 ) -> dict[str, Any]:
     """The status fields in OWNED_KEYS for what was observed. ``pods``: all pods of this instance."""
     prev_conditions = list(previous.get("conditions") or [])
-    s_obs = observe_deployment(stable)
-    c_obs = observe_deployment(canary)
+    # The same observations the rollout state machine decides on, so status and plan never disagree.
+    s_obs = _observe_deployment(stable) if stable else None
+    c_obs = _observe_deployment(canary) if canary else None
     observed = [o for o in (s_obs, c_obs) if o is not None]
 
     # The HPA may have changed the replica count: the Deployment's spec is the truth, not ours.
@@ -235,7 +174,7 @@ def compute_status(
         if po.unschedulable_message:
             degraded = ("Unschedulable", f"pod {pod_name}: {po.unschedulable_message}")
         elif po.crashloop_message:
-            degraded = ("CrashLoopBackOff", po.crashloop_message)
+            degraded = ("CrashLoopBackOff", f"pod {pod_name}: {po.crashloop_message}")
         if degraded is not None:
             break
     if degraded is None:

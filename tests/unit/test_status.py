@@ -8,6 +8,7 @@ from typing import Any
 from gptd_operator import builders
 from gptd_operator import status as st
 from gptd_operator.api import parse_spec
+from gptd_operator.rollout import observe_deployment, observe_pod
 from gptd_operator.settings import Settings
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -91,7 +92,7 @@ def test_unschedulable_pod_is_degraded_with_scheduler_message() -> None:
     assert s["phase"] == "Degraded"
     assert cond(s, "Degraded")["reason"] == "Unschedulable" and msg in cond(s, "Degraded")["message"]
     assert cond(s, "Ready")["reason"] == "Unschedulable"
-    obs = st.observe_pod(pod)
+    obs = observe_pod(pod)
     assert obs.unschedulable_message == msg and obs.unschedulable_since == T0
 
 
@@ -181,12 +182,11 @@ def test_other_conditions_are_kept() -> None:
     assert [c["type"] for c in s["conditions"]] == ["Ready", "Progressing", "Degraded", "RolledBack"]
 
 
-def test_observe_deployment_reads_template_annotation() -> None:
-    obs = st.observe_deployment(deployment(ready=1, updated=2))
-    assert obs is not None
+def test_observation_reads_what_builders_write() -> None:
+    # status and rollout observe through rollout.observe_deployment; it must read the builders' annotations.
+    obs = observe_deployment(deployment(ready=1, updated=2))
     assert obs.template == TEMPLATE and obs.revision == REV
     assert (obs.spec_replicas, obs.ready_replicas, obs.updated_replicas) == (2, 1, 2)
-    assert st.observe_deployment(None) is None
 
 
 def test_new_revision_is_rolling_out_until_ready() -> None:
