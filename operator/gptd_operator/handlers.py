@@ -28,8 +28,8 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-ANN_PROMOTE = "gptd.io/promote"
-ANN_ABORT = "gptd.io/abort"
+ANN_PROMOTE = rollout.PROMOTE_ANNOTATION
+ANN_ABORT = rollout.ABORT_ANNOTATION
 MANAGED = {builders.LABEL_MANAGED_BY: builders.MANAGER}
 RUNTIME_PODS = {builders.LABEL_NAME: builders.RUNTIME_APP}
 # Child resource → its index id, for the event handlers and the snapshot.
@@ -44,22 +44,8 @@ CHILD_INDICES = {
 # ------------------------------------------------------------------------------------------ plan
 
 
-def steady_state_plan(spec: GPTDeploymentSpec, status: Mapping[str, Any], obs: Observations) -> Plan:
-    """No rollout logic: the stable Deployment runs the desired revision, no canary."""
-    return Plan(
-        stable=DeploymentPlan(
-            template=obs.desired_template,
-            revision=obs.desired_revision,
-            replicas=builders.desired_replicas(spec),
-            strategy=builders.rolling_strategy(spec),
-        ),
-        canary=None,
-    )
-
-
 def make_plan(spec: GPTDeploymentSpec, status: Mapping[str, Any], obs: Observations) -> Plan:
-    """THE one place a plan is made: the rollout state machine. ``steady_state_plan`` is the
-    rollout-free fallback it replaced (kept for tests and as the reference for "no rollout logic")."""
+    """THE one place a plan is made: the rollout state machine."""
     return rollout.decide(spec, dict(status), obs)
 
 

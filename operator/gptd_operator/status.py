@@ -13,19 +13,10 @@ from typing import Any
 
 from . import builders
 from .api import GPTDeploymentSpec
+from .rollout import format_time, observe_pod
 from .rollout import observe_deployment as _observe_deployment
-from .rollout import observe_pod
 
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
-# Waiting reasons that mean a container will not come up on its own.
-BAD_WAITING_REASONS = (
-    "CrashLoopBackOff",
-    "ImagePullBackOff",
-    "ErrImagePull",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-    "InvalidImageName",
-)
 # Status keys this module owns; anything else in .status (kopf's, rollout's) is left alone.
 OWNED_KEYS = (
     "observedGeneration",
@@ -43,19 +34,6 @@ OWNED_KEYS = (
     "autoscaling",
     "conditions",
 )
-
-
-def _ts(now: datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_ts(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 def deployment_failure(dep: Mapping[str, Any] | None) -> tuple[str, str] | None:
@@ -89,7 +67,7 @@ def set_condition(
         "status": status,
         "reason": reason,
         "message": message,
-        "lastTransitionTime": since or _ts(now),
+        "lastTransitionTime": since or format_time(now),
     }
     if generation is not None:
         cond["observedGeneration"] = generation
