@@ -49,6 +49,26 @@ def make_plan(spec: GPTDeploymentSpec, status: Mapping[str, Any], obs: Observati
     return rollout.decide(spec, dict(status), obs)
 
 
+# Pod-spec paths in an API server's 422 message → the GPTDeployment field they come from.
+_REJECTED_FIELDS = (
+    ("affinity", "spec.scheduling.affinity"),
+    ("nodeSelector", "spec.scheduling.nodeSelector"),
+    ("tolerations", "spec.scheduling.tolerations"),
+    ("priorityClassName", "spec.scheduling.priorityClassName"),
+    ("runtimeClassName", "spec.scheduling.runtimeClassName"),
+    (".env", "spec.runtime.env"),
+    (".image", "spec.runtime.image"),
+)
+
+
+def rejected_field(message: str) -> str:
+    """The spec field an API server's validation message points at ("spec" when it can't tell)."""
+    for needle, field in _REJECTED_FIELDS:
+        if needle in message:
+            return field
+    return "spec"
+
+
 # -------------------------------------------------------------------------------------- snapshot
 
 
@@ -228,7 +248,19 @@ class Reconciler:
             live = self.recent.get((kind, namespace, obj_name)) or (
                 scaled_object if kind == "ScaledObject" else children.by_kind(kind, obj_name, name)
             )
-            action, result = await self.kube.apply(obj, live)
+            try:
+                action, result = await self.kube.apply(obj, live)
+            except kube.ApiError as exc:
+                if exc.status != 422:
+                    raise
+                # The API server refused what the spec made (a pass-through affinity or env valueFrom that is
+                # not valid core/v1...): an invalid spec, not a transient error for kopf to retry forever.
+                field = rejected_field(exc.message)
+                text = f"the API server rejected {kind} {obj_name}: {exc.message}"
+                new = st.invalid_status(name, namespace, previous, field, text, generation=generation, now=now)
+                if await self._write_status(body, previous, new):
+                    kopf.event(body, type="Warning", reason="InvalidSpec", message=f"{field}: {text}")
+                return
             applied[(kind, obj_name)] = result
             if action != "unchanged" and result is not None:
                 self.recent[(kind, namespace, obj_name)] = result

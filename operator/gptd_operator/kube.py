@@ -10,6 +10,7 @@ through aiohttp (a kopf dependency) as plain JSON. Writes are JSON merge patches
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import ssl
 from collections.abc import Mapping
@@ -61,6 +62,7 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
+        self.message = message
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -274,7 +276,11 @@ class Kube:
                 return None
             if resp.status >= 400:
                 text = await resp.text()
-                raise ApiError(resp.status, text[:500])
+                try:  # a Status object: its message names the offending field
+                    message = str(json.loads(text).get("message") or text)
+                except (ValueError, AttributeError):
+                    message = text
+                raise ApiError(resp.status, message[:500])
             data = await resp.json(content_type=None)
             return data if isinstance(data, dict) else None
 

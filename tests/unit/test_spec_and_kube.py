@@ -121,3 +121,53 @@ def test_docs_example_is_valid() -> None:
     assert obj["kind"] == "GPTDeployment"
     spec = parse_spec(obj["spec"])
     assert spec.autoscaling is not None and spec.model.hfTokenSecretRef is not None
+
+
+class _RejectingKube:
+    """A kube.Kube stand-in whose API server refuses every Deployment with a 422, as for a bad affinity."""
+
+    def __init__(self) -> None:
+        self.patches: list[dict[str, Any]] = []
+        self.applied: list[str] = []
+
+    async def get(self, res: kube.Resource, namespace: str, name: str) -> dict[str, Any] | None:
+        return {"metadata": {"name": name, "namespace": namespace, "uid": "u1"}}
+
+    async def apply(self, desired: dict[str, Any], live: Any) -> tuple[str, dict[str, Any]]:
+        self.applied.append(desired["kind"])
+        raise kube.ApiError(
+            422,
+            'Deployment.apps "m" is invalid: spec.template.spec.affinity.nodeAffinity.'
+            "requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms: Required value",
+        )
+
+    async def patch(self, res: kube.Resource, namespace: str, name: str, patch: dict[str, Any], **_: Any) -> None:
+        self.patches.append(patch)
+
+
+async def test_api_server_rejection_is_invalid_spec_not_a_retry_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gptd_operator import handlers
+
+    events: list[dict[str, Any]] = []
+    monkeypatch.setattr(handlers.kopf, "event", lambda body, **kw: events.append(kw))
+    fake = _RejectingKube()
+    rec = handlers.Reconciler(Settings(), fake)  # type: ignore[arg-type]
+    body = {
+        "metadata": {"name": "m", "namespace": "ns", "uid": "u1", "generation": 1},
+        "spec": {**OK, "scheduling": {"affinity": {"nodeAffinity": {"bogus": {}}}}},
+    }
+    await rec.reconcile(body, {})  # must not raise: kopf would retry it forever
+    assert fake.applied == ["Deployment"]  # stopped at the first refusal: nothing else created
+    (patch,) = fake.patches
+    ready = next(c for c in patch["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
+    assert ready["message"].startswith("spec.scheduling.affinity: the API server rejected Deployment m")
+    assert patch["status"]["phase"] == "Failed"
+    assert [e["reason"] for e in events] == ["InvalidSpec"]
+    await rec.reconcile(body, {})  # same refusal again: no second write, no second Event
+    assert len(fake.patches) == 1 and len(events) == 1
+
+
+def test_api_error_keeps_the_status_message() -> None:
+    err = kube.ApiError(422, "spec.x: Invalid value")
+    assert err.status == 422 and err.message == "spec.x: Invalid value"
