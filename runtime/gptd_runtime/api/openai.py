@@ -141,9 +141,26 @@ def _sse(
             stream.cancel()
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return _StreamResponse(
+        stream, events(), media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+class _StreamResponse(StreamingResponse):
+    """Frees the engine slot however the response ends. The generator's own `finally` does not run when the
+    client is gone before its first iteration (disconnect or failed send at response start), which would
+    leave the request generating and counted toward the 429 limit."""
+
+    def __init__(self, stream: GenerationStream, content: AsyncIterator[str], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._stream = stream
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._stream.cancel()
 
 
 @router.post("/v1/completions", response_model=None)
