@@ -351,14 +351,18 @@ class GenerationEngine:
             kwargs["eos_token_id"] = -1
         if params.temperature <= 0:
             self._greedy.add(request_id)
-        accepted = mgr.add_request(
-            list(prompt_ids),
-            request_id=request_id,
-            max_new_tokens=params.max_tokens,
-            streaming=streaming,
-            record_timestamps=not streaming,
-            **kwargs,
-        )
+        try:
+            accepted = mgr.add_request(
+                list(prompt_ids),
+                request_id=request_id,
+                max_new_tokens=params.max_tokens,
+                streaming=streaming,
+                record_timestamps=not streaming,
+                **kwargs,
+            )
+        except BaseException:
+            self._forget(request_id)  # never leave a phantom in-flight entry (it would count toward 429 forever)
+            raise
         if accepted is None:
             self._forget(request_id)
             raise EngineUnavailableError("generation engine is stopping")
