@@ -224,6 +224,12 @@ class Reconciler:
         if self.settings.scale_to_zero_provider == "keda":
             # Not watched (the KEDA CRD may be absent): read live, only where scale-to-zero is configured.
             scaled_object = await self.kube.get(kube.SCALEDOBJECTS, namespace, name)
+            if scaled_object is not None and not kube.controlled_by(scaled_object, uid or None):
+                # Someone else's ScaledObject of the same name: neither patched nor deleted.
+                if builders.wants_scaled_object(spec, self.settings):
+                    await self._reject(body, previous, generation, now, kube.NotOwned("ScaledObject", name))
+                    return
+                scaled_object = None
             if builders.wants_scaled_object(spec, self.settings):
                 desired.append(builders.build_scaled_object(name, namespace, uid, spec, self.settings))
             else:
@@ -251,15 +257,9 @@ class Reconciler:
             try:
                 action, result = await self.kube.apply(obj, live)
             except kube.ApiError as exc:
-                if exc.status != 422:
+                if exc.status != 422 and not isinstance(exc, kube.NotOwned):
                     raise
-                # The API server refused what the spec made (a pass-through affinity or env valueFrom that is
-                # not valid core/v1...): an invalid spec, not a transient error for kopf to retry forever.
-                field = rejected_field(exc.message)
-                text = f"the API server rejected {kind} {obj_name}: {exc.message}"
-                new = st.invalid_status(name, namespace, previous, field, text, generation=generation, now=now)
-                if await self._write_status(body, previous, new):
-                    kopf.event(body, type="Warning", reason="InvalidSpec", message=f"{field}: {text}")
+                await self._reject(body, previous, generation, now, exc, f"{kind} {obj_name}")
                 return
             applied[(kind, obj_name)] = result
             if action != "unchanged" and result is not None:
@@ -321,6 +321,24 @@ class Reconciler:
         delays = [d for d in (plan.requeue_after, analysis_due) if d is not None]
         if delays and self.requeue is not None:
             self.requeue(namespace, name, max(1.0, min(delays)))
+
+    async def _reject(
+        self, body: Mapping[str, Any], previous: Mapping[str, Any], generation: int | None, now: datetime,
+        exc: kube.ApiError, what: str = "",
+    ) -> None:
+        """InvalidSpec for what the API server refused (a pass-through affinity or env valueFrom that is not
+        valid core/v1...) or a child name someone else holds: retrying can't fix either, so no exception
+        (kopf would retry forever), one status write and one Warning."""
+        meta = body["metadata"]
+        if isinstance(exc, kube.NotOwned):
+            field, text = "metadata.name", exc.message
+        else:
+            field, text = rejected_field(exc.message), f"the API server rejected {what}: {exc.message}"
+        new = st.invalid_status(
+            meta["name"], meta["namespace"], previous, field, text, generation=generation, now=now
+        )
+        if await self._write_status(body, previous, new):
+            kopf.event(body, type="Warning", reason="InvalidSpec", message=f"{field}: {text}")
 
     async def _analyse(
         self, uid: str, name: str, namespace: str, spec: GPTDeploymentSpec, previous: Mapping[str, Any],

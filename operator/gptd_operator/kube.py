@@ -65,6 +65,21 @@ class ApiError(Exception):
         self.message = message
 
 
+class NotOwned(ApiError):
+    """A child's name is taken by an object another owner (or nobody) controls: never adopted or overwritten."""
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(409, f"{kind} {name} already exists and is not controlled by this GPTDeployment")
+
+
+def controlled_by(obj: Mapping[str, Any] | None, uid: str | None) -> bool:
+    """Whether ``obj`` has a controller ownerReference to ``uid`` (always True when uid is unknown)."""
+    if obj is None or not uid:
+        return obj is not None
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("uid") == uid and r.get("controller") for r in refs)
+
+
 # ---------------------------------------------------------------------------------------- config
 
 
@@ -325,6 +340,9 @@ class Kube:
                 live = await self.get(res, meta["namespace"], meta["name"])
                 if live is None:
                     raise
+                owner = (meta.get("ownerReferences") or [{}])[0].get("uid")
+                if not controlled_by(live, owner):
+                    raise NotOwned(desired["kind"], meta["name"]) from None
         if is_subset(desired, live):
             return "unchanged", dict(live)
         patch = with_removals({k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}, live)

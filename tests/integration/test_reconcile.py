@@ -191,6 +191,30 @@ async def test_invalid_spec_sets_status_and_creates_nothing(cluster: Cluster, op
     assert len(warnings) == 1 and warnings[0].data["reason"] == "InvalidSpec"
 
 
+async def test_a_foreign_object_with_the_childs_name_is_never_adopted(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    # Someone's own Deployment already has the name the CR's stable Deployment would get.
+    foreign = {"metadata": {"name": "gpt2", "labels": {"team": "other"}},
+               "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "other"}}}}
+    await cluster.create("deployments", NS, foreign)
+    await cluster.create("gptdeployments", NS, cr())
+
+    async def invalid() -> dict[str, Any] | None:
+        st = await status_of(cluster)
+        return st if condition(st, "Ready").get("reason") == "InvalidSpec" else None
+
+    st = await eventually(invalid, what="InvalidSpec")
+    assert condition(st, "Ready")["message"].startswith("metadata.name: Deployment gpt2 already exists")
+    await operator.resync_passes(2)
+    dep = await cluster.get("deployments", NS, "gpt2")
+    assert dep["spec"]["replicas"] == 2 and dep["metadata"]["labels"] == {"team": "other"}
+    assert not dep["metadata"].get("ownerReferences") and not dep["metadata"].get("annotations")
+    assert await cluster.list("services", NS) == []
+    warnings = [r for r in cluster.requests() if "/events" in str(r.url) and (r.data or {}).get("type") == "Warning"]
+    assert len(warnings) == 1 and warnings[0].data["reason"] == "InvalidSpec"
+
+
 async def test_missing_secret_is_invalid_until_created(cluster: Cluster, operator: RunningOperator) -> None:
     await cluster.create("gptdeployments", NS, cr(model={
         "uri": "hf://org/private", "hfTokenSecretRef": {"name": "hf", "key": "token"}}))
