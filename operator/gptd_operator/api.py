@@ -355,7 +355,12 @@ def parse_spec(spec: dict[str, Any] | None) -> GPTDeploymentSpec:
         if err["type"] == "string_pattern_mismatch" and err["loc"][-1:] == ("uri",):
             msg = "must be hf://org/name, pvc://claim/path, s3://bucket/prefix or file:///abs/path"
         value = err.get("input")
-        if err["type"] != "missing" and isinstance(value, str | int | float | bool) and len(str(value)) < 200:
+        # Never echo what may be a secret pasted in the wrong place (status and Events are widely readable).
+        secretish = any(isinstance(p, str) and (p == "env" or p.endswith("SecretRef")) for p in err["loc"])
+        if (
+            err["type"] != "missing" and not secretish
+            and isinstance(value, str | int | float | bool) and len(str(value)) < 200
+        ):
             msg += f" (got {value!r})"
         raise InvalidSpec(_loc(tuple(err["loc"])), msg) from None
 

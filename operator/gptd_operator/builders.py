@@ -42,7 +42,7 @@ REVISION_HISTORY_LIMIT = 3
 HPA_METRIC = "gptd_num_requests_running"  # Prometheus `gptd:num_requests_running`, renamed by the adapter
 
 # Env names whose literal values would leak a secret into the pod spec; they must use valueFrom.
-_SECRET_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GPTD_API_KEY", "AWS_SECRET_ACCESS_KEY")
+_SECRET_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GPTD_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 # ------------------------------------------------------------------------------------------- labels

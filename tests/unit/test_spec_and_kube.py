@@ -171,3 +171,17 @@ async def test_api_server_rejection_is_invalid_spec_not_a_retry_loop(monkeypatch
 def test_api_error_keeps_the_status_message() -> None:
     err = kube.ApiError(422, "spec.x: Invalid value")
     assert err.status == 422 and err.message == "spec.x: Invalid value"
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        {"runtime": {"env": [{"name": "HF_TOKEN", "value": 123456789}]}},
+        {"runtime": {"apiKeySecretRef": "sk-live-abcdef"}},
+        {"model": {"uri": "hf://org/m", "hfTokenSecretRef": {"name": "hf", "key": 987654321}}},
+    ],
+)
+def test_a_misplaced_secret_is_not_echoed(patch: dict[str, Any]) -> None:
+    with pytest.raises(InvalidSpec) as err:
+        parse_spec({**OK, **patch})
+    assert not any(s in str(err.value) for s in ("123456789", "sk-live-abcdef", "987654321"))
