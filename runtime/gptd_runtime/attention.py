@@ -135,6 +135,9 @@ def enable_direct_reads(cache: Any) -> bool:
     `read_index`. This skips the manager's read-back (an index_select of every cached token of the batch, per
     layer, for K and V) that would otherwise be gathered a second time. Only for caches whose allocators are
     all plain full attention; returns whether it applied."""
+    # Module-level state: forget a previous engine's cache (tests, restarts in one process). A stale entry would
+    # make varlen_sdpa treat a packed K/V row as the whole cache.
+    _direct_layers.clear()
     allocators = dict(getattr(cache, "layer_to_allocator", {}))
     if not allocators or any(
         type(a).__name__ != "FullAttentionCacheAllocator" or not hasattr(a, "_kv_token_views")
