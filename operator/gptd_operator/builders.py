@@ -456,7 +456,10 @@ def wants_hpa(spec: GPTDeploymentSpec, settings: Settings) -> bool:
 
 def inflight_query(name: str, namespace: str) -> str:
     # Running + waiting, so queued requests count; `pod` is the label kubernetes service discovery sets.
-    sel = f'namespace="{namespace}",pod=~"{name}-.*"'
+    # Pods of <name> and <name>-canary only (`<deployment>-<hash>-<suffix>`, anchored by Prometheus), not those
+    # of another CR whose name starts with <name>-. Names are DNS subdomains: only '.' needs escaping.
+    pods = name.replace(".", "[.]") + "(-canary)?-[a-z0-9]+-[a-z0-9]+"
+    sel = f'namespace="{namespace}",pod=~"{pods}"'
     running = f"sum(gptd:num_requests_running{{{sel}}} or vector(0))"
     return f"{running} + sum(gptd:num_requests_waiting{{{sel}}} or vector(0))"
 

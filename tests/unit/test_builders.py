@@ -345,7 +345,8 @@ def test_scale_to_zero_uses_a_keda_scaled_object() -> None:
     (trigger,) = so["spec"]["triggers"]
     assert trigger["type"] == "prometheus" and trigger["metadata"]["serverAddress"] == "http://prom:9090"
     assert trigger["metadata"]["threshold"] == "4"
-    assert 'gptd:num_requests_running{namespace="ns",pod=~"m-.*"}' in trigger["metadata"]["query"]
+    query = trigger["metadata"]["query"]
+    assert 'gptd:num_requests_running{namespace="ns",pod=~"m(-canary)?-[a-z0-9]+-[a-z0-9]+"}' in query
     assert so["metadata"]["ownerReferences"][0]["uid"] == UID
     # minReplicas >= 1 keeps the plain HPA even with KEDA configured.
     assert b.wants_hpa(spec(autoscaling={"maxReplicas": 3, "targetInflightRequests": 4}), keda)
@@ -357,3 +358,15 @@ def test_scale_to_zero_uses_a_keda_scaled_object() -> None:
         b.check_spec(spec(resources={"cpu": "1"}, autoscaling={"minReplicas": 0, "maxReplicas": 3,
                                                                "targetCPUUtilization": 50}), keda)
     assert err.value.field == "spec.autoscaling.targetInflightRequests"
+
+
+def test_inflight_query_selects_only_this_crs_pods() -> None:
+    import re
+
+    query = b.inflight_query("gpt2", "ns1")
+    (pattern,) = set(re.findall(r'pod=~"([^"]+)"', query))
+    ours = ("gpt2-5d8f9c7b6-x2x4z", "gpt2-canary-7c9d8f6b5-abcde")
+    theirs = ("gpt2-large-5d8f9c7b6-x2x4z", "gpt2-large-canary-7c9d8f6b5-abcde", "gpt2x-5d8f9c7b6-x2x4z")
+    assert all(re.fullmatch(pattern, p) for p in ours)  # Prometheus anchors =~ at both ends
+    assert not any(re.fullmatch(pattern, p) for p in theirs)
+    assert 'namespace="ns1"' in query and "num_requests_waiting" in query
