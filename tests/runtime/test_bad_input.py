@@ -46,6 +46,11 @@ async def test_chat_validation(app_factory: Any) -> None:
         r = await client.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]})
         assert r.status_code == 400
         assert _error(r)["param"].startswith("messages")
+        # The limit error names the field the client actually sent (conftest: max_new_tokens=64).
+        r = await client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 65})
+        assert r.status_code == 400
+        assert _error(r)["param"] == "max_completion_tokens"
 
 
 async def test_limits_rejected_before_model_work(app_factory: Any) -> None:

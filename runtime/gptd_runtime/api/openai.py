@@ -58,8 +58,9 @@ def _sampling(request: Request, body: SamplingFields, prompt_len: int, prompt_pa
                        param=prompt_param, code="context_length_exceeded")
     requested = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
     if requested is not None and requested > s.max_new_tokens:
-        raise APIError(400, f"max_tokens={requested} exceeds the limit of {s.max_new_tokens}",
-                       param="max_tokens", code="max_tokens_exceeded")
+        field = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
+        raise APIError(400, f"{field}={requested} exceeds the limit of {s.max_new_tokens}",
+                       param=field, code="max_tokens_exceeded")
     max_tokens = requested or s.max_new_tokens
     engine = request.app.state.runtime.engine
     # Never run past the model's position embeddings.
