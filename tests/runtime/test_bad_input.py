@@ -213,3 +213,18 @@ async def test_stream_gone_before_first_chunk_frees_slot(app_factory: Any) -> No
             await app(scope, receive, send)
         await wait_until(lambda: engine.num_inflight() == 0 and not _scheduled(engine), timeout=60)
         assert engine.forward_passes - passes < 1000  # cancelled, not run to its 1000 tokens
+
+
+async def test_request_larger_than_kv_cache_is_clipped(app_factory: Any) -> None:
+    """A request that could not fit in the whole KV cache would make transformers' scheduler raise on the
+    engine thread (killing the engine for everyone): its max_tokens is clipped to what fits instead."""
+    async with app_factory(max_batch_size=2, kv_cache_blocks=2, kv_cache_page_size=16, max_input_tokens=64,
+                           max_new_tokens=64) as (client, app):
+        r = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 64, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["total_tokens"] == 32 and r.json()["choices"][0]["finish_reason"] == "length"
+        long = await client.post("/v1/completions", json={"prompt": "word " * 20, "max_tokens": 1})
+        assert long.status_code == 400 and _error(long)["code"] == "context_length_exceeded"
+        assert "KV" in _error(long)["message"]  # 42 prompt tokens: under max_input_tokens, over the cache
+        assert app.state.runtime.engine.healthy

@@ -63,13 +63,16 @@ def _sampling(request: Request, body: SamplingFields, prompt_len: int, prompt_pa
                        param=field, code="max_tokens_exceeded")
     max_tokens = requested or s.max_new_tokens
     engine = request.app.state.runtime.engine
-    # Never run past the model's position embeddings.
+    # Never run past the model's position embeddings, nor past the whole KV cache: a request that cannot fit
+    # even alone makes transformers' scheduler raise on its thread, which kills the engine for everyone.
     max_pos = getattr(engine.loaded.model.config, "max_position_embeddings", None) if engine else None
+    context = s.kv_blocks() * s.kv_cache_page_size
     if max_pos:
-        if prompt_len >= max_pos:
-            raise APIError(400, f"{prompt_param} has {prompt_len} tokens; the model's context is {max_pos}",
-                           param=prompt_param, code="context_length_exceeded")
-        max_tokens = min(max_tokens, max_pos - prompt_len)
+        context = min(context, max_pos)
+    if prompt_len >= context:
+        raise APIError(400, f"{prompt_param} has {prompt_len} tokens; the context (model positions and KV "
+                       f"cache) holds {context}", param=prompt_param, code="context_length_exceeded")
+    max_tokens = min(max_tokens, context - prompt_len)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=body.temperature,
