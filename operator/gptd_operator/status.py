@@ -152,7 +152,9 @@ def compute_status(
         if po.unschedulable_message:
             degraded = ("Unschedulable", f"pod {pod_name}: {po.unschedulable_message}")
         elif po.crashloop_message:
-            degraded = ("CrashLoopBackOff", f"pod {pod_name}: {po.crashloop_message}")
+            # The kubelet's own reason (CrashLoopBackOff, ImagePullBackOff, CreateContainerConfigError...) so
+            # alerts on the reason mean what they say.
+            degraded = (po.waiting_reason or "CrashLoopBackOff", f"pod {pod_name}: {po.crashloop_message}")
         if degraded is not None:
             break
     if degraded is None:

@@ -106,6 +106,15 @@ def test_crashloop_is_degraded() -> None:
     assert st.observe_pod(pod).restarts == 5
 
 
+def test_image_pull_failure_is_degraded_with_its_own_reason() -> None:
+    pod = {"metadata": {"name": "gpt2-z"}, "status": {"containerStatuses": [
+        {"name": "runtime", "restartCount": 0, "state": {"waiting": {"reason": "ImagePullBackOff",
+                                                                      "message": "pull access denied"}}}]}}
+    s = compute(deployment(), pods=[pod])
+    assert cond(s, "Degraded")["reason"] == "ImagePullBackOff"
+    assert "pull access denied" in cond(s, "Degraded")["message"]
+
+
 def test_progress_deadline_is_degraded_not_failed() -> None:
     # The rollout decides whether a revision failed (and rolls back); the Deployment's deadline is a symptom.
     dep = deployment(conditions=[{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
