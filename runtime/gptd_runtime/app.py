@@ -11,6 +11,7 @@ import enum
 import logging
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,7 @@ class RuntimeState:
     error: str | None = None
     inflight: int = 0  # HTTP requests being served (streams included); the drain waits for 0
     on_fatal: Callable[[str], None] | None = None
+    abandoned: threading.Event = field(default_factory=threading.Event, repr=False)  # set at shutdown
     _startup: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
@@ -65,21 +67,52 @@ class RuntimeState:
         raise APIError(503, reason, type="service_unavailable", code=self.phase.value, headers={"Retry-After": "1"})
 
 
-def build_engine(settings: Settings, metrics: Metrics) -> Any:
-    """Blocking: resolve, load, start the engine. Runs in a worker thread."""
+def build_engine(settings: Settings, metrics: Metrics, abandoned: threading.Event | None = None) -> Any:
+    """Blocking: resolve, load, start the engine. Runs in a worker thread. If `abandoned` is set meanwhile (the
+    server shut down during the load), the engine is not left running: its thread is not a daemon and would
+    keep the process alive after a SIGTERM."""
     loaded = load_model(settings, resolve_model_dir(settings))
     if settings.task == "text-generation":
         engine: Any = GenerationEngine(loaded, settings, metrics)
     else:
         engine = ClassificationEngine(loaded, settings)
+    if abandoned is not None and abandoned.is_set():
+        raise ModelLoadError("start-up abandoned: the server is shutting down")
     engine.start()
+    if abandoned is not None and abandoned.is_set():  # set between the check and start()
+        engine.stop()
+        raise ModelLoadError("start-up abandoned: the server is shutting down")
     return engine
+
+
+async def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Like asyncio.to_thread, but the thread does not hold up interpreter exit (the default executor's
+    threads are joined at exit: a SIGTERM during a minutes-long load would wait for it)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def deliver(setter: Callable[[Any], None], value: Any) -> None:
+        if not fut.done():
+            setter(value)
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as e:  # handed to the awaiting coroutine
+            with contextlib.suppress(RuntimeError):  # loop already closed: nobody is waiting
+                loop.call_soon_threadsafe(deliver, fut.set_exception, e)
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(deliver, fut.set_result, result)
+
+    threading.Thread(target=run, name="gptd-load", daemon=True).start()
+    return await fut
 
 
 async def _startup(state: RuntimeState, engine: Any | None) -> None:
     try:
         if engine is None:
-            engine = await asyncio.to_thread(build_engine, state.settings, state.metrics)
+            engine = await _in_daemon_thread(build_engine, state.settings, state.metrics, state.abandoned)
         state.engine = engine
         if state.phase is Phase.LOADING:  # not if a SIGTERM already started the drain
             state.phase = Phase.WARMING_UP
@@ -116,6 +149,7 @@ def create_app(
         try:
             yield
         finally:
+            state.abandoned.set()  # a load still running in its thread will not start the engine
             state._startup.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await state._startup

@@ -160,3 +160,20 @@ def test_bad_model_dir_exits_nonzero(tmp_path: Path, case: str) -> None:
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("gptd-runtime: error:"), proc.stderr[-2000:]
     assert str(model) in last
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_while_loading_exits_0(server_factory: Any, models: Any) -> None:
+    """The engine's generation thread is not a daemon: a load finishing after the SIGTERM must not start it (the
+    process would hang until SIGKILL)."""
+    server = server_factory("--model", str(models["plain"]), wait=False)
+    deadline = time.monotonic() + 60
+    while True:  # listening at once, while the model loads
+        assert server.proc.poll() is None and time.monotonic() < deadline
+        try:
+            status = httpx.get(f"{server.url}/health/ready", timeout=2).json()["status"]
+            break
+        except httpx.HTTPError:
+            time.sleep(0.02)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0, status
