@@ -65,11 +65,10 @@ def varlen_sdpa(
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is None or cu_k is None:
-        # Not a packed continuous-batching call (e.g. a plain forward pass): ordinary attention.
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        # Only continuous-batching calls pass the packed row's boundaries. Without them the rows of different
+        # requests can't be told apart (and transformers builds no mask for this implementation), so silently
+        # running plain sdpa could mix requests: fail loudly instead (warm-up fails, the process exits 1).
+        raise RuntimeError(f"{NAME}: called without cu_seq_lens_q/cu_seq_lens_k; transformers' batching API changed")
     if isinstance(cu_k, dict):
         if len(cu_k) != 1:
             raise NotImplementedError(f"{NAME}: models with several attention layer types are not supported")
