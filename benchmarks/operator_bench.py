@@ -32,19 +32,10 @@ import kmock
 import psutil
 import yaml
 
-VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
-RESOURCES = {
-    "gptd.io/v1alpha1/gptdeployments": ("GPTDeployment", True, {"status", "scale"}),
-    "apps/v1/deployments": ("Deployment", True, {"status", "scale"}),
-    "v1/services": ("Service", True, set()),
-    "v1/pods": ("Pod", True, {"status"}),
-    "v1/secrets": ("Secret", True, set()),
-    "v1/events": ("Event", True, set()),
-    "v1/namespaces": ("Namespace", False, set()),
-    "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True, {"status"}),
-    "autoscaling/v2/horizontalpodautoscalers": ("HorizontalPodAutoscaler", True, {"status"}),
-    "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, set()),
-}
+# The emulator set-up (resources with verbs, kubeconfig) is the integration tests' own, so both measure the same thing.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+from gptd_cluster import register_resources, write_kubeconfig
+
 WRITES = {"POST", "PATCH", "PUT", "DELETE"}
 BENCH_AGENT = "gptd-bench"
 
@@ -112,17 +103,10 @@ def _resync_passes(log: Path) -> int:
 
 async def main(count: int, resync: float, namespaces: int) -> dict[str, Any]:
     async with Emulator() as k, kmock.Server(k) as srv:
-        for key, (kind, namespaced, subs) in RESOURCES.items():
-            k.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, subresources=subs, verbs=VERBS)
+        register_resources(k)
         url = str(srv.url).rstrip("/")
         tmp = Path(tempfile.mkdtemp(prefix="gptd-bench-"))
-        kubeconfig = tmp / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "e",
-            "clusters": [{"name": "e", "cluster": {"server": url}}],
-            "users": [{"name": "u", "user": {"token": "t"}}],
-            "contexts": [{"name": "e", "context": {"cluster": "e", "user": "u"}}],
-        }))
+        kubeconfig = write_kubeconfig(tmp / "kubeconfig", url)
         log = tmp / "operator.log"
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "GPTD_RESYNC_SECONDS": str(resync)}
         with log.open("w") as out:

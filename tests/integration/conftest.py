@@ -18,8 +18,7 @@ import aiohttp
 import kmock
 import kopf
 import pytest
-import yaml
-from gptd_cluster import RESOURCES, VERBS, Cluster, RunningOperator
+from gptd_cluster import Cluster, RunningOperator, register_resources, write_kubeconfig
 from gptd_operator import handlers, kube
 from gptd_operator.settings import Settings
 
@@ -68,8 +67,7 @@ def _merged(base: Any, patch: Any) -> Any:
 @pytest.fixture()
 async def emulator() -> AsyncIterator[tuple[kmock.KubernetesEmulator, str]]:
     async with Emulator() as k, kmock.Server(k) as srv:
-        for key, (kind, namespaced, subs) in RESOURCES.items():
-            k.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, subresources=subs, verbs=VERBS)
+        register_resources(k)
         yield k, str(srv.url).rstrip("/")
 
 
@@ -77,13 +75,7 @@ async def emulator() -> AsyncIterator[tuple[kmock.KubernetesEmulator, str]]:
 def kubeconfig(tmp_path: Path, emulator: tuple[kmock.KubernetesEmulator, str],
                monkeypatch: pytest.MonkeyPatch) -> Path:
     _, url = emulator
-    path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-        "clusters": [{"name": "emulator", "cluster": {"server": url}}],
-        "users": [{"name": "test", "user": {"token": "test-token"}}],
-        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "test"}}],
-    }))
+    path = write_kubeconfig(tmp_path / "kubeconfig", url)
     monkeypatch.setenv("KUBECONFIG", str(path))
     # Both kopf (via the operator's login handler) and gptd's client read this file.
     kube.configure(str(path))

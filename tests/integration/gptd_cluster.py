@@ -8,10 +8,12 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import kmock
+import yaml
 from gptd_operator import handlers
 
 VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
@@ -28,6 +30,24 @@ RESOURCES = {
     "keda.sh/v1alpha1/scaledobjects": ("ScaledObject", True, {"status"}),
     "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, set()),
 }
+
+def register_resources(emulator: kmock.KubernetesEmulator) -> None:
+    """kopf only watches what discovery lists with verbs; the emulator lists what is registered."""
+    for key, (kind, namespaced, subs) in RESOURCES.items():
+        emulator.resources[key] = kmock.ResourceInfo(kind=kind, namespaced=namespaced, subresources=subs, verbs=VERBS)
+
+
+def write_kubeconfig(path: Path, url: str) -> Path:
+    """A kubeconfig whose only cluster is the emulator at ``url`` (read by kopf and by gptd's client)."""
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": url}}],
+        "users": [{"name": "test", "user": {"token": "test-token"}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "test"}}],
+    }))
+    return path
+
+
 PATHS = {
     "gptdeployments": "/apis/gptd.io/v1alpha1/namespaces/{ns}/gptdeployments",
     "deployments": "/apis/apps/v1/namespaces/{ns}/deployments",
