@@ -11,7 +11,10 @@ from fastapi.responses import JSONResponse
 router = APIRouter()
 
 
-def _live(request: Request) -> JSONResponse:
+# Each handler serves the Kubernetes path and the Open Inference Protocol v2 one.
+@router.get("/health/live")
+@router.get("/v2/health/live")
+async def live(request: Request) -> JSONResponse:
     state = request.app.state.runtime
     engine = state.engine
     if engine is not None and state.phase.value in ("ready", "draining") and not engine.healthy:
@@ -19,30 +22,12 @@ def _live(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-def _ready(request: Request) -> JSONResponse:
+@router.get("/health/ready")
+@router.get("/v2/health/ready")
+async def ready(request: Request) -> JSONResponse:
     state = request.app.state.runtime
     ok = state.phase.value == "ready"
     body = {"status": state.phase.value}
     if state.error:
         body["error"] = state.error
     return JSONResponse(body, status_code=200 if ok else 503)
-
-
-@router.get("/health/live")
-async def live(request: Request) -> JSONResponse:
-    return _live(request)
-
-
-@router.get("/health/ready")
-async def ready(request: Request) -> JSONResponse:
-    return _ready(request)
-
-
-@router.get("/v2/health/live")
-async def v2_live(request: Request) -> JSONResponse:
-    return _live(request)
-
-
-@router.get("/v2/health/ready")
-async def v2_ready(request: Request) -> JSONResponse:
-    return _ready(request)
