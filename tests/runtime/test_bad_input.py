@@ -160,10 +160,7 @@ async def test_non_streaming_disconnect_cancels(app_factory: Any, monkeypatch: p
         async def send(message: dict[str, Any]) -> None:
             pass
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
-                 "root_path": "", "client": ("test", 1), "server": ("test", 80), "state": {},
-                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        scope = _completion_scope(body)
         passes = engine.forward_passes
         call = asyncio.create_task(app(scope, receive, send))
         await wait_until(lambda: engine.num_running() == 1)
@@ -174,6 +171,14 @@ async def test_non_streaming_disconnect_cancels(app_factory: Any, monkeypatch: p
         assert engine.forward_passes - passes < 1000  # stopped early: 1000 tokens take 1000 passes
         text = (await client.get("/metrics")).text
         assert metric(text, "gptd:request_aborted_total") == 1
+
+
+def _completion_scope(body: bytes) -> dict[str, Any]:
+    """An ASGI scope for POST /v1/completions: these tests drive the app directly to control disconnects."""
+    return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+            "query_string": b"", "root_path": "", "client": ("test", 1), "server": ("test", 80), "state": {},
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
 
 
 def _scheduled(engine: Any) -> bool:
@@ -204,10 +209,7 @@ async def test_stream_gone_before_first_chunk_frees_slot(app_factory: Any) -> No
             if message["type"] == "http.response.start":
                 raise OSError("connection reset by peer")
 
-        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-                 "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
-                 "query_string": b"", "root_path": "", "client": ("test", 1), "server": ("test", 80), "state": {},
-                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        scope = _completion_scope(body)
         passes = engine.forward_passes
         with contextlib.suppress(Exception):
             await app(scope, receive, send)
