@@ -33,8 +33,8 @@ import psutil
 import yaml
 
 # The emulator set-up (resources with verbs, kubeconfig) is the integration tests' own, so both measure the same thing.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
-from gptd_cluster import register_resources, write_kubeconfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.cluster import register_resources, write_kubeconfig
 
 WRITES = {"POST", "PATCH", "PUT", "DELETE"}
 BENCH_AGENT = "gptd-bench"

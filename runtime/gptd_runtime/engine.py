@@ -45,22 +45,59 @@ class EngineUnavailableError(EngineError):
 
 
 @dataclass(frozen=True)
+class ResponseFormat:
+    """Constrained decoding request: ``json_object`` (any JSON object) or ``json_schema`` (strict, ``schema``)."""
+
+    kind: str  # "json_object" | "json_schema"
+    schema: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class SamplingParams:
+    """Per-request sampling, the contract between the HTTP layer and the engine. Every field set here is
+    honoured by the engine; the HTTP layer refuses (400) what the engine cannot do rather than drop it."""
+
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    # None: no logprobs. k >= 0: each token's own logprob plus the k most likely alternatives.
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    response_format: ResponseFormat | None = None
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log-probability (natural log, after temperature/penalties, before
+    top-p truncation, as OpenAI reports) and the ``SamplingParams.logprobs`` most likely alternatives."""
+
+    token: str
+    token_id: int
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass
 class Delta:
-    """A piece of generated text. The last delta of a stream has finish_reason set."""
+    """A piece of generated text. The last delta of a stream has finish_reason set. ``logprobs`` holds one
+    entry per token whose text is in ``text`` (empty unless the request asked for logprobs)."""
 
     text: str
     completion_tokens: int
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class EngineMetrics(Protocol):

@@ -1,4 +1,4 @@
-"""Session fixtures for the chart/manifest tests (helpers live in chartlib.py)."""
+"""Session fixtures for the chart/manifest tests (helpers live in tests/support/chart.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chartlib import CHART, NAMESPACE, load_docs, run_helm, tools
+
+from tests.support.chart import CHART, NAMESPACE, load_docs, run_helm, tools
 
 
 @pytest.fixture(scope="session")

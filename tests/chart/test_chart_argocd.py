@@ -8,7 +8,8 @@ from typing import Any
 import lupa
 import pytest
 import yaml
-from chartlib import ROOT, generate
+
+from tests.support.chart import ROOT, generate
 
 SCRIPT = (ROOT / "manifests" / "argocd" / "health.lua").read_text()
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import kubernetes_validate
 import pytest
 import yaml
-from chartlib import K8S_VERSIONS, NAMESPACE, ROOT, assert_restricted, by_kind, generate, load_docs, one
+
+from tests.support.chart import K8S_VERSIONS, NAMESPACE, ROOT, assert_restricted, by_kind, generate, load_docs, one
 
 CRD_SOURCE = ROOT / "manifests" / "crd.yaml"
 

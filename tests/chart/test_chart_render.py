@@ -9,7 +9,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from chartlib import CHART, K8S_VERSIONS, NAMESPACE, ROOT, assert_restricted, by_kind, one, run_helm
+
+from tests.support.chart import CHART, K8S_VERSIONS, NAMESPACE, ROOT, assert_restricted, by_kind, one, run_helm
 
 VARIANTS = {
     "default": (),

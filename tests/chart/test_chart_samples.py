@@ -15,10 +15,11 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from chartlib import K8S_VERSIONS, ROOT, assert_restricted, load_docs
 from gptd_operator import builders
 from gptd_operator.api import API_VERSION, KIND, InvalidSpec, parse_spec
 from gptd_operator.settings import Settings
+
+from tests.support.chart import K8S_VERSIONS, ROOT, assert_restricted, load_docs
 
 SAMPLES = sorted((ROOT / "manifests" / "samples").glob("*.yaml"))
 CR_SAMPLES = [p for p in SAMPLES if any(d["kind"] == KIND for d in load_docs(p.read_text()))]

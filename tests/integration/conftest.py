@@ -18,9 +18,10 @@ import aiohttp
 import kmock
 import kopf
 import pytest
-from gptd_cluster import Cluster, RunningOperator, register_resources, write_kubeconfig
 from gptd_operator import handlers, kube
 from gptd_operator.settings import Settings
+
+from tests.support.cluster import Cluster, RunningOperator, register_resources, write_kubeconfig
 
 
 class Emulator(kmock.KubernetesEmulator):

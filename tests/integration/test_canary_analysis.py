@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from gptd_cluster import Cluster, RunningOperator, eventually
 from test_reconcile import NS, condition, ready_deployment, status_of
 from test_rollout_operator import change_revision, event, events, labels_of, progressing, started, status_where
+
+from tests.support.cluster import Cluster, RunningOperator, eventually
 
 pytestmark = pytest.mark.timeout(30)
 REV = "gptd.io/revision"

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from gptd_cluster import Cluster, eventually
 from test_reconcile import NS, cr
+
+from tests.support.cluster import Cluster, eventually
 
 pytestmark = pytest.mark.timeout(90)
 

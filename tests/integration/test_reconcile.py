@@ -11,8 +11,9 @@ import re
 from typing import Any
 
 import pytest
-from gptd_cluster import Cluster, RunningOperator, eventually
 from gptd_operator import builders
+
+from tests.support.cluster import Cluster, RunningOperator, eventually
 
 pytestmark = pytest.mark.timeout(60)
 NS = "ns1"

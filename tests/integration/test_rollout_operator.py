@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from gptd_cluster import Cluster, RunningOperator, eventually
 from test_reconcile import NS, condition, cr, ready_deployment, status_of
+
+from tests.support.cluster import Cluster, RunningOperator, eventually
 
 pytestmark = pytest.mark.timeout(30)
 REV = "gptd.io/revision"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from gptd_cluster import Cluster, RunningOperator, eventually
 from gptd_operator.settings import Settings
 from test_reconcile import NS, cr
+
+from tests.support.cluster import Cluster, RunningOperator, eventually
 
 pytestmark = pytest.mark.timeout(60)
 

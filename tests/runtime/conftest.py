@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from gptd_runtime.config import Settings
 from gptd_runtime.demo import build_demo_model
-from runtime_testlib import ServerProcess, running_app
+
+from tests.support.runtime import ServerProcess, running_app
 
 
 @pytest.fixture(scope="session")

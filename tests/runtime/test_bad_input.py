@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runtime_testlib import wait_until
+
+from tests.support.runtime import wait_until
 
 
 def _error(r: Any) -> dict[str, Any]:
@@ -140,7 +141,8 @@ async def test_non_streaming_disconnect_cancels(app_factory: Any, monkeypatch: p
     import json
 
     from gptd_runtime.api import openai as openai_routes
-    from runtime_testlib import metric
+
+    from tests.support.runtime import metric
 
     monkeypatch.setattr(openai_routes, "_DISCONNECT_POLL_SECONDS", 0.02)
     async with app_factory(max_new_tokens=1000) as (client, app):

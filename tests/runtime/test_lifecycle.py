@@ -14,7 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from runtime_testlib import REPO, free_port, metric, wait_until
+
+from tests.support.runtime import REPO, free_port, metric, wait_until
 
 
 class GatedEngine:
@@ -53,7 +54,8 @@ async def test_readiness_waits_for_warmup(app_factory: Any) -> None:
 
 async def test_load_failure_reports_failed(tmp_path: Path) -> None:
     from gptd_runtime.config import Settings
-    from runtime_testlib import running_app
+
+    from tests.support.runtime import running_app
 
     async with running_app(Settings(model=str(tmp_path / "missing")), wait_ready=False) as (client, app):
         await wait_until(lambda: app.state.runtime.phase.value == "failed")

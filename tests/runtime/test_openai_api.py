@@ -7,8 +7,9 @@ import json
 from typing import Any
 
 import pytest
-from runtime_testlib import metric, sse_events
 from transformers import AutoTokenizer
+
+from tests.support.runtime import metric, sse_events
 
 
 async def test_completion_usage_and_length(app_factory: Any, models: Any) -> None:

@@ -1,4 +1,4 @@
-"""Helpers shared by the runtime tests (imported as a plain module: tests/ has no packages)."""
+"""Helpers shared by the runtime tests and benchmarks: server subprocesses, in-process apps, SSE, metrics."""
 
 from __future__ import annotations
 
