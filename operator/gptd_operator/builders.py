@@ -261,6 +261,9 @@ def _env(model: ModelSpec, runtime: RuntimeSpec, port: int, model_ref: str) -> l
         {"name": "GPTD_MAX_QUEUE", "value": str(runtime.maxQueue)},
         {"name": "GPTD_DRAIN_TIMEOUT_SECONDS", "value": str(runtime.drainTimeoutSeconds)},
         {"name": "HF_HOME", "value": CACHE_DIR},
+        # A custom spec.runtime.image without uid 10001 in its /etc/passwd would get HOME=/ on a read-only
+        # root filesystem; /tmp is the pod's writable emptyDir.
+        {"name": "HOME", "value": "/tmp"},
     ]
     if runtime.apiKeySecretRef is not None:
         env.append({"name": "GPTD_API_KEY_FILE", "value": API_KEY_FILE})
