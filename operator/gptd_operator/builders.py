@@ -39,7 +39,8 @@ RUN_AS = 10001
 STARTUP_PERIOD_SECONDS = 10
 TERMINATION_MARGIN_SECONDS = 10  # between the runtime finishing its drain and the kubelet's SIGKILL
 REVISION_HISTORY_LIMIT = 3
-HPA_METRIC = "gptd_num_requests_running"  # Prometheus `gptd:num_requests_running`, renamed by the adapter
+# In-flight = running + waiting: running alone is capped by maxBatchSize, so a queue would never scale anything.
+HPA_METRIC = "gptd_num_requests_inflight"  # Prometheus `gptd:num_requests_inflight`, renamed by the adapter
 
 # Env names whose literal values would leak a secret into the pod spec; they must use valueFrom.
 _SECRET_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GPTD_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")

@@ -303,7 +303,7 @@ def test_hpa() -> None:
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "gpt2"}
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
     assert hpa["spec"]["metrics"] == [
-        {"type": "Pods", "pods": {"metric": {"name": "gptd_num_requests_running"},
+        {"type": "Pods", "pods": {"metric": {"name": "gptd_num_requests_inflight"},
                                   "target": {"type": "AverageValue", "averageValue": "8"}}},
         {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 75}}},
     ]
