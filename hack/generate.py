@@ -6,6 +6,9 @@
 * ``manifests/argocd/argocd-cm-patch.yaml``: ``manifests/argocd/health.lua`` as an argocd-cm patch.
 * ``manifests/install.yaml``: a Namespace (Pod Security "restricted") followed by
   ``helm template gptd helm/gptd-operator --namespace gptd-system --include-crds --skip-tests``.
+* ``hack/requirements/{operator,runtime}.txt``: the images' dependencies exported from ``pyproject.toml`` (the
+  only place versions are written, torch's pin included). The Dockerfiles install them in a layer of their own,
+  before the source is copied, then the package with ``--no-deps``.
 
     python hack/generate.py          # write both files
     python hack/generate.py --check  # exit 1 (and say which) when a checked-in file is stale
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -32,6 +36,8 @@ INSTALL = ROOT / "manifests" / "install.yaml"
 HEALTH_LUA = ROOT / "manifests" / "argocd" / "health.lua"
 ARGOCD_PATCH = ROOT / "manifests" / "argocd" / "argocd-cm-patch.yaml"
 ARGOCD_HEALTH_KEY = "resource.customizations.health.gptd.io_GPTDeployment"
+PYPROJECT = ROOT / "pyproject.toml"
+REQUIREMENTS = {extra: ROOT / "hack" / "requirements" / f"{extra}.txt" for extra in ("operator", "runtime")}
 RELEASE = "gptd"
 NAMESPACE = "gptd-system"
 
@@ -152,6 +158,19 @@ def render_argocd_patch() -> str:
     )
 
 
+def render_requirements(extra: str, pyproject: Path = PYPROJECT) -> str:
+    """pyproject's base dependencies plus one extra, one per line, for `pip install -r` in an image build."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    deps = [*project["dependencies"], *project["optional-dependencies"][extra]]
+    if any(d.split("[")[0].strip().lower() == project["name"] for d in deps):
+        raise SystemExit(f"pyproject.toml: the {extra!r} extra refers to the project itself; list its packages")
+    return (
+        _HEADER.format(what=f"from pyproject.toml: dependencies + [{extra}]")
+        + "# Installed before the source is copied (a layer that changes only with the dependencies).\n"
+        + "".join(f"{d}\n" for d in deps)
+    )
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only check that the checked-in files are fresh")
@@ -159,13 +178,15 @@ def main(argv: list[str]) -> int:
     # The chart CRD first: install.yaml is rendered from the chart.
     outputs = [(CHART_CRD, render_chart_crd)]
     stale = []
-    for path, render in [*outputs, (ARGOCD_PATCH, render_argocd_patch), (INSTALL, render_install)]:
+    requirements = [(path, lambda extra=extra: render_requirements(extra)) for extra, path in REQUIREMENTS.items()]
+    for path, render in [*outputs, (ARGOCD_PATCH, render_argocd_patch), (INSTALL, render_install), *requirements]:
         text = render()
         if path.exists() and path.read_text() == text:
             continue
         if args.check:
             stale.append(path)
         else:
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
             print(f"wrote {path.relative_to(ROOT)}")
     if stale:
