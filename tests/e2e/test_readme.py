@@ -16,6 +16,7 @@ from tests.support.runtime import ServerProcess
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 SHOWN = [ROOT / "README.md", ROOT / "docs" / "delivery.md", ROOT / "hack" / "demo.sh",
+         ROOT / "helm" / "gptd-operator" / "templates" / "NOTES.txt",
          *sorted((ROOT / "manifests" / "samples").glob("*.yaml"))]
 
 
