@@ -68,7 +68,7 @@ def test_dependencies_are_installed_before_the_source_is_copied(path, extra):
             assert "--mount=type=cache,target=/root/.cache/pip" in rest, rest
     # The build context carries the export (hack/ is otherwise ignored).
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
-    assert "hack/*" in ignore and "!hack/requirements" in ignore
+    assert "hack/*" in ignore and "!hack/requirements" in ignore and "!hack/requirements/*.txt" in ignore
 
 
 def _pod_mounts() -> set[str]:
