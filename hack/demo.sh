@@ -124,7 +124,8 @@ stage_model() {
   k create namespace "$DEMO_NAMESPACE" --dry-run=client -o yaml | k apply -f -
   # A Job's pod template is immutable: re-running this stage (e.g. with another TAG) replaces the Job. The PVC
   # stays, and build-demo reuses a model already built there.
-  kd delete job demo-model --ignore-not-found --wait
+  # Foreground: the old pod is gone (no longer writing the PVC) before the new Job starts.
+  kd delete job demo-model --ignore-not-found --cascade=foreground --wait
   sed "s|image: ghcr.io/gptd-io/gptd-runtime:.*|image: $RUNTIME_IMAGE|" manifests/samples/demo-model.yaml \
     | kd apply -f -
   # Wait for Complete *or* Failed (`kubectl wait --for=condition=complete` would sit out the whole timeout on a
