@@ -1,4 +1,4 @@
-"""CLI: `python -m gptd_runtime serve ...` and `python -m gptd_runtime build-demo PATH`."""
+"""CLI: `python -m gptd_runtime serve ...`, `build-demo PATH` and `fetch URI --dest DIR`."""
 
 from __future__ import annotations
 
@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--task", default="text-generation")
     demo.add_argument("--size", default="tiny", choices=["tiny", "small"])
     demo.add_argument("--chat-template", action="store_true")
+
+    from . import fetch
+
+    fetch.add_arguments(sub.add_parser("fetch", help="download a model revision into a cache directory"))
     return p
 
 
@@ -63,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(build_demo_model(args.path, args.task, size=args.size, chat_template=args.chat_template))
         return 0
+    if args.command == "fetch":
+        from . import fetch
+
+        return fetch.run(args)
 
     cli = {k: v for k, v in vars(args).items() if k != "command"}
     try:
