@@ -248,7 +248,9 @@ def _hub_error(e: Exception, repo_id: str, revision: str) -> FetchError:
         return FetchError("RevisionNotFound", f"revision {revision!r} not found in {repo_id} (hub said{said or ': -'})")
     if isinstance(e, GatedRepoError) or status == 403:
         return FetchError("Forbidden", f"403 Forbidden: no access to {repo_id}{said}")
-    if (status == 401 and not isinstance(e, RepositoryNotFoundError)) or "Invalid credentials" in server:
+    # A bad token is a plain 401; a 401 that huggingface_hub maps to RepositoryNotFound is a private or missing
+    # repo seen without (enough) credentials.
+    if status == 401 and not isinstance(e, RepositoryNotFoundError):
         return FetchError("Unauthorized", f"401 Unauthorized: the hub refused the token for {repo_id}{said}")
     if isinstance(e, RepositoryNotFoundError):
         return FetchError("RepositoryNotFound",

@@ -83,12 +83,12 @@ def hub(models: dict[str, Path]) -> Iterator[FakeHub]:
         yield h
 
 
-def _cli(dest: Path, *args: str, env: dict[str, str], revision: str = "main",
+def _cli(dest: Path, *args: str, env: dict[str, str], revision: str = "main", uri: str = f"hf://{REPO_ID}",
          timeout: float = 60) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "GPTD_HF_TOKEN_FILE")}
     full_env.update(env)
     return subprocess.run(
-        [sys.executable, "-m", "gptd_runtime", "fetch", f"hf://{REPO_ID}", "--revision", revision,
+        [sys.executable, "-m", "gptd_runtime", "fetch", uri, "--revision", revision,
          "--dest", str(dest), "--progress-interval", "0", *args],
         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
@@ -262,6 +262,10 @@ def test_hub_errors_are_one_json_line_and_never_show_the_token(models: dict[str,
             assert line["reason"] == reason and text in line["error"], line
             assert secret not in result.stdout + result.stderr
 
+        result = _cli(dest, env={"HF_ENDPOINT": hub.url, "HF_TOKEN": secret}, uri="hf://acme/missing")
+        [line] = _lines(result.stdout)
+        assert result.returncode == 1 and line["reason"] == "RepositoryNotFound" and "acme/missing" in line["error"]
+
         hub.gated.add(REPO_ID)
         token_file.write_text(secret + "\n")
         result = _cli(dest, "--token-file", str(token_file), env={"HF_ENDPOINT": hub.url})
@@ -294,3 +298,15 @@ def test_disk_full_fails_with_a_clear_reason(hub: FakeHub, tmp_path: Path, monke
         fetch(REPO_ID, "main", tmp_path / "b", FetchOptions(endpoint=hub.url), out=io.StringIO())
     assert e.value.reason == "DiskFull" and "1000 free" in e.value.message
     assert _resolved(hub) == []
+
+
+def test_revision_directory_without_marker_is_not_complete_and_is_replaced(
+        hub: FakeHub, models: dict[str, Path], tmp_path: Path) -> None:
+    stale = tmp_path / hub.last_sha
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")  # e.g. a copy interrupted half-way: no marker
+    assert complete_revision(tmp_path, hub.last_sha) is None
+    path = fetch(REPO_ID, "main", tmp_path, FetchOptions(endpoint=hub.url), out=io.StringIO())
+    assert path == stale and complete_revision(tmp_path, hub.last_sha) == stale
+    assert (stale / "config.json").read_bytes() == (models["plain"] / "config.json").read_bytes()
+    assert json.loads((stale / MARKER).read_text())["sha"] == hub.last_sha
