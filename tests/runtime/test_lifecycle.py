@@ -150,8 +150,10 @@ def test_openai_client_against_real_server(server_factory: Any, models: Any, tmp
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 6
     import openai
 
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="demo", prompt="x", max_tokens=5, n=2)
+    two = client.completions.create(model="demo", prompt="x", max_tokens=5, n=2)
+    assert [c.index for c in two.choices] == [0, 1]
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model="demo", prompt="x", max_tokens=5, logit_bias={"1": 5})
     with pytest.raises(openai.AuthenticationError):
         OpenAI(base_url=f"{server.url}/v1", api_key="wrong").models.list()
 
