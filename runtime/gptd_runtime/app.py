@@ -22,9 +22,10 @@ from .api.metrics import Metrics
 from .api.middleware import GuardMiddleware
 from .config import Settings
 from .embeddings import Embedder
-from .engine import ClassificationEngine, GenerationEngine
+from .engine import ClassificationEngine, GenerationEngine, kv_cache_bytes
 from .loading import ModelLoadError, load_model, resolve_model_dir
-from .state import ModelInfo, Phase, RuntimeState
+from .logs import quiet_access_log
+from .state import ModelInfo, Phase, RuntimeState, startup_line
 
 log = logging.getLogger("gptd_runtime")
 WARMUP_TIMEOUT_SECONDS = 600.0
@@ -37,9 +38,11 @@ def build_engine(
     server shut down during the load), the engine is not left running: its thread is not a daemon and would
     keep the process alive after a SIGTERM."""
     loaded = load_model(settings, resolve_model_dir(settings))
-    info = ModelInfo.from_model(loaded.model, loaded.device)
+    generation = settings.task == "text-generation"
+    info = ModelInfo.from_model(loaded.model, loaded.device, kv_cache_bytes(loaded.model, settings) if generation
+                                else None)
     embedder = Embedder(loaded)  # before the engine starts: its view keeps the model's own attention
-    if settings.task == "text-generation":
+    if generation:
         engine: Any = GenerationEngine(loaded, settings, metrics)
     else:
         engine = ClassificationEngine(loaded, settings)
@@ -89,7 +92,7 @@ async def _startup(state: RuntimeState, engine: Any | None) -> None:
         await asyncio.wait_for(engine.warmup(), WARMUP_TIMEOUT_SECONDS)
         if state.phase is Phase.WARMING_UP:  # a SIGTERM during warm-up wins
             state.phase = Phase.READY
-            log.info("model %s ready", state.model_name)
+            log.info("%s", startup_line(state))
     except asyncio.CancelledError:
         raise
     except Exception as e:
@@ -199,6 +202,7 @@ def run_server(settings: Settings) -> int:
         # Default keep-alive lets idle connections pin the shutdown; drain already waited for real work.
         timeout_keep_alive=5,
     )
+    quiet_access_log()  # after uvicorn.Config set up its loggers
     server = Server(config)
     server.run()
     if fatal:

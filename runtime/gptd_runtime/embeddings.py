@@ -62,7 +62,9 @@ class Embedder:
         with torch.inference_mode():
             for ids in inputs:
                 x = torch.tensor([ids], device=self.device)
-                hidden = self._model(input_ids=x, output_hidden_states=True, use_cache=False).hidden_states[-1]
+                mask = torch.ones_like(x)  # unpadded; passing it keeps transformers from guessing padding
+                hidden = self._model(input_ids=x, attention_mask=mask, output_hidden_states=True,
+                                     use_cache=False).hidden_states[-1]
                 pooled = hidden[0].float().mean(dim=0)
                 out.append(torch.nn.functional.normalize(pooled, dim=0).tolist())
         return out

@@ -281,7 +281,7 @@ class GenerationEngine:
             max_requests_per_batch=s.max_batch_size,
             per_request_processors=True,
         )
-        log.info(
+        log.debug(
             "KV cache: %d pages x %d tokens, about %.0f MiB (set GPTD_KV_CACHE_BLOCKS to change)",
             s.kv_blocks(), s.kv_cache_page_size, kv_cache_bytes(model, s) / 2**20,
         )

@@ -89,16 +89,33 @@ class ModelInfo:
     hidden_size: int | None = None  # embedding width
     dtype: str = "unknown"
     device: str = "unknown"
+    torch_threads: int | None = None
+    kv_cache_bytes: int | None = None  # None: no KV cache (classification)
 
     @classmethod
-    def from_model(cls, model: Any, device: str) -> ModelInfo:
+    def from_model(cls, model: Any, device: str, kv_cache_bytes: int | None = None) -> ModelInfo:
+        import torch
+
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         return cls(
             max_positions=getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None),
             hidden_size=getattr(cfg, "hidden_size", None),
             dtype=str(getattr(model, "dtype", "unknown")).removeprefix("torch."),
             device=device,
+            torch_threads=torch.get_num_threads() if device == "cpu" else None,
+            kv_cache_bytes=kv_cache_bytes,
         )
+
+
+def startup_line(state: RuntimeState) -> str:
+    """The one line that says what this server is serving, and with what memory for the KV cache."""
+    s, m = state.settings, state.model
+    kv = ("no KV cache" if m.kv_cache_bytes is None else
+          f"KV cache {s.kv_blocks()} blocks x {s.kv_cache_page_size} tokens = {m.kv_cache_bytes / 2**20:.0f} MiB")
+    threads = f" ({m.torch_threads} torch thread(s))" if m.torch_threads else ""
+    source = s.model or ("demo" if s.demo else "-")
+    return (f"ready: serving {state.model_name!r} ({s.task}) from {source} revision {s.revision or '-'}: "
+            f"{m.dtype} on {m.device}{threads}, {kv}")
 
 
 @dataclass
