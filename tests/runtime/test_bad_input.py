@@ -126,6 +126,13 @@ async def test_api_key(app_factory: Any, tmp_path: Path, caplog: pytest.LogCaptu
         assert _error(missing)["type"] == "authentication_error"
         wrong = await client.post("/v1/completions", json=req, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401
+        # Only the Bearer scheme authenticates, even with the right key.
+        for auth in (f"Basic {secret}", f"Token {secret}", secret, f"Bearer{secret}", f"{secret} {secret}"):
+            r = await client.post("/v1/completions", json=req, headers={"Authorization": auth})
+            assert r.status_code == 401, auth
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert (await client.post("/v1/completions", json=req, headers={"Authorization": f"bearer {secret}"})
+                ).status_code == 200  # the scheme name is case-insensitive (RFC 7235)
         assert (await client.get("/v1/models")).status_code == 401
         ok = await client.post("/v1/completions", json=req, headers={"Authorization": f"Bearer {secret}"})
         assert ok.status_code == 200
