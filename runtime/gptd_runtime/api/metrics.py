@@ -20,6 +20,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from .deps import runtime
+
 # `*_created` samples double the exposition size and nothing here uses them.
 disable_created_metrics()
 
@@ -89,5 +91,4 @@ router = APIRouter()
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    m: Metrics = request.app.state.runtime.metrics
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(runtime(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
