@@ -227,17 +227,20 @@ def _bucket(stack: str) -> str:
 
 
 def profile_breakdown(raw: Path) -> dict[str, dict[str, float]]:
-    """py-spy --format raw (collapsed stacks "thread;frame;frame count") -> {thread kind: {bucket: share}}."""
+    """py-spy --format raw without --idle (collapsed stacks "thread;frame;... count", on-CPU samples only)
+    -> {thread: {bucket: samples}}."""
     totals: dict[str, dict[str, float]] = {}
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        thread = "engine thread" if "_run_generation_loop" in stack else "event-loop thread" \
-            if ("uvicorn" in stack or "asyncio" in stack) else "other threads"
+        if "_run_generation_loop" in stack:
+            thread = "engine thread"
+        elif "MainThread" in stack:
+            thread = "event-loop thread"
+        else:
+            thread = "other threads"
         bucket = _bucket(stack)
-        if "idle" in stack and bucket.startswith("other"):
-            bucket = "idle"
         totals.setdefault(thread, {}).setdefault(bucket, 0.0)
         totals[thread][bucket] += int(count)
     return totals
@@ -258,7 +261,8 @@ def main() -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--gptd-args", default="", help="extra flags for the gptd server (e.g. '--kv-cache-blocks 64')")
     p.add_argument("--threads", type=int, help="gptd --torch-threads and the bound's threads (default: gptd's rule)")
-    p.add_argument("--peer-threads", type=int, help="OMP_NUM_THREADS for transformers serve (default: unset)")
+    p.add_argument("--peer-threads", type=int,
+                   help="OMP_NUM_THREADS for transformers serve (default: the same torch threads as gptd)")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--profile", type=float, default=0.0,
                    help="seconds of py-spy on gptd during its last 32-client streaming run (0: off)")
@@ -282,7 +286,7 @@ def main() -> int:
           file=sys.stderr)
 
     gptd_port, tf_port = _port(), _port()
-    peer_env = {} if args.peer_threads is None else {"OMP_NUM_THREADS": str(args.peer_threads)}
+    peer_env = {"OMP_NUM_THREADS": str(args.peer_threads or threads)}  # same threads: the bound's, gptd's, the peer's
     servers: list[tuple[str, list[str], int, str, dict[str, str]]] = [(
         "gptd",
         [sys.executable, "-m", "gptd_runtime", "serve", "--model", str(args.model_dir), "--host", "127.0.0.1",
@@ -320,19 +324,17 @@ def main() -> int:
                 n = args.single_client_requests if clients == 1 else args.requests
                 for mode in modes:
                     for name, url in urls.items():
-                        spy = None
-                        if (args.profile and name == "gptd" and mode == "stream" and clients == max(levels)
-                                and round_ == args.rounds - 1):
-                            spy = subprocess.Popen(
-                                [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(procs[name].pid),
-                                 "-d", str(args.profile), "-r", "200", "-f", "raw", "--threads", "--idle", "-o",
-                                 str(profile_raw)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
                         r = asyncio.run(_drive(name, url, clients, n, args.max_tokens, mode == "stream"))
-                        if spy is not None:
-                            spy.wait(args.profile + 30)
                         print(f"round {round_ + 1} {name} {mode} clients={clients}: {r.tok_s:.0f} tok/s, "
                               f"{r.errors} errors (load {_load()})", file=sys.stderr)
                         results.append(r)
+        if args.profile:  # untimed: py-spy samples gptd while it serves the top level, streaming, until it is done
+            spy = subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(procs["gptd"].pid), "-d",
+                 str(max(1, round(args.profile))), "-r", "200", "-f", "raw", "--threads", "-o",
+                 str(profile_raw)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            while spy.poll() is None:
+                asyncio.run(_drive("gptd", urls["gptd"], max(levels), args.requests, args.max_tokens, True))
     results = _merge(results)
     bound = {c: statistics.median(v) for c, v in bounds.items()}
 
@@ -365,11 +367,13 @@ def main() -> int:
                       f"{a.tok_s / b2.tok_s:.2f}x | {_pct(a.latencies, 50) / _pct(b2.latencies, 50):.2f} | "
                       f"{_pct(a.ttfts, 50) / _pct(b2.ttfts, 50):.2f} |")
     if args.profile and profile_raw.exists():
-        print(f"\npy-spy, gptd, {max(levels)} clients streaming, {args.profile:.0f} s at 200 Hz (share of samples):")
+        seconds = max(1, round(args.profile))
+        print(f"\npy-spy, gptd, {max(levels)} clients streaming, {seconds} s at 200 Hz: per thread, the share of "
+              "wall time on CPU (busy), then how that CPU time splits:")
         for thread, buckets in sorted(profile_breakdown(profile_raw).items()):
             total = sum(buckets.values())
             parts = ", ".join(f"{k} {100 * v / total:.1f} %" for k, v in sorted(buckets.items(), key=lambda kv: -kv[1]))
-            print(f"- {thread}: {parts}")
+            print(f"- {thread} (busy {100 * total / (200 * seconds):.0f} %): {parts}")
         shutil.copy(profile_raw, Path.cwd() / "gptd.pyspy.txt")
     print(f"\nload after the run: {_load()}")
     if args.json:
