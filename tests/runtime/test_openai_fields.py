@@ -13,7 +13,7 @@ from gptd_runtime.engine import ResponseFormat
 from transformers import AutoTokenizer
 
 from tests.support.engine import ContractEngine, logprob_ok
-from tests.support.runtime import sse_events
+from tests.support.runtime import metric, sse_events
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -280,6 +280,12 @@ async def test_get_model_by_id(app_factory: Any, contract: ContractEngine) -> No
         assert (model.id, model.object, model.owned_by) == ("org/tiny", "model", "gptd")
         with pytest.raises(NotFoundError, match="does not exist"):
             await client.models.retrieve("other")
+        with pytest.raises(NotFoundError):
+            await client.models.retrieve("yet-another")
+        text = (await http.get("/metrics")).text
+        # Ids are never label values (a scanner would explode the series count): one bounded route label.
+        assert metric(text, 'gptd:http_requests_total{route="/v1/models/{id}",status="404"}') == 2
+        assert metric(text, 'gptd:http_requests_total{route="/v1/models/{id}",status="200"}') == 1
 
 
 async def test_refusals_through_the_openai_client(app_factory: Any, contract: ContractEngine) -> None:
