@@ -1,4 +1,5 @@
-"""CLI: `python -m gptd_runtime serve ...` and `python -m gptd_runtime build-demo PATH`."""
+"""CLI: `python -m gptd_runtime serve ...`, `build-demo PATH`, `fetch URI --dest DIR` and
+`evaluate --url URL --dataset FILE --task TASK`."""
 
 from __future__ import annotations
 
@@ -52,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--task", default="text-generation")
     demo.add_argument("--size", default="tiny", choices=["tiny", "small"])
     demo.add_argument("--chat-template", action="store_true")
+
+    from . import evaluate, fetch
+
+    fetch.add_arguments(sub.add_parser("fetch", help="download a model revision into a cache directory"))
+    evaluate.add_arguments(sub.add_parser("evaluate", help="score a running runtime on a JSON Lines dataset"))
     return p
 
 
@@ -62,6 +68,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(build_demo_model(args.path, args.task, size=args.size, chat_template=args.chat_template))
         return 0
+    if args.command == "fetch":
+        from . import fetch
+
+        return fetch.run(args)
+    if args.command == "evaluate":
+        from . import evaluate
+
+        return evaluate.run(args)
 
     cli = {k: v for k, v in vars(args).items() if k != "command"}
     try:
