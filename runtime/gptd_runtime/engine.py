@@ -402,6 +402,15 @@ class GenerationEngine:
         mgr = self._manager
         return mgr is not None and mgr.is_running() and _cb_internals.fatal_error(mgr) is None
 
+    @property
+    def sampling_features(self) -> frozenset[str]:
+        """The optional SamplingParams parts honoured here (state.py); the HTTP layer refuses the others.
+        response_format needs the grammar built at start (llguidance must read the tokenizer)."""
+        from .state import ALL_SAMPLING_FEATURES, FEATURE_RESPONSE_FORMAT
+
+        return ALL_SAMPLING_FEATURES if self._grammars is not None else ALL_SAMPLING_FEATURES - {
+            FEATURE_RESPONSE_FORMAT}
+
     # -- requests -------------------------------------------------------------------------------------------
     def num_inflight(self) -> int:
         return len(self._streams)
