@@ -570,6 +570,13 @@ class ClassificationEngine:
         return len(self.loaded.tokenizer(text).input_ids)
 
     async def infer(self, texts: list[str]) -> list[ClassificationResult]:
+        """Raises InvalidParameterError for an empty batch or a text without tokens (a 0-token row cannot be
+        reshaped into logits: torch fails deep inside the model), QueueFullError when too many wait."""
+        if not texts:
+            raise InvalidParameterError("texts", "no texts to classify")
+        for i, text in enumerate(texts):
+            if self.count_tokens(text) == 0:
+                raise InvalidParameterError("texts", f"text {i} has no tokens")
         s = self.settings
         if self._inflight >= s.max_batch_size + s.max_queue:
             raise QueueFullError(f"{self._inflight} requests in flight")
