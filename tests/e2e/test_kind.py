@@ -61,7 +61,13 @@ def cluster(request):
     if reason is not None:
         pytest.fail(f"GPTD_E2E=1 but {reason}")
     failed_before = request.session.testsfailed
-    demo("cluster", "images")
+    try:
+        demo("cluster", "images")
+    except BaseException:
+        # A failed set-up has no teardown: apply the same keep rule here (a laptop run cleans up).
+        if not keep_cluster(True, os.environ):
+            subprocess.run([str(DEMO), "down"], cwd=ROOT, env=_env(), capture_output=True)
+        raise
     yield
     if not keep_cluster(request.session.testsfailed > failed_before, os.environ):
         demo("down")
