@@ -45,15 +45,18 @@ k() { "$KUBECTL_BIN" --context "kind-$CLUSTER" "$@"; }
 kd() { k -n "$DEMO_NAMESPACE" "$@"; }
 
 seconds_of() {  # seconds_of 10m|90s|1h|120 -> seconds (kubectl's duration syntax, the common forms)
-  case "$1" in
-    *h) echo $(( ${1%h} * 3600 )) ;;
-    *m) echo $(( ${1%m} * 60 )) ;;
-    *s) echo "${1%s}" ;;
-    *[!0-9]*|'') die "WAIT_TIMEOUT must look like 10m, 90s, 1h or a number of seconds (got '$1')" ;;
-    *) echo "$1" ;;
+  local n=${1%[hms]} unit=${1#"${1%[hms]}"}
+  case "$n" in
+    ''|*[!0-9]*) die "WAIT_TIMEOUT must look like 10m, 90s, 1h or a number of seconds (got '$1')" ;;
+  esac
+  case "$unit" in
+    h) echo $((n * 3600)) ;;
+    m) echo $((n * 60)) ;;
+    *) echo "$n" ;;
   esac
 }
 WAIT_SECONDS=$(seconds_of "$WAIT_TIMEOUT")
+KUBE_TIMEOUT=${WAIT_SECONDS}s  # kubectl wants a unit
 POLL_SECONDS=${POLL_SECONDS:-2}
 
 require_docker_kind() {
@@ -152,8 +155,8 @@ stage_deploy() {
 wait_ready() {
   local gen
   gen=$(kd get gptd demo -o jsonpath='{.metadata.generation}')
-  kd wait --for=jsonpath='{.status.observedGeneration}'="$gen" gptd/demo --timeout="$WAIT_TIMEOUT"
-  kd wait --for=condition=Ready gptd/demo --timeout="$WAIT_TIMEOUT" || {
+  kd wait --for=jsonpath='{.status.observedGeneration}'="$gen" gptd/demo --timeout="$KUBE_TIMEOUT"
+  kd wait --for=condition=Ready gptd/demo --timeout="$KUBE_TIMEOUT" || {
     kd get gptd demo -o yaml || true
     kd get pods -o wide || true
     die "gptd/demo did not become Ready"
@@ -184,7 +187,7 @@ stage_scale() {
   # ReadWriteMany storage class (docs/delivery.md).
   log "kubectl scale gptd/demo --replicas=2"
   kd scale gptd/demo --replicas=2
-  kd wait --for=jsonpath='{.status.readyReplicas}'=2 gptd/demo --timeout="$WAIT_TIMEOUT"
+  kd wait --for=jsonpath='{.status.readyReplicas}'=2 gptd/demo --timeout="$KUBE_TIMEOUT"
   wait_ready
   kd get gptd demo
 }
@@ -211,7 +214,7 @@ stage_rollout() {
   after=$(wait_revision_change "$before") \
     || die "currentRevision did not change from ${before:-<none>} within $WAIT_TIMEOUT"
   wait_ready
-  kd wait --for=condition=Progressing=False gptd/demo --timeout="$WAIT_TIMEOUT"
+  kd wait --for=condition=Progressing=False gptd/demo --timeout="$KUBE_TIMEOUT"
   log "new revision $after is Ready"
   kd get gptd demo
 }

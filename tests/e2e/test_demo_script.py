@@ -163,8 +163,17 @@ def test_clear_errors_without_docker_engine(fake_path):
     assert proc.returncode != 0 and "engine is not reachable" in proc.stderr
     proc, _ = run_demo(fake_path, "nonsense")
     assert proc.returncode != 0 and "unknown stage nonsense" in proc.stderr
-    proc, _ = run_demo(fake_path, "deploy", WAIT_TIMEOUT="soon")
-    assert proc.returncode != 0 and "WAIT_TIMEOUT must look like" in proc.stderr
+    for bad in ("soon", "xm", "1.5m", "-5s"):
+        proc, _ = run_demo(fake_path, "deploy", WAIT_TIMEOUT=bad)
+        assert proc.returncode != 0 and "WAIT_TIMEOUT must look like" in proc.stderr, bad
+
+
+@pytest.mark.parametrize(("timeout", "kubectl"), [("20s", "20s"), ("2m", "120s"), ("1h", "3600s"), ("45", "45s")])
+def test_wait_timeout_forms_reach_kubectl_with_a_unit(fake_path, timeout, kubectl):
+    proc, calls = run_demo(fake_path, "deploy", WAIT_TIMEOUT=timeout)
+    assert proc.returncode == 0, proc.stderr
+    waits = [c for c in calls if " wait " in c]
+    assert waits and all(f"--timeout={kubectl}" in c for c in waits), waits
 
 
 # ----------------------------------------------------------------------------- macOS: bash 3.2, BSD userland
