@@ -3,6 +3,7 @@ selection, resume after a kill and after a dropped connection, verification, ato
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -310,3 +311,37 @@ def test_revision_directory_without_marker_is_not_complete_and_is_replaced(
     assert path == stale and complete_revision(tmp_path, hub.last_sha) == stale
     assert (stale / "config.json").read_bytes() == (models["plain"] / "config.json").read_bytes()
     assert json.loads((stale / MARKER).read_text())["sha"] == hub.last_sha
+
+
+def test_a_server_ignoring_range_makes_the_file_start_over(hub: FakeHub, models: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    size = (models["plain"] / WEIGHTS).stat().st_size
+    hub.drop_after[WEIGHTS] = 700_000
+    hub.ignore_range.add(WEIGHTS)
+    path = fetch(REPO_ID, "main", tmp_path, FetchOptions(endpoint=hub.url, backoff_seconds=0), out=io.StringIO())
+    assert [r["range"] for r in hub.requests if r["path"].endswith(WEIGHTS)] == [None, "bytes=700000-"]
+    assert hub.bytes_served[WEIGHTS] == 700_000 + size  # the 200 answer was written from byte 0, not appended
+    assert (path / WEIGHTS).read_bytes() == (models["plain"] / WEIGHTS).read_bytes()
+
+
+def test_a_complete_pinned_sha_needs_no_hub_and_a_second_writer_is_refused(models: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    with FakeHub() as hub:
+        sha = hub.add_directory(REPO_ID, models["plain"])
+        work_lock = tmp_path / "b" / INCOMPLETE / f"{sha}.lock"
+        work_lock.parent.mkdir(parents=True)
+        with open(work_lock, "w") as held:  # another fetch of this revision is running
+            fcntl.flock(held, fcntl.LOCK_EX)
+            with pytest.raises(FetchError) as e:
+                fetch(REPO_ID, "main", tmp_path / "b", FetchOptions(endpoint=hub.url), out=io.StringIO())
+            assert e.value.reason == "Busy"
+        assert not _resolved(hub)
+        fetch(REPO_ID, "main", tmp_path / "a", FetchOptions(endpoint=hub.url), out=io.StringIO())
+        endpoint = hub.url
+    # The hub is gone: a pinned sha already in the cache is served from it; a branch needs the hub.
+    out = io.StringIO()
+    assert fetch(REPO_ID, sha, tmp_path / "a", FetchOptions(endpoint=endpoint), out=out) == tmp_path / "a" / sha
+    assert _lines(out.getvalue())[-1]["complete"] is True
+    with pytest.raises(FetchError) as e:
+        fetch(REPO_ID, "main", tmp_path / "a", FetchOptions(endpoint=endpoint, timeout_seconds=5), out=io.StringIO())
+    assert e.value.reason == "Network"

@@ -16,13 +16,16 @@ Knobs for failure tests (all thread-safe, set them between or during transfers):
 - `stall_after[file] = n`: the next response sends n bytes, then hangs until `release()` (to kill a client
   mid-file).
 - `corrupt[file] = k`: the next k responses for that file carry one flipped byte.
+- `ignore_range`: files whose responses ignore `Range` and send the whole file with 200 (as some proxies do).
 Counters: `bytes_served[file]` (body bytes written) and `requests` (method, path, range, authorized).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import socket
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -73,10 +76,12 @@ class FakeHub:
         self.drop_after: dict[str, int] = {}
         self.stall_after: dict[str, int] = {}
         self.corrupt: dict[str, int] = {}
+        self.ignore_range: set[str] = set()
         self.bytes_served: Counter[str] = Counter()
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._release = threading.Event()
+        self._connections: set[Any] = set()
         self._server: ThreadingHTTPServer | None = None
 
     # ---- repositories -------------------------------------------------------------------------------------
@@ -130,6 +135,11 @@ class FakeHub:
         assert self._server is not None
         self._server.shutdown()
         self._server.server_close()
+        # Like a hub that went away: kept-alive connections die too (shutdown() only stops accepting).
+        with self._lock:
+            for conn in list(self._connections):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
 
     # ---- request handling (called from handler threads) -------------------------------------------------
     def _authorize(self, headers: Any, repo_id: str) -> None:
@@ -178,6 +188,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.hub._lock:
+            self.hub._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.hub._lock:
+            self.hub._connections.discard(self.connection)
+        super().finish()
 
     def _send_error(self, err: _HubError) -> None:
         body = json.dumps({"error": err.message}).encode()
@@ -237,7 +257,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HubError(404, f"Entry not found: {name}", "EntryNotFound")
         size = len(data)
         start, end = 0, size - 1
-        rng = self.headers.get("Range")
+        rng = None if name in hub.ignore_range else self.headers.get("Range")
         if rng:
             first, _, last = rng.removeprefix("bytes=").partition("-")
             start = int(first)
