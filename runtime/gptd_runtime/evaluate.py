@@ -226,7 +226,11 @@ def evaluate(rows: Sequence[Row], opts: EvalOptions) -> dict[str, Any]:
                   "accuracy": score}
     else:
         if opts.task == "text-classification":
-            scores = classification_scores([r.label for r in rows if isinstance(r, ClassificationRow)], predictions)
+            gold = [r.label for r in rows if isinstance(r, ClassificationRow)]
+            scores = classification_scores(gold, predictions)
+            if not set(gold) & set(predictions):  # almost always a naming mismatch ("POSITIVE" vs "positive")
+                print(f"gptd-evaluate: warning: no predicted label is a dataset label (the server predicts "
+                      f"{sorted(set(predictions))}, the dataset has {sorted(set(gold))})", file=sys.stderr)
         else:
             ner = [r for r in rows if isinstance(r, NerRow)]
             gold = [[(e.start, e.end, e.label) for e in r.entities] for r in ner]
@@ -278,6 +282,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return 1
     except EvaluationError as e:
         _fail(out, e.message if e.line is None else f"dataset line {e.line}: {e.message}", e.line)
+        return 1
+    except Exception as e:  # e.g. a response of an unexpected shape: still one line, never a traceback
+        _fail(out, f"unexpected {type(e).__name__} while evaluating against {args.url}: {e}", None)
         return 1
     print(json.dumps(result), file=out, flush=True)
     return 0

@@ -172,6 +172,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _sha256_prefix(path: Path, length: int) -> Any:
+    h = hashlib.sha256()
+    if length:
+        with open(path, "rb") as f:
+            while length and (chunk := f.read(min(_CHUNK, length))):
+                h.update(chunk)
+                length -= len(chunk)
+    return h
+
+
 def _verified(path: Path, f: RemoteFile) -> bool:
     try:
         if path.stat().st_size != f.size:
@@ -283,6 +293,9 @@ def _download_file(hub: _Hub, repo_id: str, sha: str, f: RemoteFile, work: Path,
     part = work / (f.name + ".part")
     final.parent.mkdir(parents=True, exist_ok=True)
     last_error = ""
+    # sha256 is computed while the bytes stream in (a 16 GB file is not read back from disk to check it);
+    # only a .part left by an earlier process is hashed from disk once, before resuming it.
+    hasher, hashed = hashlib.sha256(), 0
     for attempt in range(opts.attempts):
         if attempt:
             time.sleep(min(30.0, opts.backoff_seconds * 2 ** (attempt - 1)))
@@ -290,6 +303,8 @@ def _download_file(hub: _Hub, repo_id: str, sha: str, f: RemoteFile, work: Path,
         if have > f.size:  # cannot be a prefix of this file
             part.unlink()
             have = 0
+        if hashed != have:
+            hasher, hashed = _sha256_prefix(part, have), have
         try:
             if have < f.size or f.size == 0:
                 with hub.stream(repo_id, sha, f.name, have) as r:
@@ -300,12 +315,14 @@ def _download_file(hub: _Hub, repo_id: str, sha: str, f: RemoteFile, work: Path,
                             r.read()
                         hf_raise_for_status(r)
                         if have and r.status_code != 206:  # server ignored the Range: start over
-                            have = 0
+                            have, hasher, hashed = 0, hashlib.sha256(), 0
                         with open(part, "ab" if have else "wb") as out:
                             # Chunks as they arrive (no re-buffering), so a dropped connection keeps them.
                             for chunk in r.iter_bytes():
                                 out.write(chunk)
+                                hasher.update(chunk)
                                 have += len(chunk)
+                                hashed = have
                                 progress.update(f.name, have)
                             out.flush()
                             os.fsync(out.fileno())
@@ -322,13 +339,14 @@ def _download_file(hub: _Hub, repo_id: str, sha: str, f: RemoteFile, work: Path,
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise FetchError("DiskFull", f"disk full writing {f.name} into {work}: {e.strerror}") from e
             raise
-        if _verified(part, f):
+        if part.stat().st_size == f.size and (f.sha256 is None or hasher.hexdigest() == f.sha256):
             os.replace(part, final)
             progress.update(f.name, f.size, done=True)
             return
         # Complete length but wrong content (or wrong length): discard and fetch the whole file again.
         last_error = f"{f.name} failed verification ({'sha256' if f.sha256 else 'size'} mismatch)"
         part.unlink(missing_ok=True)
+        hasher, hashed = hashlib.sha256(), 0
         progress.update(f.name, 0)
     reason = "Corrupt" if "verification" in last_error else "Network"
     raise FetchError(reason, f"{f.name}: giving up after {opts.attempts} attempts: {last_error}")
@@ -439,6 +457,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         fetch(parse_repo_id(args.uri), args.revision, args.dest, opts, out)
         return 0
     except FetchError as e:
-        message = e.message.replace(token, "***") if token else e.message  # never echo the token
-        print(json.dumps({"error": " ".join(message.split()), "reason": e.reason}), file=out, flush=True)
-        return 1
+        reason, message = e.reason, e.message
+    except OSError as e:  # the cache volume: missing, read-only, not a directory, ...
+        reason, message = "Storage", f"cannot write to {args.dest}: {e.strerror or e} ({e.filename or args.dest})"
+    except Exception as e:  # still one line for the operator to report, never a traceback
+        reason, message = "Internal", f"{type(e).__name__}: {e}"
+    if token:
+        message = message.replace(token, "***")  # never echo the token
+    print(json.dumps({"error": " ".join(message.split()), "reason": reason}), file=out, flush=True)
+    return 1

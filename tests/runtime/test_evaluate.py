@@ -352,6 +352,8 @@ class _Stub(ThreadingHTTPServer):
         self.statuses = statuses  # statuses for successive infer calls, then 200
         self.lock = threading.Lock()
         self.in_flight = self.max_in_flight = self.infers = 0
+        self.infer_body: dict[str, Any] = {
+            "outputs": [{"name": "label", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}
 
 
 class _StubHandler(BaseHTTPRequestHandler):
@@ -391,7 +393,7 @@ class _StubHandler(BaseHTTPRequestHandler):
         if status != 200:
             self._reply(status, {"error": {"message": "busy"}})
         else:
-            self._reply(200, {"outputs": [{"name": "label", "datatype": "BYTES", "shape": [1], "data": ["a"]}]})
+            self._reply(200, srv.infer_body)
 
 
 @pytest.fixture
@@ -426,3 +428,18 @@ def test_a_server_that_stays_busy_fails_after_bounded_retries(stub: _Stub) -> No
     with pytest.raises(EvaluationError) as e:
         evaluate(_rows(5), opts)
     assert "503" in str(e.value) and stub.infers == 4  # gave up on the first row: no storm over the rest
+
+
+def test_unexpected_responses_and_label_mismatches_are_reported(stub: _Stub, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{stub.server_address[1]}"
+    opts = EvalOptions(url=url, task="text-classification", metric="f1", average="macro", concurrency=2)
+    rows = parse_dataset('{"text": "t", "label": "A"}\n', "text-classification")
+    assert evaluate(rows, opts)["score"] == 0.0  # the server says "a", the dataset "A": scored, and flagged
+    assert "no predicted label is a dataset label" in capsys.readouterr().err
+
+    stub.infer_body = {"outputs": "not a list"}
+    dataset = _write(tmp_path / "d.jsonl", [{"text": "t", "label": "a"}])
+    rc, out, err = _cli("--url", url, "--dataset", str(dataset), "--task", "text-classification")
+    assert rc == 1 and len(out) == 1 and out[0]["error"].startswith("unexpected"), (out, err)
+    assert "Traceback" not in err

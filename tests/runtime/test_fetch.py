@@ -345,3 +345,26 @@ def test_a_complete_pinned_sha_needs_no_hub_and_a_second_writer_is_refused(model
     with pytest.raises(FetchError) as e:
         fetch(REPO_ID, "main", tmp_path / "a", FetchOptions(endpoint=endpoint, timeout_seconds=5), out=io.StringIO())
     assert e.value.reason == "Network"
+
+
+def test_a_corrupt_partial_file_is_caught_after_resuming_it(hub: FakeHub, models: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    size = (models["plain"] / WEIGHTS).stat().st_size
+    work = tmp_path / INCOMPLETE / hub.last_sha
+    work.mkdir(parents=True)
+    (work / (WEIGHTS + ".part")).write_bytes(b"x" * 100_000)  # a bad prefix left by an earlier process
+    path = fetch(REPO_ID, "main", tmp_path, FetchOptions(endpoint=hub.url, backoff_seconds=0), out=io.StringIO())
+    # Resumed first (only the rest is sent), the hash over prefix + rest fails, then the whole file again.
+    assert [r["range"] for r in hub.requests if r["path"].endswith(WEIGHTS)] == ["bytes=100000-", None]
+    assert hub.bytes_served[WEIGHTS] == (size - 100_000) + size
+    assert (path / WEIGHTS).read_bytes() == (models["plain"] / WEIGHTS).read_bytes()
+
+
+def test_an_unusable_cache_directory_is_one_json_line(hub: FakeHub, tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    result = _cli(not_a_dir / "cache", env={"HF_ENDPOINT": hub.url})
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = _lines(result.stdout)
+    assert line["reason"] == "Storage" and str(not_a_dir) in line["error"], line
+    assert "Traceback" not in result.stderr
