@@ -108,8 +108,10 @@ def test_cli_fetches_only_what_the_runtime_loads_and_the_loader_loads_it(
     import torch
 
     dest = tmp_path / "cache"
-    # HF_ENDPOINT is how the pod (and a mirror) points huggingface_hub at another hub.
-    result = _cli(dest, env={"HF_ENDPOINT": hub.url})
+    # HF_ENDPOINT is how the pod (and a mirror) points huggingface_hub at another hub. HOME and HF_HOME are
+    # unwritable, as in a pod with a read-only root filesystem: only --dest is written.
+    unwritable = "/proc/gptd-no-such-dir"
+    result = _cli(dest, env={"HF_ENDPOINT": hub.url, "HOME": unwritable, "HF_HOME": f"{unwritable}/hf"})
     assert result.returncode == 0, result.stdout + result.stderr
     lines = _lines(result.stdout)
     expected = sorted(p.name for p in models["plain"].iterdir())
