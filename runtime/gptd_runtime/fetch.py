@@ -29,8 +29,10 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -47,6 +49,10 @@ _SUPPORT_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
 _WEIGHT_SAFETENSORS = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$|^adapter_model\.safetensors$")
 _WEIGHT_BIN = re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin$|^adapter_model\.bin$")
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class _Cancelled(Exception):
+    """Another file of the revision failed: stop this one at the next chunk."""
 
 
 class FetchError(Exception):
@@ -124,24 +130,27 @@ class Progress:
         self.done: set[str] = set()
         self.out, self.interval = out, interval
         self._last = 0.0
+        self._lock = threading.RLock()  # files download in parallel
 
     def line(self) -> dict[str, Any]:
         return {"bytesDone": sum(self.on_disk.values()), "bytesTotal": self.total,
                 "filesDone": len(self.done), "filesTotal": self.files_total}
 
     def update(self, name: str, on_disk: int, done: bool = False) -> None:
-        self.on_disk[name] = on_disk
-        if done:
-            self.done.add(name)
-        else:
-            self.done.discard(name)
-        self.emit(force=done)
+        with self._lock:
+            self.on_disk[name] = on_disk
+            if done:
+                self.done.add(name)
+            else:
+                self.done.discard(name)
+            self.emit(force=done)
 
     def emit(self, force: bool = False, **extra: Any) -> None:
-        now = time.monotonic()
-        if force or now - self._last >= self.interval:
-            self._last = now
-            print(json.dumps({**self.line(), **extra}), file=self.out, flush=True)
+        with self._lock:
+            now = time.monotonic()
+            if force or now - self._last >= self.interval:
+                self._last = now
+                print(json.dumps({**self.line(), **extra}), file=self.out, flush=True)
 
 
 # ---- file system -----------------------------------------------------------------------------------------
@@ -170,6 +179,12 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _write_all(out: Any, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view):]
 
 
 def _sha256_prefix(path: Path, length: int) -> Any:
@@ -281,10 +296,11 @@ class FetchOptions:
     backoff_seconds: float = 1.0  # doubled per attempt, capped at 30 s
     timeout_seconds: float = 60.0
     progress_interval: float = 2.0
+    jobs: int = 4  # files downloaded at once (sharded weights download in parallel)
 
 
 def _download_file(hub: _Hub, repo_id: str, sha: str, f: RemoteFile, work: Path, progress: Progress,
-                   opts: FetchOptions) -> None:
+                   opts: FetchOptions, cancel: threading.Event) -> None:
     import httpx2
     from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.utils import hf_raise_for_status
@@ -298,7 +314,9 @@ def _download_file(hub: _Hub, repo_id: str, sha: str, f: RemoteFile, work: Path,
     hasher, hashed = hashlib.sha256(), 0
     for attempt in range(opts.attempts):
         if attempt:
-            time.sleep(min(30.0, opts.backoff_seconds * 2 ** (attempt - 1)))
+            cancel.wait(min(30.0, opts.backoff_seconds * 2 ** (attempt - 1)))
+        if cancel.is_set():
+            raise _Cancelled()
         have = part.stat().st_size if part.exists() else 0
         if have > f.size:  # cannot be a prefix of this file
             part.unlink()
@@ -316,10 +334,13 @@ def _download_file(hub: _Hub, repo_id: str, sha: str, f: RemoteFile, work: Path,
                         hf_raise_for_status(r)
                         if have and r.status_code != 206:  # server ignored the Range: start over
                             have, hasher, hashed = 0, hashlib.sha256(), 0
-                        with open(part, "ab" if have else "wb") as out:
-                            # Chunks as they arrive (no re-buffering), so a dropped connection keeps them.
+                        # Unbuffered: every byte received is in the file (page cache) at once, so a killed
+                        # process loses none; chunks as they arrive, so a dropped connection keeps them.
+                        with open(part, "ab" if have else "wb", buffering=0) as out:
                             for chunk in r.iter_bytes():
-                                out.write(chunk)
+                                if cancel.is_set():
+                                    raise _Cancelled()
+                                _write_all(out, chunk)
                                 hasher.update(chunk)
                                 have += len(chunk)
                                 hashed = have
@@ -350,6 +371,30 @@ def _download_file(hub: _Hub, repo_id: str, sha: str, f: RemoteFile, work: Path,
         progress.update(f.name, 0)
     reason = "Corrupt" if "verification" in last_error else "Network"
     raise FetchError(reason, f"{f.name}: giving up after {opts.attempts} attempts: {last_error}")
+
+
+def _download_all(hub: _Hub, repo_id: str, sha: str, files: Sequence[RemoteFile], work: Path, progress: Progress,
+                  opts: FetchOptions) -> None:
+    """`opts.jobs` files at a time, in name order; the first failure stops the others at their next chunk
+    and is the one raised."""
+    cancel = threading.Event()
+    errors: list[BaseException] = []
+
+    def one(f: RemoteFile) -> None:
+        try:
+            _download_file(hub, repo_id, sha, f, work, progress, opts, cancel)
+        except _Cancelled:
+            pass
+        except BaseException as e:
+            with progress._lock:
+                errors.append(e)
+            cancel.set()
+
+    with ThreadPoolExecutor(max_workers=max(1, opts.jobs), thread_name_prefix="fetch") as pool:
+        for f in files:
+            pool.submit(one, f)
+    if errors:
+        raise errors[0]
 
 
 def fetch(repo_id: str, revision: str, dest: Path, opts: FetchOptions | None = None,
@@ -399,8 +444,7 @@ def fetch(repo_id: str, revision: str, dest: Path, opts: FetchOptions | None = N
         if needed > free:
             raise FetchError("DiskFull", f"not enough space in {dest}: {needed} more bytes needed, {free} free")
         progress.emit(force=True)
-        for f in todo:
-            _download_file(hub, repo_id, sha, f, work, progress, opts)
+        _download_all(hub, repo_id, sha, todo, work, progress, opts)
 
         manifest = {"repo": repo_id, "revision": revision, "sha": sha, "files": {f.name: f.size for f in files},
                     "bytes": progress.total, "completedAt": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
@@ -438,6 +482,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="file holding the hub token (HF_TOKEN wins when set) [env GPTD_HF_TOKEN_FILE]")
     p.add_argument("--progress-interval", type=float, default=2.0, help="seconds between progress lines")
     p.add_argument("--attempts", type=int, default=5, help="tries per file before giving up")
+    p.add_argument("--jobs", type=int, default=4, help="files downloaded at once (default 4)")
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -453,7 +498,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 token = args.token_file.read_text().strip() or None
             except OSError as e:
                 raise FetchError("InvalidArgument", f"cannot read token file {args.token_file}: {e.strerror}") from e
-        opts = FetchOptions(token=token, progress_interval=args.progress_interval, attempts=max(1, args.attempts))
+        opts = FetchOptions(token=token, progress_interval=args.progress_interval, attempts=max(1, args.attempts),
+                            jobs=max(1, args.jobs))
         fetch(parse_repo_id(args.uri), args.revision, args.dest, opts, out)
         return 0
     except FetchError as e:

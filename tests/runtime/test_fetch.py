@@ -9,10 +9,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from gptd_runtime import fetch as fetch_mod
@@ -177,11 +179,16 @@ def test_killed_download_resumes_without_refetching_completed_files_or_bytes(
     proc = subprocess.Popen(
         [sys.executable, "-m", "gptd_runtime", "fetch", REPO_ID, "--dest", str(dest)],
         cwd=REPO, env={**env, "HF_ENDPOINT": hub.url}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    part = dest / INCOMPLETE / hub.last_sha / (WEIGHTS + ".part")
+    work = dest / INCOMPLETE / hub.last_sha
+    part = work / (WEIGHTS + ".part")
+    others = sorted(p.name for p in models["plain"].iterdir() if p.name != WEIGHTS)
     deadline = time.monotonic() + 60
-    while not (part.exists() and part.stat().st_size == cut):
+    # Files download in parallel: kill once the others are complete and the weights sit at the cut.
+    while not (part.exists() and part.stat().st_size == cut and all((work / n).exists() for n in others)):
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the partial file never reached the cut"
+        assert time.monotonic() < deadline, (
+            "the partial file never reached the cut", part.exists() and part.stat().st_size,
+            sorted(p.name for p in work.iterdir()) if work.exists() else None, hub.requests)
         time.sleep(0.05)
     proc.kill()
     proc.communicate(timeout=10)
@@ -189,8 +196,8 @@ def test_killed_download_resumes_without_refetching_completed_files_or_bytes(
 
     # Killed mid-file: nothing looks complete.
     assert complete_revision(dest, hub.last_sha) is None and not (dest / hub.last_sha).exists()
-    first_run_files = [n for n in _resolved(hub) if n != WEIGHTS]
-    assert first_run_files == ["config.json", "generation_config.json", "gptd-demo.json"]  # done before the cut
+    first_run_files = sorted(n for n in _resolved(hub) if n != WEIGHTS)
+    assert first_run_files == others
 
     hub.requests.clear()
     hub.bytes_served.clear()
@@ -202,7 +209,9 @@ def test_killed_download_resumes_without_refetching_completed_files_or_bytes(
     assert hub.bytes_served[WEIGHTS] == size - cut  # only the missing bytes
     assert [r["range"] for r in hub.requests if r["path"].endswith(WEIGHTS)] == [f"bytes={cut}-"]
     assert not set(first_run_files) & set(_resolved(hub))  # completed files not fetched again
-    assert lines[0]["bytesDone"] >= cut and lines[0]["filesDone"] == 3  # progress starts from what is on disk
+    # Progress starts from what is on disk: the completed files plus the weights' first `cut` bytes.
+    assert lines[0]["bytesDone"] - cut == sum((models["plain"] / n).stat().st_size for n in others)
+    assert lines[0]["filesDone"] == len(others)
     assert (path / WEIGHTS).read_bytes() == (models["plain"] / WEIGHTS).read_bytes()
 
 
@@ -370,3 +379,56 @@ def test_an_unusable_cache_directory_is_one_json_line(hub: FakeHub, tmp_path: Pa
     [line] = _lines(result.stdout)
     assert line["reason"] == "Storage" and str(not_a_dir) in line["error"], line
     assert "Traceback" not in result.stderr
+
+
+def _in_thread(target: Any) -> tuple[threading.Thread, list[Any]]:
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(target())
+        except BaseException as e:
+            box.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _wait(predicate: Any, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_files_download_in_parallel(hub: FakeHub, models: dict[str, Path], tmp_path: Path) -> None:
+    hub.stall_after[WEIGHTS] = 100_000  # the weights hang mid-file ...
+    thread, box = _in_thread(lambda: fetch(REPO_ID, "main", tmp_path, FetchOptions(endpoint=hub.url, jobs=4,
+                                                                                    backoff_seconds=0),
+                                           out=io.StringIO()))
+    work = tmp_path / INCOMPLETE / hub.last_sha
+    others = [p.name for p in models["plain"].iterdir() if p.name != WEIGHTS]
+    # ... while every file after them in name order completes.
+    _wait(lambda: all((work / n).exists() for n in others), "the other files did not complete meanwhile")
+    hub.release()
+    thread.join(30)
+    assert box and box[0] == tmp_path / hub.last_sha, box
+    assert [r["range"] for r in hub.requests if r["path"].endswith(WEIGHTS)] == [None, "bytes=100000-"]
+
+
+def test_a_failing_file_stops_the_others(models: dict[str, Path], tmp_path: Path) -> None:
+    with FakeHub() as hub:
+        hub.add_directory(REPO_ID, models["plain"], extra={"tokenizer.model": b"spm" * 1000})  # an LFS file
+        hub.corrupt["tokenizer.model"] = 100
+        hub.stall_after[WEIGHTS] = 100_000
+        opts = FetchOptions(endpoint=hub.url, jobs=4, attempts=2, backoff_seconds=0)
+        thread, box = _in_thread(lambda: fetch(REPO_ID, "main", tmp_path, opts, out=io.StringIO()))
+        _wait(lambda: hub.bytes_served["tokenizer.model"] == 2 * 3000, "no second attempt")
+        _wait(lambda: hub.bytes_served[WEIGHTS] >= 100_000, "weights never started")
+        time.sleep(0.5)  # the second failed verification is recorded before the stalled weights wake up
+        hub.release()
+        thread.join(30)
+        assert isinstance(box[0], FetchError) and box[0].reason == "Corrupt" and "tokenizer.model" in box[0].message
+        # The weights' connection broke after the failure: not resumed, since the revision cannot complete.
+        assert [n for n in _resolved(hub) if n == WEIGHTS] == [WEIGHTS]
