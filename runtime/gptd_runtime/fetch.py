@@ -164,7 +164,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique: two fetches may update one ref
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -427,7 +427,14 @@ def fetch(repo_id: str, revision: str, dest: Path, opts: FetchOptions | None = N
 
     work = dest / INCOMPLETE / sha
     work.mkdir(parents=True, exist_ok=True)
+    # The lock file is never deleted: unlinking it would let a later fetch lock a new file while an earlier
+    # one still holds the old inode.
     with _exclusive(dest / INCOMPLETE / f"{sha}.lock"):
+        if done := complete_revision(dest, sha):  # another fetch finished it while we looked
+            shutil.rmtree(work, ignore_errors=True)
+            _report_complete(done, out)
+            _write_ref(dest, revision, sha)
+            return done
         progress = Progress(files, out, opts.progress_interval)
         todo = []
         for f in files:
@@ -450,11 +457,10 @@ def fetch(repo_id: str, revision: str, dest: Path, opts: FetchOptions | None = N
                     "bytes": progress.total, "completedAt": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
         _write_atomic(work / MARKER, json.dumps(manifest, indent=1))
         target = dest / sha
-        if target.exists():  # not complete (no marker), e.g. a copy made by hand: replace it
+        if target.exists():  # under the lock, so never complete here: no marker, e.g. a copy made by hand
             shutil.rmtree(target)
         os.rename(work, target)  # the one step that makes the revision visible
         _fsync_dir(dest)
-    (dest / INCOMPLETE / f"{sha}.lock").unlink(missing_ok=True)
     _write_ref(dest, revision, sha)
     progress.emit(force=True, revision=sha, path=str(target), complete=True)
     return target

@@ -432,3 +432,22 @@ def test_a_failing_file_stops_the_others(models: dict[str, Path], tmp_path: Path
         assert isinstance(box[0], FetchError) and box[0].reason == "Corrupt" and "tokenizer.model" in box[0].message
         # The weights' connection broke after the failure: not resumed, since the revision cannot complete.
         assert [n for n in _resolved(hub) if n == WEIGHTS] == [WEIGHTS]
+
+
+def test_a_revision_completed_by_another_fetch_meanwhile_is_kept(hub: FakeHub, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = fetch(REPO_ID, "main", tmp_path, FetchOptions(endpoint=hub.url), out=io.StringIO())
+    marker = (path / MARKER).stat()
+    real = fetch_mod.complete_revision
+    calls: list[int] = []
+
+    def racing(dest: Path, sha: str) -> Path | None:  # the first look happens before the other fetch finished
+        calls.append(1)
+        return None if len(calls) == 1 else real(dest, sha)
+
+    monkeypatch.setattr(fetch_mod, "complete_revision", racing)
+    hub.requests.clear()
+    assert fetch(REPO_ID, "main", tmp_path, FetchOptions(endpoint=hub.url), out=io.StringIO()) == path
+    assert _resolved(hub) == []  # nothing downloaded again
+    assert (path / MARKER).stat().st_ino == marker.st_ino  # the complete revision was not replaced
+    assert not (tmp_path / INCOMPLETE / hub.last_sha).exists()
