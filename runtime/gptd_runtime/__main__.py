@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,7 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("gptd-runtime: error: no model given: pass --model PATH_OR_URI (or GPTD_MODEL), or --demo",
               file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logs import configure
+
+    configure(settings.log_level)
 
     from .app import run_server
 
