@@ -443,3 +443,32 @@ def test_unexpected_responses_and_label_mismatches_are_reported(stub: _Stub, tmp
     rc, out, err = _cli("--url", url, "--dataset", str(dataset), "--task", "text-classification")
     assert rc == 1 and len(out) == 1 and out[0]["error"].startswith("unexpected"), (out, err)
     assert "Traceback" not in err
+
+
+def test_https_runtime_is_verified_against_the_ca_file(tmp_path: Path) -> None:
+    import shutil
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl binary to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = _Stub([])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"https://127.0.0.1:{server.server_address[1]}"
+        rows = _rows(3)
+        ok = EvalOptions(url=url, task="text-classification", metric="accuracy", average="macro", ca_file=cert)
+        assert evaluate(rows, ok)["score"] == 1.0
+        untrusted = EvalOptions(url=url, task="text-classification", metric="accuracy", average="macro")
+        with pytest.raises(EvaluationError) as e:
+            evaluate(rows, untrusted)
+        assert "CERTIFICATE_VERIFY_FAILED" in e.value.message
+    finally:
+        server.shutdown()
+        server.server_close()
