@@ -451,3 +451,16 @@ def test_a_revision_completed_by_another_fetch_meanwhile_is_kept(hub: FakeHub, t
     assert _resolved(hub) == []  # nothing downloaded again
     assert (path / MARKER).stat().st_ino == marker.st_ino  # the complete revision was not replaced
     assert not (tmp_path / INCOMPLETE / hub.last_sha).exists()
+
+
+def test_the_local_hub_also_serves_huggingface_hubs_own_snapshot_download(hub: FakeHub, models: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    # The emulator speaks the hub's API as huggingface_hub itself uses it (tree listing, HEAD + resolve):
+    # what `serve --model hf://...` does today, and the peer in benchmarks/fetch_bench.py.
+    from huggingface_hub import snapshot_download
+
+    path = Path(snapshot_download(REPO_ID, cache_dir=tmp_path, endpoint=hub.url))
+    assert path.name == hub.last_sha
+    got = {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    want = {p.name: p.read_bytes() for p in models["plain"].iterdir()} | EXTRAS
+    assert got == want  # everything, extras included: it is not selective

@@ -5,6 +5,8 @@ Endpoints, shaped like the real hub's:
 - `GET /api/models/{org}/{name}[/revision/{rev}][?blobs=true]`: revision lookup (`sha`) and the file list
   (`siblings`; with `blobs=true` each has `size`, `blobId` and, for LFS files, `lfs: {sha256, size,
   pointerSize}`).
+- `GET /api/models/{org}/{name}/tree/{rev}[/{path}][?recursive=true]`: the tree listing `snapshot_download` uses
+  (files with `oid`, `size`, `lfs`; folders as `type: directory`), one page.
 - `GET|HEAD /{org}/{name}/resolve/{rev}/{filename}`: the file, with `Range: bytes=N-[M]` (206 +
   Content-Range, 416 past the end), `X-Repo-Commit`, `ETag`, `X-Linked-Size`/`X-Linked-Etag` for LFS.
 - Errors carry `X-Error-Code` / `X-Error-Message` and a JSON `{"error": ...}` body, as the hub's do:
@@ -162,6 +164,38 @@ class FakeHub:
             raise _HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         return commit
 
+    def _blob(self, name: str, data: bytes) -> tuple[str, dict[str, Any] | None]:
+        """(git blob id, LFS info or None) as the hub reports them."""
+        if not self.is_lfs(name):
+            return _git_blob_sha1(data), None
+        sha256 = hashlib.sha256(data).hexdigest()
+        pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n"
+        return _git_blob_sha1(pointer.encode()), {"sha256": sha256, "size": len(data), "pointerSize": len(pointer)}
+
+    def tree(self, repo_id: str, revision: str, prefix: str, recursive: bool) -> list[dict[str, Any]]:
+        commit = self._commit(repo_id, revision)
+        prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        entries: dict[str, dict[str, Any]] = {}
+        for name, data in sorted(commit.files.items()):
+            if not name.startswith(prefix):
+                continue
+            parts = name[len(prefix):].split("/")
+            for depth in range(1, len(parts)):  # the folders on the way
+                folder = prefix + "/".join(parts[:depth])
+                if recursive or depth == 1:
+                    entries.setdefault(folder, {"type": "directory", "oid": hashlib.sha1(folder.encode()).hexdigest(),
+                                                "size": 0, "path": folder})
+            if len(parts) > 1 and not recursive:
+                continue
+            oid, lfs = self._blob(name, data)
+            entry: dict[str, Any] = {"type": "file", "oid": oid, "size": len(data), "path": name}
+            if lfs:
+                entry["lfs"] = {"oid": lfs["sha256"], "size": lfs["size"], "pointerSize": lfs["pointerSize"]}
+            entries[name] = entry
+        if prefix and not entries:
+            raise _HubError(404, f"Entry not found: {prefix}", "EntryNotFound")
+        return list(entries.values())
+
     def model_info(self, repo_id: str, revision: str, blobs: bool) -> dict[str, Any]:
         commit = self._commit(repo_id, revision)
         siblings = []
@@ -169,13 +203,9 @@ class FakeHub:
             entry: dict[str, Any] = {"rfilename": name}
             if blobs:
                 entry["size"] = len(data)
-                if self.is_lfs(name):
-                    sha256 = hashlib.sha256(data).hexdigest()
-                    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n"
-                    entry["blobId"] = _git_blob_sha1(pointer.encode())
-                    entry["lfs"] = {"sha256": sha256, "size": len(data), "pointerSize": len(pointer)}
-                else:
-                    entry["blobId"] = _git_blob_sha1(data)
+                entry["blobId"], lfs = self._blob(name, data)
+                if lfs:
+                    entry["lfs"] = lfs
             siblings.append(entry)
         return {"_id": commit.sha[:24], "id": repo_id, "modelId": repo_id, "sha": commit.sha, "private": False,
                 "disabled": False, "gated": repo_id in self.gated, "tags": [], "library_name": "transformers",
@@ -211,7 +241,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _send_json(self, data: dict[str, Any]) -> None:
+    def _send_json(self, data: dict[str, Any] | list[Any]) -> None:
         body = json.dumps(data).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -232,6 +262,12 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if parts[:2] == ["api", "models"] and len(parts) >= 4:
                 repo_id = "/".join(parts[2:4])
+                query = {k: v[0].lower() for k, v in parse_qs(url.query).items()}
+                if len(parts) >= 6 and parts[4] == "tree":
+                    hub._authorize(self.headers, repo_id)
+                    recursive = query.get("recursive") == "true"
+                    self._send_json(hub.tree(repo_id, parts[5], "/".join(parts[6:]), recursive))
+                    return
                 if len(parts) == 4:
                     revision = "main"
                 elif len(parts) == 6 and parts[4] == "revision":
@@ -239,8 +275,7 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     raise _HubError(404, "Not found")
                 hub._authorize(self.headers, repo_id)
-                blobs = parse_qs(url.query).get("blobs", ["false"])[0].lower() == "true"
-                self._send_json(hub.model_info(repo_id, revision, blobs))
+                self._send_json(hub.model_info(repo_id, revision, query.get("blobs") == "true"))
             elif len(parts) >= 5 and parts[2] == "resolve":
                 repo_id = "/".join(parts[:2])
                 hub._authorize(self.headers, repo_id)
