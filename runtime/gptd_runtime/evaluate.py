@@ -101,7 +101,6 @@ class _Client:
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                 line: int | None = None) -> dict[str, Any]:
         payload = json.dumps(body).encode() if body is not None else None
-        where = f" (dataset line {line})" if line is not None else ""
         for attempt in range(self.opts.attempts):
             try:
                 conn = self._conn()
@@ -128,10 +127,9 @@ class _Client:
                     raise EvaluationError(f"the server refused the API key (401): {message}")
                 if resp.status == 400 and line is not None:
                     raise EvaluationError(f"the server refused the row (400): {message}", line)
-                raise EvaluationError(f"{method} {path} answered {resp.status}{where}: {message}", line)
+                raise EvaluationError(f"{method} {path} answered {resp.status}: {message}", line)
             if not isinstance(decoded, dict):
-                raise EvaluationError(f"{method} {path} answered with something other than a JSON object{where}",
-                                      line)
+                raise EvaluationError(f"{method} {path} answered with something other than a JSON object", line)
             return decoded
         raise AssertionError("unreachable")
 

@@ -254,6 +254,16 @@ def test_text_classification_cli_scores_like_scikit_learn(servers: dict[str, Any
     assert API_KEY not in json.dumps(out) + err
 
 
+def test_a_row_the_server_refuses_is_named_by_its_line(servers: dict[str, Any], tmp_path: Path) -> None:
+    rows = [{"text": "fine", "label": "positive"}, {"text": "word " * 5000, "label": "negative"}]
+    dataset = _write(tmp_path / "long.jsonl", rows)
+    rc, out, _ = _cli("--url", servers["cls"].url, "--dataset", str(dataset), "--task", "text-classification",
+                      "--api-key-file", str(servers["key_file"]))
+    assert rc == 1 and len(out) == 1 and out[0]["line"] == 2, out
+    assert out[0]["error"].startswith("dataset line 2: the server refused the row (400):"), out
+    assert "word word" not in out[0]["error"]  # the row's text is not echoed
+
+
 def test_token_classification_cli_scores_like_seqeval(servers: dict[str, Any], tmp_path: Path) -> None:
     url = servers["ner"].url
     texts = TEXTS[:6]
