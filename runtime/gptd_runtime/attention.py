@@ -35,6 +35,13 @@ class VarlenAttention:
         # Index/mask tensors depend only on the batch layout, the same for every layer of one forward pass.
         self._layout_key: Any = None
         self._layout_value: tuple[Any, ...] = ()
+        # Every layer of one forward pass gets the same cu_seq_lens tensors: read them (a host sync on GPUs) and
+        # derive the layout once per pass, not once per layer. Keyed by the tensors' identity and version, and
+        # dropped by new_pass(), which the engine calls before each forward pass.
+        self._pass: tuple[Any, ...] | None = None
+
+    def new_pass(self) -> None:
+        self._pass = None
 
     def register(self) -> str:
         from transformers import AttentionInterface
@@ -101,9 +108,16 @@ class VarlenAttention:
         if unsupported or query.shape[0] != 1:
             raise NotImplementedError(f"{NAME}: unsupported attention arguments {unsupported or ['batch > 1']}")
         gqa = query.shape[1] != key.shape[1]
-        cq, ck = cu_q.tolist(), cu_k.tolist()
-        lq = [b - a for a, b in itertools.pairwise(cq)]
-        lk = [b - a for a, b in itertools.pairwise(ck)]
+        cached = self._pass
+        if cached is not None and cached[0] is cu_q and cached[1] is cu_k and cached[2] == (cu_q._version,
+                                                                                             cu_k._version):
+            cq, ck, lq, lk, layout = cached[3:]
+        else:
+            cq, ck = cu_q.tolist(), cu_k.tolist()
+            lq = [b - a for a, b in itertools.pairwise(cq)]
+            lk = [b - a for a, b in itertools.pairwise(ck)]
+            layout = self._layout(lq, lk, cq, ck, query.device)
+            self._pass = (cu_q, cu_k, (cu_q._version, cu_k._version), cq, ck, lq, lk, layout)
         q, k, v = query[0], key[0], value[0]  # [heads, tokens, head_dim]
         out = torch.empty_like(q)
         # With direct reads, K/V are the whole cache and the packed row is read_index into it; otherwise K/V are the
@@ -115,7 +129,7 @@ class VarlenAttention:
             token_index = read_index if read_index.numel() else None
         # K/V are token-major ([tokens, heads, dim] seen transposed): gather whole token rows.
         kt, vt = k.transpose(0, 1), v.transpose(0, 1)
-        qpos, idx, valid, others = self._layout(lq, lk, cq, ck, query.device)
+        qpos, idx, valid, others = layout
         if qpos is not None:
             qd = q[:, qpos].transpose(0, 1).unsqueeze(2)  # [n, heads, 1, head_dim]
             n, width = idx.shape
