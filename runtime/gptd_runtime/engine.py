@@ -335,7 +335,7 @@ class GenerationEngine:
             use_cuda_graph=False,
             use_async_batching=False,
         )
-        log.info(
+        log.debug(
             "KV cache: %d pages x %d tokens, about %.0f MiB (set GPTD_KV_CACHE_BLOCKS to change)",
             s.kv_blocks(), s.kv_cache_page_size, kv_cache_bytes(model, s) / 2**20,
         )
@@ -597,34 +597,21 @@ class ClassificationEngine:
     def _classify_tokens(self, texts: list[str]) -> list[ClassificationResult]:
         import torch
 
-        enc = self._encode(texts, offsets=True)
+        from .ner import aggregate_simple
+
+        enc = self.loaded.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.settings.max_input_tokens, return_tensors="pt",
+            return_offsets_mapping=True, return_special_tokens_mask=True,
+        )
         offsets = enc.pop("offset_mapping").tolist()
+        special = enc.pop("special_tokens_mask").tolist()
         enc = enc.to(self.loaded.device)
         with torch.inference_mode():
-            probs = self.loaded.model(**enc).logits.float().softmax(-1)
-        scores, ids = probs.max(-1)
+            probs = self.loaded.model(**enc).logits.float().softmax(-1).cpu().tolist()
         mask = enc["attention_mask"].tolist()
         results = []
         for row, text in enumerate(texts):
-            entities: list[dict[str, Any]] = []
-            for col, (start, end) in enumerate(offsets[row]):
-                label = self.id2label[int(ids[row, col])]
-                if not mask[row][col] or start == end or label == "O":
-                    continue
-                kind = label.split("-", 1)[-1]
-                prev = entities[-1] if entities else None
-                # Simple aggregation: an I-X (or B-X) token directly continuing an X entity extends it.
-                if prev and prev["entity_group"] == kind and label.startswith("I-") and start <= prev["end"] + 1:
-                    prev["end"] = end
-                    prev["word"] = text[prev["start"] : end].strip()
-                    prev["_scores"].append(float(scores[row, col]))
-                else:
-                    entities.append(
-                        {"entity_group": kind, "start": start, "end": end, "word": text[start:end].strip(),
-                         "_scores": [float(scores[row, col])]}
-                    )
-            for ent in entities:
-                s = ent.pop("_scores")
-                ent["score"] = sum(s) / len(s)
+            skip = [bool(sp) or not m for sp, m in zip(special[row], mask[row], strict=True)]
+            entities = aggregate_simple(text, offsets[row], probs[row], self.id2label, skip)
             results.append(ClassificationResult(label="", score=0.0, entities=entities))
         return results

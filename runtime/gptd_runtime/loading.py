@@ -228,7 +228,7 @@ def load_model(settings: Settings, path: Path) -> LoadedModel:
     if device == "cpu":
         threads = settings.torch_threads or default_torch_threads()
         torch.set_num_threads(threads)  # applies to the engine's worker threads too
-        log.info("using %d CPU thread(s) for torch", threads)
+        log.debug("using %d CPU thread(s) for torch", threads)
         if tune_malloc():
             log.debug("malloc: 32 MiB mmap threshold, 1 GiB trim threshold")
     try:
@@ -239,6 +239,6 @@ def load_model(settings: Settings, path: Path) -> LoadedModel:
         raise ModelLoadError(f"cannot load {settings.task} model from {path}: {_one_line(e)}") from e
     if settings.task != "text-generation" and not getattr(model.config, "id2label", None):
         raise ModelLoadError(f"{settings.task} model at {path} has no id2label in its config")
-    log.info("loaded %s model from %s on %s (%s)", settings.task, path, ", ".join(placement.devices), model.dtype)
+    log.debug("loaded %s model from %s on %s (%s)", settings.task, path, ", ".join(placement.devices), model.dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, task=settings.task, device=device,
                        devices=placement.devices)

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import kmock
@@ -21,53 +19,13 @@ import pytest
 from gptd_operator import handlers, kube
 from gptd_operator.settings import Settings
 
+from tests.support.apiserver import ApiServer
 from tests.support.cluster import Cluster, RunningOperator, register_resources, write_kubeconfig
-
-
-class Emulator(kmock.KubernetesEmulator):
-    """The emulator plus three things every real API server does and the operator relies on:
-    ``metadata.uid`` on create (kopf keys its indices by namespace+name+uid, so a Service and a
-    Deployment both named ``gpt2`` without uids would evict each other), ``metadata.generateName``
-    (kopf posts Events that way), and ``metadata.generation`` (1 on create, +1 when a PATCH changes
-    ``spec``; status.observedGeneration is how "the controller has seen my change" is told)."""
-
-    async def _handle(self, request: Any) -> Any:
-        data = request.data
-        method = str(request.method).upper()
-        if method.endswith("POST") and isinstance(data, dict):
-            meta = data.setdefault("metadata", {})
-            if not meta.get("name") and meta.get("generateName"):
-                meta["name"] = f"{meta['generateName']}{uuid.uuid4().hex[:5]}"
-            meta.setdefault("uid", str(uuid.uuid4()))
-            meta.setdefault("generation", 1)
-        elif method.endswith("PATCH") and isinstance(data, dict) and "spec" in data and not request.subresource:
-            key = (request.resource, request.namespace, request.name)
-            stored = self.objects[key] if key in self.objects else None
-            if stored is not None and not stored.deleted and "generation" not in (data.get("metadata") or {}):
-                before = stored.get("spec")
-                merged = _merged(before, data["spec"])
-                if merged != before:
-                    generation = (stored.get("metadata") or {}).get("generation") or 1
-                    data.setdefault("metadata", {})["generation"] = generation + 1
-        return await super()._handle(request)
-
-
-def _merged(base: Any, patch: Any) -> Any:
-    """JSON merge patch semantics, to tell whether a PATCH changes spec at all."""
-    if not isinstance(patch, dict) or not isinstance(base, dict):
-        return patch
-    out = dict(base)
-    for k, v in patch.items():
-        if v is None:
-            out.pop(k, None)
-        else:
-            out[k] = _merged(base.get(k), v)
-    return out
 
 
 @pytest.fixture()
 async def emulator() -> AsyncIterator[tuple[kmock.KubernetesEmulator, str]]:
-    async with Emulator() as k, kmock.Server(k) as srv:
+    async with ApiServer() as k, kmock.Server(k) as srv:
         register_resources(k)
         yield k, str(srv.url).rstrip("/")
 
