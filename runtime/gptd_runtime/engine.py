@@ -405,6 +405,15 @@ class GenerationEngine:
         return mgr is not None and mgr.is_running() and _cb_internals.fatal_error(mgr) is None
 
     # -- requests -------------------------------------------------------------------------------------------
+    @property
+    def sampling_features(self) -> frozenset[str]:
+        """The optional SamplingParams features honoured (state.py): all of them, response_format only when
+        llguidance could read the tokenizer."""
+        from .state import ALL_SAMPLING_FEATURES, FEATURE_RESPONSE_FORMAT
+
+        return ALL_SAMPLING_FEATURES if self._grammars is not None else ALL_SAMPLING_FEATURES - {
+            FEATURE_RESPONSE_FORMAT}
+
     def num_inflight(self) -> int:
         return len(self._streams)
 

@@ -15,10 +15,10 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..engine import Delta, EngineUnavailableError, QueueFullError, SamplingParams, TokenLogprob
+from ..engine import Delta, EngineUnavailableError, InvalidParameterError, QueueFullError, SamplingParams, TokenLogprob
 from ..state import GenerationBackend, TokenStream
 from .envelope import ChoiceResult, Envelope, Usage
-from .errors import busy, client_gone, sse_error, unavailable
+from .errors import bad_request, busy, client_gone, sse_error, unavailable
 
 _DISCONNECT_POLL_SECONDS = 0.5
 
@@ -39,6 +39,9 @@ def submit_all(engine: GenerationBackend, jobs: Sequence[Job], stream: bool) -> 
     try:
         for job in jobs:
             streams.append(engine.submit(job.ids, job.params, stream=stream))
+    except InvalidParameterError as e:  # a value the engine cannot honour (e.g. a schema it cannot compile)
+        _cancel(streams)
+        raise bad_request(str(e), param=e.param) from e
     except QueueFullError as e:
         _cancel(streams)
         raise busy(str(e)) from e
