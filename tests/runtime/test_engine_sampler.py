@@ -76,6 +76,7 @@ def test_grammar_mask_and_its_end(models: dict) -> None:  # type: ignore[type-ar
         c.advance(t)
     done = c.allowed(len(tok), "cpu")
     assert done[tok.eos_token_id] and int(done.sum()) == 1  # complete: only EOS
-    c.advance(tok.eos_token_id)
-    after = c.allowed(len(tok), "cpu")  # stopped: nothing is allowed, so EOS ends the request
+    c.advance(tok("x").input_ids[0])  # a token the grammar forbids: the matcher is now in its error state
+    assert c.error
+    after = c.allowed(len(tok), "cpu")  # nothing is allowed any more, so EOS ends the request
     assert after[tok.eos_token_id] and int(after.sum()) == 1
