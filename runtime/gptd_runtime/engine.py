@@ -404,16 +404,16 @@ class GenerationEngine:
         mgr = self._manager
         return mgr is not None and mgr.is_running() and _cb_internals.fatal_error(mgr) is None
 
-    # -- requests -------------------------------------------------------------------------------------------
     @property
     def sampling_features(self) -> frozenset[str]:
-        """The optional SamplingParams features honoured (state.py): all of them, response_format only when
-        llguidance could read the tokenizer."""
+        """The optional SamplingParams parts honoured here (state.py); the HTTP layer refuses the others.
+        response_format needs the grammar built at start (llguidance must read the tokenizer)."""
         from .state import ALL_SAMPLING_FEATURES, FEATURE_RESPONSE_FORMAT
 
         return ALL_SAMPLING_FEATURES if self._grammars is not None else ALL_SAMPLING_FEATURES - {
             FEATURE_RESPONSE_FORMAT}
 
+    # -- requests -------------------------------------------------------------------------------------------
     def num_inflight(self) -> int:
         return len(self._streams)
 
@@ -572,6 +572,13 @@ class ClassificationEngine:
         return len(self.loaded.tokenizer(text).input_ids)
 
     async def infer(self, texts: list[str]) -> list[ClassificationResult]:
+        """Raises InvalidParameterError for an empty batch or a text without tokens (a 0-token row cannot be
+        reshaped into logits: torch fails deep inside the model), QueueFullError when too many wait."""
+        if not texts:
+            raise InvalidParameterError("texts", "no texts to classify")
+        for i, text in enumerate(texts):
+            if self.count_tokens(text) == 0:
+                raise InvalidParameterError("texts", f"text {i} has no tokens")
         s = self.settings
         if self._inflight >= s.max_batch_size + s.max_queue:
             raise QueueFullError(f"{self._inflight} requests in flight")
