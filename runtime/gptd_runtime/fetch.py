@@ -373,6 +373,28 @@ def _download_file(hub: _Hub, repo_id: str, sha: str, f: RemoteFile, work: Path,
     raise FetchError(reason, f"{f.name}: giving up after {opts.attempts} attempts: {last_error}")
 
 
+def _lookup(hub: _Hub, repo_id: str, revision: str, opts: FetchOptions) -> tuple[str, list[RemoteFile]]:
+    """The revision's commit and file list; a busy or unreachable hub is retried like a transfer."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for attempt in range(opts.attempts):
+        if attempt:
+            time.sleep(min(30.0, opts.backoff_seconds * 2 ** (attempt - 1)))
+        try:
+            return hub.revision(repo_id, revision)
+        except FetchError:
+            raise
+        except (HfHubHTTPError, httpx2.TransportError) as e:
+            status = e.response.status_code if isinstance(e, HfHubHTTPError) and e.response is not None else None
+            transient = status in _TRANSIENT_STATUS or (status is None and isinstance(e, httpx2.TransportError))
+            if not transient or attempt + 1 == opts.attempts:
+                raise _hub_error(e, repo_id, revision) from e
+        except Exception as e:
+            raise _hub_error(e, repo_id, revision) from e
+    raise AssertionError("unreachable")
+
+
 def _download_all(hub: _Hub, repo_id: str, sha: str, files: Sequence[RemoteFile], work: Path, progress: Progress,
                   opts: FetchOptions) -> None:
     """`opts.jobs` files at a time, in name order; the first failure stops the others at their next chunk
@@ -409,12 +431,7 @@ def fetch(repo_id: str, revision: str, dest: Path, opts: FetchOptions | None = N
     if known and (done := complete_revision(dest, known)):  # a pinned sha already here: no network needed
         _report_complete(done, out)
         return done
-    try:
-        sha, remote = hub.revision(repo_id, revision)
-    except FetchError:
-        raise
-    except Exception as e:
-        raise _hub_error(e, repo_id, revision) from e
+    sha, remote = _lookup(hub, repo_id, revision, opts)
     files = select_files(remote)
     if not any(_WEIGHT_SAFETENSORS.match(f.name) or _WEIGHT_BIN.match(f.name) for f in files):
         raise FetchError("NoWeights", f"{repo_id}@{revision} has no safetensors or pytorch_model.bin weights "

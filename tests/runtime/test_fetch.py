@@ -464,3 +464,18 @@ def test_the_local_hub_also_serves_huggingface_hubs_own_snapshot_download(hub: F
     got = {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
     want = {p.name: p.read_bytes() for p in models["plain"].iterdir()} | EXTRAS
     assert got == want  # everything, extras included: it is not selective
+
+
+def test_a_busy_hub_is_retried_at_the_revision_lookup_then_given_up(hub: FakeHub, tmp_path: Path) -> None:
+    hub.api_failures[:] = [503, 429]
+    path = fetch(REPO_ID, "main", tmp_path / "a", FetchOptions(endpoint=hub.url, backoff_seconds=0), out=io.StringIO())
+    assert path.is_dir() and hub.api_failures == []
+    lookups = [r for r in hub.requests if r["path"].startswith("/api/")]
+    assert len(lookups) == 3
+
+    hub.api_failures[:] = [503] * 10
+    with pytest.raises(FetchError) as e:
+        fetch(REPO_ID, "main", tmp_path / "b", FetchOptions(endpoint=hub.url, attempts=3, backoff_seconds=0),
+              out=io.StringIO())
+    assert e.value.reason == "HubError" and "503" in e.value.message and "temporarily unavailable" in e.value.message
+    assert len(hub.api_failures) == 7  # three tries, no storm

@@ -18,6 +18,7 @@ Knobs for failure tests (all thread-safe, set them between or during transfers):
 - `stall_after[file] = n`: the next response sends n bytes, then hangs until `release()` (to kill a client
   mid-file).
 - `corrupt[file] = k`: the next k responses for that file carry one flipped byte.
+- `api_failures`: statuses the next `/api/...` calls answer with (e.g. `[503, 503]`), one per call.
 - `ignore_range`: files whose responses ignore `Range` and send the whole file with 200 (as some proxies do).
 Counters: `bytes_served[file]` (body bytes written) and `requests` (method, path, range, authorized).
 """
@@ -79,6 +80,7 @@ class FakeHub:
         self.stall_after: dict[str, int] = {}
         self.corrupt: dict[str, int] = {}
         self.ignore_range: set[str] = set()
+        self.api_failures: list[int] = []
         self.bytes_served: Counter[str] = Counter()
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -261,6 +263,10 @@ class _Handler(BaseHTTPRequestHandler):
                                  "authorized": self.headers.get("Authorization") is not None})
         try:
             if parts[:2] == ["api", "models"] and len(parts) >= 4:
+                with hub._lock:
+                    failure = hub.api_failures.pop(0) if hub.api_failures else None
+                if failure is not None:
+                    raise _HubError(failure, "Service temporarily unavailable")
                 repo_id = "/".join(parts[2:4])
                 query = {k: v[0].lower() for k, v in parse_qs(url.query).items()}
                 if len(parts) >= 6 and parts[4] == "tree":
