@@ -412,9 +412,23 @@ def _download_all(hub: _Hub, repo_id: str, sha: str, files: Sequence[RemoteFile]
                 errors.append(e)
             cancel.set()
 
-    with ThreadPoolExecutor(max_workers=max(1, opts.jobs), thread_name_prefix="fetch") as pool:
-        for f in files:
-            pool.submit(one, f)
+    finished = threading.Event()
+
+    def heartbeat() -> None:
+        # A line every interval even when no byte arrives (a stalled hub), so a watcher can tell a live but
+        # stuck download from a dead process.
+        while not finished.wait(max(opts.progress_interval, 0.05)):
+            progress.emit(force=True)
+
+    beat = threading.Thread(target=heartbeat, name="fetch-progress", daemon=True)
+    beat.start()
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, opts.jobs), thread_name_prefix="fetch") as pool:
+            for f in files:
+                pool.submit(one, f)
+    finally:
+        finished.set()
+        beat.join()
     if errors:
         raise errors[0]
 

@@ -479,3 +479,20 @@ def test_a_busy_hub_is_retried_at_the_revision_lookup_then_given_up(hub: FakeHub
               out=io.StringIO())
     assert e.value.reason == "HubError" and "503" in e.value.message and "temporarily unavailable" in e.value.message
     assert len(hub.api_failures) == 7  # three tries, no storm
+
+
+def test_progress_lines_keep_coming_while_a_transfer_stalls(hub: FakeHub, tmp_path: Path) -> None:
+    hub.stall_after[WEIGHTS] = 100_000
+    out = io.StringIO()
+    opts = FetchOptions(endpoint=hub.url, progress_interval=0.1, backoff_seconds=0)
+    thread, box = _in_thread(lambda: fetch(REPO_ID, "main", tmp_path, opts, out=out))
+    _wait(lambda: hub.bytes_served[WEIGHTS] >= 100_000, "the weights never started")
+    time.sleep(0.3)  # the bytes received before the stall are counted
+    before = len(out.getvalue().splitlines())
+    time.sleep(1.0)  # nothing arrives meanwhile
+    during = _lines(out.getvalue())[before:]
+    hub.release()
+    thread.join(30)
+    assert box and isinstance(box[0], Path), box
+    assert len(during) >= 5, during  # ~10 expected at 0.1 s
+    assert len({line["bytesDone"] for line in during}) == 1  # a heartbeat: same figures, still reported
