@@ -89,7 +89,8 @@ def select_files(files: Sequence[RemoteFile]) -> list[RemoteFile]:
     safetensors win over `.bin` when both exist; ONNX, Flax, TF, GGUF, Core ML, OpenVINO, training state and
     anything in a sub-folder (`onnx/`, `original/`, ...) are skipped: `from_pretrained(dir)` reads the root.
     """
-    root = [f for f in files if "/" not in f.name]
+    # Root files only: this also means no name from the hub can point outside the revision directory.
+    root = [f for f in files if "/" not in f.name and "\\" not in f.name]
     safetensors = [f for f in root if _WEIGHT_SAFETENSORS.match(f.name)]
     weights = safetensors or [f for f in root if _WEIGHT_BIN.match(f.name)]
     index = "model.safetensors.index.json" if safetensors else "pytorch_model.bin.index.json"

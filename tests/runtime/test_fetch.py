@@ -60,7 +60,8 @@ def test_select_files_prefers_safetensors_and_skips_other_formats() -> None:
                   "model.safetensors.index.json", "pytorch_model-00001-of-00002.bin",
                   "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json", "training_args.bin",
                   "onnx/model.onnx", "model.onnx", "flax_model.msgpack", "tf_model.h5", "model.gguf",
-                  "original/consolidated.00.pth", "README.md", ".gitattributes")
+                  "original/consolidated.00.pth", "README.md", ".gitattributes",
+                  "../escape.json", "..", ".hidden.json", "sub/../config.json")  # nothing may leave the directory
     assert [f.name for f in select_files(repo)] == [
         "chat_template.jinja", "config.json", "generation_config.json", "merges.txt",
         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
