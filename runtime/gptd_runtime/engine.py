@@ -367,6 +367,8 @@ class GenerationEngine:
                 if self._attention is not None:
                     direct = self._attention.enable_direct_reads(bp.cache)
                     log.debug("attention: %s, direct cache reads: %s", self._attention.name, direct)
+            if self._attention is not None:
+                self._attention.new_pass()
             size = _cb_internals.batch_size(bp)
             self.forward_passes += 1
             self.max_batch_seen = max(self.max_batch_seen, size)
