@@ -145,7 +145,11 @@ class GenerationStream:
         self.params = params
         self.completion_tokens = 0
         self.finish_reason: str | None = None
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        # The newest undelivered output only: each streaming output carries every token so far and supersedes the
+        # one before, so a stalled client holds one output, not one per token (O(T^2) memory). A final output
+        # (finished or failed) is never superseded.
+        self._pending: Any = None
+        self._arrived = asyncio.Event()
         self._decoder = DecodeStream(skip_special_tokens=True)
         self._text = ""
         self._emitted = 0
@@ -166,7 +170,17 @@ class GenerationStream:
             # Non-streamed requests only report at the end; their per-token timestamps give the real TTFT.
             ts = output.timestamps
             self._first_token_at = ts[0] if ts else time.perf_counter()
-        self._queue.put_nowait(output)
+        pending = self._pending
+        if pending is not None and (pending.error is not None or pending.is_finished()):
+            return  # nothing may replace the last word (the manager sends none after it anyway)
+        self._pending = output
+        self._arrived.set()
+
+    async def _next_output(self) -> Any:
+        await self._arrived.wait()
+        self._arrived.clear()
+        output, self._pending = self._pending, None
+        return output
 
     def _consume_tokens(self, tokens: list[int]) -> None:
         tok = self.engine.rust_tokenizer
@@ -223,17 +237,16 @@ class GenerationStream:
     async def __aiter__(self) -> AsyncIterator[Delta]:
         try:
             while not self._done:
-                output = await self._queue.get()
-                # Streaming outputs carry all tokens so far: when the consumer lags (many streams on few cores),
-                # skip to the newest one and emit one larger delta instead of many small ones.
-                while not output.is_finished() and not self._queue.empty():
-                    output = self._queue.get_nowait()
+                # When the consumer lags (a slow client, many streams on few cores) this is the newest output:
+                # one larger delta instead of many small ones.
+                output = await self._next_output()
                 if output.error is not None:
                     self._done = True
                     self.engine._forget(self.request_id)
                     raise EngineUnavailableError(f"generation failed: {output.error}")
                 self._consume_tokens(output.generated_tokens)
                 finished = output.is_finished()
+                del output  # not kept alive through a yield that a slow client blocks
                 text, stopped = self._take(final=finished)
                 if stopped:
                     self.engine.cancel(self.request_id)

@@ -1,0 +1,88 @@
+"""GenerationStream with the real engine: what a stalled consumer holds, the text at the end of a stream, and one
+request's failure staying that request's."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from gptd_runtime.config import Settings
+from gptd_runtime.engine import Delta, EngineUnavailableError, GenerationEngine, GenerationStream, SamplingParams
+from gptd_runtime.loading import load_model
+from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
+
+
+@pytest.fixture
+async def engine(models: dict[str, Path]) -> AsyncIterator[GenerationEngine]:
+    settings = Settings(model=str(models["plain"]), max_new_tokens=128, max_batch_size=8)
+    eng = GenerationEngine(load_model(settings, models["plain"]), settings)
+    eng.start()
+    await eng.warmup()
+    yield eng
+    eng.stop()
+
+
+def _ids(engine: GenerationEngine, text: str) -> list[int]:
+    return engine.tokenizer(text).input_ids
+
+
+async def _all(stream: GenerationStream) -> list[Delta]:
+    return [d async for d in stream]
+
+
+def _held_outputs(request_id: str) -> list[GenerationOutput]:
+    """Every GenerationOutput of this request still alive (queued for the consumer or anywhere else)."""
+    return [o for o in gc.get_objects() if type(o) is GenerationOutput and o.request_id == request_id]
+
+
+async def test_a_paused_consumer_holds_at_most_one_pending_output(engine: GenerationEngine) -> None:
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    expected, _ = await engine.submit(_ids(engine, "the operator"), params).collect()
+
+    stream = engine.submit(_ids(engine, "the operator"), params, stream=True)
+    it = stream.__aiter__()
+    first = await it.__anext__()  # the stream runs; now the client stalls (an SSE write that blocks)
+    held: list[GenerationOutput] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # the loop delivers whatever the manager sends meanwhile
+        held = _held_outputs(stream.request_id)
+        if any(o.is_finished() for o in held):
+            break
+    assert any(o.is_finished() for o in held), "the request never finished while its consumer was paused"
+    await asyncio.sleep(0.2)  # nothing else is on its way
+    held = _held_outputs(stream.request_id)
+    assert len(held) <= 1, f"{len(held)} outputs held for one stalled stream"
+    del held
+
+    rest = [d async for d in it]  # the client resumes: nothing lost, the final output included
+    assert first.text + "".join(d.text for d in rest) == expected
+    assert rest[-1].finish_reason == "length" and rest[-1].completion_tokens == 60
+    assert engine.num_inflight() == 0
+
+
+async def test_a_final_output_or_an_error_is_never_superseded(engine: GenerationEngine) -> None:
+    ids = _ids(engine, "the operator reconciles the cluster")
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+    def out(tokens: list[int], status: RequestStatus, error: str | None = None) -> GenerationOutput:
+        return GenerationOutput(request_id="direct", generated_tokens=tokens, status=status, error=error)
+
+    stream = GenerationStream(engine, "direct", [1], params)  # fed by hand, as the manager's handler would
+    stream._on_output(out(ids[:1], RequestStatus.DECODING))
+    stream._on_output(out(ids[:3], RequestStatus.FINISHED))
+    stream._on_output(out(ids[:4], RequestStatus.DECODING))  # a stray late output loses to the final one
+    deltas = await asyncio.wait_for(_all(stream), 10)  # a lost final output would wait forever
+    assert "".join(d.text for d in deltas) == engine.tokenizer.decode(ids[:3])
+    assert deltas[-1].finish_reason == "length" and deltas[-1].completion_tokens == 3
+
+    failed = GenerationStream(engine, "direct", [1], params)
+    failed._on_output(out(ids[:1], RequestStatus.DECODING))
+    failed._on_output(out(ids[:2], RequestStatus.FAILED, error="boom"))
+    failed._on_output(out(ids[:2], RequestStatus.DECODING))
+    with pytest.raises(EngineUnavailableError, match="boom"):
+        await asyncio.wait_for(_all(failed), 10)
