@@ -151,6 +151,8 @@ class GenerationStream:
         self._pending: Any = None
         self._arrived = asyncio.Event()
         self._decoder = DecodeStream(skip_special_tokens=True)
+        self._held: list[int] = []  # tokens DecodeStream took without emitting text yet (a partial character)
+        self._context: list[int] = []  # the last tokens up to the last emitted text
         self._text = ""
         self._emitted = 0
         self._started = time.perf_counter()
@@ -182,17 +184,37 @@ class GenerationStream:
         output, self._pending = self._pending, None
         return output
 
-    def _consume_tokens(self, tokens: list[int]) -> None:
+    def _consume_tokens(self, tokens: list[int], final: bool = False) -> None:
         tok = self.engine.rust_tokenizer
         for token_id in tokens[self.completion_tokens :]:
             start = len(self._text)
             piece = self._decoder.step(tok, token_id)
             if piece:
                 self._text += piece
+                self._context, self._held = [*self._held, token_id][-4:], []
+            else:
+                self._held.append(token_id)
             if self._want_logprobs:
                 self._tokens.append(token_id)
                 self._spans.append((start, len(self._text)))
         self.completion_tokens = len(tokens)
+        if final and self._held:
+            self._flush()
+
+    def _flush(self) -> None:
+        """The text DecodeStream still holds back at the end (bytes of an incomplete UTF-8 character), decoded
+        with replacement characters as OpenAI and vLLM emit them; otherwise `text` would lack bytes that the
+        logprobs report. Decoded after the last emitting tokens, as DecodeStream does, so decoders that strip a
+        leading space at the start of a text (Metaspace) see the same context."""
+        tok = self.engine.rust_tokenizer
+        base = tok.decode(self._context, skip_special_tokens=True)
+        full = tok.decode(self._context + self._held, skip_special_tokens=True)
+        tail = full[len(base):] if full.startswith(base) else tok.decode(self._held, skip_special_tokens=True)
+        start, n = len(self._text), len(self._held)
+        self._text += tail
+        self._held = []
+        if self._want_logprobs and n:  # the held tokens' text is the tail
+            self._spans[-n:] = [(start, len(self._text))] * n
 
     def _logprobs_upto(self, emitted: int, final: bool) -> list[TokenLogprob]:
         """TokenLogprob of each token whose text is now emitted (all remaining ones that contributed text when the
@@ -244,8 +266,8 @@ class GenerationStream:
                     self._done = True
                     self.engine._forget(self.request_id)
                     raise EngineUnavailableError(f"generation failed: {output.error}")
-                self._consume_tokens(output.generated_tokens)
                 finished = output.is_finished()
+                self._consume_tokens(output.generated_tokens, final=finished)
                 del output  # not kept alive through a yield that a slow client blocks
                 text, stopped = self._take(final=finished)
                 if stopped:

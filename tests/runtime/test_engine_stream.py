@@ -4,6 +4,7 @@ request's failure staying that request's."""
 from __future__ import annotations
 
 import asyncio
+import codecs
 import gc
 import time
 from collections.abc import AsyncIterator
@@ -86,3 +87,23 @@ async def test_a_final_output_or_an_error_is_never_superseded(engine: Generation
     failed._on_output(out(ids[:2], RequestStatus.DECODING))
     with pytest.raises(EngineUnavailableError, match="boom"):
         await asyncio.wait_for(_all(failed), 10)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_text_ends_with_every_byte_the_logprobs_report(engine: GenerationEngine, stream: bool) -> None:
+    """The byte-level demo model samples lone UTF-8 lead/continuation bytes at temperature 1.5; DecodeStream
+    holds an incomplete character back, and at the end it must come out (as U+FFFD) rather than vanish."""
+    ids = _ids(engine, "The operator")
+    cut_short = 0
+    for seed in range(12):
+        params = SamplingParams(max_tokens=40, temperature=1.5, seed=seed, logprobs=0, ignore_eos=True)
+        s = engine.submit(ids, params, stream=stream)
+        text = "".join([d.text async for d in s])
+        assert len(s.logprobs) == 40
+        raw = b"".join(bytes(t.bytes) for t in s.logprobs)
+        # Per-token strings show a split character as one U+FFFD per piece, so compare bytes decoded as a whole.
+        assert text == raw.decode("utf-8", errors="replace"), (seed, text[-8:], raw[-8:])
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        decoder.decode(raw, final=False)
+        cut_short += bool(decoder.getstate()[0])  # the output ended inside a character
+    assert cut_short, "no seed ended inside a UTF-8 character: the test would not exercise the flush"
