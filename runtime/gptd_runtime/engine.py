@@ -479,6 +479,10 @@ class GenerationEngine:
         seed = params.seed
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise InvalidParameterError("seed", f"must be an integer, got {seed!r}")
+        # torch's seed range; beyond it the 64-bit mask in sampling.py would alias another seed. (The API bounds
+        # seed to int64; the uint64 top half leaves room for its seed + j of n choices.)
+        if seed is not None and not -2**63 <= seed < 2**64:
+            raise InvalidParameterError("seed", f"must be in [-2**63, 2**64 - 1], got {seed}")
         constraint = None
         rf = params.response_format
         if rf is not None:

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 from gptd_runtime.config import Settings
-from gptd_runtime.engine import Delta, EngineUnavailableError, GenerationEngine, GenerationStream, SamplingParams
+from gptd_runtime.engine import (
+    Delta,
+    EngineUnavailableError,
+    GenerationEngine,
+    GenerationStream,
+    InvalidParameterError,
+    SamplingParams,
+)
 from gptd_runtime.loading import load_model
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
@@ -107,3 +114,14 @@ async def test_the_text_ends_with_every_byte_the_logprobs_report(engine: Generat
         decoder.decode(raw, final=False)
         cut_short += bool(decoder.getstate()[0])  # the output ended inside a character
     assert cut_short, "no seed ended inside a UTF-8 character: the test would not exercise the flush"
+
+
+async def test_a_seed_past_64_bits_is_refused_not_aliased(engine: GenerationEngine) -> None:
+    ids = _ids(engine, "the operator")
+    for seed in (2**64, 2**70, -2**63 - 1):
+        with pytest.raises(InvalidParameterError) as e:
+            engine.submit(ids, SamplingParams(max_tokens=2, temperature=1.0, seed=seed))
+        assert e.value.param == "seed"
+    assert engine.num_inflight() == 0
+    for seed in (2**64 - 1, -2**63):
+        await engine.submit(ids, SamplingParams(max_tokens=2, temperature=1.0, seed=seed)).collect()
