@@ -129,6 +129,19 @@ class NullMetrics:
         pass
 
 
+@dataclass
+class _Failed:
+    """Stands in for the manager's GenerationOutput when gptd itself fails a request (see _fail_request)."""
+
+    request_id: str
+    error: str
+    generated_tokens: list[int] = field(default_factory=list)
+    timestamps: list[float] | None = None
+
+    def is_finished(self) -> bool:
+        return True
+
+
 class GenerationStream:
     """One request's output, consumed with `async for delta in stream`. Leaving the loop early (client gone)
     or calling cancel() frees the request's batch slot and KV pages."""
@@ -415,7 +428,22 @@ class GenerationEngine:
     def _choose(self, logits: Any, request_ids: list[str]) -> Any:
         """The sampler transformers calls once per forward pass (manager's thread)."""
         get = self._sampling.get
-        return sample(logits, [get(r) for r in request_ids])
+        states = [get(r) for r in request_ids]
+        tokens = sample(logits, states, self.tokenizer.eos_token_id)
+        for request_id, state in zip(request_ids, states, strict=True):
+            if state is not None and state.failed is not None and not state.failure_reported:
+                state.failure_reported = True
+                log.warning("request %s failed in its sampler; the others continue", request_id)
+                if self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._fail_request, request_id, state.failed)
+        return tokens
+
+    def _fail_request(self, request_id: str, error: str) -> None:  # the event loop
+        """One request's engine-side failure: its stream ends with the error, its batch slot is freed."""
+        self.cancel(request_id)
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream._on_output(_Failed(request_id, error))
 
     async def warmup(self) -> None:
         """A real generation through the whole path; readiness waits for it."""
@@ -517,6 +545,7 @@ class GenerationEngine:
         if check_capacity and len(self._streams) >= s.max_batch_size + s.max_queue:
             raise QueueFullError(f"{len(self._streams)} requests in flight (max {s.max_batch_size + s.max_queue})")
         request_id = f"gptd-{next(self._ids)}"
+        self._loop = asyncio.get_running_loop()  # where _fail_request runs (the loop the handlers run on)
         out = GenerationStream(self, request_id, prompt_ids, params, sampling)
         self._streams[request_id] = out
         self._sampling[request_id] = sampling

@@ -9,6 +9,7 @@ import gc
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gptd_runtime.config import Settings
@@ -18,6 +19,7 @@ from gptd_runtime.engine import (
     GenerationEngine,
     GenerationStream,
     InvalidParameterError,
+    ResponseFormat,
     SamplingParams,
 )
 from gptd_runtime.loading import load_model
@@ -54,18 +56,15 @@ async def test_a_paused_consumer_holds_at_most_one_pending_output(engine: Genera
     stream = engine.submit(_ids(engine, "the operator"), params, stream=True)
     it = stream.__aiter__()
     first = await it.__anext__()  # the stream runs; now the client stalls (an SSE write that blocks)
-    held: list[GenerationOutput] = []
+    finished = False
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    while not finished and time.monotonic() < deadline:
         await asyncio.sleep(0.05)  # the loop delivers whatever the manager sends meanwhile
-        held = _held_outputs(stream.request_id)
-        if any(o.is_finished() for o in held):
-            break
-    assert any(o.is_finished() for o in held), "the request never finished while its consumer was paused"
+        finished = any(o.is_finished() for o in _held_outputs(stream.request_id))  # no list kept across polls
+    assert finished, "the request never finished while its consumer was paused"
     await asyncio.sleep(0.2)  # nothing else is on its way
-    held = _held_outputs(stream.request_id)
-    assert len(held) <= 1, f"{len(held)} outputs held for one stalled stream"
-    del held
+    held = len(_held_outputs(stream.request_id))
+    assert held <= 1, f"{held} outputs held for one stalled stream"
 
     rest = [d async for d in it]  # the client resumes: nothing lost, the final output included
     assert first.text + "".join(d.text for d in rest) == expected
@@ -125,3 +124,63 @@ async def test_a_seed_past_64_bits_is_refused_not_aliased(engine: GenerationEngi
     assert engine.num_inflight() == 0
     for seed in (2**64 - 1, -2**63):
         await engine.submit(ids, SamplingParams(max_tokens=2, temperature=1.0, seed=seed)).collect()
+
+
+class _Exploding:
+    """A constraint stand-in: the real grammar, except that it raises at its `after`-th call of `fails_in`."""
+
+    def __init__(self, inner: Any, fails_in: str, after: int):
+        self.inner, self.fails_in, self.after, self.calls = inner, fails_in, after, 0
+
+    def _maybe_raise(self, where: str) -> None:
+        if where == self.fails_in:
+            self.calls += 1
+            if self.calls >= self.after:
+                raise RuntimeError(f"grammar broke in {where}")
+
+    def allowed(self, vocab_size: int, device: Any) -> Any:
+        self._maybe_raise("allowed")
+        return self.inner.allowed(vocab_size, device)
+
+    def advance(self, token_id: int) -> None:
+        self._maybe_raise("advance")
+        self.inner.advance(token_id)
+
+    @property
+    def error(self) -> str | None:
+        return self.inner.error
+
+
+@pytest.mark.parametrize("fails_in", ["allowed", "advance"])
+async def test_a_failing_grammar_fails_its_own_request_only(
+        engine: GenerationEngine, monkeypatch: pytest.MonkeyPatch, fails_in: str) -> None:
+    grammars = engine._grammars
+    assert grammars is not None, "llguidance must read the demo tokenizer"
+    real_compile = grammars.compile
+
+    def compile_(kind: str, schema: Any) -> Any:
+        constraint = real_compile(kind, schema)
+        return _Exploding(constraint, fails_in, 3) if (schema or {}).get("title") == "explode" else constraint
+
+    monkeypatch.setattr(grammars, "compile", compile_)
+    plain = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=30, temperature=1.0, seed=5, ignore_eos=True)
+    json_ok = SamplingParams(max_tokens=30, temperature=1.0, seed=3, response_format=ResponseFormat("json_object"))
+    explode = SamplingParams(max_tokens=30, temperature=1.0, seed=3, response_format=ResponseFormat(
+        "json_schema", {"title": "explode", "type": "object"}))
+    prompts = [_ids(engine, p) for p in ("the operator", "a cluster", "json please", "json again")]
+    alone = [await asyncio.wait_for(engine.submit(p, sp).collect(), 30)
+             for p, sp in zip(prompts[:3], (plain, seeded, json_ok), strict=True)]
+
+    streams = [engine.submit(p, sp, stream=True) for p, sp in
+               zip(prompts, (plain, seeded, json_ok, explode), strict=True)]
+    results = await asyncio.wait_for(asyncio.gather(*(_all(s) for s in streams), return_exceptions=True), 60)
+    for (text, reason), deltas in zip(alone, results[:3], strict=True):  # the others: untouched, complete
+        assert not isinstance(deltas, BaseException), deltas
+        assert "".join(d.text for d in deltas) == text and deltas[-1].finish_reason == reason
+    failure = results[3]
+    assert isinstance(failure, EngineUnavailableError), results
+    assert f"grammar broke in {fails_in}" in str(failure) and "response_format" in str(failure)
+    assert engine.healthy and engine.num_inflight() == 0
+    again = await asyncio.wait_for(engine.submit(prompts[0], plain).collect(), 30)  # the engine goes on serving
+    assert again == alone[0]
