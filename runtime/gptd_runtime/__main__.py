@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     opt("--cache-dir", "cache_dir", help="where --demo builds its model (default $HF_HOME)")
     opt("--hf-token-file", "hf_token_file")
     opt("--log-level", "log_level")
+    opt("--tls-cert-file", "tls_cert_file", help="PEM certificate chain: serve HTTPS only (with --tls-key-file)")
+    opt("--tls-key-file", "tls_key_file", help="PEM private key of --tls-cert-file")
+    opt("--tls-client-ca-file", "tls_client_ca_file", help="PEM CA bundle: require client certs (mutual TLS)")
+    opt("--tls-reload-seconds", "tls_reload_seconds", type=float, help="how often renewed cert files are picked up")
     serve.add_argument("--demo", action="store_true", default=None,
                        help=f"build and serve a tiny random demo model [env {ENV_VARS['demo']}]")
 
@@ -81,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(cli)
         settings.api_key()  # fail now, in one line, if the key file is unreadable
+        from .tls import reloader_from
+
+        reloader_from(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)  # same for TLS
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(x) for x in err["loc"])

@@ -26,6 +26,7 @@ from .engine import ClassificationEngine, GenerationEngine, kv_cache_bytes
 from .loading import ModelLoadError, load_model, resolve_model_dir
 from .logs import quiet_access_log
 from .state import ModelInfo, Phase, RuntimeState, startup_line
+from .tls import reloader_from
 
 log = logging.getLogger("gptd_runtime")
 WARMUP_TIMEOUT_SECONDS = 600.0
@@ -154,16 +155,21 @@ async def drain(state: RuntimeState, timeout: float) -> None:
         log.warning("drain timeout: %d request(s) still in flight, exiting anyway", state.inflight)
 
 
-def run_server(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT (drained) or a fatal startup error. Returns the process exit code."""
+def make_server(app: FastAPI, settings: Settings, on_signal: Callable[[int], None] | None = None) -> Any:
+    """The uvicorn server for `app`: HTTPS with a reloading certificate when TLS files are set, no `server:`
+    banner. `on_signal` replaces uvicorn's SIGTERM/SIGINT handling (uvicorn's stops listening at once; the
+    runtime keeps listening, answering 503, while it drains). The server's `tls` is the CertReloader or None."""
     import uvicorn
 
-    fatal: list[str] = []
+    tls = reloader_from(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
 
     class Server(uvicorn.Server):
-        # uvicorn's own handlers stop listening at once; we keep listening (503s) while draining instead.
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
+            if on_signal is None:
+                with super().capture_signals():
+                    yield
+                return
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, on_signal, sig)
@@ -172,6 +178,35 @@ def run_server(settings: Settings) -> int:
             finally:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
+
+        async def serve(self, sockets: Any = None) -> None:
+            # The certificate check runs on this loop: the one that makes the handshakes.
+            watcher = asyncio.create_task(tls.watch(settings.tls_reload_seconds)) if tls is not None else None
+            try:
+                await super().serve(sockets)
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=5,
+        # Default keep-alive lets idle connections pin the shutdown; drain already waited for real work.
+        timeout_keep_alive=5,
+        server_header=False,  # no version banner
+        ssl_context_factory=(lambda _config, _default: tls.context) if tls is not None else None,
+    )
+    server = Server(config)
+    server.tls = tls
+    return server
+
+
+def run_server(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT (drained) or a fatal startup error. Returns the process exit code."""
+    fatal: list[str] = []
 
     def on_fatal(reason: str) -> None:
         fatal.append(reason)
@@ -193,17 +228,8 @@ def run_server(settings: Settings) -> int:
 
         draining.append(asyncio.get_running_loop().create_task(drain_then_exit()))
 
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=5,
-        # Default keep-alive lets idle connections pin the shutdown; drain already waited for real work.
-        timeout_keep_alive=5,
-    )
+    server = make_server(app, settings, on_signal)
     quiet_access_log()  # after uvicorn.Config set up its loggers
-    server = Server(config)
     server.run()
     if fatal:
         print(f"gptd-runtime: error: {fatal[0]}", file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Task = Literal["text-generation", "text-classification", "token-classification"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -41,6 +41,10 @@ ENV_VARS: dict[str, str] = {
     "cache_dir": "GPTD_CACHE_DIR",
     "hf_token_file": "GPTD_HF_TOKEN_FILE",
     "log_level": "GPTD_LOG_LEVEL",
+    "tls_cert_file": "GPTD_TLS_CERT_FILE",
+    "tls_key_file": "GPTD_TLS_KEY_FILE",
+    "tls_client_ca_file": "GPTD_TLS_CLIENT_CA_FILE",
+    "tls_reload_seconds": "GPTD_TLS_RELOAD_SECONDS",
 }
 
 
@@ -78,11 +82,28 @@ class Settings(BaseModel):
     )
     hf_token_file: Path | None = None
     log_level: str = "info"
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain; with tls_key_file: HTTPS only")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(None, description="PEM CA bundle: clients must present a cert from it")
+    tls_reload_seconds: float = Field(5.0, gt=0, description="how often the cert/key files are checked for renewal")
 
     @field_validator("task", "dtype", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            missing = "tls_key_file" if self.tls_key_file is None else "tls_cert_file"
+            raise ValueError(f"{missing} is required when the other TLS file is given (both or neither)")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file (mutual TLS is on top of TLS)")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     @property
     def model_name(self) -> str:

@@ -52,7 +52,7 @@ class ContractStream:
         p = self.request.params
         pending: list[TokenLogprob] = []
         for n in range(1, p.max_tokens + 1):
-            await asyncio.sleep(0)
+            await asyncio.sleep(self.engine.token_delay)
             if self.cancelled:
                 return
             pending.append(self._token())
@@ -77,6 +77,7 @@ class ContractEngine:
     tokenizer: Any
     sampling_features: frozenset[str] = ALL_SAMPLING_FEATURES
     healthy: bool = True
+    token_delay: float = 0.0  # seconds per generated token (streams that stay open while a test acts)
     submitted: list[Submitted] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     _ids: Any = field(default_factory=itertools.count)
