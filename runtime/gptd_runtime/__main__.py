@@ -35,7 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     opt("--max-input-tokens", "max_input_tokens", type=int)
     opt("--max-new-tokens", "max_new_tokens", type=int, help="cap (and default) for max_tokens")
     opt("--max-queue", "max_queue", type=int, help="waiting requests beyond the batch before 429")
-    opt("--api-key-file", "api_key_file", help="file holding the bearer key")
+    opt("--api-key-file", "api_key_file", help="file of accepted bearer keys, one per line (re-read on change)")
+    opt("--api-key-reload-seconds", "api_key_reload_seconds", type=float, help="how often the key file is checked")
+    opt("--auth-failure-limit", "auth_failure_limit", type=int,
+        help="failed authentications per client address per minute before 429")
     opt("--drain-timeout-seconds", "drain_timeout_seconds", type=float)
     opt("--max-body-bytes", "max_body_bytes", type=int)
     opt("--kv-cache-blocks", "kv_cache_blocks", type=int, help="KV cache pages (memory budget)")
@@ -84,8 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli = {k: v for k, v in vars(args).items() if k != "command"}
     try:
         settings = load_settings(cli)
-        settings.api_key()  # fail now, in one line, if the key file is unreadable
+        from .apikeys import KeyRing
         from .tls import reloader_from
+
+        if settings.api_key_file is not None:  # fail now, in one line, if the key file is unusable
+            KeyRing(settings.api_key_file)
 
         reloader_from(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)  # same for TLS
     except ValidationError as e:

@@ -20,6 +20,7 @@ from .api import embeddings, health, metrics, openai, tasks
 from .api.errors import install_error_handlers
 from .api.metrics import Metrics
 from .api.middleware import GuardMiddleware
+from .apikeys import FailureLimiter, KeyRing
 from .config import Settings
 from .embeddings import Embedder
 from .engine import ClassificationEngine, GenerationEngine, kv_cache_bytes
@@ -109,7 +110,9 @@ def create_app(
 ) -> FastAPI:
     """Build the app. `engine` swaps in a ready-made engine (tests); otherwise the model is loaded in the
     background when the app starts. `on_fatal(reason)` is called if loading or warm-up fails."""
-    state = RuntimeState(settings=settings, metrics=Metrics(), api_key=settings.api_key(), on_fatal=on_fatal)
+    keys = None if settings.api_key_file is None else KeyRing(settings.api_key_file, settings.api_key_reload_seconds)
+    state = RuntimeState(settings=settings, metrics=Metrics(), api_keys=keys,
+                         auth_failures=FailureLimiter(settings.auth_failure_limit), on_fatal=on_fatal)
 
     def gauge(name: str) -> Callable[[], float]:
         return lambda: float(getattr(state.engine, name)()) if state.engine is not None else 0.0

@@ -41,6 +41,8 @@ ENV_VARS: dict[str, str] = {
     "cache_dir": "GPTD_CACHE_DIR",
     "hf_token_file": "GPTD_HF_TOKEN_FILE",
     "log_level": "GPTD_LOG_LEVEL",
+    "api_key_reload_seconds": "GPTD_API_KEY_RELOAD_SECONDS",
+    "auth_failure_limit": "GPTD_AUTH_FAILURE_LIMIT",
     "tls_cert_file": "GPTD_TLS_CERT_FILE",
     "tls_key_file": "GPTD_TLS_KEY_FILE",
     "tls_client_ca_file": "GPTD_TLS_CLIENT_CA_FILE",
@@ -65,7 +67,11 @@ class Settings(BaseModel):
     max_input_tokens: int = Field(2048, ge=1)
     max_new_tokens: int = Field(512, ge=1, description="cap on max_tokens per request (also the default)")
     max_queue: int = Field(256, ge=0, description="requests allowed to wait beyond the running batch")
-    api_key_file: Path | None = None
+    api_key_file: Path | None = Field(None, description="one accepted key per line (# comments); re-read on change")
+    api_key_reload_seconds: float = Field(10.0, gt=0, description="how often the key file is checked for changes")
+    auth_failure_limit: int = Field(
+        10, ge=1, description="failed authentications per client address per minute before 429s"
+    )
     drain_timeout_seconds: float = Field(30.0, ge=0)
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1)
     kv_cache_blocks: int | None = Field(
@@ -123,14 +129,6 @@ class Settings(BaseModel):
 
     def batch_tokens(self) -> int:
         return self.max_batch_tokens or max(self.max_input_tokens, 256)
-
-    def api_key(self) -> str | None:
-        if self.api_key_file is None:
-            return None
-        key = self.api_key_file.read_text().strip()
-        if not key:
-            raise ValueError(f"API key file {self.api_key_file} is empty")
-        return key
 
 
 _BOOL_TRUE = {"1", "true", "yes", "on"}

@@ -17,6 +17,7 @@ from .config import Settings
 
 if TYPE_CHECKING:
     from .api.metrics import Metrics
+    from .apikeys import FailureLimiter, KeyRing
     from .embeddings import Embedder
     from .engine import ClassificationResult, Delta, SamplingParams
 
@@ -122,7 +123,8 @@ def startup_line(state: RuntimeState) -> str:
 class RuntimeState:
     settings: Settings
     metrics: Metrics
-    api_key: str | None
+    api_keys: KeyRing | None  # None: no authentication
+    auth_failures: FailureLimiter
     phase: Phase = Phase.LOADING
     engine: Any = None  # a GenerationBackend or ClassifierBackend (or a test stand-in honouring the protocol)
     model: ModelInfo = field(default_factory=ModelInfo)

@@ -104,14 +104,18 @@ class SecretVolume:
         return self.root / "tls.key"
 
     def publish(self, issued: Issued) -> None:
+        self.write({"tls.crt": issued.cert_pem, "tls.key": issued.key_pem})
+
+    def write(self, files: dict[str, bytes]) -> None:
+        """Publish a new version of the Secret's files the way the kubelet does."""
         version = self.root / f"..2026_{next(self._versions):04d}"
         version.mkdir()
-        (version / "tls.crt").write_bytes(issued.cert_pem)
-        (version / "tls.key").write_bytes(issued.key_pem)
+        for name, data in files.items():
+            (version / name).write_bytes(data)
         tmp = self.root / "..data_tmp"
         os.symlink(version.name, tmp)
         os.replace(tmp, self.root / "..data")  # the atomic step: rename(2) over the old symlink
-        for name in ("tls.crt", "tls.key"):
+        for name in files:
             link = self.root / name
             if not link.is_symlink():
                 os.symlink(f"..data/{name}", link)

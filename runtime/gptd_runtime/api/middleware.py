@@ -1,10 +1,10 @@
 """Pure-ASGI guard in front of every route (pure ASGI, not BaseHTTPMiddleware, so streaming responses and
-client disconnects pass through untouched): API-key auth, request body cap, in-flight accounting for the
+client disconnects pass through untouched): API-key auth (apikeys.py: several keys, reloaded, wrong keys
+braked per client address), request body cap, in-flight accounting for the
 drain, and per-route status counters."""
 
 from __future__ import annotations
 
-import hmac
 import json
 from typing import Any
 
@@ -71,21 +71,36 @@ class GuardMiddleware:
         finally:
             self.state.metrics.http_requests.labels(route=route_label(path), status=str(status_box[0])).inc()
 
+    async def _authenticated(self, scope: Scope, headers: dict[bytes, bytes], send: Send) -> bool:
+        """Bearer key check (keys never logged or echoed); a client address with too many wrong keys gets 429
+        before its key is even looked at."""
+        keys, limiter, metrics = self.state.api_keys, self.state.auth_failures, self.state.metrics
+        assert keys is not None
+        client = (scope.get("client") or ("unknown", 0))[0]
+        wait = limiter.retry_after(client)
+        if wait is not None:
+            metrics.auth_failures.labels(status="429").inc()
+            await _send_json(send, 429, error_body("too many failed authentications from this address",
+                                                   type="rate_limit_error", code="auth_rate_limited"),
+                             [(b"retry-after", str(wait).encode())])
+            return False
+        auth = headers.get(b"authorization")
+        scheme, _, token = (auth or b"").decode("latin-1").partition(" ")
+        kid = keys.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+        if kid is not None:
+            metrics.api_key_requests.labels(key_id=kid).inc()
+            return True
+        if auth is not None:  # a presented credential that is wrong counts toward the brake; a missing one not
+            limiter.failed(client)
+        metrics.auth_failures.labels(status="401").inc()
+        await _send_json(send, 401, error_body("invalid or missing API key", type="authentication_error",
+                                               code="invalid_api_key"), [(b"www-authenticate", b"Bearer")])
+        return False
+
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
-        key = self.state.api_key
-        if key is not None:
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = auth.partition(" ")
-            # Constant-time comparison; the key itself is never logged or echoed.
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-                await _send_json(
-                    send,
-                    401,
-                    error_body("invalid or missing API key", type="authentication_error", code="invalid_api_key"),
-                    [(b"www-authenticate", b"Bearer")],
-                )
-                return
+        if self.state.api_keys is not None and not await self._authenticated(scope, headers, send):
+            return
 
         limit = self.state.settings.max_body_bytes
         too_large = error_body(
