@@ -200,6 +200,7 @@ def make_server(app: FastAPI, settings: Settings, on_signal: Callable[[int], Non
         # Default keep-alive lets idle connections pin the shutdown; drain already waited for real work.
         timeout_keep_alive=5,
         server_header=False,  # no version banner
+        access_log=False,  # api/middleware.py logs each request (without its path's query string)
         ssl_context_factory=(lambda _config, _default: tls.context) if tls is not None else None,
     )
     server = Server(config)

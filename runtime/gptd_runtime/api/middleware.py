@@ -6,12 +6,19 @@ drain, and per-route status counters."""
 from __future__ import annotations
 
 import json
+import logging
+import time
+import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..state import RuntimeState
 from .errors import error_body
+
+# One line per request, in place of uvicorn's access log (which prints the raw path and query string): ids,
+# sizes, timings and status only. Never bodies, headers, paths beyond the bounded route label, or addresses.
+access_log = logging.getLogger("gptd_runtime.access")
 
 # Probes and scrapes must work without credentials and must not count as in-flight work.
 EXEMPT_PATHS = frozenset({"/health/live", "/health/ready", "/metrics", "/v2/health/live", "/v2/health/ready"})
@@ -53,10 +60,24 @@ class GuardMiddleware:
             return
         path: str = scope["path"]
         status_box = [500]
+        sizes = [0, 0]  # request body bytes read, response body bytes sent
+        started = time.monotonic()
+        # Always our own id (echoed as X-Request-Id): a client-chosen one could carry anything into the log.
+        request_id = uuid.uuid4().hex[:16]
+
+        async def counting_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                sizes[0] += len(message.get("body", b""))
+            return message
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_box[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode())]}
+            elif message["type"] == "http.response.body":
+                sizes[1] += len(message.get("body", b""))
             await send(message)
 
         try:
@@ -65,11 +86,16 @@ class GuardMiddleware:
             else:
                 self.state.inflight += 1
                 try:
-                    await self._guarded(scope, receive, counting_send)
+                    await self._guarded(scope, counting_receive, counting_send)
                 finally:
                     self.state.inflight -= 1
         finally:
-            self.state.metrics.http_requests.labels(route=route_label(path), status=str(status_box[0])).inc()
+            route = route_label(path)
+            self.state.metrics.http_requests.labels(route=route, status=str(status_box[0])).inc()
+            if path not in EXEMPT_PATHS:  # probes every few seconds, forever: not worth a line each
+                access_log.info("request id=%s %s %s status=%d in=%dB out=%dB %.1fms", request_id,
+                                scope.get("method", "-"), route, status_box[0], sizes[0], sizes[1],
+                                (time.monotonic() - started) * 1000)
 
     async def _authenticated(self, scope: Scope, headers: dict[bytes, bytes], send: Send) -> bool:
         """Bearer key check (keys never logged or echoed); a client address with too many wrong keys gets 429
