@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     opt("--cache-dir", "cache_dir", help="where --demo builds its model (default $HF_HOME)")
     opt("--hf-token-file", "hf_token_file")
     opt("--log-level", "log_level")
+    opt("--redact", "redact", help="mask these in prompts and outputs: email,phone,creditCard,ipAddress,iban,"
+        "cnResidentId,secretLike")
     opt("--tls-cert-file", "tls_cert_file", help="PEM certificate chain: serve HTTPS only (with --tls-key-file)")
     opt("--tls-key-file", "tls_key_file", help="PEM private key of --tls-cert-file")
     opt("--tls-client-ca-file", "tls_client_ca_file", help="PEM CA bundle: require client certs (mutual TLS)")

@@ -26,6 +26,7 @@ from .embeddings import Embedder
 from .engine import ClassificationEngine, GenerationEngine, kv_cache_bytes
 from .loading import ModelLoadError, load_model, resolve_model_dir
 from .logs import quiet_access_log
+from .redaction import Redactor
 from .state import ModelInfo, Phase, RuntimeState, startup_line
 from .tls import reloader_from
 
@@ -113,6 +114,9 @@ def create_app(
     keys = None if settings.api_key_file is None else KeyRing(settings.api_key_file, settings.api_key_reload_seconds)
     state = RuntimeState(settings=settings, metrics=Metrics(), api_keys=keys,
                          auth_failures=FailureLimiter(settings.auth_failure_limit), on_fatal=on_fatal)
+    if settings.redact:
+        counter = state.metrics.redactions
+        state.redactor = Redactor(settings.redact, lambda entity: counter.labels(entity=entity).inc())
 
     def gauge(name: str) -> Callable[[], float]:
         return lambda: float(getattr(state.engine, name)()) if state.engine is not None else 0.0

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .redaction import parse_entities
+
 Task = Literal["text-generation", "text-classification", "token-classification"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 
@@ -43,6 +45,7 @@ ENV_VARS: dict[str, str] = {
     "log_level": "GPTD_LOG_LEVEL",
     "api_key_reload_seconds": "GPTD_API_KEY_RELOAD_SECONDS",
     "auth_failure_limit": "GPTD_AUTH_FAILURE_LIMIT",
+    "redact": "GPTD_REDACT",
     "tls_cert_file": "GPTD_TLS_CERT_FILE",
     "tls_key_file": "GPTD_TLS_KEY_FILE",
     "tls_client_ca_file": "GPTD_TLS_CLIENT_CA_FILE",
@@ -88,6 +91,9 @@ class Settings(BaseModel):
     )
     hf_token_file: Path | None = None
     log_level: str = "info"
+    redact: tuple[str, ...] = Field(
+        (), description="entities masked in prompts and outputs (redaction.py): comma-separated, e.g. email,phone"
+    )
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain; with tls_key_file: HTTPS only")
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
     tls_client_ca_file: Path | None = Field(None, description="PEM CA bundle: clients must present a cert from it")
@@ -97,6 +103,11 @@ class Settings(BaseModel):
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
+
+    @field_validator("redact", mode="before")
+    @classmethod
+    def _entities(cls, v: Any) -> Any:
+        return parse_entities(v) if isinstance(v, str | list | tuple) else v
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

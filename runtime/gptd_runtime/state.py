@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .apikeys import FailureLimiter, KeyRing
     from .embeddings import Embedder
     from .engine import ClassificationResult, Delta, SamplingParams
+    from .redaction import Redactor
 
 
 class Phase(enum.StrEnum):
@@ -125,6 +126,7 @@ class RuntimeState:
     metrics: Metrics
     api_keys: KeyRing | None  # None: no authentication
     auth_failures: FailureLimiter
+    redactor: Redactor | None = None  # --redact: masks prompts before the engine and outputs before the client
     phase: Phase = Phase.LOADING
     engine: Any = None  # a GenerationBackend or ClassifierBackend (or a test stand-in honouring the protocol)
     model: ModelInfo = field(default_factory=ModelInfo)

@@ -113,3 +113,33 @@ class ContractEngine:
 
 def logprob_ok(value: float) -> bool:
     return math.isfinite(value) and value <= 0.0
+
+
+class ScriptedStream(ContractStream):
+    """Emits the engine's `script` pieces, one Delta each (streaming) or joined (not)."""
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        pieces = self.engine.script
+        if not self.request.stream:
+            pieces = ["".join(pieces)]
+        for n, piece in enumerate(pieces, 1):
+            await asyncio.sleep(0)
+            if self.cancelled:
+                return
+            self.completion_tokens = n
+            last = n == len(pieces)
+            if last:
+                self.finish_reason = "stop"
+            yield Delta(piece, n, "stop" if last else None, [])
+
+
+@dataclass
+class ScriptedEngine(ContractEngine):
+    """Generates a fixed text in fixed pieces (to test what happens to given output, e.g. split values)."""
+
+    script: list[str] = field(default_factory=list)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, *, stream: bool = False) -> ContractStream:
+        request = Submitted(list(prompt_ids), params, stream, f"scripted-{next(self._ids)}")
+        self.submitted.append(request)
+        return ScriptedStream(self, request)

@@ -50,6 +50,9 @@ class Metrics:
             "gptd:auth_failures", "Requests refused: 401 (missing/wrong key) or 429 (too many wrong keys)", ["status"],
             registry=r,
         )
+        self.redactions = Counter(
+            "gptd:redactions", "Values masked by --redact, in prompts and outputs, by entity", ["entity"], registry=r
+        )
         self.request_success = Counter(
             "gptd:request_success", "Finished generation requests by finish reason", ["finished_reason"], registry=r
         )
