@@ -35,6 +35,7 @@ ENV_VARS: dict[str, str] = {
     "api_key_file": "GPTD_API_KEY_FILE",
     "drain_timeout_seconds": "GPTD_DRAIN_TIMEOUT_SECONDS",
     "max_body_bytes": "GPTD_MAX_BODY_BYTES",
+    "max_header_bytes": "GPTD_MAX_HEADER_BYTES",
     "kv_cache_blocks": "GPTD_KV_CACHE_BLOCKS",
     "kv_cache_page_size": "GPTD_KV_CACHE_PAGE_SIZE",
     "max_batch_tokens": "GPTD_MAX_BATCH_TOKENS",
@@ -63,7 +64,9 @@ class Settings(BaseModel):
     task: Task = "text-generation"
     dtype: DType = "auto"
     device: str = Field("auto", description="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    host: str = "0.0.0.0"
+    # Loopback unless told otherwise: a server started by hand is not reachable from the network by accident.
+    # Pods must pass GPTD_HOST=0.0.0.0 (the operator does).
+    host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     served_model_name: str | None = Field(None, description="name in /v1/models; default: last path part")
     max_batch_size: int = Field(32, ge=1, description="max requests sharing one forward pass")
@@ -77,6 +80,7 @@ class Settings(BaseModel):
     )
     drain_timeout_seconds: float = Field(30.0, ge=0)
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1)
+    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request header names + values; more: 431")
     kv_cache_blocks: int | None = Field(
         None, ge=1, description="KV cache pages; default sized to fit max_batch_size full-length requests"
     )

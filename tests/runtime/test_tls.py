@@ -178,3 +178,37 @@ def test_startup_refuses_unusable_tls_settings(volume: SecretVolume, tmp_path: P
     assert main(["serve", "--demo", "--tls-cert-file", str(volume.cert_file), "--tls-key-file",
                  str(volume.key_file), "--tls-client-ca-file", str(tmp_path / "missing.pem")]) == 2
     assert "--tls-client-ca-file" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_serve_binds_loopback_by_default_without_a_banner(models: Any) -> None:
+    """No --host / GPTD_HOST: 127.0.0.1 only (pods pass GPTD_HOST=0.0.0.0)."""
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.support.runtime import REPO
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "GPTD_HOST"}
+    proc = subprocess.Popen([sys.executable, "-m", "gptd_runtime", "serve", "--model", str(models["plain"]),
+                             "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+                time.sleep(0.2)
+        assert r.status_code == 200 and "server" not in r.headers
+        listening = {c.laddr.ip for c in psutil.Process(proc.pid).net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN}
+        assert listening == {"127.0.0.1"}
+    finally:
+        proc.kill()
+        proc.wait(10)

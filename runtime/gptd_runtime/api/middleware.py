@@ -124,6 +124,12 @@ class GuardMiddleware:
         return False
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        header_bytes = sum(len(k) + len(v) for k, v in scope["headers"])
+        if header_bytes > self.state.settings.max_header_bytes:
+            await _send_json(send, 431, error_body(
+                f"request headers exceed {self.state.settings.max_header_bytes} bytes",
+                type="invalid_request_error", code="headers_too_large"))
+            return
         headers = dict(scope["headers"])
         if self.state.api_keys is not None and not await self._authenticated(scope, headers, send):
             return
