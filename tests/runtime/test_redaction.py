@@ -139,3 +139,27 @@ async def test_without_redact_nothing_is_masked(app_factory: Any, scripted: Scri
         r = await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 5})
         assert r.json()["choices"][0]["text"] == "Sure: alice.liddell@example.org, card 4111 1111 1111 1111 ok"
         assert scripted.tokenizer.decode(scripted.submitted[-1].prompt_ids) == PROMPT
+
+
+MASKED = "My mail is [EMAIL] and my card [CREDIT_CARD]."
+
+
+async def test_embeddings_and_classification_inputs_are_masked(app_factory: Any) -> None:
+    """The model sees the masked text: same vectors / scores as for the masked text itself."""
+    async with app_factory("plain", redact=("email", "creditCard")) as (client, _app):
+        raw = (await client.post("/v1/embeddings", json={"input": PROMPT})).json()
+        masked = (await client.post("/v1/embeddings", json={"input": MASKED})).json()
+        assert raw["data"][0]["embedding"] == masked["data"][0]["embedding"]
+        assert raw["usage"] == masked["usage"]
+        assert metric((await client.get("/metrics")).text, 'gptd:redactions_total{entity="email"}') == 1
+
+    def infer(text: str) -> dict[str, Any]:
+        return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [text]}]}
+
+    async with app_factory("cls", redact=("email", "creditCard")) as (client, _app):
+        raw = (await client.post("/v2/models/cls/infer", json=infer(PROMPT))).json()
+        masked = (await client.post("/v2/models/cls/infer", json=infer(MASKED))).json()
+        assert raw["outputs"] == masked["outputs"]
+    async with app_factory("cls") as (client, _app):  # control: without --redact the scores differ
+        plain = (await client.post("/v2/models/cls/infer", json=infer(PROMPT))).json()
+        assert plain["outputs"] != masked["outputs"]
