@@ -1,7 +1,8 @@
 """API keys: several accepted at once, re-read from the mounted file, and a per-address brake on wrong ones.
 
 The key file (`--api-key-file`, the operator mounts the Secret there) holds one key per line; blank lines and
-lines starting with `#` are ignored. Any listed key authenticates, so a key is rotated by adding the new one,
+lines starting with `#` are ignored. It may also be a directory: a Secret with several data keys mounted whole,
+each file holding keys the same way. Any listed key authenticates, so a key is rotated by adding the new one,
 switching clients, then removing the old one. The kubelet refreshes a mounted Secret within about a minute;
 the file is checked (stat, then re-read only if it changed) at most every `reload_seconds` on the request
 path, so an edit takes effect on the first request after that, without a restart, and a removed key is
@@ -38,9 +39,17 @@ def parse_keys(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
+def _files(path: Path) -> list[Path]:
+    """The key file, or, for a directory (a Secret with several data keys mounted whole), each of its files
+    (the kubelet's `..data` entries and other dot-names skipped)."""
+    if not path.is_dir():
+        return [path]
+    return sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
+
+
 def _read(path: Path) -> list[str]:
     try:
-        keys = parse_keys(path.read_text())
+        keys = [k for f in _files(path) for k in parse_keys(f.read_text())]
     except (OSError, UnicodeDecodeError) as e:
         raise KeyFileError(f"API key file {path} is not readable: {getattr(e, 'strerror', None) or e}") from e
     if not keys:
@@ -54,18 +63,17 @@ class KeyRing:
         self.reload_seconds = reload_seconds
         self._clock = clock
         self._digests: list[tuple[bytes, str]] = []
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: tuple[tuple[str, int, int, int], ...] | None = None
         self._checked = clock()
         self._install(_read(self.path), self._stat())
 
-    def _stat(self) -> tuple[int, int, int] | None:
+    def _stat(self) -> tuple[tuple[str, int, int, int], ...] | None:
         try:
-            st = os.stat(self.path)
+            return tuple((f.name, (st := os.stat(f)).st_ino, st.st_size, st.st_mtime_ns) for f in _files(self.path))
         except OSError:
             return None
-        return st.st_ino, st.st_size, st.st_mtime_ns
 
-    def _install(self, keys: list[str], stamp: tuple[int, int, int] | None) -> None:
+    def _install(self, keys: list[str], stamp: tuple[tuple[str, int, int, int], ...] | None) -> None:
         self._digests = [(hashlib.sha256(k.encode()).digest(), key_id(k)) for k in dict.fromkeys(keys)]
         self._stamp = stamp
 

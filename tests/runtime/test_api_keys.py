@@ -145,3 +145,20 @@ def test_startup_refuses_an_unusable_key_file(tmp_path: Path, capsys: pytest.Cap
     assert "holds no key" in capsys.readouterr().err
     assert main(["serve", "--demo", "--api-key-file", str(tmp_path / "missing")]) == 2
     assert "not readable" in capsys.readouterr().err
+
+
+async def test_a_secret_with_several_data_keys_mounted_as_a_directory(app_factory: Any, engine: ContractEngine,
+                                                                      tmp_path: Path) -> None:
+    vol = SecretVolume(tmp_path / "secret")
+    vol.write({"old": f"{KEY_A}\n".encode(), "new": f"{KEY_B}\n".encode()})
+    async with app_factory(engine=engine, api_key_file=vol.root, api_key_reload_seconds=0.1) as (client, _app):
+        for key in (KEY_A, KEY_B):
+            assert (await client.get("/v1/models", headers=_bearer(key))).status_code == 200
+        vol.write({"new": f"{KEY_B}\n".encode(), "newer": f"{KEY_C}\n".encode()})  # "old" data key removed
+
+        async def a_refused() -> bool:
+            return (await client.get("/v1/models", headers=_bearer(KEY_A))).status_code == 401
+
+        await wait_until(a_refused, timeout=10, interval=0.1)
+        for key in (KEY_B, KEY_C):
+            assert (await client.get("/v1/models", headers=_bearer(key))).status_code == 200

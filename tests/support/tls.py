@@ -119,3 +119,6 @@ class SecretVolume:
             link = self.root / name
             if not link.is_symlink():
                 os.symlink(f"..data/{name}", link)
+        for link in self.root.iterdir():  # the kubelet removes the links of data keys no longer in the Secret
+            if link.is_symlink() and not link.name.startswith(".") and link.name not in files:
+                link.unlink()
