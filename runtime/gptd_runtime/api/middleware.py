@@ -36,6 +36,14 @@ def route_label(path: str) -> str:
     return "other"
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _method(method: str) -> str:
+    """A client can send any token as the method: only the standard ones reach the log."""
+    return method if method in _METHODS else "OTHER"
+
+
 async def _send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
     payload = json.dumps(body).encode()
     await send(
@@ -94,7 +102,7 @@ class GuardMiddleware:
             self.state.metrics.http_requests.labels(route=route, status=str(status_box[0])).inc()
             if path not in EXEMPT_PATHS:  # probes every few seconds, forever: not worth a line each
                 access_log.info("request id=%s %s %s status=%d in=%dB out=%dB %.1fms", request_id,
-                                scope.get("method", "-"), route, status_box[0], sizes[0], sizes[1],
+                                _method(scope.get("method", "")), route, status_box[0], sizes[0], sizes[1],
                                 (time.monotonic() - started) * 1000)
 
     async def _authenticated(self, scope: Scope, headers: dict[bytes, bytes], send: Send) -> bool:
