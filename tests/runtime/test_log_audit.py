@@ -4,6 +4,7 @@ writes, nor its metrics, contains any of them; its request lines carry ids, size
 
 from __future__ import annotations
 
+import logging
 import re
 import signal
 from pathlib import Path
@@ -67,3 +68,15 @@ def test_no_prompt_or_output_in_any_log_line(server_factory: Any, models: Any, t
     assert len(requests) == 12, "\n".join(lines)  # one per request above, the metrics scrape excluded
     assert sorted({int(m.group(3)) for m in requests}) == sorted(statuses)
     assert "-" not in {m.group(2) for m in requests} and f"/v1/models/{EMAIL}" not in "\n".join(lines)
+
+
+async def test_request_line_in_process(app_factory: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """What the HTTP parser in front would refuse still logs no client text (e.g. a made-up method)."""
+    caplog.set_level(logging.INFO, logger="gptd_runtime.access")
+    async with app_factory() as (client, _app):
+        r = await client.request("ALICELIDDELL", f"/v1/models/{EMAIL}", params={"q": PHONE})
+        assert r.status_code == 405
+        rid = r.headers["x-request-id"]
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "gptd_runtime.access"]
+    assert lines == [m for m in lines if REQUEST_LINE.search(m)] and len(lines) == 1
+    assert lines[0].startswith(f"request id={rid} OTHER /v1/models/{{id}} status=405 ")
