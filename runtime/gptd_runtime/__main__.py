@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     opt("--device", "device", help="auto | cpu | cuda | cuda:N")
     opt("--host", "host", help="listen address (default 127.0.0.1; pods pass 0.0.0.0)")
     opt("--port", "port", type=int)
+    opt("--metrics-port", "metrics_port", type=int, help="also serve /metrics alone on this port (plain HTTP)")
     opt("--served-model-name", "served_model_name", help="model id in the API (default: directory name)")
     opt("--max-batch-size", "max_batch_size", type=int, help="requests per forward pass")
     opt("--max-input-tokens", "max_input_tokens", type=int)

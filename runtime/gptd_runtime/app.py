@@ -169,6 +169,7 @@ def make_server(app: FastAPI, settings: Settings, on_signal: Callable[[int], Non
     import uvicorn
 
     tls = reloader_from(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    side = _metrics_listener(app, settings)
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager
@@ -189,11 +190,15 @@ def make_server(app: FastAPI, settings: Settings, on_signal: Callable[[int], Non
         async def serve(self, sockets: Any = None) -> None:
             # The certificate check runs on this loop: the one that makes the handshakes.
             watcher = asyncio.create_task(tls.watch(settings.tls_reload_seconds)) if tls is not None else None
+            metrics = asyncio.create_task(side[0].serve(sockets=[side[1]])) if side is not None else None
             try:
                 await super().serve(sockets)
             finally:
                 if watcher is not None:
                     watcher.cancel()
+                if metrics is not None:  # scrapes keep working through the drain; stop with the server
+                    side[0].should_exit = True
+                    await metrics
 
     config = uvicorn.Config(
         app,
@@ -210,6 +215,38 @@ def make_server(app: FastAPI, settings: Settings, on_signal: Callable[[int], Non
     server = Server(config)
     server.tls = tls
     return server
+
+
+def _metrics_listener(app: FastAPI, settings: Settings) -> tuple[Any, Any] | None:
+    """With --metrics-port: a second, plain-HTTP uvicorn server answering /metrics only, from the same registry,
+    on a socket bound here (a taken port fails now, before anything loads)."""
+    if settings.metrics_port is None:
+        return None
+    import socket
+
+    import uvicorn
+
+    metrics_app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    metrics_app.state.runtime = app.state.runtime
+    metrics_app.include_router(metrics.router)
+
+    class Quiet(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:  # the main server owns SIGTERM/SIGINT
+            yield
+
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.metrics_port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"--metrics-port {settings.metrics_port}: {e.strerror or e}") from e
+    sock.listen(64)
+    sock.set_inheritable(True)
+    config = uvicorn.Config(metrics_app, log_level=settings.log_level.lower(), access_log=False,
+                            server_header=False, lifespan="off", timeout_keep_alive=5)
+    return Quiet(config), sock
 
 
 def run_server(settings: Settings) -> int:
@@ -236,7 +273,11 @@ def run_server(settings: Settings) -> int:
 
         draining.append(asyncio.get_running_loop().create_task(drain_then_exit()))
 
-    server = make_server(app, settings, on_signal)
+    try:
+        server = make_server(app, settings, on_signal)
+    except OSError as e:  # the metrics port is taken
+        print(f"gptd-runtime: error: {e}", file=sys.stderr, flush=True)
+        return 1
     quiet_access_log()  # after uvicorn.Config set up its loggers
     server.run()
     if fatal:

@@ -27,6 +27,7 @@ ENV_VARS: dict[str, str] = {
     "device": "GPTD_DEVICE",
     "host": "GPTD_HOST",
     "port": "GPTD_PORT",
+    "metrics_port": "GPTD_METRICS_PORT",
     "served_model_name": "GPTD_SERVED_MODEL_NAME",
     "max_batch_size": "GPTD_MAX_BATCH_SIZE",
     "max_input_tokens": "GPTD_MAX_INPUT_TOKENS",
@@ -68,6 +69,10 @@ class Settings(BaseModel):
     # Pods must pass GPTD_HOST=0.0.0.0 (the operator does).
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="also serve /metrics (only) here, plain HTTP: a port a NetworkPolicy can "
+        "open to the monitoring namespace alone"
+    )
     served_model_name: str | None = Field(None, description="name in /v1/models; default: last path part")
     max_batch_size: int = Field(32, ge=1, description="max requests sharing one forward pass")
     max_input_tokens: int = Field(2048, ge=1)
@@ -118,6 +123,8 @@ class Settings(BaseModel):
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             missing = "tls_key_file" if self.tls_key_file is None else "tls_cert_file"
             raise ValueError(f"{missing} is required when the other TLS file is given (both or neither)")
+        if self.metrics_port is not None and self.metrics_port == self.port:
+            raise ValueError(f"metrics_port must differ from port ({self.port})")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file (mutual TLS is on top of TLS)")
         return self

@@ -212,3 +212,40 @@ def test_serve_binds_loopback_by_default_without_a_banner(models: Any) -> None:
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_metrics_port_serves_only_metrics_in_plain_http(models: Any, volume: SecretVolume, ca: tuple[CA, Path],
+                                                        engine: ContractEngine) -> None:
+    settings = _settings(models, volume).model_copy(update={"metrics_port": free_port()})
+    with ThreadedServer(settings, engine) as srv:
+        side = f"http://127.0.0.1:{settings.metrics_port}"
+        r = httpx.get(f"{side}/metrics")
+        assert r.status_code == 200 and "gptd:ready 1.0" in r.text and "server" not in r.headers
+        for path in ("/v1/models", "/health/ready", "/docs", "/openapi.json"):
+            assert httpx.get(f"{side}{path}").status_code == 404, path
+        assert httpx.get(f"{srv.url}/metrics", verify=_client_context(ca[1])).status_code == 200
+    with pytest.raises(httpx.ConnectError):  # stopped with the server
+        httpx.get(f"{side}/metrics", timeout=2)
+
+
+def test_a_taken_metrics_port_fails_at_start(models: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(models["plain"]), "--port", str(free_port()),
+                     "--metrics-port", str(port)]) == 1
+    assert f"--metrics-port {port}" in capsys.readouterr().err
+    assert main(["serve", "--demo", "--port", "9000", "--metrics-port", "9000"]) == 2
+    assert "metrics_port must differ" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_metrics_port_through_sigterm(server_factory: Any, models: Any) -> None:
+    import signal
+
+    metrics_port = free_port()
+    server = server_factory("--model", str(models["plain"]), "--metrics-port", str(metrics_port))
+    assert "gptd:ready 1.0" in httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
