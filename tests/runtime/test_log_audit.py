@@ -80,3 +80,36 @@ async def test_request_line_in_process(app_factory: Any, caplog: pytest.LogCaptu
     lines = [rec.getMessage() for rec in caplog.records if rec.name == "gptd_runtime.access"]
     assert lines == [m for m in lines if REQUEST_LINE.search(m)] and len(lines) == 1
     assert lines[0].startswith(f"request id={rid} OTHER /v1/models/{{id}} status=405 ")
+
+
+class _LeakyEngine:
+    """Fails the way a library might: an exception whose message quotes the prompt."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def submit(self, prompt_ids: list[int], params: Any, *, stream: bool = False) -> Any:
+        raise RuntimeError(f"cannot schedule prompt {self._inner.tokenizer.decode(prompt_ids)!r}")
+
+
+async def test_an_unexpected_error_logs_no_request_text(app_factory: Any, models: Any,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    from transformers import AutoTokenizer
+
+    from tests.support.engine import ContractEngine
+
+    caplog.set_level(logging.INFO)
+    engine = _LeakyEngine(ContractEngine(AutoTokenizer.from_pretrained(models["plain"])))
+    async with app_factory(engine=engine) as (client, _app):
+        r = await client.post("/v1/completions", json={"prompt": PII, "max_tokens": 2})
+        assert r.status_code == 500
+        body = r.json()["error"]
+        assert body["code"] == "internal_error" and r.headers["x-request-id"] in body["message"]
+        assert (await client.get("/health/live")).status_code == 200  # the server carries on
+    logged = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert "failed with RuntimeError" in logged and "submit" in logged  # type and frames are there
+    for needle in NEEDLES:
+        assert needle not in logged and needle not in r.text, needle

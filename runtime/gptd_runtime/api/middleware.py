@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 import uuid
 from typing import Any
 
@@ -19,6 +20,7 @@ from .errors import error_body
 # One line per request, in place of uvicorn's access log (which prints the raw path and query string): ids,
 # sizes, timings and status only. Never bodies, headers, paths beyond the bounded route label, or addresses.
 access_log = logging.getLogger("gptd_runtime.access")
+log = logging.getLogger("gptd_runtime.api")
 
 # Probes and scrapes must work without credentials and must not count as in-flight work.
 EXEMPT_PATHS = frozenset({"/health/live", "/health/ready", "/metrics", "/v2/health/live", "/v2/health/ready"})
@@ -68,6 +70,7 @@ class GuardMiddleware:
             return
         path: str = scope["path"]
         status_box = [500]
+        started_box = [False]
         sizes = [0, 0]  # request body bytes read, response body bytes sent
         started = time.monotonic()
         # Always our own id (echoed as X-Request-Id): a client-chosen one could carry anything into the log.
@@ -82,6 +85,7 @@ class GuardMiddleware:
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_box[0] = message["status"]
+                started_box[0] = True
                 message = {**message, "headers": [*message.get("headers", []),
                                                   (b"x-request-id", request_id.encode())]}
             elif message["type"] == "http.response.body":
@@ -97,6 +101,15 @@ class GuardMiddleware:
                     await self._guarded(scope, counting_receive, counting_send)
                 finally:
                     self.state.inflight -= 1
+        except Exception as e:
+            # An exception's message can quote the request (a tokenizer or template error echoing its input), and
+            # uvicorn/Starlette would log it whole: log the type and the frames (code locations) only.
+            frames = "".join(traceback.format_tb(e.__traceback__))
+            log.error("request id=%s %s failed with %s (message withheld: may quote the request)\n%s",
+                      request_id, route_label(path), type(e).__name__, frames.rstrip())
+            if not started_box[0]:
+                await _send_json(counting_send, 500, error_body(
+                    f"internal server error (request id {request_id})", type="server_error", code="internal_error"))
         finally:
             route = route_label(path)
             self.state.metrics.http_requests.labels(route=route, status=str(status_box[0])).inc()
