@@ -163,3 +163,16 @@ async def test_embeddings_and_classification_inputs_are_masked(app_factory: Any)
     async with app_factory("cls") as (client, _app):  # control: without --redact the scores differ
         plain = (await client.post("/v2/models/cls/infer", json=infer(PROMPT))).json()
         assert plain["outputs"] != masked["outputs"]
+
+
+def test_documented_figures_are_the_measured_ones() -> None:
+    """docs/security.md's precision/recall table is what the corpus gives today (regenerate it with
+    benchmarks/redaction_eval.py when a rule or the corpus changes)."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| (\d+ \| \d+ \| \d+ \| \d+ \| [\d.]+ \| [\d.]+) \|$", doc, re.M))
+    scores, _ = score(load_corpus())
+    for entity, s in scores.items():
+        assert rows.get(entity) == (f"{s.tp + s.fn} | {s.tp} | {s.fp} | {s.fn} | {s.precision:.3f} | "
+                                    f"{s.recall:.3f}"), entity
