@@ -176,3 +176,12 @@ def test_documented_figures_are_the_measured_ones() -> None:
     for entity, s in scores.items():
         assert rows.get(entity) == (f"{s.tp + s.fn} | {s.tp} | {s.fp} | {s.fn} | {s.precision:.3f} | "
                                     f"{s.recall:.3f}"), entity
+
+
+async def test_held_tail_is_sent_when_a_stream_ends_without_a_reason(app_factory: Any,
+                                                                     scripted: ScriptedEngine) -> None:
+    scripted.final_reason = False
+    async with app_factory("chat", engine=scripted, redact=("email", "creditCard")) as (client, _app):
+        r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 5, "stream": True})
+        texts = [json.loads(e)["choices"][0]["text"] for e in sse_events(r.text)[:-1]]
+        assert "".join(texts) == "Sure: [EMAIL], card [CREDIT_CARD] ok"

@@ -127,7 +127,7 @@ class ScriptedStream(ContractStream):
             if self.cancelled:
                 return
             self.completion_tokens = n
-            last = n == len(pieces)
+            last = n == len(pieces) and self.engine.final_reason
             if last:
                 self.finish_reason = "stop"
             yield Delta(piece, n, "stop" if last else None, [])
@@ -138,6 +138,7 @@ class ScriptedEngine(ContractEngine):
     """Generates a fixed text in fixed pieces (to test what happens to given output, e.g. split values)."""
 
     script: list[str] = field(default_factory=list)
+    final_reason: bool = True  # False: the last delta carries no finish_reason (the stream just ends)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, stream: bool = False) -> ContractStream:
         request = Submitted(list(prompt_ids), params, stream, f"scripted-{next(self._ids)}")

@@ -171,6 +171,10 @@ def sse(
                     lps = delta.logprobs if job.params.logprobs is not None else None
                     choice, offsets[i] = env.delta_choice(job.index, text, delta.finish_reason, lps, offsets[i])
                     yield _event(env.chunk([choice]))
+            for i, rest in enumerate(h.flush() for h in held or ()):  # a stream that ended without a reason
+                if rest:
+                    choice, offsets[i] = env.delta_choice(jobs[i].index, rest, None, None, offsets[i])
+                    yield _event(env.chunk([choice]))
             if include_usage:
                 yield _event(env.usage_chunk(usage(jobs, streams)))
         except EngineUnavailableError as e:
