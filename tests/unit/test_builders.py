@@ -373,3 +373,13 @@ def test_inflight_query_selects_only_this_crs_pods() -> None:
     assert all(re.fullmatch(pattern, p) for p in ours)  # Prometheus anchors =~ at both ends
     assert not any(re.fullmatch(pattern, p) for p in theirs)
     assert 'namespace="ns1"' in query and "num_requests_waiting" in query
+
+
+def test_pod_env_is_a_valid_runtime_configuration_listening_on_the_pod_ip() -> None:
+    """The contract between the two halves: the runtime parses the pod's literal env (it binds 127.0.0.1 by
+    default, which the kubelet's probes and the Service could never reach)."""
+    from gptd_runtime.config import load_settings
+
+    literal = {k: v for k, v in env(dep(service={"port": 9000})).items() if isinstance(v, str)}
+    settings = load_settings({}, literal)
+    assert (settings.host, settings.port) == ("0.0.0.0", 9000)
