@@ -298,7 +298,10 @@ class GPTDeploymentStatus(BaseModel):
     readyDisplay: str | None = Field(None, description='"ready/desired", e.g. "1/2" (the Ready printer column).')
     updatedReplicas: int | None = None
     selector: str | None = Field(None, description="Label selector of the pods (scale subresource).")
-    url: str | None = None
+    url: str | None = Field(None, description="The Service's in-cluster URL.")
+    service: str | None = Field(
+        None, description="Name of the Service (the CR's name, or a DNS-1035 form of it: docs/operator.md)."
+    )
     currentRevision: str | None = None
     updateRevision: str | None = None
     lastGoodRevision: str | None = None

@@ -13,7 +13,7 @@ import json
 import math
 from typing import Any
 
-from . import api
+from . import api, names
 from .api import GPTDeploymentSpec, InvalidSpec, ModelSpec, RuntimeSpec
 from .settings import Settings
 
@@ -49,8 +49,10 @@ _SECRET_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GPTD_API_KEY", "AWS_
 
 
 def selector_labels(name: str) -> dict[str, str]:
-    """What the Service (and the PDB, the scale subresource) select: stable and canary pods alike."""
-    return {LABEL_NAME: RUNTIME_APP, LABEL_INSTANCE: name}
+    """What the Service (and the PDB, the scale subresource) select: stable and canary pods alike.
+
+    The instance label carries the base name (names.py): a label value is at most 63 characters."""
+    return {LABEL_NAME: RUNTIME_APP, LABEL_INSTANCE: names.base(name)}
 
 
 def common_labels(name: str) -> dict[str, str]:
@@ -67,7 +69,7 @@ def selector_string(name: str) -> str:
 
 
 def deployment_name(name: str, track: str = "stable") -> str:
-    return name if track == "stable" else f"{name}-{track}"
+    return names.deployment(name, track)
 
 
 def owner_reference(name: str, uid: str) -> dict[str, Any]:
@@ -411,7 +413,7 @@ def build_service(name: str, namespace: str, uid: str, spec: GPTDeploymentSpec) 
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(name, namespace, uid, name),
+        "metadata": _metadata(names.service(name), namespace, uid, name),
         "spec": {
             "type": spec.service.type,
             # name + instance only: a canary Deployment's pods get traffic in proportion to their count.
@@ -432,7 +434,7 @@ def build_pdb(name: str, namespace: str, uid: str, spec: GPTDeploymentSpec) -> d
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _metadata(name, namespace, uid, name),
+        "metadata": _metadata(names.base(name), namespace, uid, name),
         "spec": {
             "maxUnavailable": 1,
             "selector": {"matchLabels": selector_labels(name)},
@@ -457,8 +459,8 @@ def wants_hpa(spec: GPTDeploymentSpec, settings: Settings) -> bool:
 def inflight_query(name: str, namespace: str) -> str:
     # Running + waiting, so queued requests count; `pod` is the label kubernetes service discovery sets.
     # Pods of <name> and <name>-canary only (`<deployment>-<hash>-<suffix>`, anchored by Prometheus), not those
-    # of another CR whose name starts with <name>-. Names are DNS subdomains: only '.' needs escaping.
-    pods = name.replace(".", "[.]") + "(-canary)?-[a-z0-9]+-[a-z0-9]+"
+    # of another CR whose name starts with <name>-. Base names (names.py) hold no regex metacharacters.
+    pods = names.base(name) + "(-canary)?-[a-z0-9]+-[a-z0-9]+"
     sel = f'namespace="{namespace}",pod=~"{pods}"'
     running = f"sum(gptd:num_requests_running{{{sel}}} or vector(0))"
     return f"{running} + sum(gptd:num_requests_waiting{{{sel}}} or vector(0))"
@@ -488,9 +490,9 @@ def build_scaled_object(
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
-        "metadata": _metadata(name, namespace, uid, name),
+        "metadata": _metadata(names.base(name), namespace, uid, name),
         "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": names.deployment(name)},
             "minReplicaCount": 0,
             "maxReplicaCount": auto.maxReplicas,
             "triggers": triggers,
@@ -526,9 +528,9 @@ def build_hpa(name: str, namespace: str, uid: str, spec: GPTDeploymentSpec) -> d
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": _metadata(name, namespace, uid, name),
+        "metadata": _metadata(names.base(name), namespace, uid, name),
         "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": names.deployment(name)},
             "minReplicas": auto.minReplicas,
             "maxReplicas": auto.maxReplicas,
             "metrics": metrics,
@@ -537,4 +539,4 @@ def build_hpa(name: str, namespace: str, uid: str, spec: GPTDeploymentSpec) -> d
 
 
 def service_url(name: str, namespace: str, spec: GPTDeploymentSpec) -> str:
-    return f"http://{name}.{namespace}.svc.cluster.local:{spec.service.port}"
+    return f"http://{names.service(name)}.{namespace}.svc.cluster.local:{spec.service.port}"

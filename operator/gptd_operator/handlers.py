@@ -20,7 +20,7 @@ from typing import Any
 
 import kopf
 
-from . import analysis, api, builders, kube, rollout
+from . import analysis, api, builders, kube, names, rollout
 from . import status as st
 from .api import GPTDeploymentSpec, InvalidSpec
 from .rollout import DeploymentPlan, Observations, Plan
@@ -85,7 +85,7 @@ class Children:
 
     def by_kind(self, kind: str, name: str, owner: str) -> dict[str, Any] | None:
         if kind == "Deployment":
-            return self.stable if name == owner else self.canary
+            return self.stable if name == names.deployment(owner) else self.canary
         return {"Service": self.service, "PodDisruptionBudget": self.pdb, "HorizontalPodAutoscaler": self.hpa}[kind]
 
 
@@ -96,7 +96,7 @@ def _values(index: Any, key: tuple[str, str]) -> list[dict[str, Any]]:
 
 
 def snapshot(indices: Mapping[str, Any], namespace: str, name: str, uid: str | None) -> Children:
-    key = (namespace, name)
+    key = (namespace, names.base(name))  # children and pods are indexed by their instance label
 
     def owned(objs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         # Only children controlled by *this* CR (a recreated CR with the same name has a new uid).
@@ -117,9 +117,9 @@ def snapshot(indices: Mapping[str, Any], namespace: str, name: str, uid: str | N
     return Children(
         stable=one("gptd_deployments", builders.deployment_name(name)),
         canary=one("gptd_deployments", builders.deployment_name(name, "canary")),
-        service=one("gptd_services", name),
-        pdb=one("gptd_pdbs", name),
-        hpa=one("gptd_hpas", name),
+        service=one("gptd_services", names.service(name)),
+        pdb=one("gptd_pdbs", names.base(name)),
+        hpa=one("gptd_hpas", names.base(name)),
         pods=tuple(pods),
     )
 
@@ -223,11 +223,11 @@ class Reconciler:
         scaled_object = None
         if self.settings.scale_to_zero_provider == "keda":
             # Not watched (the KEDA CRD may be absent): read live, only where scale-to-zero is configured.
-            scaled_object = await self.kube.get(kube.SCALEDOBJECTS, namespace, name)
+            scaled_object = await self.kube.get(kube.SCALEDOBJECTS, namespace, names.base(name))
             if scaled_object is not None and not kube.controlled_by(scaled_object, uid or None):
                 # Someone else's ScaledObject of the same name: neither patched nor deleted.
                 if builders.wants_scaled_object(spec, self.settings):
-                    await self._reject(body, previous, generation, now, kube.NotOwned("ScaledObject", name))
+                    await self._reject(body, previous, generation, now, kube.NotOwned("ScaledObject", names.base(name)))
                     return
                 scaled_object = None
             if builders.wants_scaled_object(spec, self.settings):
@@ -287,7 +287,7 @@ class Reconciler:
             stable=applied.get(("Deployment", builders.deployment_name(name))),
             canary=applied.get(("Deployment", builders.deployment_name(name, "canary"))),
             pods=children.pods,
-            hpa=applied.get(("HorizontalPodAutoscaler", name)),
+            hpa=applied.get(("HorizontalPodAutoscaler", names.base(name))),
             previous=previous,
             now=now,
         )
@@ -475,7 +475,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
 
     @kopf.index(group, version, plural, id="gptd_crs", registry=registry)
     async def index_crs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any]:
-        return {(namespace, name): _plain(body)}
+        # Keyed like the children's instance label (names.base), so a child's event finds its CR.
+        return {(namespace, names.base(name)): _plain(body)}
 
     def child_indexer(index_id: str, group_version: str, plural_: str, keep: tuple[str, ...]) -> None:
         @kopf.index(group_version, plural_, id=index_id, labels=MANAGED, registry=registry)
@@ -559,8 +560,12 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
         # A plain task instead of @kopf.timer: kopf timers put a finalizer on every CR, which would
         # block `kubectl delete` whenever the operator is down. Restores children that no watch event
         # reported (e.g. missed while disconnected) and re-checks referenced Secrets.
+        first = True
         while True:
-            await asyncio.sleep(settings.resync_seconds)
+            # The first pass runs at once (it finds no CRs yet and marks the loop as running), then every period.
+            if not first:
+                await asyncio.sleep(settings.resync_seconds)
+            first = False
             indices = state_indices.get("i")
             crs = indices.get("gptd_crs") if indices else None
             if crs is None:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from . import builders
+from . import builders, names
 from .api import GPTDeploymentSpec
 from .rollout import format_time, observe_pod
 from .rollout import observe_deployment as _observe_deployment
@@ -28,6 +28,7 @@ OWNED_KEYS = (
     "readyDisplay",
     "selector",
     "url",
+    "service",
     "currentRevision",
     "updateRevision",
     "lastGoodRevision",
@@ -241,6 +242,7 @@ def compute_status(
         "readyDisplay": f"{ready}/{desired}",
         "selector": builders.selector_string(name),
         "url": builders.service_url(name, namespace, spec),
+        "service": names.service(name),
         "currentRevision": current,
         "updateRevision": desired_revision,
         "lastGoodRevision": last_good,

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_reconcile import NS, cr
 
 from tests.support.cluster import Cluster, eventually
+from tests.support.scenario import NS, cr
 
 pytestmark = pytest.mark.timeout(90)
 

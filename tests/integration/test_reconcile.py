@@ -14,40 +14,9 @@ import pytest
 from gptd_operator import builders
 
 from tests.support.cluster import Cluster, RunningOperator, eventually
+from tests.support.scenario import NS, condition, cr, phase_is, ready_deployment, status_of
 
 pytestmark = pytest.mark.timeout(60)
-NS = "ns1"
-
-
-def cr(name: str = "gpt2", uid: str = "uid-gpt2", **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": {"uri": "hf://openai-community/gpt2"}, "resources": {"gpus": 1}}
-    body.update(spec)
-    return {
-        "apiVersion": "gptd.io/v1alpha1", "kind": "GPTDeployment",
-        "metadata": {"name": name, "uid": uid, "generation": 1}, "spec": body,
-    }
-
-
-async def status_of(cluster: Cluster, name: str = "gpt2") -> dict[str, Any]:
-    obj = await cluster.get("gptdeployments", NS, name)
-    return (obj or {}).get("status") or {}
-
-
-def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
-    return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
-
-
-async def ready_deployment(cluster: Cluster, name: str = "gpt2", replicas: int = 1) -> None:
-    """Play the Deployment controller: it saw the latest spec; all replicas exist, are updated and ready."""
-    dep = await cluster.get("deployments", NS, name)
-    assert dep is not None
-    await cluster.patch("deployments", NS, name, {"status": {
-        "observedGeneration": dep["metadata"]["generation"],
-        "replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas,
-        "availableReplicas": replicas,
-    }}, sub="status")
-
-
 async def test_create_makes_children(cluster: Cluster, operator: RunningOperator) -> None:
     await cluster.create("gptdeployments", NS, cr(replicas=2))
     dep = await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
@@ -98,7 +67,7 @@ async def test_revision_change_updates_deployment(cluster: Cluster, operator: Ru
     dep = await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
     old = dep["spec"]["template"]["metadata"]["labels"]["gptd.io/revision"]
     await ready_deployment(cluster, replicas=1)
-    await eventually(lambda: _phase(cluster, "gpt2", "Ready"), what="Ready")
+    await eventually(lambda: phase_is(cluster, "gpt2", "Ready"), what="Ready")
     await cluster.patch("gptdeployments", NS, "gpt2", {"metadata": {"generation": 2},
                                                        "spec": {"model": {"revision": "v2"}}})
 
@@ -160,17 +129,13 @@ async def test_noop_resync_makes_zero_writes(cluster: Cluster, operator: Running
     await eventually(lambda: cluster.get("poddisruptionbudgets", NS, "gpt2"), what="children")
     await eventually(lambda: cluster.get("horizontalpodautoscalers", NS, "other"), what="children")
     await ready_deployment(cluster, replicas=2)
-    await eventually(lambda: _phase(cluster, "gpt2", "Ready"), what="Ready")
+    await eventually(lambda: phase_is(cluster, "gpt2", "Ready"), what="Ready")
     await operator.resync_passes(2)  # settle: every reaction to our own writes is done
     before = len(cluster.requests())
     reconciles = operator.reconciler.reconciles
     await operator.resync_passes(3)
     assert operator.reconciler.reconciles >= reconciles + 6  # 2 CRs x 3 passes really ran
     assert cluster.writes(before) == [], "\n".join(cluster.writes(before))
-
-
-async def _phase(cluster: Cluster, name: str, phase: str) -> bool:
-    return (await status_of(cluster, name)).get("phase") == phase
 
 
 async def test_invalid_spec_sets_status_and_creates_nothing(cluster: Cluster, operator: RunningOperator) -> None:
@@ -350,7 +315,7 @@ async def test_canary_rollout_creates_canary_deployment(cluster: Cluster, operat
     dep = await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
     old = dep["spec"]["template"]["metadata"]["labels"]["gptd.io/revision"]
     await ready_deployment(cluster, replicas=2)
-    await eventually(lambda: _phase(cluster, "gpt2", "Ready"), what="first revision Ready")
+    await eventually(lambda: phase_is(cluster, "gpt2", "Ready"), what="first revision Ready")
     await cluster.patch("gptdeployments", NS, "gpt2", {"metadata": {"generation": 2},
                                                        "spec": {"model": {"revision": "v2"}}})
     canary = await eventually(lambda: cluster.get("deployments", NS, "gpt2-canary"), what="canary Deployment")
