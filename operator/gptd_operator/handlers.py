@@ -250,10 +250,7 @@ class Reconciler:
         applied: dict[tuple[str, str], dict[str, Any] | None] = {}
         for obj in desired:
             kind, obj_name = obj["kind"], obj["metadata"]["name"]
-            # What we wrote last wins over the index until the watch event for it arrives (then popped).
-            live = self.recent.get((kind, namespace, obj_name)) or (
-                scaled_object if kind == "ScaledObject" else children.by_kind(kind, obj_name, name)
-            )
+            live = self._live(kind, namespace, obj_name, uid, name, children, scaled_object)
             try:
                 action, result = await self.kube.apply(obj, live)
             except kube.ApiError as exc:
@@ -321,6 +318,20 @@ class Reconciler:
         delays = [d for d in (plan.requeue_after, analysis_due) if d is not None]
         if delays and self.requeue is not None:
             self.requeue(namespace, name, max(1.0, min(delays)))
+
+    def _live(
+        self, kind: str, namespace: str, obj_name: str, uid: str, name: str, children: Children,
+        scaled_object: dict[str, Any] | None,
+    ) -> dict[str, Any] | None:
+        """What the child looks like now, as far as we know without a request."""
+        if kind == "ScaledObject":
+            return scaled_object  # not watched: read live this very reconcile, fresher than anything we wrote
+        # What we wrote last wins over the index until the watch event for it arrives (then popped), but only
+        # while it is still this CR's (a CR recreated under the same name has a new uid).
+        recent = self.recent.get((kind, namespace, obj_name))
+        if recent is not None and kube.controlled_by(recent, uid or None):
+            return recent
+        return children.by_kind(kind, obj_name, name)
 
     async def _reject(
         self, body: Mapping[str, Any], previous: Mapping[str, Any], generation: int | None, now: datetime,

@@ -9,16 +9,15 @@ through aiohttp (a kopf dependency) as plain JSON. Writes are JSON merge patches
 
 from __future__ import annotations
 
-import asyncio
 import json
-import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 import aiohttp
+
+from .normalize import is_subset, server_form, strip_none, with_removals
 
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -162,75 +161,6 @@ def connection_info(cfg: Config) -> Any:
     )
 
 
-# ----------------------------------------------------------------------------------- comparison
-
-
-# Maps we own entirely: a key someone added (a hand edit of a selector) is a difference, and is removed.
-EXACT_MAPS = frozenset({"selector", "matchLabels", "nodeSelector", "limits", "requests"})
-_QUANTITY_RE = re.compile(r"^([+-]?[0-9.]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
-_SUFFIX = {
-    None: Decimal(1), "m": Decimal("0.001"), "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9),
-    "T": Decimal(10**12), "P": Decimal(10**15), "E": Decimal(10**18), "Ki": Decimal(2**10), "Mi": Decimal(2**20),
-    "Gi": Decimal(2**30), "Ti": Decimal(2**40), "Pi": Decimal(2**50), "Ei": Decimal(2**60),
-}
-
-
-def quantity(value: Any) -> Decimal | None:
-    """A resource quantity's value, or None; the API server rewrites "0.5" as "500m", "1.5Gi" as "1536Mi"."""
-    match = _QUANTITY_RE.match(str(value))
-    if not match:
-        return None
-    try:
-        return Decimal(match.group(1)) * _SUFFIX[match.group(2)]
-    except ArithmeticError:
-        return None
-
-
-def is_subset(desired: Any, live: Any, key: str | None = None) -> bool:
-    """Whether ``live`` already has everything ``desired`` says; ``None`` in desired means "absent".
-
-    Extra keys in live (server defaults, other controllers' fields, status) are fine, except in the
-    EXACT_MAPS. Lists must have the same length and match item by item (they are ours entirely: a
-    merge patch replaces them). Resource quantities compare by value.
-    """
-    if desired is None:
-        return live is None
-    if isinstance(desired, Mapping):
-        if not isinstance(live, Mapping):
-            return False
-        if key in EXACT_MAPS and set(live) - {k for k, v in desired.items() if v is not None}:
-            return False
-        quantities = key in ("limits", "requests")
-        return all(
-            (quantities and live.get(k) is not None and quantity(v) is not None and quantity(v) == quantity(live[k]))
-            or is_subset(v, live.get(k), k)
-            for k, v in desired.items()
-        )
-    if isinstance(desired, list):
-        if not isinstance(live, list) or len(live) != len(desired):
-            return False
-        return all(is_subset(d, lv, key) for d, lv in zip(desired, live, strict=True))
-    return bool(desired == live)
-
-
-def with_removals(desired: Any, live: Any, key: str | None = None) -> Any:
-    """``desired`` as a merge patch that also removes keys someone added to maps we own entirely."""
-    if isinstance(desired, Mapping):
-        out = {k: with_removals(v, live.get(k) if isinstance(live, Mapping) else None, k) for k, v in desired.items()}
-        if key in EXACT_MAPS and isinstance(live, Mapping):
-            out.update({k: None for k in live if k not in out})
-        return out
-    return desired
-
-
-def strip_none(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {k: strip_none(v) for k, v in obj.items() if v is not None}
-    if isinstance(obj, list):
-        return [strip_none(v) for v in obj]
-    return obj
-
-
 # ---------------------------------------------------------------------------------------- client
 
 
@@ -330,6 +260,7 @@ class Kube:
         lagged behind) the object is fetched and compared again. Returns (action, object).
         """
         res = BY_KIND[desired["kind"]]
+        desired = server_form(desired)  # compared and sent the way the server will return it
         meta = desired["metadata"]
         if live is None:
             try:
@@ -346,14 +277,7 @@ class Kube:
         if is_subset(desired, live):
             return "unchanged", dict(live)
         patch = with_removals({k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}, live)
-        return "patched", await self.patch(res, meta["namespace"], meta["name"], patch)
-
-
-async def gather_limited(*aws: Any, limit: int = 8) -> list[Any]:
-    sem = asyncio.Semaphore(limit)
-
-    async def one(aw: Any) -> Any:
-        async with sem:
-            return await aw
-
-    return list(await asyncio.gather(*(one(a) for a in aws)))
+        patched = await self.patch(res, meta["namespace"], meta["name"], patch)
+        if patched is None:  # 404: it was deleted since we last saw it (the index or the GET lagged)
+            return "created", await self.create(res, desired)
+        return "patched", patched
