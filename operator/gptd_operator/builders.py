@@ -35,7 +35,6 @@ CACHE_DIR = "/var/cache/gptd"  # HF_HOME: writable model cache (emptyDir)
 MODELS_DIR = "/models"  # pvc:// models are mounted read-only below here
 API_KEY_DIR = "/var/run/gptd/api-key"
 API_KEY_FILE = f"{API_KEY_DIR}/api-key"
-RUN_AS = 10001
 STARTUP_PERIOD_SECONDS = 10
 TERMINATION_MARGIN_SECONDS = 10  # between the runtime finishing its drain and the kubelet's SIGKILL
 REVISION_HISTORY_LIMIT = 3
@@ -130,7 +129,7 @@ def check_spec(spec: GPTDeploymentSpec, settings: Settings) -> None:
 
 
 def referenced_secrets(spec: GPTDeploymentSpec) -> list[tuple[str, str]]:
-    """(field path, Secret name) of every Secret the pods need; handlers check they exist."""
+    """(field path, Secret name) of every Secret the pods need (status names the field when one is missing)."""
     refs = []
     if spec.model.hfTokenSecretRef is not None:
         refs.append(("spec.model.hfTokenSecretRef", spec.model.hfTokenSecretRef.name))
@@ -142,11 +141,45 @@ def referenced_secrets(spec: GPTDeploymentSpec) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------------- revisions
 
 
+# The fields of the revisioned models as of gptd 0.1.0, by model class. Their values always enter the revision
+# template (so every revision hash made by 0.1.0 stays the same); a field added later enters it only when set to
+# something other than its default, so an operator upgrade that adds a defaulted field rolls no model.
+REVISION_BASELINE: dict[str, frozenset[str]] = {
+    "ModelSpec": frozenset({"uri", "revision", "task", "dtype", "hfTokenSecretRef"}),
+    "RuntimeSpec": frozenset({
+        "image", "maxBatchSize", "maxInputTokens", "maxNewTokens", "maxQueue", "apiKeySecretRef", "env",
+        "startupTimeoutSeconds", "drainTimeoutSeconds",
+    }),
+    "SecretKeyRef": frozenset({"name", "key"}),
+    "EnvVar": frozenset({"name", "value", "valueFrom"}),
+}
+
+
+def _revision_dump(value: Any) -> Any:
+    """``model_dump(mode="json", exclude_none=True)``, less post-0.1.0 fields at their defaults."""
+    if isinstance(value, api.BaseModel):
+        baseline = next(
+            (REVISION_BASELINE[c.__name__] for c in type(value).__mro__ if c.__name__ in REVISION_BASELINE), frozenset()
+        )
+        out = {}
+        for field, info in type(value).model_fields.items():
+            item = getattr(value, field)
+            if item is None:
+                continue
+            if field not in baseline and not info.is_required() and item == info.get_default(call_default_factory=True):
+                continue
+            out[field] = _revision_dump(item)
+        return out
+    if isinstance(value, list):
+        return [_revision_dump(v) for v in value]
+    return value  # scalars, and free-form dicts (valueFrom) as they are
+
+
 def revision_template(spec: GPTDeploymentSpec, settings: Settings) -> Template:
     """The revisioned part of the spec: a change here is a new revision (and a rollout)."""
-    runtime = spec.runtime.model_dump(mode="json", exclude_none=True)
+    runtime = _revision_dump(spec.runtime)
     runtime["image"] = spec.runtime.image or settings.runtime_image
-    return {"model": spec.model.model_dump(mode="json", exclude_none=True), "runtime": runtime}
+    return {"model": _revision_dump(spec.model), "runtime": runtime}
 
 
 def canonical_json(obj: Any) -> str:
@@ -192,26 +225,27 @@ def _model_source(model: ModelSpec, settings: Settings) -> tuple[str, list[dict]
             # Credentials: the pod's identity (IRSA / workload identity) or AWS_* env from spec.runtime.env.
             "env": [{"name": "HOME", "value": "/tmp"}],
             "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
-            "securityContext": container_security_context(),
+            "securityContext": container_security_context(settings),
         }
         return f"file://{local}", [], [], [init]
     return uri, [], [], []  # hf:// and file:// go to the runtime as they are
 
 
-def pod_security_context() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": RUN_AS,
-        "runAsGroup": RUN_AS,
-        "fsGroup": RUN_AS,  # PVC-mounted models stay readable
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+def pod_security_context(settings: Settings) -> dict[str, Any]:
+    """Pod Security "restricted". With ``settings.run_as_user`` None the UID/GID/fsGroup are left to the platform
+    (OpenShift's restricted-v2 assigns them from the namespace's range and refuses fixed ones); still non-root."""
+    ids: dict[str, Any] = {}
+    if settings.run_as_user is not None:
+        uid = settings.run_as_user
+        ids = {"runAsUser": uid, "runAsGroup": uid, "fsGroup": uid}  # fsGroup: PVC-mounted models stay readable
+    return {"runAsNonRoot": True, **ids, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def container_security_context() -> dict[str, Any]:
+def container_security_context(settings: Settings) -> dict[str, Any]:
+    ids = {"runAsUser": settings.run_as_user} if settings.run_as_user is not None else {}
     return {
         "runAsNonRoot": True,
-        "runAsUser": RUN_AS,
+        **ids,
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
@@ -346,14 +380,14 @@ def build_pod_template(
         "readinessProbe": _probe("/health/ready", 5, 3),
         "livenessProbe": _probe("/health/live", 10, 3),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(settings.prestop_sleep_seconds)]}}},
-        "securityContext": container_security_context(),
+        "securityContext": container_security_context(settings),
     }
     sched = spec.scheduling
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "initContainers": init_containers or None,
         "volumes": volumes,
-        "securityContext": pod_security_context(),
+        "securityContext": pod_security_context(settings),
         "terminationGracePeriodSeconds": termination_grace_seconds(runtime, settings),
         "enableServiceLinks": False,  # no *_SERVICE_HOST env noise in the runtime
         "automountServiceAccountToken": False,  # the runtime never talks to the API server

@@ -175,7 +175,6 @@ class Reconciler:
         try:
             spec = api.parse_spec(body.get("spec"))
             builders.check_spec(spec, self.settings)
-            await self._check_secrets(namespace, spec)
         except InvalidSpec as exc:
             new = st.invalid_status(name, namespace, previous, exc.field, exc.message, generation=generation, now=now)
             if await self._write_status(body, previous, new):
@@ -372,11 +371,6 @@ class Reconciler:
             template=plan.template, track=track, replicas=plan.replicas, strategy=plan.strategy,
         )
 
-    async def _check_secrets(self, namespace: str, spec: GPTDeploymentSpec) -> None:
-        for field, secret in builders.referenced_secrets(spec):
-            if await self.kube.get(kube.SECRETS, namespace, secret) is None:
-                raise InvalidSpec(field, f"Secret {secret!r} not found in namespace {namespace}")
-
     async def _write_status(self, body: Mapping[str, Any], previous: Mapping[str, Any], new: dict[str, Any]) -> bool:
         """Patch the status subresource with what changed; False (no request) when nothing did."""
         patch = st.status_patch(previous, new)
@@ -570,7 +564,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
     async def resync_loop() -> None:
         # A plain task instead of @kopf.timer: kopf timers put a finalizer on every CR, which would
         # block `kubectl delete` whenever the operator is down. Restores children that no watch event
-        # reported (e.g. missed while disconnected) and re-checks referenced Secrets.
+        # reported (e.g. missed while disconnected).
         first = True
         while True:
             # The first pass runs at once (it finds no CRs yet and marks the loop as running), then every period.

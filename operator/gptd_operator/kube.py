@@ -46,7 +46,6 @@ SERVICES = Resource("v1", "services")
 PDBS = Resource("policy/v1", "poddisruptionbudgets")
 HPAS = Resource("autoscaling/v2", "horizontalpodautoscalers")
 PODS = Resource("v1", "pods")
-SECRETS = Resource("v1", "secrets")
 SCALEDOBJECTS = Resource("keda.sh/v1alpha1", "scaledobjects")
 BY_KIND = {
     "ScaledObject": SCALEDOBJECTS,

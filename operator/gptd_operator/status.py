@@ -47,6 +47,20 @@ def deployment_failure(dep: Mapping[str, Any] | None) -> tuple[str, str] | None:
     return None
 
 
+CONFIG_ERROR = "CreateContainerConfigError"
+
+
+def missing_secret_field(spec: GPTDeploymentSpec, kubelet_message: str) -> str | None:
+    """The spec field referencing the Secret the kubelet could not find (``secret "hf" not found``).
+
+    The operator never reads Secrets (least privilege): a missing one shows up on the pod, and this names the
+    field that points at it."""
+    for field, secret in builders.referenced_secrets(spec):
+        if f'secret "{secret}" not found' in kubelet_message:
+            return field
+    return None
+
+
 # ------------------------------------------------------------------------------------- conditions
 
 
@@ -155,7 +169,9 @@ def compute_status(
         elif po.crashloop_message:
             # The kubelet's own reason (CrashLoopBackOff, ImagePullBackOff, CreateContainerConfigError...) so
             # alerts on the reason mean what they say.
-            degraded = (po.waiting_reason or "CrashLoopBackOff", f"pod {pod_name}: {po.crashloop_message}")
+            text = f"pod {pod_name}: {po.crashloop_message}"
+            field = missing_secret_field(spec, po.crashloop_message) if po.waiting_reason == CONFIG_ERROR else None
+            degraded = (po.waiting_reason or "CrashLoopBackOff", f"{field}: {text}" if field else text)
         if degraded is not None:
             break
     if degraded is None:

@@ -254,7 +254,6 @@ async def test_child_deleted_during_a_watch_gap_is_recreated(cluster: Cluster, o
 # ------------------------------------------------------------------------------- defect 7: no Secrets
 
 
-@pytest.mark.xfail(strict=True, reason="defect 7: not fixed yet")
 async def test_missing_secret_is_reported_from_the_pod_and_never_read(
     cluster: Cluster, operator: RunningOperator
 ) -> None:
