@@ -25,21 +25,34 @@ lint: $(STAMP)  ## ruff
 	$(VPY) -m ruff check .
 
 # ---- delivery: chart, raw manifests, images, kind demo (see docs/delivery.md) ----
-.PHONY: images demo demo-down
+.PHONY: images images-cpu demo demo-down
+# Images: $(REGISTRY)/gptd-operator:$(TAG), $(REGISTRY)/gptd-runtime:$(TAG) (CUDA torch) and
+# $(REGISTRY)/gptd-runtime:$(TAG)-cpu (CPU torch: kind, the demo, manifests/samples/cpu.yaml).
+REGISTRY ?= ghcr.io/gptd-io
 TAG ?= dev
-OPERATOR_IMAGE ?= ghcr.io/gptd-io/gptd-operator:$(TAG)
-RUNTIME_IMAGE ?= ghcr.io/gptd-io/gptd-runtime:$(TAG)
+OPERATOR_IMAGE ?= $(REGISTRY)/gptd-operator:$(TAG)
+RUNTIME_IMAGE ?= $(REGISTRY)/gptd-runtime:$(TAG)
+RUNTIME_CPU_IMAGE ?= $(REGISTRY)/gptd-runtime:$(TAG)-cpu
+CPU_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 DOCKER ?= docker
+# Local builds skip the provenance attestation: with Docker's containerd image store it makes an OCI index that
+# `kind load docker-image` cannot import. Release builds (.github/workflows/release.yaml) attach SBOM + provenance.
+DOCKER_BUILD_FLAGS ?= --provenance=false
 
-generate: $(STAMP)  ## regenerate the chart CRD, manifests/install.yaml and the Argo CD patch
+generate: $(STAMP)  ## regenerate the chart CRD, manifests/install.yaml, the Argo CD patch, hack/requirements/
 	$(VPY) hack/generate.py
 
-images:  ## build the operator and runtime images (needs Docker)
-	$(DOCKER) build -f operator/Dockerfile -t $(OPERATOR_IMAGE) .
-	$(DOCKER) build -f runtime/Dockerfile -t $(RUNTIME_IMAGE) .
+images: images-cpu  ## build the operator and both runtime images (CUDA and -cpu; needs Docker)
+	$(DOCKER) build $(DOCKER_BUILD_FLAGS) -f runtime/Dockerfile -t $(RUNTIME_IMAGE) .
+
+images-cpu:  ## build the operator and the CPU runtime image (what kind needs)
+	$(DOCKER) build $(DOCKER_BUILD_FLAGS) -f operator/Dockerfile -t $(OPERATOR_IMAGE) .
+	$(DOCKER) build $(DOCKER_BUILD_FLAGS) -f runtime/Dockerfile --build-arg TORCH_INDEX_URL=$(CPU_TORCH_INDEX) \
+		-t $(RUNTIME_CPU_IMAGE) .
 
 demo:  ## kind cluster + images + helm install + demo model + GPTDeployment + completion, scale, rollout
-	OPERATOR_IMAGE=$(OPERATOR_IMAGE) RUNTIME_IMAGE=$(RUNTIME_IMAGE) hack/demo.sh all
+	OPERATOR_IMAGE=$(OPERATOR_IMAGE) RUNTIME_IMAGE=$(RUNTIME_CPU_IMAGE) TORCH_INDEX_URL=$(CPU_TORCH_INDEX) \
+		hack/demo.sh all
 
-demo-down:  ## delete the kind demo cluster
+demo-down:  ## delete the kind demo cluster (downloads nothing)
 	hack/demo.sh down

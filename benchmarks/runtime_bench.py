@@ -1,13 +1,17 @@
-"""Throughput/latency of the gptd runtime vs `transformers serve --continuous-batching` on the same model.
+"""Throughput/latency of the gptd runtime vs `transformers serve --continuous-batching` on the same model, both
+as a percentage of the bound: a bare decode loop of the same model.
 
 Both servers are started here as subprocesses on the same model directory (a demo model built with
-gptd_runtime.demo unless --model-dir is given) and driven with the same OpenAI streaming completions load
-(httpx async): `--requests` requests of `--max-tokens` tokens at each concurrency level. Generated tokens are
-counted from each response's `usage` (random weights may emit EOS early; both servers are counted the same
-way). Prints a markdown table.
+gptd_runtime.demo unless --model-dir is given) and driven with the same OpenAI completions load (httpx async),
+streaming and non-streaming: `--requests` requests of `--max-tokens` tokens at each concurrency level. Generated
+tokens are counted from each response's `usage` (random weights may emit EOS early; both servers are counted the
+same way). The bound is measured in this process between the server runs, while both servers are idle: greedy
+decoding with a KV cache (no server, no scheduler), same model, same torch thread count as gptd, batch 1 and the
+highest concurrency level, `--max-tokens` tokens after a prompt of the benchmark's length. Prints markdown tables.
 
-    .venv/bin/python benchmarks/runtime_bench.py                      # CPU, 64 req x 64 tok, 1 and 32 clients
+    .venv/bin/python benchmarks/runtime_bench.py --rounds 3            # CPU, 64 req x 64 tok, 1 and 32 clients
     .venv/bin/python benchmarks/runtime_bench.py --device cuda --dtype float16 --requests 256
+    .venv/bin/python benchmarks/runtime_bench.py --profile 10          # + py-spy breakdown of gptd at 32 clients
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclass
 class Result:
     server: str
+    mode: str  # "stream" | "whole"
     clients: int
     requests: int
     tokens: int
@@ -57,10 +62,12 @@ def _port() -> int:
 
 @contextlib.contextmanager
 def _server(
-    name: str, cmd: list[str], port: int, ready_path: str, log_dir: Path, env: dict[str, str]
+    name: str, cmd: list[str], port: int, ready_path: str, log_dir: Path, env: dict[str, str],
+    procs: dict[str, subprocess.Popen[bytes]],
 ) -> Iterator[str]:
     log = open(log_dir / f"{name}.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+    procs[name] = proc
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -83,10 +90,17 @@ def _server(
         log.close()
 
 
-async def _one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+async def _one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int,
+               stream: bool = True) -> tuple[float, float, int]:
+    start = time.perf_counter()
+    if not stream:
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        r = await client.post(url + "/v1/completions", json=body)
+        r.raise_for_status()
+        end = time.perf_counter() - start
+        return end, end, r.json()["usage"]["completion_tokens"]
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
     ttft = None
     tokens = 0
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -103,7 +117,7 @@ async def _one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int
     return end, ttft if ttft is not None else end, tokens
 
 
-async def _drive(name: str, url: str, clients: int, requests: int, max_tokens: int) -> Result:
+async def _drive(name: str, url: str, clients: int, requests: int, max_tokens: int, stream: bool) -> Result:
     prompts = [f"Request {i}: the quick brown fox jumps over the lazy dog." for i in range(requests)]
     latencies: list[float] = []
     ttfts: list[float] = []
@@ -122,7 +136,7 @@ async def _drive(name: str, url: str, clients: int, requests: int, max_tokens: i
             while not queue.empty():
                 prompt = queue.get_nowait()
                 try:
-                    lat, ttft, n = await _one(client, url, prompt, max_tokens)
+                    lat, ttft, n = await _one(client, url, prompt, max_tokens, stream)
                 except httpx.HTTPError:
                     errors += 1
                     continue
@@ -133,17 +147,17 @@ async def _drive(name: str, url: str, clients: int, requests: int, max_tokens: i
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - start
-    return Result(name, clients, requests, tokens, wall, latencies, ttfts, errors)
+    return Result(name, "stream" if stream else "whole", clients, requests, tokens, wall, latencies, ttfts, errors)
 
 
 def _merge(results: list[Result]) -> list[Result]:
     """Pool the rounds of each (server, clients): tokens/s = all tokens / all timed wall time."""
-    merged: dict[tuple[str, int], Result] = {}
+    merged: dict[tuple[str, str, int], Result] = {}
     for r in results:
-        m = merged.get((r.server, r.clients))
+        m = merged.get((r.server, r.mode, r.clients))
         if m is None:
-            merged[(r.server, r.clients)] = Result(r.server, r.clients, r.requests, r.tokens, r.wall,
-                                                   list(r.latencies), list(r.ttfts), r.errors)
+            merged[(r.server, r.mode, r.clients)] = Result(r.server, r.mode, r.clients, r.requests, r.tokens, r.wall,
+                                                           list(r.latencies), list(r.ttfts), r.errors)
         else:
             m.requests += r.requests
             m.tokens += r.tokens
@@ -160,6 +174,78 @@ def _pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
+def bare_decode_tok_s(model_dir: Path, device: str, dtype: str, threads: int, batch: int, prompt: str,
+                      max_tokens: int, repeats: int = 2) -> float:
+    """The bound: greedy decoding with the model's own KV cache, no server or scheduler. Tokens/s of the best of
+    `repeats` runs (batch x max_tokens tokens, prefill included, as the servers' wall time includes it)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    ids = torch.tensor([tok(prompt).input_ids] * batch, device=device)
+    best = 0.0
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first run warms up allocators / kernels
+            start = time.perf_counter()
+            out = model(ids, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(max_tokens - 1):
+                out = model(nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            nxt.tolist()  # synchronise (GPU)
+            best = max(best, batch * max_tokens / (time.perf_counter() - start))
+    return best
+
+
+# py-spy frames -> the parts of a step the docs report. First match wins (checked on the innermost frames first).
+_BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("sampler (gptd)", ("gptd_runtime/sampling.py", "gptd_runtime/constraints.py")),
+    ("model forward", ("torch/nn/", "transformers/models/", "gptd_runtime/attention.py", "torch/_tensor",
+                       "transformers/integrations/", "transformers/modeling_")),
+    ("scheduler", ("continuous_batching/scheduler.py",)),
+    ("cache bookkeeping", ("continuous_batching/cache", "continuous_batching/input_outputs.py",
+                           "continuous_batching/requests.py", "_cb_internals.py (make_cache")),
+    ("tokenizer/detokenizer", ("tokenizers/", "tokenization_", "_consume_tokens", "DecodeStream")),
+    ("event-loop hand-off", ("call_soon_threadsafe", "asyncio/queues.py", "continuous_api.py (deliver",
+                             "_on_output", "asyncio/base_events.py (_run_once", "selectors.py")),
+    ("HTTP (uvicorn/starlette/fastapi/json)", ("uvicorn/", "starlette/", "fastapi/", "pydantic", "json/", "h11",
+                                               "httptools", "gptd_runtime/api/")),
+    ("batching loop, other", ("continuous_batching/",)),
+)
+
+
+def _bucket(stack: str) -> str:
+    frames = stack.split(";")
+    for frame in reversed(frames):  # innermost first
+        for name, needles in _BUCKETS:
+            if any(n in frame for n in needles):
+                return name
+    return "other (idle, GC, imports)"
+
+
+def profile_breakdown(raw: Path) -> dict[str, dict[str, float]]:
+    """py-spy --format raw without --idle (collapsed stacks "thread;frame;... count", on-CPU samples only)
+    -> {thread: {bucket: samples}}."""
+    totals: dict[str, dict[str, float]] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        if "_run_generation_loop" in stack:
+            thread = "engine thread"
+        elif "MainThread" in stack:
+            thread = "event-loop thread"
+        else:
+            thread = "other threads"
+        bucket = _bucket(stack)
+        totals.setdefault(thread, {}).setdefault(bucket, 0.0)
+        totals[thread][bucket] += int(count)
+    return totals
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, help="HF model dir (default: build the 'small' demo model)")
@@ -168,14 +254,18 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--clients", default="1,32", help="comma-separated concurrency levels")
+    p.add_argument("--modes", default="stream,whole", help="stream (SSE) and/or whole (non-streaming)")
     p.add_argument("--single-client-requests", type=int, default=16,
                    help="requests for the 1-client level (sequential runs are slow)")
     p.add_argument("--rounds", type=int, default=1, help="repeat the alternating runs and pool them")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--gptd-args", default="", help="extra flags for the gptd server (e.g. '--kv-cache-blocks 64')")
-    p.add_argument("--threads", type=int, help="gptd --torch-threads (default: its own CPU-budget rule)")
-    p.add_argument("--peer-threads", type=int, help="OMP_NUM_THREADS for transformers serve (default: unset)")
+    p.add_argument("--threads", type=int, help="gptd --torch-threads and the bound's threads (default: gptd's rule)")
+    p.add_argument("--peer-threads", type=int,
+                   help="OMP_NUM_THREADS for transformers serve (default: the same torch threads as gptd)")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--profile", type=float, default=0.0,
+                   help="seconds of py-spy on gptd during its last 32-client streaming run (0: off)")
     p.add_argument("--json", type=Path, help="also write raw results here")
     args = p.parse_args()
 
@@ -184,19 +274,25 @@ def main() -> int:
         from gptd_runtime.demo import build_demo_model
 
         args.model_dir = build_demo_model(work / "model", size="small")
+    from gptd_runtime.loading import default_torch_threads, placement_for
+
+    threads = args.threads or default_torch_threads()
+    placement = placement_for(args.device)
     levels = [int(c) for c in args.clients.split(",")]
-    print(f"model {args.model_dir} device {args.device} dtype {args.dtype}; {args.requests} requests x "
-          f"{args.max_tokens} tokens (1 client: {args.single_client_requests} requests)", file=sys.stderr)
+    modes = [m for m in args.modes.split(",") if m]
+    print(f"model {args.model_dir} device {args.device} dtype {args.dtype}; devices used: "
+          f"{', '.join(placement.devices)}; torch threads (gptd and bound): {threads}; {args.requests} requests x "
+          f"{args.max_tokens} tokens (1 client: {args.single_client_requests} requests); load: {_load()}",
+          file=sys.stderr)
 
     gptd_port, tf_port = _port(), _port()
-    threads = [] if args.threads is None else ["--torch-threads", str(args.threads)]
-    peer_env = {} if args.peer_threads is None else {"OMP_NUM_THREADS": str(args.peer_threads)}
+    peer_env = {"OMP_NUM_THREADS": str(args.peer_threads or threads)}  # same threads: the bound's, gptd's, the peer's
     servers: list[tuple[str, list[str], int, str, dict[str, str]]] = [(
         "gptd",
         [sys.executable, "-m", "gptd_runtime", "serve", "--model", str(args.model_dir), "--host", "127.0.0.1",
          "--port", str(gptd_port), "--device", args.device, "--dtype", args.dtype,
          "--max-batch-size", str(args.max_batch_size), "--max-new-tokens", str(max(args.max_tokens, 64)),
-         "--max-queue", "4096", "--log-level", "warning", *threads, *args.gptd_args.split()],
+         "--max-queue", "4096", "--log-level", "warning", "--torch-threads", str(threads), *args.gptd_args.split()],
         gptd_port, "/health/ready", {},
     )]
     if not args.skip_transformers:
@@ -208,46 +304,87 @@ def main() -> int:
             tf_port, "/health", peer_env,
         ))
 
+    prompt = "Request 0: the quick brown fox jumps over the lazy dog."
     results: list[Result] = []
+    bounds: dict[int, list[float]] = {}
+    profile_raw = work / "gptd.pyspy.txt"
     # Both servers stay up and the load alternates between them level by level, so drift in background load
-    # (shared CI boxes) hits both alike.
+    # (shared CI boxes) hits both alike; the bound is re-measured every round for the same reason.
     with contextlib.ExitStack() as stack:
-        urls = {name: stack.enter_context(_server(name, cmd, port, ready, work, env))
+        procs: dict[str, subprocess.Popen[bytes]] = {}
+        urls = {name: stack.enter_context(_server(name, cmd, port, ready, work, env, procs))
                 for name, cmd, port, ready, env in servers}
         for round_ in range(args.rounds):
+            for c in sorted({1, max(levels)}):
+                bounds.setdefault(c, []).append(bare_decode_tok_s(
+                    args.model_dir, args.device, args.dtype, threads, c, prompt, args.max_tokens))
+                print(f"round {round_ + 1} bound batch={c}: {bounds[c][-1]:.0f} tok/s (load {_load()})",
+                      file=sys.stderr)
             for clients in levels:
                 n = args.single_client_requests if clients == 1 else args.requests
-                for name, url in urls.items():
-                    r = asyncio.run(_drive(name, url, clients, n, args.max_tokens))
-                    print(f"round {round_ + 1} {name} clients={clients}: {r.tok_s:.0f} tok/s, {r.errors} errors",
-                          file=sys.stderr)
-                    results.append(r)
+                for mode in modes:
+                    for name, url in urls.items():
+                        r = asyncio.run(_drive(name, url, clients, n, args.max_tokens, mode == "stream"))
+                        print(f"round {round_ + 1} {name} {mode} clients={clients}: {r.tok_s:.0f} tok/s, "
+                              f"{r.errors} errors (load {_load()})", file=sys.stderr)
+                        results.append(r)
+        if args.profile:  # untimed: py-spy samples gptd while it serves the top level, streaming, until it is done
+            spy = subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(procs["gptd"].pid), "-d",
+                 str(max(1, round(args.profile))), "-r", "200", "-f", "raw", "--threads", "-o",
+                 str(profile_raw)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            while spy.poll() is None:
+                asyncio.run(_drive("gptd", urls["gptd"], max(levels), args.requests, args.max_tokens, True))
     results = _merge(results)
+    bound = {c: statistics.median(v) for c, v in bounds.items()}
 
-    print("\n| server | clients | requests | gen tokens | tokens/s | p50 latency s | p95 latency s "
+    print(f"\nBound (bare decode loop, median of {args.rounds} rounds): "
+          + ", ".join(f"batch {c}: {bound[c]:.0f} tok/s" for c in sorted(bound)))
+    print("\n| server | mode | clients | requests | gen tokens | tokens/s | % of bound | p50 latency s | p95 latency s "
           "| p50 TTFT s | p95 TTFT s | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r.server} | {r.clients} | {r.requests} | {r.tokens} | {r.tok_s:.0f} | "
-              f"{_pct(r.latencies, 50):.3f} | {_pct(r.latencies, 95):.3f} | {_pct(r.ttfts, 50):.3f} | "
-              f"{_pct(r.ttfts, 95):.3f} | {r.errors} |")
-    by = {(r.server, r.clients): r for r in results}
+        b = bound.get(r.clients) or bound[max(bound)]
+        print(f"| {r.server} | {r.mode} | {r.clients} | {r.requests} | {r.tokens} | {r.tok_s:.0f} | "
+              f"{100 * r.tok_s / b:.0f} % | {_pct(r.latencies, 50):.3f} | {_pct(r.latencies, 95):.3f} | "
+              f"{_pct(r.ttfts, 50):.3f} | {_pct(r.ttfts, 95):.3f} | {r.errors} |")
+    by = {(r.server, r.mode, r.clients): r for r in results}
     for c in levels:  # fairness: both servers must have generated the same number of tokens
-        counts = {name: by[(name, c)].tokens for name, *_ in servers}
-        if len(set(counts.values())) > 1:
-            print(f"WARNING: {c} clients: generated token counts differ {counts}; compare tokens/s with care",
-                  file=sys.stderr)
+        for mode in modes:
+            counts = {name: by[(name, mode, c)].tokens for name, *_ in servers}
+            if len(set(counts.values())) > 1:
+                print(f"WARNING: {mode} {c} clients: generated token counts differ {counts}; compare tokens/s "
+                      "with care", file=sys.stderr)
     if not args.skip_transformers:
-        print("\n| clients | throughput ratio gptd / transformers-serve | p50 latency ratio | p50 TTFT ratio |")
-        print("|---|---|---|---|")
+        print("\n| mode | clients | gptd % of bound | peer % of bound | throughput ratio gptd / peer "
+              "| p50 latency ratio | p50 TTFT ratio |")
+        print("|---|---|---|---|---|---|---|")
         for c in levels:
-            a, b = by[("gptd", c)], by[("transformers-serve", c)]
-            print(f"| {c} | {a.tok_s / b.tok_s:.2f}x | {_pct(a.latencies, 50) / _pct(b.latencies, 50):.2f} | "
-                  f"{_pct(a.ttfts, 50) / _pct(b.ttfts, 50):.2f} |")
+            for mode in modes:
+                a, b2 = by[("gptd", mode, c)], by[("transformers-serve", mode, c)]
+                bc = bound.get(c) or bound[max(bound)]
+                print(f"| {mode} | {c} | {100 * a.tok_s / bc:.0f} % | {100 * b2.tok_s / bc:.0f} % | "
+                      f"{a.tok_s / b2.tok_s:.2f}x | {_pct(a.latencies, 50) / _pct(b2.latencies, 50):.2f} | "
+                      f"{_pct(a.ttfts, 50) / _pct(b2.ttfts, 50):.2f} |")
+    if args.profile and profile_raw.exists():
+        seconds = max(1, round(args.profile))
+        print(f"\npy-spy, gptd, {max(levels)} clients streaming, {seconds} s at 200 Hz: per thread, the share of "
+              "wall time on CPU (busy), then how that CPU time splits:")
+        for thread, buckets in sorted(profile_breakdown(profile_raw).items()):
+            total = sum(buckets.values())
+            parts = ", ".join(f"{k} {100 * v / total:.1f} %" for k, v in sorted(buckets.items(), key=lambda kv: -kv[1]))
+            print(f"- {thread} (busy {100 * total / (200 * seconds):.0f} %): {parts}")
+        shutil.copy(profile_raw, Path.cwd() / "gptd.pyspy.txt")
+    print(f"\nload after the run: {_load()}")
     if args.json:
-        args.json.write_text(json.dumps([r.__dict__ for r in results], default=str, indent=1))
+        args.json.write_text(json.dumps({"bound": bound, "results": [r.__dict__ for r in results]}, default=str,
+                                        indent=1))
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

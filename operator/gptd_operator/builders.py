@@ -38,7 +38,8 @@ API_KEY_FILE = f"{API_KEY_DIR}/api-key"
 STARTUP_PERIOD_SECONDS = 10
 TERMINATION_MARGIN_SECONDS = 10  # between the runtime finishing its drain and the kubelet's SIGKILL
 REVISION_HISTORY_LIMIT = 3
-HPA_METRIC = "gptd_num_requests_running"  # Prometheus `gptd:num_requests_running`, renamed by the adapter
+# In-flight = running + waiting: running alone is capped by maxBatchSize, so a queue would never scale anything.
+HPA_METRIC = "gptd_num_requests_inflight"  # Prometheus `gptd:num_requests_inflight`, renamed by the adapter
 
 # Env names whose literal values would leak a secret into the pod spec; they must use valueFrom.
 _SECRET_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GPTD_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -297,6 +298,9 @@ def _env(model: ModelSpec, runtime: RuntimeSpec, port: int, model_ref: str) -> l
         {"name": "GPTD_MAX_QUEUE", "value": str(runtime.maxQueue)},
         {"name": "GPTD_DRAIN_TIMEOUT_SECONDS", "value": str(runtime.drainTimeoutSeconds)},
         {"name": "HF_HOME", "value": CACHE_DIR},
+        # A custom spec.runtime.image without uid 10001 in its /etc/passwd would get HOME=/ on a read-only
+        # root filesystem; /tmp is the pod's writable emptyDir.
+        {"name": "HOME", "value": "/tmp"},
     ]
     if runtime.apiKeySecretRef is not None:
         env.append({"name": "GPTD_API_KEY_FILE", "value": API_KEY_FILE})

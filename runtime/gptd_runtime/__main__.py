@@ -1,9 +1,9 @@
-"""CLI: `python -m gptd_runtime serve ...` and `python -m gptd_runtime build-demo PATH`."""
+"""CLI: `python -m gptd_runtime serve ...`, `build-demo PATH`, `fetch URI --dest DIR` and
+`evaluate --url URL --dataset FILE --task TASK`."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--task", default="text-generation")
     demo.add_argument("--size", default="tiny", choices=["tiny", "small"])
     demo.add_argument("--chat-template", action="store_true")
+
+    from . import evaluate, fetch
+
+    fetch.add_arguments(sub.add_parser("fetch", help="download a model revision into a cache directory"))
+    evaluate.add_arguments(sub.add_parser("evaluate", help="score a running runtime on a JSON Lines dataset"))
     return p
 
 
@@ -63,6 +68,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(build_demo_model(args.path, args.task, size=args.size, chat_template=args.chat_template))
         return 0
+    if args.command == "fetch":
+        from . import fetch
+
+        return fetch.run(args)
+    if args.command == "evaluate":
+        from . import evaluate
+
+        return evaluate.run(args)
 
     cli = {k: v for k, v in vars(args).items() if k != "command"}
     try:
@@ -81,7 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("gptd-runtime: error: no model given: pass --model PATH_OR_URI (or GPTD_MODEL), or --demo",
               file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logs import configure
+
+    configure(settings.log_level)
 
     from .app import run_server
 

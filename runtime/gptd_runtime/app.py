@@ -7,72 +7,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 
-from .api import health, metrics, openai, tasks
+from .api import embeddings, health, metrics, openai, tasks
+from .api.errors import install_error_handlers
 from .api.metrics import Metrics
 from .api.middleware import GuardMiddleware
-from .api.protocol import APIError
 from .config import Settings
-from .engine import ClassificationEngine, GenerationEngine
+from .embeddings import Embedder
+from .engine import ClassificationEngine, GenerationEngine, kv_cache_bytes
 from .loading import ModelLoadError, load_model, resolve_model_dir
+from .logs import quiet_access_log
+from .state import ModelInfo, Phase, RuntimeState, startup_line
 
 log = logging.getLogger("gptd_runtime")
 WARMUP_TIMEOUT_SECONDS = 600.0
 
 
-class Phase(enum.StrEnum):
-    LOADING = "loading"
-    WARMING_UP = "warming_up"
-    READY = "ready"
-    DRAINING = "draining"
-    FAILED = "failed"
-
-
-@dataclass
-class RuntimeState:
-    settings: Settings
-    metrics: Metrics
-    api_key: str | None
-    phase: Phase = Phase.LOADING
-    engine: Any = None  # GenerationEngine | ClassificationEngine (or a test double with the same methods)
-    error: str | None = None
-    inflight: int = 0  # HTTP requests being served (streams included); the drain waits for 0
-    on_fatal: Callable[[str], None] | None = None
-    abandoned: threading.Event = field(default_factory=threading.Event, repr=False)  # set at shutdown
-    _startup: asyncio.Task[None] | None = field(default=None, repr=False)
-
-    @property
-    def model_name(self) -> str:
-        return self.settings.model_name
-
-    def require_ready(self) -> Any:
-        if self.phase is Phase.READY and self.engine is not None:
-            return self.engine
-        reason = {"draining": "server is shutting down", "failed": f"model failed to load: {self.error}"}.get(
-            self.phase.value, f"model is not ready ({self.phase.value})"
-        )
-        raise APIError(503, reason, type="service_unavailable", code=self.phase.value, headers={"Retry-After": "1"})
-
-
-def build_engine(settings: Settings, metrics: Metrics, abandoned: threading.Event | None = None) -> Any:
+def build_engine(
+    settings: Settings, metrics: Metrics, abandoned: threading.Event | None = None
+) -> tuple[Any, ModelInfo, Embedder]:
     """Blocking: resolve, load, start the engine. Runs in a worker thread. If `abandoned` is set meanwhile (the
     server shut down during the load), the engine is not left running: its thread is not a daemon and would
     keep the process alive after a SIGTERM."""
     loaded = load_model(settings, resolve_model_dir(settings))
-    if settings.task == "text-generation":
+    generation = settings.task == "text-generation"
+    info = ModelInfo.from_model(loaded.model, loaded.device, kv_cache_bytes(loaded.model, settings) if generation
+                                else None)
+    embedder = Embedder(loaded)  # before the engine starts: its view keeps the model's own attention
+    if generation:
         engine: Any = GenerationEngine(loaded, settings, metrics)
     else:
         engine = ClassificationEngine(loaded, settings)
@@ -82,7 +52,7 @@ def build_engine(settings: Settings, metrics: Metrics, abandoned: threading.Even
     if abandoned is not None and abandoned.is_set():  # set between the check and start()
         engine.stop()
         raise ModelLoadError("start-up abandoned: the server is shutting down")
-    return engine
+    return engine, info, embedder
 
 
 async def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -112,7 +82,9 @@ async def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
 async def _startup(state: RuntimeState, engine: Any | None) -> None:
     try:
         if engine is None:
-            engine = await _in_daemon_thread(build_engine, state.settings, state.metrics, state.abandoned)
+            engine, state.model, state.embedder = await _in_daemon_thread(
+                build_engine, state.settings, state.metrics, state.abandoned
+            )
         state.engine = engine
         if state.phase is Phase.LOADING:  # not if a SIGTERM already started the drain
             state.phase = Phase.WARMING_UP
@@ -120,7 +92,7 @@ async def _startup(state: RuntimeState, engine: Any | None) -> None:
         await asyncio.wait_for(engine.warmup(), WARMUP_TIMEOUT_SECONDS)
         if state.phase is Phase.WARMING_UP:  # a SIGTERM during warm-up wins
             state.phase = Phase.READY
-            log.info("model %s ready", state.model_name)
+            log.info("%s", startup_line(state))
     except asyncio.CancelledError:
         raise
     except Exception as e:
@@ -145,14 +117,16 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state._startup = asyncio.create_task(_startup(state, engine))
+        state.startup = asyncio.create_task(_startup(state, engine))
         try:
             yield
         finally:
             state.abandoned.set()  # a load still running in its thread will not start the engine
-            state._startup.cancel()
+            state.startup.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await state._startup
+                await state.startup
+            if state.embedder is not None:
+                state.embedder.stop()
             if state.engine is not None:
                 await asyncio.to_thread(state.engine.stop)
 
@@ -162,41 +136,10 @@ def create_app(
     app.include_router(metrics.router)
     app.include_router(openai.router)
     app.include_router(tasks.router)
+    app.include_router(embeddings.router)
     app.add_middleware(GuardMiddleware, state=state)
-    _install_error_handlers(app)
+    install_error_handlers(app)
     return app
-
-
-def _is_v2(request: Request) -> bool:
-    return request.url.path.startswith("/v2/")
-
-
-def _render(request: Request, err: APIError) -> JSONResponse:
-    # The Open Inference Protocol specifies {"error": "<message>"}; everything else speaks OpenAI's format.
-    body: dict[str, Any] = {"error": err.message} if _is_v2(request) else err.body()
-    return JSONResponse(body, status_code=err.status, headers=err.headers)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return _render(request, exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
-        if first.get("type") == "json_invalid":
-            return _render(request, APIError(400, f"request body is not valid JSON: {first.get('msg')}"))
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        # pydantic puts union member names in the path (e.g. "str", "list[int]"); drop them for readability.
-        param = ".".join(p for p in loc if not any(c in p for c in "[]") and p not in ("str", "int")) or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        return _render(request, APIError(400, message, param=param, code="invalid_value"))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _render(request, APIError(exc.status_code, str(exc.detail), type=kind))
 
 
 async def drain(state: RuntimeState, timeout: float) -> None:
@@ -259,6 +202,7 @@ def run_server(settings: Settings) -> int:
         # Default keep-alive lets idle connections pin the shutdown; drain already waited for real work.
         timeout_keep_alive=5,
     )
+    quiet_access_log()  # after uvicorn.Config set up its loggers
     server = Server(config)
     server.run()
     if fatal:

@@ -20,103 +20,127 @@ from typing import Any
 NAME = "gptd_varlen_sdpa"
 # Attention variants this implementation does not do; `supported()` keeps such models on transformers' sdpa.
 _UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "position_bias")
-
-# layer_idx -> allocator index, for layers whose cache allocator was switched to write-only (enable_direct_reads).
-_direct_layers: dict[int, int] = {}
-
-# Index/mask tensors depend only on the batch layout, which is the same for every layer of one forward pass.
-_layout_cache: dict[str, Any] = {"key": None}
+_instances = itertools.count()
 
 
-def _layout(lq: list[int], lk: list[int], cu_q: list[int], cu_k: list[int], device: Any) -> tuple[Any, ...]:
-    import torch
+class VarlenAttention:
+    """One engine's per-request attention. Its state (which layers read the cache directly, the batch-layout
+    cache) belongs to that engine: each instance registers under its own name, so two engines in one process
+    (tests, a restart) never see each other's cache layout."""
 
-    key = (tuple(lq), tuple(lk))
-    if _layout_cache["key"] == key and _layout_cache["device"] == device:
-        return _layout_cache["value"]
-    decode = [i for i, n in enumerate(lq) if n == 1]
-    value: tuple[Any, ...] = (None, None, None, [i for i, n in enumerate(lq) if n != 1])
-    if decode:
-        qpos = torch.tensor([cu_q[i] for i in decode])
-        lens = torch.tensor([lk[i] for i in decode])
-        width = int(lens.max())
-        starts = torch.tensor([cu_k[i] for i in decode])
-        ar = torch.arange(width)
-        valid = ar[None, :] < lens[:, None]  # [n, width]
-        # Padding positions point at the request's own first key (always valid) and are masked out.
-        idx = torch.where(valid, starts[:, None] + ar[None, :], starts[:, None])
-        value = (qpos.to(device), idx.to(device), valid[:, None, None, :].to(device), value[3])
-    _layout_cache.update(key=key, device=device, value=value)
-    return value
+    def __init__(self) -> None:
+        self.name = f"{NAME}_{next(_instances)}"
+        # layer_idx -> allocator index, for layers whose cache allocator is write-only (enable_direct_reads).
+        self.direct_layers: dict[int, int] = {}
+        # Index/mask tensors depend only on the batch layout, the same for every layer of one forward pass.
+        self._layout_key: Any = None
+        self._layout_value: tuple[Any, ...] = ()
 
+    def register(self) -> str:
+        from transformers import AttentionInterface
 
-def varlen_sdpa(
-    module: Any,
-    query: Any,  # [1, heads, total q tokens, head_dim]
-    key: Any,  # [1, kv heads, total k tokens, head_dim]
-    value: Any,
-    attention_mask: Any,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[Any, None]:
-    import torch
-    from torch.nn.functional import scaled_dot_product_attention as sdpa
+        AttentionInterface.register(self.name, self.__call__)
+        return self.name
 
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is None or cu_k is None:
-        # Only continuous-batching calls pass the packed row's boundaries. Without them the rows of different
-        # requests can't be told apart (and transformers builds no mask for this implementation), so silently
-        # running plain sdpa could mix requests: fail loudly instead (warm-up fails, the process exits 1).
-        raise RuntimeError(f"{NAME}: called without cu_seq_lens_q/cu_seq_lens_k; transformers' batching API changed")
-    if isinstance(cu_k, dict):
-        if len(cu_k) != 1:
-            raise NotImplementedError(f"{NAME}: models with several attention layer types are not supported")
-        cu_k = next(iter(cu_k.values()))
-    unsupported = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
-    if unsupported or query.shape[0] != 1:
-        raise NotImplementedError(f"{NAME}: unsupported attention arguments {unsupported or ['batch > 1']}")
-    gqa = query.shape[1] != key.shape[1]
-    cq, ck = cu_q.tolist(), cu_k.tolist()
-    lq = [b - a for a, b in itertools.pairwise(cq)]
-    lk = [b - a for a, b in itertools.pairwise(ck)]
-    q, k, v = query[0], key[0], value[0]  # [heads, tokens, head_dim]
-    out = torch.empty_like(q)
-    # With direct reads, K/V are the whole cache and the packed row is read_index into it; otherwise K/V are the
-    # packed row itself (the manager's read-back copy, or only new tokens when nothing was cached).
-    token_index = None
-    group = _direct_layers.get(getattr(module, "layer_idx", -1))
-    if group is not None:
-        read_index = kwargs["read_index"][group]
-        token_index = read_index if read_index.numel() else None
-    # K/V are token-major ([tokens, heads, dim] seen transposed): gather whole token rows.
-    kt, vt = k.transpose(0, 1), v.transpose(0, 1)
-    qpos, idx, valid, others = _layout(lq, lk, cq, ck, query.device)
-    if qpos is not None:
-        qd = q[:, qpos].transpose(0, 1).unsqueeze(2)  # [n, heads, 1, head_dim]
-        n, width = idx.shape
-        flat = idx.view(-1) if token_index is None else token_index[idx.view(-1)]
-        kd = torch.index_select(kt, 0, flat).view(n, width, k.shape[0], -1).transpose(1, 2)
-        vd = torch.index_select(vt, 0, flat).view(n, width, v.shape[0], -1).transpose(1, 2)
-        od = sdpa(qd, kd, vd, attn_mask=valid, scale=scaling, enable_gqa=gqa)
-        out[:, qpos] = od.squeeze(2).transpose(0, 1)
-    for i in others:
-        if lq[i] == 0:
-            continue
-        qi = q[None, :, cq[i] : cq[i + 1]]
-        if token_index is None:
-            ki, vi = k[None, :, ck[i] : ck[i + 1]], v[None, :, ck[i] : ck[i + 1]]
-        else:
-            rows = token_index[ck[i] : ck[i + 1]]
-            ki = torch.index_select(kt, 0, rows).transpose(0, 1)[None]
-            vi = torch.index_select(vt, 0, rows).transpose(0, 1)[None]
-        if lq[i] == lk[i]:
-            oi = sdpa(qi, ki, vi, is_causal=True, scale=scaling, enable_gqa=gqa)
-        else:  # a later prefill chunk: query j sits at key position lk - lq + j
-            mask = torch.ones(lq[i], lk[i], dtype=torch.bool, device=q.device).tril(lk[i] - lq[i])
-            oi = sdpa(qi, ki, vi, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-        out[:, cq[i] : cq[i + 1]] = oi[0]
-    return out.unsqueeze(0).transpose(1, 2).contiguous(), None
+    def enable_direct_reads(self, cache: Any) -> bool:
+        """Let attention gather each request's keys straight from the paged cache (see
+        `_cb_internals.make_cache_write_only`); returns whether it applied."""
+        from . import _cb_internals
+
+        layers = _cb_internals.make_cache_write_only(cache)
+        self.direct_layers = dict(layers or {})
+        return layers is not None
+
+    def _layout(self, lq: list[int], lk: list[int], cu_q: list[int], cu_k: list[int], device: Any) -> tuple[Any, ...]:
+        import torch
+
+        key = (tuple(lq), tuple(lk), device)
+        if self._layout_key == key:
+            return self._layout_value
+        decode = [i for i, n in enumerate(lq) if n == 1]
+        value: tuple[Any, ...] = (None, None, None, [i for i, n in enumerate(lq) if n != 1])
+        if decode:
+            qpos = torch.tensor([cu_q[i] for i in decode])
+            lens = torch.tensor([lk[i] for i in decode])
+            width = int(lens.max())
+            starts = torch.tensor([cu_k[i] for i in decode])
+            ar = torch.arange(width)
+            valid = ar[None, :] < lens[:, None]  # [n, width]
+            # Padding positions point at the request's own first key (always valid) and are masked out.
+            idx = torch.where(valid, starts[:, None] + ar[None, :], starts[:, None])
+            value = (qpos.to(device), idx.to(device), valid[:, None, None, :].to(device), value[3])
+        self._layout_key, self._layout_value = key, value
+        return value
+
+    def __call__(
+        self,
+        module: Any,
+        query: Any,  # [1, heads, total q tokens, head_dim]
+        key: Any,  # [1, kv heads, total k tokens, head_dim]
+        value: Any,
+        attention_mask: Any,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, None]:
+        import torch
+        from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+        cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+        if cu_q is None or cu_k is None:
+            # Only continuous-batching calls pass the packed row's boundaries. Without them the rows of different
+            # requests can't be told apart (and transformers builds no mask for this implementation), so silently
+            # running plain sdpa could mix requests: fail loudly instead (warm-up fails, the process exits 1).
+            raise RuntimeError(
+                f"{NAME}: called without cu_seq_lens_q/cu_seq_lens_k; transformers' batching API changed")
+        if isinstance(cu_k, dict):
+            if len(cu_k) != 1:
+                raise NotImplementedError(f"{NAME}: models with several attention layer types are not supported")
+            cu_k = next(iter(cu_k.values()))
+        unsupported = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
+        if unsupported or query.shape[0] != 1:
+            raise NotImplementedError(f"{NAME}: unsupported attention arguments {unsupported or ['batch > 1']}")
+        gqa = query.shape[1] != key.shape[1]
+        cq, ck = cu_q.tolist(), cu_k.tolist()
+        lq = [b - a for a, b in itertools.pairwise(cq)]
+        lk = [b - a for a, b in itertools.pairwise(ck)]
+        q, k, v = query[0], key[0], value[0]  # [heads, tokens, head_dim]
+        out = torch.empty_like(q)
+        # With direct reads, K/V are the whole cache and the packed row is read_index into it; otherwise K/V are the
+        # packed row itself (the manager's read-back copy, or only new tokens when nothing was cached).
+        token_index = None
+        group = self.direct_layers.get(getattr(module, "layer_idx", -1))
+        if group is not None:
+            read_index = kwargs["read_index"][group]
+            token_index = read_index if read_index.numel() else None
+        # K/V are token-major ([tokens, heads, dim] seen transposed): gather whole token rows.
+        kt, vt = k.transpose(0, 1), v.transpose(0, 1)
+        qpos, idx, valid, others = self._layout(lq, lk, cq, ck, query.device)
+        if qpos is not None:
+            qd = q[:, qpos].transpose(0, 1).unsqueeze(2)  # [n, heads, 1, head_dim]
+            n, width = idx.shape
+            flat = idx.view(-1) if token_index is None else token_index[idx.view(-1)]
+            kd = torch.index_select(kt, 0, flat).view(n, width, k.shape[0], -1).transpose(1, 2)
+            vd = torch.index_select(vt, 0, flat).view(n, width, v.shape[0], -1).transpose(1, 2)
+            od = sdpa(qd, kd, vd, attn_mask=valid, scale=scaling, enable_gqa=gqa)
+            out[:, qpos] = od.squeeze(2).transpose(0, 1)
+        for i in others:
+            if lq[i] == 0:
+                continue
+            qi = q[None, :, cq[i] : cq[i + 1]]
+            if token_index is None:
+                ki, vi = k[None, :, ck[i] : ck[i + 1]], v[None, :, ck[i] : ck[i + 1]]
+            else:
+                rows = token_index[ck[i] : ck[i + 1]]
+                ki = torch.index_select(kt, 0, rows).transpose(0, 1)[None]
+                vi = torch.index_select(vt, 0, rows).transpose(0, 1)[None]
+            if lq[i] == lk[i]:
+                oi = sdpa(qi, ki, vi, is_causal=True, scale=scaling, enable_gqa=gqa)
+            else:  # a later prefill chunk: query j sits at key position lk - lq + j
+                mask = torch.ones(lq[i], lk[i], dtype=torch.bool, device=q.device).tril(lk[i] - lq[i])
+                oi = sdpa(qi, ki, vi, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+            out[:, cq[i] : cq[i + 1]] = oi[0]
+        return out.unsqueeze(0).transpose(1, 2).contiguous(), None
 
 
 def supported(config: Any) -> bool:
@@ -126,43 +150,3 @@ def supported(config: Any) -> bool:
         return False
     layer_types = getattr(cfg, "layer_types", None)
     return not layer_types or all(t == "full_attention" for t in layer_types)
-
-
-def enable_direct_reads(cache: Any) -> bool:
-    """Make the paged cache's full-attention allocators write-only: `update` stores the new K/V and returns the
-    whole cache tensors, and `varlen_sdpa` gathers each request's keys straight from them with the batch's
-    `read_index`. This skips the manager's read-back (an index_select of every cached token of the batch, per
-    layer, for K and V) that would otherwise be gathered a second time. Only for caches whose allocators are
-    all plain full attention; returns whether it applied."""
-    # Module-level state: forget a previous engine's cache (tests, restarts in one process). A stale entry would
-    # make varlen_sdpa treat a packed K/V row as the whole cache.
-    _direct_layers.clear()
-    allocators = dict(getattr(cache, "layer_to_allocator", {}))
-    if not allocators or any(
-        type(a).__name__ != "FullAttentionCacheAllocator" or not hasattr(a, "_kv_token_views")
-        for a in allocators.values()
-    ):
-        return False
-
-    def write_only(allocator: Any) -> Any:
-        def update(key_states: Any, value_states: Any, layer_idx: int, read_index: Any, write_index: Any) -> Any:
-            k_cache, v_cache = allocator._kv_token_views[layer_idx]
-            k_cache.index_copy_(0, write_index, key_states)
-            v_cache.index_copy_(0, write_index, value_states)
-            if read_index.numel() == 0:  # nothing cached yet: the new tokens are all there is
-                return key_states, value_states
-            return k_cache, v_cache
-
-        return update
-
-    for allocator in {id(a): a for a in allocators.values()}.values():
-        allocator.update = write_only(allocator)
-    _direct_layers.update({layer: a.index for layer, a in allocators.items()})
-    return True
-
-
-def register() -> str:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(NAME, varlen_sdpa)
-    return NAME

@@ -12,24 +12,21 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
-import queue
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import attention
+from . import _cb_internals, attention
 from .config import Settings
 from .loading import LoadedModel
+from .sampling import RequestSampling, new_request_sampling, sample
 
 log = logging.getLogger("gptd_runtime.engine")
 
-# Sampling with temperature 0 means greedy; the CB sampler divides by temperature, so map 0 to a value small
-# enough that sampling is effectively argmax.
-_GREEDY_TEMPERATURE = 1e-5
-# transformers only builds a per-request temperature/top-p processor when the *default* differs from 1.0; a
-# default a hair below 1.0 makes the processor exist (so requests can set their own) with no visible effect.
-_NEUTRAL = 0.9999999
+# OpenAI's limit for top_logprobs; the engine computes no more alternatives than this per token.
+MAX_LOGPROBS = 20
 
 
 class EngineError(Exception):
@@ -42,6 +39,15 @@ class QueueFullError(EngineError):
 
 class EngineUnavailableError(EngineError):
     """The engine is not started, stopping, or its worker died: answer 503."""
+
+
+class InvalidParameterError(EngineError, ValueError):
+    """A sampling parameter the engine cannot honour as given: answer 400 naming ``param`` (a SamplingParams
+    field name). Raised by submit() before anything is queued."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,10 @@ class GenerationStream:
     """One request's output, consumed with `async for delta in stream`. Leaving the loop early (client gone)
     or calling cancel() frees the request's batch slot and KV pages."""
 
-    def __init__(self, engine: GenerationEngine, request_id: str, prompt_ids: list[int], params: SamplingParams):
+    def __init__(
+        self, engine: GenerationEngine, request_id: str, prompt_ids: list[int], params: SamplingParams,
+        sampling: RequestSampling | None = None,
+    ):
         from tokenizers.decoders import DecodeStream
 
         self.engine = engine
@@ -143,6 +152,14 @@ class GenerationStream:
         self._started = time.perf_counter()
         self._first_token_at: float | None = None
         self._done = False
+        self._sampling = sampling
+        # Logprobs bookkeeping (only when asked for): the text span [start, end) of each generated token, and the
+        # index of the first token not yet handed out in a Delta.
+        self._want_logprobs = sampling is not None and sampling.logprobs is not None
+        self._tokens: list[int] = []
+        self._spans: list[tuple[int, int]] = []
+        self._lp_next = 0
+        self.logprobs: list[TokenLogprob] = []  # every TokenLogprob handed out so far (for non-streamed answers)
 
     def _on_output(self, output: Any) -> None:  # runs on the event loop
         if self._first_token_at is None and output.generated_tokens:
@@ -154,10 +171,34 @@ class GenerationStream:
     def _consume_tokens(self, tokens: list[int]) -> None:
         tok = self.engine.rust_tokenizer
         for token_id in tokens[self.completion_tokens :]:
+            start = len(self._text)
             piece = self._decoder.step(tok, token_id)
             if piece:
                 self._text += piece
+            if self._want_logprobs:
+                self._tokens.append(token_id)
+                self._spans.append((start, len(self._text)))
         self.completion_tokens = len(tokens)
+
+    def _logprobs_upto(self, emitted: int, final: bool) -> list[TokenLogprob]:
+        """TokenLogprob of each token whose text is now emitted (all remaining ones that contributed text when the
+        request ends), except a final EOS, which OpenAI does not report."""
+        if not self._want_logprobs:
+            return []
+        out: list[TokenLogprob] = []
+        choices = self._sampling.choices  # type: ignore[union-attr]
+        eos = None if self.params.ignore_eos else self.engine.tokenizer.eos_token_id
+        while self._lp_next < len(self._tokens) and self._lp_next < len(choices):
+            start, end = self._spans[self._lp_next]
+            if not (end <= emitted or (final and start < emitted)):
+                break  # its text is not (all) out yet, or (after a stop string) never will be
+            i = self._lp_next
+            self._lp_next += 1
+            if final and i == len(self._tokens) - 1 and self._tokens[i] == eos:
+                continue
+            out.append(self.engine._token_logprob(choices[i]))
+        self.logprobs.extend(out)
+        return out
 
     def _take(self, final: bool) -> tuple[str, bool]:
         """Text that is safe to emit now, and whether a stop string ended the request. Text that might be the
@@ -196,14 +237,16 @@ class GenerationStream:
                 text, stopped = self._take(final=finished)
                 if stopped:
                     self.engine.cancel(self.request_id)
+                    lps = self._logprobs_upto(self._emitted, final=True)
                     self._finish("stop")
-                    yield Delta(text, self.completion_tokens, "stop")
+                    yield Delta(text, self.completion_tokens, "stop", lps)
                 elif finished:
                     reason = "length" if self.completion_tokens >= self.params.max_tokens else "stop"
+                    lps = self._logprobs_upto(self._emitted, final=True)
                     self._finish(reason)
-                    yield Delta(text, self.completion_tokens, reason)
+                    yield Delta(text, self.completion_tokens, reason, lps)
                 elif text:
-                    yield Delta(text, self.completion_tokens)
+                    yield Delta(text, self.completion_tokens, None, self._logprobs_upto(self._emitted, final=False))
         finally:
             if not self._done:  # consumer went away (client disconnect): free the slot now
                 self.cancel()
@@ -241,7 +284,8 @@ def kv_cache_bytes(model: Any, settings: Settings) -> int:
 
 
 class GenerationEngine:
-    """Continuous-batching text generation (transformers' ContinuousBatchingManager)."""
+    """Continuous-batching text generation (transformers' ContinuousBatchingManager) with gptd's own per-request
+    sampler (sampling.py: seed, penalties, logprobs, JSON constraints) in place of transformers' engine-wide one."""
 
     def __init__(self, loaded: LoadedModel, settings: Settings, metrics: EngineMetrics | None = None):
         self.loaded = loaded
@@ -252,10 +296,18 @@ class GenerationEngine:
         self.max_batch_seen = 0
         self.forward_passes = 0
         self._streams: dict[str, GenerationStream] = {}
-        self._greedy: set[str] = set()  # request ids with temperature 0
+        # Per-request sampling state, read by the sampler on the manager's thread (dict reads are atomic).
+        self._sampling: dict[str, RequestSampling] = {}
         self._ids = itertools.count()
         self._manager: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._grammars: Any = None  # constraints.Grammars, built at start (None: response_format unavailable)
+        self._grammar_error: str | None = None
+        self._attention: attention.VarlenAttention | None = None
+        head = loaded.model.get_output_embeddings()
+        # Logits rows and the device they come out on (the last shard's, for a model split over GPUs).
+        self.vocab_size = int(head.weight.shape[0]) if head is not None else len(loaded.tokenizer)
+        self.logits_device = head.weight.device if head is not None else loaded.model.device
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -266,10 +318,9 @@ class GenerationEngine:
         s = self.settings
         model = self.loaded.model
         eos = self.tokenizer.eos_token_id
+        # No sampling settings here: gptd's sampler replaces transformers' (see _cb_internals.install_sampler).
         gen_config = GenerationConfig(
-            do_sample=True,
-            temperature=_NEUTRAL,
-            top_p=_NEUTRAL,
+            do_sample=False,
             max_new_tokens=s.max_new_tokens,
             eos_token_id=eos if eos is not None else -1,
             pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos,
@@ -279,54 +330,55 @@ class GenerationEngine:
             num_blocks=s.kv_blocks(),  # explicit budget: never sized from the node's RAM
             max_batch_tokens=s.batch_tokens(),
             max_requests_per_batch=s.max_batch_size,
-            per_request_processors=True,
+            # The sampler is Python reading the current batch's requests: no CUDA-graph capture of the step, and no
+            # double-buffered (async) batches whose rows would belong to the previous schedule.
+            use_cuda_graph=False,
+            use_async_batching=False,
         )
-        log.info(
+        log.debug(
             "KV cache: %d pages x %d tokens, about %.0f MiB (set GPTD_KV_CACHE_BLOCKS to change)",
             s.kv_blocks(), s.kv_cache_page_size, kv_cache_bytes(model, s) / 2**20,
         )
+        try:
+            from .constraints import Grammars
+
+            self._grammars = Grammars(self.tokenizer, self.vocab_size)
+        except Exception as e:  # a tokenizer llguidance cannot read: everything but response_format still works
+            self._grammar_error = f"{type(e).__name__}: {e}"
+            log.warning("response_format unavailable for this tokenizer: %s", self._grammar_error)
         with torch.no_grad():
             self._manager = model.init_continuous_batching(
                 generation_config=gen_config, continuous_batching_config=cb_config
             )
         mgr = self._manager
-        varlen = (self.loaded.device == "cpu" and model.config._attn_implementation == "sdpa"
+        varlen = (self.loaded.device == "cpu" and _cb_internals.attention_implementation(model) == "sdpa"
                   and attention.supported(model.config))
         if varlen:
-            # Per-request attention instead of sdpa over the whole packed batch (see attention.py). Set after
-            # init (which only accepts its own names) and before start (which sizes the dense mask by it).
-            model.config._attn_implementation = attention.register()
-        cache_patched = not varlen
-        step = mgr._generation_step
+            # Per-request attention instead of sdpa over the whole packed batch (see attention.py).
+            self._attention = attention.VarlenAttention()
+            _cb_internals.set_attention(model, self._attention.register())
+        first = True
 
-        # Instrument each forward pass (runs on the manager's thread): batch size, and drop outputs of
-        # cancelled requests that arrive after their handler was removed so the shared queue cannot grow.
-        def instrumented_step() -> None:
-            nonlocal cache_patched
-            bp = mgr.batch_processor
-            if not cache_patched:  # the manager creates its cache on its own thread, before the first step
-                cache_patched = True
-                direct = attention.enable_direct_reads(bp.cache)
-                log.debug("attention: %s, direct cache reads: %s", attention.NAME, direct)
-            ios = bp.inputs_and_outputs
-            size = ios.num_request_in_batch
-            # transformers' sampling mode is engine-wide; when every request in this pass is greedy, take the
-            # argmax path and skip the temperature/top-p processors (sort + softmax + multinomial per step).
-            greedy = all(fs.state.request_id in self._greedy for fs in ios.requests_in_batch)
-            bp.model_runner.do_sample = not greedy
-            bp.logit_processor.do_processing = not greedy
+        def before_step(bp: Any) -> None:  # the manager's thread, ahead of every forward pass
+            nonlocal first
+            if first:  # the manager creates its batch processor and cache on its own thread, before the first step
+                first = False
+                _cb_internals.install_sampler(bp, self._choose)
+                if self._attention is not None:
+                    direct = self._attention.enable_direct_reads(bp.cache)
+                    log.debug("attention: %s, direct cache reads: %s", self._attention.name, direct)
+            size = _cb_internals.batch_size(bp)
             self.forward_passes += 1
             self.max_batch_seen = max(self.max_batch_seen, size)
             self.metrics.observe_batch(size)
-            step()
-            try:
-                while True:
-                    mgr.output_router.output_queue.get_nowait()
-            except queue.Empty:
-                pass
 
-        mgr._generation_step = instrumented_step
+        _cb_internals.wrap_step(mgr, before_step)
         mgr.start()
+
+    def _choose(self, logits: Any, request_ids: list[str]) -> Any:
+        """The sampler transformers calls once per forward pass (manager's thread)."""
+        get = self._sampling.get
+        return sample(logits, [get(r) for r in request_ids])
 
     async def warmup(self) -> None:
         """A real generation through the whole path; readiness waits for it."""
@@ -348,46 +400,84 @@ class GenerationEngine:
     @property
     def healthy(self) -> bool:
         mgr = self._manager
-        return mgr is not None and mgr.is_running() and mgr.background_thread_status.fatal_error is None
+        return mgr is not None and mgr.is_running() and _cb_internals.fatal_error(mgr) is None
 
     # -- requests -------------------------------------------------------------------------------------------
     def num_inflight(self) -> int:
         return len(self._streams)
 
     def num_running(self) -> int:
-        bp = getattr(self._manager, "batch_processor", None)
-        if bp is None:
+        if self._manager is None:
             return 0
-        return min(len(bp.scheduler.active_requests), len(self._streams))
+        return min(_cb_internals.active_requests(self._manager), len(self._streams))
 
     def num_waiting(self) -> int:
         return max(0, len(self._streams) - self.num_running())
 
+    def _request_sampling(self, params: SamplingParams) -> RequestSampling:
+        """Check what submit() must refuse (InvalidParameterError naming the field) and build the sampler state."""
+        def finite(name: str, value: float, lo: float, hi: float) -> float:
+            if not isinstance(value, int | float) or not math.isfinite(value) or not lo <= value <= hi:
+                raise InvalidParameterError(name, f"must be a number in [{lo}, {hi}], got {value!r}")
+            return float(value)
+
+        temperature = finite("temperature", params.temperature, 0.0, 100.0)
+        top_p = finite("top_p", params.top_p, 0.0, 1.0)
+        if top_p == 0.0:
+            raise InvalidParameterError("top_p", "must be greater than 0")
+        presence = finite("presence_penalty", params.presence_penalty, -2.0, 2.0)
+        frequency = finite("frequency_penalty", params.frequency_penalty, -2.0, 2.0)
+        k = params.logprobs
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
+            raise InvalidParameterError("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
+        seed = params.seed
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise InvalidParameterError("seed", f"must be an integer, got {seed!r}")
+        constraint = None
+        rf = params.response_format
+        if rf is not None:
+            from .constraints import ConstraintError
+
+            if self._grammars is None:
+                raise InvalidParameterError(
+                    "response_format", f"constrained decoding is unavailable for this model's tokenizer "
+                                       f"({self._grammar_error})")
+            if params.ignore_eos:
+                raise InvalidParameterError("response_format", "cannot be combined with ignore_eos (the JSON "
+                                                               "ends where the grammar allows only EOS)")
+            try:
+                constraint = self._grammars.compile(rf.kind, rf.schema)
+            except ConstraintError as e:
+                raise InvalidParameterError("response_format", str(e)) from e
+        return new_request_sampling(
+            temperature=temperature, top_p=top_p, presence_penalty=presence, frequency_penalty=frequency,
+            logprobs=k, seed=seed, constraint=constraint, vocab_size=self.vocab_size,
+            device=self.logits_device,
+        )
+
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, *, stream: bool = False, check_capacity: bool = True
     ) -> GenerationStream:
-        """Queue a request. Raises QueueFullError / EngineUnavailableError; never blocks."""
+        """Queue a request. Raises InvalidParameterError (400), QueueFullError (429), EngineUnavailableError (503);
+        never blocks."""
         if not self.healthy:
             raise EngineUnavailableError("generation engine is not running")
+        sampling = self._request_sampling(params)
         s = self.settings
         if check_capacity and len(self._streams) >= s.max_batch_size + s.max_queue:
             raise QueueFullError(f"{len(self._streams)} requests in flight (max {s.max_batch_size + s.max_queue})")
         request_id = f"gptd-{next(self._ids)}"
-        out = GenerationStream(self, request_id, prompt_ids, params)
+        out = GenerationStream(self, request_id, prompt_ids, params, sampling)
         self._streams[request_id] = out
+        self._sampling[request_id] = sampling
         mgr = self._manager
         mgr.register_result_handler(request_id, out._on_output)
         # Token-by-token delivery only when needed (SSE, or stop strings that must be seen as they appear);
         # otherwise one delivery at the end saves per-token work on both threads.
         streaming = stream or bool(params.stop)
-        kwargs: dict[str, Any] = {
-            "temperature": float(params.temperature) if params.temperature > 0 else _GREEDY_TEMPERATURE,
-            "top_p": float(params.top_p),
-        }
+        kwargs: dict[str, Any] = {}
         if params.ignore_eos:
             kwargs["eos_token_id"] = -1
-        if params.temperature <= 0:
-            self._greedy.add(request_id)
         try:
             accepted = mgr.add_request(
                 list(prompt_ids),
@@ -411,11 +501,22 @@ class GenerationEngine:
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
-        self._greedy.discard(request_id)
-        mgr = self._manager
-        if mgr is not None:
-            with mgr.output_router._lock:
-                mgr.output_router.result_handlers.pop(request_id, None)
+        self._sampling.pop(request_id, None)
+        if self._manager is not None:
+            _cb_internals.forget_handler(self._manager, request_id)
+
+    def _token_logprob(self, choice: Any) -> TokenLogprob:
+        def text_and_bytes(token_id: int) -> tuple[str, tuple[int, ...]]:
+            raw = self._grammars.token_bytes(token_id) if self._grammars is not None else \
+                self.tokenizer.decode([token_id]).encode()
+            return raw.decode("utf-8", errors="replace"), tuple(raw)
+
+        token, raw = text_and_bytes(choice.token_id)
+        top = []
+        for tid, lp in zip(choice.top_ids, choice.top_logprobs, strict=True):
+            t, b = text_and_bytes(tid)
+            top.append(TopLogprob(t, lp, b))
+        return TokenLogprob(token, choice.token_id, choice.logprob, raw, tuple(top))
 
 
 @dataclass
@@ -494,34 +595,21 @@ class ClassificationEngine:
     def _classify_tokens(self, texts: list[str]) -> list[ClassificationResult]:
         import torch
 
-        enc = self._encode(texts, offsets=True)
+        from .ner import aggregate_simple
+
+        enc = self.loaded.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.settings.max_input_tokens, return_tensors="pt",
+            return_offsets_mapping=True, return_special_tokens_mask=True,
+        )
         offsets = enc.pop("offset_mapping").tolist()
+        special = enc.pop("special_tokens_mask").tolist()
         enc = enc.to(self.loaded.device)
         with torch.inference_mode():
-            probs = self.loaded.model(**enc).logits.float().softmax(-1)
-        scores, ids = probs.max(-1)
+            probs = self.loaded.model(**enc).logits.float().softmax(-1).cpu().tolist()
         mask = enc["attention_mask"].tolist()
         results = []
         for row, text in enumerate(texts):
-            entities: list[dict[str, Any]] = []
-            for col, (start, end) in enumerate(offsets[row]):
-                label = self.id2label[int(ids[row, col])]
-                if not mask[row][col] or start == end or label == "O":
-                    continue
-                kind = label.split("-", 1)[-1]
-                prev = entities[-1] if entities else None
-                # Simple aggregation: an I-X (or B-X) token directly continuing an X entity extends it.
-                if prev and prev["entity_group"] == kind and label.startswith("I-") and start <= prev["end"] + 1:
-                    prev["end"] = end
-                    prev["word"] = text[prev["start"] : end].strip()
-                    prev["_scores"].append(float(scores[row, col]))
-                else:
-                    entities.append(
-                        {"entity_group": kind, "start": start, "end": end, "word": text[start:end].strip(),
-                         "_scores": [float(scores[row, col])]}
-                    )
-            for ent in entities:
-                s = ent.pop("_scores")
-                ent["score"] = sum(s) / len(s)
+            skip = [bool(sp) or not m for sp, m in zip(special[row], mask[row], strict=True)]
+            entities = aggregate_simple(text, offsets[row], probs[row], self.id2label, skip)
             results.append(ClassificationResult(label="", score=0.0, entities=entities))
         return results

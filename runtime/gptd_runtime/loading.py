@@ -26,6 +26,7 @@ class LoadedModel:
     path: Path
     task: str
     device: str
+    devices: tuple[str, ...] = ()  # every device holding weights (placement.devices)
 
 
 def _one_line(e: BaseException) -> str:
@@ -133,12 +134,60 @@ def tune_malloc() -> bool:
     return mallopt(_M_TRIM_THRESHOLD, 2**30) == 1 and ok
 
 
-def _pick_device(requested: str) -> str:
+@dataclass(frozen=True)
+class Placement:
+    """Where the model goes. ``device``: this process's device (inputs, KV cache); ``devices``: every device that
+    holds weights; ``tp_plan``: "auto" to shard the weights tensor-parallel over the process group."""
+
+    device: str
+    devices: tuple[str, ...]
+    tp_plan: str | None = None
+
+
+def plan_placement(requested: str, gpu_count: int, world_size: int = 1, rank: int = 0) -> Placement:
+    """Pure placement decision. With more than one visible GPU the model is sharded over all of them, never
+    silently put on one: transformers' continuous batching keeps the paged KV cache on one device per process, so
+    pipeline sharding (device_map="auto") cannot serve it; it supports tensor parallelism, one process per GPU
+    (`torchrun --nproc-per-node N`). Run as one process with N > 1 GPUs, this refuses with the two ways out.
+    Raises ModelLoadError."""
+    if requested == "cpu":
+        return Placement("cpu", ("cpu",))
+    if requested == "auto":
+        if gpu_count == 0:
+            return Placement("cpu", ("cpu",))
+        requested = "cuda"
+    if not requested.startswith("cuda"):
+        raise ModelLoadError(f"unsupported device {requested!r} (use auto, cpu, cuda or cuda:N)")
+    if gpu_count == 0:
+        raise ModelLoadError(f"device {requested!r} requested but no CUDA device is visible")
+    if requested.startswith("cuda:"):  # one GPU, named explicitly: the user's choice
+        index = requested.split(":", 1)[1]
+        if not index.isdigit() or int(index) >= gpu_count:
+            raise ModelLoadError(f"device {requested!r}: only {gpu_count} CUDA device(s) visible (cuda:0..cuda:"
+                                 f"{gpu_count - 1})")
+        return Placement(requested, (requested,))
+    if requested != "cuda":
+        raise ModelLoadError(f"unsupported device {requested!r} (use auto, cpu, cuda or cuda:N)")
+    every = tuple(f"cuda:{i}" for i in range(gpu_count))
+    if gpu_count == 1:
+        return Placement("cuda:0", every)
+    if world_size == gpu_count:
+        return Placement(f"cuda:{rank}", every, tp_plan="auto")
+    if world_size == 1:
+        raise ModelLoadError(
+            f"{gpu_count} GPUs are visible but the runtime runs as one process: it would use only one. Shard the "
+            f"model over all of them with tensor parallelism (torchrun --nproc-per-node {gpu_count} -m gptd_runtime "
+            "serve ...), or choose one GPU with --device cuda:N (or CUDA_VISIBLE_DEVICES)")
+    raise ModelLoadError(f"{world_size} processes for {gpu_count} visible GPUs: run one process per GPU")
+
+
+def placement_for(requested: str) -> Placement:
+    """plan_placement() for this process: visible GPUs and torchrun's WORLD_SIZE / LOCAL_RANK."""
     import torch
 
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return plan_placement(requested, gpus, int(os.environ.get("WORLD_SIZE", "1")),
+                          int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _pick_dtype(requested: str, device: str) -> Any:
@@ -168,11 +217,18 @@ def load_model(settings: Settings, path: Path) -> LoadedModel:
     }
     import torch
 
-    device = _pick_device(settings.device)
+    placement = placement_for(settings.device)
+    if placement.tp_plan is not None:
+        # Loading would work (from_pretrained(tp_plan="auto")), but serving would not: every rank would start its
+        # own HTTP server and batch loop, while continuous batching's TP mode wants rank 0 alone to take requests.
+        raise ModelLoadError(
+            f"tensor-parallel serving over {len(placement.devices)} GPUs (torchrun) is not implemented yet; "
+            "run one process per GPU-sized model with --device cuda:N")
+    device = placement.device
     if device == "cpu":
         threads = settings.torch_threads or default_torch_threads()
         torch.set_num_threads(threads)  # applies to the engine's worker threads too
-        log.info("using %d CPU thread(s) for torch", threads)
+        log.debug("using %d CPU thread(s) for torch", threads)
         if tune_malloc():
             log.debug("malloc: 32 MiB mmap threshold, 1 GiB trim threshold")
     try:
@@ -183,5 +239,6 @@ def load_model(settings: Settings, path: Path) -> LoadedModel:
         raise ModelLoadError(f"cannot load {settings.task} model from {path}: {_one_line(e)}") from e
     if settings.task != "text-generation" and not getattr(model.config, "id2label", None):
         raise ModelLoadError(f"{settings.task} model at {path} has no id2label in its config")
-    log.info("loaded %s model from %s on %s (%s)", settings.task, path, device, model.dtype)
-    return LoadedModel(model=model, tokenizer=tokenizer, path=path, task=settings.task, device=device)
+    log.debug("loaded %s model from %s on %s (%s)", settings.task, path, ", ".join(placement.devices), model.dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, path=path, task=settings.task, device=device,
+                       devices=placement.devices)

@@ -18,11 +18,12 @@ def _stale_message(path) -> str:
 @pytest.mark.parametrize(
     ("path", "render"),
     [
+        (generate.CRD_SOURCE, generate.render_crd_source),
         (generate.CHART_CRD, generate.render_chart_crd),
         (generate.ARGOCD_PATCH, generate.render_argocd_patch),
         (generate.INSTALL, generate.render_install),
     ],
-    ids=["chart-crd", "argocd-cm-patch", "install.yaml"],
+    ids=["crd.yaml", "chart-crd", "argocd-cm-patch", "install.yaml"],
 )
 def test_generated_file_is_fresh(helm_bin, path, render):
     assert path.read_text() == render(), _stale_message(path)
@@ -70,15 +71,38 @@ def test_install_yaml():
     assert ns["kind"] == "Namespace" and ns["metadata"]["name"] == NAMESPACE
     assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(
-        ["Namespace", "CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-         "Service", "Deployment"]
-    )
+    # No CRD: `kubectl delete -f manifests/install.yaml` must not delete the CRD, and with it every GPTDeployment
+    # (kubectl ignores helm.sh/resource-policy). The CRD is manifests/crd.yaml, applied first.
+    assert kinds == sorted(["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service",
+                            "Deployment"])
     for doc in docs[1:]:
-        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"):
+        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
             assert doc["metadata"]["namespace"] == NAMESPACE, doc["kind"]
         assert "helm.sh/hook" not in (doc["metadata"].get("annotations") or {}), "helm test pod leaked"
     assert_restricted(one(docs, "Deployment")["spec"]["template"]["spec"], "install.yaml operator")
     for version in K8S_VERSIONS:
         for doc in docs:
             kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_crd_and_install_yaml_together_are_what_the_chart_installs(render):
+    """crd.yaml + install.yaml = the chart's default objects (minus the helm-only keep annotation and test pod)."""
+    (crd,) = load_docs(CRD_SOURCE.read_text())
+    assert crd["kind"] == "CustomResourceDefinition"
+    plain = {(d["kind"], d["metadata"]["name"]) for d in load_docs(generate.INSTALL.read_text())[1:]}
+    plain.add((crd["kind"], crd["metadata"]["name"]))
+    chart = {(d["kind"], d["metadata"]["name"]) for d in render() if d["kind"] != "Pod"}
+    assert plain == chart
+
+
+def test_install_instructions_apply_the_crd_first_and_never_delete_it():
+    header = generate.INSTALL.read_text().split("---", 1)[0]
+    assert header.index("-f manifests/crd.yaml") < header.index("-f manifests/install.yaml")
+    for doc in (ROOT / "README.md", ROOT / "docs" / "delivery.md"):
+        text = doc.read_text()
+        lines = [line for line in text.splitlines() if "kubectl apply" in line and "manifests/install.yaml" in line]
+        assert lines, f"{doc.name} shows no plain-manifest install"
+        before = text[: text.index(lines[0])]
+        assert "kubectl apply --server-side -f manifests/crd.yaml" in before.splitlines()[-1] + lines[0], doc.name
+        flat = " ".join(text.lower().replace("*", "").split())
+        assert "delete only to remove all models" in flat, f"{doc.name}: say what deleting crd.yaml does"

@@ -262,6 +262,13 @@ def test_helm_test_hook_probes_liveness_through_the_service(render):
     assert f"http://{svc['metadata']['name']}:8080/healthz" in script
     assert pod["spec"]["containers"][0]["image"] == _container(docs)["image"]
     assert not by_kind(render("--set", "tests.enabled=false"), "Pod")
+    # The Service must not select the test pod itself (it would probe its own closed port), and hack/demo.sh
+    # finds a failed test pod by these labels to print its logs.
+    assert not svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert {"app.kubernetes.io/instance": "gptd", "app.kubernetes.io/component": "test"}.items() <= (
+        pod["metadata"]["labels"].items())
+    assert "-l app.kubernetes.io/instance=$RELEASE,app.kubernetes.io/component=test" in (
+        ROOT / "hack" / "demo.sh").read_text().replace('"', "")
 
 
 # ------------------------------------------------------------------------------------------------- RBAC

@@ -188,26 +188,67 @@ def test_operator_check_catches_cpu_utilisation_without_cpu_request():
     assert exc.value.field == "spec.resources.cpu"
 
 
-def test_autoscaling_sample_hpa_uses_the_adapter_metric():
+def _hpa_pods_metric() -> str:
     (cr,) = _crs(ROOT / "manifests" / "samples" / "autoscaling.yaml")
     hpa = next(c for c in _children(cr, DEFAULT_SETTINGS) if c["kind"] == "HorizontalPodAutoscaler")
     metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
-    assert metrics["Pods"]["pods"]["metric"]["name"] == "gptd_num_requests_running"
     assert metrics["Resource"]["resource"]["name"] == "cpu"
-    assert "gptd_num_requests_running" in (ROOT / "manifests" / "samples" / "autoscaling.yaml").read_text()
+    return metrics["Pods"]["pods"]["metric"]["name"]
 
 
-def test_prometheus_adapter_rule_turns_the_runtime_gauge_into_the_hpa_metric():
+def test_autoscaling_sample_hpa_scales_on_in_flight_requests():
+    """Running requests are capped by maxBatchSize: the HPA must see the queue too (running + waiting)."""
+    name = _hpa_pods_metric()
+    assert name == "gptd_num_requests_inflight"
+    assert name in (ROOT / "manifests" / "samples" / "autoscaling.yaml").read_text()
+
+
+def _exported_series() -> dict[str, float]:
+    """The series the runtime really exports (its Metrics registry, read as Prometheus would), 3 running + 5
+    waiting."""
+    from gptd_runtime.api.metrics import Metrics
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = Metrics()
+    m.bind(lambda: 3.0, lambda: 5.0, lambda: 1.0)
+    text = generate_latest(m.registry).decode()
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_prometheus_adapter_rule_yields_exactly_the_hpa_metric():
     doc = yaml.safe_load((ROOT / "manifests" / "prometheus-adapter" / "rules.yaml").read_text())
     (rule,) = doc["rules"]["custom"]
-    runtime_metrics = (ROOT / "runtime" / "gptd_runtime" / "api" / "metrics.py").read_text()
-    exported = re.search(r'Gauge\("(gptd:num_requests_running)"', runtime_metrics).group(1)
-    assert rule["seriesQuery"].startswith(exported + "{")
+    series = re.fullmatch(r'([a-zA-Z_:][a-zA-Z0-9_:]*)\{namespace!="",pod!=""\}', rule["seriesQuery"])
+    assert series, rule["seriesQuery"]
+    exported = series.group(1)
+    # The series exists in the runtime's exposition and carries running + waiting (not running alone).
+    assert _exported_series()[exported] == 8.0
     # The adapter's `as` uses Go's regexp expansion (${1}); the same rename in Python:
     renamed = re.sub(rule["name"]["matches"], rule["name"]["as"].replace("${1}", r"\1"), exported)
-    assert renamed == builders.HPA_METRIC
+    assert renamed == builders.HPA_METRIC == _hpa_pods_metric()
     assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
     assert "<<.Series>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
+
+
+def test_podmonitor_scrapes_the_runtime_pods_the_rule_reads():
+    """The PodMonitor the rule assumes: selects the operator-built runtime pods in any namespace, on their named
+    metrics port; the Prometheus Operator then adds the namespace and pod labels the rule's overrides map."""
+    (pm,) = load_docs((ROOT / "manifests" / "prometheus-adapter" / "podmonitor.yaml").read_text())
+    assert (pm["apiVersion"], pm["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    spec = pm["spec"]
+    assert spec["namespaceSelector"] == {"any": True}
+    (cr,) = _crs(ROOT / "manifests" / "samples" / "autoscaling.yaml")
+    dep = _children(cr, DEFAULT_SETTINGS)[0]
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert set(spec["selector"]) == {"matchLabels"}
+    (endpoint,) = spec["podMetricsEndpoints"]
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert endpoint["port"] in {p["name"] for p in c["ports"]}
+    assert endpoint["path"] == "/metrics"
+    # No relabelling that would drop or rename the namespace/pod labels the adapter rule maps.
+    assert not endpoint.get("relabelings") and not endpoint.get("metricRelabelings")
 
 
 def test_demo_model_path_matches_the_operators_pvc_mapping():

@@ -1,7 +1,8 @@
 """End to end on a kind cluster: the `make demo` path (hack/demo.sh stages), asserted step by step.
 
-Needs docker with a reachable engine and kind; skipped (with the reason) where either is missing.
-GPTD_E2E_REQUIRE=1 turns the skip into a failure (CI's kind job). GPTD_E2E_KEEP=1 keeps the cluster afterwards;
+Runs only with GPTD_E2E=1 (CI's e2e-kind job; `make test` skips it, saying so), and then needs docker with a
+reachable engine and kind: missing either is a failure, not a skip. GPTD_E2E_KEEP=1 keeps the cluster afterwards;
+after a failure it is kept in CI (CI=true) or with GPTD_E2E_KEEP_ON_FAILURE=1, for `kind export logs`.
 GPTD_E2E_SKIP_BUILD=1 reuses images already built and tagged.
 """
 
@@ -15,29 +16,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.e2e import keep_cluster, requested, why_not_runnable
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "hack" / "demo.sh"
 CLUSTER = os.environ.get("GPTD_E2E_CLUSTER", "gptd-e2e")
 
-
-def _why_not() -> str | None:
-    if shutil.which("docker") is None:
-        return "docker is not installed"
-    info = subprocess.run(["docker", "info"], capture_output=True, text=True)
-    if info.returncode != 0:
-        return "docker is installed but has no reachable engine (`docker info` failed)"
-    if shutil.which("kind") is None:
-        return "kind is not installed"
-    return None
-
-
-_REASON = _why_not()
-# CI sets GPTD_E2E_REQUIRE=1 on the kind job, so a broken runner fails instead of skipping silently.
-_REQUIRED = os.environ.get("GPTD_E2E_REQUIRE") == "1"
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.timeout(3600),
-    pytest.mark.skipif(_REASON is not None and not _REQUIRED, reason=f"kind e2e needs docker and kind: {_REASON}"),
+    pytest.mark.skipif(
+        not requested(os.environ),
+        reason="kind e2e runs only with GPTD_E2E=1 (it creates a kind cluster; the e2e-kind job sets it)"),
 ]
 
 
@@ -66,12 +56,14 @@ def kubectl(*args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    if _REASON is not None:
-        pytest.fail(f"GPTD_E2E_REQUIRE=1 but {_REASON}")
+def cluster(request):
+    reason = why_not_runnable()
+    if reason is not None:
+        pytest.fail(f"GPTD_E2E=1 but {reason}")
+    failed_before = request.session.testsfailed
     demo("cluster", "images")
     yield
-    if os.environ.get("GPTD_E2E_KEEP") != "1":
+    if not keep_cluster(request.session.testsfailed > failed_before, os.environ):
         demo("down")
 
 

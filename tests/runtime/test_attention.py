@@ -31,7 +31,7 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lq: list[int],
 
 @pytest.mark.parametrize("direct", [False, True])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_varlen_matches_packed_sdpa(kv_heads: int, direct: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_varlen_matches_packed_sdpa(kv_heads: int, direct: bool) -> None:
     torch.manual_seed(0)
     # Decoding requests (1 query token), a whole prefill, a later prefill chunk, decoders of uneven length.
     lq = [1, 1, 7, 1, 5, 1]
@@ -43,15 +43,16 @@ def test_varlen_matches_packed_sdpa(kv_heads: int, direct: bool, monkeypatch: py
     v = torch.randn(sum(lk), kv_heads, dim).transpose(0, 1)[None]
     cu = {"cu_seq_lens_q": torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32),
           "cu_seq_lens_k": torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32)}
-    monkeypatch.setattr(attention, "_direct_layers", {0: 0} if direct else {})
+    attn = attention.VarlenAttention()
+    attn.direct_layers = {0: 0} if direct else {}
     if direct:  # K/V are the whole cache; the packed row is read_index into it
         slots = torch.randperm(3 * sum(lk))[: sum(lk)]
         k_cache, v_cache = torch.randn(3 * sum(lk), kv_heads, dim), torch.randn(3 * sum(lk), kv_heads, dim)
         k_cache[slots], v_cache[slots] = k[0].transpose(0, 1), v[0].transpose(0, 1)
         kin, vin = k_cache.transpose(0, 1)[None], v_cache.transpose(0, 1)[None]
-        got, _ = attention.varlen_sdpa(_Module(), q, kin, vin, None, scaling=0.125, read_index=[slots], **cu)
+        got, _ = attn(_Module(), q, kin, vin, None, scaling=0.125, read_index=[slots], **cu)
     else:
-        got, _ = attention.varlen_sdpa(_Module(), q, k, v, None, scaling=0.125, **cu)
+        got, _ = attn(_Module(), q, k, v, None, scaling=0.125, **cu)
     rep = heads // kv_heads
     want = _reference(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), lq, lk)
     assert got.shape == (1, sum(lq), heads, dim)
@@ -62,7 +63,7 @@ def test_unsupported_arguments_fail_loudly() -> None:
     q = torch.randn(1, 2, 1, 8)
     cu = {"cu_seq_lens_q": torch.tensor([0, 1]), "cu_seq_lens_k": torch.tensor([0, 1])}
     with pytest.raises(NotImplementedError):
-        attention.varlen_sdpa(_Module(), q, q, q, None, sliding_window=4, **cu)
+        attention.VarlenAttention()(_Module(), q, q, q, None, sliding_window=4, **cu)
 
 
 def _greedy_tokens(model_dir: Path, use_gptd_attention: bool) -> list[list[int]]:
@@ -76,12 +77,13 @@ def _greedy_tokens(model_dir: Path, use_gptd_attention: bool) -> list[list[int]]
     cb = ContinuousBatchingConfig(page_size=16, num_blocks=64, max_batch_tokens=24, max_requests_per_batch=8)
     mgr: Any = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
     if use_gptd_attention:
-        model.config._attn_implementation = attention.register()
+        attn = attention.VarlenAttention()
+        model.config._attn_implementation = attn.register()
         step, patched = mgr._generation_step, []
 
         def first_step_patches_cache() -> None:  # as GenerationEngine does: the cache exists from the first step
             if not patched:
-                patched.append(attention.enable_direct_reads(mgr.batch_processor.cache))
+                patched.append(attn.enable_direct_reads(mgr.batch_processor.cache))
             step()
 
         mgr._generation_step = first_step_patches_cache
@@ -115,3 +117,14 @@ def test_engine_tokens_unchanged(tmp_path: Path) -> None:
     assert all(len(t) == 12 for t in got)
     assert all(len(set(t)) > 3 for t in want)  # the comparison means something
     assert got == want
+
+
+def test_engines_do_not_share_attention_state() -> None:
+    """Two engines in one process (tests, a restart): each has its own registered name and direct-read layers."""
+    a, b = attention.VarlenAttention(), attention.VarlenAttention()
+    a.direct_layers = {0: 0}
+    assert a.register() != b.register()
+    assert b.direct_layers == {}
+    from transformers import AttentionInterface
+
+    assert AttentionInterface._global_mapping[b.name] == b.__call__

@@ -63,9 +63,10 @@ async def test_limits_rejected_before_model_work(app_factory: Any) -> None:
         too_many = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 17})
         assert too_many.status_code == 400
         assert _error(too_many)["param"] == "max_tokens"
-        n2 = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 2})
-        assert n2.status_code == 400
-        assert _error(n2)["param"] == "n"
+        # More sequences than one forward pass holds (default max_batch_size 32).
+        n33 = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 33})
+        assert n33.status_code == 400
+        assert _error(n33)["param"] == "n"
         assert app.state.runtime.engine.forward_passes == passes  # nothing reached the engine
 
 
@@ -125,6 +126,13 @@ async def test_api_key(app_factory: Any, tmp_path: Path, caplog: pytest.LogCaptu
         assert _error(missing)["type"] == "authentication_error"
         wrong = await client.post("/v1/completions", json=req, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401
+        # Only the Bearer scheme authenticates, even with the right key.
+        for auth in (f"Basic {secret}", f"Token {secret}", secret, f"Bearer{secret}", f"{secret} {secret}"):
+            r = await client.post("/v1/completions", json=req, headers={"Authorization": auth})
+            assert r.status_code == 401, auth
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert (await client.post("/v1/completions", json=req, headers={"Authorization": f"bearer {secret}"})
+                ).status_code == 200  # the scheme name is case-insensitive (RFC 7235)
         assert (await client.get("/v1/models")).status_code == 401
         ok = await client.post("/v1/completions", json=req, headers={"Authorization": f"Bearer {secret}"})
         assert ok.status_code == 200
@@ -140,11 +148,11 @@ async def test_non_streaming_disconnect_cancels(app_factory: Any, monkeypatch: p
     """Raw ASGI call whose client 'disconnects' while a long non-streamed generation runs."""
     import json
 
-    from gptd_runtime.api import openai as openai_routes
+    from gptd_runtime.api import generation
 
     from tests.support.runtime import metric
 
-    monkeypatch.setattr(openai_routes, "_DISCONNECT_POLL_SECONDS", 0.02)
+    monkeypatch.setattr(generation, "_DISCONNECT_POLL_SECONDS", 0.02)
     async with app_factory(max_new_tokens=1000) as (client, app):
         engine = app.state.runtime.engine
         body = json.dumps({"prompt": "bye", "max_tokens": 1000, "ignore_eos": True}).encode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,44 @@ def test_tune_malloc_applies_on_glibc() -> None:
     applied = tune_malloc()
     if platform.libc_ver()[0] == "glibc":
         assert applied
+
+
+# -- placement: a pure decision, tested without GPUs ---------------------------------------------------------
+@pytest.mark.parametrize(("requested", "gpus", "world", "rank", "device", "devices", "tp"), [
+    ("cpu", 4, 1, 0, "cpu", ("cpu",), None),
+    ("auto", 0, 1, 0, "cpu", ("cpu",), None),
+    ("auto", 1, 1, 0, "cuda:0", ("cuda:0",), None),
+    ("cuda", 1, 1, 0, "cuda:0", ("cuda:0",), None),
+    ("cuda:1", 2, 1, 0, "cuda:1", ("cuda:1",), None),  # one GPU named explicitly: the user's choice
+    ("cuda", 4, 4, 2, "cuda:2", ("cuda:0", "cuda:1", "cuda:2", "cuda:3"), "auto"),  # torchrun: shard, rank 2
+    ("auto", 2, 2, 0, "cuda:0", ("cuda:0", "cuda:1"), "auto"),
+])
+def test_placement(requested: str, gpus: int, world: int, rank: int, device: str, devices: tuple[str, ...],
+                   tp: str | None) -> None:
+    from gptd_runtime.loading import Placement, plan_placement
+
+    assert plan_placement(requested, gpus, world, rank) == Placement(device, devices, tp)
+
+
+@pytest.mark.parametrize(("requested", "gpus", "world", "message"), [
+    ("cuda", 4, 1, "4 GPUs are visible but the runtime runs as one process"),  # never silently one of several
+    ("auto", 2, 1, "2 GPUs are visible"),
+    ("cuda", 0, 1, "no CUDA device is visible"),
+    ("cuda:2", 2, 1, "only 2 CUDA device(s) visible"),
+    ("cuda:x", 2, 1, "only 2 CUDA device(s) visible"),
+    ("tpu", 0, 1, "unsupported device 'tpu'"),
+    ("cuda", 4, 2, "2 processes for 4 visible GPUs"),
+])
+def test_placement_refusals(requested: str, gpus: int, world: int, message: str) -> None:
+    from gptd_runtime.loading import ModelLoadError, plan_placement
+
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        plan_placement(requested, gpus, world)
+
+
+def test_tensor_parallel_load_is_refused_until_served(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from gptd_runtime import loading
+
+    monkeypatch.setattr(loading, "placement_for", lambda _: loading.plan_placement("cuda", 2, 2, 0))
+    with pytest.raises(loading.ModelLoadError, match="tensor-parallel serving over 2 GPUs"):
+        loading.load_model(Settings(model=str(models["plain"]), device="cuda"), models["plain"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -50,6 +51,34 @@ async def test_readiness_waits_for_warmup(app_factory: Any) -> None:
         engine.release.set()
         await wait_until(lambda: app.state.runtime.phase.value == "ready")
         assert (await client.get("/health/ready")).status_code == 200
+
+
+async def test_liveness_fails_when_the_engine_is_dead(app_factory: Any) -> None:
+    """A pod whose generation thread died must be restarted: live is 500 while ready, and while draining."""
+    async with app_factory() as (client, app):
+        assert (await client.get("/health/live")).status_code == 200
+        engine = app.state.runtime.engine
+        engine.stop()  # the real engine's worker thread ends
+        assert not engine.healthy
+        for path in ("/health/live", "/v2/health/live"):
+            r = await client.get(path)
+            assert r.status_code == 500 and r.json() == {"status": "engine stopped"}
+        from gptd_runtime.app import drain
+
+        await drain(app.state.runtime, timeout=0)
+        assert (await client.get("/health/live")).status_code == 500
+        assert (await client.get("/health/ready")).status_code == 503
+
+
+async def test_liveness_ignores_engine_health_while_warming_up(app_factory: Any) -> None:
+    engine = GatedEngine()
+    engine.healthy = False
+    async with app_factory(engine=engine, wait_ready=False) as (client, app):
+        await wait_until(lambda: app.state.runtime.phase.value == "warming_up")
+        assert (await client.get("/health/live")).status_code == 200  # not yet judged: warm-up decides
+        engine.release.set()
+        await wait_until(lambda: app.state.runtime.phase.value == "ready")
+        assert (await client.get("/health/live")).status_code == 500
 
 
 async def test_load_failure_reports_failed(tmp_path: Path) -> None:
@@ -150,8 +179,10 @@ def test_openai_client_against_real_server(server_factory: Any, models: Any, tmp
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 6
     import openai
 
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="demo", prompt="x", max_tokens=5, n=2)
+    two = client.completions.create(model="demo", prompt="x", max_tokens=5, n=2)
+    assert [c.index for c in two.choices] == [0, 1]
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model="demo", prompt="x", max_tokens=5, logit_bias={"1": 5})
     with pytest.raises(openai.AuthenticationError):
         OpenAI(base_url=f"{server.url}/v1", api_key="wrong").models.list()
 
@@ -175,17 +206,23 @@ def test_bad_model_dir_exits_nonzero(tmp_path: Path, case: str) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_sigterm_while_loading_exits_0(server_factory: Any, models: Any) -> None:
-    """The engine's generation thread is not a daemon: a load finishing after the SIGTERM must not start it (the
-    process would hang until SIGKILL)."""
-    server = server_factory("--model", str(models["plain"]), wait=False)
+def test_sigterm_while_loading_exits_0(server_factory: Any, models: Any, tmp_path: Path) -> None:
+    """SIGTERM while the model is provably still loading (held there by the test's load gate, see
+    tests/support/load_gate): the process exits 0 at once; the thread still loading must not keep it alive."""
+    gate = tmp_path / "open-the-gate"
+    server = server_factory("--model", str(models["plain"]), wait=False, env={
+        "GPTD_TEST_LOAD_GATE": str(gate),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests" / "support" / "load_gate"),
+                                                    os.environ.get("PYTHONPATH")]))})
     deadline = time.monotonic() + 60
-    while True:  # listening at once, while the model loads
-        assert server.proc.poll() is None and time.monotonic() < deadline
+    statuses: list[str] = []
+    while len(statuses) < 5:  # listening at once; still loading over several probes
+        assert server.proc.poll() is None and time.monotonic() < deadline, server.proc.stderr.read()
         try:
-            status = httpx.get(f"{server.url}/health/ready", timeout=2).json()["status"]
-            break
+            statuses.append(httpx.get(f"{server.url}/health/ready", timeout=2).json()["status"])
         except httpx.HTTPError:
             time.sleep(0.02)
+    assert statuses == ["loading"] * 5
     server.proc.send_signal(signal.SIGTERM)
-    assert server.proc.wait(30) == 0, status
+    assert server.proc.wait(30) == 0
+    gate.touch()  # (the load never got past the gate)

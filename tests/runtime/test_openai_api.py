@@ -75,13 +75,21 @@ async def test_streaming_chat_role_first(app_factory: Any) -> None:
     async with app_factory("chat") as (client, _app):
         r = await client.post("/v1/chat/completions", json={
             "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
-            "max_tokens": 5, "stream": True})
+            "max_tokens": 5, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}})
         events = sse_events(r.text)
         assert events[-1] == "[DONE]"
-        first = json.loads(events[0])
-        assert first["object"] == "chat.completion.chunk"
-        assert first["choices"][0]["delta"]["role"] == "assistant"
-        assert json.loads(events[-2])["choices"][0]["finish_reason"] in ("length", "stop")
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert {(c["id"], c["object"], c["created"]) for c in chunks} == {
+            (chunks[0]["id"], "chat.completion.chunk", chunks[0]["created"])}
+        assert chunks[0]["id"].startswith("chatcmpl-")
+        first, *middle, last, usage = chunks
+        assert first["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                     "finish_reason": None, "logprobs": None}]
+        assert middle, "content arrives in its own chunks"
+        assert all("role" not in c["choices"][0]["delta"] and c["choices"][0]["finish_reason"] is None
+                   for c in middle)
+        assert last["choices"][0]["finish_reason"] == "length"  # 5 tokens, EOS ignored
+        assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
 
 
 async def test_stop_string_truncates(app_factory: Any) -> None:
@@ -118,9 +126,14 @@ async def test_concurrent_requests_share_forward_passes(app_factory: Any) -> Non
         assert engine.num_inflight() == 0
 
 
-async def test_metrics_exposition(app_factory: Any) -> None:
-    async with app_factory() as (client, _app):
-        await client.post("/v1/completions", json={"prompt": "metrics", "max_tokens": 5, "ignore_eos": True})
+async def test_metrics_exposition(app_factory: Any, models: Any) -> None:
+    n_prompt = len(AutoTokenizer.from_pretrained(models["plain"])("metrics").input_ids)
+    async with app_factory() as (client, app):
+        engine = app.state.runtime.engine
+        before = (await client.get("/metrics")).text  # after warm-up: its requests are counted too
+        passes = engine.forward_passes
+        r = await client.post("/v1/completions", json={"prompt": "metrics", "max_tokens": 5, "ignore_eos": True})
+        assert r.status_code == 200
         r = await client.get("/metrics")
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/plain")
@@ -129,9 +142,18 @@ async def test_metrics_exposition(app_factory: Any) -> None:
                      "gptd:e2e_request_latency_seconds", "gptd:prompt_tokens_total",
                      "gptd:generation_tokens_total", "gptd:request_success_total", "gptd:batch_size"):
             assert f"# TYPE {name.removesuffix('_total')}" in text, name
-        # warm-up (4 tokens, greedy may stop early at EOS) + this request (5)
-        assert metric(text, "gptd:generation_tokens_total") >= 5
-        assert metric(text, 'gptd:request_success_total{finished_reason="length"}') >= 1
+
+        def delta(name: str) -> float:
+            return metric(text, name) - metric(before, name)
+
+        assert delta("gptd:prompt_tokens_total") == n_prompt
+        assert delta("gptd:generation_tokens_total") == 5
+        assert delta('gptd:request_success_total{finished_reason="length"}') == 1
+        assert delta("gptd:time_to_first_token_seconds_count") == 1
+        assert delta("gptd:e2e_request_latency_seconds_count") == 1
+        assert delta("gptd:batch_size_count") == engine.forward_passes - passes > 0  # one sample per pass
         assert metric(text, 'gptd:http_requests_total{route="/v1/completions",status="200"}') == 1
-        assert metric(text, "gptd:time_to_first_token_seconds_count") >= 2
+        assert metric(text, 'gptd:http_requests_total{route="/metrics",status="200"}') == 1  # the first scrape
+        assert metric(text, "gptd:num_requests_running") == 0
+        assert metric(text, "gptd:num_requests_waiting") == 0
         assert metric(text, "gptd:ready") == 1

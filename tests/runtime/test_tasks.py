@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
 
 def _infer_body(texts: list[str]) -> dict[str, Any]:
     return {"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]}
@@ -37,7 +39,7 @@ async def test_token_classification(app_factory: Any) -> None:
         assert entities, "random weights still label some tokens as entities"
         for ent in entities:
             assert ent["entity_group"] in {"PER", "LOC"}
-            assert text[ent["start"]:ent["end"]].strip() == ent["word"]
+            assert text[ent["start"]:ent["end"]] == ent["word"] == ent["word"].strip()
             assert 0 < ent["score"] <= 1
 
 
@@ -54,6 +56,36 @@ async def test_v2_errors(app_factory: Any) -> None:
         # An OpenAI route on a classifier says where to go instead.
         r = await client.post("/v1/completions", json={"prompt": "x"})
         assert r.status_code == 400 and "/v2/models/cls/infer" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("model", ["cls", "ner"])
+@pytest.mark.parametrize(("tensor", "words"), [
+    ({"shape": [2], "data": ["fine", ""]}, "data[1] is an empty string"),
+    ({"shape": [1], "data": [""]}, "empty string"),
+    ({"shape": [3], "data": ["a", "b"]}, "holds 3 item(s), data has 2"),
+    ({"shape": [1], "data": ["a", "b"]}, "holds 1 item(s)"),
+    ({"shape": [2, 2], "data": [["a", "b"], ["c"]]}, "nested differently"),
+    ({"shape": [0], "data": []}, "at least one"),
+    ({"shape": [1], "data": [3]}, "must be a string"),
+])
+async def test_v2_input_must_match_its_shape_and_hold_text(
+    app_factory: Any, model: str, tensor: dict[str, Any], words: str
+) -> None:
+    async with app_factory(model) as (client, app):
+        r = await client.post(f"/v2/models/{model}/infer", json={"inputs": [
+            {"name": "text", "datatype": "BYTES", **tensor}]})
+        assert r.status_code == 400, r.text
+        assert words in r.json()["error"] and "'text'" in r.json()["error"]
+        assert app.state.runtime.engine.healthy
+
+
+async def test_v2_output_shape_follows_the_input(app_factory: Any) -> None:
+    async with app_factory("cls") as (client, _app):
+        body = {"inputs": [{"name": "text", "shape": [2, 1], "datatype": "BYTES", "data": [["good"], ["bad"]]}]}
+        r = await client.post("/v2/models/cls/infer", json=body)
+        assert r.status_code == 200, r.text
+        assert [o["shape"] for o in r.json()["outputs"]] == [[2, 1], [2, 1]]
+        assert len(r.json()["outputs"][0]["data"]) == 2
 
 
 async def test_v2_on_generation_model(app_factory: Any) -> None:

@@ -17,6 +17,7 @@ if str(HACK) not in sys.path:
 
 import generate  # noqa: E402
 import tools  # noqa: E402
+import version as versions  # noqa: E402  (hack/version.py)
 
 CHART = ROOT / "helm" / "gptd-operator"
 NAMESPACE = "gptd-system"
@@ -66,4 +67,4 @@ def assert_restricted(pod_spec: dict[str, Any], where: str) -> None:
 
 
 __all__ = ["CHART", "K8S_VERSIONS", "NAMESPACE", "ROOT", "assert_restricted", "by_kind", "generate", "load_docs",
-           "one", "run_helm", "tools"]
+           "one", "run_helm", "tools", "versions"]

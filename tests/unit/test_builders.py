@@ -109,6 +109,9 @@ def test_runtime_env() -> None:
     assert e["HF_HOME"] == b.CACHE_DIR
     assert "HF_TOKEN" not in e and "GPTD_API_KEY_FILE" not in e
     c = container(dep(service={"port": 9000}))
+    # HOME is set (an image whose passwd lacks uid 10001 would get "/", read-only) and is a writable mount.
+    assert e["HOME"] == "/tmp"
+    assert "/tmp" in {m["mountPath"] for m in c["volumeMounts"]}
     assert c["ports"] == [{"name": "http", "containerPort": 9000, "protocol": "TCP"}]
     assert c["command"] == ["python", "-m", "gptd_runtime", "serve"]
     assert c["image"] == DEFAULT_RUNTIME_IMAGE
@@ -300,7 +303,7 @@ def test_hpa() -> None:
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "gpt2"}
     assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
     assert hpa["spec"]["metrics"] == [
-        {"type": "Pods", "pods": {"metric": {"name": "gptd_num_requests_running"},
+        {"type": "Pods", "pods": {"metric": {"name": "gptd_num_requests_inflight"},
                                   "target": {"type": "AverageValue", "averageValue": "8"}}},
         {"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 75}}},
     ]

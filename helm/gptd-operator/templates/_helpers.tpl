@@ -37,6 +37,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: gptd
 {{- end -}}
 
+{{/* The `helm test` pod's labels: not the operator's selector labels, so the Service it probes never routes to
+the test pod itself, and component=test lets scripts find it (hack/demo.sh prints its logs on failure). */}}
+{{- define "gptd-operator.testLabels" -}}
+helm.sh/chart: {{ include "gptd-operator.chart" . }}
+app.kubernetes.io/name: {{ include "gptd-operator.name" . }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: gptd
+{{- end -}}
+
 {{- define "gptd-operator.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "gptd-operator.fullname" .) .Values.serviceAccount.name -}}

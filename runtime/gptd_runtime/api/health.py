@@ -8,6 +8,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from ..state import Phase
+from .deps import runtime
+
 router = APIRouter()
 
 
@@ -15,9 +18,10 @@ router = APIRouter()
 @router.get("/health/live")
 @router.get("/v2/health/live")
 async def live(request: Request) -> JSONResponse:
-    state = request.app.state.runtime
+    state = runtime(request)
     engine = state.engine
-    if engine is not None and state.phase.value in ("ready", "draining") and not engine.healthy:
+    # While loading/warming up there may be no engine yet, and a failed load ends the process on its own.
+    if engine is not None and state.phase in (Phase.READY, Phase.DRAINING) and not engine.healthy:
         return JSONResponse({"status": "engine stopped"}, status_code=500)
     return JSONResponse({"status": "ok"})
 
@@ -25,9 +29,8 @@ async def live(request: Request) -> JSONResponse:
 @router.get("/health/ready")
 @router.get("/v2/health/ready")
 async def ready(request: Request) -> JSONResponse:
-    state = request.app.state.runtime
-    ok = state.phase.value == "ready"
+    state = runtime(request)
     body = {"status": state.phase.value}
     if state.error:
         body["error"] = state.error
-    return JSONResponse(body, status_code=200 if ok else 503)
+    return JSONResponse(body, status_code=200 if state.phase is Phase.READY else 503)

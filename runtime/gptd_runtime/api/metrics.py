@@ -1,6 +1,8 @@
 """Prometheus metrics, named like vLLM's with a `gptd:` prefix so existing dashboards/HPA rules carry over.
 
-`gptd:num_requests_running` is what the operator's HPA scales on: keep that name. Each app has its own
+`gptd:num_requests_inflight` (running + waiting) is what the operator's HPA scales on, as the custom metric
+`gptd_num_requests_inflight` after the prometheus-adapter rename (manifests/prometheus-adapter/rules.yaml): keep that
+name. Running alone is capped by the batch size, so a growing queue would never scale anything. Each app has its own
 registry (several apps can live in one test process)."""
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from .deps import runtime
+
 # `*_created` samples double the exposition size and nothing here uses them.
 disable_created_metrics()
 
@@ -31,6 +35,9 @@ class Metrics:
         r = self.registry
         self.running = Gauge("gptd:num_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("gptd:num_requests_waiting", "Requests admitted but waiting for a batch slot", registry=r)
+        self.inflight = Gauge(
+            "gptd:num_requests_inflight", "Requests running or waiting (what the HPA scales on)", registry=r
+        )
         self.ready = Gauge("gptd:ready", "1 when the model is loaded, warmed up and not draining", registry=r)
         self.http_requests = Counter(
             "gptd:http_requests", "HTTP requests by route and status code", ["route", "status"], registry=r
@@ -57,6 +64,8 @@ class Metrics:
         """Gauges are read from the engine at scrape time (no bookkeeping to drift)."""
         self.running.set_function(running)
         self.waiting.set_function(waiting)
+        # One gauge, read in one scrape: a query summing two series could mix samples from different scrapes.
+        self.inflight.set_function(lambda: running() + waiting())
         self.ready.set_function(ready)
 
     # EngineMetrics protocol (called from the engine; prometheus_client is thread-safe)
@@ -82,5 +91,4 @@ router = APIRouter()
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    m: Metrics = request.app.state.runtime.metrics
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(runtime(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

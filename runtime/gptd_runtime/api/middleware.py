@@ -6,24 +6,24 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .protocol import error_body
-
-if TYPE_CHECKING:
-    from ..app import RuntimeState
+from ..state import RuntimeState
+from .errors import error_body
 
 # Probes and scrapes must work without credentials and must not count as in-flight work.
 EXEMPT_PATHS = frozenset({"/health/live", "/health/ready", "/metrics", "/v2/health/live", "/v2/health/ready"})
-_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/embeddings")
 
 
 def route_label(path: str) -> str:
     """Bounded label values: never the raw path (model names / scanners would explode cardinality)."""
     if path in _ROUTES or path in EXEMPT_PATHS:
         return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
     if path.startswith("/v2/models/"):
         return "/v2/models/infer" if path.endswith("/infer") else "/v2/models"
     return "other"

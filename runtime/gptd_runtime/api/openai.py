@@ -1,258 +1,218 @@
-"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions. Thin: validate, tokenize,
-check limits (before any model work), hand the request to the engine, format the output."""
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions. Thin: validate (refuse what
+cannot be honoured), tokenize, check limits (before any model work), map the fields onto the engine's
+SamplingParams, run the choices (api/generation.py), shape the answer (api/envelope.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
-from ..engine import EngineUnavailableError, GenerationStream, QueueFullError, SamplingParams
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
+from ..engine import ResponseFormat, SamplingParams
+from ..state import (
+    FEATURE_LOGPROBS,
+    FEATURE_PENALTIES,
+    FEATURE_RESPONSE_FORMAT,
+    FEATURE_SEED,
+    RuntimeState,
+    context_limit,
+    sampling_features,
+)
+from . import generation
+from .deps import check_model, ready_engine, runtime
+from .envelope import Envelope
+from .errors import APIError, bad_request, not_found, unsupported
+from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 router = APIRouter()
-_DISCONNECT_POLL_SECONDS = 0.5
+
+
+def _card(state: RuntimeState) -> dict[str, Any]:
+    s = state.settings
+    return {"id": state.model_name, "object": "model", "created": 0, "owned_by": "gptd", "task": s.task,
+            "max_model_len": s.max_input_tokens + s.max_new_tokens}
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    state = request.app.state.runtime
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": state.model_name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "gptd",
-                "task": state.settings.task,
-                "max_model_len": state.settings.max_input_tokens + state.settings.max_new_tokens,
-            }
-        ],
-    }
+    return {"object": "list", "data": [_card(runtime(request))]}
 
 
-def _engine(request: Request, body: SamplingFields) -> Any:
-    state = request.app.state.runtime
-    if body.model is not None and body.model != state.model_name:
-        raise APIError(404, f"model {body.model!r} does not exist; this server serves {state.model_name!r}",
-                       type="not_found_error", param="model", code="model_not_found")
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    state = runtime(request)
+    if model_id != state.model_name:
+        raise not_found(f"model {model_id!r} does not exist; this server serves {state.model_name!r}",
+                        param="model")
+    return _card(state)
+
+
+def _generation_engine(state: RuntimeState, body: SamplingFields) -> Any:
+    check_model(state, body.model)
     if state.settings.task != "text-generation":
-        raise APIError(400, f"model {state.model_name!r} is a {state.settings.task} model: use "
-                       f"POST /v2/models/{state.model_name}/infer", param="model", code="wrong_task")
-    return state.require_ready()
+        raise bad_request(f"model {state.model_name!r} is a {state.settings.task} model: use "
+                          f"POST /v2/models/{state.model_name}/infer", param="model", code="wrong_task")
+    refused = body.refusal()
+    if refused is not None:
+        raise unsupported(*refused)
+    return ready_engine(state)
 
 
-def _sampling(request: Request, body: SamplingFields, prompt_len: int, prompt_param: str) -> SamplingParams:
-    s = request.app.state.runtime.settings
-    if body.n != 1:
-        raise APIError(400, "only n=1 is supported", param="n", code="unsupported_value")
-    if prompt_len > s.max_input_tokens:
-        raise APIError(400, f"{prompt_param} has {prompt_len} tokens, more than the limit of {s.max_input_tokens}",
-                       param=prompt_param, code="context_length_exceeded")
-    requested = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+def _require(engine: Any, feature: str, field: str) -> None:
+    if feature not in sampling_features(engine):
+        raise unsupported(field, "the generation engine does not implement it")
+
+
+def _response_format(body: SamplingFields) -> ResponseFormat | None:
+    rf = getattr(body, "response_format", None)
+    if rf is None or rf.type == "text":
+        return None
+    schema = rf.json_schema.schema_ if rf.type == "json_schema" and rf.json_schema else None
+    return ResponseFormat(rf.type, schema)
+
+
+def _params(
+    state: RuntimeState, engine: Any, body: SamplingFields, logprobs: int | None, logprobs_field: str
+) -> SamplingParams:
+    """The request's sampling parameters (max_tokens is set per prompt by `_jobs`)."""
+    response_format = _response_format(body)
+    if logprobs is not None:
+        _require(engine, FEATURE_LOGPROBS, logprobs_field)
+    if body.seed is not None:
+        _require(engine, FEATURE_SEED, "seed")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            _require(engine, FEATURE_PENALTIES, name)
+    if response_format is not None:
+        _require(engine, FEATURE_RESPONSE_FORMAT, "response_format")
+    return SamplingParams(
+        max_tokens=1,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stop=body.stop_list(),
+        seed=body.seed,
+        ignore_eos=bool(body.ignore_eos),
+        logprobs=logprobs,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        response_format=response_format,
+    )
+
+
+def _max_tokens(state: RuntimeState, body: SamplingFields) -> int:
+    s = state.settings
+    completion_tokens = getattr(body, "max_completion_tokens", None)
+    requested = body.max_tokens if body.max_tokens is not None else completion_tokens
     if requested is not None and requested > s.max_new_tokens:
         field = "max_tokens" if body.max_tokens is not None else "max_completion_tokens"
         raise APIError(400, f"{field}={requested} exceeds the limit of {s.max_new_tokens}",
                        param=field, code="max_tokens_exceeded")
-    max_tokens = requested or s.max_new_tokens
-    engine = request.app.state.runtime.engine
+    return requested or s.max_new_tokens
+
+
+def _jobs(
+    state: RuntimeState, body: SamplingFields, prompts: list[list[int]], base: SamplingParams, prompt_param: str,
+    echoes: list[str] | None = None,
+) -> list[generation.Job]:
+    """n choices per prompt. With `seed`, choice j of a prompt samples with seed + j: reproducible, and the
+    choices differ from one another."""
+    s = state.settings
+    n = body.choices
+    if len(prompts) * n > s.max_batch_size:
+        param = "n" if n > 1 else prompt_param
+        raise bad_request(f"{len(prompts)} prompt(s) x n={n} = {len(prompts) * n} sequences exceed the batch "
+                          f"limit of {s.max_batch_size}", param=param, code="unsupported_value")
+    wanted = _max_tokens(state, body)
     # Never run past the model's position embeddings, nor past the whole KV cache: a request that cannot fit
     # even alone makes transformers' scheduler raise on its thread, which kills the engine for everyone.
-    max_pos = getattr(engine.loaded.model.config, "max_position_embeddings", None) if engine else None
-    context = s.kv_blocks() * s.kv_cache_page_size
-    if max_pos:
-        context = min(context, max_pos)
-    if prompt_len >= context:
-        raise APIError(400, f"{prompt_param} has {prompt_len} tokens; the context (model positions and KV "
-                       f"cache) holds {context}", param=prompt_param, code="context_length_exceeded")
-    max_tokens = min(max_tokens, context - prompt_len)
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        stop=body.stop_list(),
-        seed=body.seed,
-        ignore_eos=body.ignore_eos,
-    )
+    context = context_limit(state)
+    jobs = []
+    for p, ids in enumerate(prompts):
+        if len(ids) > s.max_input_tokens:
+            raise APIError(400, f"{prompt_param} has {len(ids)} tokens, more than the limit of "
+                           f"{s.max_input_tokens}", param=prompt_param, code="context_length_exceeded")
+        if len(ids) >= context:
+            raise APIError(400, f"{prompt_param} has {len(ids)} tokens; the context (model positions and KV "
+                           f"cache) holds {context}", param=prompt_param, code="context_length_exceeded")
+        params = dataclasses.replace(base, max_tokens=min(wanted, context - len(ids)))
+        for j in range(n):
+            seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + j)
+            jobs.append(generation.Job(p * n + j, p, ids, seeded, echoes[p] if echoes else ""))
+    return jobs
 
 
-def _submit(engine: Any, ids: list[int], params: SamplingParams, stream: bool) -> GenerationStream:
-    if not ids:  # an empty prompt still needs one token to condition on
-        ids = [engine.tokenizer.eos_token_id or 0]
-    try:
-        return engine.submit(ids, params, stream=stream)
-    except QueueFullError as e:
-        raise APIError(429, f"server is busy: {e}", type="rate_limit_error", code="queue_full",
-                       headers={"Retry-After": "1"}) from e
-    except EngineUnavailableError as e:
-        raise APIError(503, str(e), type="service_unavailable", code="engine_unavailable",
-                       headers={"Retry-After": "1"}) from e
+async def _run(request: Request, env: Envelope, body: SamplingFields, engine: Any, jobs: list[generation.Job]) -> Any:
+    streams = generation.submit_all(engine, jobs, body.streaming)
+    if body.streaming:
+        return generation.sse(env, jobs, streams, body.include_usage)
+    results = await generation.collect(request, jobs, streams)
+    return env.response(results, generation.usage(jobs, streams))
 
 
-async def _collect(request: Request, stream: GenerationStream) -> tuple[str, str]:
-    """Wait for a non-streamed result, cancelling generation if the client goes away meanwhile."""
-    task = asyncio.ensure_future(stream.collect())
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_SECONDS)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                raise APIError(499, "client disconnected", code="client_closed")
-    except EngineUnavailableError as e:
-        raise APIError(503, str(e), type="service_unavailable", code="engine_unavailable") from e
-    finally:
-        if not task.done():
-            task.cancel()
-        stream.cancel()
-
-
-def _usage(stream: GenerationStream) -> dict[str, int]:
-    return {
-        "prompt_tokens": stream.prompt_tokens,
-        "completion_tokens": stream.completion_tokens,
-        "total_tokens": stream.prompt_tokens + stream.completion_tokens,
-    }
-
-
-def _sse(
-    stream: GenerationStream,
-    chunk: Callable[[str, str | None], dict[str, Any]],
-    usage_chunk: Callable[[], dict[str, Any]] | None,
-    first: dict[str, Any] | None = None,
-) -> StreamingResponse:
-    async def events() -> AsyncIterator[str]:
-        try:
-            if first is not None:
-                yield f"data: {json.dumps(first)}\n\n"
-            async for delta in stream:
-                if delta.text or delta.finish_reason:
-                    yield f"data: {json.dumps(chunk(delta.text, delta.finish_reason))}\n\n"
-            if usage_chunk is not None:
-                yield f"data: {json.dumps(usage_chunk())}\n\n"
-        except EngineUnavailableError as e:
-            err = {"error": {"message": str(e), "type": "service_unavailable", "param": None, "code": None}}
-            yield f"data: {json.dumps(err)}\n\n"
-        finally:
-            # Runs on normal end and when the client disconnects (the task is cancelled): frees the slot.
-            stream.cancel()
-        yield "data: [DONE]\n\n"
-
-    return _StreamResponse(
-        stream, events(), media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
-
-
-class _StreamResponse(StreamingResponse):
-    """Frees the engine slot however the response ends. The generator's own `finally` does not run when the
-    client is gone before its first iteration (disconnect or failed send at response start), which would
-    leave the request generating and counted toward the 429 limit."""
-
-    def __init__(self, stream: GenerationStream, content: AsyncIterator[str], **kwargs: Any):
-        super().__init__(content, **kwargs)
-        self._stream = stream
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._stream.cancel()
+def _prompts(engine: Any, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt. An empty prompt still needs one token to condition on."""
+    tok = engine.tokenizer
+    raw = body.prompt
+    if isinstance(raw, list) and not raw:
+        raise bad_request("prompt: must not be an empty list", param="prompt")
+    if isinstance(raw, str):
+        items: list[Any] = [raw]
+    elif isinstance(raw[0], int):
+        items = [raw]
+    else:
+        items = list(raw)
+    ids_list, texts = [], []
+    for item in items:
+        if isinstance(item, str):
+            ids, text = tok(item).input_ids, item
+        else:
+            ids = list(item)
+            if any(i < 0 or i >= len(tok) for i in ids):
+                raise bad_request("prompt contains token ids outside the vocabulary", param="prompt")
+            text = tok.decode(ids)
+        ids_list.append(ids or [tok.eos_token_id or 0])
+        texts.append(text)
+    return ids_list, texts
 
 
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> Any:
-    engine = _engine(request, body)
-    tok = engine.tokenizer
-    prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        if len(prompt) != 1:
-            raise APIError(400, "only one prompt per request is supported", param="prompt", code="unsupported_value")
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        ids = tok(prompt).input_ids
-        prompt_text = prompt
-    else:
-        ids = list(prompt)
-        if any(i < 0 or i >= len(tok) for i in ids):
-            raise APIError(400, "prompt contains token ids outside the vocabulary", param="prompt")
-        prompt_text = tok.decode(ids)
-    params = _sampling(request, body, len(ids), "prompt")
-    stream = _submit(engine, ids, params, body.stream)
-    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), request.app.state.runtime.model_name
-
-    def choice(text: str, reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-
-    if body.stream:
-        def chunk(text: str, reason: str | None) -> dict[str, Any]:
-            return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                    "choices": [choice(text, reason)]}
-
-        def usage_chunk() -> dict[str, Any]:
-            return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                    "usage": _usage(stream)}
-
-        include = body.stream_options is not None and body.stream_options.include_usage
-        first = chunk(prompt_text, None) if body.echo else None
-        return _sse(stream, chunk, usage_chunk if include else None, first)
-
-    text, reason = await _collect(request, stream)
-    return {
-        "id": rid, "object": "text_completion", "created": created, "model": model,
-        "choices": [choice((prompt_text + text) if body.echo else text, reason)],
-        "usage": _usage(stream),
-    }
+    state = runtime(request)
+    engine = _generation_engine(state, body)
+    base = _params(state, engine, body, body.logprobs, "logprobs")
+    prompts, texts = _prompts(engine, body)
+    jobs = _jobs(state, body, prompts, base, "prompt", texts if body.echo else None)
+    return await _run(request, Envelope("completion", state.model_name), body, engine, jobs)
 
 
 def _chat_prompt(tokenizer: Any, body: ChatCompletionRequest) -> str:
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages: list[dict[str, Any]] = []
+    for m in body.messages:
+        message: dict[str, Any] = {"role": m.role, "content": m.text()}
+        if m.name is not None:  # templates that know participant names use it
+            message["name"] = m.name
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        messages.append(message)
     if getattr(tokenizer, "chat_template", None):
         try:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # template errors (e.g. unsupported role order) are the request's fault
-            raise APIError(400, f"chat template rejected the messages: {e}", param="messages") from e
+            raise bad_request(f"chat template rejected the messages: {e}", param="messages") from e
     # Plain fallback for base models without a template: a transcript ending with the assistant's turn.
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-    engine = _engine(request, body)
+    state = runtime(request)
+    engine = _generation_engine(state, body)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    field = "top_logprobs" if body.top_logprobs else "logprobs"
+    base = _params(state, engine, body, logprobs, field)
     tok = engine.tokenizer
     # The template already carries any special tokens the model expects.
     ids = tok(_chat_prompt(tok, body), add_special_tokens=False).input_ids
-    params = _sampling(request, body, len(ids), "messages")
-    stream = _submit(engine, ids, params, body.stream)
-    rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), request.app.state.runtime.model_name
-
-    if body.stream:
-        def chunk(text: str, reason: str | None) -> dict[str, Any]:
-            delta = {"content": text} if text else {}
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
-
-        def usage_chunk() -> dict[str, Any]:
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [], "usage": _usage(stream)}
-
-        first = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                              "logprobs": None}]}
-        include = body.stream_options is not None and body.stream_options.include_usage
-        return _sse(stream, chunk, usage_chunk if include else None, first)
-
-    text, reason = await _collect(request, stream)
-    return {
-        "id": rid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                     "logprobs": None}],
-        "usage": _usage(stream),
-    }
+    jobs = _jobs(state, body, [ids], base, "messages")
+    return await _run(request, Envelope("chat", state.model_name), body, engine, jobs)

@@ -4,23 +4,26 @@ GET /v2/models/{name}, GET /v2/models/{name}/ready, POST /v2/models/{name}/infer
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
 
 from ..engine import EngineUnavailableError, QueueFullError
-from .protocol import APIError, InferRequest
+from ..state import RuntimeState
+from .deps import ready_engine, runtime
+from .errors import APIError, bad_request, busy, not_found, unavailable
+from .protocol import InferInput, InferRequest
 
 router = APIRouter()
 _CLASSIFY_TASKS = ("text-classification", "token-classification")
 
 
-def _check_model(request: Request, name: str) -> Any:
-    state = request.app.state.runtime
+def _check_model(request: Request, name: str) -> RuntimeState:
+    state = runtime(request)
     if name != state.model_name:
-        raise APIError(404, f"model {name!r} not found; this server serves {state.model_name!r}",
-                       type="not_found_error", code="model_not_found")
+        raise not_found(f"model {name!r} not found; this server serves {state.model_name!r}")
     return state
 
 
@@ -45,16 +48,47 @@ async def model_metadata(name: str, request: Request) -> dict[str, Any]:
 
 @router.get("/v2/models/{name}/ready")
 async def model_ready(name: str, request: Request) -> dict[str, Any]:
-    state = _check_model(request, name)
-    state.require_ready()
+    ready_engine(_check_model(request, name))
     return {"name": name, "ready": True}
 
 
-def _flatten(data: list[Any]) -> list[Any]:
-    out: list[Any] = []
-    for item in data:
-        out.extend(_flatten(item) if isinstance(item, list) else [item])
-    return out
+def _texts(tensor: InferInput) -> list[str]:
+    """The input's strings, row-major. `shape` must describe `data`: either flat (as the v2 protocol sends
+    it) with as many items as the shape's product, or nested exactly as the shape says."""
+    name = tensor.name
+    if any(d < 0 for d in tensor.shape) or not tensor.shape:
+        raise bad_request(f"input {name!r}: shape {tensor.shape} must be a non-empty list of sizes >= 0",
+                          param="inputs.0.shape")
+    flat: list[Any] = []
+
+    def walk(item: Any, depth: int) -> None:
+        if isinstance(item, list):
+            if depth >= len(tensor.shape) or len(item) != tensor.shape[depth]:
+                raise bad_request(f"input {name!r}: data is nested differently from shape {tensor.shape}",
+                                  param="inputs.0.shape")
+            for x in item:
+                walk(x, depth + 1)
+        else:
+            flat.append(item)
+
+    nested = any(isinstance(x, list) for x in tensor.data)
+    if nested:
+        walk(tensor.data, 0)
+    else:
+        flat = list(tensor.data)
+    if len(flat) != math.prod(tensor.shape):
+        raise bad_request(f"input {name!r}: shape {tensor.shape} holds {math.prod(tensor.shape)} item(s), data "
+                          f"has {len(flat)}", param="inputs.0.shape")
+    if not flat:
+        raise bad_request(f"input {name!r}: data must hold at least one string", param="inputs.0.data")
+    for i, text in enumerate(flat):
+        if not isinstance(text, str):
+            raise bad_request(f"input {name!r}: data[{i}] must be a string, got {type(text).__name__}",
+                              param="inputs.0.data")
+        if text == "":
+            raise bad_request(f"input {name!r}: data[{i}] is an empty string (nothing to classify)",
+                              param="inputs.0.data")
+    return flat
 
 
 @router.post("/v2/models/{name}/infer")
@@ -62,36 +96,36 @@ async def infer(name: str, body: InferRequest, request: Request) -> dict[str, An
     state = _check_model(request, name)
     task = state.settings.task
     if task not in _CLASSIFY_TASKS:
-        raise APIError(400, f"model {name!r} is a {task} model: use /v1/completions or /v1/chat/completions")
-    engine = state.require_ready()
+        raise bad_request(f"model {name!r} is a {task} model: use /v1/completions or /v1/chat/completions")
+    engine = ready_engine(state)
     if len(body.inputs) != 1:
-        raise APIError(400, "exactly one input tensor (BYTES, the texts) is expected", param="inputs")
+        raise bad_request("exactly one input tensor (BYTES, the texts) is expected", param="inputs")
     tensor = body.inputs[0]
     if tensor.datatype.upper() != "BYTES":
-        raise APIError(400, f"input {tensor.name!r} must have datatype BYTES, got {tensor.datatype}",
-                       param="inputs.0.datatype")
-    texts = _flatten(tensor.data)
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise APIError(400, f"input {tensor.name!r} data must be a non-empty list of strings",
-                       param="inputs.0.data")
+        raise bad_request(f"input {tensor.name!r} must have datatype BYTES, got {tensor.datatype}",
+                          param="inputs.0.datatype")
+    texts = _texts(tensor)
     if len(texts) > state.settings.max_batch_size:
-        raise APIError(400, f"{len(texts)} texts exceed the batch limit of {state.settings.max_batch_size}",
-                       param="inputs.0.data")
+        raise bad_request(f"{len(texts)} texts exceed the batch limit of {state.settings.max_batch_size}",
+                          param="inputs.0.data")
     for i, text in enumerate(texts):
         n = engine.count_tokens(text)
+        if n == 0:  # e.g. only characters the tokenizer drops: a 0-token row cannot be classified
+            raise bad_request(f"input {tensor.name!r}: data[{i}] has no tokens (nothing to classify)",
+                              param="inputs.0.data")
         if n > state.settings.max_input_tokens:
             raise APIError(400, f"text {i} has {n} tokens, more than the limit of {state.settings.max_input_tokens}",
                            param="inputs.0.data", code="context_length_exceeded")
     try:
         results = await engine.infer(texts)
     except QueueFullError as e:
-        raise APIError(429, f"server is busy: {e}", headers={"Retry-After": "1"}) from e
+        raise busy(str(e)) from e
     except EngineUnavailableError as e:
-        raise APIError(503, str(e)) from e
-    shape = [len(texts)]
+        raise unavailable(str(e)) from e
+    shape = list(tensor.shape)  # one output per input text, laid out like the input
     if task == "token-classification":
         outputs = [{"name": "entities", "datatype": "BYTES", "shape": shape,
-                    "data": [json.dumps(r.entities) for r in results]}]
+                    "data": [json.dumps(r.entities, ensure_ascii=False) for r in results]}]
     else:
         outputs = [
             {"name": "label", "datatype": "BYTES", "shape": shape, "data": [r.label for r in results]},

@@ -1,0 +1,29 @@
+"""The one typed way a route reaches the server's state (and, through it, a ready engine)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import HTTPConnection
+
+from ..state import RuntimeState
+from .errors import not_found, unavailable
+
+
+def runtime(request: HTTPConnection) -> RuntimeState:
+    state: RuntimeState = request.app.state.runtime
+    return state
+
+
+def ready_engine(state: RuntimeState) -> Any:
+    """The engine, or a 503 (with Retry-After) naming the phase while loading, warming up, draining or failed."""
+    reason = state.not_ready_reason()
+    if reason is not None:
+        raise unavailable(reason, code=state.phase.value)
+    return state.engine
+
+
+def check_model(state: RuntimeState, name: str | None, param: str | None = "model") -> None:
+    """`name` (None: not given) must be the served model."""
+    if name is not None and name != state.model_name:
+        raise not_found(f"model {name!r} does not exist; this server serves {state.model_name!r}", param=param)

@@ -1,0 +1,444 @@
+"""`python -m gptd_runtime fetch hf://org/name --revision REV --dest DIR`: download one revision of a model
+repository into a cache directory that runtime pods mount read-only.
+
+Layout of DIR (docs/fetch-and-evaluate.md):
+    DIR/<commit-sha>/                 a complete revision: only ever created by one rename, marker inside
+    DIR/<commit-sha>/.gptd-complete   JSON marker, written (fsynced) last, before that rename
+    DIR/refs/<revision>               the commit sha a branch/tag resolved to (written after the revision)
+    DIR/.incomplete/<commit-sha>/     work in progress: verified files under their names, `<name>.part` partial
+
+Properties:
+- resumable: a rerun keeps verified files and continues `.part` files with an HTTP Range request;
+- verified: LFS files by the sha256 in the hub's metadata, the rest by size; a mismatch is fetched again;
+- atomic: a revision directory exists only when complete, so a reader needs just `complete_revision()`;
+- selective: from the repo's file list, only what the runtime loads (see `select_files`).
+Progress is JSON lines on stdout; a failure is one JSON line `{"error", "reason"}` and exit status 1.
+The hub token (HF_TOKEN or a token file) is sent as a header and never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlparse
+
+MARKER = ".gptd-complete"
+INCOMPLETE = ".incomplete"
+REFS = "refs"
+_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+_CHUNK = 1024 * 1024
+# Hub files the runtime reads besides weights: configs, tokenizers (BPE, WordPiece, SentencePiece,
+# tiktoken), chat templates.
+_SUPPORT_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
+_WEIGHT_SAFETENSORS = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$|^adapter_model\.safetensors$")
+_WEIGHT_BIN = re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin$|^adapter_model\.bin$")
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class FetchError(Exception):
+    """A download that cannot complete. `reason` is a stable CamelCase word for the operator's status."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    size: int
+    sha256: str | None  # set for LFS files (the hub's metadata), None for plain git files
+
+
+# ---- pure parts ------------------------------------------------------------------------------------------
+def parse_repo_id(uri: str) -> str:
+    """`hf://org/name` or `org/name` -> `org/name`."""
+    parsed = urlparse(uri)
+    if parsed.scheme and parsed.scheme != "hf":
+        raise FetchError("InvalidArgument", f"fetch downloads hf://org/name repositories, not {parsed.scheme}:// URIs")
+    repo_id = (parsed.netloc + parsed.path).strip("/") if parsed.scheme else uri.strip("/")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise FetchError("InvalidArgument", f"model URI must look like hf://org/name, got {uri!r}")
+    return repo_id
+
+
+def select_files(files: Sequence[RemoteFile]) -> list[RemoteFile]:
+    """What the runtime loads from a repo root: config/tokenizer files and one weight format.
+
+    safetensors win over `.bin` when both exist; ONNX, Flax, TF, GGUF, Core ML, OpenVINO, training state and
+    anything in a sub-folder (`onnx/`, `original/`, ...) are skipped: `from_pretrained(dir)` reads the root.
+    """
+    root = [f for f in files if "/" not in f.name]
+    safetensors = [f for f in root if _WEIGHT_SAFETENSORS.match(f.name)]
+    weights = safetensors or [f for f in root if _WEIGHT_BIN.match(f.name)]
+    index = "model.safetensors.index.json" if safetensors else "pytorch_model.bin.index.json"
+    other_index = "pytorch_model.bin.index.json" if safetensors else "model.safetensors.index.json"
+    support = [
+        f for f in root
+        if f.name.endswith(_SUPPORT_SUFFIXES) and f.name != other_index and not f.name.startswith(".")
+        and (f.name == index or not f.name.endswith(".index.json"))
+    ]
+    return sorted({f.name: f for f in [*support, *weights]}.values(), key=lambda f: f.name)
+
+
+def complete_revision(dest: Path, sha: str) -> Path | None:
+    """The revision directory if it is complete (marker present), else None. What readers must call."""
+    path = Path(dest) / sha
+    return path if (path / MARKER).is_file() else None
+
+
+def resolve_ref(dest: Path, revision: str) -> str | None:
+    """The commit sha a branch/tag resolved to in an earlier fetch (or the sha itself), if known locally."""
+    if _SHA_RE.match(revision):
+        return revision
+    try:
+        sha = (Path(dest) / REFS / revision).read_text().strip()
+    except OSError:
+        return None
+    return sha if _SHA_RE.match(sha) else None
+
+
+class Progress:
+    """Counts bytes on disk per file (so resumed and re-fetched bytes are never counted twice) and prints
+    `{"bytesDone","bytesTotal","filesDone","filesTotal"}` lines at most every `interval` seconds."""
+
+    def __init__(self, files: Sequence[RemoteFile], out: TextIO, interval: float):
+        self.total = sum(f.size for f in files)
+        self.files_total = len(files)
+        self.on_disk: dict[str, int] = {f.name: 0 for f in files}
+        self.done: set[str] = set()
+        self.out, self.interval = out, interval
+        self._last = 0.0
+
+    def line(self) -> dict[str, Any]:
+        return {"bytesDone": sum(self.on_disk.values()), "bytesTotal": self.total,
+                "filesDone": len(self.done), "filesTotal": self.files_total}
+
+    def update(self, name: str, on_disk: int, done: bool = False) -> None:
+        self.on_disk[name] = on_disk
+        if done:
+            self.done.add(name)
+        else:
+            self.done.discard(name)
+        self.emit(force=done)
+
+    def emit(self, force: bool = False, **extra: Any) -> None:
+        now = time.monotonic()
+        if force or now - self._last >= self.interval:
+            self._last = now
+            print(json.dumps({**self.line(), **extra}), file=self.out, flush=True)
+
+
+# ---- file system -----------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verified(path: Path, f: RemoteFile) -> bool:
+    try:
+        if path.stat().st_size != f.size:
+            return False
+    except OSError:
+        return False
+    return f.sha256 is None or _sha256(path) == f.sha256
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """One fetch per revision at a time (a retried Job may overlap the old one on a shared volume)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise FetchError("Busy", f"another fetch is writing this revision (lock {lock_path} is held)") from e
+        yield
+
+
+# ---- hub -------------------------------------------------------------------------------------------------
+class _Hub:
+    """The hub's HTTP file API through huggingface_hub: HfApi for the revision and file list, its HTTP
+    session and error mapping (hf_raise_for_status) for the file transfers."""
+
+    def __init__(self, endpoint: str | None, token: str | None, timeout: float):
+        from huggingface_hub import HfApi, constants
+
+        # constants.ENDPOINT is read from HF_ENDPOINT when huggingface_hub is imported.
+        self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.api = HfApi(endpoint=self.endpoint, token=token)
+
+    def revision(self, repo_id: str, revision: str) -> tuple[str, list[RemoteFile]]:
+        info = self.api.model_info(repo_id, revision=revision, files_metadata=True, timeout=self.timeout)
+        files = [
+            RemoteFile(s.rfilename, s.lfs.size if s.lfs else (s.size or 0), s.lfs.sha256 if s.lfs else None)
+            for s in info.siblings or []
+        ]
+        if not info.sha:
+            raise FetchError("InvalidResponse", f"the hub returned no commit sha for {repo_id}@{revision}")
+        return info.sha, files
+
+    def stream(self, repo_id: str, sha: str, name: str, start: int) -> Any:
+        import httpx2
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session
+
+        # identity: Range offsets and the hub's sizes are of the raw file, not of a compressed body.
+        headers = {**build_hf_headers(token=self.token), "Accept-Encoding": "identity"}
+        if start:
+            headers["Range"] = f"bytes={start}-"
+        url = hf_hub_url(repo_id, name, revision=sha, endpoint=self.endpoint)
+        timeout = httpx2.Timeout(self.timeout, read=self.timeout)
+        return get_session().stream("GET", url, headers=headers, timeout=timeout, follow_redirects=True)
+
+
+def _hub_error(e: Exception, repo_id: str, revision: str) -> FetchError:
+    """huggingface_hub's exceptions -> one FetchError keeping the hub's own message."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    server = getattr(e, "server_message", None) or ""
+    said = f": {server}" if server else ""
+    if isinstance(e, RevisionNotFoundError):
+        return FetchError("RevisionNotFound", f"revision {revision!r} not found in {repo_id} (hub said{said or ': -'})")
+    if isinstance(e, GatedRepoError) or status == 403:
+        return FetchError("Forbidden", f"403 Forbidden: no access to {repo_id}{said}")
+    # A bad token is a plain 401; a 401 that huggingface_hub maps to RepositoryNotFound is a private or missing
+    # repo seen without (enough) credentials.
+    if status == 401 and not isinstance(e, RepositoryNotFoundError):
+        return FetchError("Unauthorized", f"401 Unauthorized: the hub refused the token for {repo_id}{said}")
+    if isinstance(e, RepositoryNotFoundError):
+        return FetchError("RepositoryNotFound",
+                          f"repository {repo_id} not found, or private and the token has no access ({status}{said})")
+    if isinstance(e, RemoteEntryNotFoundError):
+        return FetchError("EntryNotFound", f"a file listed for {repo_id}@{revision} is missing on the hub{said}")
+    if isinstance(e, HfHubHTTPError):
+        return FetchError("HubError", f"hub error {status} for {repo_id}@{revision}{said}")
+    return FetchError("Network", f"cannot reach the hub for {repo_id}@{revision}: {type(e).__name__}: {e}")
+
+
+# ---- download --------------------------------------------------------------------------------------------
+@dataclass
+class FetchOptions:
+    endpoint: str | None = None  # default: HF_ENDPOINT, else huggingface.co
+    token: str | None = None
+    attempts: int = 5  # per file, for dropped connections, 5xx/429 and corrupt transfers
+    backoff_seconds: float = 1.0  # doubled per attempt, capped at 30 s
+    timeout_seconds: float = 60.0
+    progress_interval: float = 2.0
+
+
+def _download_file(hub: _Hub, repo_id: str, sha: str, f: RemoteFile, work: Path, progress: Progress,
+                   opts: FetchOptions) -> None:
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import hf_raise_for_status
+
+    final = work / f.name
+    part = work / (f.name + ".part")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    last_error = ""
+    for attempt in range(opts.attempts):
+        if attempt:
+            time.sleep(min(30.0, opts.backoff_seconds * 2 ** (attempt - 1)))
+        have = part.stat().st_size if part.exists() else 0
+        if have > f.size:  # cannot be a prefix of this file
+            part.unlink()
+            have = 0
+        try:
+            if have < f.size or f.size == 0:
+                with hub.stream(repo_id, sha, f.name, have) as r:
+                    if r.status_code == 416:  # we already hold every byte
+                        pass
+                    else:
+                        if r.status_code >= 400:
+                            r.read()
+                        hf_raise_for_status(r)
+                        if have and r.status_code != 206:  # server ignored the Range: start over
+                            have = 0
+                        with open(part, "ab" if have else "wb") as out:
+                            # Chunks as they arrive (no re-buffering), so a dropped connection keeps them.
+                            for chunk in r.iter_bytes():
+                                out.write(chunk)
+                                have += len(chunk)
+                                progress.update(f.name, have)
+                            out.flush()
+                            os.fsync(out.fileno())
+        except HfHubHTTPError as e:
+            status = e.response.status_code if e.response is not None else None
+            if status not in _TRANSIENT_STATUS:
+                raise _hub_error(e, repo_id, sha) from e
+            last_error = f"HTTP {status}"
+            continue
+        except httpx2.TransportError as e:  # dropped connection, short body, timeout: resume from `have`
+            last_error = f"{type(e).__name__}: {e}"
+            continue
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise FetchError("DiskFull", f"disk full writing {f.name} into {work}: {e.strerror}") from e
+            raise
+        if _verified(part, f):
+            os.replace(part, final)
+            progress.update(f.name, f.size, done=True)
+            return
+        # Complete length but wrong content (or wrong length): discard and fetch the whole file again.
+        last_error = f"{f.name} failed verification ({'sha256' if f.sha256 else 'size'} mismatch)"
+        part.unlink(missing_ok=True)
+        progress.update(f.name, 0)
+    reason = "Corrupt" if "verification" in last_error else "Network"
+    raise FetchError(reason, f"{f.name}: giving up after {opts.attempts} attempts: {last_error}")
+
+
+def fetch(repo_id: str, revision: str, dest: Path, opts: FetchOptions | None = None,
+          out: TextIO | None = None) -> Path:
+    """Download `repo_id@revision` into `dest/<sha>` (see the module doc). Returns that directory."""
+    opts = opts or FetchOptions()
+    out = out or sys.stdout
+    dest = Path(dest)
+    hub = _Hub(opts.endpoint, opts.token, opts.timeout_seconds)
+
+    known = resolve_ref(dest, revision) if _SHA_RE.match(revision) else None
+    if known and (done := complete_revision(dest, known)):  # a pinned sha already here: no network needed
+        _report_complete(done, out)
+        return done
+    try:
+        sha, remote = hub.revision(repo_id, revision)
+    except FetchError:
+        raise
+    except Exception as e:
+        raise _hub_error(e, repo_id, revision) from e
+    files = select_files(remote)
+    if not any(_WEIGHT_SAFETENSORS.match(f.name) or _WEIGHT_BIN.match(f.name) for f in files):
+        raise FetchError("NoWeights", f"{repo_id}@{revision} has no safetensors or pytorch_model.bin weights "
+                                      "at its root (onnx/gguf/flax/tf only?)")
+
+    if done := complete_revision(dest, sha):
+        _report_complete(done, out)
+        _write_ref(dest, revision, sha)
+        return done
+
+    work = dest / INCOMPLETE / sha
+    work.mkdir(parents=True, exist_ok=True)
+    with _exclusive(dest / INCOMPLETE / f"{sha}.lock"):
+        progress = Progress(files, out, opts.progress_interval)
+        todo = []
+        for f in files:
+            final, part = work / f.name, work / (f.name + ".part")
+            if final.exists() and _verified(final, f):
+                progress.on_disk[f.name] = f.size
+                progress.done.add(f.name)
+                continue
+            final.unlink(missing_ok=True)  # a corrupt leftover is fetched again
+            progress.on_disk[f.name] = part.stat().st_size if part.exists() else 0
+            todo.append(f)
+        needed = sum(f.size - progress.on_disk[f.name] for f in todo)
+        free = shutil.disk_usage(work).free
+        if needed > free:
+            raise FetchError("DiskFull", f"not enough space in {dest}: {needed} more bytes needed, {free} free")
+        progress.emit(force=True)
+        for f in todo:
+            _download_file(hub, repo_id, sha, f, work, progress, opts)
+
+        manifest = {"repo": repo_id, "revision": revision, "sha": sha, "files": {f.name: f.size for f in files},
+                    "bytes": progress.total, "completedAt": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        _write_atomic(work / MARKER, json.dumps(manifest, indent=1))
+        target = dest / sha
+        if target.exists():  # not complete (no marker), e.g. a copy made by hand: replace it
+            shutil.rmtree(target)
+        os.rename(work, target)  # the one step that makes the revision visible
+        _fsync_dir(dest)
+    (dest / INCOMPLETE / f"{sha}.lock").unlink(missing_ok=True)
+    _write_ref(dest, revision, sha)
+    progress.emit(force=True, revision=sha, path=str(target), complete=True)
+    return target
+
+
+def _write_ref(dest: Path, revision: str, sha: str) -> None:
+    if revision != sha:
+        _write_atomic(dest / REFS / revision, sha + "\n")
+
+
+def _report_complete(path: Path, out: TextIO) -> None:
+    manifest = json.loads((path / MARKER).read_text())
+    n = len(manifest["files"])
+    line = {"bytesDone": manifest["bytes"], "bytesTotal": manifest["bytes"], "filesDone": n, "filesTotal": n,
+            "revision": manifest["sha"], "path": str(path), "complete": True}
+    print(json.dumps(line), file=out, flush=True)
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("uri", help="hf://org/name (or org/name)")
+    p.add_argument("--revision", default="main", help="branch, tag or commit sha (default: main)")
+    p.add_argument("--dest", required=True, type=Path, help="cache directory; the revision lands in DEST/<sha>")
+    p.add_argument("--token-file", type=Path, default=os.environ.get("GPTD_HF_TOKEN_FILE") or None,
+                   help="file holding the hub token (HF_TOKEN wins when set) [env GPTD_HF_TOKEN_FILE]")
+    p.add_argument("--progress-interval", type=float, default=2.0, help="seconds between progress lines")
+    p.add_argument("--attempts", type=int, default=5, help="tries per file before giving up")
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    # A download Job sends no telemetry (huggingface_hub otherwise also fetches an "agent harness" list from
+    # the endpoint). Read when huggingface_hub is imported, i.e. below; HF_HUB_DISABLE_TELEMETRY=0 allows it.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    token: str | None = None
+    try:
+        token = os.environ.get("HF_TOKEN") or None
+        if token is None and args.token_file is not None:
+            try:
+                token = args.token_file.read_text().strip() or None
+            except OSError as e:
+                raise FetchError("InvalidArgument", f"cannot read token file {args.token_file}: {e.strerror}") from e
+        opts = FetchOptions(token=token, progress_interval=args.progress_interval, attempts=max(1, args.attempts))
+        fetch(parse_repo_id(args.uri), args.revision, args.dest, opts, out)
+        return 0
+    except FetchError as e:
+        message = e.message.replace(token, "***") if token else e.message  # never echo the token
+        print(json.dumps({"error": " ".join(message.split()), "reason": e.reason}), file=out, flush=True)
+        return 1

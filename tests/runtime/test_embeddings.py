@@ -1,0 +1,82 @@
+"""POST /v1/embeddings on the real tiny models: OpenAI's shape (official client, float and base64), the
+documented pooling (mean of the last hidden state, L2-normalised), determinism, and refusals."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
+
+
+def _reference(model_dir: Any, cls: Any, text: str) -> list[float]:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = cls.from_pretrained(model_dir).eval()
+    with torch.inference_mode():
+        hidden = model(**tok(text, return_tensors="pt"), output_hidden_states=True).hidden_states[-1][0]
+    return torch.nn.functional.normalize(hidden.mean(0), dim=0).tolist()
+
+
+@pytest.mark.parametrize(("model", "cls"), [("plain", AutoModelForCausalLM), ("ner", AutoModelForTokenClassification)])
+async def test_embeddings_shape_pooling_and_determinism(app_factory: Any, models: Any, model: str, cls: Any) -> None:
+    from openai import AsyncOpenAI
+
+    texts = ["Alice lives in Paris", "a second, longer input about Berlin and Bob", "x"]
+    async with app_factory(model, served_model_name="m") as (http, _app):
+        r = await http.post("/v1/embeddings", json={"model": "m", "input": texts, "encoding_format": "float"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["object"] == "list" and body["model"] == "m"
+        assert [(d["object"], d["index"]) for d in body["data"]] == [("embedding", i) for i in range(3)]
+        vectors = [d["embedding"] for d in body["data"]]
+        width = AutoModelForCausalLM.from_pretrained(models["plain"]).config.hidden_size
+        assert all(len(v) == width for v in vectors)
+        assert all(math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-5) for v in vectors)
+        tok = AutoTokenizer.from_pretrained(models[model])
+        n_tokens = sum(len(tok(t).input_ids) for t in texts)
+        assert body["usage"] == {"prompt_tokens": n_tokens, "total_tokens": n_tokens}
+        # The documented pooling, computed independently with transformers.
+        assert vectors[0] == pytest.approx(_reference(models[model], cls, texts[0]), abs=1e-5)
+        # Deterministic, and independent of the other inputs in the request.
+        alone = (await http.post("/v1/embeddings", json={"input": texts[1]})).json()["data"][0]["embedding"]
+        assert alone == vectors[1]
+        # The official client asks for base64 by default and decodes it: same vectors (float32).
+        client = AsyncOpenAI(base_url="http://test/v1", api_key="x", http_client=http)
+        decoded = await client.embeddings.create(model="m", input=texts)
+        for got, want in zip(decoded.data, vectors, strict=True):
+            assert got.embedding == pytest.approx(want, abs=1e-6)
+        ids = tok(texts[2]).input_ids
+        by_ids = (await http.post("/v1/embeddings", json={"input": [ids]})).json()["data"][0]["embedding"]
+        assert by_ids == vectors[2]
+        same_width = await http.post("/v1/embeddings", json={"input": "x", "dimensions": width})
+        assert same_width.status_code == 200
+
+
+@pytest.mark.parametrize(("payload", "param", "words"), [
+    ({"input": ""}, "input.0", "empty"),
+    ({"input": ["ok", ""]}, "input.1", "empty"),
+    ({"input": []}, "input", "empty"),
+    ({"input": [[1, 999999]]}, "input.0", "vocabulary"),
+    ({"input": "x", "dimensions": 8}, "dimensions", "not supported"),
+    ({"input": "x", "encoding_format": "int8"}, "encoding_format", ""),
+    ({"input": "word " * 40}, "input.0", "limit"),
+])
+async def test_embeddings_bad_input(app_factory: Any, payload: dict[str, Any], param: str, words: str) -> None:
+    async with app_factory(max_input_tokens=16) as (client, _app):
+        r = await client.post("/v1/embeddings", json=payload)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and words in err["message"]
+
+
+async def test_embeddings_wrong_model_and_not_ready(app_factory: Any) -> None:
+    async with app_factory() as (client, app):
+        r = await client.post("/v1/embeddings", json={"model": "nope", "input": "x"})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+        from gptd_runtime.app import drain
+
+        await drain(app.state.runtime, timeout=0)
+        r = await client.post("/v1/embeddings", json={"input": "x"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"

@@ -1,0 +1,312 @@
+"""`gptd_runtime fetch` against a local hub server (tests/support/hub.py) serving a tiny model built here:
+selection, resume after a kill and after a dropped connection, verification, atomic publication, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from gptd_runtime import fetch as fetch_mod
+from gptd_runtime.config import Settings
+from gptd_runtime.fetch import (
+    INCOMPLETE,
+    MARKER,
+    FetchError,
+    FetchOptions,
+    RemoteFile,
+    complete_revision,
+    fetch,
+    resolve_ref,
+    select_files,
+)
+from gptd_runtime.loading import load_model, resolve_model_dir
+
+from tests.support.hub import FakeHub
+from tests.support.runtime import REPO
+
+REPO_ID = "acme/tiny-gpt"
+WEIGHTS = "model.safetensors"
+# Files a real transformers repo also carries that the runtime never loads.
+EXTRAS = {
+    "pytorch_model.bin": b"\0" * 4096,
+    "onnx/model.onnx": b"onnx" * 1000,
+    "flax_model.msgpack": b"flax" * 1000,
+    "tf_model.h5": b"tf" * 1000,
+    "model.gguf": b"gguf" * 1000,
+    "README.md": b"# tiny\n",
+    ".gitattributes": b"*.safetensors filter=lfs\n",
+}
+
+
+def _names(*names: str) -> list[RemoteFile]:
+    return [RemoteFile(n, 1, None) for n in names]
+
+
+def test_select_files_prefers_safetensors_and_skips_other_formats() -> None:
+    repo = _names("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "special_tokens_map.json", "merges.txt", "vocab.json", "tokenizer.model", "chat_template.jinja",
+                  "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                  "model.safetensors.index.json", "pytorch_model-00001-of-00002.bin",
+                  "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json", "training_args.bin",
+                  "onnx/model.onnx", "model.onnx", "flax_model.msgpack", "tf_model.h5", "model.gguf",
+                  "original/consolidated.00.pth", "README.md", ".gitattributes")
+    assert [f.name for f in select_files(repo)] == [
+        "chat_template.jinja", "config.json", "generation_config.json", "merges.txt",
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+        "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json",
+    ]
+    bin_only = _names("config.json", "pytorch_model.bin", "tokenizer.json", "flax_model.msgpack")
+    assert [f.name for f in select_files(bin_only)] == ["config.json", "pytorch_model.bin", "tokenizer.json"]
+
+
+def test_parse_repo_id_refuses_other_schemes() -> None:
+    assert fetch_mod.parse_repo_id("hf://acme/tiny") == "acme/tiny"
+    assert fetch_mod.parse_repo_id("acme/tiny") == "acme/tiny"
+    for bad in ("s3://bucket/model", "hf://justname", "hf://a/b/c"):
+        with pytest.raises(FetchError) as e:
+            fetch_mod.parse_repo_id(bad)
+        assert e.value.reason == "InvalidArgument"
+
+
+@pytest.fixture
+def hub(models: dict[str, Path]) -> Iterator[FakeHub]:
+    with FakeHub() as h:
+        h.add_directory(REPO_ID, models["plain"], extra=EXTRAS)
+        yield h
+
+
+def _cli(dest: Path, *args: str, env: dict[str, str], revision: str = "main", uri: str = f"hf://{REPO_ID}",
+         timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "GPTD_HF_TOKEN_FILE")}
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "gptd_runtime", "fetch", uri, "--revision", revision,
+         "--dest", str(dest), "--progress-interval", "0", *args],
+        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def _lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def _resolved(hub: FakeHub) -> list[str]:
+    return [r["path"].split("/resolve/", 1)[1].split("/", 1)[1] for r in hub.requests if "/resolve/" in r["path"]]
+
+
+def test_cli_fetches_only_what_the_runtime_loads_and_the_loader_loads_it(
+        hub: FakeHub, models: dict[str, Path], tmp_path: Path) -> None:
+    import torch
+
+    dest = tmp_path / "cache"
+    # HF_ENDPOINT is how the pod (and a mirror) points huggingface_hub at another hub.
+    result = _cli(dest, env={"HF_ENDPOINT": hub.url})
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = _lines(result.stdout)
+    expected = sorted(p.name for p in models["plain"].iterdir())
+    total = sum((models["plain"] / n).stat().st_size for n in expected)
+    assert all({"bytesDone", "bytesTotal", "filesDone", "filesTotal"} <= line.keys() for line in lines)
+    assert all(line["bytesTotal"] == total and line["filesTotal"] == len(expected) for line in lines)
+    done = [line["bytesDone"] for line in lines]
+    assert done == sorted(done) and done[0] == 0 and done[-1] == total
+    assert lines[-1]["complete"] is True and lines[-1]["revision"] == hub.last_sha
+    assert lines[-1]["filesDone"] == len(expected)
+
+    assert sorted(_resolved(hub)) == expected  # no .bin, onnx, flax, tf, gguf, README
+    # One revision lookup, then only file transfers (no telemetry calls from a download Job).
+    assert [r["path"] for r in hub.requests if "/resolve/" not in r["path"]] == [f"/api/models/{REPO_ID}/revision/main"]
+    path = complete_revision(dest, hub.last_sha)
+    assert path == dest / hub.last_sha and Path(lines[-1]["path"]) == path
+    assert sorted(p.name for p in path.iterdir() if p.name != MARKER) == expected
+    for name in expected:
+        assert (path / name).read_bytes() == (models["plain"] / name).read_bytes()
+    assert resolve_ref(dest, "main") == hub.last_sha
+    assert not (dest / INCOMPLETE / hub.last_sha).exists()
+
+    # The runtime's own loader takes the fetched directory, and it is the same model.
+    settings = Settings(model=f"file://{path}", task="text-generation", device="cpu")
+    fetched = load_model(settings, resolve_model_dir(settings))
+    source = load_model(settings, models["plain"])
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        assert torch.equal(fetched.model(ids).logits, source.model(ids).logits)
+
+    # A revision already complete in the cache downloads nothing.
+    hub.requests.clear()
+    again = _cli(dest, env={"HF_ENDPOINT": hub.url})
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert _resolved(hub) == [] and _lines(again.stdout)[-1]["complete"] is True
+
+
+def test_bin_weights_are_fetched_when_there_are_no_safetensors(models: dict[str, Path], tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    src = models["plain"]
+    files = {p.name: p.read_bytes() for p in src.iterdir() if p.name != WEIGHTS}
+    buf = io.BytesIO()
+    torch.save(load_file(src / WEIGHTS), buf)
+    files["pytorch_model.bin"] = buf.getvalue()
+    with FakeHub() as hub:
+        sha = hub.add_revision(REPO_ID, files)
+        path = fetch(REPO_ID, "main", tmp_path, FetchOptions(endpoint=hub.url), out=io.StringIO())
+    assert (path / "pytorch_model.bin").is_file() and not (path / WEIGHTS).exists()
+    assert path == tmp_path / sha
+    settings = Settings(model=str(path), task="text-generation", device="cpu")
+    assert load_model(settings, path).model.config.n_layer == 2
+
+
+def test_killed_download_resumes_without_refetching_completed_files_or_bytes(
+        hub: FakeHub, models: dict[str, Path], tmp_path: Path) -> None:
+    dest = tmp_path / "cache"
+    size = (models["plain"] / WEIGHTS).stat().st_size
+    cut = 1024 * 1024
+    hub.stall_after[WEIGHTS] = cut
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptd_runtime", "fetch", REPO_ID, "--dest", str(dest)],
+        cwd=REPO, env={**env, "HF_ENDPOINT": hub.url}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part = dest / INCOMPLETE / hub.last_sha / (WEIGHTS + ".part")
+    deadline = time.monotonic() + 60
+    while not (part.exists() and part.stat().st_size == cut):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the partial file never reached the cut"
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate(timeout=10)
+    hub.release()
+
+    # Killed mid-file: nothing looks complete.
+    assert complete_revision(dest, hub.last_sha) is None and not (dest / hub.last_sha).exists()
+    first_run_files = [n for n in _resolved(hub) if n != WEIGHTS]
+    assert first_run_files == ["config.json", "generation_config.json", "gptd-demo.json"]  # done before the cut
+
+    hub.requests.clear()
+    hub.bytes_served.clear()
+    lines: list[dict] = []
+    out = io.StringIO()
+    path = fetch(REPO_ID, "main", dest, FetchOptions(endpoint=hub.url, progress_interval=0), out=out)
+    lines = _lines(out.getvalue())
+    assert path == dest / hub.last_sha
+    assert hub.bytes_served[WEIGHTS] == size - cut  # only the missing bytes
+    assert [r["range"] for r in hub.requests if r["path"].endswith(WEIGHTS)] == [f"bytes={cut}-"]
+    assert not set(first_run_files) & set(_resolved(hub))  # completed files not fetched again
+    assert lines[0]["bytesDone"] >= cut and lines[0]["filesDone"] == 3  # progress starts from what is on disk
+    assert (path / WEIGHTS).read_bytes() == (models["plain"] / WEIGHTS).read_bytes()
+
+
+def test_dropped_connection_is_resumed_in_the_same_run(hub: FakeHub, models: dict[str, Path], tmp_path: Path) -> None:
+    size = (models["plain"] / WEIGHTS).stat().st_size
+    hub.drop_after[WEIGHTS] = 700_000
+    path = fetch(REPO_ID, "main", tmp_path, FetchOptions(endpoint=hub.url, backoff_seconds=0), out=io.StringIO())
+    assert hub.bytes_served[WEIGHTS] == size
+    assert [r["range"] for r in hub.requests if r["path"].endswith(WEIGHTS)] == [None, "bytes=700000-"]
+    assert (path / WEIGHTS).read_bytes() == (models["plain"] / WEIGHTS).read_bytes()
+
+
+def test_corrupt_transfer_is_fetched_again(hub: FakeHub, models: dict[str, Path], tmp_path: Path) -> None:
+    size = (models["plain"] / WEIGHTS).stat().st_size
+    hub.corrupt[WEIGHTS] = 1
+    path = fetch(REPO_ID, "main", tmp_path, FetchOptions(endpoint=hub.url, backoff_seconds=0), out=io.StringIO())
+    assert hub.bytes_served[WEIGHTS] == 2 * size
+    assert (path / WEIGHTS).read_bytes() == (models["plain"] / WEIGHTS).read_bytes()
+
+
+def test_corrupt_files_left_on_disk_are_fetched_again(hub: FakeHub, models: dict[str, Path], tmp_path: Path) -> None:
+    work = tmp_path / INCOMPLETE / hub.last_sha
+    work.mkdir(parents=True)
+    good = models["plain"]
+    (work / WEIGHTS).write_bytes(b"x" * (good / WEIGHTS).stat().st_size)  # right size, wrong sha256
+    (work / "tokenizer.json").write_bytes(b"{}")  # wrong size
+    (work / "config.json").write_bytes((good / "config.json").read_bytes())  # good: kept
+    path = fetch(REPO_ID, "main", tmp_path, FetchOptions(endpoint=hub.url), out=io.StringIO())
+    assert WEIGHTS in _resolved(hub) and "tokenizer.json" in _resolved(hub)
+    assert "config.json" not in _resolved(hub)
+    for name in (WEIGHTS, "tokenizer.json", "config.json"):
+        assert (path / name).read_bytes() == (good / name).read_bytes()
+
+
+def test_always_corrupt_file_fails_and_publishes_nothing(hub: FakeHub, tmp_path: Path) -> None:
+    hub.corrupt[WEIGHTS] = 100
+    with pytest.raises(FetchError) as e:
+        fetch(REPO_ID, "main", tmp_path, FetchOptions(endpoint=hub.url, attempts=3, backoff_seconds=0),
+              out=io.StringIO())
+    assert e.value.reason == "Corrupt" and WEIGHTS in e.value.message
+    assert complete_revision(tmp_path, hub.last_sha) is None and not (tmp_path / hub.last_sha).exists()
+    assert resolve_ref(tmp_path, "main") is None
+
+
+def test_hub_errors_are_one_json_line_and_never_show_the_token(models: dict[str, Path], tmp_path: Path) -> None:
+    secret = "hf_s3cr3t_token_value"
+    token_file = tmp_path / "token"
+    with FakeHub(token=secret) as hub:
+        hub.add_directory(REPO_ID, models["plain"])
+        dest = tmp_path / "cache"
+        cases = [
+            ({"HF_ENDPOINT": hub.url, "HF_TOKEN": secret}, "does-not-exist", "RevisionNotFound", "does-not-exist"),
+            ({"HF_ENDPOINT": hub.url}, "main", "Unauthorized", "Invalid credentials"),
+            ({"HF_ENDPOINT": hub.url, "HF_TOKEN": secret + "x"}, "main", "Unauthorized", "Invalid credentials"),
+        ]
+        for env, revision, reason, text in cases:
+            result = _cli(dest, env=env, revision=revision)
+            assert result.returncode == 1, result.stdout
+            [line] = _lines(result.stdout)
+            assert line["reason"] == reason and text in line["error"], line
+            assert secret not in result.stdout + result.stderr
+
+        result = _cli(dest, env={"HF_ENDPOINT": hub.url, "HF_TOKEN": secret}, uri="hf://acme/missing")
+        [line] = _lines(result.stdout)
+        assert result.returncode == 1 and line["reason"] == "RepositoryNotFound" and "acme/missing" in line["error"]
+
+        hub.gated.add(REPO_ID)
+        token_file.write_text(secret + "\n")
+        result = _cli(dest, "--token-file", str(token_file), env={"HF_ENDPOINT": hub.url})
+        [line] = _lines(result.stdout)
+        assert result.returncode == 1 and line["reason"] == "Forbidden" and "restricted" in line["error"], line
+
+        hub.gated.clear()  # the token from the file is sent: the private repo downloads
+        hub.requests.clear()
+        result = _cli(dest, "--token-file", str(token_file), env={"HF_ENDPOINT": hub.url})
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert secret not in result.stdout + result.stderr
+        assert hub.requests and all(r["authorized"] for r in hub.requests)
+    assert not list((dest / INCOMPLETE).glob("*/*.part"))
+
+
+def test_disk_full_fails_with_a_clear_reason(hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A real ENOSPC from the kernel: the partial file is a link to /dev/full.
+    work = tmp_path / "a" / INCOMPLETE / hub.last_sha
+    work.mkdir(parents=True)
+    (work / (WEIGHTS + ".part")).symlink_to("/dev/full")
+    with pytest.raises(FetchError) as e:
+        fetch(REPO_ID, "main", tmp_path / "a", FetchOptions(endpoint=hub.url), out=io.StringIO())
+    assert e.value.reason == "DiskFull" and "No space left" in e.value.message and WEIGHTS in e.value.message
+    assert complete_revision(tmp_path / "a", hub.last_sha) is None
+
+    # Not enough free space for what is left: refused before any file is requested.
+    hub.requests.clear()
+    monkeypatch.setattr(fetch_mod.shutil, "disk_usage", lambda _: SimpleNamespace(total=10**9, used=10**9, free=1000))
+    with pytest.raises(FetchError) as e:
+        fetch(REPO_ID, "main", tmp_path / "b", FetchOptions(endpoint=hub.url), out=io.StringIO())
+    assert e.value.reason == "DiskFull" and "1000 free" in e.value.message
+    assert _resolved(hub) == []
+
+
+def test_revision_directory_without_marker_is_not_complete_and_is_replaced(
+        hub: FakeHub, models: dict[str, Path], tmp_path: Path) -> None:
+    stale = tmp_path / hub.last_sha
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")  # e.g. a copy interrupted half-way: no marker
+    assert complete_revision(tmp_path, hub.last_sha) is None
+    path = fetch(REPO_ID, "main", tmp_path, FetchOptions(endpoint=hub.url), out=io.StringIO())
+    assert path == stale and complete_revision(tmp_path, hub.last_sha) == stale
+    assert (stale / "config.json").read_bytes() == (models["plain"] / "config.json").read_bytes()
+    assert json.loads((stale / MARKER).read_text())["sha"] == hub.last_sha
