@@ -32,6 +32,19 @@ ANN_PROMOTE = rollout.PROMOTE_ANNOTATION
 ANN_ABORT = rollout.ABORT_ANNOTATION
 MANAGED = {builders.LABEL_MANAGED_BY: builders.MANAGER}
 RUNTIME_PODS = {builders.LABEL_NAME: builders.RUNTIME_APP}
+GC_REQUEUE_SECONDS = 5.0  # while a recreated CR waits for the garbage collector
+def _selector(labels: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+# What relist() LISTs: every watched child kind (by the managed-by label) and the runtime pods.
+LISTED = (
+    (kube.DEPLOYMENTS, _selector(MANAGED)),
+    (kube.SERVICES, _selector(MANAGED)),
+    (kube.PDBS, _selector(MANAGED)),
+    (kube.HPAS, _selector(MANAGED)),
+    (kube.PODS, _selector(RUNTIME_PODS)),
+)
 # Child resource → its index id, for the event handlers and the snapshot.
 CHILD_INDICES = {
     "Deployment": "gptd_deployments",
@@ -95,13 +108,20 @@ def _values(index: Any, key: tuple[str, str]) -> list[dict[str, Any]]:
     return list(index[key])
 
 
-def snapshot(indices: Mapping[str, Any], namespace: str, name: str, uid: str | None) -> Children:
+def snapshot(
+    indices: Mapping[str, Any], namespace: str, name: str, uid: str | None, phantoms: frozenset[str] = frozenset()
+) -> Children:
+    """The CR's children as the indices show them, less ``phantoms``: uids the last authoritative LIST did not
+    return although the index had them before it (deleted during a watch gap; kopf's re-list keeps them)."""
     key = (namespace, names.base(name))  # children and pods are indexed by their instance label
+
+    def live(objs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [o for o in objs if (o.get("metadata") or {}).get("uid") not in phantoms]
 
     def owned(objs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         # Only children controlled by *this* CR (a recreated CR with the same name has a new uid).
         out = []
-        for obj in objs:
+        for obj in live(objs):
             refs = obj.get("metadata", {}).get("ownerReferences") or []
             if uid is None or any(r.get("uid") == uid for r in refs):
                 out.append(obj)
@@ -113,7 +133,7 @@ def snapshot(indices: Mapping[str, Any], namespace: str, name: str, uid: str | N
                 return obj
         return None
 
-    pods = sorted(_values(indices.get("gptd_pods"), key), key=lambda p: p["metadata"]["name"])
+    pods = sorted(live(_values(indices.get("gptd_pods"), key)), key=lambda p: p["metadata"]["name"])
     return Children(
         stable=one("gptd_deployments", builders.deployment_name(name)),
         canary=one("gptd_deployments", builders.deployment_name(name, "canary")),
@@ -148,6 +168,32 @@ class Reconciler:
         self.resync_passes = 0  # completed passes of the periodic resync (tests and the benchmark wait on it)
         # Canary analysis against Prometheus, at most once per intervalSeconds per canary (analysis.py).
         self.analyzer = analysis.Analyzer()
+        # Index entries the last authoritative LIST showed to be gone (see relist()).
+        self.phantoms: frozenset[str] = frozenset()
+
+    async def relist(self, indices: Mapping[str, Any]) -> None:
+        """An authoritative, label-selected, paginated LIST of every watched child kind and the runtime pods.
+
+        kopf re-lists after a watch gap (410 Gone) but keeps index entries of objects deleted during the gap, so
+        a deleted child would never be recreated and a vanished crash-looping pod could trigger a rollback. An
+        object the index held *before* this LIST started and the LIST does not return is gone: its uid is a
+        phantom, which snapshot() ignores until kopf drops the entry (objects created meanwhile are not in
+        ``before``, so they are never mistaken for phantoms)."""
+        before = {
+            (obj.get("metadata") or {}).get("uid")
+            for index_id in (*CHILD_INDICES.values(), "gptd_pods")
+            for key in list(indices.get(index_id) or {})
+            for obj in _values(indices.get(index_id), key)
+        }
+        listed: set[str | None] = set()
+        scopes: tuple[str | None, ...] = self.settings.namespaces or (None,)
+        for res, selector in LISTED:
+            for namespace in scopes:
+                for obj in await self.kube.list(res, namespace, label_selector=selector):
+                    listed.add((obj.get("metadata") or {}).get("uid"))
+        self.phantoms = frozenset(uid for uid in before - listed if uid)
+        if self.phantoms:
+            log.info("relist: %d indexed objects are gone (missed watch events)", len(self.phantoms))
 
     def forget(self, namespace: str, name: str, uid: str | None) -> None:
         self._locks.pop((namespace, name), None)
@@ -183,7 +229,7 @@ class Reconciler:
 
         template = builders.revision_template(spec, self.settings)
         revision = builders.revision_hash(template)
-        children = snapshot(indices, namespace, name, uid or None)
+        children = snapshot(indices, namespace, name, uid or None, self.phantoms)
         annotations = meta.get("annotations") or {}
         # rollout's own observation helpers: its decisions are tested against exactly these.
         canary_obs = rollout.observe_deployment(children.canary) if children.canary else None
@@ -252,8 +298,12 @@ class Reconciler:
             live = self._live(kind, namespace, obj_name, uid, name, children, scaled_object)
             try:
                 action, result = await self.kube.apply(obj, live)
+            except kube.OwnerGone as exc:
+                await self._wait_for_gc(body, previous, generation, now, exc)
+                return
             except kube.ApiError as exc:
-                if exc.status != 422 and not isinstance(exc, kube.NotOwned):
+                # 422 Invalid and 400 (strict field validation: an unknown field) are the spec's fault.
+                if exc.status not in (400, 422) and not isinstance(exc, kube.NotOwned):
                     raise
                 await self._reject(body, previous, generation, now, exc, f"{kind} {obj_name}")
                 return
@@ -349,6 +399,18 @@ class Reconciler:
         )
         if await self._write_status(body, previous, new):
             kopf.event(body, type="Warning", reason="InvalidSpec", message=f"{field}: {text}")
+
+    async def _wait_for_gc(
+        self, body: Mapping[str, Any], previous: Mapping[str, Any], generation: int | None, now: datetime,
+        exc: kube.OwnerGone,
+    ) -> None:
+        """The CR was recreated before the garbage collector removed the old one's children: say so and look again
+        soon (the child's DELETED event also triggers a reconcile); not Failed, nothing to fix."""
+        meta = body["metadata"]
+        new = st.waiting_status(previous, exc.message, generation=generation, now=now)
+        await self._write_status(body, previous, new)
+        if self.requeue is not None:
+            self.requeue(meta["namespace"], meta["name"], GC_REQUEUE_SECONDS)
 
     async def _analyse(
         self, uid: str, name: str, namespace: str, spec: GPTDeploymentSpec, previous: Mapping[str, Any],
@@ -577,6 +639,10 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Re
                 rec().resync_passes += 1
                 continue
             started = time.monotonic()
+            try:
+                await rec().relist(indices)
+            except Exception:  # the pass still runs on the indices; the next pass lists again
+                log.exception("relist failed")
             keys = list(crs)
             for key in keys:
                 for body in list(crs.get(key, [])):

@@ -122,6 +122,20 @@ def invalid_status(
     }
 
 
+def waiting_status(
+    previous: Mapping[str, Any], message: str, *, generation: int | None, now: datetime
+) -> dict[str, Any]:
+    """Status while the children of a deleted CR of the same name are still there (garbage collection pending)."""
+    prev = list(previous.get("conditions") or [])
+    reason = "WaitingForGarbageCollection"
+    conditions = [
+        set_condition(prev, "Ready", "False", reason, message, generation=generation, now=now),
+        set_condition(prev, "Progressing", "True", reason, message, generation=generation, now=now),
+        set_condition(prev, "Degraded", "False", "AsExpected", "", generation=generation, now=now),
+    ]
+    return {"observedGeneration": generation, "phase": "Pending", "conditions": merge_conditions(prev, conditions)}
+
+
 def compute_status(
     *,
     name: str,

@@ -231,7 +231,6 @@ async def test_deleted_scaled_object_is_recreated_and_for_a_recreated_cr(
     assert again["metadata"]["uid"] != first["metadata"]["uid"]
 
 
-@pytest.mark.xfail(strict=True, reason="defect 6: not fixed yet")
 async def test_child_deleted_during_a_watch_gap_is_recreated(cluster: Cluster, operator: RunningOperator) -> None:
     await cluster.create("gptdeployments", NS, cr(replicas=2))
     await settle(cluster, operator, "gpt2", "uid-gpt2", replicas=2)
@@ -282,7 +281,6 @@ async def test_missing_secret_is_reported_from_the_pod_and_never_read(
 # ---------------------------------------------------------------------- defect 9: GC race, canary names
 
 
-@pytest.mark.xfail(strict=True, reason="defect 9: not fixed yet")
 async def test_cr_recreated_before_gc_waits_then_takes_over(cluster: Cluster, operator: RunningOperator) -> None:
     await cluster.create("gptdeployments", NS, cr())
     await eventually(lambda: one_owned(cluster, "services", "uid-gpt2"), what="children of the first CR")
@@ -328,7 +326,6 @@ async def test_cr_named_like_anothers_canary_does_not_collide(cluster: Cluster, 
 # --------------------------------------------------------------------- strict fields: typo = InvalidSpec
 
 
-@pytest.mark.xfail(strict=True, reason="strict fields: not fixed yet")
 async def test_typo_in_affinity_is_invalid_spec_naming_the_field(cluster: Cluster, operator: RunningOperator) -> None:
     await cluster.create("gptdeployments", NS, cr(scheduling={"affinity": {"nodeAfinity": {}}}))
 
