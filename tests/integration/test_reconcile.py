@@ -39,9 +39,18 @@ async def test_create_makes_children(cluster: Cluster, operator: RunningOperator
     assert st["selector"] == "app.kubernetes.io/instance=gpt2,app.kubernetes.io/name=gptd-runtime"
     assert st["replicas"] == 0 and st["readyDisplay"] == "0/2" and st["phase"] == "Pending"
     assert st["updateRevision"] == labels["gptd.io/revision"]
-    # Events on the CR for the important steps.
-    posted = [w for w in cluster.writes(path_part="/events")]
-    assert posted, "no Events posted"
+    # One Normal Event per child created, on the CR (kopf posts Events of its own too: not counted here).
+    async def created_events() -> list[dict[str, Any]] | None:
+        evs = [e for e in await cluster.list("events", NS)
+               if e.get("reason", "").endswith("Created") and e["involvedObject"].get("uid") == "uid-gpt2"]
+        return evs if len(evs) >= 3 else None
+
+    evs = await eventually(created_events, what="Created Events")
+    assert sorted((e["reason"], e["type"], e["message"]) for e in evs) == [
+        ("DeploymentCreated", "Normal", "Deployment gpt2"),
+        ("PodDisruptionBudgetCreated", "Normal", "PodDisruptionBudget gpt2"),
+        ("ServiceCreated", "Normal", "Service gpt2"),
+    ]
 
 
 async def test_ready_when_controller_reports_ready(cluster: Cluster, operator: RunningOperator) -> None:
@@ -242,11 +251,15 @@ async def test_delete_leaves_nothing_behind(cluster: Cluster, operator: RunningO
         obj = await eventually(lambda p=plural: cluster.get(p, NS, "gpt2"), what=plural)
         refs = obj["metadata"]["ownerReferences"]
         assert refs == [builders.owner_reference("gpt2", "uid-gpt2")], plural
-    gptd = await cluster.get("gptdeployments", NS, "gpt2")
+    # kopf writes its diff base after the handler returns, which can be after the children appear: wait for it.
+    async def handled() -> dict[str, Any] | None:
+        obj = await cluster.get("gptdeployments", NS, "gpt2")
+        return obj if "gptd.io/last-handled-configuration" in obj["metadata"].get("annotations", {}) else None
+
+    gptd = await eventually(handled, what="kopf's last-handled-configuration annotation")
     assert not gptd["metadata"].get("finalizers"), "no finalizer: deletion never waits for the operator"
     # kopf's bookkeeping lives under our prefix, with valid annotation keys.
     kopf_keys = [k for k in gptd["metadata"].get("annotations", {}) if k.startswith("gptd.io/")]
-    assert "gptd.io/last-handled-configuration" in kopf_keys
     assert all(re.fullmatch(r"gptd\.io/[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", k) for k in kopf_keys), kopf_keys
     await cluster.delete("gptdeployments", NS, "gpt2")
     # Play the garbage collector (the emulator has none): delete what the CR's uid owns.
@@ -300,8 +313,14 @@ async def test_scale_subresource_moves_deployment(cluster: Cluster, operator: Ru
     await eventually(scaled, what="Deployment replicas 3")
     pdb = await eventually(lambda: cluster.get("poddisruptionbudgets", NS, "gpt2"), what="PDB after scale-up")
     assert pdb["spec"]["maxUnavailable"] == 1
-    st = await status_of(cluster)
-    assert st["selector"] and "replicas" in st
+    async def status_scaled() -> dict[str, Any] | None:
+        st = await status_of(cluster)
+        return st if st.get("desiredReplicas") == 3 else None
+
+    st = await eventually(status_scaled, what="status.desiredReplicas 3")
+    # What `kubectl scale` reads back through the scale subresource: the pod selector and the pod count.
+    assert st["selector"] == "app.kubernetes.io/instance=gpt2,app.kubernetes.io/name=gptd-runtime"
+    assert st["replicas"] == 0 and st["readyDisplay"] == "0/3"  # no pods yet (no controllers here)
 
 
 async def test_canary_rollout_creates_canary_deployment(cluster: Cluster, operator: RunningOperator) -> None:
