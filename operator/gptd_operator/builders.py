@@ -22,10 +22,10 @@ Template = dict[str, Any]
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_REVISION = "gptd.io/revision"
+# The revision hash: a label on the pod template (which revision a pod runs) and an annotation on the Deployment.
+LABEL_REVISION = ANN_REVISION = "gptd.io/revision"
 LABEL_TRACK = "gptd.io/track"
-ANN_TEMPLATE = "gptd.io/template"
-ANN_REVISION = "gptd.io/revision"
+ANN_TEMPLATE = "gptd.io/template"  # on the Deployment: the revision template, JSON
 RUNTIME_APP = "gptd-runtime"
 MANAGER = "gptd-operator"
 
@@ -196,11 +196,10 @@ def desired_replicas(spec: GPTDeploymentSpec) -> int | None:
     return None if spec.autoscaling is not None else spec.replicas
 
 
-def rolling_strategy(spec: GPTDeploymentSpec) -> dict[str, Any]:
-    return {
-        "type": "RollingUpdate",
-        "rollingUpdate": {"maxSurge": spec.rollout.maxSurge, "maxUnavailable": spec.rollout.maxUnavailable},
-    }
+def rolling_strategy(spec: GPTDeploymentSpec, in_place: bool = False) -> dict[str, Any]:
+    """The Deployment strategy; ``in_place`` (no GPU for a surge pod) replaces pods one down, one up."""
+    surge, unavailable = (0, 1) if in_place else (spec.rollout.maxSurge, spec.rollout.maxUnavailable)
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": surge, "maxUnavailable": unavailable}}
 
 
 # ------------------------------------------------------------------------------------------- pods

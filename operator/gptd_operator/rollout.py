@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from . import builders
 from .api import GPTDeploymentSpec
+from .builders import desired_replicas, rolling_strategy
 
 Template = dict[str, Any]
 
@@ -105,8 +107,8 @@ class Plan:
 
 # ------------------------------------------------------------------------------------------- constants
 
-REVISION_LABEL = "gptd.io/revision"  # on the pod template: which revision a pod runs
-TEMPLATE_ANNOTATION = "gptd.io/template"  # on the Deployment: the revision template, JSON
+REVISION_LABEL = builders.LABEL_REVISION  # on the pod template: which revision a pod runs
+TEMPLATE_ANNOTATION = builders.ANN_TEMPLATE  # on the Deployment: the revision template, JSON
 PROMOTE_ANNOTATION = "gptd.io/promote"
 ABORT_ANNOTATION = "gptd.io/abort"
 
@@ -294,7 +296,7 @@ class _Ctx:
 def _steady(d: _Ctx) -> Plan:
     """Nothing in flight and the spec's revision is the one served: the plan changes nothing."""
     d.state.pop("rollout", None)  # a finished RolledBack/Failed record once the spec moved on
-    stable = DeploymentPlan(d.obs.desired_template, d.rev, _total_replicas(d), _strategy(d.spec, False))
+    stable = DeploymentPlan(d.obs.desired_template, d.rev, desired_replicas(d.spec), rolling_strategy(d.spec, False))
     return _finish(d, stable, None, _cond("Progressing", False, "RolloutComplete", f"revision {d.rev} is rolled out"))
 
 
@@ -330,14 +332,14 @@ def _advance(d: _Ctx) -> Plan:
 
 
 def _rolling(d: _Ctx) -> Plan:
-    want = _total_replicas(d)
+    want = desired_replicas(d.spec)
     if _stable_done(d, want):
         return _complete(d, "RolloutComplete", f"revision {d.rev} is rolled out")
     gpu = _gpu(d, can_dip=True, waiting_reason="RollingOut")
     failure = _failure(d, want)
     if failure:
         return _fail(d, *failure)
-    stable = DeploymentPlan(d.obs.desired_template, d.rev, want, _strategy(d.spec, bool(d.ro.get("inPlace"))))
+    stable = DeploymentPlan(d.obs.desired_template, d.rev, want, rolling_strategy(d.spec, bool(d.ro.get("inPlace"))))
     return _finish(d, stable, None, gpu or _rolling_cond(d, want))
 
 
@@ -421,7 +423,7 @@ def _promoting(d: _Ctx) -> Plan:
     failure = _failure(d, want)
     if failure:
         return _fail(d, *failure)
-    stable = DeploymentPlan(d.obs.desired_template, d.rev, want, _strategy(d.spec, bool(d.ro.get("inPlace"))))
+    stable = DeploymentPlan(d.obs.desired_template, d.rev, want, rolling_strategy(d.spec, bool(d.ro.get("inPlace"))))
     canary = _canary_plan(d, count) if count else None
     s = d.obs.stable
     updated = _updated(d)
@@ -435,7 +437,7 @@ def _complete(d: _Ctx, event_reason: str, message: str) -> Plan:
     d.state["lastGoodTemplate"] = copy.deepcopy(d.obs.desired_template)
     d.state.pop("rollout", None)
     d.event("Normal", event_reason, message)
-    stable = DeploymentPlan(d.obs.desired_template, d.rev, _total_replicas(d), _strategy(d.spec, False))
+    stable = DeploymentPlan(d.obs.desired_template, d.rev, desired_replicas(d.spec), rolling_strategy(d.spec, False))
     return _finish(d, stable, None, _cond("Progressing", False, "RolloutComplete", f"revision {d.rev} is rolled out"))
 
 
@@ -465,14 +467,14 @@ def _hold(d: _Ctx) -> Plan:
     in_place = bool(ro.get("inPlace"))
     lg, lgt = d.state.get("lastGoodRevision"), d.state.get("lastGoodTemplate")
     if ro["phase"] == ROLLED_BACK and lgt and lg:
-        stable = DeploymentPlan(lgt, lg, _total_replicas(d), _strategy(d.spec, in_place))
+        stable = DeploymentPlan(lgt, lg, desired_replicas(d.spec), rolling_strategy(d.spec, in_place))
         return _finish(d, stable, None, _cond("Progressing", False, "RolledBack", ro.get("message", "")))
     # Nothing to roll back to: keep the desired template (the Deployment keeps retrying it), and accept it
     # if it recovers on its own (a slow download, a GPU that freed up).
-    want = _total_replicas(d)
+    want = desired_replicas(d.spec)
     if _stable_done(d, want):
         return _complete(d, "RolloutComplete", f"revision {d.rev} is rolled out after an earlier failure")
-    stable = DeploymentPlan(d.obs.desired_template, d.rev, want, _strategy(d.spec, in_place))
+    stable = DeploymentPlan(d.obs.desired_template, d.rev, want, rolling_strategy(d.spec, in_place))
     return _finish(d, stable, None, _cond("Progressing", False, "FirstRevisionFailed", ro.get("message", "")))
 
 
@@ -555,7 +557,7 @@ def _gpu(d: _Ctx, *, can_dip: bool, waiting_reason: str) -> ConditionPlan | None
 def _dip_text(d: _Ctx) -> str:
     if d.ro.get("phase") == CANARY:
         return "the stable Deployment gives up GPUs to the canary (capacity dips)"
-    if (_total_replicas(d) or 0) <= 1:
+    if (desired_replicas(d.spec) or 0) <= 1:
         return "replacing the only pod in place (downtime until the new pod is Ready)"
     return "replacing pods in place, one at a time (capacity dips by one pod)"
 
@@ -564,7 +566,7 @@ def _allow_dip(d: _Ctx) -> bool:
     explicit = d.spec.rollout.allowCapacityDip
     if explicit is not None:
         return explicit
-    total = _total_replicas(d)
+    total = desired_replicas(d.spec)
     if total is None:  # autoscaled: judge by what runs now
         total = d.obs.stable.spec_replicas if d.obs.stable else d.spec.autoscaling.minReplicas  # type: ignore[union-attr]
     return total > 1
@@ -592,18 +594,10 @@ def _canary_ready(d: _Ctx, count: int) -> bool:
 # --- plan pieces --------------------------------------------------------------------------------------
 
 
-def _strategy(spec: GPTDeploymentSpec, in_place: bool) -> dict[str, Any]:
-    surge, unavailable = (0, 1) if in_place else (spec.rollout.maxSurge, spec.rollout.maxUnavailable)
-    return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": surge, "maxUnavailable": unavailable}}
-
-
-def _total_replicas(d: _Ctx) -> int | None:
-    """The stable count to ask for; None when the HPA owns it (never overwrite the HPA's choice)."""
-    return None if d.spec.autoscaling is not None else d.spec.replicas
 
 
 def _live_total(d: _Ctx) -> int:
-    total = _total_replicas(d)
+    total = desired_replicas(d.spec)
     if total is not None:
         return total
     if d.obs.stable is not None:
@@ -613,7 +607,7 @@ def _live_total(d: _Ctx) -> int:
 
 def _stable_replicas(d: _Ctx, canary_count: int) -> int | None:
     """Stable keeps its count; only a canary that dipped capacity takes its pods' GPUs from the stable."""
-    total = _total_replicas(d)
+    total = desired_replicas(d.spec)
     if total is not None and d.ro and d.ro.get("inPlace") and d.ro.get("phase") in (CANARY, PROMOTING):
         return max(0, total - canary_count)
     return total
@@ -648,12 +642,12 @@ def _baseline_plan(d: _Ctx, canary_count: int) -> DeploymentPlan:
         d.state["lastGoodTemplate"],
         d.state["lastGoodRevision"],
         _stable_replicas(d, canary_count),
-        _strategy(d.spec, False),
+        rolling_strategy(d.spec, False),
     )
 
 
 def _canary_plan(d: _Ctx, count: int) -> DeploymentPlan:
-    return DeploymentPlan(d.obs.desired_template, d.rev, count, _strategy(d.spec, False))
+    return DeploymentPlan(d.obs.desired_template, d.rev, count, rolling_strategy(d.spec, False))
 
 
 def _rolling_cond(d: _Ctx, want: int | None) -> ConditionPlan:
