@@ -20,10 +20,11 @@ from typing import Any
 
 import kopf
 
-from . import analysis, api, builders, kube, names, rollout
+from . import analysis, api, builders, kube, names, observe, rollout
 from . import status as st
 from .api import GPTDeploymentSpec, InvalidSpec
-from .rollout import DeploymentPlan, Observations, Plan
+from .observe import Observations
+from .rollout import DeploymentPlan, Plan
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -232,15 +233,15 @@ class Reconciler:
         children = snapshot(indices, namespace, name, uid or None, self.phantoms)
         annotations = meta.get("annotations") or {}
         # rollout's own observation helpers: its decisions are tested against exactly these.
-        canary_obs = rollout.observe_deployment(children.canary) if children.canary else None
+        canary_obs = observe.observe_deployment(children.canary) if children.canary else None
         outcome, analysis_due = await self._analyse(uid, name, namespace, spec, previous, revision, canary_obs)
         obs = Observations(
             now=now,
             desired_template=template,
             desired_revision=revision,
-            stable=rollout.observe_deployment(children.stable) if children.stable else None,
+            stable=observe.observe_deployment(children.stable) if children.stable else None,
             canary=canary_obs,
-            pods=tuple(rollout.observe_pod(p) for p in children.pods),
+            pods=tuple(observe.observe_pod(p) for p in children.pods),
             promote=annotations.get(ANN_PROMOTE) == "true",
             abort=annotations.get(ANN_ABORT) == "true",
             analysis_breach=outcome.breach,
@@ -414,7 +415,7 @@ class Reconciler:
 
     async def _analyse(
         self, uid: str, name: str, namespace: str, spec: GPTDeploymentSpec, previous: Mapping[str, Any],
-        revision: str, canary: rollout.DeploymentObs | None,
+        revision: str, canary: observe.DeploymentObs | None,
     ) -> tuple[analysis.Outcome, float | None]:
         """The canary analysis outcome for this reconcile (memoised per interval), and when it is next due."""
         ready = canary.ready_replicas if canary is not None and canary.revision == revision else 0

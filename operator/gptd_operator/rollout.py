@@ -8,8 +8,8 @@ It does no I/O and reads no clock (``obs.now``), so every transition is unit-tes
 INTERFACE CONTRACT (handlers.py depends on these names):
   - ``Template``: the revisioned part of the spec, ``{"model": {...}, "runtime": {...}}`` with the runtime
     image already resolved; ``builders.revision_hash(template)`` names it.
-  - ``DeploymentObs`` / ``PodObs`` / ``Observations``: built by handlers from the API objects
-    (``observe_deployment`` / ``observe_pod`` below do that, purely).
+  - ``DeploymentObs`` / ``PodObs`` / ``Observations``: built once per reconcile from the API objects by
+    ``observe.py`` (purely) and shared with ``status.py``.
   - ``Plan``: handlers build the stable Deployment ``<name>`` from ``plan.stable`` and, when
     ``plan.canary`` is set, the Deployment ``<name>-canary`` from it (deleting it when None); they merge
     ``plan.status`` into the CR status, set ``plan.conditions`` and post ``plan.events``.
@@ -18,56 +18,14 @@ INTERFACE CONTRACT (handlers.py depends on these names):
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from . import builders
 from .api import GPTDeploymentSpec
 from .builders import desired_replicas, rolling_strategy
-
-Template = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class PodObs:
-    revision: str | None
-    ready: bool
-    unschedulable_since: datetime | None = None  # PodScheduled=False reason=Unschedulable
-    unschedulable_message: str = ""  # e.g. "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
-    crashloop_message: str = ""  # CrashLoopBackOff / ImagePullBackOff / ErrImagePull, with the container
-    restarts: int = 0
-    waiting_reason: str = ""  # the container's state.waiting.reason behind crashloop_message
-
-
-@dataclass(frozen=True)
-class DeploymentObs:
-    revision: str | None  # label gptd.io/revision of the pod template
-    template: Template | None  # annotation gptd.io/template (JSON) of the Deployment
-    spec_replicas: int
-    replicas: int = 0
-    ready_replicas: int = 0
-    updated_replicas: int = 0
-    available_replicas: int = 0
-    up_to_date: bool = True  # status.observedGeneration >= metadata.generation
-
-
-@dataclass(frozen=True)
-class Observations:
-    now: datetime
-    desired_template: Template
-    desired_revision: str
-    stable: DeploymentObs | None
-    canary: DeploymentObs | None
-    pods: tuple[PodObs, ...] = ()
-    promote: bool = False  # annotation gptd.io/promote=true
-    abort: bool = False  # annotation gptd.io/abort=true
-    analysis_breach: str | None = None  # set by handlers when canary.analysis found a breach
-    # Set by handlers when canary.analysis could not be evaluated (Prometheus unreachable or erroring): the
-    # canary is held at its step (no advance, no rollback) until it can be.
-    analysis_unavailable: str | None = None
+from .observe import Observations, PodObs, Template, format_time, parse_time
 
 
 @dataclass(frozen=True)
@@ -107,8 +65,6 @@ class Plan:
 
 # ------------------------------------------------------------------------------------------- constants
 
-REVISION_LABEL = builders.LABEL_REVISION  # on the pod template: which revision a pod runs
-TEMPLATE_ANNOTATION = builders.ANN_TEMPLATE  # on the Deployment: the revision template, JSON
 PROMOTE_ANNOTATION = "gptd.io/promote"
 ABORT_ANNOTATION = "gptd.io/abort"
 
@@ -116,19 +72,6 @@ ABORT_ANNOTATION = "gptd.io/abort"
 CRASHLOOP_RESTARTS = 3
 # ...or at once for waiting reasons that restarting never fixes.
 FATAL_WAITING_REASONS = frozenset({"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
-_BAD_WAITING_REASONS = frozenset(
-    {
-        "CrashLoopBackOff",
-        "ImagePullBackOff",
-        "ErrImagePull",
-        "InvalidImageName",
-        "ErrImageNeverPull",
-        "CreateContainerError",
-        "CreateContainerConfigError",
-        "RunContainerError",
-    }
-)
-
 # The keys of the CR status this module owns; plan.status holds exactly these.
 STATUS_KEYS = ("currentRevision", "updateRevision", "lastGoodRevision", "lastGoodTemplate", "failedRevision", "rollout")
 
@@ -138,90 +81,6 @@ ACTIVE_PHASES = (ROLLING_OUT, CANARY, PROMOTING)
 # ...or a finished one that failed; kept while the spec still asks for that revision so it is not retried.
 ROLLED_BACK, FAILED = "RolledBack", "Failed"
 HOLD_PHASES = (ROLLED_BACK, FAILED)
-
-
-# ----------------------------------------------------------------------------------- observation helpers
-
-
-def parse_time(value: str | None) -> datetime | None:
-    """An ISO-8601 timestamp ("...Z") as an aware UTC datetime; None stays None."""
-    if not value:
-        return None
-    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def format_time(value: datetime) -> str:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def observe_deployment(dep: dict[str, Any]) -> DeploymentObs:
-    """A Deployment (as the API returns it) → what ``decide`` needs to know about it."""
-    meta = dep.get("metadata") or {}
-    spec = dep.get("spec") or {}
-    status = dep.get("status") or {}
-    pod_labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
-    raw_template = (meta.get("annotations") or {}).get(TEMPLATE_ANNOTATION)
-    template: Template | None = None
-    if raw_template:
-        try:
-            loaded = json.loads(raw_template)
-            template = loaded if isinstance(loaded, dict) else None
-        except ValueError:  # hand-edited annotation: treat as unknown rather than crash the reconcile
-            template = None
-    replicas = spec.get("replicas")
-    observed, generation = status.get("observedGeneration"), meta.get("generation")
-    return DeploymentObs(
-        revision=pod_labels.get(REVISION_LABEL) or (meta.get("annotations") or {}).get(REVISION_LABEL),
-        template=template,
-        spec_replicas=1 if replicas is None else int(replicas),  # the API server's default
-        replicas=int(status.get("replicas") or 0),
-        ready_replicas=int(status.get("readyReplicas") or 0),
-        updated_replicas=int(status.get("updatedReplicas") or 0),
-        available_replicas=int(status.get("availableReplicas") or 0),
-        up_to_date=generation is None or (observed is not None and observed >= generation),
-    )
-
-
-def observe_pod(pod: dict[str, Any]) -> PodObs:
-    """A Pod (as the API returns it) → readiness, scheduling and crash-loop facts for ``decide``."""
-    meta = pod.get("metadata") or {}
-    status = pod.get("status") or {}
-    conditions = {c.get("type"): c for c in status.get("conditions") or []}
-    ready = (conditions.get("Ready") or {}).get("status") == "True"
-    scheduled = conditions.get("PodScheduled") or {}
-    unschedulable_since: datetime | None = None
-    unschedulable_message = ""
-    if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
-        unschedulable_since = parse_time(scheduled.get("lastTransitionTime")) or parse_time(
-            meta.get("creationTimestamp")
-        )
-        unschedulable_message = scheduled.get("message") or "Unschedulable"
-    restarts = 0
-    crashloop_message = waiting_reason = ""
-    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
-        restarts += int(cs.get("restartCount") or 0)
-        waiting = (cs.get("state") or {}).get("waiting") or {}
-        reason = waiting.get("reason") or ""
-        if reason in _BAD_WAITING_REASONS and not crashloop_message:
-            waiting_reason = reason
-            crashloop_message = f"{reason}: container {cs.get('name')}"
-            last = ((cs.get("lastState") or {}).get("terminated")) or {}
-            if last:  # why it died is what the user needs (OOMKilled, exit code 1...)
-                crashloop_message += f" last exited {last.get('reason') or 'with'} code {last.get('exitCode')}"
-            if waiting.get("message"):
-                crashloop_message += f": {waiting['message']}"
-    return PodObs(
-        revision=(meta.get("labels") or {}).get(REVISION_LABEL),
-        ready=ready,
-        unschedulable_since=unschedulable_since,
-        unschedulable_message=unschedulable_message,
-        crashloop_message=crashloop_message,
-        restarts=restarts,
-        waiting_reason=waiting_reason,
-    )
 
 
 # ---------------------------------------------------------------------------------------------- decide

@@ -13,8 +13,8 @@ from typing import Any
 
 from . import builders, names
 from .api import GPTDeploymentSpec
-from .rollout import format_time, observe_pod
-from .rollout import observe_deployment as _observe_deployment
+from .observe import format_time, observe_pod
+from .observe import observe_deployment as _observe_deployment
 
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
 # Status keys this module owns; anything else in .status (kopf's, rollout's) is left alone.

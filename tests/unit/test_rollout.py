@@ -7,19 +7,15 @@ from typing import Any
 
 import pytest
 from gptd_operator import api
+from gptd_operator.observe import DeploymentObs, Observations, PodObs, observe_deployment, observe_pod
 from gptd_operator.rollout import (
     ABORT_ANNOTATION,
     PROMOTE_ANNOTATION,
     STATUS_KEYS,
     ConditionPlan,
-    DeploymentObs,
-    Observations,
     Plan,
-    PodObs,
     canary_replicas,
     decide,
-    observe_deployment,
-    observe_pod,
 )
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -8,7 +8,7 @@ from typing import Any
 from gptd_operator import builders
 from gptd_operator import status as st
 from gptd_operator.api import parse_spec
-from gptd_operator.rollout import observe_deployment, observe_pod
+from gptd_operator.observe import observe_deployment, observe_pod
 from gptd_operator.settings import Settings
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -103,7 +103,7 @@ def test_crashloop_is_degraded() -> None:
     s = compute(deployment(), pods=[pod])
     assert cond(s, "Degraded")["reason"] == "CrashLoopBackOff"
     assert "gpt2-y" in cond(s, "Degraded")["message"] and "runtime" in cond(s, "Degraded")["message"]
-    assert st.observe_pod(pod).restarts == 5
+    assert observe_pod(pod).restarts == 5
 
 
 def test_image_pull_failure_is_degraded_with_its_own_reason() -> None:
@@ -192,7 +192,7 @@ def test_other_conditions_are_kept() -> None:
 
 
 def test_observation_reads_what_builders_write() -> None:
-    # status and rollout observe through rollout.observe_deployment; it must read the builders' annotations.
+    # status and rollout observe through observe.observe_deployment; it must read the builders' annotations.
     obs = observe_deployment(deployment(ready=1, updated=2))
     assert obs.template == TEMPLATE and obs.revision == REV
     assert (obs.spec_replicas, obs.ready_replicas, obs.updated_replicas) == (2, 1, 2)
