@@ -338,9 +338,8 @@ class Reconciler:
             previous=previous,
             now=now,
         )
-        # The rollout plan owns its status fields (revisions, rollout) and has the last word on conditions.
-        for key in rollout.STATUS_KEYS:
-            new.pop(key, None)
+        # The rollout plan owns its status fields (revisions, rollout; status.py computes none of them) and has
+        # the last word on conditions.
         new.update(plan.status)
         if plan.conditions:
             new["conditions"] = st.merge_conditions(

@@ -17,7 +17,8 @@ from .observe import format_time, observe_pod
 from .observe import observe_deployment as _observe_deployment
 
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
-# Status keys this module owns; anything else in .status (kopf's, rollout's) is left alone.
+# Status keys this module owns; anything else in .status (kopf's, rollout's) is left alone. The revisions
+# (currentRevision, updateRevision, lastGoodRevision...) and status.rollout are rollout.py's (rollout.STATUS_KEYS).
 OWNED_KEYS = (
     "observedGeneration",
     "phase",
@@ -29,9 +30,6 @@ OWNED_KEYS = (
     "selector",
     "url",
     "service",
-    "currentRevision",
-    "updateRevision",
-    "lastGoodRevision",
     "autoscaling",
     "conditions",
 )
@@ -215,10 +213,7 @@ def compute_status(
     else:
         progressing = None
 
-    current = previous_current
-    last_good = previous.get("lastGoodRevision")
-    if is_ready:
-        current = last_good = stable_revision
+    current = stable_revision if is_ready else previous_current  # for the phase only; rollout.py reports it
 
     gen = generation
     conds = [
@@ -273,9 +268,6 @@ def compute_status(
         "selector": builders.selector_string(name),
         "url": builders.service_url(name, namespace, spec),
         "service": names.service(name),
-        "currentRevision": current,
-        "updateRevision": desired_revision,
-        "lastGoodRevision": last_good,
         "autoscaling": autoscaling,
         "conditions": merge_conditions(prev_conditions, conds),
     }
