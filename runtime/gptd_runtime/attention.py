@@ -35,6 +35,16 @@ class VarlenAttention:
         # Index/mask tensors depend only on the batch layout, the same for every layer of one forward pass.
         self._layout_key: Any = None
         self._layout_value: tuple[Any, ...] = ()
+        # Every layer of one forward pass gets the same cu_seq_lens tensors: read them (a host sync on GPUs) and
+        # derive the layout once per pass, not once per layer. Keyed by the tensors' identity and version, and
+        # dropped by new_pass(), which the engine calls before each forward pass.
+        self._pass: tuple[Any, ...] | None = None
+
+        self._flat: tuple[Any, ...] | None = None  # (read_index, version, gathered key positions), same pass
+
+    def new_pass(self) -> None:
+        self._pass = None
+        self._flat = None
 
     def register(self) -> str:
         from transformers import AttentionInterface
@@ -58,7 +68,7 @@ class VarlenAttention:
         if self._layout_key == key:
             return self._layout_value
         decode = [i for i, n in enumerate(lq) if n == 1]
-        value: tuple[Any, ...] = (None, None, None, [i for i, n in enumerate(lq) if n != 1])
+        value: tuple[Any, ...] = (None, None, None, [i for i, n in enumerate(lq) if n != 1], False)
         if decode:
             qpos = torch.tensor([cu_q[i] for i in decode])
             lens = torch.tensor([lk[i] for i in decode])
@@ -68,7 +78,11 @@ class VarlenAttention:
             valid = ar[None, :] < lens[:, None]  # [n, width]
             # Padding positions point at the request's own first key (always valid) and are masked out.
             idx = torch.where(valid, starts[:, None] + ar[None, :], starts[:, None])
-            value = (qpos.to(device), idx.to(device), valid[:, None, None, :].to(device), value[3])
+            # A pure decode pass (every row one query token, in order) skips the scatter into `out`; equal key
+            # lengths (always at batch 1) need no padding mask, which lets sdpa take its unmasked kernel.
+            only_decode = len(decode) == len(lq)
+            mask = None if only_decode and bool(valid.all()) else valid[:, None, None, :].to(device)
+            value = (qpos.to(device), idx.to(device), mask, value[3], only_decode)
         self._layout_key, self._layout_value = key, value
         return value
 
@@ -101,11 +115,17 @@ class VarlenAttention:
         if unsupported or query.shape[0] != 1:
             raise NotImplementedError(f"{NAME}: unsupported attention arguments {unsupported or ['batch > 1']}")
         gqa = query.shape[1] != key.shape[1]
-        cq, ck = cu_q.tolist(), cu_k.tolist()
-        lq = [b - a for a, b in itertools.pairwise(cq)]
-        lk = [b - a for a, b in itertools.pairwise(ck)]
+        cached = self._pass
+        if cached is not None and cached[0] is cu_q and cached[1] is cu_k and cached[2] == (cu_q._version,
+                                                                                             cu_k._version):
+            cq, ck, lq, lk, layout = cached[3:]
+        else:
+            cq, ck = cu_q.tolist(), cu_k.tolist()
+            lq = [b - a for a, b in itertools.pairwise(cq)]
+            lk = [b - a for a, b in itertools.pairwise(ck)]
+            layout = self._layout(lq, lk, cq, ck, query.device)
+            self._pass = (cu_q, cu_k, (cu_q._version, cu_k._version), cq, ck, lq, lk, layout)
         q, k, v = query[0], key[0], value[0]  # [heads, tokens, head_dim]
-        out = torch.empty_like(q)
         # With direct reads, K/V are the whole cache and the packed row is read_index into it; otherwise K/V are the
         # packed row itself (the manager's read-back copy, or only new tokens when nothing was cached).
         token_index = None
@@ -115,13 +135,24 @@ class VarlenAttention:
             token_index = read_index if read_index.numel() else None
         # K/V are token-major ([tokens, heads, dim] seen transposed): gather whole token rows.
         kt, vt = k.transpose(0, 1), v.transpose(0, 1)
-        qpos, idx, valid, others = self._layout(lq, lk, cq, ck, query.device)
+        qpos, idx, valid, others, only_decode = layout
         if qpos is not None:
-            qd = q[:, qpos].transpose(0, 1).unsqueeze(2)  # [n, heads, 1, head_dim]
             n, width = idx.shape
-            flat = idx.view(-1) if token_index is None else token_index[idx.view(-1)]
+            if token_index is None:
+                flat = idx.view(-1)
+            elif self._flat is not None and self._flat[0] is token_index and self._flat[1] == token_index._version:
+                flat = self._flat[2]  # every layer of the pass reads the same cache positions
+            else:
+                flat = token_index[idx.view(-1)]
+                self._flat = (token_index, token_index._version, flat)
             kd = torch.index_select(kt, 0, flat).view(n, width, k.shape[0], -1).transpose(1, 2)
             vd = torch.index_select(vt, 0, flat).view(n, width, v.shape[0], -1).transpose(1, 2)
+            if only_decode:
+                od = sdpa(q.transpose(0, 1).unsqueeze(2), kd, vd, attn_mask=valid, scale=scaling, enable_gqa=gqa)
+                return od.transpose(1, 2).reshape(1, n, q.shape[0], q.shape[2]), None
+        out = torch.empty_like(q)
+        if qpos is not None:
+            qd = q[:, qpos].transpose(0, 1).unsqueeze(2)  # [n, heads, 1, head_dim]
             od = sdpa(qd, kd, vd, attn_mask=valid, scale=scaling, enable_gqa=gqa)
             out[:, qpos] = od.squeeze(2).transpose(0, 1)
         for i in others:

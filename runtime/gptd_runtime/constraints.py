@@ -32,6 +32,7 @@ class Grammars:
         import llguidance.hf
 
         self._tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size)
+        self._eos = hf_tokenizer.eos_token_id
         self._lock = threading.Lock()
         self._token_bytes: dict[int, bytes] = {}
 
@@ -52,7 +53,7 @@ class Grammars:
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise ConstraintError(f"unsupported response_format schema: {matcher.get_error()}")
-        return Constraint(matcher)
+        return Constraint(matcher, self._eos)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes a token stands for (a byte-level token can be half a UTF-8 character)."""
@@ -64,8 +65,9 @@ class Grammars:
 
 
 class Constraint:
-    def __init__(self, matcher: Any):
+    def __init__(self, matcher: Any, eos: int | None = None):
         self._matcher = matcher
+        self._eos = eos
 
     def allowed(self, vocab_size: int, device: Any) -> Any:
         """Bool [vocab_size]: tokens the grammar allows next (EOS only once the JSON is complete)."""
@@ -75,6 +77,9 @@ class Constraint:
         mask = torch.frombuffer(bytearray(bias), dtype=torch.uint8)[:vocab_size] != 0
         if mask.numel() < vocab_size:  # model rows beyond the tokenizer's vocabulary are never valid
             mask = torch.cat([mask, torch.zeros(vocab_size - mask.numel(), dtype=torch.bool)])
+        if not mask.any() and self._eos is not None:
+            # The matcher is stopped or in an error state: end the request rather than sample from nothing.
+            mask[self._eos] = True
         return mask.to(device, non_blocking=True)
 
     def advance(self, token_id: int) -> None:

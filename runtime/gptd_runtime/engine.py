@@ -367,6 +367,8 @@ class GenerationEngine:
                 if self._attention is not None:
                     direct = self._attention.enable_direct_reads(bp.cache)
                     log.debug("attention: %s, direct cache reads: %s", self._attention.name, direct)
+            if self._attention is not None:
+                self._attention.new_pass()
             size = _cb_internals.batch_size(bp)
             self.forward_passes += 1
             self.max_batch_seen = max(self.max_batch_seen, size)
@@ -401,6 +403,15 @@ class GenerationEngine:
     def healthy(self) -> bool:
         mgr = self._manager
         return mgr is not None and mgr.is_running() and _cb_internals.fatal_error(mgr) is None
+
+    @property
+    def sampling_features(self) -> frozenset[str]:
+        """The optional SamplingParams parts honoured here (state.py); the HTTP layer refuses the others.
+        response_format needs the grammar built at start (llguidance must read the tokenizer)."""
+        from .state import ALL_SAMPLING_FEATURES, FEATURE_RESPONSE_FORMAT
+
+        return ALL_SAMPLING_FEATURES if self._grammars is not None else ALL_SAMPLING_FEATURES - {
+            FEATURE_RESPONSE_FORMAT}
 
     # -- requests -------------------------------------------------------------------------------------------
     def num_inflight(self) -> int:
@@ -561,6 +572,13 @@ class ClassificationEngine:
         return len(self.loaded.tokenizer(text).input_ids)
 
     async def infer(self, texts: list[str]) -> list[ClassificationResult]:
+        """Raises InvalidParameterError for an empty batch or a text without tokens (a 0-token row cannot be
+        reshaped into logits: torch fails deep inside the model), QueueFullError when too many wait."""
+        if not texts:
+            raise InvalidParameterError("texts", "no texts to classify")
+        for i, text in enumerate(texts):
+            if self.count_tokens(text) == 0:
+                raise InvalidParameterError("texts", f"text {i} has no tokens")
         s = self.settings
         if self._inflight >= s.max_batch_size + s.max_queue:
             raise QueueFullError(f"{self._inflight} requests in flight")

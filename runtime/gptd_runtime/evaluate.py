@@ -101,7 +101,6 @@ class _Client:
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                 line: int | None = None) -> dict[str, Any]:
         payload = json.dumps(body).encode() if body is not None else None
-        where = f" (dataset line {line})" if line is not None else ""
         for attempt in range(self.opts.attempts):
             try:
                 conn = self._conn()
@@ -128,10 +127,9 @@ class _Client:
                     raise EvaluationError(f"the server refused the API key (401): {message}")
                 if resp.status == 400 and line is not None:
                     raise EvaluationError(f"the server refused the row (400): {message}", line)
-                raise EvaluationError(f"{method} {path} answered {resp.status}{where}: {message}", line)
+                raise EvaluationError(f"{method} {path} answered {resp.status}: {message}", line)
             if not isinstance(decoded, dict):
-                raise EvaluationError(f"{method} {path} answered with something other than a JSON object{where}",
-                                      line)
+                raise EvaluationError(f"{method} {path} answered with something other than a JSON object", line)
             return decoded
         raise AssertionError("unreachable")
 
@@ -226,7 +224,11 @@ def evaluate(rows: Sequence[Row], opts: EvalOptions) -> dict[str, Any]:
                   "accuracy": score}
     else:
         if opts.task == "text-classification":
-            scores = classification_scores([r.label for r in rows if isinstance(r, ClassificationRow)], predictions)
+            gold = [r.label for r in rows if isinstance(r, ClassificationRow)]
+            scores = classification_scores(gold, predictions)
+            if not set(gold) & set(predictions):  # almost always a naming mismatch ("POSITIVE" vs "positive")
+                print(f"gptd-evaluate: warning: no predicted label is a dataset label (the server predicts "
+                      f"{sorted(set(predictions))}, the dataset has {sorted(set(gold))})", file=sys.stderr)
         else:
             ner = [r for r in rows if isinstance(r, NerRow)]
             gold = [[(e.start, e.end, e.label) for e in r.entities] for r in ner]
@@ -278,6 +280,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return 1
     except EvaluationError as e:
         _fail(out, e.message if e.line is None else f"dataset line {e.line}: {e.message}", e.line)
+        return 1
+    except Exception as e:  # e.g. a response of an unexpected shape: still one line, never a traceback
+        _fail(out, f"unexpected {type(e).__name__} while evaluating against {args.url}: {e}", None)
         return 1
     print(json.dumps(result), file=out, flush=True)
     return 0

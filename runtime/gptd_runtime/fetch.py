@@ -29,8 +29,10 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -47,6 +49,10 @@ _SUPPORT_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
 _WEIGHT_SAFETENSORS = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$|^adapter_model\.safetensors$")
 _WEIGHT_BIN = re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin$|^adapter_model\.bin$")
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class _Cancelled(Exception):
+    """Another file of the revision failed: stop this one at the next chunk."""
 
 
 class FetchError(Exception):
@@ -83,7 +89,8 @@ def select_files(files: Sequence[RemoteFile]) -> list[RemoteFile]:
     safetensors win over `.bin` when both exist; ONNX, Flax, TF, GGUF, Core ML, OpenVINO, training state and
     anything in a sub-folder (`onnx/`, `original/`, ...) are skipped: `from_pretrained(dir)` reads the root.
     """
-    root = [f for f in files if "/" not in f.name]
+    # Root files only: this also means no name from the hub can point outside the revision directory.
+    root = [f for f in files if "/" not in f.name and "\\" not in f.name]
     safetensors = [f for f in root if _WEIGHT_SAFETENSORS.match(f.name)]
     weights = safetensors or [f for f in root if _WEIGHT_BIN.match(f.name)]
     index = "model.safetensors.index.json" if safetensors else "pytorch_model.bin.index.json"
@@ -124,24 +131,27 @@ class Progress:
         self.done: set[str] = set()
         self.out, self.interval = out, interval
         self._last = 0.0
+        self._lock = threading.RLock()  # files download in parallel
 
     def line(self) -> dict[str, Any]:
         return {"bytesDone": sum(self.on_disk.values()), "bytesTotal": self.total,
                 "filesDone": len(self.done), "filesTotal": self.files_total}
 
     def update(self, name: str, on_disk: int, done: bool = False) -> None:
-        self.on_disk[name] = on_disk
-        if done:
-            self.done.add(name)
-        else:
-            self.done.discard(name)
-        self.emit(force=done)
+        with self._lock:
+            self.on_disk[name] = on_disk
+            if done:
+                self.done.add(name)
+            else:
+                self.done.discard(name)
+            self.emit(force=done)
 
     def emit(self, force: bool = False, **extra: Any) -> None:
-        now = time.monotonic()
-        if force or now - self._last >= self.interval:
-            self._last = now
-            print(json.dumps({**self.line(), **extra}), file=self.out, flush=True)
+        with self._lock:
+            now = time.monotonic()
+            if force or now - self._last >= self.interval:
+                self._last = now
+                print(json.dumps({**self.line(), **extra}), file=self.out, flush=True)
 
 
 # ---- file system -----------------------------------------------------------------------------------------
@@ -155,7 +165,7 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique: two fetches may update one ref
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -170,6 +180,22 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _write_all(out: Any, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view):]
+
+
+def _sha256_prefix(path: Path, length: int) -> Any:
+    h = hashlib.sha256()
+    if length:
+        with open(path, "rb") as f:
+            while length and (chunk := f.read(min(_CHUNK, length))):
+                h.update(chunk)
+                length -= len(chunk)
+    return h
 
 
 def _verified(path: Path, f: RemoteFile) -> bool:
@@ -271,10 +297,11 @@ class FetchOptions:
     backoff_seconds: float = 1.0  # doubled per attempt, capped at 30 s
     timeout_seconds: float = 60.0
     progress_interval: float = 2.0
+    jobs: int = 4  # files downloaded at once (sharded weights download in parallel)
 
 
 def _download_file(hub: _Hub, repo_id: str, sha: str, f: RemoteFile, work: Path, progress: Progress,
-                   opts: FetchOptions) -> None:
+                   opts: FetchOptions, cancel: threading.Event) -> None:
     import httpx2
     from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.utils import hf_raise_for_status
@@ -283,13 +310,20 @@ def _download_file(hub: _Hub, repo_id: str, sha: str, f: RemoteFile, work: Path,
     part = work / (f.name + ".part")
     final.parent.mkdir(parents=True, exist_ok=True)
     last_error = ""
+    # sha256 is computed while the bytes stream in (a 16 GB file is not read back from disk to check it);
+    # only a .part left by an earlier process is hashed from disk once, before resuming it.
+    hasher, hashed = hashlib.sha256(), 0
     for attempt in range(opts.attempts):
         if attempt:
-            time.sleep(min(30.0, opts.backoff_seconds * 2 ** (attempt - 1)))
+            cancel.wait(min(30.0, opts.backoff_seconds * 2 ** (attempt - 1)))
+        if cancel.is_set():
+            raise _Cancelled()
         have = part.stat().st_size if part.exists() else 0
         if have > f.size:  # cannot be a prefix of this file
             part.unlink()
             have = 0
+        if hashed != have:
+            hasher, hashed = _sha256_prefix(part, have), have
         try:
             if have < f.size or f.size == 0:
                 with hub.stream(repo_id, sha, f.name, have) as r:
@@ -300,12 +334,17 @@ def _download_file(hub: _Hub, repo_id: str, sha: str, f: RemoteFile, work: Path,
                             r.read()
                         hf_raise_for_status(r)
                         if have and r.status_code != 206:  # server ignored the Range: start over
-                            have = 0
-                        with open(part, "ab" if have else "wb") as out:
-                            # Chunks as they arrive (no re-buffering), so a dropped connection keeps them.
+                            have, hasher, hashed = 0, hashlib.sha256(), 0
+                        # Unbuffered: every byte received is in the file (page cache) at once, so a killed
+                        # process loses none; chunks as they arrive, so a dropped connection keeps them.
+                        with open(part, "ab" if have else "wb", buffering=0) as out:
                             for chunk in r.iter_bytes():
-                                out.write(chunk)
+                                if cancel.is_set():
+                                    raise _Cancelled()
+                                _write_all(out, chunk)
+                                hasher.update(chunk)
                                 have += len(chunk)
+                                hashed = have
                                 progress.update(f.name, have)
                             out.flush()
                             os.fsync(out.fileno())
@@ -322,16 +361,77 @@ def _download_file(hub: _Hub, repo_id: str, sha: str, f: RemoteFile, work: Path,
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise FetchError("DiskFull", f"disk full writing {f.name} into {work}: {e.strerror}") from e
             raise
-        if _verified(part, f):
+        if part.stat().st_size == f.size and (f.sha256 is None or hasher.hexdigest() == f.sha256):
             os.replace(part, final)
             progress.update(f.name, f.size, done=True)
             return
         # Complete length but wrong content (or wrong length): discard and fetch the whole file again.
         last_error = f"{f.name} failed verification ({'sha256' if f.sha256 else 'size'} mismatch)"
         part.unlink(missing_ok=True)
+        hasher, hashed = hashlib.sha256(), 0
         progress.update(f.name, 0)
     reason = "Corrupt" if "verification" in last_error else "Network"
     raise FetchError(reason, f"{f.name}: giving up after {opts.attempts} attempts: {last_error}")
+
+
+def _lookup(hub: _Hub, repo_id: str, revision: str, opts: FetchOptions) -> tuple[str, list[RemoteFile]]:
+    """The revision's commit and file list; a busy or unreachable hub is retried like a transfer."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for attempt in range(opts.attempts):
+        if attempt:
+            time.sleep(min(30.0, opts.backoff_seconds * 2 ** (attempt - 1)))
+        try:
+            return hub.revision(repo_id, revision)
+        except FetchError:
+            raise
+        except (HfHubHTTPError, httpx2.TransportError) as e:
+            status = e.response.status_code if isinstance(e, HfHubHTTPError) and e.response is not None else None
+            transient = status in _TRANSIENT_STATUS or (status is None and isinstance(e, httpx2.TransportError))
+            if not transient or attempt + 1 == opts.attempts:
+                raise _hub_error(e, repo_id, revision) from e
+        except Exception as e:
+            raise _hub_error(e, repo_id, revision) from e
+    raise AssertionError("unreachable")
+
+
+def _download_all(hub: _Hub, repo_id: str, sha: str, files: Sequence[RemoteFile], work: Path, progress: Progress,
+                  opts: FetchOptions) -> None:
+    """`opts.jobs` files at a time, in name order; the first failure stops the others at their next chunk
+    and is the one raised."""
+    cancel = threading.Event()
+    errors: list[BaseException] = []
+
+    def one(f: RemoteFile) -> None:
+        try:
+            _download_file(hub, repo_id, sha, f, work, progress, opts, cancel)
+        except _Cancelled:
+            pass
+        except BaseException as e:
+            with progress._lock:
+                errors.append(e)
+            cancel.set()
+
+    finished = threading.Event()
+
+    def heartbeat() -> None:
+        # A line every interval even when no byte arrives (a stalled hub), so a watcher can tell a live but
+        # stuck download from a dead process.
+        while not finished.wait(max(opts.progress_interval, 0.05)):
+            progress.emit(force=True)
+
+    beat = threading.Thread(target=heartbeat, name="fetch-progress", daemon=True)
+    beat.start()
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, opts.jobs), thread_name_prefix="fetch") as pool:
+            for f in files:
+                pool.submit(one, f)
+    finally:
+        finished.set()
+        beat.join()
+    if errors:
+        raise errors[0]
 
 
 def fetch(repo_id: str, revision: str, dest: Path, opts: FetchOptions | None = None,
@@ -346,12 +446,7 @@ def fetch(repo_id: str, revision: str, dest: Path, opts: FetchOptions | None = N
     if known and (done := complete_revision(dest, known)):  # a pinned sha already here: no network needed
         _report_complete(done, out)
         return done
-    try:
-        sha, remote = hub.revision(repo_id, revision)
-    except FetchError:
-        raise
-    except Exception as e:
-        raise _hub_error(e, repo_id, revision) from e
+    sha, remote = _lookup(hub, repo_id, revision, opts)
     files = select_files(remote)
     if not any(_WEIGHT_SAFETENSORS.match(f.name) or _WEIGHT_BIN.match(f.name) for f in files):
         raise FetchError("NoWeights", f"{repo_id}@{revision} has no safetensors or pytorch_model.bin weights "
@@ -364,7 +459,14 @@ def fetch(repo_id: str, revision: str, dest: Path, opts: FetchOptions | None = N
 
     work = dest / INCOMPLETE / sha
     work.mkdir(parents=True, exist_ok=True)
+    # The lock file is never deleted: unlinking it would let a later fetch lock a new file while an earlier
+    # one still holds the old inode.
     with _exclusive(dest / INCOMPLETE / f"{sha}.lock"):
+        if done := complete_revision(dest, sha):  # another fetch finished it while we looked
+            shutil.rmtree(work, ignore_errors=True)
+            _report_complete(done, out)
+            _write_ref(dest, revision, sha)
+            return done
         progress = Progress(files, out, opts.progress_interval)
         todo = []
         for f in files:
@@ -381,18 +483,16 @@ def fetch(repo_id: str, revision: str, dest: Path, opts: FetchOptions | None = N
         if needed > free:
             raise FetchError("DiskFull", f"not enough space in {dest}: {needed} more bytes needed, {free} free")
         progress.emit(force=True)
-        for f in todo:
-            _download_file(hub, repo_id, sha, f, work, progress, opts)
+        _download_all(hub, repo_id, sha, todo, work, progress, opts)
 
         manifest = {"repo": repo_id, "revision": revision, "sha": sha, "files": {f.name: f.size for f in files},
                     "bytes": progress.total, "completedAt": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
         _write_atomic(work / MARKER, json.dumps(manifest, indent=1))
         target = dest / sha
-        if target.exists():  # not complete (no marker), e.g. a copy made by hand: replace it
+        if target.exists():  # under the lock, so never complete here: no marker, e.g. a copy made by hand
             shutil.rmtree(target)
         os.rename(work, target)  # the one step that makes the revision visible
         _fsync_dir(dest)
-    (dest / INCOMPLETE / f"{sha}.lock").unlink(missing_ok=True)
     _write_ref(dest, revision, sha)
     progress.emit(force=True, revision=sha, path=str(target), complete=True)
     return target
@@ -420,6 +520,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="file holding the hub token (HF_TOKEN wins when set) [env GPTD_HF_TOKEN_FILE]")
     p.add_argument("--progress-interval", type=float, default=2.0, help="seconds between progress lines")
     p.add_argument("--attempts", type=int, default=5, help="tries per file before giving up")
+    p.add_argument("--jobs", type=int, default=4, help="files downloaded at once (default 4)")
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -435,10 +536,17 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 token = args.token_file.read_text().strip() or None
             except OSError as e:
                 raise FetchError("InvalidArgument", f"cannot read token file {args.token_file}: {e.strerror}") from e
-        opts = FetchOptions(token=token, progress_interval=args.progress_interval, attempts=max(1, args.attempts))
+        opts = FetchOptions(token=token, progress_interval=args.progress_interval, attempts=max(1, args.attempts),
+                            jobs=max(1, args.jobs))
         fetch(parse_repo_id(args.uri), args.revision, args.dest, opts, out)
         return 0
     except FetchError as e:
-        message = e.message.replace(token, "***") if token else e.message  # never echo the token
-        print(json.dumps({"error": " ".join(message.split()), "reason": e.reason}), file=out, flush=True)
-        return 1
+        reason, message = e.reason, e.message
+    except OSError as e:  # the cache volume: missing, read-only, not a directory, ...
+        reason, message = "Storage", f"cannot write to {args.dest}: {e.strerror or e} ({e.filename or args.dest})"
+    except Exception as e:  # still one line for the operator to report, never a traceback
+        reason, message = "Internal", f"{type(e).__name__}: {e}"
+    if token:
+        message = message.replace(token, "***")  # never echo the token
+    print(json.dumps({"error": " ".join(message.split()), "reason": reason}), file=out, flush=True)
+    return 1

@@ -128,9 +128,11 @@ def sample(logits: torch.Tensor, rows: list[RequestSampling | None]) -> torch.Te
         tokens = x.argmax(-1)
     else:
         probs = torch.softmax(x, dim=-1)
-        for i, r in enumerate(states):
-            if r.top_p < 1.0 and not r.greedy:
-                probs[i] = _top_p(probs[i], r.top_p)
+        nucleus = [i for i, r in enumerate(states) if r.top_p < 1.0 and not r.greedy]
+        if nucleus:  # one batched sort for every top-p row
+            idx = torch.tensor(nucleus, device=device)
+            top_p = torch.tensor([states[i].top_p for i in nucleus], device=device, dtype=probs.dtype)
+            probs[idx] = _top_p(probs[idx], top_p)
         noise = torch.empty_like(probs)
         seeded = [i for i, r in enumerate(states) if r.generator is not None and not r.greedy]
         if len(seeded) < n:
@@ -145,15 +147,16 @@ def sample(logits: torch.Tensor, rows: list[RequestSampling | None]) -> torch.Te
     return tokens
 
 
-def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero the tail outside the smallest set of tokens whose probability reaches top_p (the top token stays)."""
+def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per row, zero the tail outside the smallest set of tokens whose probability reaches top_p (the top token
+    always stays). probs: [rows, vocab]; top_p: [rows]."""
     import torch
 
-    sorted_p, order = torch.sort(probs, descending=True)
-    cum = sorted_p.cumsum(-1)
-    drop = (cum - sorted_p) >= top_p  # mass strictly before this token already reaches top_p
-    drop[0] = False
-    return probs.scatter(0, order, sorted_p.masked_fill(drop, 0.0))
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+    before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each token
+    drop = before >= top_p[:, None]
+    drop[:, 0] = False
+    return probs.scatter(1, order, sorted_p.masked_fill(drop, 0.0))
 
 
 def _record(states: list[RequestSampling], tokens: torch.Tensor, logp: torch.Tensor | None,

@@ -29,13 +29,22 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lq: list[int],
     return out.transpose(1, 2)
 
 
+# Decoding requests (1 query token), a whole prefill, a later prefill chunk, decoders of uneven length; a pure
+# decode pass of uneven lengths (padding mask); a pure decode pass of equal lengths (no mask); batch 1.
+LAYOUTS = {
+    "mixed": ([1, 1, 7, 1, 5, 1], [9, 30, 7, 2, 12, 17]),
+    "decode": ([1, 1, 1, 1], [9, 30, 2, 17]),
+    "decode-equal": ([1, 1, 1], [12, 12, 12]),
+    "one": ([1], [23]),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("direct", [False, True])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_varlen_matches_packed_sdpa(kv_heads: int, direct: bool) -> None:
+def test_varlen_matches_packed_sdpa(kv_heads: int, direct: bool, layout: str) -> None:
     torch.manual_seed(0)
-    # Decoding requests (1 query token), a whole prefill, a later prefill chunk, decoders of uneven length.
-    lq = [1, 1, 7, 1, 5, 1]
-    lk = [9, 30, 7, 2, 12, 17]
+    lq, lk = LAYOUTS[layout]
     heads, dim = 4, 64
     q = torch.randn(1, heads, sum(lq), dim)
     # The cache returns K/V token-major and transposed, as transformers' paged cache does.
@@ -57,6 +66,10 @@ def test_varlen_matches_packed_sdpa(kv_heads: int, direct: bool) -> None:
     want = _reference(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), lq, lk)
     assert got.shape == (1, sum(lq), heads, dim)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # A second layer of the same pass (layout and gathered positions reused) computes the same.
+    again, _ = attn(_Module(), q, kin, vin, None, scaling=0.125, read_index=[slots], **cu) if direct else \
+        attn(_Module(), q, k, v, None, scaling=0.125, **cu)
+    torch.testing.assert_close(again, want, atol=1e-5, rtol=1e-5)
 
 
 def test_unsupported_arguments_fail_loudly() -> None:

@@ -52,6 +52,9 @@ async def test_embeddings_shape_pooling_and_determinism(app_factory: Any, models
         assert by_ids == vectors[2]
         same_width = await http.post("/v1/embeddings", json={"input": "x", "dimensions": width})
         assert same_width.status_code == 200
+        nulls = await http.post("/v1/embeddings", json={"input": "x", "model": None, "encoding_format": None,
+                                                        "dimensions": None, "user": None})
+        assert nulls.status_code == 200 and nulls.json()["data"][0]["embedding"] == vectors[2]
 
 
 @pytest.mark.parametrize(("payload", "param", "words"), [

@@ -49,3 +49,34 @@ def test_greedy_and_unknown_rows_take_the_argmax() -> None:
     want = logits.argmax(-1)
     got = sample(logits.clone(), [_rs(temperature=0.0), None, _rs(temperature=0.0, logprobs=2)])
     assert got.tolist() == want.tolist()
+
+
+def test_top_p_per_row_in_one_batch() -> None:
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    seen: list[set[int]] = [set(), set()]
+    for s in range(300):
+        rows = [_rs(seed=s, top_p=0.8), _rs(seed=s, top_p=0.81)]
+        got = sample(torch.stack([logits, logits]).clone(), rows).tolist()
+        seen[0].add(got[0])
+        seen[1].add(got[1])
+    assert seen == [{0, 1}, {0, 1, 2}]
+
+
+def test_grammar_mask_and_its_end(models: dict) -> None:  # type: ignore[type-arg]
+    from gptd_runtime.constraints import Grammars
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(models["plain"])
+    grammars = Grammars(tok, len(tok))
+    c = grammars.compile("json_schema", {"enum": ["yes"]})
+    allowed = c.allowed(len(tok), "cpu")
+    assert 0 < int(allowed.sum()) < len(tok) and not allowed[tok.eos_token_id]  # JSON first, EOS not yet
+    for t in tok('"yes"').input_ids:
+        assert c.allowed(len(tok), "cpu")[t]
+        c.advance(t)
+    done = c.allowed(len(tok), "cpu")
+    assert done[tok.eos_token_id] and int(done.sum()) == 1  # complete: only EOS
+    c.advance(tok("x").input_ids[0])  # a token the grammar forbids: the matcher is now in its error state
+    assert c.error
+    after = c.allowed(len(tok), "cpu")  # nothing is allowed any more, so EOS ends the request
+    assert after[tok.eos_token_id] and int(after.sum()) == 1

@@ -254,6 +254,16 @@ def test_text_classification_cli_scores_like_scikit_learn(servers: dict[str, Any
     assert API_KEY not in json.dumps(out) + err
 
 
+def test_a_row_the_server_refuses_is_named_by_its_line(servers: dict[str, Any], tmp_path: Path) -> None:
+    rows = [{"text": "fine", "label": "positive"}, {"text": "word " * 5000, "label": "negative"}]
+    dataset = _write(tmp_path / "long.jsonl", rows)
+    rc, out, _ = _cli("--url", servers["cls"].url, "--dataset", str(dataset), "--task", "text-classification",
+                      "--api-key-file", str(servers["key_file"]))
+    assert rc == 1 and len(out) == 1 and out[0]["line"] == 2, out
+    assert out[0]["error"].startswith("dataset line 2: the server refused the row (400):"), out
+    assert "word word" not in out[0]["error"]  # the row's text is not echoed
+
+
 def test_token_classification_cli_scores_like_seqeval(servers: dict[str, Any], tmp_path: Path) -> None:
     url = servers["ner"].url
     texts = TEXTS[:6]
@@ -352,6 +362,8 @@ class _Stub(ThreadingHTTPServer):
         self.statuses = statuses  # statuses for successive infer calls, then 200
         self.lock = threading.Lock()
         self.in_flight = self.max_in_flight = self.infers = 0
+        self.infer_body: dict[str, Any] = {
+            "outputs": [{"name": "label", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}
 
 
 class _StubHandler(BaseHTTPRequestHandler):
@@ -391,7 +403,7 @@ class _StubHandler(BaseHTTPRequestHandler):
         if status != 200:
             self._reply(status, {"error": {"message": "busy"}})
         else:
-            self._reply(200, {"outputs": [{"name": "label", "datatype": "BYTES", "shape": [1], "data": ["a"]}]})
+            self._reply(200, srv.infer_body)
 
 
 @pytest.fixture
@@ -426,3 +438,47 @@ def test_a_server_that_stays_busy_fails_after_bounded_retries(stub: _Stub) -> No
     with pytest.raises(EvaluationError) as e:
         evaluate(_rows(5), opts)
     assert "503" in str(e.value) and stub.infers == 4  # gave up on the first row: no storm over the rest
+
+
+def test_unexpected_responses_and_label_mismatches_are_reported(stub: _Stub, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{stub.server_address[1]}"
+    opts = EvalOptions(url=url, task="text-classification", metric="f1", average="macro", concurrency=2)
+    rows = parse_dataset('{"text": "t", "label": "A"}\n', "text-classification")
+    assert evaluate(rows, opts)["score"] == 0.0  # the server says "a", the dataset "A": scored, and flagged
+    assert "no predicted label is a dataset label" in capsys.readouterr().err
+
+    stub.infer_body = {"outputs": "not a list"}
+    dataset = _write(tmp_path / "d.jsonl", [{"text": "t", "label": "a"}])
+    rc, out, err = _cli("--url", url, "--dataset", str(dataset), "--task", "text-classification")
+    assert rc == 1 and len(out) == 1 and out[0]["error"].startswith("unexpected"), (out, err)
+    assert "Traceback" not in err
+
+
+def test_https_runtime_is_verified_against_the_ca_file(tmp_path: Path) -> None:
+    import shutil
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl binary to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = _Stub([])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"https://127.0.0.1:{server.server_address[1]}"
+        rows = _rows(3)
+        ok = EvalOptions(url=url, task="text-classification", metric="accuracy", average="macro", ca_file=cert)
+        assert evaluate(rows, ok)["score"] == 1.0
+        untrusted = EvalOptions(url=url, task="text-classification", metric="accuracy", average="macro")
+        with pytest.raises(EvaluationError) as e:
+            evaluate(rows, untrusted)
+        assert "CERTIFICATE_VERIFY_FAILED" in e.value.message
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -3,15 +3,18 @@ selection, resume after a kill and after a dropped connection, verification, ato
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from gptd_runtime import fetch as fetch_mod
@@ -57,7 +60,8 @@ def test_select_files_prefers_safetensors_and_skips_other_formats() -> None:
                   "model.safetensors.index.json", "pytorch_model-00001-of-00002.bin",
                   "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json", "training_args.bin",
                   "onnx/model.onnx", "model.onnx", "flax_model.msgpack", "tf_model.h5", "model.gguf",
-                  "original/consolidated.00.pth", "README.md", ".gitattributes")
+                  "original/consolidated.00.pth", "README.md", ".gitattributes",
+                  "../escape.json", "..", ".hidden.json", "sub/../config.json")  # nothing may leave the directory
     assert [f.name for f in select_files(repo)] == [
         "chat_template.jinja", "config.json", "generation_config.json", "merges.txt",
         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
@@ -107,8 +111,10 @@ def test_cli_fetches_only_what_the_runtime_loads_and_the_loader_loads_it(
     import torch
 
     dest = tmp_path / "cache"
-    # HF_ENDPOINT is how the pod (and a mirror) points huggingface_hub at another hub.
-    result = _cli(dest, env={"HF_ENDPOINT": hub.url})
+    # HF_ENDPOINT is how the pod (and a mirror) points huggingface_hub at another hub. HOME and HF_HOME are
+    # unwritable, as in a pod with a read-only root filesystem: only --dest is written.
+    unwritable = "/proc/gptd-no-such-dir"
+    result = _cli(dest, env={"HF_ENDPOINT": hub.url, "HOME": unwritable, "HF_HOME": f"{unwritable}/hf"})
     assert result.returncode == 0, result.stdout + result.stderr
     lines = _lines(result.stdout)
     expected = sorted(p.name for p in models["plain"].iterdir())
@@ -174,11 +180,16 @@ def test_killed_download_resumes_without_refetching_completed_files_or_bytes(
     proc = subprocess.Popen(
         [sys.executable, "-m", "gptd_runtime", "fetch", REPO_ID, "--dest", str(dest)],
         cwd=REPO, env={**env, "HF_ENDPOINT": hub.url}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    part = dest / INCOMPLETE / hub.last_sha / (WEIGHTS + ".part")
+    work = dest / INCOMPLETE / hub.last_sha
+    part = work / (WEIGHTS + ".part")
+    others = sorted(p.name for p in models["plain"].iterdir() if p.name != WEIGHTS)
     deadline = time.monotonic() + 60
-    while not (part.exists() and part.stat().st_size == cut):
+    # Files download in parallel: kill once the others are complete and the weights sit at the cut.
+    while not (part.exists() and part.stat().st_size == cut and all((work / n).exists() for n in others)):
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the partial file never reached the cut"
+        assert time.monotonic() < deadline, (
+            "the partial file never reached the cut", part.exists() and part.stat().st_size,
+            sorted(p.name for p in work.iterdir()) if work.exists() else None, hub.requests)
         time.sleep(0.05)
     proc.kill()
     proc.communicate(timeout=10)
@@ -186,8 +197,8 @@ def test_killed_download_resumes_without_refetching_completed_files_or_bytes(
 
     # Killed mid-file: nothing looks complete.
     assert complete_revision(dest, hub.last_sha) is None and not (dest / hub.last_sha).exists()
-    first_run_files = [n for n in _resolved(hub) if n != WEIGHTS]
-    assert first_run_files == ["config.json", "generation_config.json", "gptd-demo.json"]  # done before the cut
+    first_run_files = sorted(n for n in _resolved(hub) if n != WEIGHTS)
+    assert first_run_files == others
 
     hub.requests.clear()
     hub.bytes_served.clear()
@@ -199,7 +210,9 @@ def test_killed_download_resumes_without_refetching_completed_files_or_bytes(
     assert hub.bytes_served[WEIGHTS] == size - cut  # only the missing bytes
     assert [r["range"] for r in hub.requests if r["path"].endswith(WEIGHTS)] == [f"bytes={cut}-"]
     assert not set(first_run_files) & set(_resolved(hub))  # completed files not fetched again
-    assert lines[0]["bytesDone"] >= cut and lines[0]["filesDone"] == 3  # progress starts from what is on disk
+    # Progress starts from what is on disk: the completed files plus the weights' first `cut` bytes.
+    assert lines[0]["bytesDone"] - cut == sum((models["plain"] / n).stat().st_size for n in others)
+    assert lines[0]["filesDone"] == len(others)
     assert (path / WEIGHTS).read_bytes() == (models["plain"] / WEIGHTS).read_bytes()
 
 
@@ -310,3 +323,177 @@ def test_revision_directory_without_marker_is_not_complete_and_is_replaced(
     assert path == stale and complete_revision(tmp_path, hub.last_sha) == stale
     assert (stale / "config.json").read_bytes() == (models["plain"] / "config.json").read_bytes()
     assert json.loads((stale / MARKER).read_text())["sha"] == hub.last_sha
+
+
+def test_a_server_ignoring_range_makes_the_file_start_over(hub: FakeHub, models: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    size = (models["plain"] / WEIGHTS).stat().st_size
+    hub.drop_after[WEIGHTS] = 700_000
+    hub.ignore_range.add(WEIGHTS)
+    path = fetch(REPO_ID, "main", tmp_path, FetchOptions(endpoint=hub.url, backoff_seconds=0), out=io.StringIO())
+    assert [r["range"] for r in hub.requests if r["path"].endswith(WEIGHTS)] == [None, "bytes=700000-"]
+    assert hub.bytes_served[WEIGHTS] == 700_000 + size  # the 200 answer was written from byte 0, not appended
+    assert (path / WEIGHTS).read_bytes() == (models["plain"] / WEIGHTS).read_bytes()
+
+
+def test_a_complete_pinned_sha_needs_no_hub_and_a_second_writer_is_refused(models: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    with FakeHub() as hub:
+        sha = hub.add_directory(REPO_ID, models["plain"])
+        work_lock = tmp_path / "b" / INCOMPLETE / f"{sha}.lock"
+        work_lock.parent.mkdir(parents=True)
+        with open(work_lock, "w") as held:  # another fetch of this revision is running
+            fcntl.flock(held, fcntl.LOCK_EX)
+            with pytest.raises(FetchError) as e:
+                fetch(REPO_ID, "main", tmp_path / "b", FetchOptions(endpoint=hub.url), out=io.StringIO())
+            assert e.value.reason == "Busy"
+        assert not _resolved(hub)
+        fetch(REPO_ID, "main", tmp_path / "a", FetchOptions(endpoint=hub.url), out=io.StringIO())
+        endpoint = hub.url
+    # The hub is gone: a pinned sha already in the cache is served from it; a branch needs the hub.
+    out = io.StringIO()
+    assert fetch(REPO_ID, sha, tmp_path / "a", FetchOptions(endpoint=endpoint), out=out) == tmp_path / "a" / sha
+    assert _lines(out.getvalue())[-1]["complete"] is True
+    with pytest.raises(FetchError) as e:
+        fetch(REPO_ID, "main", tmp_path / "a", FetchOptions(endpoint=endpoint, timeout_seconds=5), out=io.StringIO())
+    assert e.value.reason == "Network"
+
+
+def test_a_corrupt_partial_file_is_caught_after_resuming_it(hub: FakeHub, models: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    size = (models["plain"] / WEIGHTS).stat().st_size
+    work = tmp_path / INCOMPLETE / hub.last_sha
+    work.mkdir(parents=True)
+    (work / (WEIGHTS + ".part")).write_bytes(b"x" * 100_000)  # a bad prefix left by an earlier process
+    path = fetch(REPO_ID, "main", tmp_path, FetchOptions(endpoint=hub.url, backoff_seconds=0), out=io.StringIO())
+    # Resumed first (only the rest is sent), the hash over prefix + rest fails, then the whole file again.
+    assert [r["range"] for r in hub.requests if r["path"].endswith(WEIGHTS)] == ["bytes=100000-", None]
+    assert hub.bytes_served[WEIGHTS] == (size - 100_000) + size
+    assert (path / WEIGHTS).read_bytes() == (models["plain"] / WEIGHTS).read_bytes()
+
+
+def test_an_unusable_cache_directory_is_one_json_line(hub: FakeHub, tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    result = _cli(not_a_dir / "cache", env={"HF_ENDPOINT": hub.url})
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = _lines(result.stdout)
+    assert line["reason"] == "Storage" and str(not_a_dir) in line["error"], line
+    assert "Traceback" not in result.stderr
+
+
+def _in_thread(target: Any) -> tuple[threading.Thread, list[Any]]:
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(target())
+        except BaseException as e:
+            box.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _wait(predicate: Any, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_files_download_in_parallel(hub: FakeHub, models: dict[str, Path], tmp_path: Path) -> None:
+    hub.stall_after[WEIGHTS] = 100_000  # the weights hang mid-file ...
+    thread, box = _in_thread(lambda: fetch(REPO_ID, "main", tmp_path, FetchOptions(endpoint=hub.url, jobs=4,
+                                                                                    backoff_seconds=0),
+                                           out=io.StringIO()))
+    work = tmp_path / INCOMPLETE / hub.last_sha
+    others = [p.name for p in models["plain"].iterdir() if p.name != WEIGHTS]
+    # ... while every file after them in name order completes.
+    _wait(lambda: all((work / n).exists() for n in others), "the other files did not complete meanwhile")
+    hub.release()
+    thread.join(30)
+    assert box and box[0] == tmp_path / hub.last_sha, box
+    assert [r["range"] for r in hub.requests if r["path"].endswith(WEIGHTS)] == [None, "bytes=100000-"]
+
+
+def test_a_failing_file_stops_the_others(models: dict[str, Path], tmp_path: Path) -> None:
+    with FakeHub() as hub:
+        hub.add_directory(REPO_ID, models["plain"], extra={"tokenizer.model": b"spm" * 1000})  # an LFS file
+        hub.corrupt["tokenizer.model"] = 100
+        hub.stall_after[WEIGHTS] = 100_000
+        opts = FetchOptions(endpoint=hub.url, jobs=4, attempts=2, backoff_seconds=0)
+        thread, box = _in_thread(lambda: fetch(REPO_ID, "main", tmp_path, opts, out=io.StringIO()))
+        _wait(lambda: hub.bytes_served["tokenizer.model"] == 2 * 3000, "no second attempt")
+        _wait(lambda: hub.bytes_served[WEIGHTS] >= 100_000, "weights never started")
+        time.sleep(0.5)  # the second failed verification is recorded before the stalled weights wake up
+        hub.release()
+        thread.join(30)
+        assert isinstance(box[0], FetchError) and box[0].reason == "Corrupt" and "tokenizer.model" in box[0].message
+        # The weights' connection broke after the failure: not resumed, since the revision cannot complete.
+        assert [n for n in _resolved(hub) if n == WEIGHTS] == [WEIGHTS]
+
+
+def test_a_revision_completed_by_another_fetch_meanwhile_is_kept(hub: FakeHub, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = fetch(REPO_ID, "main", tmp_path, FetchOptions(endpoint=hub.url), out=io.StringIO())
+    marker = (path / MARKER).stat()
+    real = fetch_mod.complete_revision
+    calls: list[int] = []
+
+    def racing(dest: Path, sha: str) -> Path | None:  # the first look happens before the other fetch finished
+        calls.append(1)
+        return None if len(calls) == 1 else real(dest, sha)
+
+    monkeypatch.setattr(fetch_mod, "complete_revision", racing)
+    hub.requests.clear()
+    assert fetch(REPO_ID, "main", tmp_path, FetchOptions(endpoint=hub.url), out=io.StringIO()) == path
+    assert _resolved(hub) == []  # nothing downloaded again
+    assert (path / MARKER).stat().st_ino == marker.st_ino  # the complete revision was not replaced
+    assert not (tmp_path / INCOMPLETE / hub.last_sha).exists()
+
+
+def test_the_local_hub_also_serves_huggingface_hubs_own_snapshot_download(hub: FakeHub, models: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    # The emulator speaks the hub's API as huggingface_hub itself uses it (tree listing, HEAD + resolve):
+    # what `serve --model hf://...` does today, and the peer in benchmarks/fetch_bench.py.
+    from huggingface_hub import snapshot_download
+
+    path = Path(snapshot_download(REPO_ID, cache_dir=tmp_path, endpoint=hub.url))
+    assert path.name == hub.last_sha
+    got = {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    want = {p.name: p.read_bytes() for p in models["plain"].iterdir()} | EXTRAS
+    assert got == want  # everything, extras included: it is not selective
+
+
+def test_a_busy_hub_is_retried_at_the_revision_lookup_then_given_up(hub: FakeHub, tmp_path: Path) -> None:
+    hub.api_failures[:] = [503, 429]
+    path = fetch(REPO_ID, "main", tmp_path / "a", FetchOptions(endpoint=hub.url, backoff_seconds=0), out=io.StringIO())
+    assert path.is_dir() and hub.api_failures == []
+    lookups = [r for r in hub.requests if r["path"].startswith("/api/")]
+    assert len(lookups) == 3
+
+    hub.api_failures[:] = [503] * 10
+    with pytest.raises(FetchError) as e:
+        fetch(REPO_ID, "main", tmp_path / "b", FetchOptions(endpoint=hub.url, attempts=3, backoff_seconds=0),
+              out=io.StringIO())
+    assert e.value.reason == "HubError" and "503" in e.value.message and "temporarily unavailable" in e.value.message
+    assert len(hub.api_failures) == 7  # three tries, no storm
+
+
+def test_progress_lines_keep_coming_while_a_transfer_stalls(hub: FakeHub, tmp_path: Path) -> None:
+    hub.stall_after[WEIGHTS] = 100_000
+    out = io.StringIO()
+    opts = FetchOptions(endpoint=hub.url, progress_interval=0.1, backoff_seconds=0)
+    thread, box = _in_thread(lambda: fetch(REPO_ID, "main", tmp_path, opts, out=out))
+    _wait(lambda: hub.bytes_served[WEIGHTS] >= 100_000, "the weights never started")
+    time.sleep(0.3)  # the bytes received before the stall are counted
+    before = len(out.getvalue().splitlines())
+    time.sleep(1.0)  # nothing arrives meanwhile
+    during = _lines(out.getvalue())[before:]
+    hub.release()
+    thread.join(30)
+    assert box and isinstance(box[0], Path), box
+    assert len(during) >= 5, during  # ~10 expected at 0.1 s
+    assert len({line["bytesDone"] for line in during}) == 1  # a heartbeat: same figures, still reported

@@ -93,3 +93,16 @@ async def test_cjk_and_emoji_entities_never_overlap(app_factory: Any, text: str)
         assert e["start"] < e["end"] and e["word"] == text[e["start"]:e["end"]]
         assert e["word"] == e["word"].strip() and "\ufffd" not in e["word"]
         end = e["end"]
+
+
+@pytest.mark.parametrize("texts", [[], [""], ["fine", ""]])
+async def test_classification_engine_refuses_empty_input(app_factory: Any, texts: list[str]) -> None:
+    """The engine guards itself too (not only the route): an empty text used to fail inside torch
+    ("cannot reshape tensor of 0 elements")."""
+    from gptd_runtime.engine import InvalidParameterError
+
+    async with app_factory("ner") as (_client, app):
+        engine = app.state.runtime.engine
+        with pytest.raises(InvalidParameterError, match="no t"):
+            await engine.infer(texts)
+        assert (await engine.infer(["still works"]))[0].label == ""

@@ -13,7 +13,7 @@ from gptd_runtime.engine import ResponseFormat
 from transformers import AutoTokenizer
 
 from tests.support.engine import ContractEngine, logprob_ok
-from tests.support.runtime import sse_events
+from tests.support.runtime import metric, sse_events
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -280,3 +280,42 @@ async def test_get_model_by_id(app_factory: Any, contract: ContractEngine) -> No
         assert (model.id, model.object, model.owned_by) == ("org/tiny", "model", "gptd")
         with pytest.raises(NotFoundError, match="does not exist"):
             await client.models.retrieve("other")
+        with pytest.raises(NotFoundError):
+            await client.models.retrieve("yet-another")
+        text = (await http.get("/metrics")).text
+        # Ids are never label values (a scanner would explode the series count): one bounded route label.
+        assert metric(text, 'gptd:http_requests_total{route="/v1/models/{id}",status="404"}') == 2
+        assert metric(text, 'gptd:http_requests_total{route="/v1/models/{id}",status="200"}') == 1
+
+
+async def test_refusals_through_the_openai_client(app_factory: Any, contract: ContractEngine) -> None:
+    from openai import AsyncOpenAI, BadRequestError
+
+    async with app_factory("chat", engine=contract, served_model_name="m") as (http, _app):
+        client = AsyncOpenAI(base_url="http://test/v1", api_key="x", http_client=http)
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        for kwargs, field in (({"tools": tools}, "tools"), ({"logit_bias": {"3": 1}}, "logit_bias"),
+                              ({"reasoning_effort": "low"}, "reasoning_effort"),
+                              ({"stop": ["a", "b", "c", "d", "e"]}, "stop")):
+            with pytest.raises(BadRequestError) as caught:
+                await client.chat.completions.create(model="m", messages=CHAT, max_tokens=2, **kwargs)
+            assert caught.value.body["param"] == field  # type: ignore[index]
+        with pytest.raises(BadRequestError, match="best_of"):
+            await client.completions.create(model="m", prompt="x", max_tokens=2, best_of=2)
+        assert contract.submitted == []
+
+
+async def test_echo_and_token_prompts(app_factory: Any, contract: ContractEngine) -> None:
+    tok = contract.tokenizer
+    async with app_factory("chat", engine=contract) as (client, _app):
+        ids = tok("Readability counts").input_ids
+        r = await client.post("/v1/completions", json={"prompt": [ids, tok("Flat").input_ids], "max_tokens": 2,
+                                                        "echo": True})
+        assert r.status_code == 200, r.text
+        texts = [c["text"] for c in r.json()["choices"]]
+        assert texts[0].startswith("Readability counts") and texts[1].startswith("Flat")
+        assert [s.prompt_ids for s in contract.submitted] == [ids, tok("Flat").input_ids]
+        bad = await client.post("/v1/completions", json={"prompt": [[1, 10**9]], "max_tokens": 1})
+        assert _err(bad)["param"] == "prompt"
+        empty = await client.post("/v1/completions", json={"prompt": [], "max_tokens": 1})
+        assert _err(empty)["param"] == "prompt"

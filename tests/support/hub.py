@@ -5,6 +5,8 @@ Endpoints, shaped like the real hub's:
 - `GET /api/models/{org}/{name}[/revision/{rev}][?blobs=true]`: revision lookup (`sha`) and the file list
   (`siblings`; with `blobs=true` each has `size`, `blobId` and, for LFS files, `lfs: {sha256, size,
   pointerSize}`).
+- `GET /api/models/{org}/{name}/tree/{rev}[/{path}][?recursive=true]`: the tree listing `snapshot_download` uses
+  (files with `oid`, `size`, `lfs`; folders as `type: directory`), one page.
 - `GET|HEAD /{org}/{name}/resolve/{rev}/{filename}`: the file, with `Range: bytes=N-[M]` (206 +
   Content-Range, 416 past the end), `X-Repo-Commit`, `ETag`, `X-Linked-Size`/`X-Linked-Etag` for LFS.
 - Errors carry `X-Error-Code` / `X-Error-Message` and a JSON `{"error": ...}` body, as the hub's do:
@@ -16,13 +18,17 @@ Knobs for failure tests (all thread-safe, set them between or during transfers):
 - `stall_after[file] = n`: the next response sends n bytes, then hangs until `release()` (to kill a client
   mid-file).
 - `corrupt[file] = k`: the next k responses for that file carry one flipped byte.
+- `api_failures`: statuses the next `/api/...` calls answer with (e.g. `[503, 503]`), one per call.
+- `ignore_range`: files whose responses ignore `Range` and send the whole file with 200 (as some proxies do).
 Counters: `bytes_served[file]` (body bytes written) and `requests` (method, path, range, authorized).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import socket
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -73,10 +79,13 @@ class FakeHub:
         self.drop_after: dict[str, int] = {}
         self.stall_after: dict[str, int] = {}
         self.corrupt: dict[str, int] = {}
+        self.ignore_range: set[str] = set()
+        self.api_failures: list[int] = []
         self.bytes_served: Counter[str] = Counter()
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._release = threading.Event()
+        self._connections: set[Any] = set()
         self._server: ThreadingHTTPServer | None = None
 
     # ---- repositories -------------------------------------------------------------------------------------
@@ -130,6 +139,11 @@ class FakeHub:
         assert self._server is not None
         self._server.shutdown()
         self._server.server_close()
+        # Like a hub that went away: kept-alive connections die too (shutdown() only stops accepting).
+        with self._lock:
+            for conn in list(self._connections):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
 
     # ---- request handling (called from handler threads) -------------------------------------------------
     def _authorize(self, headers: Any, repo_id: str) -> None:
@@ -152,6 +166,38 @@ class FakeHub:
             raise _HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         return commit
 
+    def _blob(self, name: str, data: bytes) -> tuple[str, dict[str, Any] | None]:
+        """(git blob id, LFS info or None) as the hub reports them."""
+        if not self.is_lfs(name):
+            return _git_blob_sha1(data), None
+        sha256 = hashlib.sha256(data).hexdigest()
+        pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n"
+        return _git_blob_sha1(pointer.encode()), {"sha256": sha256, "size": len(data), "pointerSize": len(pointer)}
+
+    def tree(self, repo_id: str, revision: str, prefix: str, recursive: bool) -> list[dict[str, Any]]:
+        commit = self._commit(repo_id, revision)
+        prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        entries: dict[str, dict[str, Any]] = {}
+        for name, data in sorted(commit.files.items()):
+            if not name.startswith(prefix):
+                continue
+            parts = name[len(prefix):].split("/")
+            for depth in range(1, len(parts)):  # the folders on the way
+                folder = prefix + "/".join(parts[:depth])
+                if recursive or depth == 1:
+                    entries.setdefault(folder, {"type": "directory", "oid": hashlib.sha1(folder.encode()).hexdigest(),
+                                                "size": 0, "path": folder})
+            if len(parts) > 1 and not recursive:
+                continue
+            oid, lfs = self._blob(name, data)
+            entry: dict[str, Any] = {"type": "file", "oid": oid, "size": len(data), "path": name}
+            if lfs:
+                entry["lfs"] = {"oid": lfs["sha256"], "size": lfs["size"], "pointerSize": lfs["pointerSize"]}
+            entries[name] = entry
+        if prefix and not entries:
+            raise _HubError(404, f"Entry not found: {prefix}", "EntryNotFound")
+        return list(entries.values())
+
     def model_info(self, repo_id: str, revision: str, blobs: bool) -> dict[str, Any]:
         commit = self._commit(repo_id, revision)
         siblings = []
@@ -159,13 +205,9 @@ class FakeHub:
             entry: dict[str, Any] = {"rfilename": name}
             if blobs:
                 entry["size"] = len(data)
-                if self.is_lfs(name):
-                    sha256 = hashlib.sha256(data).hexdigest()
-                    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n"
-                    entry["blobId"] = _git_blob_sha1(pointer.encode())
-                    entry["lfs"] = {"sha256": sha256, "size": len(data), "pointerSize": len(pointer)}
-                else:
-                    entry["blobId"] = _git_blob_sha1(data)
+                entry["blobId"], lfs = self._blob(name, data)
+                if lfs:
+                    entry["lfs"] = lfs
             siblings.append(entry)
         return {"_id": commit.sha[:24], "id": repo_id, "modelId": repo_id, "sha": commit.sha, "private": False,
                 "disabled": False, "gated": repo_id in self.gated, "tags": [], "library_name": "transformers",
@@ -179,6 +221,16 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
         pass
 
+    def setup(self) -> None:
+        super().setup()
+        with self.hub._lock:
+            self.hub._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.hub._lock:
+            self.hub._connections.discard(self.connection)
+        super().finish()
+
     def _send_error(self, err: _HubError) -> None:
         body = json.dumps({"error": err.message}).encode()
         self.send_response(err.status)
@@ -191,7 +243,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _send_json(self, data: dict[str, Any]) -> None:
+    def _send_json(self, data: dict[str, Any] | list[Any]) -> None:
         body = json.dumps(data).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -211,7 +263,17 @@ class _Handler(BaseHTTPRequestHandler):
                                  "authorized": self.headers.get("Authorization") is not None})
         try:
             if parts[:2] == ["api", "models"] and len(parts) >= 4:
+                with hub._lock:
+                    failure = hub.api_failures.pop(0) if hub.api_failures else None
+                if failure is not None:
+                    raise _HubError(failure, "Service temporarily unavailable")
                 repo_id = "/".join(parts[2:4])
+                query = {k: v[0].lower() for k, v in parse_qs(url.query).items()}
+                if len(parts) >= 6 and parts[4] == "tree":
+                    hub._authorize(self.headers, repo_id)
+                    recursive = query.get("recursive") == "true"
+                    self._send_json(hub.tree(repo_id, parts[5], "/".join(parts[6:]), recursive))
+                    return
                 if len(parts) == 4:
                     revision = "main"
                 elif len(parts) == 6 and parts[4] == "revision":
@@ -219,8 +281,7 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     raise _HubError(404, "Not found")
                 hub._authorize(self.headers, repo_id)
-                blobs = parse_qs(url.query).get("blobs", ["false"])[0].lower() == "true"
-                self._send_json(hub.model_info(repo_id, revision, blobs))
+                self._send_json(hub.model_info(repo_id, revision, query.get("blobs") == "true"))
             elif len(parts) >= 5 and parts[2] == "resolve":
                 repo_id = "/".join(parts[:2])
                 hub._authorize(self.headers, repo_id)
@@ -237,7 +298,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HubError(404, f"Entry not found: {name}", "EntryNotFound")
         size = len(data)
         start, end = 0, size - 1
-        rng = self.headers.get("Range")
+        rng = None if name in hub.ignore_range else self.headers.get("Range")
         if rng:
             first, _, last = rng.removeprefix("bytes=").partition("-")
             start = int(first)

@@ -15,10 +15,17 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..engine import Delta, EngineUnavailableError, QueueFullError, SamplingParams, TokenLogprob
+from ..engine import (
+    Delta,
+    EngineUnavailableError,
+    InvalidParameterError,
+    QueueFullError,
+    SamplingParams,
+    TokenLogprob,
+)
 from ..state import GenerationBackend, TokenStream
 from .envelope import ChoiceResult, Envelope, Usage
-from .errors import busy, client_gone, sse_error, unavailable
+from .errors import bad_request, busy, client_gone, sse_error, unavailable
 
 _DISCONNECT_POLL_SECONDS = 0.5
 
@@ -34,11 +41,18 @@ class Job:
     echo: str = ""  # completions `echo`: the prompt text, returned before the generated text
 
 
-def submit_all(engine: GenerationBackend, jobs: Sequence[Job], stream: bool) -> list[TokenStream]:
+def submit_all(
+    engine: GenerationBackend, jobs: Sequence[Job], stream: bool, fields: dict[str, str] | None = None
+) -> list[TokenStream]:
+    """`fields` maps a SamplingParams name to the request field it came from (for the engine's 400s)."""
     streams: list[TokenStream] = []
     try:
         for job in jobs:
             streams.append(engine.submit(job.ids, job.params, stream=stream))
+    except InvalidParameterError as e:  # checked by the engine before anything is queued
+        _cancel(streams)
+        param = (fields or {}).get(e.param, e.param)
+        raise bad_request(str(e).replace(e.param, param, 1), param=param) from e
     except QueueFullError as e:
         _cancel(streams)
         raise busy(str(e)) from e

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from ..state import Phase
 from .deps import runtime
+from .errors import RETRY_AFTER_SECONDS
 
 router = APIRouter()
 
@@ -33,4 +34,6 @@ async def ready(request: Request) -> JSONResponse:
     body = {"status": state.phase.value}
     if state.error:
         body["error"] = state.error
-    return JSONResponse(body, status_code=200 if state.phase is Phase.READY else 503)
+    if state.phase is Phase.READY:
+        return JSONResponse(body)
+    return JSONResponse(body, status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})

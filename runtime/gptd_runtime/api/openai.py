@@ -142,8 +142,11 @@ def _jobs(
     return jobs
 
 
-async def _run(request: Request, env: Envelope, body: SamplingFields, engine: Any, jobs: list[generation.Job]) -> Any:
-    streams = generation.submit_all(engine, jobs, body.streaming)
+async def _run(
+    request: Request, env: Envelope, body: SamplingFields, engine: Any, jobs: list[generation.Job],
+    logprobs_field: str = "logprobs",
+) -> Any:
+    streams = generation.submit_all(engine, jobs, body.streaming, {"logprobs": logprobs_field})
     if body.streaming:
         return generation.sse(env, jobs, streams, body.include_usage)
     results = await generation.collect(request, jobs, streams)
@@ -215,4 +218,4 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     # The template already carries any special tokens the model expects.
     ids = tok(_chat_prompt(tok, body), add_special_tokens=False).input_ids
     jobs = _jobs(state, body, [ids], base, "messages")
-    return await _run(request, Envelope("chat", state.model_name), body, engine, jobs)
+    return await _run(request, Envelope("chat", state.model_name), body, engine, jobs, field)

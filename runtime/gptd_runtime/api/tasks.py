@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from ..engine import EngineUnavailableError, QueueFullError
+from ..engine import EngineUnavailableError, InvalidParameterError, QueueFullError
 from ..state import RuntimeState
 from .deps import ready_engine, runtime
 from .errors import APIError, bad_request, busy, not_found, unavailable
@@ -118,6 +118,8 @@ async def infer(name: str, body: InferRequest, request: Request) -> dict[str, An
                            param="inputs.0.data", code="context_length_exceeded")
     try:
         results = await engine.infer(texts)
+    except InvalidParameterError as e:  # the engine's own check (the ones above should already catch it)
+        raise bad_request(f"input {tensor.name!r}: {e}", param="inputs.0.data") from e
     except QueueFullError as e:
         raise busy(str(e)) from e
     except EngineUnavailableError as e:
