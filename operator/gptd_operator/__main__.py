@@ -56,9 +56,10 @@ def run(namespaces: list[str] | None, liveness: str | None, verbose: bool) -> in
     except kube.NoCredentials as exc:
         print(f"gptd-operator: {exc}", file=sys.stderr)
         return 2
-    handlers.configure(settings)
+    memo = handlers.configure(settings)
     asyncio.run(
         kopf.operator(
+            memo=memo,
             standalone=True,  # one operator replica; peering would need extra RBAC and CRDs
             clusterwide=not namespaces,
             namespaces=namespaces or (),

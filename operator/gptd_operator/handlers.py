@@ -3,8 +3,9 @@
 Level-based: every trigger (CR create/update/resume, a child's or a pod's watch event, the resync timer)
 runs the same ``Reconciler.reconcile`` for the owning GPTDeployment, which reads the cluster from kopf
 indices (kept current by the watch streams) rather than with GETs, so a no-op resync makes no writes
-and almost no requests. Handlers are registered by ``register(registry, settings)`` (not at import)
-so tests can run several operators with their own registries and settings.
+and almost no requests. The handlers are module-level functions attached by ``register(registry)`` (not at
+import); their shared state (the Reconciler, the borrowed indices, timers) is an ``OperatorState`` on kopf's
+``memo``, so tests can run several operators with their own registries and settings.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextvars
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,9 +78,9 @@ _REJECTED_FIELDS = (
 
 def rejected_field(message: str) -> str:
     """The spec field an API server's validation message points at ("spec" when it can't tell)."""
-    for needle, field in _REJECTED_FIELDS:
+    for needle, spec_field in _REJECTED_FIELDS:
         if needle in message:
-            return field
+            return spec_field
     return "spec"
 
 
@@ -474,201 +475,256 @@ def _owner_key(namespace: str | None, labels: Mapping[str, str]) -> tuple[str, s
     return (namespace or "", instance) if instance else None
 
 
-def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Reconciler | None = None) -> Reconciler:
-    """Register all handlers on ``registry``; returns the Reconciler (tests and the benchmark read it)."""
-    state: dict[str, Reconciler] = {}
-    state_tasks: dict[str, asyncio.Task[None]] = {}
+@dataclass
+class OperatorState:
+    """Everything the handlers share, kept on kopf's ``memo`` (``memo.gptd``): one per running operator, so tests
+    can run several operators with their own registries and settings."""
+
+    settings: Settings
+    reconciler: Reconciler
     # kopf hands the (live, long-lived) index objects only to handlers; the resync loop borrows them.
-    state_indices: dict[str, Mapping[str, Any]] = {}
+    indices: Mapping[str, Any] | None = None
     # kopf.event() needs context variables kopf sets only in the tasks that run handlers; reconciles started
     # by the resync loop or a requeue timer run in a copy of a handler's context, or they could not post Events.
-    state_context: dict[str, contextvars.Context] = {}
+    context: contextvars.Context | None = None
+    tasks: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
+    timers: dict[tuple[str, str], asyncio.TimerHandle] = field(default_factory=dict)
 
-    def remember(kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
+    def remember(self, kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
         indices = {k: kwargs[k] for k in (*CHILD_INDICES.values(), "gptd_pods", "gptd_crs") if k in kwargs}
-        state_indices.setdefault("i", indices)
-        if "c" not in state_context:
-            state_context["c"] = contextvars.copy_context()
+        if self.indices is None:
+            self.indices = indices
+        if self.context is None:
+            self.context = contextvars.copy_context()
         return indices
 
-    def in_handler_context(coro: Any) -> asyncio.Task[Any]:
-        context = state_context.get("c")
-        return asyncio.get_running_loop().create_task(coro, context=None if context is None else context.copy())
+    def in_handler_context(self, coro: Any) -> asyncio.Task[Any]:
+        context = None if self.context is None else self.context.copy()
+        return asyncio.get_running_loop().create_task(coro, context=context)
 
-    # Handlers are async on purpose: kopf runs sync handlers in a thread pool, a hop per watch event.
-    if reconciler is not None:
-        state["r"] = reconciler
-
-    def rec() -> Reconciler:
-        if "r" not in state:
-            state["r"] = Reconciler(settings, kube.Kube())
-        return state["r"]
-
-    group, version, plural = api.GROUP, api.VERSION, api.PLURAL
-
-    @kopf.on.startup(id="configure_kopf", registry=registry)
-    def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
-        # Handler progress and the diff base live in annotations under our own prefix.
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="gptd.io")
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix="gptd.io", key="last-handled-configuration"
-        )
-        settings.persistence.finalizer = "gptd.io/finalizer"  # unused: no delete handlers, GC does it
-        # kopf posts handler log lines of this level as Events; INFO would post "Timer succeeded"
-        # on every resync. Our own Events go through kopf.event() and are not affected.
-        settings.posting.level = logging.WARNING
-        settings.scanning.disabled = True  # no CRD/namespace watching: less RBAC, CRD installed first
-        settings.watching.server_timeout = 300
-        settings.execution.max_workers = 4
-
-    @kopf.on.login(id="login", registry=registry)
-    def login(**_: Any) -> Any:
-        return kube.connection_info(kube.get_config())
-
-    @kopf.on.cleanup(id="close_client", registry=registry)
-    async def close_client(**_: Any) -> None:
-        for handle in timers.values():
-            handle.cancel()
-        tasks = list(state_tasks.values())
-        state_tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if "r" in state:
-            await state["r"].kube.close()
-            await state["r"].analyzer.close()
-
-    # --- indices: the cluster as the watch streams show it, keyed by (namespace, CR name)
-
-    @kopf.index(group, version, plural, id="gptd_crs", registry=registry)
-    async def index_crs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any]:
-        # Keyed like the children's instance label (names.base), so a child's event finds its CR.
-        return {(namespace, names.base(name)): _plain(body)}
-
-    def child_indexer(index_id: str, group_version: str, plural_: str, keep: tuple[str, ...]) -> None:
-        @kopf.index(group_version, plural_, id=index_id, labels=MANAGED, registry=registry)
-        async def index_child(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
-            key = _owner_key(namespace, labels)
-            return {key: _summary(body, keep)} if key else None
-
-        @kopf.on.event(group_version, plural_, id=f"{index_id}_event", labels=MANAGED, registry=registry)
-        async def child_event(
-            type: str | None, namespace: str, name: str, labels: kopf.Labels, body: kopf.Body, **kwargs: Any
-        ) -> None:
-            # From now on the index is authoritative for this object.
-            rec().recent.pop((body.get("kind", ""), namespace, name), None)
-            if type is None:
-                return  # the initial listing: the CR's resume handler covers it
-            await _reconcile_owner(_owner_key(namespace, labels), remember(kwargs))
-
-    child_indexer(
-        "gptd_deployments", "apps/v1", "deployments",
-        ("replicas", "readyReplicas", "updatedReplicas", "availableReplicas", "observedGeneration", "conditions"),
-    )
-    child_indexer("gptd_services", "v1", "services", ())
-    child_indexer("gptd_pdbs", "policy/v1", "poddisruptionbudgets", ())
-    child_indexer("gptd_hpas", "autoscaling/v2", "horizontalpodautoscalers", ("currentReplicas", "desiredReplicas"))
-
-    @kopf.index("v1", "pods", id="gptd_pods", labels=RUNTIME_PODS, registry=registry)
-    async def index_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
-        key = _owner_key(namespace, labels)
-        if not key:
-            return None
-        pod = _summary(body, ("phase", "conditions", "containerStatuses", "initContainerStatuses"))
-        pod.pop("spec", None)  # pod specs are big and we never compare them
-        return {key: pod}
-
-    @kopf.on.event("v1", "pods", id="gptd_pods_event", labels=RUNTIME_PODS, registry=registry)
-    async def pod_event(type: str | None, namespace: str, labels: kopf.Labels, **kwargs: Any) -> None:
-        if type is None:
-            return
-        await _reconcile_owner(_owner_key(namespace, labels), remember(kwargs))
-
-    async def _reconcile_owner(key: tuple[str, str] | None, indices: Mapping[str, Any]) -> None:
-        crs = indices.get("gptd_crs")
-        if key is None or crs is None or key not in crs:
-            return
-        for body in list(crs[key]):
-            await rec().reconcile(body, indices)
-
-    # --- the CR itself
-
-    # Explicit ids: kopf keeps handler progress in annotations named after them (gptd.io/reconcile).
-    @kopf.on.resume(group, version, plural, id="reconcile", backoff=10, registry=registry)
-    @kopf.on.create(group, version, plural, id="reconcile", backoff=10, registry=registry)
-    @kopf.on.update(group, version, plural, id="reconcile", backoff=10, registry=registry)
-    async def reconcile_cr(body: kopf.Body, **kwargs: Any) -> None:
-        await rec().reconcile(_plain(body), remember(kwargs))
-
-    timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
-
-    def requeue(namespace: str, name: str, delay: float) -> None:
-        # One pending wake-up per CR; the earliest wins (a later reconcile may ask again).
+    def requeue(self, namespace: str, name: str, delay: float) -> None:
+        """One pending wake-up per CR; the earliest wins (a later reconcile may ask again)."""
         loop = asyncio.get_running_loop()
         key = (namespace, name)
         due = loop.time() + delay
-        old = timers.get(key)
+        old = self.timers.get(key)
         if old is not None and not old.cancelled() and old.when() <= due:
             return
         if old is not None:
             old.cancel()
 
         def fire() -> None:
-            timers.pop(key, None)
-            task = in_handler_context(_reconcile_owner(key, state_indices.get("i") or {}))
-            state_tasks[f"requeue-{id(task)}"] = task
-            task.add_done_callback(lambda t: state_tasks.pop(f"requeue-{id(t)}", None))
+            self.timers.pop(key, None)
+            task = self.in_handler_context(_reconcile_owner(self, key, self.indices or {}))
+            self.tasks[f"requeue-{id(task)}"] = task
+            task.add_done_callback(lambda t: self.tasks.pop(f"requeue-{id(t)}", None))
 
-        timers[key] = loop.call_later(delay, fire)
+        self.timers[key] = loop.call_later(delay, fire)
 
-    rec().requeue = requeue
 
-    async def resync_loop() -> None:
-        # A plain task instead of @kopf.timer: kopf timers put a finalizer on every CR, which would
-        # block `kubectl delete` whenever the operator is down. Restores children that no watch event
-        # reported (e.g. missed while disconnected).
-        first = True
-        while True:
-            # The first pass runs at once (it finds no CRs yet and marks the loop as running), then every period.
-            if not first:
-                await asyncio.sleep(settings.resync_seconds)
-            first = False
-            indices = state_indices.get("i")
-            crs = indices.get("gptd_crs") if indices else None
-            if crs is None:
-                rec().resync_passes += 1
-                continue
-            started = time.monotonic()
-            try:
-                await rec().relist(indices)
-            except Exception:  # the pass still runs on the indices; the next pass lists again
-                log.exception("relist failed")
-            keys = list(crs)
-            for key in keys:
-                for body in list(crs.get(key, [])):
-                    try:
-                        await in_handler_context(rec().reconcile(body, indices))
-                    except Exception:  # one broken CR must not stop the resync of the others
-                        log.exception("resync of %s/%s failed", *key)
-            rec().resync_passes += 1
-            log.info("resync pass done: %d GPTDeployments in %.2f s", len(keys), time.monotonic() - started)
+def memo_for(settings: Settings, reconciler: Reconciler | None = None) -> kopf.Memo:
+    """The ``memo`` to pass to ``kopf.operator``: the handlers find their state on it."""
+    state = OperatorState(settings, reconciler if reconciler is not None else Reconciler(settings, kube.Kube()))
+    state.reconciler.requeue = state.requeue
+    return kopf.Memo(gptd=state)
 
-    @kopf.on.startup(registry=registry, id="gptd_start_resync")
-    async def start_resync(**_: Any) -> None:
-        state_tasks["resync"] = asyncio.create_task(resync_loop(), name="gptd-resync")
 
-    @kopf.on.event(group, version, plural, id="gptd_forget", registry=registry)
-    async def forget(type: str | None, namespace: str, name: str, uid: str | None, **_: Any) -> None:
-        if type == "DELETED":
-            rec().forget(namespace, name, uid)
+def _state(memo: Any) -> OperatorState:
+    return memo.gptd  # type: ignore[no-any-return]
 
-    return rec()
+
+# --- lifecycle (handlers are async on purpose: kopf runs sync handlers in a thread pool, a hop per event)
+
+
+def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Handler progress and the diff base live in annotations under our own prefix.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="gptd.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="gptd.io", key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = "gptd.io/finalizer"  # unused: no delete handlers, GC does it
+    # kopf posts handler log lines of this level as Events; INFO would post "Timer succeeded"
+    # on every resync. Our own Events go through kopf.event() and are not affected.
+    settings.posting.level = logging.WARNING
+    settings.scanning.disabled = True  # no CRD/namespace watching: less RBAC, CRD installed first
+    settings.watching.server_timeout = 300
+    settings.execution.max_workers = 4
+
+
+def login(**_: Any) -> Any:
+    return kube.connection_info(kube.get_config())
+
+
+async def start_resync(memo: kopf.Memo, **_: Any) -> None:
+    state = _state(memo)
+    state.tasks["resync"] = asyncio.create_task(_resync_loop(state), name="gptd-resync")
+
+
+async def close_client(memo: kopf.Memo, **_: Any) -> None:
+    state = _state(memo)
+    for handle in state.timers.values():
+        handle.cancel()
+    tasks = list(state.tasks.values())
+    state.tasks.clear()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await state.reconciler.kube.close()
+    await state.reconciler.analyzer.close()
+
+
+async def _resync_loop(state: OperatorState) -> None:
+    # A plain task instead of @kopf.timer: kopf timers put a finalizer on every CR, which would
+    # block `kubectl delete` whenever the operator is down. Restores children that no watch event
+    # reported (e.g. missed while disconnected).
+    rec = state.reconciler
+    first = True
+    while True:
+        # The first pass runs at once (it finds no CRs yet and marks the loop as running), then every period.
+        if not first:
+            await asyncio.sleep(state.settings.resync_seconds)
+        first = False
+        indices = state.indices
+        crs = indices.get("gptd_crs") if indices else None
+        if indices is None or crs is None:
+            rec.resync_passes += 1
+            continue
+        started = time.monotonic()
+        try:
+            await rec.relist(indices)
+        except Exception:  # the pass still runs on the indices; the next pass lists again
+            log.exception("relist failed")
+        keys = list(crs)
+        for key in keys:
+            for body in list(crs.get(key, [])):
+                try:
+                    await state.in_handler_context(rec.reconcile(body, indices))
+                except Exception:  # one broken CR must not stop the resync of the others
+                    log.exception("resync of %s/%s failed", *key)
+        rec.resync_passes += 1
+        log.info("resync pass done: %d GPTDeployments in %.2f s", len(keys), time.monotonic() - started)
+
+
+# --- indices: the cluster as the watch streams show it, keyed by (namespace, base name)
+
+
+async def index_crs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any]:
+    # Keyed like the children's instance label (names.base), so a child's event finds its CR.
+    return {(namespace, names.base(name)): _plain(body)}
+
+
+def _index_child(namespace: str | None, labels: Mapping[str, str], body: Mapping[str, Any],
+                 keep: tuple[str, ...]) -> Any:
+    key = _owner_key(namespace, labels)
+    return {key: _summary(body, keep)} if key else None
+
+
+DEPLOYMENT_STATUS = ("replicas", "readyReplicas", "updatedReplicas", "availableReplicas", "observedGeneration",
+                     "conditions")
+HPA_STATUS = ("currentReplicas", "desiredReplicas")
+
+
+async def index_deployments(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    return _index_child(namespace, labels, body, DEPLOYMENT_STATUS)
+
+
+async def index_services(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    return _index_child(namespace, labels, body, ())
+
+
+async def index_pdbs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    return _index_child(namespace, labels, body, ())
+
+
+async def index_hpas(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    return _index_child(namespace, labels, body, HPA_STATUS)
+
+
+async def index_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    key = _owner_key(namespace, labels)
+    if not key:
+        return None
+    pod = _summary(body, ("phase", "conditions", "containerStatuses", "initContainerStatuses"))
+    pod.pop("spec", None)  # pod specs are big and we never compare them
+    return {key: pod}
+
+
+# --- events: every child or pod event reconciles its owner (level-based)
+
+
+async def child_event(
+    type: str | None, namespace: str, name: str, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo,
+    **kwargs: Any,
+) -> None:
+    state = _state(memo)
+    # From now on the index is authoritative for this object.
+    state.reconciler.recent.pop((body.get("kind", ""), namespace, name), None)
+    if type is None:
+        return  # the initial listing: the CR's resume handler covers it
+    await _reconcile_owner(state, _owner_key(namespace, labels), state.remember(kwargs))
+
+
+async def pod_event(type: str | None, namespace: str, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
+    if type is None:
+        return
+    state = _state(memo)
+    await _reconcile_owner(state, _owner_key(namespace, labels), state.remember(kwargs))
+
+
+async def _reconcile_owner(state: OperatorState, key: tuple[str, str] | None, indices: Mapping[str, Any]) -> None:
+    crs = indices.get("gptd_crs")
+    if key is None or crs is None or key not in crs:
+        return
+    for body in list(crs[key]):
+        await state.reconciler.reconcile(body, indices)
+
+
+# --- the CR itself
+
+
+async def reconcile_cr(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    state = _state(memo)
+    await state.reconciler.reconcile(_plain(body), state.remember(kwargs))
+
+
+async def forget(type: str | None, namespace: str, name: str, uid: str | None, memo: kopf.Memo, **_: Any) -> None:
+    if type == "DELETED":
+        _state(memo).reconciler.forget(namespace, name, uid)
+
+
+def register(
+    registry: kopf.OperatorRegistry, settings: Settings | None = None, reconciler: Reconciler | None = None
+) -> kopf.Memo | None:
+    """Attach the module-level handlers to ``registry`` (kopf's default one for the CLI, a fresh one per test);
+    with ``settings``, also return the memo to run them with (``kopf.operator(memo=...)``)."""
+    group, version, plural = api.GROUP, api.VERSION, api.PLURAL
+    kopf.on.startup(id="configure_kopf", registry=registry)(configure_kopf)
+    kopf.on.login(id="login", registry=registry)(login)
+    kopf.on.startup(id="gptd_start_resync", registry=registry)(start_resync)
+    kopf.on.cleanup(id="close_client", registry=registry)(close_client)
+    kopf.index(group, version, plural, id="gptd_crs", registry=registry)(index_crs)
+    for index_id, (group_version, plural_), fn in (
+        ("gptd_deployments", ("apps/v1", "deployments"), index_deployments),
+        ("gptd_services", ("v1", "services"), index_services),
+        ("gptd_pdbs", ("policy/v1", "poddisruptionbudgets"), index_pdbs),
+        ("gptd_hpas", ("autoscaling/v2", "horizontalpodautoscalers"), index_hpas),
+    ):
+        kopf.index(group_version, plural_, id=index_id, labels=MANAGED, registry=registry)(fn)
+        kopf.on.event(group_version, plural_, id=f"{index_id}_event", labels=MANAGED, registry=registry)(child_event)
+    kopf.index("v1", "pods", id="gptd_pods", labels=RUNTIME_PODS, registry=registry)(index_pods)
+    kopf.on.event("v1", "pods", id="gptd_pods_event", labels=RUNTIME_PODS, registry=registry)(pod_event)
+    # Explicit ids: kopf keeps handler progress in annotations named after them (gptd.io/reconcile).
+    for decorator in (kopf.on.resume, kopf.on.create, kopf.on.update):
+        decorator(group, version, plural, id="reconcile", backoff=10, registry=registry)(reconcile_cr)
+    kopf.on.event(group, version, plural, id="gptd_forget", registry=registry)(forget)
+    return memo_for(settings, reconciler) if settings is not None else None
 
 
 def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
     return {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
 
 
-def configure(settings: Settings) -> Reconciler:
-    """For ``python -m gptd_operator``: handlers on kopf's default registry."""
-    return register(kopf.get_default_registry(), settings)
+def configure(settings: Settings) -> kopf.Memo:
+    """For ``python -m gptd_operator``: handlers on kopf's default registry; returns the memo for kopf.operator."""
+    register(kopf.get_default_registry())
+    return memo_for(settings)
