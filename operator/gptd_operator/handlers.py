@@ -1,4 +1,4 @@
-"""kopf handlers: thin glue. validate → plan → build → create/patch (only what differs) → observe → status.
+"""kopf handlers: thin glue. Each reconcile is validate → observe → plan → build → apply → report.
 
 Level-based: every trigger (CR create/update/resume, a child's or a pod's watch event, the resync timer)
 runs the same ``Reconciler.reconcile`` for the owning GPTDeployment, which reads the cluster from kopf
@@ -146,6 +146,35 @@ def snapshot(
     )
 
 
+@dataclass(frozen=True)
+class _Pass:
+    """One reconcile of one CR: who it is and what it looked like when the pass started."""
+
+    body: Mapping[str, Any]
+    meta: Mapping[str, Any]
+    namespace: str
+    name: str
+    uid: str
+    generation: int | None
+    previous: dict[str, Any]  # the CR's status, overlaid with what we wrote last (the index may lag)
+    now: datetime
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any], written: Mapping[str, Any]) -> _Pass:
+        meta = body["metadata"]
+        return cls(body, meta, meta["namespace"], meta["name"], meta.get("uid", ""), meta.get("generation"),
+                   {**(body.get("status") or {}), **written}, _now())
+
+
+@dataclass
+class _Built:
+    """What the builders produced for this pass: children to apply, children to delete."""
+
+    desired: list[dict[str, Any]] = field(default_factory=list)
+    unwanted: list[tuple[kube.Resource, dict[str, Any] | None]] = field(default_factory=list)
+    scaled_object: dict[str, Any] | None = None  # read live (not watched)
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -214,124 +243,156 @@ class Reconciler:
             await self._reconcile(body, indices)
 
     async def _reconcile(self, body: Mapping[str, Any], indices: Mapping[str, Any]) -> None:
-        meta = body["metadata"]
-        namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid", "")
-        generation = meta.get("generation")
-        previous = {**(body.get("status") or {}), **self._written.get(uid, {})}
-        now = _now()
+        """validate → observe → plan → build → apply → report; a step that ends the pass returns None."""
+        p = _Pass.of(body, self._written.get(body["metadata"].get("uid", ""), {}))
+        spec = await self._validate(p)
+        if spec is None:
+            return
+        children, obs, analysis_due = await self._observe(p, spec, indices)
+        plan = make_plan(spec, p.previous, obs)
+        built = await self._build(p, spec, plan, children)
+        if built is None:
+            return
+        applied = await self._apply(p, plan, children, built)
+        if applied is None:
+            return
+        await self._report(p, spec, obs, plan, children, applied, analysis_due)
 
+    async def _validate(self, p: _Pass) -> GPTDeploymentSpec | None:
+        """The parsed spec, or None after reporting InvalidSpec (one status write, one Warning)."""
         try:
-            spec = api.parse_spec(body.get("spec"))
+            spec = api.parse_spec(p.body.get("spec"))
             builders.check_spec(spec, self.settings)
         except InvalidSpec as exc:
-            new = st.invalid_status(name, namespace, previous, exc.field, exc.message, generation=generation, now=now)
-            if await self._write_status(body, previous, new):
-                kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc))
-            return
+            new = st.invalid_status(
+                p.name, p.namespace, p.previous, exc.field, exc.message, generation=p.generation, now=p.now
+            )
+            if await self._write_status(p.body, p.previous, new):
+                kopf.event(p.body, type="Warning", reason="InvalidSpec", message=str(exc))
+            return None
+        return spec
 
+    async def _observe(
+        self, p: _Pass, spec: GPTDeploymentSpec, indices: Mapping[str, Any]
+    ) -> tuple[Children, Observations, float | None]:
+        """The children from the indices and the Observations the plan is made from (plus when analysis is due)."""
         template = builders.revision_template(spec, self.settings)
         revision = builders.revision_hash(template)
-        children = snapshot(indices, namespace, name, uid or None, self.phantoms)
-        annotations = meta.get("annotations") or {}
-        # rollout's own observation helpers: its decisions are tested against exactly these.
+        children = snapshot(indices, p.namespace, p.name, p.uid or None, self.phantoms)
+        annotations = p.meta.get("annotations") or {}
         canary_obs = observe.observe_deployment(children.canary) if children.canary else None
-        outcome, analysis_due = await self._analyse(uid, name, namespace, spec, previous, revision, canary_obs)
+        outcome, analysis_due = await self._analyse(p.uid, p.name, p.namespace, spec, p.previous, revision, canary_obs)
         obs = Observations(
-            now=now,
+            now=p.now,
             desired_template=template,
             desired_revision=revision,
             stable=observe.observe_deployment(children.stable) if children.stable else None,
             canary=canary_obs,
-            pods=tuple(observe.observe_pod(p) for p in children.pods),
+            pods=tuple(observe.observe_pod(pod) for pod in children.pods),
             promote=annotations.get(ANN_PROMOTE) == "true",
             abort=annotations.get(ANN_ABORT) == "true",
             analysis_breach=outcome.breach,
             analysis_unavailable=outcome.unavailable,
         )
-        plan = make_plan(spec, previous, obs)
+        return children, obs, analysis_due
 
-        desired: list[dict[str, Any]] = [
+    async def _build(self, p: _Pass, spec: GPTDeploymentSpec, plan: Plan, children: Children) -> _Built | None:
+        """The children the plan wants (pure builders) and those to delete; None after a refusal."""
+        name, namespace, uid = p.name, p.namespace, p.uid
+        built = _Built(desired=[
             self._deployment(name, namespace, uid, spec, plan.stable, "stable"),
             builders.build_service(name, namespace, uid, spec),
-        ]
-        unwanted: list[tuple[kube.Resource, dict[str, Any] | None]] = []
+        ])
         if plan.canary is not None:
-            desired.append(self._deployment(name, namespace, uid, spec, plan.canary, "canary"))
+            built.desired.append(self._deployment(name, namespace, uid, spec, plan.canary, "canary"))
         else:
-            unwanted.append((kube.DEPLOYMENTS, children.canary))
+            built.unwanted.append((kube.DEPLOYMENTS, children.canary))
         if builders.wants_pdb(spec):
-            desired.append(builders.build_pdb(name, namespace, uid, spec))
+            built.desired.append(builders.build_pdb(name, namespace, uid, spec))
         else:
-            unwanted.append((kube.PDBS, children.pdb))
+            built.unwanted.append((kube.PDBS, children.pdb))
         if builders.wants_hpa(spec, self.settings):
-            desired.append(builders.build_hpa(name, namespace, uid, spec))
+            built.desired.append(builders.build_hpa(name, namespace, uid, spec))
         else:
-            unwanted.append((kube.HPAS, children.hpa))
-        scaled_object = None
+            built.unwanted.append((kube.HPAS, children.hpa))
         if self.settings.scale_to_zero_provider == "keda":
             # Not watched (the KEDA CRD may be absent): read live, only where scale-to-zero is configured.
             scaled_object = await self.kube.get(kube.SCALEDOBJECTS, namespace, names.base(name))
             if scaled_object is not None and not kube.controlled_by(scaled_object, uid or None):
                 # Someone else's ScaledObject of the same name: neither patched nor deleted.
                 if builders.wants_scaled_object(spec, self.settings):
-                    await self._reject(body, previous, generation, now, kube.NotOwned("ScaledObject", names.base(name)))
-                    return
+                    await self._reject(p.body, p.previous, p.generation, p.now,
+                                       kube.NotOwned("ScaledObject", names.base(name)))
+                    return None
                 scaled_object = None
+            built.scaled_object = scaled_object
             if builders.wants_scaled_object(spec, self.settings):
-                desired.append(builders.build_scaled_object(name, namespace, uid, spec, self.settings))
+                built.desired.append(builders.build_scaled_object(name, namespace, uid, spec, self.settings))
             else:
-                unwanted.append((kube.SCALEDOBJECTS, scaled_object))
+                built.unwanted.append((kube.SCALEDOBJECTS, scaled_object))
+        return built
 
+    async def _apply(
+        self, p: _Pass, plan: Plan, children: Children, built: _Built
+    ) -> dict[tuple[str, str], dict[str, Any] | None] | None:
+        """Create / patch (only what differs) / delete; the applied objects, or None when the pass ends here."""
+        name, namespace, uid, body = p.name, p.namespace, p.uid, p.body
         if any(
-            (scaled_object if o["kind"] == "ScaledObject" else children.by_kind(o["kind"], o["metadata"]["name"], name))
-            is None
+            (built.scaled_object if o["kind"] == "ScaledObject"
+             else children.by_kind(o["kind"], o["metadata"]["name"], name)) is None
             and (o["kind"], namespace, o["metadata"]["name"]) not in self.recent
-            for o in desired
+            for o in built.desired
         ):
             # About to create: make sure the CR still exists. A child's DELETED event (the garbage
             # collector at work) can arrive before the CR's own DELETED event reaches our index.
             fresh = await self.kube.get(kube.GPTDEPLOYMENTS, namespace, name)
             if fresh is None or (uid and fresh.get("metadata", {}).get("uid") != uid):
-                return
-
+                return None
         applied: dict[tuple[str, str], dict[str, Any] | None] = {}
-        for obj in desired:
+        for obj in built.desired:
             kind, obj_name = obj["kind"], obj["metadata"]["name"]
-            live = self._live(kind, namespace, obj_name, uid, name, children, scaled_object)
+            live = self._live(kind, namespace, obj_name, uid, name, children, built.scaled_object)
             try:
                 action, result = await self.kube.apply(obj, live)
             except kube.OwnerGone as exc:
-                await self._wait_for_gc(body, previous, generation, now, exc)
-                return
+                await self._wait_for_gc(body, p.previous, p.generation, p.now, exc)
+                return None
             except kube.ApiError as exc:
                 # 422 Invalid and 400 (strict field validation: an unknown field) are the spec's fault.
                 if exc.status not in (400, 422) and not isinstance(exc, kube.NotOwned):
                     raise
-                await self._reject(body, previous, generation, now, exc, f"{kind} {obj_name}")
-                return
+                await self._reject(body, p.previous, p.generation, p.now, exc, f"{kind} {obj_name}")
+                return None
             applied[(kind, obj_name)] = result
             if action != "unchanged" and result is not None:
                 self.recent[(kind, namespace, obj_name)] = result
             if action != "unchanged":
                 kopf.event(body, type="Normal", reason=f"{kind}{action.capitalize()}", message=f"{kind} {obj_name}")
-        for res, live in unwanted:
+        for res, live in built.unwanted:
             if live is not None:
                 await self.kube.delete(res, namespace, live["metadata"]["name"])
                 self.recent.pop((live.get("kind", ""), namespace, live["metadata"]["name"]), None)
                 kopf.event(body, type="Normal", reason="Deleted", message=f"{res.plural} {live['metadata']['name']}")
-        if plan.annotations_to_clear:
-            present = [a for a in plan.annotations_to_clear if a in annotations]
-            if present:
-                await self.kube.patch(
-                    kube.GPTDEPLOYMENTS, namespace, name, {"metadata": {"annotations": dict.fromkeys(present)}}
-                )
+        annotations = p.meta.get("annotations") or {}
+        present = [a for a in plan.annotations_to_clear if a in annotations]
+        if present:
+            await self.kube.patch(
+                kube.GPTDEPLOYMENTS, namespace, name, {"metadata": {"annotations": dict.fromkeys(present)}}
+            )
+        return applied
 
+    async def _report(
+        self, p: _Pass, spec: GPTDeploymentSpec, obs: Observations, plan: Plan, children: Children,
+        applied: Mapping[tuple[str, str], dict[str, Any] | None], analysis_due: float | None,
+    ) -> None:
+        """Status (status.py's fields, then the plan's), Events, and the next wake-up."""
+        name, previous, generation, now = p.name, p.previous, p.generation, p.now
         new = st.compute_status(
             name=name,
-            namespace=namespace,
+            namespace=p.namespace,
             spec=spec,
             generation=generation,
-            desired_revision=plan.stable.revision if plan.canary is None else revision,
+            desired_revision=plan.stable.revision if plan.canary is None else obs.desired_revision,
             stable=applied.get(("Deployment", builders.deployment_name(name))),
             canary=applied.get(("Deployment", builders.deployment_name(name, "canary"))),
             pods=children.pods,
@@ -353,7 +414,7 @@ class Reconciler:
                     for c in plan.conditions
                 ],
             )
-        if await self._write_status(body, previous, new):
+        if await self._write_status(p.body, previous, new):
             old_phase, new_phase = previous.get("phase"), new.get("phase")
             if old_phase != new_phase:
                 etype = "Warning" if new_phase in ("Degraded", "Failed") else "Normal"
@@ -361,13 +422,13 @@ class Reconciler:
                 msg = f"phase {old_phase} -> {new_phase}"
                 if new_phase in ("Degraded", "Failed") and degraded.get("message"):
                     msg += f": {degraded['message']}"
-                kopf.event(body, type=etype, reason=new_phase or "Unknown", message=msg)
+                kopf.event(p.body, type=etype, reason=new_phase or "Unknown", message=msg)
         for ev in plan.events:
-            kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
+            kopf.event(p.body, type=ev.type, reason=ev.reason, message=ev.message)
         # Re-run due analysis even when nothing else happens (no watch event announces new metrics).
         delays = [d for d in (plan.requeue_after, analysis_due) if d is not None]
         if delays and self.requeue is not None:
-            self.requeue(namespace, name, max(1.0, min(delays)))
+            self.requeue(p.namespace, name, max(1.0, min(delays)))
 
     def _live(
         self, kind: str, namespace: str, obj_name: str, uid: str, name: str, children: Children,
