@@ -19,6 +19,7 @@ venv: $(STAMP)  ## create .venv and install gptd with all extras
 
 test: $(STAMP)  ## install everything and run the whole test suite
 	$(VPY) -m ruff check .
+	$(VENV)/bin/lint-imports
 	$(VPY) -m pytest -q -ra
 
 lint: $(STAMP)  ## ruff

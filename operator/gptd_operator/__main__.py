@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(namespaces: list[str] | None, liveness: str | None, verbose: bool) -> None:
+def run(namespaces: list[str] | None, liveness: str | None, verbose: bool) -> int:
     import kopf
 
     from . import handlers, kube
@@ -43,21 +44,29 @@ def run(namespaces: list[str] | None, liveness: str | None, verbose: bool) -> No
 
     settings = Settings.from_env()
     namespaces = namespaces or list(settings.namespaces)
+    # One source of truth for the watched namespaces (the resync LISTs only those: a Role grants no more).
+    settings = dataclasses.replace(settings, namespaces=tuple(namespaces))
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # kopf's own login handler (in handlers) reads the same kubeconfig/in-cluster config as kube.py.
-    kube.configure()
-    handlers.configure(settings)
+    try:
+        kube.configure()
+    except kube.NoCredentials as exc:
+        print(f"gptd-operator: {exc}", file=sys.stderr)
+        return 2
+    memo = handlers.configure(settings)
     asyncio.run(
         kopf.operator(
+            memo=memo,
             standalone=True,  # one operator replica; peering would need extra RBAC and CRDs
             clusterwide=not namespaces,
             namespaces=namespaces or (),
             liveness_endpoint=liveness or None,
         )
     )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(render_crd())
         return 0
-    run(args.namespace, args.liveness, args.verbose)
-    return 0
+    return run(args.namespace, args.liveness, args.verbose)
 
 
 if __name__ == "__main__":

@@ -272,12 +272,25 @@ class Condition(BaseModel):
 
 
 class RolloutStatus(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """status.rollout: owned by rollout.py (docs/rollout.md); every field it writes is declared here."""
 
-    revision: str | None = Field(None, description="Revision being rolled out.")
+    model_config = ConfigDict(extra="forbid")
+
+    revision: str | None = Field(None, description="Revision being rolled out (or that was rolled back).")
+    phase: Literal["RollingOut", "Canary", "Promoting", "RolledBack", "Failed"] | None = Field(
+        None, description="RollingOut, Canary, Promoting; or RolledBack / Failed, kept while the spec asks for it."
+    )
     step: int | None = Field(None, description="Canary step index (0-based), or None.")
-    startedAt: str | None = None
-    phase: str | None = None
+    startedAt: str | None = Field(None, description="When the rollout started (RFC 3339).")
+    progressAt: str | None = Field(None, description="Last progress; the progress deadline counts from here.")
+    stepReadyAt: str | None = Field(None, description="When the current canary step became Ready (its pause).")
+    readyPods: int | None = Field(None, description="New-revision pods Ready at the last progress.")
+    inPlace: bool | None = Field(None, description="Replacing pods one down, one up (no GPU for a surge pod).")
+    gpuWait: str | None = Field(None, description="'blocked' while a surge pod waits for a GPU.")
+    canaryReplicas: int | None = Field(None, description="Canary pods kept while promoting.")
+    analysisUnavailable: str | None = Field(None, description="Why the canary analysis could not be evaluated.")
+    reason: str | None = Field(None, description="Why it was rolled back or failed.")
+    message: str | None = Field(None, description="The failure, in the cluster's words.")
 
 
 class AutoscalingStatus(BaseModel):
@@ -298,7 +311,10 @@ class GPTDeploymentStatus(BaseModel):
     readyDisplay: str | None = Field(None, description='"ready/desired", e.g. "1/2" (the Ready printer column).')
     updatedReplicas: int | None = None
     selector: str | None = Field(None, description="Label selector of the pods (scale subresource).")
-    url: str | None = None
+    url: str | None = Field(None, description="The Service's in-cluster URL.")
+    service: str | None = Field(
+        None, description="Name of the Service (the CR's name, or a DNS-1035 form of it: docs/operator.md)."
+    )
     currentRevision: str | None = None
     updateRevision: str | None = None
     lastGoodRevision: str | None = None

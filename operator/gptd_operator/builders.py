@@ -13,7 +13,7 @@ import json
 import math
 from typing import Any
 
-from . import api
+from . import api, names
 from .api import GPTDeploymentSpec, InvalidSpec, ModelSpec, RuntimeSpec
 from .settings import Settings
 
@@ -22,10 +22,10 @@ Template = dict[str, Any]
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_REVISION = "gptd.io/revision"
+# The revision hash: a label on the pod template (which revision a pod runs) and an annotation on the Deployment.
+LABEL_REVISION = ANN_REVISION = "gptd.io/revision"
 LABEL_TRACK = "gptd.io/track"
-ANN_TEMPLATE = "gptd.io/template"
-ANN_REVISION = "gptd.io/revision"
+ANN_TEMPLATE = "gptd.io/template"  # on the Deployment: the revision template, JSON
 RUNTIME_APP = "gptd-runtime"
 MANAGER = "gptd-operator"
 
@@ -35,7 +35,6 @@ CACHE_DIR = "/var/cache/gptd"  # HF_HOME: writable model cache (emptyDir)
 MODELS_DIR = "/models"  # pvc:// models are mounted read-only below here
 API_KEY_DIR = "/var/run/gptd/api-key"
 API_KEY_FILE = f"{API_KEY_DIR}/api-key"
-RUN_AS = 10001
 STARTUP_PERIOD_SECONDS = 10
 TERMINATION_MARGIN_SECONDS = 10  # between the runtime finishing its drain and the kubelet's SIGKILL
 REVISION_HISTORY_LIMIT = 3
@@ -50,8 +49,10 @@ _SECRET_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "GPTD_API_KEY", "AWS_
 
 
 def selector_labels(name: str) -> dict[str, str]:
-    """What the Service (and the PDB, the scale subresource) select: stable and canary pods alike."""
-    return {LABEL_NAME: RUNTIME_APP, LABEL_INSTANCE: name}
+    """What the Service (and the PDB, the scale subresource) select: stable and canary pods alike.
+
+    The instance label carries the base name (names.py): a label value is at most 63 characters."""
+    return {LABEL_NAME: RUNTIME_APP, LABEL_INSTANCE: names.base(name)}
 
 
 def common_labels(name: str) -> dict[str, str]:
@@ -68,7 +69,7 @@ def selector_string(name: str) -> str:
 
 
 def deployment_name(name: str, track: str = "stable") -> str:
-    return name if track == "stable" else f"{name}-{track}"
+    return names.deployment(name, track)
 
 
 def owner_reference(name: str, uid: str) -> dict[str, Any]:
@@ -129,7 +130,7 @@ def check_spec(spec: GPTDeploymentSpec, settings: Settings) -> None:
 
 
 def referenced_secrets(spec: GPTDeploymentSpec) -> list[tuple[str, str]]:
-    """(field path, Secret name) of every Secret the pods need; handlers check they exist."""
+    """(field path, Secret name) of every Secret the pods need (status names the field when one is missing)."""
     refs = []
     if spec.model.hfTokenSecretRef is not None:
         refs.append(("spec.model.hfTokenSecretRef", spec.model.hfTokenSecretRef.name))
@@ -141,11 +142,45 @@ def referenced_secrets(spec: GPTDeploymentSpec) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------------- revisions
 
 
+# The fields of the revisioned models as of gptd 0.1.0, by model class. Their values always enter the revision
+# template (so every revision hash made by 0.1.0 stays the same); a field added later enters it only when set to
+# something other than its default, so an operator upgrade that adds a defaulted field rolls no model.
+REVISION_BASELINE: dict[str, frozenset[str]] = {
+    "ModelSpec": frozenset({"uri", "revision", "task", "dtype", "hfTokenSecretRef"}),
+    "RuntimeSpec": frozenset({
+        "image", "maxBatchSize", "maxInputTokens", "maxNewTokens", "maxQueue", "apiKeySecretRef", "env",
+        "startupTimeoutSeconds", "drainTimeoutSeconds",
+    }),
+    "SecretKeyRef": frozenset({"name", "key"}),
+    "EnvVar": frozenset({"name", "value", "valueFrom"}),
+}
+
+
+def _revision_dump(value: Any) -> Any:
+    """``model_dump(mode="json", exclude_none=True)``, less post-0.1.0 fields at their defaults."""
+    if isinstance(value, api.BaseModel):
+        baseline = next(
+            (REVISION_BASELINE[c.__name__] for c in type(value).__mro__ if c.__name__ in REVISION_BASELINE), frozenset()
+        )
+        out = {}
+        for field, info in type(value).model_fields.items():
+            item = getattr(value, field)
+            if item is None:
+                continue
+            if field not in baseline and not info.is_required() and item == info.get_default(call_default_factory=True):
+                continue
+            out[field] = _revision_dump(item)
+        return out
+    if isinstance(value, list):
+        return [_revision_dump(v) for v in value]
+    return value  # scalars, and free-form dicts (valueFrom) as they are
+
+
 def revision_template(spec: GPTDeploymentSpec, settings: Settings) -> Template:
     """The revisioned part of the spec: a change here is a new revision (and a rollout)."""
-    runtime = spec.runtime.model_dump(mode="json", exclude_none=True)
+    runtime = _revision_dump(spec.runtime)
     runtime["image"] = spec.runtime.image or settings.runtime_image
-    return {"model": spec.model.model_dump(mode="json", exclude_none=True), "runtime": runtime}
+    return {"model": _revision_dump(spec.model), "runtime": runtime}
 
 
 def canonical_json(obj: Any) -> str:
@@ -161,11 +196,10 @@ def desired_replicas(spec: GPTDeploymentSpec) -> int | None:
     return None if spec.autoscaling is not None else spec.replicas
 
 
-def rolling_strategy(spec: GPTDeploymentSpec) -> dict[str, Any]:
-    return {
-        "type": "RollingUpdate",
-        "rollingUpdate": {"maxSurge": spec.rollout.maxSurge, "maxUnavailable": spec.rollout.maxUnavailable},
-    }
+def rolling_strategy(spec: GPTDeploymentSpec, in_place: bool = False) -> dict[str, Any]:
+    """The Deployment strategy; ``in_place`` (no GPU for a surge pod) replaces pods one down, one up."""
+    surge, unavailable = (0, 1) if in_place else (spec.rollout.maxSurge, spec.rollout.maxUnavailable)
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": surge, "maxUnavailable": unavailable}}
 
 
 # ------------------------------------------------------------------------------------------- pods
@@ -191,26 +225,27 @@ def _model_source(model: ModelSpec, settings: Settings) -> tuple[str, list[dict]
             # Credentials: the pod's identity (IRSA / workload identity) or AWS_* env from spec.runtime.env.
             "env": [{"name": "HOME", "value": "/tmp"}],
             "volumeMounts": [{"name": "model-cache", "mountPath": CACHE_DIR}, {"name": "tmp", "mountPath": "/tmp"}],
-            "securityContext": container_security_context(),
+            "securityContext": container_security_context(settings),
         }
         return f"file://{local}", [], [], [init]
     return uri, [], [], []  # hf:// and file:// go to the runtime as they are
 
 
-def pod_security_context() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": RUN_AS,
-        "runAsGroup": RUN_AS,
-        "fsGroup": RUN_AS,  # PVC-mounted models stay readable
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+def pod_security_context(settings: Settings) -> dict[str, Any]:
+    """Pod Security "restricted". With ``settings.run_as_user`` None the UID/GID/fsGroup are left to the platform
+    (OpenShift's restricted-v2 assigns them from the namespace's range and refuses fixed ones); still non-root."""
+    ids: dict[str, Any] = {}
+    if settings.run_as_user is not None:
+        uid = settings.run_as_user
+        ids = {"runAsUser": uid, "runAsGroup": uid, "fsGroup": uid}  # fsGroup: PVC-mounted models stay readable
+    return {"runAsNonRoot": True, **ids, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def container_security_context() -> dict[str, Any]:
+def container_security_context(settings: Settings) -> dict[str, Any]:
+    ids = {"runAsUser": settings.run_as_user} if settings.run_as_user is not None else {}
     return {
         "runAsNonRoot": True,
-        "runAsUser": RUN_AS,
+        **ids,
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
@@ -255,6 +290,9 @@ def _env(model: ModelSpec, runtime: RuntimeSpec, port: int, model_ref: str) -> l
         {"name": "GPTD_REVISION", "value": model.revision},
         {"name": "GPTD_TASK", "value": model.task},
         {"name": "GPTD_DTYPE", "value": model.dtype},
+        # The runtime binds 127.0.0.1 unless told otherwise; in a pod the kubelet's probes and the Service
+        # reach it on the pod IP.
+        {"name": "GPTD_HOST", "value": "0.0.0.0"},
         {"name": "GPTD_PORT", "value": str(port)},
         {"name": "GPTD_MAX_BATCH_SIZE", "value": str(runtime.maxBatchSize)},
         {"name": "GPTD_MAX_INPUT_TOKENS", "value": str(runtime.maxInputTokens)},
@@ -348,14 +386,14 @@ def build_pod_template(
         "readinessProbe": _probe("/health/ready", 5, 3),
         "livenessProbe": _probe("/health/live", 10, 3),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(settings.prestop_sleep_seconds)]}}},
-        "securityContext": container_security_context(),
+        "securityContext": container_security_context(settings),
     }
     sched = spec.scheduling
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "initContainers": init_containers or None,
         "volumes": volumes,
-        "securityContext": pod_security_context(),
+        "securityContext": pod_security_context(settings),
         "terminationGracePeriodSeconds": termination_grace_seconds(runtime, settings),
         "enableServiceLinks": False,  # no *_SERVICE_HOST env noise in the runtime
         "automountServiceAccountToken": False,  # the runtime never talks to the API server
@@ -415,7 +453,7 @@ def build_service(name: str, namespace: str, uid: str, spec: GPTDeploymentSpec) 
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(name, namespace, uid, name),
+        "metadata": _metadata(names.service(name), namespace, uid, name),
         "spec": {
             "type": spec.service.type,
             # name + instance only: a canary Deployment's pods get traffic in proportion to their count.
@@ -436,7 +474,7 @@ def build_pdb(name: str, namespace: str, uid: str, spec: GPTDeploymentSpec) -> d
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": _metadata(name, namespace, uid, name),
+        "metadata": _metadata(names.base(name), namespace, uid, name),
         "spec": {
             "maxUnavailable": 1,
             "selector": {"matchLabels": selector_labels(name)},
@@ -461,8 +499,8 @@ def wants_hpa(spec: GPTDeploymentSpec, settings: Settings) -> bool:
 def inflight_query(name: str, namespace: str) -> str:
     # Running + waiting, so queued requests count; `pod` is the label kubernetes service discovery sets.
     # Pods of <name> and <name>-canary only (`<deployment>-<hash>-<suffix>`, anchored by Prometheus), not those
-    # of another CR whose name starts with <name>-. Names are DNS subdomains: only '.' needs escaping.
-    pods = name.replace(".", "[.]") + "(-canary)?-[a-z0-9]+-[a-z0-9]+"
+    # of another CR whose name starts with <name>-. Base names (names.py) hold no regex metacharacters.
+    pods = names.base(name) + "(-canary)?-[a-z0-9]+-[a-z0-9]+"
     sel = f'namespace="{namespace}",pod=~"{pods}"'
     running = f"sum(gptd:num_requests_running{{{sel}}} or vector(0))"
     return f"{running} + sum(gptd:num_requests_waiting{{{sel}}} or vector(0))"
@@ -492,9 +530,9 @@ def build_scaled_object(
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
-        "metadata": _metadata(name, namespace, uid, name),
+        "metadata": _metadata(names.base(name), namespace, uid, name),
         "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": names.deployment(name)},
             "minReplicaCount": 0,
             "maxReplicaCount": auto.maxReplicas,
             "triggers": triggers,
@@ -530,9 +568,9 @@ def build_hpa(name: str, namespace: str, uid: str, spec: GPTDeploymentSpec) -> d
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": _metadata(name, namespace, uid, name),
+        "metadata": _metadata(names.base(name), namespace, uid, name),
         "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": names.deployment(name)},
             "minReplicas": auto.minReplicas,
             "maxReplicas": auto.maxReplicas,
             "metrics": metrics,
@@ -541,4 +579,4 @@ def build_hpa(name: str, namespace: str, uid: str, spec: GPTDeploymentSpec) -> d
 
 
 def service_url(name: str, namespace: str, spec: GPTDeploymentSpec) -> str:
-    return f"http://{name}.{namespace}.svc.cluster.local:{spec.service.port}"
+    return f"http://{names.service(name)}.{namespace}.svc.cluster.local:{spec.service.port}"

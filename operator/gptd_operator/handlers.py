@@ -1,10 +1,11 @@
-"""kopf handlers: thin glue. validate → plan → build → create/patch (only what differs) → observe → status.
+"""kopf handlers: thin glue. Each reconcile is validate → observe → plan → build → apply → report.
 
 Level-based: every trigger (CR create/update/resume, a child's or a pod's watch event, the resync timer)
 runs the same ``Reconciler.reconcile`` for the owning GPTDeployment, which reads the cluster from kopf
 indices (kept current by the watch streams) rather than with GETs, so a no-op resync makes no writes
-and almost no requests. Handlers are registered by ``register(registry, settings)`` (not at import)
-so tests can run several operators with their own registries and settings.
+and almost no requests. The handlers are module-level functions attached by ``register(registry)`` (not at
+import); their shared state (the Reconciler, the borrowed indices, timers) is an ``OperatorState`` on kopf's
+``memo``, so tests can run several operators with their own registries and settings.
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ import contextvars
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
-from . import analysis, api, builders, kube, rollout
+from . import analysis, api, builders, kube, names, observe, rollout
 from . import status as st
 from .api import GPTDeploymentSpec, InvalidSpec
-from .rollout import DeploymentPlan, Observations, Plan
+from .observe import Observations
+from .rollout import DeploymentPlan, Plan
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,19 @@ ANN_PROMOTE = rollout.PROMOTE_ANNOTATION
 ANN_ABORT = rollout.ABORT_ANNOTATION
 MANAGED = {builders.LABEL_MANAGED_BY: builders.MANAGER}
 RUNTIME_PODS = {builders.LABEL_NAME: builders.RUNTIME_APP}
+GC_REQUEUE_SECONDS = 5.0  # while a recreated CR waits for the garbage collector
+def _selector(labels: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+# What relist() LISTs: every watched child kind (by the managed-by label) and the runtime pods.
+LISTED = (
+    (kube.DEPLOYMENTS, _selector(MANAGED)),
+    (kube.SERVICES, _selector(MANAGED)),
+    (kube.PDBS, _selector(MANAGED)),
+    (kube.HPAS, _selector(MANAGED)),
+    (kube.PODS, _selector(RUNTIME_PODS)),
+)
 # Child resource → its index id, for the event handlers and the snapshot.
 CHILD_INDICES = {
     "Deployment": "gptd_deployments",
@@ -63,9 +78,9 @@ _REJECTED_FIELDS = (
 
 def rejected_field(message: str) -> str:
     """The spec field an API server's validation message points at ("spec" when it can't tell)."""
-    for needle, field in _REJECTED_FIELDS:
+    for needle, spec_field in _REJECTED_FIELDS:
         if needle in message:
-            return field
+            return spec_field
     return "spec"
 
 
@@ -85,7 +100,7 @@ class Children:
 
     def by_kind(self, kind: str, name: str, owner: str) -> dict[str, Any] | None:
         if kind == "Deployment":
-            return self.stable if name == owner else self.canary
+            return self.stable if name == names.deployment(owner) else self.canary
         return {"Service": self.service, "PodDisruptionBudget": self.pdb, "HorizontalPodAutoscaler": self.hpa}[kind]
 
 
@@ -95,13 +110,20 @@ def _values(index: Any, key: tuple[str, str]) -> list[dict[str, Any]]:
     return list(index[key])
 
 
-def snapshot(indices: Mapping[str, Any], namespace: str, name: str, uid: str | None) -> Children:
-    key = (namespace, name)
+def snapshot(
+    indices: Mapping[str, Any], namespace: str, name: str, uid: str | None, phantoms: frozenset[str] = frozenset()
+) -> Children:
+    """The CR's children as the indices show them, less ``phantoms``: uids the last authoritative LIST did not
+    return although the index had them before it (deleted during a watch gap; kopf's re-list keeps them)."""
+    key = (namespace, names.base(name))  # children and pods are indexed by their instance label
+
+    def live(objs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [o for o in objs if (o.get("metadata") or {}).get("uid") not in phantoms]
 
     def owned(objs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         # Only children controlled by *this* CR (a recreated CR with the same name has a new uid).
         out = []
-        for obj in objs:
+        for obj in live(objs):
             refs = obj.get("metadata", {}).get("ownerReferences") or []
             if uid is None or any(r.get("uid") == uid for r in refs):
                 out.append(obj)
@@ -113,15 +135,44 @@ def snapshot(indices: Mapping[str, Any], namespace: str, name: str, uid: str | N
                 return obj
         return None
 
-    pods = sorted(_values(indices.get("gptd_pods"), key), key=lambda p: p["metadata"]["name"])
+    pods = sorted(live(_values(indices.get("gptd_pods"), key)), key=lambda p: p["metadata"]["name"])
     return Children(
         stable=one("gptd_deployments", builders.deployment_name(name)),
         canary=one("gptd_deployments", builders.deployment_name(name, "canary")),
-        service=one("gptd_services", name),
-        pdb=one("gptd_pdbs", name),
-        hpa=one("gptd_hpas", name),
+        service=one("gptd_services", names.service(name)),
+        pdb=one("gptd_pdbs", names.base(name)),
+        hpa=one("gptd_hpas", names.base(name)),
         pods=tuple(pods),
     )
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One reconcile of one CR: who it is and what it looked like when the pass started."""
+
+    body: Mapping[str, Any]
+    meta: Mapping[str, Any]
+    namespace: str
+    name: str
+    uid: str
+    generation: int | None
+    previous: dict[str, Any]  # the CR's status, overlaid with what we wrote last (the index may lag)
+    now: datetime
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any], written: Mapping[str, Any]) -> _Pass:
+        meta = body["metadata"]
+        return cls(body, meta, meta["namespace"], meta["name"], meta.get("uid", ""), meta.get("generation"),
+                   {**(body.get("status") or {}), **written}, _now())
+
+
+@dataclass
+class _Built:
+    """What the builders produced for this pass: children to apply, children to delete."""
+
+    desired: list[dict[str, Any]] = field(default_factory=list)
+    unwanted: list[tuple[kube.Resource, dict[str, Any] | None]] = field(default_factory=list)
+    scaled_object: dict[str, Any] | None = None  # read live (not watched)
 
 
 def _now() -> datetime:
@@ -148,6 +199,32 @@ class Reconciler:
         self.resync_passes = 0  # completed passes of the periodic resync (tests and the benchmark wait on it)
         # Canary analysis against Prometheus, at most once per intervalSeconds per canary (analysis.py).
         self.analyzer = analysis.Analyzer()
+        # Index entries the last authoritative LIST showed to be gone (see relist()).
+        self.phantoms: frozenset[str] = frozenset()
+
+    async def relist(self, indices: Mapping[str, Any]) -> None:
+        """An authoritative, label-selected, paginated LIST of every watched child kind and the runtime pods.
+
+        kopf re-lists after a watch gap (410 Gone) but keeps index entries of objects deleted during the gap, so
+        a deleted child would never be recreated and a vanished crash-looping pod could trigger a rollback. An
+        object the index held *before* this LIST started and the LIST does not return is gone: its uid is a
+        phantom, which snapshot() ignores until kopf drops the entry (objects created meanwhile are not in
+        ``before``, so they are never mistaken for phantoms)."""
+        before = {
+            (obj.get("metadata") or {}).get("uid")
+            for index_id in (*CHILD_INDICES.values(), "gptd_pods")
+            for key in list(indices.get(index_id) or {})
+            for obj in _values(indices.get(index_id), key)
+        }
+        listed: set[str | None] = set()
+        scopes: tuple[str | None, ...] = self.settings.namespaces or (None,)
+        for res, selector in LISTED:
+            for namespace in scopes:
+                for obj in await self.kube.list(res, namespace, label_selector=selector):
+                    listed.add((obj.get("metadata") or {}).get("uid"))
+        self.phantoms = frozenset(uid for uid in before - listed if uid)
+        if self.phantoms:
+            log.info("relist: %d indexed objects are gone (missed watch events)", len(self.phantoms))
 
     def forget(self, namespace: str, name: str, uid: str | None) -> None:
         self._locks.pop((namespace, name), None)
@@ -166,134 +243,165 @@ class Reconciler:
             await self._reconcile(body, indices)
 
     async def _reconcile(self, body: Mapping[str, Any], indices: Mapping[str, Any]) -> None:
-        meta = body["metadata"]
-        namespace, name, uid = meta["namespace"], meta["name"], meta.get("uid", "")
-        generation = meta.get("generation")
-        previous = {**(body.get("status") or {}), **self._written.get(uid, {})}
-        now = _now()
-
-        try:
-            spec = api.parse_spec(body.get("spec"))
-            builders.check_spec(spec, self.settings)
-            await self._check_secrets(namespace, spec)
-        except InvalidSpec as exc:
-            new = st.invalid_status(name, namespace, previous, exc.field, exc.message, generation=generation, now=now)
-            if await self._write_status(body, previous, new):
-                kopf.event(body, type="Warning", reason="InvalidSpec", message=str(exc))
+        """validate → observe → plan → build → apply → report; a step that ends the pass returns None."""
+        p = _Pass.of(body, self._written.get(body["metadata"].get("uid", ""), {}))
+        spec = await self._validate(p)
+        if spec is None:
             return
+        children, obs, analysis_due = await self._observe(p, spec, indices)
+        plan = make_plan(spec, p.previous, obs)
+        built = await self._build(p, spec, plan, children)
+        if built is None:
+            return
+        applied = await self._apply(p, plan, children, built)
+        if applied is None:
+            return
+        await self._report(p, spec, obs, plan, children, applied, analysis_due)
 
+    async def _validate(self, p: _Pass) -> GPTDeploymentSpec | None:
+        """The parsed spec, or None after reporting InvalidSpec (one status write, one Warning)."""
+        try:
+            spec = api.parse_spec(p.body.get("spec"))
+            builders.check_spec(spec, self.settings)
+        except InvalidSpec as exc:
+            new = st.invalid_status(
+                p.name, p.namespace, p.previous, exc.field, exc.message, generation=p.generation, now=p.now
+            )
+            if await self._write_status(p.body, p.previous, new):
+                kopf.event(p.body, type="Warning", reason="InvalidSpec", message=str(exc))
+            return None
+        return spec
+
+    async def _observe(
+        self, p: _Pass, spec: GPTDeploymentSpec, indices: Mapping[str, Any]
+    ) -> tuple[Children, Observations, float | None]:
+        """The children from the indices and the Observations the plan is made from (plus when analysis is due)."""
         template = builders.revision_template(spec, self.settings)
         revision = builders.revision_hash(template)
-        children = snapshot(indices, namespace, name, uid or None)
-        annotations = meta.get("annotations") or {}
-        # rollout's own observation helpers: its decisions are tested against exactly these.
-        canary_obs = rollout.observe_deployment(children.canary) if children.canary else None
-        outcome, analysis_due = await self._analyse(uid, name, namespace, spec, previous, revision, canary_obs)
+        children = snapshot(indices, p.namespace, p.name, p.uid or None, self.phantoms)
+        annotations = p.meta.get("annotations") or {}
+        canary_obs = observe.observe_deployment(children.canary) if children.canary else None
+        outcome, analysis_due = await self._analyse(p.uid, p.name, p.namespace, spec, p.previous, revision, canary_obs)
         obs = Observations(
-            now=now,
+            now=p.now,
             desired_template=template,
             desired_revision=revision,
-            stable=rollout.observe_deployment(children.stable) if children.stable else None,
+            stable=observe.observe_deployment(children.stable) if children.stable else None,
             canary=canary_obs,
-            pods=tuple(rollout.observe_pod(p) for p in children.pods),
+            pods=tuple(observe.observe_pod(pod) for pod in children.pods),
             promote=annotations.get(ANN_PROMOTE) == "true",
             abort=annotations.get(ANN_ABORT) == "true",
             analysis_breach=outcome.breach,
             analysis_unavailable=outcome.unavailable,
         )
-        plan = make_plan(spec, previous, obs)
+        return children, obs, analysis_due
 
-        desired: list[dict[str, Any]] = [
+    async def _build(self, p: _Pass, spec: GPTDeploymentSpec, plan: Plan, children: Children) -> _Built | None:
+        """The children the plan wants (pure builders) and those to delete; None after a refusal."""
+        name, namespace, uid = p.name, p.namespace, p.uid
+        built = _Built(desired=[
             self._deployment(name, namespace, uid, spec, plan.stable, "stable"),
             builders.build_service(name, namespace, uid, spec),
-        ]
-        unwanted: list[tuple[kube.Resource, dict[str, Any] | None]] = []
+        ])
         if plan.canary is not None:
-            desired.append(self._deployment(name, namespace, uid, spec, plan.canary, "canary"))
+            built.desired.append(self._deployment(name, namespace, uid, spec, plan.canary, "canary"))
         else:
-            unwanted.append((kube.DEPLOYMENTS, children.canary))
+            built.unwanted.append((kube.DEPLOYMENTS, children.canary))
         if builders.wants_pdb(spec):
-            desired.append(builders.build_pdb(name, namespace, uid, spec))
+            built.desired.append(builders.build_pdb(name, namespace, uid, spec))
         else:
-            unwanted.append((kube.PDBS, children.pdb))
+            built.unwanted.append((kube.PDBS, children.pdb))
         if builders.wants_hpa(spec, self.settings):
-            desired.append(builders.build_hpa(name, namespace, uid, spec))
+            built.desired.append(builders.build_hpa(name, namespace, uid, spec))
         else:
-            unwanted.append((kube.HPAS, children.hpa))
-        scaled_object = None
+            built.unwanted.append((kube.HPAS, children.hpa))
         if self.settings.scale_to_zero_provider == "keda":
             # Not watched (the KEDA CRD may be absent): read live, only where scale-to-zero is configured.
-            scaled_object = await self.kube.get(kube.SCALEDOBJECTS, namespace, name)
+            scaled_object = await self.kube.get(kube.SCALEDOBJECTS, namespace, names.base(name))
             if scaled_object is not None and not kube.controlled_by(scaled_object, uid or None):
                 # Someone else's ScaledObject of the same name: neither patched nor deleted.
                 if builders.wants_scaled_object(spec, self.settings):
-                    await self._reject(body, previous, generation, now, kube.NotOwned("ScaledObject", name))
-                    return
+                    await self._reject(p.body, p.previous, p.generation, p.now,
+                                       kube.NotOwned("ScaledObject", names.base(name)))
+                    return None
                 scaled_object = None
+            built.scaled_object = scaled_object
             if builders.wants_scaled_object(spec, self.settings):
-                desired.append(builders.build_scaled_object(name, namespace, uid, spec, self.settings))
+                built.desired.append(builders.build_scaled_object(name, namespace, uid, spec, self.settings))
             else:
-                unwanted.append((kube.SCALEDOBJECTS, scaled_object))
+                built.unwanted.append((kube.SCALEDOBJECTS, scaled_object))
+        return built
 
+    async def _apply(
+        self, p: _Pass, plan: Plan, children: Children, built: _Built
+    ) -> dict[tuple[str, str], dict[str, Any] | None] | None:
+        """Create / patch (only what differs) / delete; the applied objects, or None when the pass ends here."""
+        name, namespace, uid, body = p.name, p.namespace, p.uid, p.body
         if any(
-            (scaled_object if o["kind"] == "ScaledObject" else children.by_kind(o["kind"], o["metadata"]["name"], name))
-            is None
+            (built.scaled_object if o["kind"] == "ScaledObject"
+             else children.by_kind(o["kind"], o["metadata"]["name"], name)) is None
             and (o["kind"], namespace, o["metadata"]["name"]) not in self.recent
-            for o in desired
+            for o in built.desired
         ):
             # About to create: make sure the CR still exists. A child's DELETED event (the garbage
             # collector at work) can arrive before the CR's own DELETED event reaches our index.
             fresh = await self.kube.get(kube.GPTDEPLOYMENTS, namespace, name)
             if fresh is None or (uid and fresh.get("metadata", {}).get("uid") != uid):
-                return
-
+                return None
         applied: dict[tuple[str, str], dict[str, Any] | None] = {}
-        for obj in desired:
+        for obj in built.desired:
             kind, obj_name = obj["kind"], obj["metadata"]["name"]
-            # What we wrote last wins over the index until the watch event for it arrives (then popped).
-            live = self.recent.get((kind, namespace, obj_name)) or (
-                scaled_object if kind == "ScaledObject" else children.by_kind(kind, obj_name, name)
-            )
+            live = self._live(kind, namespace, obj_name, uid, name, children, built.scaled_object)
             try:
                 action, result = await self.kube.apply(obj, live)
+            except kube.OwnerGone as exc:
+                await self._wait_for_gc(body, p.previous, p.generation, p.now, exc)
+                return None
             except kube.ApiError as exc:
-                if exc.status != 422 and not isinstance(exc, kube.NotOwned):
+                # 422 Invalid and 400 (strict field validation: an unknown field) are the spec's fault.
+                if exc.status not in (400, 422) and not isinstance(exc, kube.NotOwned):
                     raise
-                await self._reject(body, previous, generation, now, exc, f"{kind} {obj_name}")
-                return
+                await self._reject(body, p.previous, p.generation, p.now, exc, f"{kind} {obj_name}")
+                return None
             applied[(kind, obj_name)] = result
             if action != "unchanged" and result is not None:
                 self.recent[(kind, namespace, obj_name)] = result
             if action != "unchanged":
                 kopf.event(body, type="Normal", reason=f"{kind}{action.capitalize()}", message=f"{kind} {obj_name}")
-        for res, live in unwanted:
+        for res, live in built.unwanted:
             if live is not None:
                 await self.kube.delete(res, namespace, live["metadata"]["name"])
                 self.recent.pop((live.get("kind", ""), namespace, live["metadata"]["name"]), None)
                 kopf.event(body, type="Normal", reason="Deleted", message=f"{res.plural} {live['metadata']['name']}")
-        if plan.annotations_to_clear:
-            present = [a for a in plan.annotations_to_clear if a in annotations]
-            if present:
-                await self.kube.patch(
-                    kube.GPTDEPLOYMENTS, namespace, name, {"metadata": {"annotations": dict.fromkeys(present)}}
-                )
+        annotations = p.meta.get("annotations") or {}
+        present = [a for a in plan.annotations_to_clear if a in annotations]
+        if present:
+            await self.kube.patch(
+                kube.GPTDEPLOYMENTS, namespace, name, {"metadata": {"annotations": dict.fromkeys(present)}}
+            )
+        return applied
 
+    async def _report(
+        self, p: _Pass, spec: GPTDeploymentSpec, obs: Observations, plan: Plan, children: Children,
+        applied: Mapping[tuple[str, str], dict[str, Any] | None], analysis_due: float | None,
+    ) -> None:
+        """Status (status.py's fields, then the plan's), Events, and the next wake-up."""
+        name, previous, generation, now = p.name, p.previous, p.generation, p.now
         new = st.compute_status(
             name=name,
-            namespace=namespace,
+            namespace=p.namespace,
             spec=spec,
             generation=generation,
-            desired_revision=plan.stable.revision if plan.canary is None else revision,
+            desired_revision=plan.stable.revision if plan.canary is None else obs.desired_revision,
             stable=applied.get(("Deployment", builders.deployment_name(name))),
             canary=applied.get(("Deployment", builders.deployment_name(name, "canary"))),
             pods=children.pods,
-            hpa=applied.get(("HorizontalPodAutoscaler", name)),
+            hpa=applied.get(("HorizontalPodAutoscaler", names.base(name))),
             previous=previous,
             now=now,
         )
-        # The rollout plan owns its status fields (revisions, rollout) and has the last word on conditions.
-        for key in rollout.STATUS_KEYS:
-            new.pop(key, None)
+        # The rollout plan owns its status fields (revisions, rollout; status.py computes none of them) and has
+        # the last word on conditions.
         new.update(plan.status)
         if plan.conditions:
             new["conditions"] = st.merge_conditions(
@@ -306,7 +414,7 @@ class Reconciler:
                     for c in plan.conditions
                 ],
             )
-        if await self._write_status(body, previous, new):
+        if await self._write_status(p.body, previous, new):
             old_phase, new_phase = previous.get("phase"), new.get("phase")
             if old_phase != new_phase:
                 etype = "Warning" if new_phase in ("Degraded", "Failed") else "Normal"
@@ -314,13 +422,27 @@ class Reconciler:
                 msg = f"phase {old_phase} -> {new_phase}"
                 if new_phase in ("Degraded", "Failed") and degraded.get("message"):
                     msg += f": {degraded['message']}"
-                kopf.event(body, type=etype, reason=new_phase or "Unknown", message=msg)
+                kopf.event(p.body, type=etype, reason=new_phase or "Unknown", message=msg)
         for ev in plan.events:
-            kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
+            kopf.event(p.body, type=ev.type, reason=ev.reason, message=ev.message)
         # Re-run due analysis even when nothing else happens (no watch event announces new metrics).
         delays = [d for d in (plan.requeue_after, analysis_due) if d is not None]
         if delays and self.requeue is not None:
-            self.requeue(namespace, name, max(1.0, min(delays)))
+            self.requeue(p.namespace, name, max(1.0, min(delays)))
+
+    def _live(
+        self, kind: str, namespace: str, obj_name: str, uid: str, name: str, children: Children,
+        scaled_object: dict[str, Any] | None,
+    ) -> dict[str, Any] | None:
+        """What the child looks like now, as far as we know without a request."""
+        if kind == "ScaledObject":
+            return scaled_object  # not watched: read live this very reconcile, fresher than anything we wrote
+        # What we wrote last wins over the index until the watch event for it arrives (then popped), but only
+        # while it is still this CR's (a CR recreated under the same name has a new uid).
+        recent = self.recent.get((kind, namespace, obj_name))
+        if recent is not None and kube.controlled_by(recent, uid or None):
+            return recent
+        return children.by_kind(kind, obj_name, name)
 
     async def _reject(
         self, body: Mapping[str, Any], previous: Mapping[str, Any], generation: int | None, now: datetime,
@@ -340,9 +462,21 @@ class Reconciler:
         if await self._write_status(body, previous, new):
             kopf.event(body, type="Warning", reason="InvalidSpec", message=f"{field}: {text}")
 
+    async def _wait_for_gc(
+        self, body: Mapping[str, Any], previous: Mapping[str, Any], generation: int | None, now: datetime,
+        exc: kube.OwnerGone,
+    ) -> None:
+        """The CR was recreated before the garbage collector removed the old one's children: say so and look again
+        soon (the child's DELETED event also triggers a reconcile); not Failed, nothing to fix."""
+        meta = body["metadata"]
+        new = st.waiting_status(previous, exc.message, generation=generation, now=now)
+        await self._write_status(body, previous, new)
+        if self.requeue is not None:
+            self.requeue(meta["namespace"], meta["name"], GC_REQUEUE_SECONDS)
+
     async def _analyse(
         self, uid: str, name: str, namespace: str, spec: GPTDeploymentSpec, previous: Mapping[str, Any],
-        revision: str, canary: rollout.DeploymentObs | None,
+        revision: str, canary: observe.DeploymentObs | None,
     ) -> tuple[analysis.Outcome, float | None]:
         """The canary analysis outcome for this reconcile (memoised per interval), and when it is next due."""
         ready = canary.ready_replicas if canary is not None and canary.revision == revision else 0
@@ -360,11 +494,6 @@ class Reconciler:
             name, namespace, uid, spec, self.settings,
             template=plan.template, track=track, replicas=plan.replicas, strategy=plan.strategy,
         )
-
-    async def _check_secrets(self, namespace: str, spec: GPTDeploymentSpec) -> None:
-        for field, secret in builders.referenced_secrets(spec):
-            if await self.kube.get(kube.SECRETS, namespace, secret) is None:
-                raise InvalidSpec(field, f"Secret {secret!r} not found in namespace {namespace}")
 
     async def _write_status(self, body: Mapping[str, Any], previous: Mapping[str, Any], new: dict[str, Any]) -> bool:
         """Patch the status subresource with what changed; False (no request) when nothing did."""
@@ -407,192 +536,256 @@ def _owner_key(namespace: str | None, labels: Mapping[str, str]) -> tuple[str, s
     return (namespace or "", instance) if instance else None
 
 
-def register(registry: kopf.OperatorRegistry, settings: Settings, reconciler: Reconciler | None = None) -> Reconciler:
-    """Register all handlers on ``registry``; returns the Reconciler (tests and the benchmark read it)."""
-    state: dict[str, Reconciler] = {}
-    state_tasks: dict[str, asyncio.Task[None]] = {}
+@dataclass
+class OperatorState:
+    """Everything the handlers share, kept on kopf's ``memo`` (``memo.gptd``): one per running operator, so tests
+    can run several operators with their own registries and settings."""
+
+    settings: Settings
+    reconciler: Reconciler
     # kopf hands the (live, long-lived) index objects only to handlers; the resync loop borrows them.
-    state_indices: dict[str, Mapping[str, Any]] = {}
+    indices: Mapping[str, Any] | None = None
     # kopf.event() needs context variables kopf sets only in the tasks that run handlers; reconciles started
     # by the resync loop or a requeue timer run in a copy of a handler's context, or they could not post Events.
-    state_context: dict[str, contextvars.Context] = {}
+    context: contextvars.Context | None = None
+    tasks: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
+    timers: dict[tuple[str, str], asyncio.TimerHandle] = field(default_factory=dict)
 
-    def remember(kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
+    def remember(self, kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
         indices = {k: kwargs[k] for k in (*CHILD_INDICES.values(), "gptd_pods", "gptd_crs") if k in kwargs}
-        state_indices.setdefault("i", indices)
-        if "c" not in state_context:
-            state_context["c"] = contextvars.copy_context()
+        if self.indices is None:
+            self.indices = indices
+        if self.context is None:
+            self.context = contextvars.copy_context()
         return indices
 
-    def in_handler_context(coro: Any) -> asyncio.Task[Any]:
-        context = state_context.get("c")
-        return asyncio.get_running_loop().create_task(coro, context=None if context is None else context.copy())
+    def in_handler_context(self, coro: Any) -> asyncio.Task[Any]:
+        context = None if self.context is None else self.context.copy()
+        return asyncio.get_running_loop().create_task(coro, context=context)
 
-    # Handlers are async on purpose: kopf runs sync handlers in a thread pool, a hop per watch event.
-    if reconciler is not None:
-        state["r"] = reconciler
-
-    def rec() -> Reconciler:
-        if "r" not in state:
-            state["r"] = Reconciler(settings, kube.Kube())
-        return state["r"]
-
-    group, version, plural = api.GROUP, api.VERSION, api.PLURAL
-
-    @kopf.on.startup(id="configure_kopf", registry=registry)
-    def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
-        # Handler progress and the diff base live in annotations under our own prefix.
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="gptd.io")
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix="gptd.io", key="last-handled-configuration"
-        )
-        settings.persistence.finalizer = "gptd.io/finalizer"  # unused: no delete handlers, GC does it
-        # kopf posts handler log lines of this level as Events; INFO would post "Timer succeeded"
-        # on every resync. Our own Events go through kopf.event() and are not affected.
-        settings.posting.level = logging.WARNING
-        settings.scanning.disabled = True  # no CRD/namespace watching: less RBAC, CRD installed first
-        settings.watching.server_timeout = 300
-        settings.execution.max_workers = 4
-
-    @kopf.on.login(id="login", registry=registry)
-    def login(**_: Any) -> Any:
-        return kube.connection_info(kube.get_config())
-
-    @kopf.on.cleanup(id="close_client", registry=registry)
-    async def close_client(**_: Any) -> None:
-        for handle in timers.values():
-            handle.cancel()
-        tasks = list(state_tasks.values())
-        state_tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if "r" in state:
-            await state["r"].kube.close()
-            await state["r"].analyzer.close()
-
-    # --- indices: the cluster as the watch streams show it, keyed by (namespace, CR name)
-
-    @kopf.index(group, version, plural, id="gptd_crs", registry=registry)
-    async def index_crs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any]:
-        return {(namespace, name): _plain(body)}
-
-    def child_indexer(index_id: str, group_version: str, plural_: str, keep: tuple[str, ...]) -> None:
-        @kopf.index(group_version, plural_, id=index_id, labels=MANAGED, registry=registry)
-        async def index_child(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
-            key = _owner_key(namespace, labels)
-            return {key: _summary(body, keep)} if key else None
-
-        @kopf.on.event(group_version, plural_, id=f"{index_id}_event", labels=MANAGED, registry=registry)
-        async def child_event(
-            type: str | None, namespace: str, name: str, labels: kopf.Labels, body: kopf.Body, **kwargs: Any
-        ) -> None:
-            # From now on the index is authoritative for this object.
-            rec().recent.pop((body.get("kind", ""), namespace, name), None)
-            if type is None:
-                return  # the initial listing: the CR's resume handler covers it
-            await _reconcile_owner(_owner_key(namespace, labels), remember(kwargs))
-
-    child_indexer(
-        "gptd_deployments", "apps/v1", "deployments",
-        ("replicas", "readyReplicas", "updatedReplicas", "availableReplicas", "observedGeneration", "conditions"),
-    )
-    child_indexer("gptd_services", "v1", "services", ())
-    child_indexer("gptd_pdbs", "policy/v1", "poddisruptionbudgets", ())
-    child_indexer("gptd_hpas", "autoscaling/v2", "horizontalpodautoscalers", ("currentReplicas", "desiredReplicas"))
-
-    @kopf.index("v1", "pods", id="gptd_pods", labels=RUNTIME_PODS, registry=registry)
-    async def index_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
-        key = _owner_key(namespace, labels)
-        if not key:
-            return None
-        pod = _summary(body, ("phase", "conditions", "containerStatuses", "initContainerStatuses"))
-        pod.pop("spec", None)  # pod specs are big and we never compare them
-        return {key: pod}
-
-    @kopf.on.event("v1", "pods", id="gptd_pods_event", labels=RUNTIME_PODS, registry=registry)
-    async def pod_event(type: str | None, namespace: str, labels: kopf.Labels, **kwargs: Any) -> None:
-        if type is None:
-            return
-        await _reconcile_owner(_owner_key(namespace, labels), remember(kwargs))
-
-    async def _reconcile_owner(key: tuple[str, str] | None, indices: Mapping[str, Any]) -> None:
-        crs = indices.get("gptd_crs")
-        if key is None or crs is None or key not in crs:
-            return
-        for body in list(crs[key]):
-            await rec().reconcile(body, indices)
-
-    # --- the CR itself
-
-    # Explicit ids: kopf keeps handler progress in annotations named after them (gptd.io/reconcile).
-    @kopf.on.resume(group, version, plural, id="reconcile", backoff=10, registry=registry)
-    @kopf.on.create(group, version, plural, id="reconcile", backoff=10, registry=registry)
-    @kopf.on.update(group, version, plural, id="reconcile", backoff=10, registry=registry)
-    async def reconcile_cr(body: kopf.Body, **kwargs: Any) -> None:
-        await rec().reconcile(_plain(body), remember(kwargs))
-
-    timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
-
-    def requeue(namespace: str, name: str, delay: float) -> None:
-        # One pending wake-up per CR; the earliest wins (a later reconcile may ask again).
+    def requeue(self, namespace: str, name: str, delay: float) -> None:
+        """One pending wake-up per CR; the earliest wins (a later reconcile may ask again)."""
         loop = asyncio.get_running_loop()
         key = (namespace, name)
         due = loop.time() + delay
-        old = timers.get(key)
+        old = self.timers.get(key)
         if old is not None and not old.cancelled() and old.when() <= due:
             return
         if old is not None:
             old.cancel()
 
         def fire() -> None:
-            timers.pop(key, None)
-            task = in_handler_context(_reconcile_owner(key, state_indices.get("i") or {}))
-            state_tasks[f"requeue-{id(task)}"] = task
-            task.add_done_callback(lambda t: state_tasks.pop(f"requeue-{id(t)}", None))
+            self.timers.pop(key, None)
+            task = self.in_handler_context(_reconcile_owner(self, key, self.indices or {}))
+            self.tasks[f"requeue-{id(task)}"] = task
+            task.add_done_callback(lambda t: self.tasks.pop(f"requeue-{id(t)}", None))
 
-        timers[key] = loop.call_later(delay, fire)
+        self.timers[key] = loop.call_later(delay, fire)
 
-    rec().requeue = requeue
 
-    async def resync_loop() -> None:
-        # A plain task instead of @kopf.timer: kopf timers put a finalizer on every CR, which would
-        # block `kubectl delete` whenever the operator is down. Restores children that no watch event
-        # reported (e.g. missed while disconnected) and re-checks referenced Secrets.
-        while True:
-            await asyncio.sleep(settings.resync_seconds)
-            indices = state_indices.get("i")
-            crs = indices.get("gptd_crs") if indices else None
-            if crs is None:
-                rec().resync_passes += 1
-                continue
-            started = time.monotonic()
-            keys = list(crs)
-            for key in keys:
-                for body in list(crs.get(key, [])):
-                    try:
-                        await in_handler_context(rec().reconcile(body, indices))
-                    except Exception:  # one broken CR must not stop the resync of the others
-                        log.exception("resync of %s/%s failed", *key)
-            rec().resync_passes += 1
-            log.info("resync pass done: %d GPTDeployments in %.2f s", len(keys), time.monotonic() - started)
+def memo_for(settings: Settings, reconciler: Reconciler | None = None) -> kopf.Memo:
+    """The ``memo`` to pass to ``kopf.operator``: the handlers find their state on it."""
+    state = OperatorState(settings, reconciler if reconciler is not None else Reconciler(settings, kube.Kube()))
+    state.reconciler.requeue = state.requeue
+    return kopf.Memo(gptd=state)
 
-    @kopf.on.startup(registry=registry, id="gptd_start_resync")
-    async def start_resync(**_: Any) -> None:
-        state_tasks["resync"] = asyncio.create_task(resync_loop(), name="gptd-resync")
 
-    @kopf.on.event(group, version, plural, id="gptd_forget", registry=registry)
-    async def forget(type: str | None, namespace: str, name: str, uid: str | None, **_: Any) -> None:
-        if type == "DELETED":
-            rec().forget(namespace, name, uid)
+def _state(memo: Any) -> OperatorState:
+    return memo.gptd  # type: ignore[no-any-return]
 
-    return rec()
+
+# --- lifecycle (handlers are async on purpose: kopf runs sync handlers in a thread pool, a hop per event)
+
+
+def configure_kopf(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Handler progress and the diff base live in annotations under our own prefix.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="gptd.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="gptd.io", key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = "gptd.io/finalizer"  # unused: no delete handlers, GC does it
+    # kopf posts handler log lines of this level as Events; INFO would post "Timer succeeded"
+    # on every resync. Our own Events go through kopf.event() and are not affected.
+    settings.posting.level = logging.WARNING
+    settings.scanning.disabled = True  # no CRD/namespace watching: less RBAC, CRD installed first
+    settings.watching.server_timeout = 300
+    settings.execution.max_workers = 4
+
+
+def login(**_: Any) -> Any:
+    return kube.connection_info(kube.get_config())
+
+
+async def start_resync(memo: kopf.Memo, **_: Any) -> None:
+    state = _state(memo)
+    state.tasks["resync"] = asyncio.create_task(_resync_loop(state), name="gptd-resync")
+
+
+async def close_client(memo: kopf.Memo, **_: Any) -> None:
+    state = _state(memo)
+    for handle in state.timers.values():
+        handle.cancel()
+    tasks = list(state.tasks.values())
+    state.tasks.clear()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await state.reconciler.kube.close()
+    await state.reconciler.analyzer.close()
+
+
+async def _resync_loop(state: OperatorState) -> None:
+    # A plain task instead of @kopf.timer: kopf timers put a finalizer on every CR, which would
+    # block `kubectl delete` whenever the operator is down. Restores children that no watch event
+    # reported (e.g. missed while disconnected).
+    rec = state.reconciler
+    first = True
+    while True:
+        # The first pass runs at once (it finds no CRs yet and marks the loop as running), then every period.
+        if not first:
+            await asyncio.sleep(state.settings.resync_seconds)
+        first = False
+        indices = state.indices
+        crs = indices.get("gptd_crs") if indices else None
+        if indices is None or crs is None:
+            rec.resync_passes += 1
+            continue
+        started = time.monotonic()
+        try:
+            await rec.relist(indices)
+        except Exception:  # the pass still runs on the indices; the next pass lists again
+            log.exception("relist failed")
+        keys = list(crs)
+        for key in keys:
+            for body in list(crs.get(key, [])):
+                try:
+                    await state.in_handler_context(rec.reconcile(body, indices))
+                except Exception:  # one broken CR must not stop the resync of the others
+                    log.exception("resync of %s/%s failed", *key)
+        rec.resync_passes += 1
+        log.info("resync pass done: %d GPTDeployments in %.2f s", len(keys), time.monotonic() - started)
+
+
+# --- indices: the cluster as the watch streams show it, keyed by (namespace, base name)
+
+
+async def index_crs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any]:
+    # Keyed like the children's instance label (names.base), so a child's event finds its CR.
+    return {(namespace, names.base(name)): _plain(body)}
+
+
+def _index_child(namespace: str | None, labels: Mapping[str, str], body: Mapping[str, Any],
+                 keep: tuple[str, ...]) -> Any:
+    key = _owner_key(namespace, labels)
+    return {key: _summary(body, keep)} if key else None
+
+
+DEPLOYMENT_STATUS = ("replicas", "readyReplicas", "updatedReplicas", "availableReplicas", "observedGeneration",
+                     "conditions")
+HPA_STATUS = ("currentReplicas", "desiredReplicas")
+
+
+async def index_deployments(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    return _index_child(namespace, labels, body, DEPLOYMENT_STATUS)
+
+
+async def index_services(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    return _index_child(namespace, labels, body, ())
+
+
+async def index_pdbs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    return _index_child(namespace, labels, body, ())
+
+
+async def index_hpas(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    return _index_child(namespace, labels, body, HPA_STATUS)
+
+
+async def index_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    key = _owner_key(namespace, labels)
+    if not key:
+        return None
+    pod = _summary(body, ("phase", "conditions", "containerStatuses", "initContainerStatuses"))
+    pod.pop("spec", None)  # pod specs are big and we never compare them
+    return {key: pod}
+
+
+# --- events: every child or pod event reconciles its owner (level-based)
+
+
+async def child_event(
+    type: str | None, namespace: str, name: str, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo,
+    **kwargs: Any,
+) -> None:
+    state = _state(memo)
+    # From now on the index is authoritative for this object.
+    state.reconciler.recent.pop((body.get("kind", ""), namespace, name), None)
+    if type is None:
+        return  # the initial listing: the CR's resume handler covers it
+    await _reconcile_owner(state, _owner_key(namespace, labels), state.remember(kwargs))
+
+
+async def pod_event(type: str | None, namespace: str, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
+    if type is None:
+        return
+    state = _state(memo)
+    await _reconcile_owner(state, _owner_key(namespace, labels), state.remember(kwargs))
+
+
+async def _reconcile_owner(state: OperatorState, key: tuple[str, str] | None, indices: Mapping[str, Any]) -> None:
+    crs = indices.get("gptd_crs")
+    if key is None or crs is None or key not in crs:
+        return
+    for body in list(crs[key]):
+        await state.reconciler.reconcile(body, indices)
+
+
+# --- the CR itself
+
+
+async def reconcile_cr(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    state = _state(memo)
+    await state.reconciler.reconcile(_plain(body), state.remember(kwargs))
+
+
+async def forget(type: str | None, namespace: str, name: str, uid: str | None, memo: kopf.Memo, **_: Any) -> None:
+    if type == "DELETED":
+        _state(memo).reconciler.forget(namespace, name, uid)
+
+
+def register(
+    registry: kopf.OperatorRegistry, settings: Settings | None = None, reconciler: Reconciler | None = None
+) -> kopf.Memo | None:
+    """Attach the module-level handlers to ``registry`` (kopf's default one for the CLI, a fresh one per test);
+    with ``settings``, also return the memo to run them with (``kopf.operator(memo=...)``)."""
+    group, version, plural = api.GROUP, api.VERSION, api.PLURAL
+    kopf.on.startup(id="configure_kopf", registry=registry)(configure_kopf)
+    kopf.on.login(id="login", registry=registry)(login)
+    kopf.on.startup(id="gptd_start_resync", registry=registry)(start_resync)
+    kopf.on.cleanup(id="close_client", registry=registry)(close_client)
+    kopf.index(group, version, plural, id="gptd_crs", registry=registry)(index_crs)
+    for index_id, (group_version, plural_), fn in (
+        ("gptd_deployments", ("apps/v1", "deployments"), index_deployments),
+        ("gptd_services", ("v1", "services"), index_services),
+        ("gptd_pdbs", ("policy/v1", "poddisruptionbudgets"), index_pdbs),
+        ("gptd_hpas", ("autoscaling/v2", "horizontalpodautoscalers"), index_hpas),
+    ):
+        kopf.index(group_version, plural_, id=index_id, labels=MANAGED, registry=registry)(fn)
+        kopf.on.event(group_version, plural_, id=f"{index_id}_event", labels=MANAGED, registry=registry)(child_event)
+    kopf.index("v1", "pods", id="gptd_pods", labels=RUNTIME_PODS, registry=registry)(index_pods)
+    kopf.on.event("v1", "pods", id="gptd_pods_event", labels=RUNTIME_PODS, registry=registry)(pod_event)
+    # Explicit ids: kopf keeps handler progress in annotations named after them (gptd.io/reconcile).
+    for decorator in (kopf.on.resume, kopf.on.create, kopf.on.update):
+        decorator(group, version, plural, id="reconcile", backoff=10, registry=registry)(reconcile_cr)
+    kopf.on.event(group, version, plural, id="gptd_forget", registry=registry)(forget)
+    return memo_for(settings, reconciler) if settings is not None else None
 
 
 def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
     return {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
 
 
-def configure(settings: Settings) -> Reconciler:
-    """For ``python -m gptd_operator``: handlers on kopf's default registry."""
-    return register(kopf.get_default_registry(), settings)
+def configure(settings: Settings) -> kopf.Memo:
+    """For ``python -m gptd_operator``: handlers on kopf's default registry; returns the memo for kopf.operator."""
+    register(kopf.get_default_registry())
+    return memo_for(settings)

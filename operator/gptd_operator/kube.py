@@ -11,16 +11,38 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
+import logging
 import ssl
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any
 
 import aiohttp
 
+from .normalize import is_subset, server_form, strip_none, with_removals
+
 MERGE_PATCH = "application/merge-patch+json"
+FIELD_MANAGER = "gptd-operator"  # managedFields name every object gptd writes
+# Bounded retries (API Priority and Fairness answers 429 with Retry-After; apiservers restart; connections reset).
+RETRIES = 5
+BACKOFF_SECONDS = 0.2  # doubled per attempt: 0.2, 0.4, 0.8, 1.6, 3.2
+MAX_RETRY_AFTER_SECONDS = 10.0
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+TOKEN_REFRESH_SECONDS = 30.0  # how often the credentials hook may run (in a thread, never on the loop)
+log = logging.getLogger(__name__)
+
+
+def _user_agent() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"gptd-operator/{version('gptd')}"
+    except Exception:  # not installed as a distribution (a source checkout)
+        return "gptd-operator/dev"
+
+
+USER_AGENT = _user_agent()
 
 
 @dataclass(frozen=True)
@@ -47,7 +69,6 @@ SERVICES = Resource("v1", "services")
 PDBS = Resource("policy/v1", "poddisruptionbudgets")
 HPAS = Resource("autoscaling/v2", "horizontalpodautoscalers")
 PODS = Resource("v1", "pods")
-SECRETS = Resource("v1", "secrets")
 SCALEDOBJECTS = Resource("keda.sh/v1alpha1", "scaledobjects")
 BY_KIND = {
     "ScaledObject": SCALEDOBJECTS,
@@ -72,6 +93,26 @@ class NotOwned(ApiError):
         super().__init__(409, f"{kind} {name} already exists and is not controlled by this GPTDeployment")
 
 
+class OwnerGone(ApiError):
+    """A child's name is held by the child of a deleted GPTDeployment of the same name (a CR deleted and
+    recreated before the garbage collector got there): wait for the collector, don't fail."""
+
+    def __init__(self, kind: str, name: str, owner_uid: str) -> None:
+        super().__init__(409, f"{kind} {name} still belongs to the deleted GPTDeployment (uid {owner_uid}); "
+                              "waiting for the garbage collector")
+
+
+def old_owner_uid(obj: Mapping[str, Any], owner: Mapping[str, Any]) -> str | None:
+    """The uid of ``obj``'s controller when it is a GPTDeployment named like ``owner`` with another uid: names are
+    unique, so that one is deleted (or being deleted)."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if (ref.get("controller") and ref.get("kind") == owner.get("kind")
+                and ref.get("apiVersion") == owner.get("apiVersion") and ref.get("name") == owner.get("name")
+                and ref.get("uid") != owner.get("uid")):
+            return str(ref.get("uid"))
+    return None
+
+
 def controlled_by(obj: Mapping[str, Any] | None, uid: str | None) -> bool:
     """Whether ``obj`` has a controller ownerReference to ``uid`` (always True when uid is unknown)."""
     if obj is None or not uid:
@@ -92,13 +133,26 @@ class Config:
     key_path: str | None = None
     authorization: str | None = None  # the full header value, e.g. "Bearer abc"
     _client_config: Any = field(default=None, repr=False)
+    _refreshed: float = field(default=0.0, repr=False)
 
     def auth_header(self) -> str | None:
+        """The header as last refreshed (sync callers: kopf's login handler runs in a thread)."""
         cfg = self._client_config
         if cfg is not None and getattr(cfg, "refresh_api_key_hook", None) is not None:
-            # In-cluster tokens rotate; the official client's hook re-reads the file when it expired.
             cfg.refresh_api_key_hook(cfg)
             self.authorization = _auth_from(cfg)
+            self._refreshed = time.monotonic()
+        return self.authorization
+
+    async def auth_header_async(self) -> str | None:
+        """In-cluster tokens rotate and exec plugins may run a process: the official client's hook refreshes
+        them, at most every TOKEN_REFRESH_SECONDS and in a worker thread, so the event loop never blocks."""
+        cfg = self._client_config
+        hook = getattr(cfg, "refresh_api_key_hook", None) if cfg is not None else None
+        if hook is not None and time.monotonic() - self._refreshed > TOKEN_REFRESH_SECONDS:
+            await asyncio.to_thread(hook, cfg)
+            self.authorization = _auth_from(cfg)
+            self._refreshed = time.monotonic()
         return self.authorization
 
 
@@ -107,8 +161,14 @@ def _auth_from(cfg: Any) -> str | None:
     return cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
 
 
+class NoCredentials(Exception):
+    """Neither in-cluster credentials nor a usable kubeconfig: one line saying what was looked for."""
+
+
 def load_config(kubeconfig: str | None = None) -> Config:
     """In-cluster service account first, then the kubeconfig (``$KUBECONFIG`` or ~/.kube/config)."""
+    import os
+
     import kubernetes.client
     import kubernetes.config
 
@@ -118,7 +178,15 @@ def load_config(kubeconfig: str | None = None) -> Config:
             raise kubernetes.config.ConfigException("explicit kubeconfig")
         kubernetes.config.load_incluster_config(client_configuration=cfg)
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        path = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        try:
+            kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        except (kubernetes.config.ConfigException, OSError, ValueError, TypeError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise NoCredentials(
+                "no Kubernetes credentials: not in a cluster (KUBERNETES_SERVICE_HOST/PORT unset or the service "
+                f"account token unreadable) and no usable kubeconfig at {path} ({reason})"
+            ) from None
     return Config(
         server=cfg.host.rstrip("/"),
         ca_path=cfg.ssl_ca_cert,
@@ -160,75 +228,6 @@ def connection_info(cfg: Config) -> Any:
         certificate_path=cfg.cert_path,
         private_key_path=cfg.key_path,
     )
-
-
-# ----------------------------------------------------------------------------------- comparison
-
-
-# Maps we own entirely: a key someone added (a hand edit of a selector) is a difference, and is removed.
-EXACT_MAPS = frozenset({"selector", "matchLabels", "nodeSelector", "limits", "requests"})
-_QUANTITY_RE = re.compile(r"^([+-]?[0-9.]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
-_SUFFIX = {
-    None: Decimal(1), "m": Decimal("0.001"), "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9),
-    "T": Decimal(10**12), "P": Decimal(10**15), "E": Decimal(10**18), "Ki": Decimal(2**10), "Mi": Decimal(2**20),
-    "Gi": Decimal(2**30), "Ti": Decimal(2**40), "Pi": Decimal(2**50), "Ei": Decimal(2**60),
-}
-
-
-def quantity(value: Any) -> Decimal | None:
-    """A resource quantity's value, or None; the API server rewrites "0.5" as "500m", "1.5Gi" as "1536Mi"."""
-    match = _QUANTITY_RE.match(str(value))
-    if not match:
-        return None
-    try:
-        return Decimal(match.group(1)) * _SUFFIX[match.group(2)]
-    except ArithmeticError:
-        return None
-
-
-def is_subset(desired: Any, live: Any, key: str | None = None) -> bool:
-    """Whether ``live`` already has everything ``desired`` says; ``None`` in desired means "absent".
-
-    Extra keys in live (server defaults, other controllers' fields, status) are fine, except in the
-    EXACT_MAPS. Lists must have the same length and match item by item (they are ours entirely: a
-    merge patch replaces them). Resource quantities compare by value.
-    """
-    if desired is None:
-        return live is None
-    if isinstance(desired, Mapping):
-        if not isinstance(live, Mapping):
-            return False
-        if key in EXACT_MAPS and set(live) - {k for k, v in desired.items() if v is not None}:
-            return False
-        quantities = key in ("limits", "requests")
-        return all(
-            (quantities and live.get(k) is not None and quantity(v) is not None and quantity(v) == quantity(live[k]))
-            or is_subset(v, live.get(k), k)
-            for k, v in desired.items()
-        )
-    if isinstance(desired, list):
-        if not isinstance(live, list) or len(live) != len(desired):
-            return False
-        return all(is_subset(d, lv, key) for d, lv in zip(desired, live, strict=True))
-    return bool(desired == live)
-
-
-def with_removals(desired: Any, live: Any, key: str | None = None) -> Any:
-    """``desired`` as a merge patch that also removes keys someone added to maps we own entirely."""
-    if isinstance(desired, Mapping):
-        out = {k: with_removals(v, live.get(k) if isinstance(live, Mapping) else None, k) for k, v in desired.items()}
-        if key in EXACT_MAPS and isinstance(live, Mapping):
-            out.update({k: None for k in live if k not in out})
-        return out
-    return desired
-
-
-def strip_none(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {k: strip_none(v) for k, v in obj.items() if v is not None}
-    if isinstance(obj, list):
-        return [strip_none(v) for v in obj]
-    return obj
 
 
 # ---------------------------------------------------------------------------------------- client
@@ -273,47 +272,85 @@ class Kube:
             self._session = None
 
     async def _request(
-        self, method: str, path: str, *, body: Any = None, content_type: str = "application/json"
+        self, method: str, path: str, *, body: Any = None, content_type: str = "application/json",
+        params: Mapping[str, str] | None = None,
     ) -> dict[str, Any] | None:
+        """One API call, retried (bounded, with backoff, honouring Retry-After) on 429/5xx/connection errors.
+
+        404 is None; any other error status raises ApiError with the Status message (it names the field)."""
         session = await self._get_session()
-        headers = {"Accept": "application/json"}
-        auth = self.cfg.auth_header()
-        if auth:
-            headers["Authorization"] = auth
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         if body is not None:
             headers["Content-Type"] = content_type
-        if method == "GET":
-            self.counters.reads += 1
-        else:
-            self.counters.writes += 1
-        async with session.request(method, path.lstrip("/"), json=body, headers=headers) as resp:
-            if resp.status == 404:
-                return None
-            if resp.status >= 400:
-                text = await resp.text()
-                try:  # a Status object: its message names the offending field
-                    message = str(json.loads(text).get("message") or text)
-                except (ValueError, AttributeError):
-                    message = text
-                raise ApiError(resp.status, message[:500])
-            data = await resp.json(content_type=None)
-            return data if isinstance(data, dict) else None
+        if method in ("POST", "PATCH", "PUT"):
+            params = {"fieldManager": FIELD_MANAGER, **(params or {})}
+        for attempt in range(RETRIES + 1):
+            auth = await self.cfg.auth_header_async()
+            if auth:
+                headers["Authorization"] = auth
+            if method == "GET":
+                self.counters.reads += 1
+            else:
+                self.counters.writes += 1
+            delay = BACKOFF_SECONDS * 2**attempt
+            try:
+                async with session.request(
+                    method, path.lstrip("/"), json=body, headers=headers, params=params
+                ) as resp:
+                    if resp.status == 404:
+                        return None
+                    if resp.status in RETRY_STATUSES and attempt < RETRIES:
+                        delay = max(delay, _retry_after(resp.headers.get("Retry-After")))
+                        log.warning("%s %s: %s, retry %d/%d in %.1fs", method, path, resp.status, attempt + 1,
+                                    RETRIES, delay)
+                        await asyncio.sleep(delay)
+                        continue
+                    if resp.status >= 400:
+                        raise ApiError(resp.status, _status_message(await resp.text())[:500])
+                    data = await resp.json(content_type=None)
+                    return data if isinstance(data, dict) else None
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+                if attempt >= RETRIES:
+                    raise ApiError(503, f"{method} {path}: {exc!r} after {RETRIES} retries") from exc
+                log.warning("%s %s: %r, retry %d/%d in %.1fs", method, path, exc, attempt + 1, RETRIES, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     async def get(self, res: Resource, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
         return await self._request("GET", res.path(namespace, name))
 
-    async def create(self, res: Resource, body: Mapping[str, Any]) -> dict[str, Any]:
+    async def list(
+        self, res: Resource, namespace: str | None = None, *, label_selector: str = "", page: int = 500
+    ) -> list[dict[str, Any]]:
+        """Every object (cluster-wide when ``namespace`` is None), paginated with limit/continue."""
+        items: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            params = {"limit": str(page), **({"labelSelector": label_selector} if label_selector else {}),
+                      **({"continue": token} if token else {})}
+            out = await self._request("GET", res.path(namespace), params=params) or {}
+            items += out.get("items") or []
+            token = (out.get("metadata") or {}).get("continue") or ""
+            if not token:
+                return items
+
+    async def create(self, res: Resource, body: Mapping[str, Any], *, strict: bool = True) -> dict[str, Any]:
+        """POST; ``strict``: an unknown field is a 400 naming it (fieldValidation=Strict), never silently dropped."""
         ns = body["metadata"].get("namespace")
-        out = await self._request("POST", res.path(ns), body=strip_none(body))
+        params = {"fieldValidation": "Strict"} if strict else None
+        out = await self._request("POST", res.path(ns), body=strip_none(body), params=params)
         if out is None:
             raise ApiError(404, f"namespace {ns} or resource {res.plural} not found")
         return out
 
     async def patch(
-        self, res: Resource, namespace: str, name: str, patch: Mapping[str, Any], *, subresource: str | None = None
+        self, res: Resource, namespace: str, name: str, patch: Mapping[str, Any], *, subresource: str | None = None,
+        strict: bool = False,
     ) -> dict[str, Any] | None:
         return await self._request(
-            "PATCH", res.path(namespace, name, subresource), body=dict(patch), content_type=MERGE_PATCH
+            "PATCH", res.path(namespace, name, subresource), body=dict(patch), content_type=MERGE_PATCH,
+            params={"fieldValidation": "Strict"} if strict else None,
         )
 
     async def delete(self, res: Resource, namespace: str, name: str) -> bool:
@@ -330,6 +367,7 @@ class Kube:
         lagged behind) the object is fetched and compared again. Returns (action, object).
         """
         res = BY_KIND[desired["kind"]]
+        desired = server_form(desired)  # compared and sent the way the server will return it
         meta = desired["metadata"]
         if live is None:
             try:
@@ -340,20 +378,30 @@ class Kube:
                 live = await self.get(res, meta["namespace"], meta["name"])
                 if live is None:
                     raise
-                owner = (meta.get("ownerReferences") or [{}])[0].get("uid")
-                if not controlled_by(live, owner):
+                owner = (meta.get("ownerReferences") or [{}])[0]
+                if not controlled_by(live, owner.get("uid")):
+                    gone = old_owner_uid(live, owner)
+                    if gone:
+                        raise OwnerGone(desired["kind"], meta["name"], gone) from None
                     raise NotOwned(desired["kind"], meta["name"]) from None
         if is_subset(desired, live):
             return "unchanged", dict(live)
         patch = with_removals({k: v for k, v in desired.items() if k not in ("apiVersion", "kind")}, live)
-        return "patched", await self.patch(res, meta["namespace"], meta["name"], patch)
+        patched = await self.patch(res, meta["namespace"], meta["name"], patch, strict=True)
+        if patched is None:  # 404: it was deleted since we last saw it (the index or the GET lagged)
+            return "created", await self.create(res, desired)
+        return "patched", patched
 
 
-async def gather_limited(*aws: Any, limit: int = 8) -> list[Any]:
-    sem = asyncio.Semaphore(limit)
+def _retry_after(value: str | None) -> float:
+    try:
+        return min(MAX_RETRY_AFTER_SECONDS, max(0.0, float(value))) if value else 0.0
+    except ValueError:  # an HTTP date: not sent by kube-apiserver
+        return 0.0
 
-    async def one(aw: Any) -> Any:
-        async with sem:
-            return await aw
 
-    return list(await asyncio.gather(*(one(a) for a in aws)))
+def _status_message(text: str) -> str:
+    try:  # a Status object: its message names the offending field
+        return str(json.loads(text).get("message") or text)
+    except (ValueError, AttributeError):
+        return text

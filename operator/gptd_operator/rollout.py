@@ -8,8 +8,8 @@ It does no I/O and reads no clock (``obs.now``), so every transition is unit-tes
 INTERFACE CONTRACT (handlers.py depends on these names):
   - ``Template``: the revisioned part of the spec, ``{"model": {...}, "runtime": {...}}`` with the runtime
     image already resolved; ``builders.revision_hash(template)`` names it.
-  - ``DeploymentObs`` / ``PodObs`` / ``Observations``: built by handlers from the API objects
-    (``observe_deployment`` / ``observe_pod`` below do that, purely).
+  - ``DeploymentObs`` / ``PodObs`` / ``Observations``: built once per reconcile from the API objects by
+    ``observe.py`` (purely) and shared with ``status.py``.
   - ``Plan``: handlers build the stable Deployment ``<name>`` from ``plan.stable`` and, when
     ``plan.canary`` is set, the Deployment ``<name>-canary`` from it (deleting it when None); they merge
     ``plan.status`` into the CR status, set ``plan.conditions`` and post ``plan.events``.
@@ -18,54 +18,14 @@ INTERFACE CONTRACT (handlers.py depends on these names):
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from .api import GPTDeploymentSpec
-
-Template = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class PodObs:
-    revision: str | None
-    ready: bool
-    unschedulable_since: datetime | None = None  # PodScheduled=False reason=Unschedulable
-    unschedulable_message: str = ""  # e.g. "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
-    crashloop_message: str = ""  # CrashLoopBackOff / ImagePullBackOff / ErrImagePull, with the container
-    restarts: int = 0
-    waiting_reason: str = ""  # the container's state.waiting.reason behind crashloop_message
-
-
-@dataclass(frozen=True)
-class DeploymentObs:
-    revision: str | None  # label gptd.io/revision of the pod template
-    template: Template | None  # annotation gptd.io/template (JSON) of the Deployment
-    spec_replicas: int
-    replicas: int = 0
-    ready_replicas: int = 0
-    updated_replicas: int = 0
-    available_replicas: int = 0
-    up_to_date: bool = True  # status.observedGeneration >= metadata.generation
-
-
-@dataclass(frozen=True)
-class Observations:
-    now: datetime
-    desired_template: Template
-    desired_revision: str
-    stable: DeploymentObs | None
-    canary: DeploymentObs | None
-    pods: tuple[PodObs, ...] = ()
-    promote: bool = False  # annotation gptd.io/promote=true
-    abort: bool = False  # annotation gptd.io/abort=true
-    analysis_breach: str | None = None  # set by handlers when canary.analysis found a breach
-    # Set by handlers when canary.analysis could not be evaluated (Prometheus unreachable or erroring): the
-    # canary is held at its step (no advance, no rollback) until it can be.
-    analysis_unavailable: str | None = None
+from .builders import desired_replicas, rolling_strategy
+from .observe import Observations, PodObs, Template, format_time, parse_time
 
 
 @dataclass(frozen=True)
@@ -105,8 +65,6 @@ class Plan:
 
 # ------------------------------------------------------------------------------------------- constants
 
-REVISION_LABEL = "gptd.io/revision"  # on the pod template: which revision a pod runs
-TEMPLATE_ANNOTATION = "gptd.io/template"  # on the Deployment: the revision template, JSON
 PROMOTE_ANNOTATION = "gptd.io/promote"
 ABORT_ANNOTATION = "gptd.io/abort"
 
@@ -114,19 +72,6 @@ ABORT_ANNOTATION = "gptd.io/abort"
 CRASHLOOP_RESTARTS = 3
 # ...or at once for waiting reasons that restarting never fixes.
 FATAL_WAITING_REASONS = frozenset({"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
-_BAD_WAITING_REASONS = frozenset(
-    {
-        "CrashLoopBackOff",
-        "ImagePullBackOff",
-        "ErrImagePull",
-        "InvalidImageName",
-        "ErrImageNeverPull",
-        "CreateContainerError",
-        "CreateContainerConfigError",
-        "RunContainerError",
-    }
-)
-
 # The keys of the CR status this module owns; plan.status holds exactly these.
 STATUS_KEYS = ("currentRevision", "updateRevision", "lastGoodRevision", "lastGoodTemplate", "failedRevision", "rollout")
 
@@ -136,90 +81,6 @@ ACTIVE_PHASES = (ROLLING_OUT, CANARY, PROMOTING)
 # ...or a finished one that failed; kept while the spec still asks for that revision so it is not retried.
 ROLLED_BACK, FAILED = "RolledBack", "Failed"
 HOLD_PHASES = (ROLLED_BACK, FAILED)
-
-
-# ----------------------------------------------------------------------------------- observation helpers
-
-
-def parse_time(value: str | None) -> datetime | None:
-    """An ISO-8601 timestamp ("...Z") as an aware UTC datetime; None stays None."""
-    if not value:
-        return None
-    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def format_time(value: datetime) -> str:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def observe_deployment(dep: dict[str, Any]) -> DeploymentObs:
-    """A Deployment (as the API returns it) → what ``decide`` needs to know about it."""
-    meta = dep.get("metadata") or {}
-    spec = dep.get("spec") or {}
-    status = dep.get("status") or {}
-    pod_labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
-    raw_template = (meta.get("annotations") or {}).get(TEMPLATE_ANNOTATION)
-    template: Template | None = None
-    if raw_template:
-        try:
-            loaded = json.loads(raw_template)
-            template = loaded if isinstance(loaded, dict) else None
-        except ValueError:  # hand-edited annotation: treat as unknown rather than crash the reconcile
-            template = None
-    replicas = spec.get("replicas")
-    observed, generation = status.get("observedGeneration"), meta.get("generation")
-    return DeploymentObs(
-        revision=pod_labels.get(REVISION_LABEL) or (meta.get("annotations") or {}).get(REVISION_LABEL),
-        template=template,
-        spec_replicas=1 if replicas is None else int(replicas),  # the API server's default
-        replicas=int(status.get("replicas") or 0),
-        ready_replicas=int(status.get("readyReplicas") or 0),
-        updated_replicas=int(status.get("updatedReplicas") or 0),
-        available_replicas=int(status.get("availableReplicas") or 0),
-        up_to_date=generation is None or (observed is not None and observed >= generation),
-    )
-
-
-def observe_pod(pod: dict[str, Any]) -> PodObs:
-    """A Pod (as the API returns it) → readiness, scheduling and crash-loop facts for ``decide``."""
-    meta = pod.get("metadata") or {}
-    status = pod.get("status") or {}
-    conditions = {c.get("type"): c for c in status.get("conditions") or []}
-    ready = (conditions.get("Ready") or {}).get("status") == "True"
-    scheduled = conditions.get("PodScheduled") or {}
-    unschedulable_since: datetime | None = None
-    unschedulable_message = ""
-    if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
-        unschedulable_since = parse_time(scheduled.get("lastTransitionTime")) or parse_time(
-            meta.get("creationTimestamp")
-        )
-        unschedulable_message = scheduled.get("message") or "Unschedulable"
-    restarts = 0
-    crashloop_message = waiting_reason = ""
-    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
-        restarts += int(cs.get("restartCount") or 0)
-        waiting = (cs.get("state") or {}).get("waiting") or {}
-        reason = waiting.get("reason") or ""
-        if reason in _BAD_WAITING_REASONS and not crashloop_message:
-            waiting_reason = reason
-            crashloop_message = f"{reason}: container {cs.get('name')}"
-            last = ((cs.get("lastState") or {}).get("terminated")) or {}
-            if last:  # why it died is what the user needs (OOMKilled, exit code 1...)
-                crashloop_message += f" last exited {last.get('reason') or 'with'} code {last.get('exitCode')}"
-            if waiting.get("message"):
-                crashloop_message += f": {waiting['message']}"
-    return PodObs(
-        revision=(meta.get("labels") or {}).get(REVISION_LABEL),
-        ready=ready,
-        unschedulable_since=unschedulable_since,
-        unschedulable_message=unschedulable_message,
-        crashloop_message=crashloop_message,
-        restarts=restarts,
-        waiting_reason=waiting_reason,
-    )
 
 
 # ---------------------------------------------------------------------------------------------- decide
@@ -294,7 +155,7 @@ class _Ctx:
 def _steady(d: _Ctx) -> Plan:
     """Nothing in flight and the spec's revision is the one served: the plan changes nothing."""
     d.state.pop("rollout", None)  # a finished RolledBack/Failed record once the spec moved on
-    stable = DeploymentPlan(d.obs.desired_template, d.rev, _total_replicas(d), _strategy(d.spec, False))
+    stable = DeploymentPlan(d.obs.desired_template, d.rev, desired_replicas(d.spec), rolling_strategy(d.spec, False))
     return _finish(d, stable, None, _cond("Progressing", False, "RolloutComplete", f"revision {d.rev} is rolled out"))
 
 
@@ -330,14 +191,14 @@ def _advance(d: _Ctx) -> Plan:
 
 
 def _rolling(d: _Ctx) -> Plan:
-    want = _total_replicas(d)
+    want = desired_replicas(d.spec)
     if _stable_done(d, want):
         return _complete(d, "RolloutComplete", f"revision {d.rev} is rolled out")
     gpu = _gpu(d, can_dip=True, waiting_reason="RollingOut")
     failure = _failure(d, want)
     if failure:
         return _fail(d, *failure)
-    stable = DeploymentPlan(d.obs.desired_template, d.rev, want, _strategy(d.spec, bool(d.ro.get("inPlace"))))
+    stable = DeploymentPlan(d.obs.desired_template, d.rev, want, rolling_strategy(d.spec, bool(d.ro.get("inPlace"))))
     return _finish(d, stable, None, gpu or _rolling_cond(d, want))
 
 
@@ -421,7 +282,7 @@ def _promoting(d: _Ctx) -> Plan:
     failure = _failure(d, want)
     if failure:
         return _fail(d, *failure)
-    stable = DeploymentPlan(d.obs.desired_template, d.rev, want, _strategy(d.spec, bool(d.ro.get("inPlace"))))
+    stable = DeploymentPlan(d.obs.desired_template, d.rev, want, rolling_strategy(d.spec, bool(d.ro.get("inPlace"))))
     canary = _canary_plan(d, count) if count else None
     s = d.obs.stable
     updated = _updated(d)
@@ -435,7 +296,7 @@ def _complete(d: _Ctx, event_reason: str, message: str) -> Plan:
     d.state["lastGoodTemplate"] = copy.deepcopy(d.obs.desired_template)
     d.state.pop("rollout", None)
     d.event("Normal", event_reason, message)
-    stable = DeploymentPlan(d.obs.desired_template, d.rev, _total_replicas(d), _strategy(d.spec, False))
+    stable = DeploymentPlan(d.obs.desired_template, d.rev, desired_replicas(d.spec), rolling_strategy(d.spec, False))
     return _finish(d, stable, None, _cond("Progressing", False, "RolloutComplete", f"revision {d.rev} is rolled out"))
 
 
@@ -465,14 +326,14 @@ def _hold(d: _Ctx) -> Plan:
     in_place = bool(ro.get("inPlace"))
     lg, lgt = d.state.get("lastGoodRevision"), d.state.get("lastGoodTemplate")
     if ro["phase"] == ROLLED_BACK and lgt and lg:
-        stable = DeploymentPlan(lgt, lg, _total_replicas(d), _strategy(d.spec, in_place))
+        stable = DeploymentPlan(lgt, lg, desired_replicas(d.spec), rolling_strategy(d.spec, in_place))
         return _finish(d, stable, None, _cond("Progressing", False, "RolledBack", ro.get("message", "")))
     # Nothing to roll back to: keep the desired template (the Deployment keeps retrying it), and accept it
     # if it recovers on its own (a slow download, a GPU that freed up).
-    want = _total_replicas(d)
+    want = desired_replicas(d.spec)
     if _stable_done(d, want):
         return _complete(d, "RolloutComplete", f"revision {d.rev} is rolled out after an earlier failure")
-    stable = DeploymentPlan(d.obs.desired_template, d.rev, want, _strategy(d.spec, in_place))
+    stable = DeploymentPlan(d.obs.desired_template, d.rev, want, rolling_strategy(d.spec, in_place))
     return _finish(d, stable, None, _cond("Progressing", False, "FirstRevisionFailed", ro.get("message", "")))
 
 
@@ -555,7 +416,7 @@ def _gpu(d: _Ctx, *, can_dip: bool, waiting_reason: str) -> ConditionPlan | None
 def _dip_text(d: _Ctx) -> str:
     if d.ro.get("phase") == CANARY:
         return "the stable Deployment gives up GPUs to the canary (capacity dips)"
-    if (_total_replicas(d) or 0) <= 1:
+    if (desired_replicas(d.spec) or 0) <= 1:
         return "replacing the only pod in place (downtime until the new pod is Ready)"
     return "replacing pods in place, one at a time (capacity dips by one pod)"
 
@@ -564,7 +425,7 @@ def _allow_dip(d: _Ctx) -> bool:
     explicit = d.spec.rollout.allowCapacityDip
     if explicit is not None:
         return explicit
-    total = _total_replicas(d)
+    total = desired_replicas(d.spec)
     if total is None:  # autoscaled: judge by what runs now
         total = d.obs.stable.spec_replicas if d.obs.stable else d.spec.autoscaling.minReplicas  # type: ignore[union-attr]
     return total > 1
@@ -592,18 +453,10 @@ def _canary_ready(d: _Ctx, count: int) -> bool:
 # --- plan pieces --------------------------------------------------------------------------------------
 
 
-def _strategy(spec: GPTDeploymentSpec, in_place: bool) -> dict[str, Any]:
-    surge, unavailable = (0, 1) if in_place else (spec.rollout.maxSurge, spec.rollout.maxUnavailable)
-    return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": surge, "maxUnavailable": unavailable}}
-
-
-def _total_replicas(d: _Ctx) -> int | None:
-    """The stable count to ask for; None when the HPA owns it (never overwrite the HPA's choice)."""
-    return None if d.spec.autoscaling is not None else d.spec.replicas
 
 
 def _live_total(d: _Ctx) -> int:
-    total = _total_replicas(d)
+    total = desired_replicas(d.spec)
     if total is not None:
         return total
     if d.obs.stable is not None:
@@ -613,7 +466,7 @@ def _live_total(d: _Ctx) -> int:
 
 def _stable_replicas(d: _Ctx, canary_count: int) -> int | None:
     """Stable keeps its count; only a canary that dipped capacity takes its pods' GPUs from the stable."""
-    total = _total_replicas(d)
+    total = desired_replicas(d.spec)
     if total is not None and d.ro and d.ro.get("inPlace") and d.ro.get("phase") in (CANARY, PROMOTING):
         return max(0, total - canary_count)
     return total
@@ -648,12 +501,12 @@ def _baseline_plan(d: _Ctx, canary_count: int) -> DeploymentPlan:
         d.state["lastGoodTemplate"],
         d.state["lastGoodRevision"],
         _stable_replicas(d, canary_count),
-        _strategy(d.spec, False),
+        rolling_strategy(d.spec, False),
     )
 
 
 def _canary_plan(d: _Ctx, count: int) -> DeploymentPlan:
-    return DeploymentPlan(d.obs.desired_template, d.rev, count, _strategy(d.spec, False))
+    return DeploymentPlan(d.obs.desired_template, d.rev, count, rolling_strategy(d.spec, False))
 
 
 def _rolling_cond(d: _Ctx, want: int | None) -> ConditionPlan:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/gptd-io/gptd-runtime:0.1.0"
 SCALE_TO_ZERO_PROVIDERS = ("keda",)
+DEFAULT_RUN_AS_USER = 10001
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,12 @@ class Settings:
     prometheus_url: str | None = None
     # Image with the AWS CLI for s3:// models; unset means s3:// URIs are rejected as InvalidSpec.
     s3_init_image: str | None = None
-    # Periodic re-check of every GPTDeployment (restores hand-edited children, re-checks Secrets).
+    # Periodic re-check of every GPTDeployment (restores deleted or hand-edited children).
     resync_seconds: float = 30.0
     # Seconds the preStop hook sleeps so endpoints deregister before the runtime gets SIGTERM.
     prestop_sleep_seconds: int = 5
+    # UID/GID of the runtime pods; None leaves them to the platform (OpenShift restricted-v2). Never root.
+    run_as_user: int | None = DEFAULT_RUN_AS_USER
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -32,6 +35,11 @@ class Settings:
         provider = env.get("GPTD_SCALE_TO_ZERO_PROVIDER", "").strip().lower() or None
         if provider is not None and provider not in SCALE_TO_ZERO_PROVIDERS:
             raise ValueError(f"GPTD_SCALE_TO_ZERO_PROVIDER must be one of {SCALE_TO_ZERO_PROVIDERS}, got {provider!r}")
+        run_as = env.get("GPTD_RUNTIME_RUN_AS_USER", str(DEFAULT_RUN_AS_USER)).strip()
+        if run_as and (not run_as.isdigit() or int(run_as) < 1):
+            raise ValueError(
+                f"GPTD_RUNTIME_RUN_AS_USER must be a UID >= 1 or empty (platform-assigned), got {run_as!r}"
+            )
         namespaces = tuple(ns.strip() for ns in env.get("GPTD_NAMESPACES", "").split(",") if ns.strip())
         return cls(
             runtime_image=env.get("GPTD_RUNTIME_IMAGE", "").strip() or DEFAULT_RUNTIME_IMAGE,
@@ -41,4 +49,5 @@ class Settings:
             prometheus_url=env.get("GPTD_PROMETHEUS_URL", "").strip() or None,
             resync_seconds=float(env.get("GPTD_RESYNC_SECONDS", "30")),
             prestop_sleep_seconds=int(env.get("GPTD_PRESTOP_SLEEP_SECONDS", "5")),
+            run_as_user=int(run_as) if run_as else None,
         )

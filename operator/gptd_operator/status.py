@@ -11,13 +11,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from . import builders
+from . import builders, names
 from .api import GPTDeploymentSpec
-from .rollout import format_time, observe_pod
-from .rollout import observe_deployment as _observe_deployment
+from .observe import format_time, observe_pod
+from .observe import observe_deployment as _observe_deployment
 
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
-# Status keys this module owns; anything else in .status (kopf's, rollout's) is left alone.
+# Status keys this module owns; anything else in .status (kopf's, rollout's) is left alone. The revisions
+# (currentRevision, updateRevision, lastGoodRevision...) and status.rollout are rollout.py's (rollout.STATUS_KEYS).
 OWNED_KEYS = (
     "observedGeneration",
     "phase",
@@ -28,9 +29,7 @@ OWNED_KEYS = (
     "readyDisplay",
     "selector",
     "url",
-    "currentRevision",
-    "updateRevision",
-    "lastGoodRevision",
+    "service",
     "autoscaling",
     "conditions",
 )
@@ -43,6 +42,20 @@ def deployment_failure(dep: Mapping[str, Any] | None) -> tuple[str, str] | None:
             return "ProgressDeadlineExceeded", cond.get("message") or "progress deadline exceeded"
         if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
             return cond.get("reason") or "ReplicaFailure", cond.get("message") or ""
+    return None
+
+
+CONFIG_ERROR = "CreateContainerConfigError"
+
+
+def missing_secret_field(spec: GPTDeploymentSpec, kubelet_message: str) -> str | None:
+    """The spec field referencing the Secret the kubelet could not find (``secret "hf" not found``).
+
+    The operator never reads Secrets (least privilege): a missing one shows up on the pod, and this names the
+    field that points at it."""
+    for field, secret in builders.referenced_secrets(spec):
+        if f'secret "{secret}" not found' in kubelet_message:
+            return field
     return None
 
 
@@ -107,6 +120,20 @@ def invalid_status(
     }
 
 
+def waiting_status(
+    previous: Mapping[str, Any], message: str, *, generation: int | None, now: datetime
+) -> dict[str, Any]:
+    """Status while the children of a deleted CR of the same name are still there (garbage collection pending)."""
+    prev = list(previous.get("conditions") or [])
+    reason = "WaitingForGarbageCollection"
+    conditions = [
+        set_condition(prev, "Ready", "False", reason, message, generation=generation, now=now),
+        set_condition(prev, "Progressing", "True", reason, message, generation=generation, now=now),
+        set_condition(prev, "Degraded", "False", "AsExpected", "", generation=generation, now=now),
+    ]
+    return {"observedGeneration": generation, "phase": "Pending", "conditions": merge_conditions(prev, conditions)}
+
+
 def compute_status(
     *,
     name: str,
@@ -154,7 +181,9 @@ def compute_status(
         elif po.crashloop_message:
             # The kubelet's own reason (CrashLoopBackOff, ImagePullBackOff, CreateContainerConfigError...) so
             # alerts on the reason mean what they say.
-            degraded = (po.waiting_reason or "CrashLoopBackOff", f"pod {pod_name}: {po.crashloop_message}")
+            text = f"pod {pod_name}: {po.crashloop_message}"
+            field = missing_secret_field(spec, po.crashloop_message) if po.waiting_reason == CONFIG_ERROR else None
+            degraded = (po.waiting_reason or "CrashLoopBackOff", f"{field}: {text}" if field else text)
         if degraded is not None:
             break
     if degraded is None:
@@ -184,10 +213,7 @@ def compute_status(
     else:
         progressing = None
 
-    current = previous_current
-    last_good = previous.get("lastGoodRevision")
-    if is_ready:
-        current = last_good = stable_revision
+    current = stable_revision if is_ready else previous_current  # for the phase only; rollout.py reports it
 
     gen = generation
     conds = [
@@ -241,9 +267,7 @@ def compute_status(
         "readyDisplay": f"{ready}/{desired}",
         "selector": builders.selector_string(name),
         "url": builders.service_url(name, namespace, spec),
-        "currentRevision": current,
-        "updateRevision": desired_revision,
-        "lastGoodRevision": last_good,
+        "service": names.service(name),
         "autoscaling": autoscaling,
         "conditions": merge_conditions(prev_conditions, conds),
     }

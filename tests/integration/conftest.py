@@ -62,14 +62,15 @@ async def operator(kubeconfig: Path, operator_settings: Settings) -> AsyncIterat
     """
     registry = kopf.OperatorRegistry()
     reconciler = handlers.Reconciler(operator_settings, kube.Kube(kube.load_config(str(kubeconfig))))
-    handlers.register(registry, operator_settings, reconciler)
+    memo = handlers.register(registry, operator_settings, reconciler)
     stop = threading.Event()
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
             asyncio.run(kopf.operator(
-                registry=registry, standalone=True, clusterwide=True, stop_flag=stop, liveness_endpoint=None,
+                registry=registry, memo=memo, standalone=True, clusterwide=True, stop_flag=stop,
+                liveness_endpoint=None,
             ))
         except BaseException as exc:  # surfaced in the teardown
             errors.append(exc)

@@ -15,10 +15,21 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from test_reconcile import NS, condition, ready_deployment, status_of
-from test_rollout_operator import change_revision, event, events, labels_of, progressing, started, status_where
 
 from tests.support.cluster import Cluster, RunningOperator, eventually
+from tests.support.scenario import (
+    NS,
+    change_revision,
+    condition,
+    event,
+    events,
+    labels_of,
+    progressing,
+    ready_deployment,
+    started,
+    status_of,
+    status_where,
+)
 
 pytestmark = pytest.mark.timeout(30)
 REV = "gptd.io/revision"

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_reconcile import NS, cr
 
 from tests.support.cluster import Cluster, eventually
+from tests.support.scenario import NS, cr
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -33,3 +33,15 @@ async def test_cli_runs_the_operator(cluster: Cluster, kubeconfig: Path, tmp_pat
         code = await asyncio.to_thread(proc.wait, 30)
         log.close()
     assert code == 0, (tmp_path / "operator.log").read_text()[-3000:]
+
+
+def test_cli_without_credentials_says_so_in_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+    env.update(KUBECONFIG=str(tmp_path / "missing"), HOME=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "gptd_operator", "--liveness", ""], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stdout + proc.stderr
+    assert lines[0].startswith("gptd-operator: no Kubernetes credentials: not in a cluster")
+    assert str(tmp_path / "missing") in lines[0]

@@ -9,102 +9,35 @@ Synchronisation is by polling with deadlines (``eventually``) and by counting th
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from test_reconcile import NS, condition, cr, ready_deployment, status_of
 
 from tests.support.cluster import Cluster, RunningOperator, eventually
+from tests.support.scenario import (
+    CRASHLOOP_POD,
+    GPU_MESSAGE,
+    NS,
+    READY_POD,
+    REV,
+    UNSCHEDULABLE_POD,
+    add_pod,
+    change_revision,
+    condition,
+    cr,
+    deployment_where,
+    env_of,
+    event,
+    events,
+    labels_of,
+    model,
+    progressing,
+    ready_deployment,
+    started,
+    status_of,
+    status_where,
+    strategy_of,
+)
 
 pytestmark = pytest.mark.timeout(30)
-REV = "gptd.io/revision"
-GPU_MESSAGE = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
-LONG_AGO = "2026-01-01T00:00:00Z"  # older than any surgeGraceSeconds the tests use
-
-
-# ------------------------------------------------------------------------------------------- helpers
-
-
-def model(revision: str) -> dict[str, Any]:
-    return {"uri": "hf://openai-community/gpt2", "revision": revision}
-
-
-def labels_of(dep: dict[str, Any] | None) -> dict[str, str]:
-    return ((((dep or {}).get("spec") or {}).get("template") or {}).get("metadata") or {}).get("labels") or {}
-
-
-def env_of(dep: dict[str, Any]) -> dict[str, Any]:
-    return {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
-
-
-def strategy_of(dep: dict[str, Any]) -> dict[str, Any]:
-    return dep["spec"]["strategy"]["rollingUpdate"]
-
-
-async def deployment_where(cluster: Cluster, name: str, what: str, pred: Any) -> dict[str, Any]:
-    async def check() -> dict[str, Any] | None:
-        dep = await cluster.get("deployments", NS, name)
-        return dep if dep is not None and pred(dep) else None
-
-    return await eventually(check, what=what)
-
-
-async def status_where(cluster: Cluster, what: str, pred: Any, timeout: float = 10.0) -> dict[str, Any]:
-    async def check() -> dict[str, Any] | None:
-        st = await status_of(cluster)
-        return st if st and pred(st) else None
-
-    return await eventually(check, what=what, timeout=timeout)
-
-
-def progressing(reason: str) -> Any:
-    return lambda st: condition(st, "Progressing").get("reason") == reason
-
-
-async def events(cluster: Cluster, reason: str) -> list[dict[str, Any]]:
-    """Events the operator posted on the CR with this reason (they are real objects on the emulator)."""
-    return [
-        e for e in await cluster.list("events", NS)
-        if e.get("reason") == reason and (e.get("involvedObject") or {}).get("name") == "gpt2"
-    ]
-
-
-async def event(cluster: Cluster, reason: str) -> dict[str, Any]:
-    found = await eventually(lambda: events(cluster, reason), what=f"Event {reason}")
-    return found[0]
-
-
-async def started(cluster: Cluster, replicas: int, **spec: Any) -> str:
-    """A GPTDeployment on revision v1, rolled out and Ready; returns that revision's hash."""
-    await cluster.create("gptdeployments", NS, cr(model=model("v1"), replicas=replicas, **spec))
-    dep = await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
-    await ready_deployment(cluster, replicas=replicas)
-    await status_where(cluster, "v1 Ready", lambda st: st.get("phase") == "Ready")
-    return labels_of(dep)[REV]
-
-
-async def change_revision(cluster: Cluster, revision: str, old: str, name: str = "gpt2") -> dict[str, Any]:
-    """`kubectl edit`: a new spec.model.revision; returns Deployment ``name`` once it runs a new revision."""
-    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"model": {"revision": revision}}})
-    return await deployment_where(cluster, name, f"{name} on a revision other than {old}",
-                                  lambda d: labels_of(d).get(REV) not in (None, old))
-
-
-async def add_pod(cluster: Cluster, dep: dict[str, Any], name: str, status: dict[str, Any]) -> None:
-    """Play the ReplicaSet controller, scheduler and kubelet: a pod of ``dep``'s template in ``status``."""
-    await cluster.create("pods", NS, {"metadata": {"name": name, "labels": labels_of(dep)}, "status": status})
-
-
-READY_POD = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
-UNSCHEDULABLE_POD = {"phase": "Pending", "conditions": [{
-    "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": GPU_MESSAGE,
-    "lastTransitionTime": LONG_AGO}]}
-CRASHLOOP_POD = {"phase": "Running", "containerStatuses": [{
-    "name": "runtime", "restartCount": 3, "ready": False,
-    "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting failed container"}},
-    "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}]}
-
-
 # --------------------------------------------------------------------------------------------- tests
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 from gptd_operator.settings import Settings
-from test_reconcile import NS, cr
 
 from tests.support.cluster import Cluster, RunningOperator, eventually
+from tests.support.scenario import NS, cr
 
 pytestmark = pytest.mark.timeout(60)
 

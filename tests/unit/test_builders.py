@@ -373,3 +373,68 @@ def test_inflight_query_selects_only_this_crs_pods() -> None:
     assert all(re.fullmatch(pattern, p) for p in ours)  # Prometheus anchors =~ at both ends
     assert not any(re.fullmatch(pattern, p) for p in theirs)
     assert 'namespace="ns1"' in query and "num_requests_waiting" in query
+
+
+def test_pod_uid_left_to_the_platform_still_non_root() -> None:
+    """OpenShift restricted-v2 refuses fixed UIDs: GPTD_RUNTIME_RUN_AS_USER="" leaves them to the platform."""
+    settings = Settings.from_env({"GPTD_RUNTIME_RUN_AS_USER": ""})
+    assert settings.run_as_user is None
+    s3 = Settings(run_as_user=None, s3_init_image="amazon/aws-cli:2.17.0")
+    d = b.build_deployment("gpt2", "ns1", "uid", spec(model={"uri": "s3://bucket/m"}), s3)
+    pod = d["spec"]["template"]["spec"]
+    for ctx in (pod["securityContext"], pod["containers"][0]["securityContext"],
+                pod["initContainers"][0]["securityContext"]):
+        assert ctx["runAsNonRoot"] is True
+        assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(ctx), ctx
+    assert Settings.from_env({}).run_as_user == 10001
+    assert Settings.from_env({"GPTD_RUNTIME_RUN_AS_USER": "1000680000"}).run_as_user == 1000680000
+    with pytest.raises(ValueError, match="GPTD_RUNTIME_RUN_AS_USER"):
+        Settings.from_env({"GPTD_RUNTIME_RUN_AS_USER": "0"})
+
+
+def test_revision_unchanged_by_a_new_defaulted_field() -> None:
+    """An operator release adding a field with a default must not roll every model (issue 8, defect 8)."""
+    from gptd_operator.api import ModelSpec, RuntimeSpec
+
+    class NewRuntimeSpec(RuntimeSpec):
+        prefixCaching: bool = False  # the "next release" field, at its default
+
+    class NewModelSpec(ModelSpec):
+        trustRemoteCode: bool = False
+
+    for raw in ({}, {"runtime": {"maxBatchSize": 8, "env": [{"name": "A", "value": "1"}]},
+                     "model": {"uri": "hf://org/m", "revision": "v2"}}):
+        old = spec(**raw)
+        new = old.model_copy(update={
+            "runtime": NewRuntimeSpec.model_validate(old.runtime.model_dump()),
+            "model": NewModelSpec.model_validate(old.model.model_dump()),
+        })
+        assert b.revision_hash(b.revision_template(new, S)) == b.revision_hash(b.revision_template(old, S))
+    # A value that differs from the default still is a new revision.
+    assert b.revision_hash(b.revision_template(spec(runtime={"maxBatchSize": 8}), S)) != b.revision_hash(
+        b.revision_template(spec(), S))
+
+
+@pytest.mark.parametrize("raw", [
+    {},
+    {"model": {"uri": "hf://a/b", "revision": "x", "hfTokenSecretRef": {"name": "s", "key": "k"}},
+     "runtime": {"image": "i", "apiKeySecretRef": {"name": "a", "key": "b"}, "env": [
+         {"name": "A", "value": ""},
+         {"name": "B", "valueFrom": {"secretKeyRef": {"name": "x", "key": "y", "o": None}}}]}},
+])
+def test_revisions_made_by_0_1_0_are_unchanged(raw: dict[str, Any]) -> None:
+    """0.1.0 hashed ``model_dump(mode="json", exclude_none=True)``: its revisions must not move on upgrade."""
+    sp = spec(**raw)
+    runtime = {**sp.runtime.model_dump(mode="json", exclude_none=True), "image": sp.runtime.image or S.runtime_image}
+    old = {"model": sp.model.model_dump(mode="json", exclude_none=True), "runtime": runtime}
+    assert b.revision_template(sp, S) == old
+
+
+def test_pod_env_is_a_valid_runtime_configuration_listening_on_the_pod_ip() -> None:
+    """The contract between the two halves: the runtime parses the pod's literal env (it binds 127.0.0.1 by
+    default, which the kubelet's probes and the Service could never reach)."""
+    from gptd_runtime.config import load_settings
+
+    literal = {k: v for k, v in env(dep(service={"port": 9000})).items() if isinstance(v, str)}
+    settings = load_settings({}, literal)
+    assert (settings.host, settings.port) == ("0.0.0.0", 9000)

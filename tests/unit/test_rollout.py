@@ -7,19 +7,15 @@ from typing import Any
 
 import pytest
 from gptd_operator import api
+from gptd_operator.observe import DeploymentObs, Observations, PodObs, observe_deployment, observe_pod
 from gptd_operator.rollout import (
     ABORT_ANNOTATION,
     PROMOTE_ANNOTATION,
     STATUS_KEYS,
     ConditionPlan,
-    DeploymentObs,
-    Observations,
     Plan,
-    PodObs,
     canary_replicas,
     decide,
-    observe_deployment,
-    observe_pod,
 )
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -714,3 +710,21 @@ def test_canary_analysis_unavailable_does_not_block_a_manual_promote() -> None:
     plan = decide(spec, status, obs(10, RB, stable=dep(RA, 4), canary=dep(RB, 1), promote=True,
                                     analysis_unavailable="Prometheus unavailable"))
     assert plan.status["rollout"]["phase"] == "Promoting" and plan.stable.template == TB
+
+
+def test_every_status_rollout_key_is_declared_in_the_typed_model() -> None:
+    """status.rollout is typed (api.RolloutStatus, extra=forbid): a key rollout.py writes but the model (and so
+    the CRD schema) lacks would be pruned by a real API server."""
+    import re
+    from pathlib import Path
+
+    from gptd_operator import api, rollout
+
+    source = Path(rollout.__file__).read_text()
+    written = set(re.findall(r'\bro\["(\w+)"\]\s*=', source))
+    written |= set(re.findall(r'd\.ro\["(\w+)"\]\s*=', source))
+    for block in re.findall(r'(?:state\["rollout"\]|record: dict\[str, Any\]) = \{([^}]*)\}', source):
+        written |= set(re.findall(r'"(\w+)":', block))
+    written |= set(re.findall(r'record\["(\w+)"\]\s*=', source))
+    assert {"revision", "phase", "step", "progressAt"} <= written  # the scan found the writes
+    assert written <= set(api.RolloutStatus.model_fields), written - set(api.RolloutStatus.model_fields)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from gptd_operator import kube
+from gptd_operator import kube, normalize
 from gptd_operator.api import InvalidSpec, parse_spec
 from gptd_operator.settings import DEFAULT_RUNTIME_IMAGE, Settings
 
@@ -45,31 +45,32 @@ def test_good_spec_defaults() -> None:
 
 def test_is_subset_semantics() -> None:
     live = {"a": 1, "extra": 2, "l": [{"x": 1, "default": "d"}], "selector": {"k": "v"}}
-    assert kube.is_subset({"a": 1, "l": [{"x": 1}]}, live)
-    assert not kube.is_subset({"a": 2}, live)
-    assert not kube.is_subset({"l": [{"x": 1}, {"x": 2}]}, live)
-    assert kube.is_subset({"missing": None}, live)
-    assert not kube.is_subset({"a": None}, live)
+    assert normalize.is_subset({"a": 1, "l": [{"x": 1}]}, live)
+    assert not normalize.is_subset({"a": 2}, live)
+    assert not normalize.is_subset({"l": [{"x": 1}, {"x": 2}]}, live)
+    assert normalize.is_subset({"missing": None}, live)
+    assert not normalize.is_subset({"a": None}, live)
     # Exact maps: an added key is a difference.
-    assert kube.is_subset({"selector": {"k": "v"}}, live)
-    assert not kube.is_subset({"selector": {"k": "v"}}, {"selector": {"k": "v", "hijack": "1"}})
+    assert normalize.is_subset({"selector": {"k": "v"}}, live)
+    assert not normalize.is_subset({"selector": {"k": "v"}}, {"selector": {"k": "v", "hijack": "1"}})
     # Quantities compare by value under limits/requests, nowhere else.
-    assert kube.is_subset({"limits": {"cpu": "0.5", "memory": "1.5Gi"}},
+    assert normalize.is_subset({"limits": {"cpu": "0.5", "memory": "1.5Gi"}},
                           {"limits": {"cpu": "500m", "memory": "1536Mi"}})
-    assert not kube.is_subset({"limits": {"cpu": "1"}}, {"limits": {"cpu": "500m"}})
-    assert not kube.is_subset({"value": "0.5"}, {"value": "500m"})
+    assert not normalize.is_subset({"limits": {"cpu": "1"}}, {"limits": {"cpu": "500m"}})
+    assert not normalize.is_subset({"value": "0.5"}, {"value": "500m"})
 
 
 def test_with_removals_nulls_added_keys_in_exact_maps() -> None:
     desired = {"spec": {"selector": {"k": "v"}, "other": {"a": 1}}}
     live = {"spec": {"selector": {"k": "v", "hijack": "1"}, "other": {"a": 1, "b": 2}}}
-    assert kube.with_removals(desired, live) == {"spec": {"selector": {"k": "v", "hijack": None}, "other": {"a": 1}}}
+    want = {"spec": {"selector": {"k": "v", "hijack": None}, "other": {"a": 1}}}
+    assert normalize.with_removals(desired, live) == want
 
 
 def test_quantity() -> None:
-    assert kube.quantity("500m") == kube.quantity("0.5")
-    assert kube.quantity("1Gi") == 2**30
-    assert kube.quantity("lots") is None
+    assert normalize.quantity("500m") == normalize.quantity("0.5")
+    assert normalize.quantity("1Gi") == 2**30
+    assert normalize.quantity("lots") is None
 
 
 def test_resource_paths() -> None:
@@ -80,7 +81,7 @@ def test_resource_paths() -> None:
 
 
 def test_strip_none() -> None:
-    assert kube.strip_none({"a": None, "b": [{"c": None, "d": 1}]}) == {"b": [{"d": 1}]}
+    assert normalize.strip_none({"a": None, "b": [{"c": None, "d": 1}]}) == {"b": [{"d": 1}]}
 
 
 def test_settings_from_env() -> None:

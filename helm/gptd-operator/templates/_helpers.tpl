@@ -101,6 +101,11 @@ the ClusterRole when watching all namespaces, or into one Role per watched names
 - apiGroups: ["gptd.io"]
   resources: ["gptdeployments/status"]
   verbs: ["patch"]
+# The children's ownerReferences set blockOwnerDeletion: where the OwnerReferencesPermissionEnforcement admission
+# plugin is on (OpenShift), that needs update on the owner's finalizers subresource (gptd never sets finalizers).
+- apiGroups: ["gptd.io"]
+  resources: ["gptdeployments/finalizers"]
+  verbs: ["update"]
 # gptd: the children (watched through kopf indices; get only after a create conflict; delete for the canary
 # Deployment, a PDB when replicas drop to 1, an HPA when autoscaling is removed).
 - apiGroups: ["apps"]
@@ -120,10 +125,7 @@ the ClusterRole when watching all namespaces, or into one Role per watched names
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
-# gptd: only checks that referenced Secrets (hfTokenSecretRef, apiKeySecretRef) exist; no list/watch.
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get"]
+# No Secrets: the pods read them by reference; a missing one is reported from the pod's status.
 {{- if eq .Values.scaleToZeroProvider "keda" }}
 # gptd, only with scaleToZeroProvider=keda: the ScaledObject that replaces the HPA for minReplicas 0
 # (read live, not watched: the KEDA CRD may be absent).

@@ -1,0 +1,62 @@
+"""Child names derived from the GPTDeployment's name: deterministic, DNS-1035 labels, collision-free.
+
+A CR name is a DNS-1123 subdomain (up to 253 characters, dots allowed: ``llama-3.1-8b``). Its children need
+more: a Service name is a DNS-1035 label (lower-case alphanumerics and ``-``, letter first, at most 63
+characters, no dots), and the ``app.kubernetes.io/instance`` label value is at most 63 characters. So every
+child carries the *base* name:
+
+- the CR name itself when it is a DNS-1035 label of at most 56 characters (room for ``-canary``), contains no
+  ``--`` and does not end in ``-canary``; that is almost every name people write, and the children keep the
+  CR's name;
+- otherwise ``<stem>--<hash>``: the name lower-cased with every run of other characters replaced by ``-``
+  (a leading non-letter gets a ``g`` before it), cut to 44 characters, then ``--`` and the first 10 hex
+  digits of the SHA-256 of the full CR name. ``llama-3.1-8b`` → ``llama-3-1-8b--<hash>``.
+
+The stable Deployment, the Service, the PDB, the HPA and the KEDA ScaledObject are named ``<base>``; the
+canary Deployment ``<base>-canary``. No two CRs' children can collide: a base never ends in ``-canary``
+(hashed bases end in hex digits, plain ones are refused that ending), so no stable name equals a canary
+name; plain bases contain no ``--`` and hashed ones do, so a plain name never equals a hashed one; two
+hashed bases are equal only if 40 bits of SHA-256 collide. Every valid CR name is served this way, so no
+name needs refusing. ``status.service`` and ``status.url`` name the Service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+MAX_LABEL = 63
+CANARY_SUFFIX = "-canary"
+_HASH_CHARS = 10
+_STEM_CHARS = MAX_LABEL - len(CANARY_SUFFIX) - 2 - _HASH_CHARS  # 44: "<stem>--<hash>-canary" fits in 63
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def is_plain(name: str) -> bool:
+    """Whether ``name`` is used as it is for the children."""
+    return (
+        len(name) <= MAX_LABEL - len(CANARY_SUFFIX)
+        and bool(_DNS1035.match(name))
+        and "--" not in name
+        and not name.endswith(CANARY_SUFFIX)
+    )
+
+
+def base(name: str) -> str:
+    """The base name of every child of the GPTDeployment ``name`` (see the module docstring)."""
+    if is_plain(name):
+        return name
+    stem = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if not stem[:1].isalpha():
+        stem = f"g{stem}"
+    stem = stem[:_STEM_CHARS].rstrip("-")
+    return f"{stem}--{hashlib.sha256(name.encode()).hexdigest()[:_HASH_CHARS]}"
+
+
+def deployment(name: str, track: str = "stable") -> str:
+    """``<base>`` for the stable track, ``<base>-canary`` for the canary."""
+    return base(name) if track == "stable" else f"{base(name)}-{track}"
+
+
+def service(name: str) -> str:
+    return base(name)

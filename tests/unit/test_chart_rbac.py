@@ -1,0 +1,44 @@
+"""The operator's RBAC and settings as the chart renders them (issue 8: OpenShift, least privilege)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.support.chart import CHART, NAMESPACE, load_docs, one, run_helm, tools
+
+
+def render(*args: str) -> list[dict[str, Any]]:
+    helm = tools.ensure_tools()["helm"]
+    return load_docs(run_helm(helm, "template", "gptd", str(CHART), "--namespace", NAMESPACE, *args).stdout)
+
+
+def rules(docs: list[dict[str, Any]], kind: str = "ClusterRole") -> list[dict[str, Any]]:
+    return one(docs, kind)["rules"]
+
+
+def grants(rule_list: list[dict[str, Any]], group: str, resource: str) -> set[str]:
+    return {v for r in rule_list if group in r["apiGroups"] and resource in r["resources"] for v in r["verbs"]}
+
+
+@pytest.mark.parametrize("args", [(), ("--set", "watchNamespaces={team-a}")])
+def test_finalizers_update_granted_and_no_secrets(args: tuple[str, ...]) -> None:
+    docs = render(*args)
+    kind = "Role" if args else "ClusterRole"
+    r = rules(docs, kind)
+    # blockOwnerDeletion under OwnerReferencesPermissionEnforcement (OpenShift) needs this.
+    assert grants(r, "gptd.io", "gptdeployments/finalizers") == {"update"}
+    # The operator never reads Secrets.
+    assert grants(r, "", "secrets") == set()
+
+
+def _env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
+def test_runtime_uid_value_reaches_the_operator() -> None:
+    assert _env(render())["GPTD_RUNTIME_RUN_AS_USER"] == "10001"
+    assert _env(render("--set", "runtime.runAsUser=null"))["GPTD_RUNTIME_RUN_AS_USER"] == ""
+    assert _env(render("--set", "runtime.runAsUser=1000680000"))["GPTD_RUNTIME_RUN_AS_USER"] == "1000680000"
