@@ -290,6 +290,9 @@ def _env(model: ModelSpec, runtime: RuntimeSpec, port: int, model_ref: str) -> l
         {"name": "GPTD_REVISION", "value": model.revision},
         {"name": "GPTD_TASK", "value": model.task},
         {"name": "GPTD_DTYPE", "value": model.dtype},
+        # The runtime binds 127.0.0.1 unless told otherwise; in a pod the kubelet's probes and the Service
+        # reach it on the pod IP.
+        {"name": "GPTD_HOST", "value": "0.0.0.0"},
         {"name": "GPTD_PORT", "value": str(port)},
         {"name": "GPTD_MAX_BATCH_SIZE", "value": str(runtime.maxBatchSize)},
         {"name": "GPTD_MAX_INPUT_TOKENS", "value": str(runtime.maxInputTokens)},

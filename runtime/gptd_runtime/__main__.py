@@ -28,16 +28,21 @@ def _parser() -> argparse.ArgumentParser:
     opt("--task", "task", help="text-generation | text-classification | token-classification")
     opt("--dtype", "dtype", help="auto | float32 | float16 | bfloat16")
     opt("--device", "device", help="auto | cpu | cuda | cuda:N")
-    opt("--host", "host")
+    opt("--host", "host", help="listen address (default 127.0.0.1; pods pass 0.0.0.0)")
     opt("--port", "port", type=int)
+    opt("--metrics-port", "metrics_port", type=int, help="also serve /metrics alone on this port (plain HTTP)")
     opt("--served-model-name", "served_model_name", help="model id in the API (default: directory name)")
     opt("--max-batch-size", "max_batch_size", type=int, help="requests per forward pass")
     opt("--max-input-tokens", "max_input_tokens", type=int)
     opt("--max-new-tokens", "max_new_tokens", type=int, help="cap (and default) for max_tokens")
     opt("--max-queue", "max_queue", type=int, help="waiting requests beyond the batch before 429")
-    opt("--api-key-file", "api_key_file", help="file holding the bearer key")
+    opt("--api-key-file", "api_key_file", help="file of accepted bearer keys, one per line (re-read on change)")
+    opt("--api-key-reload-seconds", "api_key_reload_seconds", type=float, help="how often the key file is checked")
+    opt("--auth-failure-limit", "auth_failure_limit", type=int,
+        help="failed authentications per client address per minute before 429")
     opt("--drain-timeout-seconds", "drain_timeout_seconds", type=float)
     opt("--max-body-bytes", "max_body_bytes", type=int)
+    opt("--max-header-bytes", "max_header_bytes", type=int, help="request header bytes before 431")
     opt("--kv-cache-blocks", "kv_cache_blocks", type=int, help="KV cache pages (memory budget)")
     opt("--kv-cache-page-size", "kv_cache_page_size", type=int, help="tokens per KV page")
     opt("--max-batch-tokens", "max_batch_tokens", type=int)
@@ -45,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     opt("--cache-dir", "cache_dir", help="where --demo builds its model (default $HF_HOME)")
     opt("--hf-token-file", "hf_token_file")
     opt("--log-level", "log_level")
+    opt("--redact", "redact", help="mask these in prompts and outputs: email,phone,creditCard,ipAddress,iban,"
+        "cnResidentId,secretLike")
+    opt("--tls-cert-file", "tls_cert_file", help="PEM certificate chain: serve HTTPS only (with --tls-key-file)")
+    opt("--tls-key-file", "tls_key_file", help="PEM private key of --tls-cert-file")
+    opt("--tls-client-ca-file", "tls_client_ca_file", help="PEM CA bundle: require client certs (mutual TLS)")
+    opt("--tls-reload-seconds", "tls_reload_seconds", type=float, help="how often renewed cert files are picked up")
     serve.add_argument("--demo", action="store_true", default=None,
                        help=f"build and serve a tiny random demo model [env {ENV_VARS['demo']}]")
 
@@ -80,7 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli = {k: v for k, v in vars(args).items() if k != "command"}
     try:
         settings = load_settings(cli)
-        settings.api_key()  # fail now, in one line, if the key file is unreadable
+        from .apikeys import KeyRing
+        from .tls import reloader_from
+
+        if settings.api_key_file is not None:  # fail now, in one line, if the key file is unusable
+            KeyRing(settings.api_key_file)
+
+        reloader_from(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)  # same for TLS
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(x) for x in err["loc"])

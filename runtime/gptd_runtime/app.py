@@ -20,12 +20,15 @@ from .api import embeddings, health, metrics, openai, tasks
 from .api.errors import install_error_handlers
 from .api.metrics import Metrics
 from .api.middleware import GuardMiddleware
+from .apikeys import FailureLimiter, KeyRing
 from .config import Settings
 from .embeddings import Embedder
 from .engine import ClassificationEngine, GenerationEngine, kv_cache_bytes
 from .loading import ModelLoadError, load_model, resolve_model_dir
 from .logs import quiet_access_log
+from .redaction import Redactor
 from .state import ModelInfo, Phase, RuntimeState, startup_line
+from .tls import reloader_from
 
 log = logging.getLogger("gptd_runtime")
 WARMUP_TIMEOUT_SECONDS = 600.0
@@ -108,7 +111,12 @@ def create_app(
 ) -> FastAPI:
     """Build the app. `engine` swaps in a ready-made engine (tests); otherwise the model is loaded in the
     background when the app starts. `on_fatal(reason)` is called if loading or warm-up fails."""
-    state = RuntimeState(settings=settings, metrics=Metrics(), api_key=settings.api_key(), on_fatal=on_fatal)
+    keys = None if settings.api_key_file is None else KeyRing(settings.api_key_file, settings.api_key_reload_seconds)
+    state = RuntimeState(settings=settings, metrics=Metrics(), api_keys=keys,
+                         auth_failures=FailureLimiter(settings.auth_failure_limit), on_fatal=on_fatal)
+    if settings.redact:
+        counter = state.metrics.redactions
+        state.redactor = Redactor(settings.redact, lambda entity: counter.labels(entity=entity).inc())
 
     def gauge(name: str) -> Callable[[], float]:
         return lambda: float(getattr(state.engine, name)()) if state.engine is not None else 0.0
@@ -154,16 +162,22 @@ async def drain(state: RuntimeState, timeout: float) -> None:
         log.warning("drain timeout: %d request(s) still in flight, exiting anyway", state.inflight)
 
 
-def run_server(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT (drained) or a fatal startup error. Returns the process exit code."""
+def make_server(app: FastAPI, settings: Settings, on_signal: Callable[[int], None] | None = None) -> Any:
+    """The uvicorn server for `app`: HTTPS with a reloading certificate when TLS files are set, no `server:`
+    banner. `on_signal` replaces uvicorn's SIGTERM/SIGINT handling (uvicorn's stops listening at once; the
+    runtime keeps listening, answering 503, while it drains). The server's `tls` is the CertReloader or None."""
     import uvicorn
 
-    fatal: list[str] = []
+    tls = reloader_from(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    side = _metrics_listener(app, settings)
 
     class Server(uvicorn.Server):
-        # uvicorn's own handlers stop listening at once; we keep listening (503s) while draining instead.
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
+            if on_signal is None:
+                with super().capture_signals():
+                    yield
+                return
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, on_signal, sig)
@@ -172,6 +186,72 @@ def run_server(settings: Settings) -> int:
             finally:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
+
+        async def serve(self, sockets: Any = None) -> None:
+            # The certificate check runs on this loop: the one that makes the handshakes.
+            watcher = asyncio.create_task(tls.watch(settings.tls_reload_seconds)) if tls is not None else None
+            metrics = asyncio.create_task(side[0].serve(sockets=[side[1]])) if side is not None else None
+            try:
+                await super().serve(sockets)
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+                if metrics is not None:  # scrapes keep working through the drain; stop with the server
+                    side[0].should_exit = True
+                    await metrics
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=5,
+        # Default keep-alive lets idle connections pin the shutdown; drain already waited for real work.
+        timeout_keep_alive=5,
+        server_header=False,  # no version banner
+        access_log=False,  # api/middleware.py logs each request (without its path's query string)
+        ssl_context_factory=(lambda _config, _default: tls.context) if tls is not None else None,
+    )
+    server = Server(config)
+    server.tls = tls
+    return server
+
+
+def _metrics_listener(app: FastAPI, settings: Settings) -> tuple[Any, Any] | None:
+    """With --metrics-port: a second, plain-HTTP uvicorn server answering /metrics only, from the same registry,
+    on a socket bound here (a taken port fails now, before anything loads)."""
+    if settings.metrics_port is None:
+        return None
+    import socket
+
+    import uvicorn
+
+    metrics_app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    metrics_app.state.runtime = app.state.runtime
+    metrics_app.include_router(metrics.router)
+
+    class Quiet(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:  # the main server owns SIGTERM/SIGINT
+            yield
+
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.metrics_port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"--metrics-port {settings.metrics_port}: {e.strerror or e}") from e
+    sock.listen(64)
+    sock.set_inheritable(True)
+    config = uvicorn.Config(metrics_app, log_level=settings.log_level.lower(), access_log=False,
+                            server_header=False, lifespan="off", timeout_keep_alive=5)
+    return Quiet(config), sock
+
+
+def run_server(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT (drained) or a fatal startup error. Returns the process exit code."""
+    fatal: list[str] = []
 
     def on_fatal(reason: str) -> None:
         fatal.append(reason)
@@ -193,17 +273,12 @@ def run_server(settings: Settings) -> int:
 
         draining.append(asyncio.get_running_loop().create_task(drain_then_exit()))
 
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=5,
-        # Default keep-alive lets idle connections pin the shutdown; drain already waited for real work.
-        timeout_keep_alive=5,
-    )
+    try:
+        server = make_server(app, settings, on_signal)
+    except OSError as e:  # the metrics port is taken
+        print(f"gptd-runtime: error: {e}", file=sys.stderr, flush=True)
+        return 1
     quiet_access_log()  # after uvicorn.Config set up its loggers
-    server = Server(config)
     server.run()
     if fatal:
         print(f"gptd-runtime: error: {fatal[0]}", file=sys.stderr, flush=True)

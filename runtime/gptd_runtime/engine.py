@@ -129,6 +129,19 @@ class NullMetrics:
         pass
 
 
+@dataclass
+class _Failed:
+    """Stands in for the manager's GenerationOutput when gptd itself fails a request (see _fail_request)."""
+
+    request_id: str
+    error: str
+    generated_tokens: list[int] = field(default_factory=list)
+    timestamps: list[float] | None = None
+
+    def is_finished(self) -> bool:
+        return True
+
+
 class GenerationStream:
     """One request's output, consumed with `async for delta in stream`. Leaving the loop early (client gone)
     or calling cancel() frees the request's batch slot and KV pages."""
@@ -145,8 +158,14 @@ class GenerationStream:
         self.params = params
         self.completion_tokens = 0
         self.finish_reason: str | None = None
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        # The newest undelivered output only: each streaming output carries every token so far and supersedes the
+        # one before, so a stalled client holds one output, not one per token (O(T^2) memory). A final output
+        # (finished or failed) is never superseded.
+        self._pending: Any = None
+        self._arrived = asyncio.Event()
         self._decoder = DecodeStream(skip_special_tokens=True)
+        self._held: list[int] = []  # tokens DecodeStream took without emitting text yet (a partial character)
+        self._context: list[int] = []  # the last tokens up to the last emitted text
         self._text = ""
         self._emitted = 0
         self._started = time.perf_counter()
@@ -166,19 +185,49 @@ class GenerationStream:
             # Non-streamed requests only report at the end; their per-token timestamps give the real TTFT.
             ts = output.timestamps
             self._first_token_at = ts[0] if ts else time.perf_counter()
-        self._queue.put_nowait(output)
+        pending = self._pending
+        if pending is not None and (pending.error is not None or pending.is_finished()):
+            return  # nothing may replace the last word (the manager sends none after it anyway)
+        self._pending = output
+        self._arrived.set()
 
-    def _consume_tokens(self, tokens: list[int]) -> None:
+    async def _next_output(self) -> Any:
+        await self._arrived.wait()
+        self._arrived.clear()
+        output, self._pending = self._pending, None
+        return output
+
+    def _consume_tokens(self, tokens: list[int], final: bool = False) -> None:
         tok = self.engine.rust_tokenizer
         for token_id in tokens[self.completion_tokens :]:
             start = len(self._text)
             piece = self._decoder.step(tok, token_id)
             if piece:
                 self._text += piece
+                self._context, self._held = [*self._held, token_id][-4:], []
+            else:
+                self._held.append(token_id)
             if self._want_logprobs:
                 self._tokens.append(token_id)
                 self._spans.append((start, len(self._text)))
         self.completion_tokens = len(tokens)
+        if final and self._held:
+            self._flush()
+
+    def _flush(self) -> None:
+        """The text DecodeStream still holds back at the end (bytes of an incomplete UTF-8 character), decoded
+        with replacement characters as OpenAI and vLLM emit them; otherwise `text` would lack bytes that the
+        logprobs report. Decoded after the last emitting tokens, as DecodeStream does, so decoders that strip a
+        leading space at the start of a text (Metaspace) see the same context."""
+        tok = self.engine.rust_tokenizer
+        base = tok.decode(self._context, skip_special_tokens=True)
+        full = tok.decode(self._context + self._held, skip_special_tokens=True)
+        tail = full[len(base):] if full.startswith(base) else tok.decode(self._held, skip_special_tokens=True)
+        start, n = len(self._text), len(self._held)
+        self._text += tail
+        self._held = []
+        if self._want_logprobs and n:  # the held tokens' text is the tail
+            self._spans[-n:] = [(start, len(self._text))] * n
 
     def _logprobs_upto(self, emitted: int, final: bool) -> list[TokenLogprob]:
         """TokenLogprob of each token whose text is now emitted (all remaining ones that contributed text when the
@@ -223,17 +272,16 @@ class GenerationStream:
     async def __aiter__(self) -> AsyncIterator[Delta]:
         try:
             while not self._done:
-                output = await self._queue.get()
-                # Streaming outputs carry all tokens so far: when the consumer lags (many streams on few cores),
-                # skip to the newest one and emit one larger delta instead of many small ones.
-                while not output.is_finished() and not self._queue.empty():
-                    output = self._queue.get_nowait()
+                # When the consumer lags (a slow client, many streams on few cores) this is the newest output:
+                # one larger delta instead of many small ones.
+                output = await self._next_output()
                 if output.error is not None:
                     self._done = True
                     self.engine._forget(self.request_id)
                     raise EngineUnavailableError(f"generation failed: {output.error}")
-                self._consume_tokens(output.generated_tokens)
                 finished = output.is_finished()
+                self._consume_tokens(output.generated_tokens, final=finished)
+                del output  # not kept alive through a yield that a slow client blocks
                 text, stopped = self._take(final=finished)
                 if stopped:
                     self.engine.cancel(self.request_id)
@@ -380,7 +428,22 @@ class GenerationEngine:
     def _choose(self, logits: Any, request_ids: list[str]) -> Any:
         """The sampler transformers calls once per forward pass (manager's thread)."""
         get = self._sampling.get
-        return sample(logits, [get(r) for r in request_ids])
+        states = [get(r) for r in request_ids]
+        tokens = sample(logits, states, self.tokenizer.eos_token_id)
+        for request_id, state in zip(request_ids, states, strict=True):
+            if state is not None and state.failed is not None and not state.failure_reported:
+                state.failure_reported = True
+                log.warning("request %s failed in its sampler; the others continue", request_id)
+                if self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._fail_request, request_id, state.failed)
+        return tokens
+
+    def _fail_request(self, request_id: str, error: str) -> None:  # the event loop
+        """One request's engine-side failure: its stream ends with the error, its batch slot is freed."""
+        self.cancel(request_id)
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream._on_output(_Failed(request_id, error))
 
     async def warmup(self) -> None:
         """A real generation through the whole path; readiness waits for it."""
@@ -444,6 +507,10 @@ class GenerationEngine:
         seed = params.seed
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise InvalidParameterError("seed", f"must be an integer, got {seed!r}")
+        # torch's seed range; beyond it the 64-bit mask in sampling.py would alias another seed. (The API bounds
+        # seed to int64; the uint64 top half leaves room for its seed + j of n choices.)
+        if seed is not None and not -2**63 <= seed < 2**64:
+            raise InvalidParameterError("seed", f"must be in [-2**63, 2**64 - 1], got {seed}")
         constraint = None
         rf = params.response_format
         if rf is not None:
@@ -478,6 +545,7 @@ class GenerationEngine:
         if check_capacity and len(self._streams) >= s.max_batch_size + s.max_queue:
             raise QueueFullError(f"{len(self._streams)} requests in flight (max {s.max_batch_size + s.max_queue})")
         request_id = f"gptd-{next(self._ids)}"
+        self._loop = asyncio.get_running_loop()  # where _fail_request runs (the loop the handlers run on)
         out = GenerationStream(self, request_id, prompt_ids, params, sampling)
         self._streams[request_id] = out
         self._sampling[request_id] = sampling

@@ -109,12 +109,22 @@ def complete_revision(dest: Path, sha: str) -> Path | None:
     return path if (path / MARKER).is_file() else None
 
 
+def _ref_path(dest: Path, revision: str) -> Path:
+    """`dest/refs/<revision>`; a revision naming a path outside `dest/refs` (`../../x`, `/etc/x`) is refused,
+    as it would read or overwrite a file anywhere the Job can write."""
+    refs = (Path(dest) / REFS).resolve()
+    path = (refs / revision).resolve()
+    if not revision or path == refs or not path.is_relative_to(refs):
+        raise FetchError("InvalidArgument", f"revision {revision!r} is not a branch, tag or commit sha")
+    return path
+
+
 def resolve_ref(dest: Path, revision: str) -> str | None:
     """The commit sha a branch/tag resolved to in an earlier fetch (or the sha itself), if known locally."""
     if _SHA_RE.match(revision):
         return revision
     try:
-        sha = (Path(dest) / REFS / revision).read_text().strip()
+        sha = _ref_path(dest, revision).read_text().strip()
     except OSError:
         return None
     return sha if _SHA_RE.match(sha) else None
@@ -241,6 +251,11 @@ class _Hub:
         ]
         if not info.sha:
             raise FetchError("InvalidResponse", f"the hub returned no commit sha for {repo_id}@{revision}")
+        # The sha becomes a directory name (dest/<sha>, later rmtree'd if present): anything but a git commit
+        # id from a broken or hostile mirror must never reach a path.
+        if not isinstance(info.sha, str) or not _SHA_RE.match(info.sha):
+            raise FetchError("InvalidResponse", f"the hub returned an invalid commit sha {str(info.sha)[:80]!r} "
+                                                f"for {repo_id}@{revision} (expected 40 hex digits)")
         return info.sha, files
 
     def stream(self, repo_id: str, sha: str, name: str, start: int) -> Any:
@@ -441,6 +456,8 @@ def fetch(repo_id: str, revision: str, dest: Path, opts: FetchOptions | None = N
     out = out or sys.stdout
     dest = Path(dest)
     hub = _Hub(opts.endpoint, opts.token, opts.timeout_seconds)
+    if not _SHA_RE.match(revision):
+        _ref_path(dest, revision)  # refused before any network or disk access
 
     known = resolve_ref(dest, revision) if _SHA_RE.match(revision) else None
     if known and (done := complete_revision(dest, known)):  # a pinned sha already here: no network needed
@@ -500,7 +517,7 @@ def fetch(repo_id: str, revision: str, dest: Path, opts: FetchOptions | None = N
 
 def _write_ref(dest: Path, revision: str, sha: str) -> None:
     if revision != sha:
-        _write_atomic(dest / REFS / revision, sha + "\n")
+        _write_atomic(_ref_path(dest, revision), sha + "\n")
 
 
 def _report_complete(path: Path, out: TextIO) -> None:

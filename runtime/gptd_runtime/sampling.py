@@ -15,6 +15,8 @@ temperature/top-k/top-p per request). gptd replaces that last step (see `_cb_int
   temperature-1 distribution), before top-p, as OpenAI reports; plus the k most likely alternatives.
 
 Order per row: penalties -> grammar mask -> temperature -> (logprobs) -> top-p -> sample / argmax.
+A grammar that raises fails its own request only (`RequestSampling.failed`; its row is masked to EOS): an
+exception out of `sample()` would stop transformers' batching loop and fail every request in flight.
 A batch where every row is plain greedy is one argmax, and plain sampling rows skip every optional step, so a
 feature costs nothing to requests that don't use it.
 """
@@ -54,6 +56,9 @@ class RequestSampling:
     # Appended on the engine thread, read (by index, never beyond the delivered tokens) on the event loop.
     choices: list[TokenChoice] = field(default_factory=list)
     counts: torch.Tensor | None = None  # generated-token counts, only for penalised requests
+    # Set on the engine thread when this request's grammar raised: the request must end with this error.
+    failed: str | None = None
+    failure_reported: bool = False  # the engine has handed `failed` to the request's stream
 
     @property
     def greedy(self) -> bool:
@@ -91,9 +96,12 @@ def new_request_sampling(
 _GREEDY_DEFAULT = RequestSampling(temperature=0.0)
 
 
-def sample(logits: torch.Tensor, rows: list[RequestSampling | None]) -> torch.Tensor:
+def sample(logits: torch.Tensor, rows: list[RequestSampling | None], eos_token_id: int | None = None,
+           ) -> torch.Tensor:
     """Next token per row. ``logits``: [rows, vocab] float32 (may be modified in place); ``rows[i]`` the sampling
-    state of row i (None: a request the engine does not know, decoded greedily). Returns int64 [rows]."""
+    state of row i (None: a request the engine does not know, decoded greedily). Returns int64 [rows].
+    A row whose grammar raises (now or in an earlier pass) gets ``failed`` set and only ``eos_token_id`` allowed;
+    the other rows are sampled as if it were not there."""
     import torch
 
     states = [r if r is not None else _GREEDY_DEFAULT for r in rows]
@@ -113,7 +121,17 @@ def sample(logits: torch.Tensor, rows: list[RequestSampling | None]) -> torch.Te
 
     constrained = [i for i, r in enumerate(states) if r.constraint is not None]
     for i in constrained:
-        allowed = states[i].constraint.allowed(vocab, device)  # type: ignore[union-attr]
+        allowed = None
+        if states[i].failed is None:
+            try:
+                allowed = states[i].constraint.allowed(vocab, device)  # type: ignore[union-attr]
+            except Exception as e:
+                _fail(states[i], "computing the allowed tokens", e)
+        if allowed is None:  # failed: end the row (the engine also cancels the request)
+            if eos_token_id is None or not 0 <= eos_token_id < vocab:
+                continue
+            allowed = torch.zeros(vocab, dtype=torch.bool, device=device)
+            allowed[eos_token_id] = True
         x[i].masked_fill_(~allowed, float("-inf"))
 
     temps = [r.temperature if r.temperature > 0 else 1.0 for r in states]
@@ -147,6 +165,11 @@ def sample(logits: torch.Tensor, rows: list[RequestSampling | None]) -> torch.Te
     return tokens
 
 
+def _fail(state: RequestSampling, what: str, e: Exception) -> None:
+    # The request's own error (its client sees it); the exception text comes from the grammar engine, not the prompt.
+    state.failed = f"response_format constraint failed while {what}: {type(e).__name__}: {e}"
+
+
 def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Per row, zero the tail outside the smallest set of tokens whose probability reaches top_p (the top token
     always stays). probs: [rows, vocab]; top_p: [rows]."""
@@ -168,7 +191,11 @@ def _record(states: list[RequestSampling], tokens: torch.Tensor, logp: torch.Ten
     for i in penalised:
         states[i].counts[chosen[i]] += 1  # type: ignore[index]
     for i in constrained:
-        states[i].constraint.advance(chosen[i])  # type: ignore[union-attr]
+        if states[i].failed is None:
+            try:
+                states[i].constraint.advance(chosen[i])  # type: ignore[union-attr]
+            except Exception as e:
+                _fail(states[i], "advancing past the chosen token", e)
     if logp is None:
         return
     k = max(states[i].logprobs or 0 for i in want_logprobs)

@@ -17,8 +17,10 @@ from .config import Settings
 
 if TYPE_CHECKING:
     from .api.metrics import Metrics
+    from .apikeys import FailureLimiter, KeyRing
     from .embeddings import Embedder
     from .engine import ClassificationResult, Delta, SamplingParams
+    from .redaction import Redactor
 
 
 class Phase(enum.StrEnum):
@@ -122,7 +124,9 @@ def startup_line(state: RuntimeState) -> str:
 class RuntimeState:
     settings: Settings
     metrics: Metrics
-    api_key: str | None
+    api_keys: KeyRing | None  # None: no authentication
+    auth_failures: FailureLimiter
+    redactor: Redactor | None = None  # --redact: masks prompts before the engine and outputs before the client
     phase: Phase = Phase.LOADING
     engine: Any = None  # a GenerationBackend or ClassifierBackend (or a test stand-in honouring the protocol)
     model: ModelInfo = field(default_factory=ModelInfo)

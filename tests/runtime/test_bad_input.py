@@ -70,6 +70,13 @@ async def test_limits_rejected_before_model_work(app_factory: Any) -> None:
         assert app.state.runtime.engine.forward_passes == passes  # nothing reached the engine
 
 
+async def test_header_size_cap(app_factory: Any) -> None:
+    async with app_factory(max_header_bytes=2048) as (client, _app):
+        r = await client.get("/v1/models", headers={"x-filler": "a" * 2100})
+        assert r.status_code == 431 and _error(r)["code"] == "headers_too_large"
+        assert (await client.get("/v1/models", headers={"x-filler": "a" * 1500})).status_code == 200
+
+
 async def test_body_size_cap(app_factory: Any) -> None:
     async with app_factory(max_body_bytes=1000) as (client, _app):
         big = {"prompt": "x" * 2000, "max_tokens": 1}

@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import jsonschema
+import pytest
+
+from tests.support.runtime import sse_events
 
 SCHEMA = {
     "type": "object",
@@ -61,3 +65,43 @@ async def test_schema_the_grammar_refuses_is_a_400(app_factory: Any) -> None:
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "response_format"
         assert app.state.runtime.engine.num_inflight() == 0
+
+
+class _BrokenGrammar:
+    """A constraint stand-in whose mask computation always raises (an llguidance bug, say)."""
+
+    def allowed(self, vocab_size: int, device: Any) -> Any:
+        raise RuntimeError("grammar broke")
+
+    def advance(self, token_id: int) -> None:
+        raise AssertionError("never reached: the mask already failed")
+
+    error = None
+
+
+async def test_a_failing_grammar_is_that_requests_clean_error_only(
+        app_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with app_factory("chat") as (client, app):
+        engine = app.state.runtime.engine
+        real_compile = engine._grammars.compile
+        monkeypatch.setattr(engine._grammars, "compile", lambda kind, schema: _BrokenGrammar() if (
+            schema or {}).get("title") == "explode" else real_compile(kind, schema))
+        broken = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 16, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "s", "schema": {"title": "explode", "type": "object"}}}}
+        plain = {"prompt": "the operator", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+        alone = (await client.post("/v1/completions", json=plain)).json()["choices"][0]["text"]
+
+        bad, good, streamed = await asyncio.gather(
+            client.post("/v1/chat/completions", json=broken),
+            client.post("/v1/completions", json=plain),
+            client.post("/v1/chat/completions", json={**broken, "stream": True}),
+        )
+        assert good.status_code == 200 and good.json()["choices"][0]["text"] == alone, good.text
+        assert bad.status_code == 503, bad.text  # an error, not a 500 and not a hang
+        assert "response_format constraint failed" in bad.json()["error"]["message"]
+        events = sse_events(streamed.text)
+        assert events[-1] == "[DONE]"
+        assert "response_format constraint failed" in json.loads(events[-2])["error"]["message"], events
+        assert engine.healthy and engine.num_inflight() == 0
+        after = await client.post("/v1/completions", json=plain)
+        assert after.status_code == 200 and after.json()["choices"][0]["text"] == alone

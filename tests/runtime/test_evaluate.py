@@ -21,12 +21,11 @@ import pytest
 from gptd_runtime.eval_dataset import DatasetError, NerRow, parse_dataset
 from gptd_runtime.eval_metrics import classification_scores, entity_scores, generation_score, normalize
 from gptd_runtime.evaluate import EvalOptions, EvaluationError, evaluate
+from seqeval import metrics as seqeval_metrics  # the references are dev dependencies: a missing one must fail
+from seqeval.scheme import IOB2
+from sklearn import metrics as sklearn_metrics
 
 from tests.support.runtime import REPO, ServerProcess, free_port
-
-sklearn_metrics = pytest.importorskip("sklearn.metrics", reason="scikit-learn is a test dependency (dev extra)")
-seqeval_metrics = pytest.importorskip("seqeval.metrics", reason="seqeval is a test dependency (dev extra)")
-from seqeval.scheme import IOB2  # noqa: E402
 
 KEYS = {"metric", "average", "score", "samples", "perLabel", "accuracy", "seconds"}
 API_KEY = "eval-key-0123456789"

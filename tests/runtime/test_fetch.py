@@ -497,3 +497,45 @@ def test_progress_lines_keep_coming_while_a_transfer_stalls(hub: FakeHub, tmp_pa
     assert box and isinstance(box[0], Path), box
     assert len(during) >= 5, during  # ~10 expected at 0.1 s
     assert len({line["bytesDone"] for line in during}) == 1  # a heartbeat: same figures, still reported
+
+
+@pytest.mark.parametrize("bad_sha", ["../../victim", "/tmp/abs", "0" * 39 + "/", "A" * 40, "refs"])
+def test_a_commit_sha_that_is_not_a_commit_id_is_refused_and_touches_nothing(
+        hub: FakeHub, tmp_path: Path, bad_sha: str) -> None:
+    dest = tmp_path / "cache" / "models"
+    # What a path-shaped sha would reach: dest/<sha> (later rmtree'd when present) and dest/.incomplete/<sha>.
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("x")
+    hub.reported_sha = bad_sha
+    r = _cli(dest, env={"HF_ENDPOINT": hub.url})
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert _lines(r.stdout) == [{"error": _lines(r.stdout)[0]["error"], "reason": "InvalidResponse"}]
+    assert "invalid commit sha" in _lines(r.stdout)[0]["error"]
+    assert (victim / "keep").read_text() == "x"
+    assert not dest.exists() or not any(dest.rglob("*"))
+    assert not [r for r in hub.requests if "/resolve/" in r["path"]]  # nothing downloaded
+
+
+@pytest.mark.parametrize("revision", ["../../x", "../refs2/x", "ABSOLUTE", "a/../../x", ".", ""])
+def test_a_revision_whose_ref_leaves_dest_refs_is_refused_before_the_hub_is_asked(
+        hub: FakeHub, tmp_path: Path, revision: str) -> None:
+    dest = tmp_path / "cache" / "models"
+    revision = str(tmp_path / "x") if revision == "ABSOLUTE" else revision
+    hub.repos[REPO_ID].refs[revision] = hub.last_sha  # even a hub that knows the ref gets no say
+    r = _cli(dest, env={"HF_ENDPOINT": hub.url}, revision=revision)
+    assert r.returncode == 1, r.stdout + r.stderr
+    [line] = _lines(r.stdout)
+    assert line["reason"] == "InvalidArgument" and "revision" in line["error"], line
+    assert hub.requests == []
+    assert not (tmp_path / "x").exists() and not (dest / "refs2").exists() and not (tmp_path / "cache" / "x").exists()
+    assert not dest.exists() or not any(dest.rglob("*"))
+    with pytest.raises(FetchError) as e:
+        resolve_ref(dest, revision)
+    assert e.value.reason == "InvalidArgument"
+
+
+def test_a_nested_revision_such_as_a_pr_ref_stays_allowed(hub: FakeHub, tmp_path: Path) -> None:
+    hub.repos[REPO_ID].refs["refs/pr/1"] = hub.last_sha
+    path = fetch(REPO_ID, "refs/pr/1", tmp_path, FetchOptions(endpoint=hub.url, backoff_seconds=0), out=io.StringIO())
+    assert path == tmp_path / hub.last_sha and resolve_ref(tmp_path, "refs/pr/1") == hub.last_sha

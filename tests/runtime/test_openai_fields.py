@@ -319,3 +319,20 @@ async def test_echo_and_token_prompts(app_factory: Any, contract: ContractEngine
         assert _err(bad)["param"] == "prompt"
         empty = await client.post("/v1/completions", json={"prompt": [], "max_tokens": 1})
         assert _err(empty)["param"] == "prompt"
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("seed", [2**63, -2**63 - 1, 2**70])
+async def test_a_seed_outside_int64_is_a_400_naming_seed(
+    app_factory: Any, contract: ContractEngine, route: str, seed: int
+) -> None:
+    """A seed past int64 would otherwise be masked to 64 bits and silently alias another (2**70 would be 0)."""
+    body = {"prompt": "hi"} if route == "/v1/completions" else {"messages": CHAT}
+    async with app_factory("chat", engine=contract) as (client, _app):
+        err = _err(await client.post(route, json={**body, "max_tokens": 2, "seed": seed}))
+        assert err["param"] == "seed", err
+        assert contract.submitted == []
+        for edge in (2**63 - 1, -2**63):  # the int64 range itself is accepted
+            ok = await client.post(route, json={**body, "max_tokens": 2, "seed": edge})
+            assert ok.status_code == 200, ok.text
+            assert contract.submitted[-1].params.seed == edge

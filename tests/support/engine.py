@@ -52,7 +52,7 @@ class ContractStream:
         p = self.request.params
         pending: list[TokenLogprob] = []
         for n in range(1, p.max_tokens + 1):
-            await asyncio.sleep(0)
+            await asyncio.sleep(self.engine.token_delay)
             if self.cancelled:
                 return
             pending.append(self._token())
@@ -77,6 +77,7 @@ class ContractEngine:
     tokenizer: Any
     sampling_features: frozenset[str] = ALL_SAMPLING_FEATURES
     healthy: bool = True
+    token_delay: float = 0.0  # seconds per generated token (streams that stay open while a test acts)
     submitted: list[Submitted] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     _ids: Any = field(default_factory=itertools.count)
@@ -112,3 +113,34 @@ class ContractEngine:
 
 def logprob_ok(value: float) -> bool:
     return math.isfinite(value) and value <= 0.0
+
+
+class ScriptedStream(ContractStream):
+    """Emits the engine's `script` pieces, one Delta each (streaming) or joined (not)."""
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        pieces = self.engine.script
+        if not self.request.stream:
+            pieces = ["".join(pieces)]
+        for n, piece in enumerate(pieces, 1):
+            await asyncio.sleep(0)
+            if self.cancelled:
+                return
+            self.completion_tokens = n
+            last = n == len(pieces) and self.engine.final_reason
+            if last:
+                self.finish_reason = "stop"
+            yield Delta(piece, n, "stop" if last else None, [])
+
+
+@dataclass
+class ScriptedEngine(ContractEngine):
+    """Generates a fixed text in fixed pieces (to test what happens to given output, e.g. split values)."""
+
+    script: list[str] = field(default_factory=list)
+    final_reason: bool = True  # False: the last delta carries no finish_reason (the stream just ends)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, *, stream: bool = False) -> ContractStream:
+        request = Submitted(list(prompt_ids), params, stream, f"scripted-{next(self._ids)}")
+        self.submitted.append(request)
+        return ScriptedStream(self, request)

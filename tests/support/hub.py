@@ -20,6 +20,8 @@ Knobs for failure tests (all thread-safe, set them between or during transfers):
 - `corrupt[file] = k`: the next k responses for that file carry one flipped byte.
 - `api_failures`: statuses the next `/api/...` calls answer with (e.g. `[503, 503]`), one per call.
 - `ignore_range`: files whose responses ignore `Range` and send the whole file with 200 (as some proxies do).
+- `reported_sha`: when set, the `sha` the revision lookup answers with instead of the commit's (a broken or
+  hostile mirror, e.g. `"../../x"`); files are then served under it too.
 Counters: `bytes_served[file]` (body bytes written) and `requests` (method, path, range, authorized).
 """
 
@@ -81,6 +83,7 @@ class FakeHub:
         self.corrupt: dict[str, int] = {}
         self.ignore_range: set[str] = set()
         self.api_failures: list[int] = []
+        self.reported_sha: str | None = None
         self.bytes_served: Counter[str] = Counter()
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -162,6 +165,8 @@ class FakeHub:
         if repo is None:
             raise _HubError(404, "Repository not found", "RepoNotFound")
         commit = repo.lookup(revision)
+        if commit is None and revision == self.reported_sha:  # a mirror serves the files under the sha it reports
+            commit = repo.lookup("main")
         if commit is None:
             raise _HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         return commit
@@ -209,7 +214,8 @@ class FakeHub:
                 if lfs:
                     entry["lfs"] = lfs
             siblings.append(entry)
-        return {"_id": commit.sha[:24], "id": repo_id, "modelId": repo_id, "sha": commit.sha, "private": False,
+        sha = commit.sha if self.reported_sha is None else self.reported_sha
+        return {"_id": commit.sha[:24], "id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
                 "disabled": False, "gated": repo_id in self.gated, "tags": [], "library_name": "transformers",
                 "siblings": siblings}
 

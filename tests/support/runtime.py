@@ -96,3 +96,33 @@ def metric(text: str, name: str) -> float:
 def sse_events(body: str) -> list[str]:
     return [line[len("data: "):] for line in body.splitlines() if line.startswith("data: ")]
 
+
+
+class ThreadedServer:
+    """The app behind the real uvicorn server the runtime runs (`app.make_server`: TLS, reload, no banner), on
+    its own thread and loop, listening on 127.0.0.1 (an in-process engine; no model load)."""
+
+    def __init__(self, settings: Settings, engine: Any):
+        import threading
+
+        from gptd_runtime.app import make_server
+
+        self.port = settings.port
+        self.app = create_app(settings, engine=engine)
+        self.server = make_server(self.app, settings)
+        self._thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+        scheme = "https" if settings.tls else "http"
+        self.url = f"{scheme}://localhost:{self.port}"
+
+    def __enter__(self) -> ThreadedServer:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not (self.server.started and self.app.state.runtime.phase.value == "ready"):
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise AssertionError("server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(15)

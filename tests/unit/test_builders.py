@@ -428,3 +428,13 @@ def test_revisions_made_by_0_1_0_are_unchanged(raw: dict[str, Any]) -> None:
     runtime = {**sp.runtime.model_dump(mode="json", exclude_none=True), "image": sp.runtime.image or S.runtime_image}
     old = {"model": sp.model.model_dump(mode="json", exclude_none=True), "runtime": runtime}
     assert b.revision_template(sp, S) == old
+
+
+def test_pod_env_is_a_valid_runtime_configuration_listening_on_the_pod_ip() -> None:
+    """The contract between the two halves: the runtime parses the pod's literal env (it binds 127.0.0.1 by
+    default, which the kubelet's probes and the Service could never reach)."""
+    from gptd_runtime.config import load_settings
+
+    literal = {k: v for k, v in env(dep(service={"port": 9000})).items() if isinstance(v, str)}
+    settings = load_settings({}, literal)
+    assert (settings.host, settings.port) == ("0.0.0.0", 9000)

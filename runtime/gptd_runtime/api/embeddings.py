@@ -17,7 +17,8 @@ router = APIRouter()
 MAX_INPUTS = 2048  # OpenAI's cap on inputs per request
 
 
-def _token_lists(embedder: Any, raw: Any) -> list[list[int]]:
+def _token_lists(embedder: Any, raw: Any, redactor: Any = None) -> list[list[int]]:
+    """Token ids per input; text inputs are masked first when the server redacts (--redact)."""
     if isinstance(raw, str):
         raw = [raw]
     if not raw:
@@ -29,7 +30,8 @@ def _token_lists(embedder: Any, raw: Any) -> list[list[int]]:
     out = []
     for i, item in enumerate(raw):
         if isinstance(item, str):
-            ids = embedder.encode(item) if item else []
+            text = item if redactor is None else redactor.redact(item)
+            ids = embedder.encode(text) if text else []
         else:
             ids = list(item)
             if any(t < 0 or t >= embedder.vocab_size() for t in ids):
@@ -57,7 +59,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
     if body.dimensions is not None and body.dimensions != embedder.dimensions:
         raise unsupported("dimensions", f"the model's embeddings have {embedder.dimensions} dimensions and are "
                           "not trained to be shortened")
-    inputs = _token_lists(embedder, body.input)
+    inputs = _token_lists(embedder, body.input, state.redactor)
     limit = state.settings.max_input_tokens
     for i, ids in enumerate(inputs):
         if len(ids) > limit:

@@ -23,6 +23,7 @@ from ..engine import (
     SamplingParams,
     TokenLogprob,
 )
+from ..redaction import Redactor
 from ..state import GenerationBackend, TokenStream
 from .envelope import ChoiceResult, Envelope, Usage
 from .errors import bad_request, busy, client_gone, sse_error, unavailable
@@ -75,7 +76,7 @@ def usage(jobs: Sequence[Job], streams: Sequence[TokenStream]) -> Usage:
     return Usage(sum(prompts.values()), sum(s.completion_tokens for s in streams))
 
 
-async def _one(job: Job, stream: TokenStream) -> ChoiceResult:
+async def _one(job: Job, stream: TokenStream, redactor: Redactor | None = None) -> ChoiceResult:
     parts: list[str] = [job.echo]
     logprobs: list[TokenLogprob] | None = [] if job.params.logprobs is not None else None
     reason: str | None = None
@@ -84,12 +85,17 @@ async def _one(job: Job, stream: TokenStream) -> ChoiceResult:
         if logprobs is not None:
             logprobs.extend(delta.logprobs)
         reason = delta.finish_reason or reason
-    return ChoiceResult(job.index, "".join(parts), reason or stream.finish_reason or "stop", logprobs)
+    text = "".join(parts)
+    if redactor is not None:  # the echoed prompt part is masked already; masks are not matched again
+        text = redactor.redact(text)
+    return ChoiceResult(job.index, text, reason or stream.finish_reason or "stop", logprobs)
 
 
-async def collect(request: Request, jobs: Sequence[Job], streams: Sequence[TokenStream]) -> list[ChoiceResult]:
+async def collect(
+    request: Request, jobs: Sequence[Job], streams: Sequence[TokenStream], redactor: Redactor | None = None
+) -> list[ChoiceResult]:
     """Wait for every choice, cancelling generation if the client goes away meanwhile."""
-    task = asyncio.ensure_future(asyncio.gather(*(_one(j, s) for j, s in zip(jobs, streams, strict=True))))
+    task = asyncio.ensure_future(asyncio.gather(*(_one(j, s, redactor) for j, s in zip(jobs, streams, strict=True))))
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_SECONDS)
@@ -141,9 +147,14 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def sse(env: Envelope, jobs: Sequence[Job], streams: Sequence[TokenStream], include_usage: bool) -> StreamingResponse:
+def sse(
+    env: Envelope, jobs: Sequence[Job], streams: Sequence[TokenStream], include_usage: bool,
+    redactor: Redactor | None = None,
+) -> StreamingResponse:
     async def events() -> AsyncIterator[str]:
         offsets = [0] * len(jobs)
+        # One per choice: holds back a bounded tail so a value split across deltas is still masked.
+        held = [redactor.stream() for _ in jobs] if redactor is not None else None
         try:
             for i, job in enumerate(jobs):
                 if env.kind == "chat":
@@ -153,9 +164,16 @@ def sse(env: Envelope, jobs: Sequence[Job], streams: Sequence[TokenStream], incl
                     yield _event(env.chunk([choice]))
             async for i, delta in _merged(streams):
                 job = jobs[i]
-                if delta.text or delta.finish_reason or delta.logprobs:
+                text = delta.text
+                if held is not None:
+                    text = held[i].feed(text) + (held[i].flush() if delta.finish_reason else "")
+                if text or delta.finish_reason or delta.logprobs:
                     lps = delta.logprobs if job.params.logprobs is not None else None
-                    choice, offsets[i] = env.delta_choice(job.index, delta.text, delta.finish_reason, lps, offsets[i])
+                    choice, offsets[i] = env.delta_choice(job.index, text, delta.finish_reason, lps, offsets[i])
+                    yield _event(env.chunk([choice]))
+            for i, rest in enumerate(h.flush() for h in held or ()):  # a stream that ended without a reason
+                if rest:
+                    choice, offsets[i] = env.delta_choice(jobs[i].index, rest, None, None, offsets[i])
                     yield _event(env.chunk([choice]))
             if include_usage:
                 yield _event(env.usage_chunk(usage(jobs, streams)))

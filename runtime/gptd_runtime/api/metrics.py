@@ -42,6 +42,17 @@ class Metrics:
         self.http_requests = Counter(
             "gptd:http_requests", "HTTP requests by route and status code", ["route", "status"], registry=r
         )
+        self.api_key_requests = Counter(
+            "gptd:api_key_requests", "Authenticated requests by key id (SHA-256 prefix, never the key)", ["key_id"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "gptd:auth_failures", "Requests refused: 401 (missing/wrong key) or 429 (too many wrong keys)", ["status"],
+            registry=r,
+        )
+        self.redactions = Counter(
+            "gptd:redactions", "Values masked by --redact, in prompts and outputs, by entity", ["entity"], registry=r
+        )
         self.request_success = Counter(
             "gptd:request_success", "Finished generation requests by finish reason", ["finished_reason"], registry=r
         )

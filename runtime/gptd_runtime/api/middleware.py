@@ -1,17 +1,26 @@
 """Pure-ASGI guard in front of every route (pure ASGI, not BaseHTTPMiddleware, so streaming responses and
-client disconnects pass through untouched): API-key auth, request body cap, in-flight accounting for the
+client disconnects pass through untouched): API-key auth (apikeys.py: several keys, reloaded, wrong keys
+braked per client address), request body cap, in-flight accounting for the
 drain, and per-route status counters."""
 
 from __future__ import annotations
 
-import hmac
 import json
+import logging
+import time
+import traceback
+import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..state import RuntimeState
 from .errors import error_body
+
+# One line per request, in place of uvicorn's access log (which prints the raw path and query string): ids,
+# sizes, timings and status only. Never bodies, headers, paths beyond the bounded route label, or addresses.
+access_log = logging.getLogger("gptd_runtime.access")
+log = logging.getLogger("gptd_runtime.api")
 
 # Probes and scrapes must work without credentials and must not count as in-flight work.
 EXEMPT_PATHS = frozenset({"/health/live", "/health/ready", "/metrics", "/v2/health/live", "/v2/health/ready"})
@@ -27,6 +36,14 @@ def route_label(path: str) -> str:
     if path.startswith("/v2/models/"):
         return "/v2/models/infer" if path.endswith("/infer") else "/v2/models"
     return "other"
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _method(method: str) -> str:
+    """A client can send any token as the method: only the standard ones reach the log."""
+    return method if method in _METHODS else "OTHER"
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -53,10 +70,26 @@ class GuardMiddleware:
             return
         path: str = scope["path"]
         status_box = [500]
+        started_box = [False]
+        sizes = [0, 0]  # request body bytes read, response body bytes sent
+        started = time.monotonic()
+        # Always our own id (echoed as X-Request-Id): a client-chosen one could carry anything into the log.
+        request_id = uuid.uuid4().hex[:16]
+
+        async def counting_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                sizes[0] += len(message.get("body", b""))
+            return message
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_box[0] = message["status"]
+                started_box[0] = True
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode())]}
+            elif message["type"] == "http.response.body":
+                sizes[1] += len(message.get("body", b""))
             await send(message)
 
         try:
@@ -65,27 +98,62 @@ class GuardMiddleware:
             else:
                 self.state.inflight += 1
                 try:
-                    await self._guarded(scope, receive, counting_send)
+                    await self._guarded(scope, counting_receive, counting_send)
                 finally:
                     self.state.inflight -= 1
+        except Exception as e:
+            # An exception's message can quote the request (a tokenizer or template error echoing its input), and
+            # uvicorn/Starlette would log it whole: log the type and the frames (code locations) only.
+            frames = "".join(traceback.format_tb(e.__traceback__))
+            log.error("request id=%s %s failed with %s (message withheld: may quote the request)\n%s",
+                      request_id, route_label(path), type(e).__name__, frames.rstrip())
+            if not started_box[0]:
+                await _send_json(counting_send, 500, error_body(
+                    f"internal server error (request id {request_id})", type="server_error", code="internal_error"))
         finally:
-            self.state.metrics.http_requests.labels(route=route_label(path), status=str(status_box[0])).inc()
+            route = route_label(path)
+            self.state.metrics.http_requests.labels(route=route, status=str(status_box[0])).inc()
+            if path not in EXEMPT_PATHS:  # probes every few seconds, forever: not worth a line each
+                access_log.info("request id=%s %s %s status=%d in=%dB out=%dB %.1fms", request_id,
+                                _method(scope.get("method", "")), route, status_box[0], sizes[0], sizes[1],
+                                (time.monotonic() - started) * 1000)
+
+    async def _authenticated(self, scope: Scope, headers: dict[bytes, bytes], send: Send) -> bool:
+        """Bearer key check (keys never logged or echoed); a client address with too many wrong keys gets 429
+        before its key is even looked at."""
+        keys, limiter, metrics = self.state.api_keys, self.state.auth_failures, self.state.metrics
+        assert keys is not None
+        client = (scope.get("client") or ("unknown", 0))[0]
+        wait = limiter.retry_after(client)
+        if wait is not None:
+            metrics.auth_failures.labels(status="429").inc()
+            await _send_json(send, 429, error_body("too many failed authentications from this address",
+                                                   type="rate_limit_error", code="auth_rate_limited"),
+                             [(b"retry-after", str(wait).encode())])
+            return False
+        auth = headers.get(b"authorization")
+        scheme, _, token = (auth or b"").decode("latin-1").partition(" ")
+        kid = keys.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+        if kid is not None:
+            metrics.api_key_requests.labels(key_id=kid).inc()
+            return True
+        if auth is not None:  # a presented credential that is wrong counts toward the brake; a missing one not
+            limiter.failed(client)
+        metrics.auth_failures.labels(status="401").inc()
+        await _send_json(send, 401, error_body("invalid or missing API key", type="authentication_error",
+                                               code="invalid_api_key"), [(b"www-authenticate", b"Bearer")])
+        return False
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        header_bytes = sum(len(k) + len(v) for k, v in scope["headers"])
+        if header_bytes > self.state.settings.max_header_bytes:
+            await _send_json(send, 431, error_body(
+                f"request headers exceed {self.state.settings.max_header_bytes} bytes",
+                type="invalid_request_error", code="headers_too_large"))
+            return
         headers = dict(scope["headers"])
-        key = self.state.api_key
-        if key is not None:
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = auth.partition(" ")
-            # Constant-time comparison; the key itself is never logged or echoed.
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-                await _send_json(
-                    send,
-                    401,
-                    error_body("invalid or missing API key", type="authentication_error", code="invalid_api_key"),
-                    [(b"www-authenticate", b"Bearer")],
-                )
-                return
+        if self.state.api_keys is not None and not await self._authenticated(scope, headers, send):
+            return
 
         limit = self.state.settings.max_body_bytes
         too_large = error_body(

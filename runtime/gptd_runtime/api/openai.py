@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from ..engine import ResponseFormat, SamplingParams
+from ..redaction import Redactor
 from ..state import (
     FEATURE_LOGPROBS,
     FEATURE_PENALTIES,
@@ -86,6 +87,9 @@ def _params(
             _require(engine, FEATURE_PENALTIES, name)
     if response_format is not None:
         _require(engine, FEATURE_RESPONSE_FORMAT, "response_format")
+    if logprobs is not None and state.redactor is not None:
+        # token texts and their alternatives would carry what the output's text has masked
+        raise unsupported(logprobs_field, "not while the server redacts (--redact)")
     return SamplingParams(
         max_tokens=1,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -147,14 +151,16 @@ async def _run(
     logprobs_field: str = "logprobs",
 ) -> Any:
     streams = generation.submit_all(engine, jobs, body.streaming, {"logprobs": logprobs_field})
+    redactor = runtime(request).redactor
     if body.streaming:
-        return generation.sse(env, jobs, streams, body.include_usage)
-    results = await generation.collect(request, jobs, streams)
+        return generation.sse(env, jobs, streams, body.include_usage, redactor)
+    results = await generation.collect(request, jobs, streams, redactor)
     return env.response(results, generation.usage(jobs, streams))
 
 
-def _prompts(engine: Any, body: CompletionRequest) -> tuple[list[list[int]], list[str]]:
-    """Token ids and text of each prompt. An empty prompt still needs one token to condition on."""
+def _prompts(engine: Any, body: CompletionRequest, redactor: Redactor | None) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of each prompt, masked first when redacting (token-id prompts: decoded, masked, and
+    re-encoded if anything was masked). An empty prompt still needs one token to condition on."""
     tok = engine.tokenizer
     raw = body.prompt
     if isinstance(raw, list) and not raw:
@@ -168,12 +174,15 @@ def _prompts(engine: Any, body: CompletionRequest) -> tuple[list[list[int]], lis
     ids_list, texts = [], []
     for item in items:
         if isinstance(item, str):
-            ids, text = tok(item).input_ids, item
+            text = item if redactor is None else redactor.redact(item)
+            ids = tok(text).input_ids
         else:
             ids = list(item)
             if any(i < 0 or i >= len(tok) for i in ids):
                 raise bad_request("prompt contains token ids outside the vocabulary", param="prompt")
             text = tok.decode(ids)
+            if redactor is not None and (masked := redactor.redact(text)) != text:
+                ids, text = tok(masked).input_ids, masked
         ids_list.append(ids or [tok.eos_token_id or 0])
         texts.append(text)
     return ids_list, texts
@@ -184,15 +193,16 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     state = runtime(request)
     engine = _generation_engine(state, body)
     base = _params(state, engine, body, body.logprobs, "logprobs")
-    prompts, texts = _prompts(engine, body)
+    prompts, texts = _prompts(engine, body, state.redactor)
     jobs = _jobs(state, body, prompts, base, "prompt", texts if body.echo else None)
     return await _run(request, Envelope("completion", state.model_name), body, engine, jobs)
 
 
-def _chat_prompt(tokenizer: Any, body: ChatCompletionRequest) -> str:
+def _chat_prompt(tokenizer: Any, body: ChatCompletionRequest, redactor: Redactor | None = None) -> str:
     messages: list[dict[str, Any]] = []
     for m in body.messages:
-        message: dict[str, Any] = {"role": m.role, "content": m.text()}
+        content = m.text() if redactor is None else redactor.redact(m.text())  # before the template and model
+        message: dict[str, Any] = {"role": m.role, "content": content}
         if m.name is not None:  # templates that know participant names use it
             message["name"] = m.name
         if m.tool_call_id is not None:
@@ -216,6 +226,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     base = _params(state, engine, body, logprobs, field)
     tok = engine.tokenizer
     # The template already carries any special tokens the model expects.
-    ids = tok(_chat_prompt(tok, body), add_special_tokens=False).input_ids
+    ids = tok(_chat_prompt(tok, body, state.redactor), add_special_tokens=False).input_ids
     jobs = _jobs(state, body, [ids], base, "messages")
     return await _run(request, Envelope("chat", state.model_name), body, engine, jobs, field)

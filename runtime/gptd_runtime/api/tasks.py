@@ -105,6 +105,8 @@ async def infer(name: str, body: InferRequest, request: Request) -> dict[str, An
         raise bad_request(f"input {tensor.name!r} must have datatype BYTES, got {tensor.datatype}",
                           param="inputs.0.datatype")
     texts = _texts(tensor)
+    if state.redactor is not None:  # --redact: the model never sees the values
+        texts = [state.redactor.redact(t) for t in texts]
     if len(texts) > state.settings.max_batch_size:
         raise bad_request(f"{len(texts)} texts exceed the batch limit of {state.settings.max_batch_size}",
                           param="inputs.0.data")
