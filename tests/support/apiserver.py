@@ -203,6 +203,12 @@ class ApiServer(kmock.KubernetesEmulator):
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        # Every request, in order (what tests inspect). kmock's own log is re-scanned by its reaction filters on
+        # every new request (its DSL allows slices over history): quadratic, so a write storm (the bug class these
+        # tests exist to catch) would starve the event loop instead of failing the test. kmock's log and its
+        # iteration hold only the requests in flight; this one holds them all.
+        self.log: list[Any] = []
+        self._inflight: list[Any] = []
         self._rv = itertools.count(1)
         self._watch_epoch = 0
         self._watch_namespaces: set[str | None] = set()
@@ -229,7 +235,19 @@ class ApiServer(kmock.KubernetesEmulator):
 
     # --- request handling
 
+    def __iter__(self) -> Any:
+        return iter(list(self._inflight))
+
     async def _handle(self, request: Any) -> Any:
+        self.log.append(request)
+        self._requests.clear()
+        self._inflight.append(request)
+        try:
+            return await self._handle_one(request)
+        finally:
+            self._inflight.remove(request)
+
+    async def _handle_one(self, request: Any) -> Any:
         try:
             if request.resource is not None and request.action is not None:
                 action = str(request.action.value if hasattr(request.action, "value") else request.action)
