@@ -9,6 +9,7 @@ from dataclasses import dataclass
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/gptd-io/gptd-runtime:0.1.0"
 SCALE_TO_ZERO_PROVIDERS = ("keda",)
 DEFAULT_RUN_AS_USER = 10001
+DEFAULT_MONITORING_NAMESPACE = "monitoring"
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class Settings:
     prestop_sleep_seconds: int = 5
     # UID/GID of the runtime pods; None leaves them to the platform (OpenShift restricted-v2). Never root.
     run_as_user: int | None = DEFAULT_RUN_AS_USER
+    # The namespace whose pods (Prometheus) may scrape the metrics port when spec.networkPolicy is enabled.
+    monitoring_namespace: str = DEFAULT_MONITORING_NAMESPACE
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -50,4 +53,5 @@ class Settings:
             resync_seconds=float(env.get("GPTD_RESYNC_SECONDS", "30")),
             prestop_sleep_seconds=int(env.get("GPTD_PRESTOP_SLEEP_SECONDS", "5")),
             run_as_user=int(run_as) if run_as else None,
+            monitoring_namespace=env.get("GPTD_MONITORING_NAMESPACE", "").strip() or DEFAULT_MONITORING_NAMESPACE,
         )
