@@ -207,3 +207,17 @@ def test_the_service_port_may_not_be_the_metrics_port() -> None:
         b.check_spec(spec(service={"port": b.METRICS_PORT}, networkPolicy={"enabled": True}), S)
     assert exc.value.field == "spec.service.port"
     b.check_spec(spec(service={"port": b.METRICS_PORT}), S)  # without the metrics port it is free
+
+
+def test_the_gateway_example_in_the_docs_is_a_valid_spec() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    block = text.split("**Example: only the gateway namespace.**", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    sp = parse_spec(yaml.safe_load(block)["spec"])
+    np = b.build_network_policy("chat", "llm", UID, sp, S)
+    assert np["spec"]["ingress"][0]["from"] == [GATEWAY]
+    assert b.wants_certificate(sp) and env(b.build_deployment("chat", "llm", UID, sp, S)["spec"]["template"]["spec"])[
+        "GPTD_REDACT"] == "email,phone,creditCard"
