@@ -44,6 +44,12 @@ async def test_issuer_ref_owns_a_certificate_and_removes_it_with_the_field(
     assert cert["spec"]["issuerRef"]["kind"] == "ClusterIssuer"
     dep = await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
     assert secret_volumes(dep) == {"tls": cert["spec"]["secretName"]}
+    await ready_deployment(cluster)
+    await eventually(lambda: phase_is(cluster, "gpt2", "Ready"), what="Ready")
+    await operator.resync_passes(2)  # settle
+    before = len(cluster.requests())
+    await operator.resync_passes(3)
+    assert cluster.writes(before) == [], "\n".join(cluster.writes(before))  # the live Certificate equals ours
     # A hand-edited Certificate is put back on the next pass.
     await cluster.patch("certificates", NS, "gpt2", {"spec": {"dnsNames": ["evil.example"]}})
     await eventually(
