@@ -207,6 +207,12 @@ class IssuerRef(_Model):
 class TLSSpec(_Model):
     """HTTPS only: the runtime serves TLS with a mounted kubernetes.io/tls Secret, renewed without a restart."""
 
+    # The same rule for `kubectl apply` (CEL in the CRD) as for the operator's own check (below).
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "has(self.secretName) != has(self.issuerRef)",
+         "message": "set exactly one of secretName and issuerRef"}
+    ]})
+
     secretName: str | None = Field(
         None, min_length=1, max_length=253, description="A kubernetes.io/tls Secret (tls.crt, tls.key)."
     )
