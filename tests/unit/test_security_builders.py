@@ -152,6 +152,9 @@ def test_a_peer_needs_a_selector() -> None:
 def test_monitoring_namespace_setting() -> None:
     assert Settings.from_env({}).monitoring_namespace == "monitoring"
     assert Settings.from_env({"GPTD_MONITORING_NAMESPACE": "obs"}).monitoring_namespace == "obs"
+    for bad in ("Monitoring", "a.b", "x" * 64):
+        with pytest.raises(ValueError, match="GPTD_MONITORING_NAMESPACE"):
+            Settings.from_env({"GPTD_MONITORING_NAMESPACE": bad})
 
 
 # ------------------------------------------------------------------------------------ redaction, keys
