@@ -238,16 +238,35 @@ class ServiceSpec(_Model):
     tls: TLSSpec | None = Field(None, description="Serve HTTPS only (probes and status.url follow).")
 
 
+class LabelSelectorRequirement(_Model):
+    key: str = Field(min_length=1, max_length=317, description="Label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[str] | None = Field(None, description="For In and NotIn; empty for Exists and DoesNotExist.")
+
+    @model_validator(mode="after")
+    def _check(self) -> LabelSelectorRequirement:
+        if self.operator in ("In", "NotIn") and not self.values:
+            raise ValueError(f"operator {self.operator} needs values")
+        if self.operator in ("Exists", "DoesNotExist") and self.values:
+            raise ValueError(f"operator {self.operator} takes no values")
+        return self
+
+
+class LabelSelector(_Model):
+    """A meta/v1 LabelSelector, checked here so a typo is InvalidSpec naming it (not a 422 after the Deployment)."""
+
+    matchLabels: dict[str, str] | None = None
+    matchExpressions: list[LabelSelectorRequirement] | None = None
+
+
 class NetworkPolicyPeer(_Model):
     """A networking.k8s.io/v1 NetworkPolicyPeer without ipBlock: pods by namespace and/or pod labels."""
 
-    namespaceSelector: dict[str, Any] | None = Field(
-        None, description="A LabelSelector of namespaces ({} is every namespace).",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    namespaceSelector: LabelSelector | None = Field(
+        None, description="Namespaces by label ({} is every namespace), e.g. kubernetes.io/metadata.name: gateway."
     )
-    podSelector: dict[str, Any] | None = Field(
-        None, description="A LabelSelector of pods (in the CR's namespace unless namespaceSelector is set).",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    podSelector: LabelSelector | None = Field(
+        None, description="Pods by label (in the CR's namespace unless namespaceSelector is set)."
     )
 
     @model_validator(mode="after")

@@ -224,3 +224,22 @@ def test_the_gateway_example_in_the_docs_is_a_valid_spec() -> None:
     assert np["spec"]["ingress"][0]["from"] == [GATEWAY]
     assert b.wants_certificate(sp) and env(b.build_deployment("chat", "llm", UID, sp, S)["spec"]["template"]["spec"])[
         "GPTD_REDACT"] == "email,phone,creditCard"
+
+
+@pytest.mark.parametrize(("peer", "field"), [
+    ({"namespaceSelector": {"matchLabel": {"a": "b"}}}, "spec.networkPolicy.allowFrom[0].namespaceSelector.matchLabel"),
+    ({"podSelector": {"matchExpressions": [{"key": "app", "operator": "in", "values": ["x"]}]}},
+     "spec.networkPolicy.allowFrom[0].podSelector.matchExpressions[0].operator"),
+    ({"podSelector": {"matchExpressions": [{"key": "app", "operator": "In"}]}},
+     "spec.networkPolicy.allowFrom[0].podSelector.matchExpressions[0]"),
+])
+def test_a_bad_selector_is_invalid_spec_naming_it(peer: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidSpec) as exc:
+        spec(networkPolicy={"enabled": True, "allowFrom": [peer]})
+    assert exc.value.field == field
+
+
+def test_every_namespace_and_expressions_pass_through() -> None:
+    peer = {"namespaceSelector": {}, "podSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}}
+    np = b.build_network_policy("chat", "team", UID, spec(networkPolicy={"enabled": True, "allowFrom": [peer]}), S)
+    assert np["spec"]["ingress"][0]["from"] == [peer]
