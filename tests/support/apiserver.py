@@ -205,6 +205,12 @@ class ApiServer(kmock.KubernetesEmulator):
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        # Every request, in order (what tests inspect). kmock's own log is re-scanned by its reaction filters on
+        # every new request (its DSL allows slices over history): quadratic, so a write storm (the bug class these
+        # tests exist to catch) would starve the event loop instead of failing the test. kmock's log and its
+        # iteration hold only the requests in flight; this one holds them all.
+        self.log: list[Any] = []
+        self._inflight: list[Any] = []
         self._rv = itertools.count(1)
         self._watch_epoch = 0
         self._watch_namespaces: set[str | None] = set()
@@ -238,7 +244,19 @@ class ApiServer(kmock.KubernetesEmulator):
             return not keys or any((g, v) == (res.group, res.version) for g, v, _ in keys)
         return not keys or (res.group, res.version, res.plural) in keys
 
+    def __iter__(self) -> Any:
+        return iter(list(self._inflight))
+
     async def _handle(self, request: Any) -> Any:
+        self.log.append(request)
+        self._requests.clear()
+        self._inflight.append(request)
+        try:
+            return await self._handle_one(request)
+        finally:
+            self._inflight.remove(request)
+
+    async def _handle_one(self, request: Any) -> Any:
         try:
             if request.resource is not None and not self._served(request.resource):
                 # A kind whose CRD is not installed: the real server answers 404 to every verb, POST included.

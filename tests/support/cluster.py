@@ -119,7 +119,8 @@ class Cluster:
         return (await self._call("GET", PATHS[plural].format(ns=ns)) or {}).get("items", [])
 
     def requests(self) -> list[Any]:
-        return list(self.emulator)
+        log = getattr(self.emulator, "log", None)  # ApiServer keeps every request there (kmock only in-flight ones)
+        return list(log) if log is not None else list(self.emulator)
 
     def writes(self, since: int = 0, *, path_part: str = "") -> list[str]:
         """Writes after request number ``since``: 'METHOD path' strings (events included)."""
