@@ -666,9 +666,10 @@ def build_certificate(name: str, namespace: str, uid: str, spec: GPTDeploymentSp
         "apiVersion": "cert-manager.io/v1",
         "kind": "Certificate",
         "metadata": _metadata(names.certificate(name), namespace, uid, name),
+        # No commonName: clients check dnsNames (SANs), and a CN is limited to 64 bytes, which
+        # <svc>.<namespace>.svc.cluster.local can exceed.
         "spec": {
             "secretName": names.certificate_secret(name),
-            "commonName": dns[-1],
             "dnsNames": dns,
             "usages": ["server auth", "digital signature", "key encipherment"],
             "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
