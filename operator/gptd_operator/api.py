@@ -144,6 +144,21 @@ class EnvVar(_Model):
     )
 
 
+REDACTION_ENTITIES = ("email", "phone", "creditCard", "ipAddress", "iban", "cnResidentId", "secretLike")
+RedactionEntity = Literal["email", "phone", "creditCard", "ipAddress", "iban", "cnResidentId", "secretLike"]
+
+
+class RedactionSpec(_Model):
+    """Masking of personal data in prompts (before the model sees them) and outputs (docs/security.md)."""
+
+    enabled: bool = Field(False, description="Mask the listed entities; passed to the runtime as GPTD_REDACT.")
+    entities: list[RedactionEntity] = Field(
+        default_factory=lambda: list(REDACTION_ENTITIES),
+        min_length=1,
+        description="Which entities to mask; all of them by default.",
+    )
+
+
 class RuntimeSpec(_Model):
     """The bundled runtime's settings. A change to image or any limit starts a rollout."""
 
@@ -155,6 +170,17 @@ class RuntimeSpec(_Model):
     apiKeySecretRef: SecretKeyRef | None = Field(
         None, description="Secret key holding the API key; when set every /v1 and /v2 route needs a Bearer token."
     )
+    apiKeysSecretName: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        description=(
+            "A Secret whose every data key holds API keys (one per line), mounted whole: add a data key with the "
+            "new key, switch clients, remove the old one; the runtime reloads within a minute, no restart. "
+            "Not together with apiKeySecretRef."
+        ),
+    )
+    redaction: RedactionSpec = Field(default_factory=RedactionSpec, json_schema_extra=_OBJECT_DEFAULT)
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment for the runtime container.")
     startupTimeoutSeconds: int = Field(
         1800, ge=30, le=86_400, description="How long a replica may take to load and warm up before restart."
@@ -163,10 +189,100 @@ class RuntimeSpec(_Model):
         30, ge=0, le=3600, description="How long in-flight requests may run after SIGTERM."
     )
 
+    @model_validator(mode="after")
+    def _check(self) -> RuntimeSpec:
+        if self.apiKeySecretRef is not None and self.apiKeysSecretName is not None:
+            raise ValueError("set apiKeySecretRef or apiKeysSecretName, not both")
+        return self
+
+
+class IssuerRef(_Model):
+    """A cert-manager issuer; gptd then owns a cert-manager.io/v1 Certificate for the Service's DNS names."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the Issuer or ClusterIssuer.")
+    kind: Literal["Issuer", "ClusterIssuer"] = Field("Issuer", description="Issuer (same namespace) or ClusterIssuer.")
+    group: str = Field("cert-manager.io", min_length=1, description="API group of the issuer (external issuers).")
+
+
+class TLSSpec(_Model):
+    """HTTPS only: the runtime serves TLS with a mounted kubernetes.io/tls Secret, renewed without a restart."""
+
+    # The same rule for `kubectl apply` (CEL in the CRD) as for the operator's own check (below).
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "has(self.secretName) != has(self.issuerRef)",
+         "message": "set exactly one of secretName and issuerRef"}
+    ]})
+
+    secretName: str | None = Field(
+        None, min_length=1, max_length=253, description="A kubernetes.io/tls Secret (tls.crt, tls.key)."
+    )
+    issuerRef: IssuerRef | None = Field(None, description="Or: a cert-manager issuer that signs a Certificate.")
+    clientCASecretName: str | None = Field(
+        None,
+        max_length=253,
+        description="Mutual TLS: a Secret with ca.crt; clients must present a certificate signed by it.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TLSSpec:
+        if (self.secretName is None) == (self.issuerRef is None):
+            raise ValueError("set exactly one of secretName and issuerRef")
+        if self.clientCASecretName == "":
+            self.clientCASecretName = None  # the issue's example writes "" for "no mutual TLS"
+        return self
+
 
 class ServiceSpec(_Model):
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Service type.")
     port: int = Field(8000, ge=1, le=65535, description="Service and container port (named http).")
+    tls: TLSSpec | None = Field(None, description="Serve HTTPS only (probes and status.url follow).")
+
+
+class LabelSelectorRequirement(_Model):
+    key: str = Field(min_length=1, max_length=317, description="Label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[str] | None = Field(None, description="For In and NotIn; empty for Exists and DoesNotExist.")
+
+    @model_validator(mode="after")
+    def _check(self) -> LabelSelectorRequirement:
+        if self.operator in ("In", "NotIn") and not self.values:
+            raise ValueError(f"operator {self.operator} needs values")
+        if self.operator in ("Exists", "DoesNotExist") and self.values:
+            raise ValueError(f"operator {self.operator} takes no values")
+        return self
+
+
+class LabelSelector(_Model):
+    """A meta/v1 LabelSelector, checked here so a typo is InvalidSpec naming it (not a 422 after the Deployment)."""
+
+    matchLabels: dict[str, str] | None = None
+    matchExpressions: list[LabelSelectorRequirement] | None = None
+
+
+class NetworkPolicyPeer(_Model):
+    """A networking.k8s.io/v1 NetworkPolicyPeer without ipBlock: pods by namespace and/or pod labels."""
+
+    namespaceSelector: LabelSelector | None = Field(
+        None, description="Namespaces by label ({} is every namespace), e.g. kubernetes.io/metadata.name: gateway."
+    )
+    podSelector: LabelSelector | None = Field(
+        None, description="Pods by label (in the CR's namespace unless namespaceSelector is set)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> NetworkPolicyPeer:
+        if self.namespaceSelector is None and self.podSelector is None:
+            raise ValueError("set namespaceSelector and/or podSelector")
+        return self
+
+
+class NetworkPolicySpec(_Model):
+    """An owned NetworkPolicy: the runtime port only from allowFrom, the metrics port from the monitoring namespace."""
+
+    enabled: bool = Field(False, description="Own a NetworkPolicy for the pods (removed when false).")
+    allowFrom: list[NetworkPolicyPeer] = Field(
+        default_factory=list, description="Who may reach the runtime port; empty: nobody (metrics only)."
+    )
 
 
 class AutoscalingSpec(_Model):
@@ -251,6 +367,7 @@ class GPTDeploymentSpec(_Model):
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, json_schema_extra=_OBJECT_DEFAULT)
     service: ServiceSpec = Field(default_factory=ServiceSpec, json_schema_extra=_OBJECT_DEFAULT)
     autoscaling: AutoscalingSpec | None = None
+    networkPolicy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec, json_schema_extra=_OBJECT_DEFAULT)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, json_schema_extra=_OBJECT_DEFAULT)
 
 

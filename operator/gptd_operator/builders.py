@@ -35,6 +35,12 @@ CACHE_DIR = "/var/cache/gptd"  # HF_HOME: writable model cache (emptyDir)
 MODELS_DIR = "/models"  # pvc:// models are mounted read-only below here
 API_KEY_DIR = "/var/run/gptd/api-key"
 API_KEY_FILE = f"{API_KEY_DIR}/api-key"
+TLS_DIR = "/var/run/gptd/tls"  # the whole TLS Secret: the kubelet updates it on renewal (a subPath never is)
+CLIENT_CA_DIR = "/var/run/gptd/client-ca"
+METRICS_PORT_NAME = "metrics"
+METRICS_PORT = 9090  # /metrics alone, plain HTTP (Prometheus needs no CA or key); only with spec.networkPolicy
+# The namespace label every namespace carries (Kubernetes >= 1.22), for "the monitoring namespace".
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 STARTUP_PERIOD_SECONDS = 10
 TERMINATION_MARGIN_SECONDS = 10  # between the runtime finishing its drain and the kubelet's SIGKILL
 REVISION_HISTORY_LIMIT = 3
@@ -124,6 +130,10 @@ def check_spec(spec: GPTDeploymentSpec, settings: Settings) -> None:
             "s3:// models need the operator setting GPTD_S3_INIT_IMAGE (an AWS CLI image); "
             "use hf://, pvc:// or file:// otherwise",
         )
+    if spec.networkPolicy.enabled and spec.service.port == METRICS_PORT:
+        raise InvalidSpec(
+            "spec.service.port", f"{METRICS_PORT} is the metrics port when spec.networkPolicy is enabled; pick another"
+        )
     for i, env in enumerate(spec.runtime.env):
         if env.name.upper() in _SECRET_ENV_NAMES and env.value is not None:
             raise InvalidSpec(f"spec.runtime.env[{i}].value", f"{env.name} must come from valueFrom.secretKeyRef")
@@ -136,7 +146,22 @@ def referenced_secrets(spec: GPTDeploymentSpec) -> list[tuple[str, str]]:
         refs.append(("spec.model.hfTokenSecretRef", spec.model.hfTokenSecretRef.name))
     if spec.runtime.apiKeySecretRef is not None:
         refs.append(("spec.runtime.apiKeySecretRef", spec.runtime.apiKeySecretRef.name))
+    if spec.runtime.apiKeysSecretName is not None:
+        refs.append(("spec.runtime.apiKeysSecretName", spec.runtime.apiKeysSecretName))
+    tls = spec.service.tls
+    if tls is not None and tls.secretName is not None:
+        refs.append(("spec.service.tls.secretName", tls.secretName))
+    if tls is not None and tls.clientCASecretName is not None:
+        refs.append(("spec.service.tls.clientCASecretName", tls.clientCASecretName))
     return refs
+
+
+def tls_secret_name(name: str, spec: GPTDeploymentSpec) -> str | None:
+    """The Secret the pods serve TLS from: the user's, or the one cert-manager writes for our Certificate."""
+    tls = spec.service.tls
+    if tls is None:
+        return None
+    return tls.secretName if tls.secretName is not None else names.certificate_secret(name)
 
 
 # ------------------------------------------------------------------------------------- revisions
@@ -284,7 +309,9 @@ def _tolerations(spec: GPTDeploymentSpec) -> list[dict[str, Any]] | None:
     return out or None
 
 
-def _env(model: ModelSpec, runtime: RuntimeSpec, port: int, model_ref: str) -> list[dict[str, Any]]:
+def _env(
+    model: ModelSpec, runtime: RuntimeSpec, port: int, model_ref: str, spec: GPTDeploymentSpec
+) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "GPTD_MODEL", "value": model_ref},
         {"name": "GPTD_REVISION", "value": model.revision},
@@ -306,6 +333,18 @@ def _env(model: ModelSpec, runtime: RuntimeSpec, port: int, model_ref: str) -> l
     ]
     if runtime.apiKeySecretRef is not None:
         env.append({"name": "GPTD_API_KEY_FILE", "value": API_KEY_FILE})
+    if runtime.apiKeysSecretName is not None:
+        # A directory: the runtime reads every non-dot file in it, one key per line (docs/security.md).
+        env.append({"name": "GPTD_API_KEY_FILE", "value": API_KEY_DIR})
+    if runtime.redaction.enabled:
+        env.append({"name": "GPTD_REDACT", "value": ",".join(runtime.redaction.entities)})
+    if spec.service.tls is not None:
+        env.append({"name": "GPTD_TLS_CERT_FILE", "value": f"{TLS_DIR}/tls.crt"})
+        env.append({"name": "GPTD_TLS_KEY_FILE", "value": f"{TLS_DIR}/tls.key"})
+        if spec.service.tls.clientCASecretName is not None:
+            env.append({"name": "GPTD_TLS_CLIENT_CA_FILE", "value": f"{CLIENT_CA_DIR}/ca.crt"})
+    if spec.networkPolicy.enabled:
+        env.append({"name": "GPTD_METRICS_PORT", "value": str(METRICS_PORT)})
     if model.hfTokenSecretRef is not None:
         ref = model.hfTokenSecretRef
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
@@ -317,9 +356,14 @@ def _env(model: ModelSpec, runtime: RuntimeSpec, port: int, model_ref: str) -> l
     return env
 
 
-def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+def _probe(path: str, period: int, failures: int, https: bool) -> dict[str, Any]:
+    get: dict[str, Any] = {"path": path, "port": PORT_NAME}
+    if https:
+        # Only then: `scheme: HTTP` (the default) in every template would restart every pod on an upgrade. The
+        # kubelet does not verify the serving certificate, so HTTPS probes need no CA.
+        get["scheme"] = "HTTPS"
     return {
-        "httpGet": {"path": path, "port": PORT_NAME},
+        "httpGet": get,
         "periodSeconds": period,
         "timeoutSeconds": 5,
         "failureThreshold": failures,
@@ -368,6 +412,24 @@ def build_pod_template(
             }
         )
         mounts.append({"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True})
+    if runtime.apiKeysSecretName is not None:
+        # Every data key is a file: adding or removing one adds or removes keys (the kubelet updates the mount).
+        volumes.append({"name": "api-key", "secret": {"secretName": runtime.apiKeysSecretName, "defaultMode": 0o440}})
+        mounts.append({"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True})
+    tls_secret = tls_secret_name(name, spec)
+    if tls_secret is not None:
+        volumes.append({"name": "tls", "secret": {"secretName": tls_secret, "defaultMode": 0o440}})
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    client_ca = spec.service.tls.clientCASecretName if spec.service.tls is not None else None
+    if client_ca is not None:
+        volumes.append({"name": "tls-client-ca", "secret": {"secretName": client_ca, "defaultMode": 0o440}})
+        mounts.append({"name": "tls-client-ca", "mountPath": CLIENT_CA_DIR, "readOnly": True})
+    ports = [{"name": PORT_NAME, "containerPort": port, "protocol": "TCP"}]
+    if spec.networkPolicy.enabled:
+        # Only with a NetworkPolicy (its metrics rule names this port): a new port and env change the pod
+        # template, which would roll every existing model on an operator upgrade.
+        ports.append({"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"})
+    https = spec.service.tls is not None
     if init_containers:
         # The sync container can use the same credentials (AWS_* via valueFrom) as the runtime.
         for init in init_containers:
@@ -376,15 +438,15 @@ def build_pod_template(
         "name": CONTAINER,
         "image": image,
         "command": ["python", "-m", "gptd_runtime", "serve"],
-        "ports": [{"name": PORT_NAME, "containerPort": port, "protocol": "TCP"}],
-        "env": _env(model, runtime, port, model_ref),
+        "ports": ports,
+        "env": _env(model, runtime, port, model_ref, spec),
         "resources": _resources(spec),
         "volumeMounts": mounts,
         "startupProbe": _probe(
-            "/health/ready", STARTUP_PERIOD_SECONDS, startup_failure_threshold(runtime.startupTimeoutSeconds)
+            "/health/ready", STARTUP_PERIOD_SECONDS, startup_failure_threshold(runtime.startupTimeoutSeconds), https
         ),
-        "readinessProbe": _probe("/health/ready", 5, 3),
-        "livenessProbe": _probe("/health/live", 10, 3),
+        "readinessProbe": _probe("/health/ready", 5, 3, https),
+        "livenessProbe": _probe("/health/live", 10, 3, https),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(settings.prestop_sleep_seconds)]}}},
         "securityContext": container_security_context(settings),
     }
@@ -579,4 +641,60 @@ def build_hpa(name: str, namespace: str, uid: str, spec: GPTDeploymentSpec) -> d
 
 
 def service_url(name: str, namespace: str, spec: GPTDeploymentSpec) -> str:
-    return f"http://{names.service(name)}.{namespace}.svc.cluster.local:{spec.service.port}"
+    scheme = "https" if spec.service.tls is not None else "http"
+    return f"{scheme}://{names.service(name)}.{namespace}.svc.cluster.local:{spec.service.port}"
+
+
+def service_dns_names(name: str, namespace: str) -> list[str]:
+    """Every in-cluster name of the Service a client may use (the Certificate covers them all)."""
+    svc = names.service(name)
+    return [svc, f"{svc}.{namespace}", f"{svc}.{namespace}.svc", f"{svc}.{namespace}.svc.cluster.local"]
+
+
+def wants_certificate(spec: GPTDeploymentSpec) -> bool:
+    return spec.service.tls is not None and spec.service.tls.issuerRef is not None
+
+
+def build_certificate(name: str, namespace: str, uid: str, spec: GPTDeploymentSpec) -> dict[str, Any]:
+    """cert-manager.io/v1 Certificate for the Service's names; cert-manager writes and renews its Secret."""
+    tls = spec.service.tls
+    if tls is None or tls.issuerRef is None:
+        raise ValueError("build_certificate needs spec.service.tls.issuerRef")
+    ref = tls.issuerRef
+    dns = service_dns_names(name, namespace)
+    return {
+        "apiVersion": "cert-manager.io/v1",
+        "kind": "Certificate",
+        "metadata": _metadata(names.certificate(name), namespace, uid, name),
+        # No commonName: clients check dnsNames (SANs), and a CN is limited to 64 bytes, which
+        # <svc>.<namespace>.svc.cluster.local can exceed.
+        "spec": {
+            "secretName": names.certificate_secret(name),
+            "dnsNames": dns,
+            "usages": ["server auth", "digital signature", "key encipherment"],
+            "privateKey": {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"},
+            "issuerRef": {"name": ref.name, "kind": ref.kind, "group": ref.group},
+        },
+    }
+
+
+def build_network_policy(
+    name: str, namespace: str, uid: str, spec: GPTDeploymentSpec, settings: Settings
+) -> dict[str, Any]:
+    """Ingress to the CR's pods: the runtime port from ``allowFrom`` only, the metrics port from the monitoring
+    namespace only, nothing else (egress is left alone: the runtime downloads models)."""
+    ingress: list[dict[str, Any]] = []
+    peers = [p.model_dump(mode="json", exclude_none=True) for p in spec.networkPolicy.allowFrom]
+    if peers:
+        # An ingress rule without `from` would admit everyone: with no peers there is no rule for this port.
+        ingress.append({"from": peers, "ports": [{"port": PORT_NAME, "protocol": "TCP"}]})
+    ingress.append({
+        "from": [{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: settings.monitoring_namespace}}}],
+        "ports": [{"port": METRICS_PORT_NAME, "protocol": "TCP"}],
+    })
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(names.network_policy(name), namespace, uid, name),
+        "spec": {"podSelector": {"matchLabels": selector_labels(name)}, "policyTypes": ["Ingress"], "ingress": ingress},
+    }

@@ -36,6 +36,7 @@ _KEEP = {
     "format",
     "x-kubernetes-preserve-unknown-fields",
     "x-kubernetes-int-or-string",
+    "x-kubernetes-validations",  # CEL rules a model declares (api.TLSSpec), checked by the API server on apply
 }
 
 

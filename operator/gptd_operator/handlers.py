@@ -35,6 +35,12 @@ ANN_ABORT = rollout.ABORT_ANNOTATION
 MANAGED = {builders.LABEL_MANAGED_BY: builders.MANAGER}
 RUNTIME_PODS = {builders.LABEL_NAME: builders.RUNTIME_APP}
 GC_REQUEUE_SECONDS = 5.0  # while a recreated CR waits for the garbage collector
+# The security children (issue 12). Declared here, not in kube.py, while that module's client work is in
+# flight; kube.apply finds a kind's resource in kube.BY_KIND, so they are registered there.
+NETWORKPOLICIES = kube.Resource("networking.k8s.io/v1", "networkpolicies")
+CERTIFICATES = kube.Resource("cert-manager.io/v1", "certificates")
+kube.BY_KIND.setdefault("NetworkPolicy", NETWORKPOLICIES)
+kube.BY_KIND.setdefault("Certificate", CERTIFICATES)
 def _selector(labels: Mapping[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
@@ -45,6 +51,7 @@ LISTED = (
     (kube.SERVICES, _selector(MANAGED)),
     (kube.PDBS, _selector(MANAGED)),
     (kube.HPAS, _selector(MANAGED)),
+    (NETWORKPOLICIES, _selector(MANAGED)),
     (kube.PODS, _selector(RUNTIME_PODS)),
 )
 # Child resource → its index id, for the event handlers and the snapshot.
@@ -53,6 +60,7 @@ CHILD_INDICES = {
     "Service": "gptd_services",
     "PodDisruptionBudget": "gptd_pdbs",
     "HorizontalPodAutoscaler": "gptd_hpas",
+    "NetworkPolicy": "gptd_netpols",
 }
 
 
@@ -96,12 +104,14 @@ class Children:
     service: dict[str, Any] | None = None
     pdb: dict[str, Any] | None = None
     hpa: dict[str, Any] | None = None
+    netpol: dict[str, Any] | None = None
     pods: tuple[dict[str, Any], ...] = ()
 
     def by_kind(self, kind: str, name: str, owner: str) -> dict[str, Any] | None:
         if kind == "Deployment":
             return self.stable if name == names.deployment(owner) else self.canary
-        return {"Service": self.service, "PodDisruptionBudget": self.pdb, "HorizontalPodAutoscaler": self.hpa}[kind]
+        return {"Service": self.service, "PodDisruptionBudget": self.pdb, "HorizontalPodAutoscaler": self.hpa,
+                "NetworkPolicy": self.netpol}[kind]
 
 
 def _values(index: Any, key: tuple[str, str]) -> list[dict[str, Any]]:
@@ -142,6 +152,7 @@ def snapshot(
         service=one("gptd_services", names.service(name)),
         pdb=one("gptd_pdbs", names.base(name)),
         hpa=one("gptd_hpas", names.base(name)),
+        netpol=one("gptd_netpols", names.network_policy(name)),
         pods=tuple(pods),
     )
 
@@ -173,6 +184,7 @@ class _Built:
     desired: list[dict[str, Any]] = field(default_factory=list)
     unwanted: list[tuple[kube.Resource, dict[str, Any] | None]] = field(default_factory=list)
     scaled_object: dict[str, Any] | None = None  # read live (not watched)
+    certificate: dict[str, Any] | None = None  # read live (not watched: the cert-manager CRD may be absent)
 
 
 def _now() -> datetime:
@@ -299,10 +311,26 @@ class Reconciler:
     async def _build(self, p: _Pass, spec: GPTDeploymentSpec, plan: Plan, children: Children) -> _Built | None:
         """The children the plan wants (pure builders) and those to delete; None after a refusal."""
         name, namespace, uid = p.name, p.namespace, p.uid
-        built = _Built(desired=[
+        built = _Built()
+        if builders.wants_certificate(spec):
+            # First: without cert-manager the pass ends at this child, before a pod that could never start.
+            certificate = await self.kube.get(CERTIFICATES, namespace, names.certificate(name))
+            if certificate is not None and not kube.controlled_by(certificate, uid or None):
+                await self._reject(p.body, p.previous, p.generation, p.now,
+                                   kube.NotOwned("Certificate", names.certificate(name)))
+                return None
+            built.certificate = certificate
+            built.desired.append(builders.build_certificate(name, namespace, uid, spec))
+        elif _mounts_issued_certificate(children.stable, name):
+            # issuerRef was removed since the live Deployment was built: our Certificate goes too. (Not watched,
+            # so this is how we know it exists without a GET on every pass of every CR.)
+            certificate = await self.kube.get(CERTIFICATES, namespace, names.certificate(name))
+            if kube.controlled_by(certificate, uid or None) and certificate is not None:
+                built.unwanted.append((CERTIFICATES, certificate))
+        built.desired += [
             self._deployment(name, namespace, uid, spec, plan.stable, "stable"),
             builders.build_service(name, namespace, uid, spec),
-        ])
+        ]
         if plan.canary is not None:
             built.desired.append(self._deployment(name, namespace, uid, spec, plan.canary, "canary"))
         else:
@@ -315,6 +343,10 @@ class Reconciler:
             built.desired.append(builders.build_hpa(name, namespace, uid, spec))
         else:
             built.unwanted.append((kube.HPAS, children.hpa))
+        if spec.networkPolicy.enabled:
+            built.desired.append(builders.build_network_policy(name, namespace, uid, spec, self.settings))
+        else:
+            built.unwanted.append((NETWORKPOLICIES, children.netpol))
         if self.settings.scale_to_zero_provider == "keda":
             # Not watched (the KEDA CRD may be absent): read live, only where scale-to-zero is configured.
             scaled_object = await self.kube.get(kube.SCALEDOBJECTS, namespace, names.base(name))
@@ -339,6 +371,7 @@ class Reconciler:
         name, namespace, uid, body = p.name, p.namespace, p.uid, p.body
         if any(
             (built.scaled_object if o["kind"] == "ScaledObject"
+             else built.certificate if o["kind"] == "Certificate"
              else children.by_kind(o["kind"], o["metadata"]["name"], name)) is None
             and (o["kind"], namespace, o["metadata"]["name"]) not in self.recent
             for o in built.desired
@@ -351,13 +384,19 @@ class Reconciler:
         applied: dict[tuple[str, str], dict[str, Any] | None] = {}
         for obj in built.desired:
             kind, obj_name = obj["kind"], obj["metadata"]["name"]
-            live = self._live(kind, namespace, obj_name, uid, name, children, built.scaled_object)
+            live = self._live(kind, namespace, obj_name, uid, name, children, built)
             try:
                 action, result = await self.kube.apply(obj, live)
             except kube.OwnerGone as exc:
                 await self._wait_for_gc(body, p.previous, p.generation, p.now, exc)
                 return None
             except kube.ApiError as exc:
+                if kind == "Certificate" and exc.status == 404:
+                    # POST to a resource the API server does not serve: the cert-manager CRD is not installed.
+                    await self._invalid(p, "spec.service.tls.issuerRef",
+                                        "needs cert-manager (the cert-manager.io/v1 Certificate resource is not "
+                                        "installed); install it or use spec.service.tls.secretName")
+                    return None
                 # 422 Invalid and 400 (strict field validation: an unknown field) are the spec's fault.
                 if exc.status not in (400, 422) and not isinstance(exc, kube.NotOwned):
                     raise
@@ -432,11 +471,13 @@ class Reconciler:
 
     def _live(
         self, kind: str, namespace: str, obj_name: str, uid: str, name: str, children: Children,
-        scaled_object: dict[str, Any] | None,
+        built: _Built,
     ) -> dict[str, Any] | None:
         """What the child looks like now, as far as we know without a request."""
         if kind == "ScaledObject":
-            return scaled_object  # not watched: read live this very reconcile, fresher than anything we wrote
+            return built.scaled_object  # not watched: read live this very reconcile, fresher than anything we wrote
+        if kind == "Certificate":
+            return built.certificate  # likewise
         # What we wrote last wins over the index until the watch event for it arrives (then popped), but only
         # while it is still this CR's (a CR recreated under the same name has a new uid).
         recent = self.recent.get((kind, namespace, obj_name))
@@ -461,6 +502,13 @@ class Reconciler:
         )
         if await self._write_status(body, previous, new):
             kopf.event(body, type="Warning", reason="InvalidSpec", message=f"{field}: {text}")
+
+    async def _invalid(self, p: _Pass, field: str, message: str) -> None:
+        """InvalidSpec found only by talking to the cluster: one status write and one Warning, no exception (a
+        retry can't fix it; the next trigger or resync looks again)."""
+        new = st.invalid_status(p.name, p.namespace, p.previous, field, message, generation=p.generation, now=p.now)
+        if await self._write_status(p.body, p.previous, new):
+            kopf.event(p.body, type="Warning", reason="InvalidSpec", message=f"{field}: {message}")
 
     async def _wait_for_gc(
         self, body: Mapping[str, Any], previous: Mapping[str, Any], generation: int | None, now: datetime,
@@ -507,6 +555,13 @@ class Reconciler:
         uid = meta.get("uid", "")
         self._written[uid] = {**self._written.get(uid, {}), **{k: v for k, v in new.items()}}
         return True
+
+
+def _mounts_issued_certificate(deployment: Mapping[str, Any] | None, name: str) -> bool:
+    """Whether a live Deployment's pods mount the Secret of the Certificate gptd owns for CR ``name``."""
+    pod = ((deployment or {}).get("spec") or {}).get("template") or {}
+    volumes = (pod.get("spec") or {}).get("volumes") or []
+    return any((v.get("secret") or {}).get("secretName") == names.certificate_secret(name) for v in volumes)
 
 
 # ------------------------------------------------------------------------------------- registration
@@ -701,6 +756,10 @@ async def index_hpas(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: 
     return _index_child(namespace, labels, body, HPA_STATUS)
 
 
+async def index_netpols(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    return _index_child(namespace, labels, body, ())
+
+
 async def index_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
     key = _owner_key(namespace, labels)
     if not key:
@@ -769,6 +828,7 @@ def register(
         ("gptd_services", ("v1", "services"), index_services),
         ("gptd_pdbs", ("policy/v1", "poddisruptionbudgets"), index_pdbs),
         ("gptd_hpas", ("autoscaling/v2", "horizontalpodautoscalers"), index_hpas),
+        ("gptd_netpols", ("networking.k8s.io/v1", "networkpolicies"), index_netpols),
     ):
         kopf.index(group_version, plural_, id=index_id, labels=MANAGED, registry=registry)(fn)
         kopf.on.event(group_version, plural_, id=f"{index_id}_event", labels=MANAGED, registry=registry)(child_event)

@@ -12,8 +12,10 @@ child carries the *base* name:
   (a leading non-letter gets a ``g`` before it), cut to 44 characters, then ``--`` and the first 10 hex
   digits of the SHA-256 of the full CR name. ``llama-3.1-8b`` → ``llama-3-1-8b--<hash>``.
 
-The stable Deployment, the Service, the PDB, the HPA and the KEDA ScaledObject are named ``<base>``; the
-canary Deployment ``<base>-canary``. No two CRs' children can collide: a base never ends in ``-canary``
+The stable Deployment, the Service, the PDB, the HPA, the KEDA ScaledObject, the NetworkPolicy and the
+cert-manager Certificate are named ``<base>``; the canary Deployment ``<base>-canary``; the Secret the
+Certificate's issuer writes ``<base>-tls`` (a fixed suffix on distinct bases: distinct Secrets).
+No two CRs' children can collide: a base never ends in ``-canary``
 (hashed bases end in hex digits, plain ones are refused that ending), so no stable name equals a canary
 name; plain bases contain no ``--`` and hashed ones do, so a plain name never equals a hashed one; two
 hashed bases are equal only if 40 bits of SHA-256 collide. Every valid CR name is served this way, so no
@@ -60,3 +62,16 @@ def deployment(name: str, track: str = "stable") -> str:
 
 def service(name: str) -> str:
     return base(name)
+
+
+def network_policy(name: str) -> str:
+    return base(name)
+
+
+def certificate(name: str) -> str:
+    return base(name)
+
+
+def certificate_secret(name: str) -> str:
+    """The Secret cert-manager writes for the Certificate (tls.crt, tls.key, ca.crt); the pods mount it."""
+    return f"{base(name)}-tls"

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/gptd-io/gptd-runtime:0.1.0"
 SCALE_TO_ZERO_PROVIDERS = ("keda",)
 DEFAULT_RUN_AS_USER = 10001
+DEFAULT_MONITORING_NAMESPACE = "monitoring"
+_NAMESPACE_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # and at most 63 characters
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,8 @@ class Settings:
     prestop_sleep_seconds: int = 5
     # UID/GID of the runtime pods; None leaves them to the platform (OpenShift restricted-v2). Never root.
     run_as_user: int | None = DEFAULT_RUN_AS_USER
+    # The namespace whose pods (Prometheus) may scrape the metrics port when spec.networkPolicy is enabled.
+    monitoring_namespace: str = DEFAULT_MONITORING_NAMESPACE
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -40,6 +45,10 @@ class Settings:
             raise ValueError(
                 f"GPTD_RUNTIME_RUN_AS_USER must be a UID >= 1 or empty (platform-assigned), got {run_as!r}"
             )
+        monitoring = env.get("GPTD_MONITORING_NAMESPACE", "").strip() or DEFAULT_MONITORING_NAMESPACE
+        if len(monitoring) > 63 or not _NAMESPACE_RE.match(monitoring):
+            # It becomes a label value in every NetworkPolicy: refuse it here, not as a 422 on each CR.
+            raise ValueError(f"GPTD_MONITORING_NAMESPACE must be a namespace name (DNS-1123 label), got {monitoring!r}")
         namespaces = tuple(ns.strip() for ns in env.get("GPTD_NAMESPACES", "").split(",") if ns.strip())
         return cls(
             runtime_image=env.get("GPTD_RUNTIME_IMAGE", "").strip() or DEFAULT_RUNTIME_IMAGE,
@@ -50,4 +59,5 @@ class Settings:
             resync_seconds=float(env.get("GPTD_RESYNC_SECONDS", "30")),
             prestop_sleep_seconds=int(env.get("GPTD_PRESTOP_SLEEP_SECONDS", "5")),
             run_as_user=int(run_as) if run_as else None,
+            monitoring_namespace=monitoring,
         )

@@ -286,6 +286,9 @@ EXPECTED_NAMESPACED = {
     ("autoscaling", "horizontalpodautoscalers"): CHILD_VERBS,
     ("", "services"): {"list", "watch", "get", "create", "patch"},
     ("", "pods"): {"list", "watch"},
+    # Issue 12: the NetworkPolicy child (watched); the cert-manager Certificate (read live, never listed).
+    ("networking.k8s.io", "networkpolicies"): CHILD_VERBS,
+    ("cert-manager.io", "certificates"): {"get", "create", "patch", "delete"},
 }
 KEDA = {("keda.sh", "scaledobjects"): {"get", "create", "patch", "delete"}}
 
@@ -349,7 +352,8 @@ def test_rbac_covers_what_kopf_watches_and_nothing_cluster_scoped():
                   *registry._changing.get_all_handlers()]
     }
     assert watched == {("gptd.io", "gptdeployments"), ("apps", "deployments"), ("", "services"),
-                       ("policy", "poddisruptionbudgets"), ("autoscaling", "horizontalpodautoscalers"), ("", "pods")}
+                       ("policy", "poddisruptionbudgets"), ("autoscaling", "horizontalpodautoscalers"), ("", "pods"),
+                       ("networking.k8s.io", "networkpolicies")}
     for key in watched:
         assert {"list", "watch"} <= EXPECTED_NAMESPACED[key], key
 

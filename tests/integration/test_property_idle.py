@@ -64,6 +64,18 @@ def generated_specs(rng: random.Random) -> list[tuple[str, dict[str, Any]]]:
             spec["autoscaling"] = {"minReplicas": 2, "maxReplicas": 4,
                                    "targetInflightRequests": rng.choice([1, 1000, 64]),
                                    **({"targetCPUUtilization": 70} if rng.random() < 0.5 else {})}
+        # Issue 12's fields, drawn after the older ones so those keep their seeded values.
+        tls = rng.choice([None, {"secretName": "chat-tls"}, {"secretName": "t", "clientCASecretName": "ca"},
+                          {"issuerRef": {"name": "ca", "kind": "ClusterIssuer"}, "clientCASecretName": ""}])
+        if tls is not None:
+            spec["service"]["tls"] = tls
+        if rng.random() < 0.5:
+            spec["networkPolicy"] = {"enabled": True, "allowFrom": rng.choice([[], [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}},
+                 "podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["gw"]}]}}]])}
+        if rng.random() < 0.5:
+            spec["runtime"]["redaction"] = {"enabled": True, "entities": rng.sample(
+                ["email", "phone", "creditCard", "ipAddress", "iban", "cnResidentId", "secretLike"], k=2)}
         out.append((name, spec))
     # Names must be unique in a namespace.
     seen: set[str] = set()
@@ -73,8 +85,10 @@ def generated_specs(rng: random.Random) -> list[tuple[str, dict[str, Any]]]:
 REMOVE_OPTIONAL = {"spec": {
     "scheduling": None, "autoscaling": None,
     "model": {"hfTokenSecretRef": None},
-    "runtime": {"env": None, "apiKeySecretRef": None},
+    "runtime": {"env": None, "apiKeySecretRef": None, "redaction": None},
     "resources": {"cpu": None, "memory": None},
+    "service": {"tls": None},
+    "networkPolicy": None,
 }}
 
 
@@ -91,9 +105,13 @@ def leftovers(dep: dict[str, Any], gpus: int) -> list[str]:
     if tolerations:
         found.append("tolerations")
     env = {e["name"] for e in container.get("env") or []}
-    found += sorted(env & {"EMPTY", "PLAIN", "LIMIT", "NODE", "HF_TOKEN", "GPTD_API_KEY_FILE"})
-    if any(v["name"] == "api-key" for v in pod.get("volumes") or []):
-        found.append("api-key volume")
+    found += sorted(env & {"EMPTY", "PLAIN", "LIMIT", "NODE", "HF_TOKEN", "GPTD_API_KEY_FILE", "GPTD_REDACT",
+                           "GPTD_METRICS_PORT", "GPTD_TLS_CERT_FILE", "GPTD_TLS_KEY_FILE", "GPTD_TLS_CLIENT_CA_FILE"})
+    secret_volumes = ("api-key", "tls", "tls-client-ca")
+    found += [f"{v['name']} volume" for v in pod.get("volumes") or [] if v["name"] in secret_volumes]
+    found += [f"port {p['name']}" for p in container.get("ports") or [] if p["name"] != "http"]
+    found += [f"{probe} scheme" for probe in ("startupProbe", "readinessProbe", "livenessProbe")
+              if "scheme" in container[probe]["httpGet"]]
     for part in ("limits", "requests"):
         found += [f"{part}.{k}" for k in (container.get("resources") or {}).get(part, {}) if k in ("cpu", "memory")]
     return found
@@ -135,3 +153,11 @@ async def test_generated_specs_idle_without_writes_and_shed_removed_fields(
             dep = await cluster.get("deployments", NS, names.deployment(name))
             raise AssertionError(f"{name}: still has {leftovers(dep, spec['resources']['gpus'])}") from None
         assert await cluster.get("horizontalpodautoscalers", NS, names.base(name)) is None
+        await eventually(lambda n=name: _gone(cluster, "networkpolicies", names.network_policy(n)),
+                         what=f"{name}'s NetworkPolicy gone")
+        await eventually(lambda n=name: _gone(cluster, "certificates", names.certificate(n)),
+                         what=f"{name}'s Certificate gone")
+
+
+async def _gone(cluster: Cluster, plural: str, name: str) -> bool:
+    return await cluster.get(plural, NS, name) is None

@@ -6,15 +6,16 @@
   ``metadata.generation`` 1 on create, +1 when anything outside ``metadata``/``status`` changes.
 - Name validation with the real 422 ``Status`` body: Services (and Namespaces) are DNS-1035 / DNS-1123
   labels (<= 63, no dots), everything else a DNS-1123 subdomain (<= 253); label keys and values (<= 63).
-- For the built-in kinds the operator writes (Deployment, Service, Pod, PDB, HPA v2, Event, Secret) the
-  object is walked against the real OpenAPI schema of Kubernetes v1.35 (bundled by ``kubernetes-validate``,
+- For the built-in kinds the operator writes (Deployment, Service, Pod, PDB, HPA v2, NetworkPolicy, Event,
+  Secret) the object is walked against the real OpenAPI schema of Kubernetes v1.35 (bundled by ``kubernetes-validate``,
   so the known-fields schema is complete for those kinds):
   unknown fields are dropped, or refused with 400 ``strict decoding error: unknown field "..."`` under
   ``?fieldValidation=Strict`` (the real server's status and message); ``omitempty`` empties are dropped
   (``""`` strings, ``[]`` lists and ``{}`` string maps of optional fields; a ``{}`` struct such as
   ``emptyDir: {}`` stays, as in Go); every ``resource.Quantity`` is canonicalised (``"0.5"`` → ``"500m"``,
-  ``1000`` → ``"1k"``; see ``quantity.py``). Custom resources (GPTDeployment, ScaledObject) are stored as
-  sent (no CRD schema here).
+  ``1000`` → ``"1k"``; see ``quantity.py``). Custom resources (GPTDeployment, ScaledObject, Certificate) are
+  stored as sent (no CRD schema here). A resource that is not registered (a CRD not installed) is 404 to every
+  verb, POST included, as on a real API server.
 - JSON merge patch (RFC 7386): maps merged key by key, only ``null`` removes a key, lists replaced whole; a
   PATCH of ``/status`` changes only ``status``, a PATCH of the main resource never ``status`` (for kinds
   with a status subresource), ``/scale`` only ``spec.replicas``. A PATCH of a missing object is 404.
@@ -56,6 +57,7 @@ SCHEMAS = {
     ("", "v1", "events"): "io.k8s.api.core.v1.Event",
     ("policy", "v1", "poddisruptionbudgets"): "io.k8s.api.policy.v1.PodDisruptionBudget",
     ("autoscaling", "v2", "horizontalpodautoscalers"): "io.k8s.api.autoscaling.v2.HorizontalPodAutoscaler",
+    ("networking.k8s.io", "v1", "networkpolicies"): "io.k8s.api.networking.v1.NetworkPolicy",
 }
 # Kinds whose names must be DNS labels (no dots, <= 63): (regex, rule name, message)
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -79,7 +81,7 @@ LABEL_VALUE_MESSAGE = (
     "for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"
 )
 WITH_STATUS = {"deployments", "pods", "poddisruptionbudgets", "horizontalpodautoscalers", "gptdeployments",
-               "scaledobjects", "services"}
+               "scaledobjects", "services", "certificates"}
 
 
 @functools.cache
@@ -235,6 +237,13 @@ class ApiServer(kmock.KubernetesEmulator):
 
     # --- request handling
 
+    def _served(self, res: Any) -> bool:
+        """Whether the resource is installed. Nothing registered: every resource is (unit tests of the emulator)."""
+        keys = {(r.group, r.version, r.plural) for r in self.resources.keys()}
+        if res.plural is None:  # discovery of a group version: served while any of its resources is
+            return not keys or any((g, v) == (res.group, res.version) for g, v, _ in keys)
+        return not keys or (res.group, res.version, res.plural) in keys
+
     def __iter__(self) -> Any:
         return iter(list(self._inflight))
 
@@ -249,6 +258,11 @@ class ApiServer(kmock.KubernetesEmulator):
 
     async def _handle_one(self, request: Any) -> Any:
         try:
+            if request.resource is not None and not self._served(request.resource):
+                # A kind whose CRD is not installed: the real server answers 404 to every verb, POST included.
+                res = request.resource
+                raise ApiRejection(404, "NotFound", f"the server could not find the requested resource ({res.plural}"
+                                   f".{res.group})", {"group": res.group, "kind": res.plural})
             if request.resource is not None and request.action is not None:
                 action = str(request.action.value if hasattr(request.action, "value") else request.action)
                 if action == "CREATE" and isinstance(request.data, dict):

@@ -28,8 +28,14 @@ RESOURCES = {
     "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True, {"status"}),
     "autoscaling/v2/horizontalpodautoscalers": ("HorizontalPodAutoscaler", True, {"status"}),
     "keda.sh/v1alpha1/scaledobjects": ("ScaledObject", True, {"status"}),
+    "networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", True, set()),
+    # cert-manager's CRD; a test without cert-manager removes it (CERT_MANAGER), as a cluster without it lacks it.
+    "cert-manager.io/v1/certificates": ("Certificate", True, {"status"}),
     "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, set()),
 }
+
+CERT_MANAGER = "cert-manager.io/v1/certificates"
+
 
 def register_resources(emulator: kmock.KubernetesEmulator) -> None:
     """kopf only watches what discovery lists with verbs; the emulator lists what is registered."""
@@ -58,6 +64,8 @@ PATHS = {
     "poddisruptionbudgets": "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
     "horizontalpodautoscalers": "/apis/autoscaling/v2/namespaces/{ns}/horizontalpodautoscalers",
     "scaledobjects": "/apis/keda.sh/v1alpha1/namespaces/{ns}/scaledobjects",
+    "networkpolicies": "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
+    "certificates": "/apis/cert-manager.io/v1/namespaces/{ns}/certificates",
 }
 WRITE_METHODS = {"POST", "PATCH", "PUT"}
 

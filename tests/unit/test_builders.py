@@ -425,7 +425,10 @@ def test_revision_unchanged_by_a_new_defaulted_field() -> None:
 def test_revisions_made_by_0_1_0_are_unchanged(raw: dict[str, Any]) -> None:
     """0.1.0 hashed ``model_dump(mode="json", exclude_none=True)``: its revisions must not move on upgrade."""
     sp = spec(**raw)
-    runtime = {**sp.runtime.model_dump(mode="json", exclude_none=True), "image": sp.runtime.image or S.runtime_image}
+    # 0.1.0's RuntimeSpec had only the baseline fields (later ones, e.g. redaction, did not exist to be dumped).
+    dumped = sp.runtime.model_dump(mode="json", exclude_none=True)
+    runtime = {k: v for k, v in dumped.items() if k in b.REVISION_BASELINE["RuntimeSpec"]}
+    runtime["image"] = sp.runtime.image or S.runtime_image
     old = {"model": sp.model.model_dump(mode="json", exclude_none=True), "runtime": runtime}
     assert b.revision_template(sp, S) == old
 
@@ -438,3 +441,22 @@ def test_pod_env_is_a_valid_runtime_configuration_listening_on_the_pod_ip() -> N
     literal = {k: v for k, v in env(dep(service={"port": 9000})).items() if isinstance(v, str)}
     settings = load_settings({}, literal)
     assert (settings.host, settings.port) == ("0.0.0.0", 9000)
+
+
+def test_revision_and_pod_template_unchanged_by_issue_12_fields_at_their_defaults() -> None:
+    """spec.service.tls, spec.networkPolicy, spec.runtime.redaction/apiKeysSecretName written out at their defaults
+    neither make a new revision nor touch the pod template (no new env, port, volume or probe scheme)."""
+    for raw in ({}, {"runtime": {"maxBatchSize": 8, "apiKeySecretRef": {"name": "a", "key": "k"}}}):
+        plain = spec(**raw)
+        runtime = {**raw.get("runtime", {}), "redaction": {"enabled": False}, "apiKeysSecretName": None}
+        explicit = spec(**{**raw, "runtime": runtime, "service": {"tls": None}, "networkPolicy": {"enabled": False}})
+        assert b.revision_template(explicit, S) == b.revision_template(plain, S)
+        assert "redaction" not in b.revision_template(plain, S)["runtime"]
+        assert b.build_deployment("gpt2", "ns1", UID, explicit, S) == b.build_deployment("gpt2", "ns1", UID, plain, S)
+    c = container(dep())
+    assert [p["name"] for p in c["ports"]] == ["http"]
+    assert "scheme" not in c["readinessProbe"]["httpGet"]
+    assert not {"GPTD_REDACT", "GPTD_METRICS_PORT", "GPTD_TLS_CERT_FILE"} & set(env(dep()))
+    # Enabling redaction is a new revision (the runtime's behaviour changes).
+    assert b.revision_hash(b.revision_template(spec(runtime={"redaction": {"enabled": True}}), S)) != b.revision_hash(
+        b.revision_template(spec(), S))

@@ -42,3 +42,17 @@ def test_runtime_uid_value_reaches_the_operator() -> None:
     assert _env(render())["GPTD_RUNTIME_RUN_AS_USER"] == "10001"
     assert _env(render("--set", "runtime.runAsUser=null"))["GPTD_RUNTIME_RUN_AS_USER"] == ""
     assert _env(render("--set", "runtime.runAsUser=1000680000"))["GPTD_RUNTIME_RUN_AS_USER"] == "1000680000"
+
+
+@pytest.mark.parametrize("args", [(), ("--set", "watchNamespaces={team-a}")])
+def test_security_children_rbac_is_least_privilege(args: tuple[str, ...]) -> None:
+    """Issue 12: the NetworkPolicy is watched (list/watch) and owned; the Certificate is read live, never listed."""
+    r = rules(render(*args), "Role" if args else "ClusterRole")
+    assert grants(r, "networking.k8s.io", "networkpolicies") == {"list", "watch", "get", "create", "patch", "delete"}
+    assert grants(r, "cert-manager.io", "certificates") == {"get", "create", "patch", "delete"}
+    assert grants(r, "cert-manager.io", "issuers") == grants(r, "cert-manager.io", "clusterissuers") == set()
+
+
+def test_monitoring_namespace_value_reaches_the_operator() -> None:
+    assert _env(render())["GPTD_MONITORING_NAMESPACE"] == "monitoring"
+    assert _env(render("--set", "networkPolicy.monitoringNamespace=obs"))["GPTD_MONITORING_NAMESPACE"] == "obs"

@@ -117,6 +117,15 @@ the ClusterRole when watching all namespaces, or into one Role per watched names
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
   verbs: ["list", "watch", "get", "create", "patch", "delete"]
+# gptd: the NetworkPolicy of spec.networkPolicy (watched; deleted when networkPolicy.enabled turns false).
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["list", "watch", "get", "create", "patch", "delete"]
+# gptd: the cert-manager Certificate of spec.service.tls.issuerRef (read live, not watched: the cert-manager CRD
+# may be absent, and then this rule grants nothing). Not the Secret cert-manager writes: the pods mount it.
+- apiGroups: ["cert-manager.io"]
+  resources: ["certificates"]
+  verbs: ["get", "create", "patch", "delete"]
 # gptd: the Service is never deleted by the operator (garbage collection does it with the CR).
 - apiGroups: [""]
   resources: ["services"]
