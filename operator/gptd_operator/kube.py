@@ -33,6 +33,8 @@ BACKOFF_SECONDS = 0.2  # doubled per attempt: 0.2, 0.4, 0.8, 1.6, 3.2
 MAX_RETRY_AFTER_SECONDS = 10.0
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO (URL and status): noise at 500 CRs; our retries log what matters.
+logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 
 def _user_agent() -> str:
