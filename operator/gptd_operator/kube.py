@@ -1,10 +1,10 @@
 """The one module that talks to the Kubernetes API server (besides kopf's own watching).
 
-Why not the official client's API classes: they are synchronous (one thread per call, 500 CRs → a
-thread pool bottleneck) and ``kubernetes_asyncio`` is not a dependency. So credentials come from the
-official client's config loader (in-cluster first, then kubeconfig / ``$KUBECONFIG``) — the same loader
-kopf's login uses, and ``connection_info()`` hands the very same credentials to kopf — and requests go
-through aiohttp (a kopf dependency) as plain JSON. Writes are JSON merge patches, never PUT.
+lightkube does config loading (in-cluster service account first, then kubeconfig / ``$KUBECONFIG``), auth
+(token, rotating in-cluster token file, exec plugins run as asyncio subprocesses) and transport (its
+httpx client with the cluster's TLS); ``connection_info()`` hands the very same credentials to kopf. What
+lightkube lacks is this thin layer (docs/operator.md lists it): bounded retries honouring Retry-After,
+request counting, untyped JSON by path with merge patches (never PUT), apply-if-different, ownership checks.
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import ssl
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
+import httpx2 as httpx  # lightkube's transport (a maintained httpx fork); its exceptions and types
+import yaml
+from lightkube.config import client_adapter
+from lightkube.config.kubeconfig import KubeConfig, SingleConfig
+from lightkube.config.models import User
+from lightkube.core.exceptions import ConfigError
 
 from .normalize import is_subset, server_form, strip_none, with_removals
 
@@ -29,8 +32,9 @@ RETRIES = 5
 BACKOFF_SECONDS = 0.2  # doubled per attempt: 0.2, 0.4, 0.8, 1.6, 3.2
 MAX_RETRY_AFTER_SECONDS = 10.0
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-TOKEN_REFRESH_SECONDS = 30.0  # how often the credentials hook may run (in a thread, never on the loop)
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO (URL and status): noise at 500 CRs; our retries log what matters.
+logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 
 def _user_agent() -> str:
@@ -124,78 +128,58 @@ def controlled_by(obj: Mapping[str, Any] | None, uid: str | None) -> bool:
 # ---------------------------------------------------------------------------------------- config
 
 
-@dataclass
-class Config:
-    server: str
-    ca_path: str | None = None
-    insecure: bool = False
-    cert_path: str | None = None
-    key_path: str | None = None
-    authorization: str | None = None  # the full header value, e.g. "Bearer abc"
-    _client_config: Any = field(default=None, repr=False)
-    _refreshed: float = field(default=0.0, repr=False)
-
-    def auth_header(self) -> str | None:
-        """The header as last refreshed (sync callers: kopf's login handler runs in a thread)."""
-        cfg = self._client_config
-        if cfg is not None and getattr(cfg, "refresh_api_key_hook", None) is not None:
-            cfg.refresh_api_key_hook(cfg)
-            self.authorization = _auth_from(cfg)
-            self._refreshed = time.monotonic()
-        return self.authorization
-
-    async def auth_header_async(self) -> str | None:
-        """In-cluster tokens rotate and exec plugins may run a process: the official client's hook refreshes
-        them, at most every TOKEN_REFRESH_SECONDS and in a worker thread, so the event loop never blocks."""
-        cfg = self._client_config
-        hook = getattr(cfg, "refresh_api_key_hook", None) if cfg is not None else None
-        if hook is not None and time.monotonic() - self._refreshed > TOKEN_REFRESH_SECONDS:
-            await asyncio.to_thread(hook, cfg)
-            self.authorization = _auth_from(cfg)
-            self._refreshed = time.monotonic()
-        return self.authorization
-
-
-def _auth_from(cfg: Any) -> str | None:
-    # kubernetes>=36 keeps the token under BearerToken, older versions under authorization.
-    return cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
-
-
 class NoCredentials(Exception):
     """Neither in-cluster credentials nor a usable kubeconfig: one line saying what was looked for."""
 
 
+@dataclass
+class Config:
+    """Where the API server is and how to authenticate: a lightkube ``SingleConfig`` (one kubeconfig context, or
+    the in-cluster service account); ``Config(server=url)`` alone is an unauthenticated plain connection."""
+
+    server: str
+    single: SingleConfig | None = field(default=None, repr=False)
+
+    def resolved(self) -> SingleConfig:
+        single = self.single or KubeConfig.from_server(self.server).get()
+        assert single is not None  # from_server always sets a current context
+        # lightkube's transport wants a user entry even when it carries no credentials.
+        return single if single.user is not None else single._replace(user=User())
+
+    def auth_header(self) -> str | None:
+        """The Authorization header lightkube's auth would send now (token, rotated token file or exec plugin),
+        for sync callers: kopf's login handler runs in a thread. Kube's own requests authenticate through the
+        same lightkube auth, asynchronously (an exec plugin runs as an asyncio subprocess)."""
+        auth = client_adapter.user_auth(self.resolved().user)
+        if auth is None:
+            return None
+        request = httpx.Request("GET", self.server)
+        next(auth.sync_auth_flow(request))
+        return request.headers.get("Authorization")
+
+
 def load_config(kubeconfig: str | None = None) -> Config:
-    """In-cluster service account first, then the kubeconfig (``$KUBECONFIG`` or ~/.kube/config)."""
+    """In-cluster service account first, then the kubeconfig (``kubeconfig``, ``$KUBECONFIG`` or ~/.kube/config)."""
     import os
 
-    import kubernetes.client
-    import kubernetes.config
-
-    cfg = kubernetes.client.Configuration()
+    path = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
     try:
-        if kubeconfig:
-            raise kubernetes.config.ConfigException("explicit kubeconfig")
-        kubernetes.config.load_incluster_config(client_configuration=cfg)
-    except kubernetes.config.ConfigException:
-        path = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
         try:
-            kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-        except (kubernetes.config.ConfigException, OSError, ValueError, TypeError) as exc:
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            raise NoCredentials(
-                "no Kubernetes credentials: not in a cluster (KUBERNETES_SERVICE_HOST/PORT unset or the service "
-                f"account token unreadable) and no usable kubeconfig at {path} ({reason})"
-            ) from None
-    return Config(
-        server=cfg.host.rstrip("/"),
-        ca_path=cfg.ssl_ca_cert,
-        insecure=not cfg.verify_ssl,
-        cert_path=cfg.cert_file,
-        key_path=cfg.key_file,
-        authorization=_auth_from(cfg),
-        _client_config=cfg,
-    )
+            if kubeconfig:
+                raise ConfigError("explicit kubeconfig")
+            # lightkube's from_env raises KeyError when a token is mounted but KUBERNETES_SERVICE_* are unset.
+            loaded = KubeConfig.from_service_account()
+        except (ConfigError, KeyError):
+            loaded = KubeConfig.from_file(path)
+        single = loaded.get()
+    except (ConfigError, OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise NoCredentials(
+            "no Kubernetes credentials: not in a cluster (KUBERNETES_SERVICE_HOST/PORT unset or the service "
+            f"account token unreadable) and no usable kubeconfig at {path} ({reason})"
+        ) from None
+    assert single is not None
+    return Config(server=single.cluster.server.rstrip("/"), single=single)
 
 
 _config: Config | None = None
@@ -215,18 +199,27 @@ def connection_info(cfg: Config) -> Any:
     """The same credentials for kopf's ``@kopf.on.login``."""
     import kopf
 
+    single = cfg.resolved()
+    cluster, user = single.cluster, single.user or User()
     scheme, token = None, None
     header = cfg.auth_header()
     if header:
         scheme, _, token = header.partition(" ") if " " in header else ("Bearer", "", header)
+
+    def path(name: str | None) -> str | None:
+        return str(single.abs_file(name)) if name else None
+
     return kopf.ConnectionInfo(
         server=cfg.server,
-        ca_path=cfg.ca_path,
-        insecure=cfg.insecure,
+        ca_path=path(cluster.certificate_auth),
+        ca_data=cluster.certificate_auth_data,  # base64, as kopf reads it from a kubeconfig
+        insecure=cluster.insecure,
         scheme=scheme,
         token=token,
-        certificate_path=cfg.cert_path,
-        private_key_path=cfg.key_path,
+        certificate_path=path(user.client_cert),
+        certificate_data=user.client_cert_data,
+        private_key_path=path(user.client_key),
+        private_key_data=user.client_key_data,
     )
 
 
@@ -245,30 +238,23 @@ class Kube:
     def __init__(self, cfg: Config | None = None, *, limit: int = 32) -> None:
         self.cfg = cfg if cfg is not None else get_config()
         self.counters = Counters()
-        self._session: aiohttp.ClientSession | None = None
+        self._session: httpx.AsyncClient | None = None
         self._limit = limit
 
-    async def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            ssl_ctx: ssl.SSLContext | bool = False
-            if self.cfg.server.startswith("https"):
-                if self.cfg.insecure:
-                    ssl_ctx = False
-                else:
-                    ssl_ctx = ssl.create_default_context(cafile=self.cfg.ca_path)
-                if self.cfg.cert_path and isinstance(ssl_ctx, ssl.SSLContext):
-                    ssl_ctx.load_cert_chain(self.cfg.cert_path, self.cfg.key_path)
-            connector = aiohttp.TCPConnector(ssl=ssl_ctx, limit=self._limit)
-            self._session = aiohttp.ClientSession(
-                base_url=self.cfg.server + "/",
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=30),
+    async def _get_session(self) -> httpx.AsyncClient:
+        if self._session is None or self._session.is_closed:
+            # lightkube builds the TLS context (CA file or data, client certificates, insecure-skip-tls-verify)
+            # and the auth (token, in-cluster token file re-read on 401, exec plugin run asynchronously).
+            params = client_adapter.ConnectionParams(timeout=httpx.Timeout(30), trust_env=False)
+            self._session = httpx.AsyncClient(
+                **params.httpx_params(self.cfg.resolved()),
+                limits=httpx.Limits(max_connections=self._limit, max_keepalive_connections=self._limit),
             )
         return self._session
 
     async def close(self) -> None:
         if self._session is not None:
-            await self._session.close()
+            await self._session.aclose()
             self._session = None
 
     async def _request(
@@ -280,40 +266,41 @@ class Kube:
         404 is None; any other error status raises ApiError with the Status message (it names the field)."""
         session = await self._get_session()
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        content = None
         if body is not None:
             headers["Content-Type"] = content_type
+            content = json.dumps(body).encode()
         if method in ("POST", "PATCH", "PUT"):
             params = {"fieldManager": FIELD_MANAGER, **(params or {})}
         for attempt in range(RETRIES + 1):
-            auth = await self.cfg.auth_header_async()
-            if auth:
-                headers["Authorization"] = auth
             if method == "GET":
                 self.counters.reads += 1
             else:
                 self.counters.writes += 1
             delay = BACKOFF_SECONDS * 2**attempt
             try:
-                async with session.request(
-                    method, path.lstrip("/"), json=body, headers=headers, params=params
-                ) as resp:
-                    if resp.status == 404:
-                        return None
-                    if resp.status in RETRY_STATUSES and attempt < RETRIES:
-                        delay = max(delay, _retry_after(resp.headers.get("Retry-After")))
-                        log.warning("%s %s: %s, retry %d/%d in %.1fs", method, path, resp.status, attempt + 1,
-                                    RETRIES, delay)
-                        await asyncio.sleep(delay)
-                        continue
-                    if resp.status >= 400:
-                        raise ApiError(resp.status, _status_message(await resp.text())[:500])
-                    data = await resp.json(content_type=None)
-                    return data if isinstance(data, dict) else None
-            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+                resp = await session.request(method, path, content=content, headers=headers, params=params)
+            except httpx.TransportError as exc:  # connect/read errors, resets, timeouts
                 if attempt >= RETRIES:
                     raise ApiError(503, f"{method} {path}: {exc!r} after {RETRIES} retries") from exc
                 log.warning("%s %s: %r, retry %d/%d in %.1fs", method, path, exc, attempt + 1, RETRIES, delay)
                 await asyncio.sleep(delay)
+                continue
+            if resp.status_code == 404:
+                return None
+            if resp.status_code in RETRY_STATUSES and attempt < RETRIES:
+                delay = max(delay, _retry_after(resp.headers.get("Retry-After")))
+                log.warning("%s %s: %s, retry %d/%d in %.1fs", method, path, resp.status_code, attempt + 1,
+                            RETRIES, delay)
+                await asyncio.sleep(delay)
+                continue
+            if resp.status_code >= 400:
+                raise ApiError(resp.status_code, _status_message(resp.text)[:500])
+            try:
+                data = resp.json()
+            except ValueError as exc:
+                raise ApiError(resp.status_code, f"{method} {path}: not JSON: {resp.text[:200]!r}") from exc
+            return data if isinstance(data, dict) else None
         raise AssertionError("unreachable")  # the loop returns or raises
 
     async def get(self, res: Resource, namespace: str, name: str) -> dict[str, Any] | None:

@@ -152,7 +152,9 @@ async def test_generated_specs_idle_without_writes_and_shed_removed_fields(
         except AssertionError:
             dep = await cluster.get("deployments", NS, names.deployment(name))
             raise AssertionError(f"{name}: still has {leftovers(dep, spec['resources']['gpus'])}") from None
-        assert await cluster.get("horizontalpodautoscalers", NS, names.base(name)) is None
+        # Unwanted children are deleted after the wanted ones are applied: wait, as for the others below.
+        await eventually(lambda n=name: _gone(cluster, "horizontalpodautoscalers", names.base(n)),
+                         what=f"{name}'s HorizontalPodAutoscaler gone")
         await eventually(lambda n=name: _gone(cluster, "networkpolicies", names.network_policy(n)),
                          what=f"{name}'s NetworkPolicy gone")
         await eventually(lambda n=name: _gone(cluster, "certificates", names.certificate(n)),
