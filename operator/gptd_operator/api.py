@@ -293,7 +293,7 @@ class AutoscalingSpec(_Model):
     )
     maxReplicas: int = Field(ge=1, description="Upper bound.")
     targetInflightRequests: int | None = Field(
-        None, ge=1, description="Target average gptd:num_requests_running per pod (a Pods metric)."
+        None, ge=1, description="Target average gptd:num_requests_inflight (running + waiting) per pod (a Pods metric)."
     )
     targetCPUUtilization: int | None = Field(None, ge=1, le=100, description="Target average CPU utilisation %.")
 
