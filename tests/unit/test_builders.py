@@ -10,14 +10,10 @@ from gptd_operator import builders as b
 from gptd_operator.api import InvalidSpec, parse_spec
 from gptd_operator.settings import DEFAULT_RUNTIME_IMAGE, Settings
 
+from tests.support.specs import spec
+
 S = Settings()
 UID = "uid-1"
-
-
-def spec(**over: Any) -> Any:
-    raw: dict[str, Any] = {"model": {"uri": "hf://openai-community/gpt2"}}
-    raw.update(over)
-    return parse_spec(raw)
 
 
 def dep(**over: Any) -> dict[str, Any]:

@@ -10,14 +10,10 @@ from gptd_operator import names
 from gptd_operator.api import InvalidSpec, parse_spec
 from gptd_operator.settings import Settings
 
+from tests.support.specs import spec
+
 S = Settings()
 UID = "uid-1"
-
-
-def spec(**over: Any) -> Any:
-    raw: dict[str, Any] = {"model": {"uri": "hf://openai-community/gpt2"}}
-    raw.update(over)
-    return parse_spec(raw)
 
 
 def pod(**over: Any) -> dict[str, Any]:
