@@ -130,9 +130,11 @@ def check_spec(spec: GPTDeploymentSpec, settings: Settings) -> None:
             "s3:// models need the operator setting GPTD_S3_INIT_IMAGE (an AWS CLI image); "
             "use hf://, pvc:// or file:// otherwise",
         )
-    if spec.networkPolicy.enabled and spec.service.port == METRICS_PORT:
+    if wants_side_port(spec) and spec.service.port == METRICS_PORT:
         raise InvalidSpec(
-            "spec.service.port", f"{METRICS_PORT} is the metrics port when spec.networkPolicy is enabled; pick another"
+            "spec.service.port",
+            f"{METRICS_PORT} is the metrics and probe port when spec.networkPolicy or mutual TLS is enabled; "
+            "pick another",
         )
     for i, env in enumerate(spec.runtime.env):
         if env.name.upper() in _SECRET_ENV_NAMES and env.value is not None:
@@ -343,7 +345,7 @@ def _env(
         env.append({"name": "GPTD_TLS_KEY_FILE", "value": f"{TLS_DIR}/tls.key"})
         if spec.service.tls.clientCASecretName is not None:
             env.append({"name": "GPTD_TLS_CLIENT_CA_FILE", "value": f"{CLIENT_CA_DIR}/ca.crt"})
-    if spec.networkPolicy.enabled:
+    if wants_side_port(spec):
         env.append({"name": "GPTD_METRICS_PORT", "value": str(METRICS_PORT)})
     if model.hfTokenSecretRef is not None:
         ref = model.hfTokenSecretRef
@@ -356,9 +358,20 @@ def _env(
     return env
 
 
-def _probe(path: str, period: int, failures: int, https: bool) -> dict[str, Any]:
-    get: dict[str, Any] = {"path": path, "port": PORT_NAME}
-    if https:
+def wants_side_port(spec: GPTDeploymentSpec) -> bool:
+    """The plain-HTTP side listener (/metrics and /health/*): for the NetworkPolicy's metrics rule, and under
+    mutual TLS, where the kubelet's probes (which present no client certificate) could never pass the handshake
+    on the serving port."""
+    mtls = spec.service.tls is not None and spec.service.tls.clientCASecretName is not None
+    return spec.networkPolicy.enabled or mtls
+
+
+def _probe(path: str, period: int, failures: int, https: bool, side_port: bool = False) -> dict[str, Any]:
+    if side_port:
+        get: dict[str, Any] = {"path": path, "port": METRICS_PORT_NAME}
+    else:
+        get = {"path": path, "port": PORT_NAME}
+    if https and not side_port:
         # Only then: `scheme: HTTP` (the default) in every template would restart every pod on an upgrade. The
         # kubelet does not verify the serving certificate, so HTTPS probes need no CA.
         get["scheme"] = "HTTPS"
@@ -425,11 +438,13 @@ def build_pod_template(
         volumes.append({"name": "tls-client-ca", "secret": {"secretName": client_ca, "defaultMode": 0o440}})
         mounts.append({"name": "tls-client-ca", "mountPath": CLIENT_CA_DIR, "readOnly": True})
     ports = [{"name": PORT_NAME, "containerPort": port, "protocol": "TCP"}]
-    if spec.networkPolicy.enabled:
-        # Only with a NetworkPolicy (its metrics rule names this port): a new port and env change the pod
-        # template, which would roll every existing model on an operator upgrade.
+    if wants_side_port(spec):
+        # Only with a NetworkPolicy (its metrics rule names this port) or mutual TLS (the probes use it): a new
+        # port and env change the pod template, which would roll every existing model on an operator upgrade.
         ports.append({"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"})
     https = spec.service.tls is not None
+    # Under mutual TLS the kubelet (no client certificate) probes the plain side port instead.
+    side = https and spec.service.tls.clientCASecretName is not None
     if init_containers:
         # The sync container can use the same credentials (AWS_* via valueFrom) as the runtime.
         for init in init_containers:
@@ -443,10 +458,11 @@ def build_pod_template(
         "resources": _resources(spec),
         "volumeMounts": mounts,
         "startupProbe": _probe(
-            "/health/ready", STARTUP_PERIOD_SECONDS, startup_failure_threshold(runtime.startupTimeoutSeconds), https
+            "/health/ready", STARTUP_PERIOD_SECONDS, startup_failure_threshold(runtime.startupTimeoutSeconds), https,
+            side,
         ),
-        "readinessProbe": _probe("/health/ready", 5, 3, https),
-        "livenessProbe": _probe("/health/live", 10, 3, https),
+        "readinessProbe": _probe("/health/ready", 5, 3, https, side),
+        "livenessProbe": _probe("/health/live", 10, 3, https, side),
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(settings.prestop_sleep_seconds)]}}},
         "securityContext": container_security_context(settings),
     }

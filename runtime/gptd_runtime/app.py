@@ -229,6 +229,8 @@ def _metrics_listener(app: FastAPI, settings: Settings) -> tuple[Any, Any] | Non
     metrics_app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     metrics_app.state.runtime = app.state.runtime
     metrics_app.include_router(metrics.router)
+    # The probes too: under mutual TLS the kubelet presents no client certificate, so it probes this plain port.
+    metrics_app.include_router(health.router)
 
     class Quiet(uvicorn.Server):
         @contextlib.contextmanager

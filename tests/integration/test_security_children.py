@@ -103,6 +103,10 @@ async def test_network_policy_created_restored_removed_and_quiet(cluster: Cluste
     await eventually(lambda: cluster.get("networkpolicies", NS, "gpt2"), what="NetworkPolicy restored")
     await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"networkPolicy": {"enabled": False}}})
     await eventually(lambda: _gone(cluster, "networkpolicies", "gpt2"), what="NetworkPolicy deleted")
+    # Mutual TLS still needs the side port (the kubelet probes it without a client certificate).
+    dep = await cluster.get("deployments", NS, "gpt2")
+    assert {p["readinessProbe"]["httpGet"]["port"] for p in pod_spec(dep)["containers"]} == {"metrics"}
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"service": {"tls": {"clientCASecretName": ""}}}})
     dep = await eventually(
         lambda: _where(cluster, "deployments", "gpt2",
                        lambda d: [p["name"] for p in pod_spec(d)["containers"][0]["ports"]] == ["http"]),

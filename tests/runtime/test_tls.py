@@ -214,14 +214,18 @@ def test_serve_binds_loopback_by_default_without_a_banner(models: Any) -> None:
         proc.wait(10)
 
 
-def test_metrics_port_serves_only_metrics_in_plain_http(models: Any, volume: SecretVolume, ca: tuple[CA, Path],
-                                                        engine: ContractEngine) -> None:
+def test_metrics_port_serves_only_metrics_and_probes_in_plain_http(
+    models: Any, volume: SecretVolume, ca: tuple[CA, Path], engine: ContractEngine
+) -> None:
+    # Under mutual TLS the kubelet (no client certificate) probes this port: the health routes are here too.
     settings = _settings(models, volume).model_copy(update={"metrics_port": free_port()})
     with ThreadedServer(settings, engine) as srv:
         side = f"http://127.0.0.1:{settings.metrics_port}"
         r = httpx.get(f"{side}/metrics")
         assert r.status_code == 200 and "gptd:ready 1.0" in r.text and "server" not in r.headers
-        for path in ("/v1/models", "/health/ready", "/docs", "/openapi.json"):
+        assert httpx.get(f"{side}/health/ready").status_code == 200
+        assert httpx.get(f"{side}/health/live").status_code == 200
+        for path in ("/v1/models", "/v1/completions", "/docs", "/openapi.json"):
             assert httpx.get(f"{side}{path}").status_code == 404, path
         assert httpx.get(f"{srv.url}/metrics", verify=_client_context(ca[1])).status_code == 200
     with pytest.raises(httpx.ConnectError):  # stopped with the server

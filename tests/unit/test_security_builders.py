@@ -60,6 +60,24 @@ def test_client_ca_is_mounted_and_set() -> None:
     assert "GPTD_TLS_CLIENT_CA_FILE" not in env(pod(service={"tls": {"secretName": "t", "clientCASecretName": ""}}))
 
 
+def test_under_mutual_tls_no_probe_needs_a_client_certificate() -> None:
+    """The kubelet presents no client certificate: under mTLS it probes the plain side port (which the runtime
+    opens with GPTD_METRICS_PORT and which serves /health/*), never the mTLS serving port."""
+    from gptd_runtime.config import load_settings
+
+    p = pod(service={"tls": {"secretName": "chat-tls", "clientCASecretName": "clients"}})
+    c = runtime_container(p)
+    assert {"name": b.METRICS_PORT_NAME, "containerPort": b.METRICS_PORT, "protocol": "TCP"} in c["ports"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = c[probe]["httpGet"]
+        assert get["port"] == b.METRICS_PORT_NAME and get.get("scheme", "HTTP") == "HTTP", (probe, get)
+    assert load_settings({}, {k: v for k, v in env(p).items() if isinstance(v, str)}).metrics_port == b.METRICS_PORT
+    with pytest.raises(InvalidSpec) as exc:
+        b.check_spec(spec(service={"port": b.METRICS_PORT,
+                                   "tls": {"secretName": "t", "clientCASecretName": "c"}}), S)
+    assert exc.value.field == "spec.service.port"
+
+
 def test_status_url_is_https_with_tls() -> None:
     assert b.service_url("chat", "team", spec(service={"tls": {"secretName": "t"}})).startswith("https://chat.team.")
     assert b.service_url("chat", "team", spec()).startswith("http://chat.team.")
