@@ -412,6 +412,9 @@ def build_pod_template(
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
+    # Group-readable where fsGroup makes the runtime's group own the files; with the UID left to the platform
+    # there may be no fsGroup (only OpenShift fills one in), and root-owned 0440 files would be unreadable.
+    secret_mode = 0o440 if settings.run_as_user is not None else 0o444
     if runtime.apiKeySecretRef is not None:
         ref = runtime.apiKeySecretRef
         volumes.append(
@@ -420,22 +423,24 @@ def build_pod_template(
                 "secret": {
                     "secretName": ref.name,
                     "items": [{"key": ref.key, "path": "api-key"}],
-                    "defaultMode": 0o440,  # group-readable: fsGroup makes the runtime's group own it
+                    "defaultMode": secret_mode,
                 },
             }
         )
         mounts.append({"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True})
     if runtime.apiKeysSecretName is not None:
         # Every data key is a file: adding or removing one adds or removes keys (the kubelet updates the mount).
-        volumes.append({"name": "api-key", "secret": {"secretName": runtime.apiKeysSecretName, "defaultMode": 0o440}})
+        volumes.append(
+            {"name": "api-key", "secret": {"secretName": runtime.apiKeysSecretName, "defaultMode": secret_mode}}
+        )
         mounts.append({"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True})
     tls_secret = tls_secret_name(name, spec)
     if tls_secret is not None:
-        volumes.append({"name": "tls", "secret": {"secretName": tls_secret, "defaultMode": 0o440}})
+        volumes.append({"name": "tls", "secret": {"secretName": tls_secret, "defaultMode": secret_mode}})
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
     client_ca = spec.service.tls.clientCASecretName if spec.service.tls is not None else None
     if client_ca is not None:
-        volumes.append({"name": "tls-client-ca", "secret": {"secretName": client_ca, "defaultMode": 0o440}})
+        volumes.append({"name": "tls-client-ca", "secret": {"secretName": client_ca, "defaultMode": secret_mode}})
         mounts.append({"name": "tls-client-ca", "mountPath": CLIENT_CA_DIR, "readOnly": True})
     ports = [{"name": PORT_NAME, "containerPort": port, "protocol": "TCP"}]
     if wants_side_port(spec):

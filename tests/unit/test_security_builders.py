@@ -258,3 +258,15 @@ def test_every_namespace_and_expressions_pass_through() -> None:
     peer = {"namespaceSelector": {}, "podSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}}
     np = b.build_network_policy("chat", "team", UID, spec(networkPolicy={"enabled": True, "allowFrom": [peer]}), S)
     assert np["spec"]["ingress"][0]["from"] == [peer]
+
+
+def test_secret_files_stay_readable_when_the_platform_picks_the_uid() -> None:
+    """0440 relies on fsGroup owning the files; with runAsUser left to the platform there may be no fsGroup."""
+    over = {"service": {"tls": {"secretName": "t", "clientCASecretName": "c"}}, "runtime": {"apiKeysSecretName": "k"}}
+    fixed = b.build_deployment("chat", "team", UID, spec(**over), S)["spec"]["template"]["spec"]
+    free = b.build_deployment("chat", "team", UID, spec(**over), Settings(run_as_user=None))["spec"]["template"]["spec"]
+    modes = {v["name"]: v["secret"]["defaultMode"] for v in fixed["volumes"] if "secret" in v}
+    assert modes == {"api-key": 0o440, "tls": 0o440, "tls-client-ca": 0o440} and fixed["securityContext"]["fsGroup"]
+    assert "fsGroup" not in free["securityContext"]
+    free_modes = {v["name"]: v["secret"]["defaultMode"] for v in free["volumes"] if "secret" in v}
+    assert free_modes == dict.fromkeys(modes, 0o444)
