@@ -14,26 +14,22 @@ from typing import Any
 import jsonschema
 import pytest
 import torch
-from gptd_runtime.config import Settings
 from gptd_runtime.engine import (
     GenerationEngine,
     InvalidParameterError,
     ResponseFormat,
     SamplingParams,
 )
-from gptd_runtime.loading import load_model
+
+from tests.support.engine import started_engine
 
 
 @pytest.fixture
 async def engine(models: dict[str, Path]) -> AsyncIterator[GenerationEngine]:
     # A small token budget per pass: long prompts are prefilled in chunks next to decoding requests, so "mixed
     # batch" really changes how the other rows are computed.
-    settings = Settings(model=str(models["plain"]), max_new_tokens=128, max_batch_size=8, max_batch_tokens=64)
-    eng = GenerationEngine(load_model(settings, models["plain"]), settings)
-    eng.start()
-    await eng.warmup()
-    yield eng
-    eng.stop()
+    async with started_engine(models["plain"], max_new_tokens=128, max_batch_size=8, max_batch_tokens=64) as eng:
+        yield eng
 
 
 def _ids(engine: GenerationEngine, text: str) -> list[int]:

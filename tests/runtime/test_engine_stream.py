@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gptd_runtime.config import Settings
 from gptd_runtime.engine import (
     Delta,
     EngineUnavailableError,
@@ -22,18 +21,15 @@ from gptd_runtime.engine import (
     ResponseFormat,
     SamplingParams,
 )
-from gptd_runtime.loading import load_model
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
+
+from tests.support.engine import started_engine
 
 
 @pytest.fixture
 async def engine(models: dict[str, Path]) -> AsyncIterator[GenerationEngine]:
-    settings = Settings(model=str(models["plain"]), max_new_tokens=128, max_batch_size=8)
-    eng = GenerationEngine(load_model(settings, models["plain"]), settings)
-    eng.start()
-    await eng.warmup()
-    yield eng
-    eng.stop()
+    async with started_engine(models["plain"], max_new_tokens=128, max_batch_size=8) as eng:
+        yield eng
 
 
 def _ids(engine: GenerationEngine, text: str) -> list[int]:

@@ -6,11 +6,13 @@ per token when streaming, one delta at the end otherwise)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gptd_runtime.engine import Delta, SamplingParams, TokenLogprob, TopLogprob
@@ -144,3 +146,20 @@ class ScriptedEngine(ContractEngine):
         request = Submitted(list(prompt_ids), params, stream, f"scripted-{next(self._ids)}")
         self.submitted.append(request)
         return ScriptedStream(self, request)
+
+
+@contextlib.asynccontextmanager
+async def started_engine(model_dir: Path, **settings: Any) -> AsyncIterator[Any]:
+    """A real GenerationEngine on ``model_dir``, started and warmed up, stopped on exit (engine-level tests)."""
+    from gptd_runtime.config import Settings
+    from gptd_runtime.engine import GenerationEngine
+    from gptd_runtime.loading import load_model
+
+    config = Settings(model=str(model_dir), **settings)
+    engine = GenerationEngine(load_model(config, model_dir), config)
+    engine.start()
+    try:
+        await engine.warmup()
+        yield engine
+    finally:
+        engine.stop()
