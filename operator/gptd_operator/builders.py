@@ -27,6 +27,11 @@ LABEL_REVISION = ANN_REVISION = "gptd.io/revision"
 LABEL_TRACK = "gptd.io/track"
 ANN_TEMPLATE = "gptd.io/template"  # on the Deployment: the revision template, JSON
 RUNTIME_APP = "gptd-runtime"
+# Jobs (model download, evaluation) and their pods: app.kubernetes.io/name gptd-job, never gptd-runtime, so the
+# Service, the PDB, the NetworkPolicy and the runtime-pod index never select a Job's pod; the component label says
+# what the Job is for (the runtime-pod index also skips any pod that has one).
+JOB_APP = "gptd-job"
+LABEL_COMPONENT = "app.kubernetes.io/component"
 MANAGER = "gptd-operator"
 
 CONTAINER = "runtime"
@@ -68,6 +73,18 @@ def common_labels(name: str) -> dict[str, str]:
 def deployment_selector(name: str, track: str) -> dict[str, str]:
     # Immutable in a Deployment, so it carries nothing that changes between revisions.
     return {**selector_labels(name), LABEL_TRACK: track}
+
+
+def job_labels(name: str, component: str, revision: str) -> dict[str, str]:
+    """Labels of a Job of CR ``name`` and of its pod template: ``component`` says what it does ("model-download",
+    "evaluation"), ``revision`` which revision it is for. The instance label lets the Job index find the CR."""
+    return {
+        LABEL_NAME: JOB_APP,
+        LABEL_INSTANCE: names.base(name),
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_COMPONENT: component,
+        LABEL_REVISION: revision,
+    }
 
 
 def selector_string(name: str) -> str:
