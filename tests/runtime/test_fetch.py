@@ -539,3 +539,63 @@ def test_a_nested_revision_such_as_a_pr_ref_stays_allowed(hub: FakeHub, tmp_path
     hub.repos[REPO_ID].refs["refs/pr/1"] = hub.last_sha
     path = fetch(REPO_ID, "refs/pr/1", tmp_path, FetchOptions(endpoint=hub.url, backoff_seconds=0), out=io.StringIO())
     assert path == tmp_path / hub.last_sha and resolve_ref(tmp_path, "refs/pr/1") == hub.last_sha
+
+
+def test_result_file_holds_the_last_line_for_the_operator(hub: FakeHub, tmp_path: Path) -> None:
+    """The download Job's container writes it to /dev/termination-log: the commit sha, or the error."""
+    dest, result_file = tmp_path / "cache", tmp_path / "termination-log"
+    ok = _cli(dest, "--result-file", str(result_file), env={"HF_ENDPOINT": hub.url})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    line = json.loads(result_file.read_text())
+    assert line == _lines(ok.stdout)[-1] and line["revision"] == hub.last_sha and line["complete"] is True
+    bad = _cli(dest, "--result-file", str(result_file), env={"HF_ENDPOINT": hub.url}, revision="nope")
+    assert bad.returncode == 1
+    assert json.loads(result_file.read_text()) == _lines(bad.stdout)[-1] and "nope" in _lines(bad.stdout)[-1]["error"]
+
+
+def _run(dest: Path, endpoint: str, revision: str, *extra: str) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    fetch_mod.add_arguments(parser)
+    args = parser.parse_args([f"hf://{REPO_ID}", "--revision", revision, "--dest", str(dest),
+                              "--progress-interval", "0", *extra])
+    out = io.StringIO()
+    rc = fetch_mod.run(args, out=out)
+    print(out.getvalue())  # shown when the test fails
+    return rc
+
+
+def test_prune_keeps_the_mounted_and_the_fetched_revisions_and_no_running_work(
+        models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dest = tmp_path / "cache"
+    import functools
+
+    with FakeHub() as hub:
+        # The CLI in-process (a subprocess per fetch would cost seconds of imports): HF_ENDPOINT's part.
+        monkeypatch.setattr(fetch_mod, "FetchOptions", functools.partial(FetchOptions, endpoint=hub.url))
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        shas = {}
+        for tag, extra in (("v1", b"1"), ("v2", b"2"), ("v3", b"3")):
+            shas[tag] = hub.add_directory(REPO_ID, models["plain"], ref=tag, extra={"notes.txt": extra})
+            assert _run(dest, hub.url, tag) == 0
+        # Abandoned work (a killed fetch) and work a running fetch holds the lock of.
+        stale, busy = "a" * 40, "b" * 40
+        for sha in (stale, busy):
+            (dest / INCOMPLETE / sha).mkdir(parents=True)
+            (dest / INCOMPLETE / sha / "model.safetensors.part").write_bytes(b"x")
+        with open(dest / INCOMPLETE / f"{busy}.lock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            shas["v4"] = hub.add_directory(REPO_ID, models["plain"], ref="v4", extra={"notes.txt": b"4"})
+            # v1 is mounted by running pods: kept; v4 is the one fetched now: kept; v2, v3 go.
+            assert _run(dest, hub.url, "v4", "--prune", "--keep", shas["v1"]) == 0
+            assert complete_revision(dest, shas["v1"]) and complete_revision(dest, shas["v4"])
+            assert not (dest / shas["v2"]).exists() and not (dest / shas["v3"]).exists()
+            assert resolve_ref(dest, "v1") == shas["v1"] and resolve_ref(dest, "v4") == shas["v4"]
+            assert resolve_ref(dest, "v2") is None and not (dest / "refs" / "v3").exists()
+            assert not (dest / INCOMPLETE / stale).exists()
+            assert (dest / INCOMPLETE / busy / "model.safetensors.part").exists()  # a running fetch's: untouched
+        # Without --prune nothing is deleted.
+        assert _run(dest, hub.url, "v2") == 0
+        assert complete_revision(dest, shas["v1"]) and complete_revision(dest, shas["v2"])
+        assert _run(dest, hub.url, "v2", "--prune", "--keep", "not-a-sha") == 1
