@@ -25,7 +25,17 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote, urlsplit
 
-from .eval_dataset import TASKS, ClassificationRow, DatasetError, GenerationRow, NerRow, Row, load_dataset, trim_span
+from gptd_common.eval_dataset import (
+    TASKS,
+    ClassificationRow,
+    DatasetError,
+    GenerationRow,
+    NerRow,
+    Row,
+    load_dataset,
+    trim_span,
+)
+
 from .eval_metrics import (
     AVERAGES,
     CLASSIFICATION_METRICS,

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gptd_runtime.eval_dataset import DatasetError, NerRow, parse_dataset
+from gptd_common.eval_dataset import DatasetError, NerRow, parse_dataset
 from gptd_runtime.eval_metrics import classification_scores, entity_scores, generation_score, normalize
 from gptd_runtime.evaluate import EvalOptions, EvaluationError, evaluate
 from seqeval import metrics as seqeval_metrics  # the references are dev dependencies: a missing one must fail
