@@ -27,6 +27,11 @@ LABEL_REVISION = ANN_REVISION = "gptd.io/revision"
 LABEL_TRACK = "gptd.io/track"
 ANN_TEMPLATE = "gptd.io/template"  # on the Deployment: the revision template, JSON
 RUNTIME_APP = "gptd-runtime"
+EVALUATOR_APP = "gptd-evaluator"  # the evaluation Jobs' pods (evaluation.py); never selected as runtime pods
+# The evaluation gate (evaluation.py): a revision template with this key true puts the readiness gate GATE_CONDITION
+# in the pod template. Not part of the revision hash: whether a revision is gated never changes the revision.
+TEMPLATE_GATE_KEY = "evaluationGate"
+GATE_CONDITION = "gptd.io/evaluated"
 MANAGER = "gptd-operator"
 
 CONTAINER = "runtime"
@@ -63,6 +68,12 @@ def selector_labels(name: str) -> dict[str, str]:
 
 def common_labels(name: str) -> dict[str, str]:
     return {**selector_labels(name), LABEL_MANAGED_BY: MANAGER}
+
+
+def evaluator_labels(name: str) -> dict[str, str]:
+    """The evaluation Jobs' pod labels: never the runtime selector (the Service, PDB and pod index must not pick
+    them up)."""
+    return {LABEL_NAME: EVALUATOR_APP, LABEL_INSTANCE: names.base(name), LABEL_MANAGED_BY: MANAGER}
 
 
 def deployment_selector(name: str, track: str) -> dict[str, str]:
@@ -215,7 +226,8 @@ def canonical_json(obj: Any) -> str:
 
 
 def revision_hash(template: Template) -> str:
-    return hashlib.sha256(canonical_json(template).encode()).hexdigest()[:10]
+    hashed = {k: v for k, v in template.items() if k != TEMPLATE_GATE_KEY}
+    return hashlib.sha256(canonical_json(hashed).encode()).hexdigest()[:10]
 
 
 def desired_replicas(spec: GPTDeploymentSpec) -> int | None:
@@ -485,6 +497,8 @@ def build_pod_template(
         "affinity": sched.affinity or None,
         "priorityClassName": sched.priorityClassName,
         "runtimeClassName": sched.runtimeClassName,
+        # Only in a gated revision's template (evaluation.py), so adding spec.evaluation changes no live pod.
+        "readinessGates": [{"conditionType": GATE_CONDITION}] if template.get(TEMPLATE_GATE_KEY) else None,
     }
     revision = revision_hash(template)
     return {
@@ -709,6 +723,11 @@ def build_network_policy(
     if peers:
         # An ingress rule without `from` would admit everyone: with no peers there is no rule for this port.
         ingress.append({"from": peers, "ports": [{"port": PORT_NAME, "protocol": "TCP"}]})
+    if spec.evaluation is not None:
+        # The evaluation Jobs score a new pod over the runtime port (this CR's Jobs only, by their labels).
+        evaluator = {LABEL_NAME: EVALUATOR_APP, LABEL_INSTANCE: names.base(name)}
+        ingress.append({"from": [{"podSelector": {"matchLabels": evaluator}}],
+                        "ports": [{"port": PORT_NAME, "protocol": "TCP"}]})
     ingress.append({
         "from": [{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: settings.monitoring_namespace}}}],
         "ports": [{"port": METRICS_PORT_NAME, "protocol": "TCP"}],

@@ -7,11 +7,12 @@ and the status never disagree about what the cluster looks like. No I/O, no cloc
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .builders import ANN_TEMPLATE, LABEL_REVISION
+from .builders import ANN_TEMPLATE, GATE_CONDITION, LABEL_REVISION
 
 Template = dict[str, Any]
 # Waiting reasons that mean a container cannot run as it is.
@@ -38,6 +39,12 @@ class PodObs:
     crashloop_message: str = ""  # CrashLoopBackOff / ImagePullBackOff / ErrImagePull, with the container
     restarts: int = 0
     waiting_reason: str = ""  # the container's state.waiting.reason behind crashloop_message
+    # For the evaluation gate (evaluation.py): which pod, where, and whether it waits only for the gate.
+    name: str = ""
+    ip: str = ""
+    containers_ready: bool = False  # ContainersReady=True (Ready also needs every readiness gate)
+    gated: bool = False  # spec.readinessGates holds gptd.io/evaluated
+    evaluated: bool = False  # the gptd.io/evaluated pod condition is True
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,26 @@ class DeploymentObs:
     updated_replicas: int = 0
     available_replicas: int = 0
     up_to_date: bool = True  # status.observedGeneration >= metadata.generation
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """One evaluator Job as observed: running, succeeded (with the evaluator's JSON) or failed."""
+
+    state: str  # "running" | "succeeded" | "failed"
+    started: datetime | None = None
+    result: Mapping[str, Any] | None = None
+    message: str = ""
+    deadline_exceeded: bool = False
+    target: str = ""  # the pod it scores
+
+
+@dataclass(frozen=True)
+class EvaluationObs:
+    """What the handlers observed for the gate: the dataset identity and the evaluator Jobs, by name."""
+
+    dataset: str
+    runs: Mapping[str, EvalRun] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -66,6 +93,8 @@ class Observations:
     # Set by handlers when canary.analysis could not be evaluated (Prometheus unreachable or erroring): the
     # canary is held at its step (no advance, no rollback) until it can be.
     analysis_unavailable: str | None = None
+    evaluation: EvaluationObs | None = None  # set by handlers while a gated rollout is in flight
+    name: str = ""  # the GPTDeployment's name (the evaluator Jobs are named after it)
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -138,12 +167,69 @@ def observe_pod(pod: dict[str, Any]) -> PodObs:
                 crashloop_message += f" last exited {last.get('reason') or 'with'} code {last.get('exitCode')}"
             if waiting.get("message"):
                 crashloop_message += f": {waiting['message']}"
+    gates = ((pod.get("spec") or {}).get("readinessGates")) or []
     return PodObs(
         revision=(meta.get("labels") or {}).get(LABEL_REVISION),
         ready=ready,
+        name=meta.get("name") or "",
+        ip=status.get("podIP") or "",
+        containers_ready=(conditions.get("ContainersReady") or {}).get("status") == "True",
+        gated=any(g.get("conditionType") == GATE_CONDITION for g in gates),
+        evaluated=(conditions.get(GATE_CONDITION) or {}).get("status") == "True",
         unschedulable_since=unschedulable_since,
         unschedulable_message=unschedulable_message,
         crashloop_message=crashloop_message,
         restarts=restarts,
         waiting_reason=waiting_reason,
     )
+
+
+# --- the evaluation gate's Jobs ----------------------------------------------------------------------------
+
+ANN_EVAL_TARGET = "gptd.io/evaluation-target"  # on an evaluator Job: the pod (and revision) it scores
+
+
+def termination_message(pods: Sequence[Mapping[str, Any]]) -> str | None:
+    """The evaluator container's termination message from the newest terminated pod of a Job."""
+    newest: tuple[str, str] | None = None
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or {}
+            if term.get("message"):
+                stamp = term.get("finishedAt") or ""
+                if newest is None or stamp >= newest[0]:
+                    newest = (stamp, term["message"])
+    return None if newest is None else newest[1]
+
+
+def _result(message: str | None) -> Mapping[str, Any] | None:
+    if not message:
+        return None
+    try:
+        parsed = json.loads(message)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def observe_run(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]] = ()) -> EvalRun:
+    """A batch/v1 Job (and its pods, for the result) → EvalRun."""
+    meta = job.get("metadata") or {}
+    status = job.get("status") or {}
+    started = parse_time(status.get("startTime")) or parse_time(meta.get("creationTimestamp"))
+    target = (meta.get("annotations") or {}).get(ANN_EVAL_TARGET, "")
+    conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    result = _result(termination_message(pods))
+    if "Complete" in conditions or int(status.get("succeeded") or 0) > 0:
+        if result is None or "score" not in result:
+            return EvalRun("failed", started, result, "the evaluator finished without a result", target=target)
+        return EvalRun("succeeded", started, result, target=target)
+    failed = conditions.get("Failed")
+    if failed is not None:
+        deadline = failed.get("reason") == "DeadlineExceeded"
+        error = (result or {}).get("error")
+        message = str(error) if error else (failed.get("message") or failed.get("reason") or "the Job failed")
+        return EvalRun("failed", started, result, message, deadline_exceeded=deadline, target=target)
+    return EvalRun("running", started, target=target)
+
+
