@@ -49,7 +49,7 @@ TERMINATION_MESSAGE_LIMIT = 4096  # bytes the kubelet keeps of a termination mes
 # A Job gets this much beyond timeoutSeconds before Kubernetes kills it, so the operator's own timeout (which
 # names the reason) fires first; activeDeadlineSeconds is the backstop when the operator is down.
 JOB_DEADLINE_MARGIN_SECONDS = 60
-EPSILON = 1e-9  # scores are ratios of small integers: 0.9 >= 0.92 - 0.02 must hold
+EPSILON = 1e-9  # scores are ratios of small integers: 0.41 >= 0.5 - 0.09 (0.41000000000000003) must hold
 
 
 # ------------------------------------------------------------------------------------------ validation

@@ -394,29 +394,29 @@ def test_the_progress_deadline_waits_while_the_evaluator_runs() -> None:
 
 
 def test_baseline_once_per_dataset_and_regression_fails() -> None:
-    spec = make_spec({**EVAL, "maxRegression": 0.02})
+    spec = make_spec({**EVAL, "minScore": 0.4, "maxRegression": 0.09})
     plan = decide(spec, dict(SETTLED), observe(0, pods=OLD_PODS))
     status = merged(SETTLED, plan)
     (job,) = plan.evaluation_jobs  # the baseline starts at once, on a Ready current pod
     assert (job.role, job.revision, job.pod, job.ip, job.name) == (BASELINE, RA, "sent-a1", "10.0.0.1",
                                                                    base_name(spec))
-    runs = {base_name(spec): EvalRun("succeeded", at(1), {"score": 0.92}), cand_name(spec): scored(0.89, 5)}
+    runs = {base_name(spec): EvalRun("succeeded", at(1), {"score": 0.5}), cand_name(spec): scored(0.4, 5)}
     plan = decide(spec, status, observe(30, pods=(*OLD_PODS, NEW_POD), runs=runs))
     status = merged(status, plan)
-    assert status["evaluationBaseline"]["score"] == 0.92 and status["evaluationBaseline"]["revision"] == RA
+    assert status["evaluationBaseline"]["score"] == 0.5 and status["evaluationBaseline"]["revision"] == RA
     ev = status["evaluation"]
-    assert ev["passed"] is False and ev["baseline"] == 0.92 and ev["score"] == 0.89  # 0.89 >= minScore 0.85
-    assert "more than maxRegression 0.02 below the baseline 0.9200" in status["rollout"]["message"]
+    assert ev["passed"] is False and ev["baseline"] == 0.5 and ev["score"] == 0.4  # 0.4 >= minScore 0.4
+    assert "more than maxRegression 0.09 below the baseline 0.5000" in status["rollout"]["message"]
     # the next rollout against the same current revision and data (status.evaluation of the failed try gone, as
-    # after another revision in between): the baseline is not measured again; 0.90 is exactly 0.92 - 0.02 (a
-    # float edge: 0.92 - 0.02 is 0.9000000000000001) and passes
+    # after another revision in between): the baseline is not measured again; 0.41 is exactly 0.5 - 0.09 (a
+    # float edge: 0.5 - 0.09 is 0.41000000000000003) and passes
     status.pop("rollout")
     status.pop("evaluation")
     plan = decide(spec, status, observe(100, pods=OLD_PODS))
     assert [j.role for j in plan.evaluation_jobs] == []
     plan = decide(spec, merged(status, plan), observe(110, pods=(*OLD_PODS, NEW_POD),
-                                                      runs={cand_name(spec): scored(0.90)}))
-    assert plan.status["evaluation"]["passed"] is True and plan.status["evaluation"]["baseline"] == 0.92
+                                                      runs={cand_name(spec): scored(0.41)}))
+    assert plan.status["evaluation"]["passed"] is True and plan.status["evaluation"]["baseline"] == 0.5
 
 
 def test_candidate_done_waits_for_a_running_baseline_and_a_failed_baseline_falls_back_to_min_score() -> None:
