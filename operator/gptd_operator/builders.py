@@ -27,11 +27,16 @@ LABEL_REVISION = ANN_REVISION = "gptd.io/revision"
 LABEL_TRACK = "gptd.io/track"
 ANN_TEMPLATE = "gptd.io/template"  # on the Deployment: the revision template, JSON
 RUNTIME_APP = "gptd-runtime"
-EVALUATOR_APP = "gptd-evaluator"  # the evaluation Jobs' pods (evaluation.py); never selected as runtime pods
 # The evaluation gate (evaluation.py): a revision template with this key true puts the readiness gate GATE_CONDITION
 # in the pod template. Not part of the revision hash: whether a revision is gated never changes the revision.
 TEMPLATE_GATE_KEY = "evaluationGate"
 GATE_CONDITION = "gptd.io/evaluated"
+# Jobs (model download, evaluation) and their pods: app.kubernetes.io/name gptd-job, never gptd-runtime, so the
+# Service, the PDB, the NetworkPolicy and the runtime-pod index never select a Job's pod; the component label says
+# what the Job is for (the runtime-pod index also skips any pod that has one).
+JOB_APP = "gptd-job"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+EVALUATION_COMPONENT = "evaluation"  # the component label of the evaluation gate's Jobs (evaluation.py)
 MANAGER = "gptd-operator"
 
 CONTAINER = "runtime"
@@ -70,15 +75,21 @@ def common_labels(name: str) -> dict[str, str]:
     return {**selector_labels(name), LABEL_MANAGED_BY: MANAGER}
 
 
-def evaluator_labels(name: str) -> dict[str, str]:
-    """The evaluation Jobs' pod labels: never the runtime selector (the Service, PDB and pod index must not pick
-    them up)."""
-    return {LABEL_NAME: EVALUATOR_APP, LABEL_INSTANCE: names.base(name), LABEL_MANAGED_BY: MANAGER}
-
-
 def deployment_selector(name: str, track: str) -> dict[str, str]:
     # Immutable in a Deployment, so it carries nothing that changes between revisions.
     return {**selector_labels(name), LABEL_TRACK: track}
+
+
+def job_labels(name: str, component: str, revision: str) -> dict[str, str]:
+    """Labels of a Job of CR ``name`` and of its pod template: ``component`` says what it does ("model-download",
+    "evaluation"), ``revision`` which revision it is for. The instance label lets the Job index find the CR."""
+    return {
+        LABEL_NAME: JOB_APP,
+        LABEL_INSTANCE: names.base(name),
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_COMPONENT: component,
+        LABEL_REVISION: revision,
+    }
 
 
 def selector_string(name: str) -> str:
@@ -725,7 +736,7 @@ def build_network_policy(
         ingress.append({"from": peers, "ports": [{"port": PORT_NAME, "protocol": "TCP"}]})
     if spec.evaluation is not None:
         # The evaluation Jobs score a new pod over the runtime port (this CR's Jobs only, by their labels).
-        evaluator = {LABEL_NAME: EVALUATOR_APP, LABEL_INSTANCE: names.base(name)}
+        evaluator = {LABEL_NAME: JOB_APP, LABEL_INSTANCE: names.base(name), LABEL_COMPONENT: EVALUATION_COMPONENT}
         ingress.append({"from": [{"podSelector": {"matchLabels": evaluator}}],
                         "ports": [{"port": PORT_NAME, "protocol": "TCP"}]})
     ingress.append({

@@ -21,6 +21,7 @@ calls it while a gated rollout is in flight and turns a failure into its usual r
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,7 +31,7 @@ from gptd_common.eval_dataset import DatasetError, parse_dataset
 
 from . import builders, names
 from .api import GPTDeploymentSpec, InvalidSpec
-from .observe import ANN_EVAL_TARGET, EvaluationObs, PodObs, format_time
+from .observe import JobObs, PodObs, format_time
 from .settings import Settings
 
 GATE_CONDITION = builders.GATE_CONDITION
@@ -39,7 +40,7 @@ GATE_CONDITION = builders.GATE_CONDITION
 TEMPLATE_GATE_KEY = builders.TEMPLATE_GATE_KEY
 LABEL_ROLE = "gptd.io/evaluation-role"
 LABEL_KEY = "gptd.io/evaluation-key"
-ANN_TARGET = ANN_EVAL_TARGET
+ANN_TARGET = "gptd.io/evaluation-target"  # on an evaluator Job: the pod (and revision) it scores
 CANDIDATE, BASELINE = "candidate", "baseline"
 DATASET_DIR = "/var/run/gptd/eval-dataset"
 DATASET_FILE = f"{DATASET_DIR}/dataset.jsonl"
@@ -128,6 +129,48 @@ def pvc_claim(spec: GPTDeploymentSpec) -> tuple[str, str]:
     return claim, path
 
 
+# ------------------------------------------------------------------------------------------ observations
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """One evaluator Job as the gate sees it: running, succeeded (with the evaluator's JSON) or failed."""
+
+    state: str  # "running" | "succeeded" | "failed"
+    started: datetime | None = None
+    result: Mapping[str, Any] | None = None
+    message: str = ""
+    deadline_exceeded: bool = False
+
+
+def _result(message: str) -> Mapping[str, Any] | None:
+    try:
+        parsed = json.loads(message) if message else None
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def run_of(job: JobObs) -> EvalRun:
+    """A Job (observe.JobObs: its conditions and its pod's termination message) → EvalRun."""
+    result = _result(job.message)
+    if job.complete or job.succeeded > 0:
+        if result is None or not isinstance(result.get("score"), int | float):
+            return EvalRun("failed", job.start_time, result, "the evaluator finished without a result")
+        return EvalRun("succeeded", job.start_time, result)
+    failed = job.condition("Failed")
+    if job.finally_failed and failed is not None:
+        _, reason, message = failed
+        error = (result or {}).get("error")
+        text = str(error) if error else (message or reason or "the Job failed")
+        return EvalRun("failed", job.start_time, result, text, deadline_exceeded=reason == "DeadlineExceeded")
+    return EvalRun("running", job.start_time)
+
+
+def runs_of(jobs: Sequence[JobObs]) -> dict[str, EvalRun]:
+    return {j.name: run_of(j) for j in jobs if j.purpose == builders.EVALUATION_COMPONENT}
+
+
 # ------------------------------------------------------------------------------------------ the gate
 
 
@@ -192,7 +235,8 @@ def gate(
     revision: str,
     current: str | None,
     pods: Sequence[PodObs],
-    obs: EvaluationObs | None,
+    dataset: str | None,
+    jobs: Sequence[JobObs],
     now: datetime,
 ) -> Gate:
     """Where the gate of ``revision`` stands. ``state``: the rollout-owned status (evaluation,
@@ -206,23 +250,23 @@ def gate(
         msg = "not scored: spec.evaluation was removed during the rollout"
         record = {"revision": revision, "passed": True, "finishedAt": format_time(now), "message": msg}
         return Gate("passed", msg, evaluation=record, events=[("Normal", "EvaluationSkipped", msg)])
-    if obs is None:  # the handlers could not identify the dataset (not expected: they refuse first)
+    if dataset is None:  # the handlers could not identify the dataset (not expected: they refuse first)
         return Gate("pending", "waiting for the dataset check")
     metric = ev.effective_metric(spec.model.task)
-    key = eval_key(spec, obs.dataset, revision)
+    key = eval_key(spec, dataset, revision)
     if prev.get("revision") == revision and prev.get("key") == key and prev.get("passed") is not None:
         return _final(prev)
-    runs = obs.runs
-    jobs: list[EvalJob] = []
+    runs = runs_of(jobs)
+    wanted: list[EvalJob] = []
     out = Gate("pending", "")
-    base = {"revision": revision, "key": key, "dataset": obs.dataset, "metric": metric}
+    base = {"revision": revision, "key": key, "dataset": dataset, "metric": metric}
 
     # --- the baseline: once per dataset and current revision ---------------------------------------------
     baseline: float | None = None
     baseline_note = ""
     baseline_pending = False
     if ev.maxRegression is not None and current and current != revision:
-        bkey = eval_key(spec, obs.dataset, current)
+        bkey = eval_key(spec, dataset, current)
         cached = state.get("evaluationBaseline") or {}
         if cached.get("key") == bkey and cached.get("score") is not None:
             baseline = float(cached["score"])
@@ -234,7 +278,7 @@ def gate(
                 if pod is None:
                     baseline_note = f"no Ready pod of revision {current} to measure the baseline: judged on minScore"
                 else:
-                    jobs.append(EvalJob(BASELINE, bname, bkey, current, pod.name, pod.ip))
+                    wanted.append(EvalJob(BASELINE, bname, bkey, current, pod.name, pod.ip))
                     baseline_pending = True
             elif brun.state == "succeeded":
                 baseline = float(brun.result["score"])  # type: ignore[index]
@@ -244,7 +288,7 @@ def gate(
                 baseline_note = f"the baseline (revision {current}) could not be measured ({why}): judged on minScore"
                 out.events.append(("Warning", "BaselineUnavailable", baseline_note))
             else:
-                jobs.append(EvalJob(BASELINE, bname, bkey, current, brun.target, ""))
+                wanted.append(EvalJob(BASELINE, bname, bkey, current, "", ""))
                 baseline_pending = True
                 out.running = True
 
@@ -254,26 +298,26 @@ def gate(
     if run is None:
         pod = _target(pods, revision, ready=False)
         if pod is None:
-            out.jobs = tuple(jobs)
+            out.jobs = tuple(wanted)
             out.message = f"waiting for a pod of revision {revision} to start, to evaluate it"
             out.evaluation = {**base, "message": out.message}
             return out
-        jobs.append(EvalJob(CANDIDATE, cname, key, revision, pod.name, pod.ip))
-        out.jobs = tuple(jobs)
+        wanted.append(EvalJob(CANDIDATE, cname, key, revision, pod.name, pod.ip))
+        out.jobs = tuple(wanted)
         out.running = True
-        out.message = f"evaluating revision {revision} on pod {pod.name} ({metric}, dataset {obs.dataset})"
+        out.message = f"evaluating revision {revision} on pod {pod.name} ({metric}, dataset {dataset})"
         out.evaluation = {**base, "message": out.message}
         out.requeue = float(ev.timeoutSeconds)
         out.events.append(("Normal", "EvaluationStarted", out.message))
         return out
     elapsed = _since(now, run.started)
     if (run.state == "running" and elapsed <= ev.timeoutSeconds) or (run.state == "succeeded" and baseline_pending):
-        jobs.append(EvalJob(CANDIDATE, cname, key, revision, run.target, ""))
-        out.jobs = tuple(jobs)
+        wanted.append(EvalJob(CANDIDATE, cname, key, revision, "", ""))
+        out.jobs = tuple(wanted)
         out.running = True
         waiting = ("the baseline" if run.state == "succeeded"
                    else f"the evaluator ({int(elapsed)}s of {ev.timeoutSeconds}s)")
-        out.message = f"evaluating revision {revision} on pod {run.target}: waiting for {waiting}"
+        out.message = f"evaluating revision {revision} (Job {cname}): waiting for {waiting}"
         out.evaluation = {**base, "message": out.message}
         out.requeue = max(1.0, ev.timeoutSeconds - elapsed)
         return out
@@ -349,8 +393,9 @@ def condition(
 
 def evaluator_peer(name: str) -> dict[str, Any]:
     """The NetworkPolicy peer admitting the evaluator Jobs to the runtime port."""
-    labels = builders.evaluator_labels(name)
-    return {"podSelector": {"matchLabels": {k: labels[k] for k in (builders.LABEL_NAME, builders.LABEL_INSTANCE)}}}
+    labels = builders.job_labels(name, builders.EVALUATION_COMPONENT, "")
+    keep = (builders.LABEL_NAME, builders.LABEL_INSTANCE, builders.LABEL_COMPONENT)
+    return {"podSelector": {"matchLabels": {k: labels[k] for k in keep}}}
 
 
 def build_job(
@@ -392,7 +437,8 @@ def build_job(
             "secretName": ref.name, "items": [{"key": ref.key, "path": "api-key"}], "defaultMode": secret_mode}})
         mounts.append({"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True})
         args += ["--api-key-file", f"{API_KEY_DIR}/api-key"]
-    labels = {**builders.evaluator_labels(name), LABEL_ROLE: job.role, LABEL_KEY: job.key}
+    labels = {**builders.job_labels(name, builders.EVALUATION_COMPONENT, job.revision), LABEL_ROLE: job.role,
+              LABEL_KEY: job.key}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

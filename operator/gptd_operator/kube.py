@@ -74,12 +74,17 @@ PDBS = Resource("policy/v1", "poddisruptionbudgets")
 HPAS = Resource("autoscaling/v2", "horizontalpodautoscalers")
 PODS = Resource("v1", "pods")
 SCALEDOBJECTS = Resource("keda.sh/v1alpha1", "scaledobjects")
+# One-off work next to the serving pods (the model download, the evaluation): Jobs and their pods are watched.
+JOBS = Resource("batch/v1", "jobs")
+PVCS = Resource("v1", "persistentvolumeclaims")
 BY_KIND = {
     "ScaledObject": SCALEDOBJECTS,
     "Deployment": DEPLOYMENTS,
     "Service": SERVICES,
     "PodDisruptionBudget": PDBS,
     "HorizontalPodAutoscaler": HPAS,
+    "Job": JOBS,
+    "PersistentVolumeClaim": PVCS,
 }
 
 
@@ -321,6 +326,22 @@ class Kube:
             token = (out.get("metadata") or {}).get("continue") or ""
             if not token:
                 return items
+
+    async def pod_log(self, namespace: str, name: str, *, tail_lines: int = 5, limit_bytes: int = 16384) -> str | None:
+        """The last ``tail_lines`` lines of a pod's (only) container log, or None when there is none to read (no pod,
+        the container not started, any error): best effort, one request, never retried (the caller polls)."""
+        session = await self._get_session()
+        self.counters.reads += 1
+        params = {"tailLines": str(tail_lines), "limitBytes": str(limit_bytes)}
+        try:
+            resp = await session.get(PODS.path(namespace, name, "log"), params=params,
+                                     headers={"Accept": "text/plain", "User-Agent": USER_AGENT})
+        except httpx.TransportError as exc:
+            log.info("GET log of pod %s/%s: %r", namespace, name, exc)
+            return None
+        if resp.status_code != 200:
+            return None
+        return resp.text
 
     async def create(self, res: Resource, body: Mapping[str, Any], *, strict: bool = True) -> dict[str, Any]:
         """POST; ``strict``: an unknown field is a 400 naming it (fieldValidation=Strict), never silently dropped."""

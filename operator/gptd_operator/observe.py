@@ -1,4 +1,4 @@
-"""Pure: live objects (Deployments, pods) → Observations, built once per reconcile.
+"""Pure: live objects (Deployments, pods, Jobs) → Observations, built once per reconcile.
 
 ``rollout.decide`` plans from them and ``status.compute_status`` reports from the same objects, so the plan
 and the status never disagree about what the cluster looks like. No I/O, no clock (``now`` is passed in).
@@ -7,12 +7,11 @@ and the status never disagree about what the cluster looks like. No I/O, no cloc
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .builders import ANN_TEMPLATE, GATE_CONDITION, LABEL_REVISION
+from .builders import ANN_TEMPLATE, GATE_CONDITION, LABEL_COMPONENT, LABEL_REVISION
 
 Template = dict[str, Any]
 # Waiting reasons that mean a container cannot run as it is.
@@ -60,23 +59,40 @@ class DeploymentObs:
 
 
 @dataclass(frozen=True)
-class EvalRun:
-    """One evaluator Job as observed: running, succeeded (with the evaluator's JSON) or failed."""
+class JobObs:
+    """A Job gptd started (download, evaluation) and what its latest pod's container said when it ended."""
 
-    state: str  # "running" | "succeeded" | "failed"
-    started: datetime | None = None
-    result: Mapping[str, Any] | None = None
-    message: str = ""
-    deadline_exceeded: bool = False
-    target: str = ""  # the pod it scores
+    name: str
+    revision: str | None  # label gptd.io/revision: the revision the Job works for
+    purpose: str | None  # label app.kubernetes.io/component: "model-download", "evaluation", ...
+    active: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    # type → (status, reason, message) of the Job's conditions (Complete, Failed, SuccessCriteriaMet, Suspended...)
+    conditions: tuple[tuple[str, str, str, str], ...] = ()
+    start_time: datetime | None = None
+    completion_time: datetime | None = None
+    pod_name: str | None = None  # the latest pod of the Job (by creation time, then name)
+    pod_phase: str | None = None
+    exit_code: int | None = None  # its container's state.terminated (or lastState.terminated)
+    message: str = ""  # the terminated container's termination message (terminationMessagePath or log tail)
+    running: bool = False  # the latest pod's container is running now (progress can be read from its log)
 
+    def condition(self, type_: str) -> tuple[str, str, str] | None:
+        """(status, reason, message) of the condition ``type_``, or None."""
+        for t, status, reason, message in self.conditions:
+            if t == type_:
+                return status, reason, message
+        return None
 
-@dataclass(frozen=True)
-class EvaluationObs:
-    """What the handlers observed for the gate: the dataset identity and the evaluator Jobs, by name."""
+    @property
+    def complete(self) -> bool:
+        return (self.condition("Complete") or ("",))[0] == "True"
 
-    dataset: str
-    runs: Mapping[str, EvalRun] = field(default_factory=dict)
+    @property
+    def finally_failed(self) -> bool:
+        """The Job controller gave up (backoffLimit or activeDeadlineSeconds): condition Failed=True."""
+        return (self.condition("Failed") or ("",))[0] == "True"
 
 
 @dataclass(frozen=True)
@@ -93,8 +109,11 @@ class Observations:
     # Set by handlers when canary.analysis could not be evaluated (Prometheus unreachable or erroring): the
     # canary is held at its step (no advance, no rollback) until it can be.
     analysis_unavailable: str | None = None
-    evaluation: EvaluationObs | None = None  # set by handlers while a gated rollout is in flight
+    # The evaluation dataset's identity (evaluation.py), set by handlers once they checked it; the gate's Jobs are
+    # in ``jobs`` (purpose "evaluation").
+    evaluation_dataset: str | None = None
     name: str = ""  # the GPTDeployment's name (the evaluator Jobs are named after it)
+    jobs: tuple[JobObs, ...] = ()  # the CR's Jobs (every purpose), sorted by name
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -184,52 +203,61 @@ def observe_pod(pod: dict[str, Any]) -> PodObs:
     )
 
 
-# --- the evaluation gate's Jobs ----------------------------------------------------------------------------
-
-ANN_EVAL_TARGET = "gptd.io/evaluation-target"  # on an evaluator Job: the pod (and revision) it scores
+JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")  # set on a Job's pods by the Job controller
 
 
-def termination_message(pods: Sequence[Mapping[str, Any]]) -> str | None:
-    """The evaluator container's termination message from the newest terminated pod of a Job."""
-    newest: tuple[str, str] | None = None
-    for pod in pods:
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            term = (cs.get("state") or {}).get("terminated") or {}
-            if term.get("message"):
-                stamp = term.get("finishedAt") or ""
-                if newest is None or stamp >= newest[0]:
-                    newest = (stamp, term["message"])
-    return None if newest is None else newest[1]
+def job_of_pod(pod: dict[str, Any]) -> str | None:
+    """The name of the Job a pod belongs to (its controller ownerReference, else the Job controller's label)."""
+    meta = pod.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == "Job" and ref.get("controller"):
+            return str(ref.get("name"))
+    labels = meta.get("labels") or {}
+    return next((labels[k] for k in JOB_NAME_LABELS if labels.get(k)), None)
 
 
-def _result(message: str | None) -> Mapping[str, Any] | None:
-    if not message:
-        return None
-    try:
-        parsed = json.loads(message)
-    except ValueError:
-        return None
-    return parsed if isinstance(parsed, dict) else None
-
-
-def observe_run(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]] = ()) -> EvalRun:
-    """A batch/v1 Job (and its pods, for the result) → EvalRun."""
+def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dict[str, Any]] = ()) -> JobObs:
+    """A Job (as the API returns it) and the pods of the CR's Jobs (those of other Jobs are ignored) → JobObs."""
     meta = job.get("metadata") or {}
     status = job.get("status") or {}
-    started = parse_time(status.get("startTime")) or parse_time(meta.get("creationTimestamp"))
-    target = (meta.get("annotations") or {}).get(ANN_EVAL_TARGET, "")
-    conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
-    result = _result(termination_message(pods))
-    if "Complete" in conditions or int(status.get("succeeded") or 0) > 0:
-        if result is None or "score" not in result:
-            return EvalRun("failed", started, result, "the evaluator finished without a result", target=target)
-        return EvalRun("succeeded", started, result, target=target)
-    failed = conditions.get("Failed")
-    if failed is not None:
-        deadline = failed.get("reason") == "DeadlineExceeded"
-        error = (result or {}).get("error")
-        message = str(error) if error else (failed.get("message") or failed.get("reason") or "the Job failed")
-        return EvalRun("failed", started, result, message, deadline_exceeded=deadline, target=target)
-    return EvalRun("running", started, target=target)
-
-
+    labels = meta.get("labels") or {}
+    name = str(meta.get("name") or "")
+    mine = [p for p in pods if job_of_pod(p) == name]
+    mine.sort(key=lambda p: ((p.get("metadata") or {}).get("creationTimestamp") or "",
+                             (p.get("metadata") or {}).get("name") or ""))
+    pod = mine[-1] if mine else None
+    pod_name = pod_phase = None
+    exit_code: int | None = None
+    message = ""
+    running = False
+    if pod is not None:
+        pod_name = (pod.get("metadata") or {}).get("name")
+        pod_status = pod.get("status") or {}
+        pod_phase = pod_status.get("phase")
+        for cs in pod_status.get("containerStatuses") or []:
+            state = cs.get("state") or {}
+            terminated = state.get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
+            running = running or "running" in state
+            if terminated:
+                exit_code = int(terminated.get("exitCode") or 0)
+                message = str(terminated.get("message") or "").strip()
+    conditions = tuple(
+        (str(c.get("type") or ""), str(c.get("status") or ""), str(c.get("reason") or ""), str(c.get("message") or ""))
+        for c in status.get("conditions") or []
+    )
+    return JobObs(
+        name=name,
+        revision=labels.get(LABEL_REVISION),
+        purpose=labels.get(LABEL_COMPONENT),
+        active=int(status.get("active") or 0),
+        succeeded=int(status.get("succeeded") or 0),
+        failed=int(status.get("failed") or 0),
+        conditions=conditions,
+        start_time=parse_time(status.get("startTime")),
+        completion_time=parse_time(status.get("completionTime")),
+        pod_name=pod_name,
+        pod_phase=pod_phase,
+        exit_code=exit_code,
+        message=message,
+        running=running,
+    )

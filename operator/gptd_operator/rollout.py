@@ -550,7 +550,8 @@ def _gate(d: _Ctx) -> evaluation.Gate | None:
     if not (d.ro and d.ro.get("evaluationGate")):
         return None
     current = d.state.get("currentRevision") or d.state.get("lastGoodRevision")
-    g = evaluation.gate(d.spec, d.obs.name, d.state, d.rev, current, d.obs.pods, d.obs.evaluation, d.obs.now)
+    g = evaluation.gate(d.spec, d.obs.name, d.state, d.rev, current, d.obs.pods, d.obs.evaluation_dataset,
+                        d.obs.jobs, d.obs.now)
     if g.evaluation is not None:
         d.state["evaluation"] = g.evaluation
     if g.baseline is not None:

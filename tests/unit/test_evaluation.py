@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from gptd_operator import api, builders, crd, evaluation, names
 from gptd_operator.api import InvalidSpec
-from gptd_operator.evaluation import BASELINE, CANDIDATE, eval_key
-from gptd_operator.observe import DeploymentObs, EvalRun, EvaluationObs, Observations, PodObs, observe_pod, observe_run
+from gptd_operator.evaluation import BASELINE, CANDIDATE, eval_key, run_of
+from gptd_operator.observe import DeploymentObs, JobObs, Observations, PodObs, observe_job, observe_pod
 from gptd_operator.rollout import decide
 from gptd_operator.settings import Settings
 
@@ -53,12 +53,27 @@ OLD_PODS = (pod(RA, "sent-a1", ready=True, containers=True, ip="10.0.0.1"),
 NEW_POD = pod(RB, "sent-b1", containers=True, ip="10.0.0.9")
 
 
-def observe(t: float, *, pods: tuple[PodObs, ...] = OLD_PODS, runs: dict[str, EvalRun] | None = None,
+def running(name: str, started: float) -> JobObs:
+    return JobObs(name=name, revision=None, purpose="evaluation", active=1, start_time=at(started))
+
+
+def succeeded(name: str, result: dict[str, Any], started: float = 0) -> JobObs:
+    return JobObs(name=name, revision=None, purpose="evaluation", succeeded=1, start_time=at(started),
+                  conditions=(("Complete", "True", "", ""),), message=json.dumps(result), exit_code=0)
+
+
+def failed(name: str, reason: str = "BackoffLimitExceeded", message: str = "", started: float = 0) -> JobObs:
+    return JobObs(name=name, revision=None, purpose="evaluation", failed=1, start_time=at(started),
+                  conditions=(("Failed", "True", reason, "Job has reached the specified backoff limit"),),
+                  message=message, exit_code=1)
+
+
+def observe(t: float, *, pods: tuple[PodObs, ...] = OLD_PODS, runs: tuple[JobObs, ...] = (),
             stable: DeploymentObs | None = None, canary: DeploymentObs | None = None) -> Observations:
     return Observations(
         now=at(t), desired_template=TB, desired_revision=RB, name=NAME,
         stable=stable if stable is not None else dep(RA, TA), canary=canary, pods=pods,
-        evaluation=EvaluationObs(DATASET, runs or {}),
+        evaluation_dataset=DATASET, jobs=runs,
     )
 
 
@@ -73,9 +88,9 @@ def base_name(spec: api.GPTDeploymentSpec) -> str:
     return names.evaluation_job(NAME, BASELINE, eval_key(spec, DATASET, RA))
 
 
-def scored(score: float, t: float = 0) -> EvalRun:
-    return EvalRun("succeeded", at(t), {"metric": "f1", "score": score, "samples": 40,
-                                        "perLabel": {"POS": {"f1": score, "support": 20}}}, target="sent-b1")
+def scored(name: str, score: float, t: float = 0) -> JobObs:
+    return succeeded(name, {"metric": "f1", "score": score, "samples": 40,
+                            "perLabel": {"POS": {"f1": score, "support": 20}}}, t)
 
 
 def merged(status: dict[str, Any], plan: Any) -> dict[str, Any]:
@@ -187,8 +202,9 @@ def test_network_policy_admits_this_crs_evaluator_jobs_only_with_evaluation() ->
     without = builders.build_network_policy(NAME, "ns", "uid", make_spec(None, networkPolicy={"enabled": True}),
                                             settings)
     peers = [p for rule in with_eval["spec"]["ingress"] for p in rule["from"]]
-    evaluator = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gptd-evaluator",
-                                                 "app.kubernetes.io/instance": NAME}}}
+    evaluator = {"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "gptd-job", "app.kubernetes.io/instance": NAME,
+        "app.kubernetes.io/component": "evaluation"}}}
     assert evaluator in peers
     assert evaluator not in [p for rule in without["spec"]["ingress"] for p in rule["from"]]
     rule = next(r for r in with_eval["spec"]["ingress"] if evaluator in r["from"])
@@ -228,7 +244,9 @@ def test_job_scores_the_pod_by_ip_and_returns_its_result_in_the_termination_mess
     assert sc["runAsNonRoot"] and not sc["allowPrivilegeEscalation"] and sc["readOnlyRootFilesystem"]
     assert sc["capabilities"] == {"drop": ["ALL"]} and pod["spec"]["securityContext"]["runAsNonRoot"]
     assert pod["spec"]["automountServiceAccountToken"] is False and pod["spec"]["restartPolicy"] == "Never"
-    assert pod["metadata"]["labels"]["app.kubernetes.io/name"] == "gptd-evaluator"
+    assert pod["metadata"]["labels"]["app.kubernetes.io/name"] == "gptd-job"
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "evaluation"
+    assert pod["metadata"]["labels"]["gptd.io/revision"] == RB
     assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] == 600 + 60
 
 
@@ -264,27 +282,34 @@ def test_observe_pod_sees_the_gate_ip_and_containers() -> None:
         "sent-b1", "10.0.0.9", True, False, True, False)
 
 
-def _terminated(message: str, finished: str = "2026-01-01T00:01:00Z") -> dict[str, Any]:
-    return {"status": {"containerStatuses": [{"name": "evaluate", "state": {"terminated": {
-        "exitCode": 0, "message": message, "finishedAt": finished}}}]}}
+def _pod_of(job: str, message: str) -> dict[str, Any]:
+    return {"metadata": {"name": f"{job}-x1", "creationTimestamp": "2026-01-01T00:00:01Z",
+                         "labels": {"batch.kubernetes.io/job-name": job}},
+            "status": {"phase": "Succeeded", "containerStatuses": [{"name": "evaluate", "state": {"terminated": {
+                "exitCode": 0, "message": message, "finishedAt": "2026-01-01T00:01:00Z"}}}]}}
 
 
-def test_observe_run_reads_the_result_and_the_failure() -> None:
-    job = {"metadata": {"creationTimestamp": "2026-01-01T00:00:00Z",
-                        "annotations": {"gptd.io/evaluation-target": "sent-b1 (revision x)"}}, "status": {}}
-    running = observe_run(job)
-    assert running.state == "running" and running.started == at(0) and running.target.startswith("sent-b1")
-    done = {**job, "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}
-    run = observe_run(done, [_terminated(json.dumps({"score": 0.9, "samples": 4}))])
+def test_run_of_reads_the_result_and_the_failure_from_the_job() -> None:
+    job = {"metadata": {"name": "j", "labels": {"app.kubernetes.io/component": "evaluation"}},
+           "status": {"startTime": "2026-01-01T00:00:00Z", "active": 1}}
+    run = run_of(observe_job(job))
+    assert run.state == "running" and run.started == at(0)
+    done = {**job, "status": {"startTime": "2026-01-01T00:00:00Z", "succeeded": 1,
+                              "conditions": [{"type": "Complete", "status": "True"}]}}
+    run = run_of(observe_job(done, [_pod_of("j", json.dumps({"score": 0.9, "samples": 4}))]))
     assert run.state == "succeeded" and run.result == {"score": 0.9, "samples": 4}
-    assert observe_run(done, []).state == "failed"  # finished, but no result to judge by
-    failed = {**job, "status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True",
-                                                             "reason": "BackoffLimitExceeded"}]}}
-    run = observe_run(failed, [_terminated(json.dumps({"error": "dataset x: line 7: not valid JSON", "line": 7}))])
+    assert run_of(observe_job(done, [])).state == "failed"  # finished, but no result to judge by
+    bad = {**job, "status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True",
+                                                          "reason": "BackoffLimitExceeded"}]}}
+    error = json.dumps({"error": "dataset x: line 7: not valid JSON", "line": 7})
+    run = run_of(observe_job(bad, [_pod_of("j", error)]))
     assert run.state == "failed" and run.message == "dataset x: line 7: not valid JSON" and not run.deadline_exceeded
     late = {**job, "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
                                               "message": "Job was active longer than specified deadline"}]}}
-    assert observe_run(late).deadline_exceeded
+    assert run_of(observe_job(late)).deadline_exceeded
+    # another purpose's Job (a model download) is not an evaluation
+    assert evaluation.runs_of([observe_job({**done, "metadata": {"name": "d", "labels": {
+        "app.kubernetes.io/component": "model-download"}}})]) == {}
 
 
 # -------------------------------------------------------------------------------- the gate in decide()
@@ -322,11 +347,11 @@ def test_pass_opens_the_gate_and_the_rollout_continues() -> None:
     assert RB not in plan.evaluated_revisions
     # the Job is still running: kept, no new event
     plan = decide(spec, status, observe(20, pods=(*OLD_PODS, NEW_POD),
-                                        runs={cand_name(spec): EvalRun("running", at(12), target="sent-b1")}))
+                                        runs=(running(cand_name(spec), 12),)))
     status = merged(status, plan)
     assert [j.name for j in plan.evaluation_jobs] == [cand_name(spec)] and not plan.events
     # it scored 0.91 >= 0.85: the condition goes on the revision's pods, the Job goes away
-    plan = decide(spec, status, observe(30, pods=(*OLD_PODS, NEW_POD), runs={cand_name(spec): scored(0.91, 12)}))
+    plan = decide(spec, status, observe(30, pods=(*OLD_PODS, NEW_POD), runs=(scored(cand_name(spec), 0.91, 12),)))
     status = merged(status, plan)
     ev = status["evaluation"]
     assert (ev["revision"], ev["metric"], ev["score"], ev["samples"], ev["passed"]) == (RB, "f1", 0.91, 40, True)
@@ -346,7 +371,7 @@ def test_a_low_score_rolls_back_with_the_scores_and_is_not_retried() -> None:
     spec = make_spec()
     status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
                                      "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
-    plan = decide(spec, status, observe(30, pods=(*OLD_PODS, NEW_POD), runs={cand_name(spec): scored(0.6)}))
+    plan = decide(spec, status, observe(30, pods=(*OLD_PODS, NEW_POD), runs=(scored(cand_name(spec), 0.6),)))
     status = merged(status, plan)
     ro = status["rollout"]
     assert ro["phase"] == "RolledBack" and ro["reason"] == "EvaluationFailed"
@@ -368,7 +393,7 @@ def test_a_job_past_timeout_rolls_back_as_evaluation_timeout() -> None:
     spec = make_spec()
     status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
                                      "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
-    runs = {cand_name(spec): EvalRun("running", at(10), target="sent-b1")}
+    runs = (running(cand_name(spec), 10),)
     plan = decide(spec, status, observe(600, pods=(*OLD_PODS, NEW_POD), runs=runs))
     assert "rollout" in plan.status and plan.status["rollout"]["phase"] == "RollingOut"
     assert plan.requeue_after == 10  # woken when the timeout is due
@@ -377,7 +402,7 @@ def test_a_job_past_timeout_rolls_back_as_evaluation_timeout() -> None:
     assert ro["phase"] == "RolledBack" and ro["reason"] == "EvaluationTimeout" and "within 600s" in ro["message"]
     assert cond(plan, "Evaluated").reason == "EvaluationTimeout"
     # Kubernetes' own deadline (activeDeadlineSeconds) says the same
-    late = {cand_name(spec): EvalRun("failed", at(10), message="DeadlineExceeded", deadline_exceeded=True)}
+    late = (failed(cand_name(spec), "DeadlineExceeded", started=10),)
     assert decide(spec, status, observe(100, runs=late)).status["rollout"]["reason"] == "EvaluationTimeout"
 
 
@@ -385,7 +410,7 @@ def test_the_progress_deadline_waits_while_the_evaluator_runs() -> None:
     spec = make_spec({**EVAL, "timeoutSeconds": 3000}, rollout={"progressDeadlineSeconds": 60})
     status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
                                      "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
-    runs = {cand_name(spec): EvalRun("running", at(10), target="sent-b1")}
+    runs = (running(cand_name(spec), 10),)
     plan = decide(spec, status, observe(500, pods=(*OLD_PODS, NEW_POD), runs=runs))
     assert plan.status["rollout"]["phase"] == "RollingOut"
     # without a running Job the deadline applies as before
@@ -400,7 +425,7 @@ def test_baseline_once_per_dataset_and_regression_fails() -> None:
     (job,) = plan.evaluation_jobs  # the baseline starts at once, on a Ready current pod
     assert (job.role, job.revision, job.pod, job.ip, job.name) == (BASELINE, RA, "sent-a1", "10.0.0.1",
                                                                    base_name(spec))
-    runs = {base_name(spec): EvalRun("succeeded", at(1), {"score": 0.5}), cand_name(spec): scored(0.4, 5)}
+    runs = (succeeded(base_name(spec), {"score": 0.5}, 1), scored(cand_name(spec), 0.4, 5))
     plan = decide(spec, status, observe(30, pods=(*OLD_PODS, NEW_POD), runs=runs))
     status = merged(status, plan)
     assert status["evaluationBaseline"]["score"] == 0.5 and status["evaluationBaseline"]["revision"] == RA
@@ -415,7 +440,7 @@ def test_baseline_once_per_dataset_and_regression_fails() -> None:
     plan = decide(spec, status, observe(100, pods=OLD_PODS))
     assert [j.role for j in plan.evaluation_jobs] == []
     plan = decide(spec, merged(status, plan), observe(110, pods=(*OLD_PODS, NEW_POD),
-                                                      runs={cand_name(spec): scored(0.41)}))
+                                                      runs=(scored(cand_name(spec), 0.41),)))
     assert plan.status["evaluation"]["passed"] is True and plan.status["evaluation"]["baseline"] == 0.5
 
 
@@ -423,12 +448,13 @@ def test_candidate_done_waits_for_a_running_baseline_and_a_failed_baseline_falls
     spec = make_spec({**EVAL, "maxRegression": 0.02})
     status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
                                      "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
-    runs = {base_name(spec): EvalRun("running", at(0), target="sent-a1"), cand_name(spec): scored(0.9)}
+    runs: tuple[JobObs, ...] = (running(base_name(spec), 0), scored(cand_name(spec), 0.9))
     plan = decide(spec, status, observe(30, pods=(*OLD_PODS, NEW_POD), runs=runs))
     assert {j.role for j in plan.evaluation_jobs} == {BASELINE, CANDIDATE}
     assert plan.status["evaluation"].get("passed") is None and "waiting for the baseline" in \
         plan.status["evaluation"]["message"]
-    runs[base_name(spec)] = EvalRun("failed", at(0), message="cannot reach http://10.0.0.1:8000")
+    runs = (failed(base_name(spec), message=json.dumps({"error": "cannot reach http://10.0.0.1:8000"})),
+            scored(cand_name(spec), 0.9))
     plan = decide(spec, status, observe(40, pods=(*OLD_PODS, NEW_POD), runs=runs))
     ev = plan.status["evaluation"]
     assert ev["passed"] is True and "baseline" not in ev and "judged on minScore" in ev["message"]
@@ -448,7 +474,7 @@ def test_canary_first_step_is_gated() -> None:
     assert [j.role for j in plan.evaluation_jobs] == [CANDIDATE]
     assert "evaluating revision" in cond(plan, "Progressing").message
     plan = decide(spec, status, observe(20, stable=dep(RA, TA, 4), canary=canary, pods=(*OLD_PODS, NEW_POD),
-                                        runs={cand_name(spec): scored(0.1)}))
+                                        runs=(scored(cand_name(spec), 0.1),)))
     ro = plan.status["rollout"]
     assert ro["phase"] == "RolledBack" and ro["reason"] == "EvaluationFailed" and plan.canary is None
 
@@ -465,12 +491,12 @@ def test_removing_evaluation_mid_rollout_opens_the_gate_without_a_score() -> Non
 def test_first_revision_is_scored_against_min_score_only() -> None:
     spec = make_spec({**EVAL, "maxRegression": 0.02})
     first = Observations(now=at(0), desired_template=TB, desired_revision=RB, name=NAME, stable=None, canary=None,
-                         pods=(NEW_POD,), evaluation=EvaluationObs(DATASET, {}))
+                         pods=(NEW_POD,), evaluation_dataset=DATASET)
     plan = decide(spec, {}, first)
     assert [j.role for j in plan.evaluation_jobs] == [CANDIDATE]
     status = merged({}, plan)
     plan = decide(spec, status, Observations(now=at(9), desired_template=TB, desired_revision=RB, name=NAME,
                                              stable=None, canary=None, pods=(NEW_POD,),
-                                             evaluation=EvaluationObs(DATASET, {cand_name(spec): scored(0.5)})))
+                                             evaluation_dataset=DATASET, jobs=(scored(cand_name(spec), 0.5),)))
     ro = plan.status["rollout"]
     assert ro["phase"] == "Failed" and ro["reason"] == "EvaluationFailed"  # nothing to roll back to; no traffic
