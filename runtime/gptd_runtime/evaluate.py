@@ -7,8 +7,9 @@ stdout gets exactly one JSON object: {"metric", "average", "score", "samples", "
 refused key, bad dataset, wrong task), stdout gets one line {"error": "...", ["line": N]} and exit 1; bad
 flags exit 2. With --result-file the same object is also written to that file, trimmed to 4 KiB (per-label rows
 with the least support dropped first, counted in perLabelTrimmed): the operator's evaluation Job passes
-/dev/termination-log, which the kubelet keeps as the container's termination message. Stdlib HTTP only (http.client, one keep-alive connection per worker thread), so the runtime
-needs no extra client library; prompts, outputs and the key are never printed.
+/dev/termination-log, which the kubelet keeps as the container's termination message. Stdlib HTTP only
+(http.client, one keep-alive connection per worker thread), so the runtime needs no extra client library;
+prompts, outputs and the key are never printed.
 """
 
 from __future__ import annotations
