@@ -279,7 +279,8 @@ async def test_a_bad_row_is_refused_naming_the_line(cluster: Cluster, operator: 
     await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"model": {"revision": "v2"}}})
     st = await status_where(cluster, "InvalidSpec", lambda s: condition(s, "Degraded").get("reason") == "InvalidSpec")
     assert condition(st, "Degraded")["message"] == (
-        'spec.evaluation.dataset.configMapRef: ConfigMap sentiment-eval key eval.jsonl: line 3: missing field "expected"')
+        'spec.evaluation.dataset.configMapRef: ConfigMap sentiment-eval key eval.jsonl: line 3: '
+        'missing field "expected"')
     await operator.resync_passes(2)
     assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
     assert await eval_jobs(cluster) == []
