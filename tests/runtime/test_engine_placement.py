@@ -167,10 +167,19 @@ def test_per_layer_storage_generates_the_same_tokens_as_the_flat_cache(models: d
     assert _generate(loaded.model, loaded.tokenizer, per_layer=True) == flat
 
 
-async def _engine_tokens(models: dict[str, Path], sharded: bool, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+async def _engine_tokens(models: dict[str, Path], sharded: bool, monkeypatch: pytest.MonkeyPatch,
+                         hooks: bool = False) -> list[str]:
     settings = Settings(model=str(models["plain"]), max_new_tokens=40, max_batch_size=8, max_batch_tokens=32,
                         kv_cache_page_size=4)
     loaded = load_model(settings, models["plain"])
+    if hooks:  # accelerate's per-module hooks, as device_map="auto" installs them, carry the batch kwargs
+        from accelerate import dispatch_model
+
+        model = loaded.model
+        device_map = {name: "cpu" for name in ("transformer.wte", "transformer.wpe", "transformer.ln_f", "lm_head")}
+        device_map |= {f"transformer.h.{i}": "cpu" for i in range(model.config.n_layer)}
+        dispatch_model(model, device_map=device_map, force_hooks=True, skip_keys=model._skip_keys_device_placement)
+        assert hasattr(model.transformer.h[0], "_hf_hook")
     if sharded:  # every layer "elsewhere": per-layer storage on CPU, through the whole engine path
         monkeypatch.setattr(LoadedModel, "sharded", property(lambda self: True))
     engine = GenerationEngine(loaded, settings)
@@ -195,3 +204,11 @@ async def test_engine_on_per_layer_storage_matches_the_flat_cache(
     """gptd's own attention (direct cache reads) and sampler, chunked prefill next to decoding rows."""
     flat = await _engine_tokens(models, False, monkeypatch)
     assert await _engine_tokens(models, True, monkeypatch) == flat
+
+
+async def test_engine_through_accelerate_hooks_matches_the_flat_cache(
+        models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The paged-attention kwargs (read/write indices, cu_seq_lens, the cache object) pass through accelerate's
+    AlignDevicesHook of every layer, as with a device_map model; here every device is the CPU."""
+    flat = await _engine_tokens(models, False, monkeypatch)
+    assert await _engine_tokens(models, True, monkeypatch, hooks=True) == flat
