@@ -241,6 +241,18 @@ def offloaded_modules(hf_device_map: dict[str, Any]) -> list[str]:
     return sorted(name or "(model)" for name, d in hf_device_map.items() if d in ("cpu", "disk"))
 
 
+def unshardable_attention(config: Any) -> str | None:
+    """Pure: why this model's KV cache cannot be split by layer (None: it can). Mirrors how transformers groups
+    layers (continuous_batching/cache.py group_layers_by_attn_type): layer_types if given, else every layer
+    sliding when sliding_window is set. Only full-attention caches are split (_cb_internals.shard_cache)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        types = ["sliding_attention" if getattr(cfg, "sliding_window", None) is not None else "full_attention"]
+    other = sorted(set(types) - {"full_attention"})
+    return f"its {', '.join(other)} layers' KV cache cannot be split over GPUs" if other else None
+
+
 def describe_layer_devices(layer_devices: tuple[str, ...]) -> str:
     """Pure: "cuda:0 (layers 0-15), cuda:1 (layers 16-31)"; runs of consecutive layers per device."""
     runs: list[tuple[str, int, int]] = []
@@ -379,5 +391,8 @@ def _check_sharded(model: Any, layers: tuple[str, ...], settings: Settings) -> N
             "add GPUs)")
     if not layers:
         raise ModelLoadError("cannot shard this model over GPUs: no decoder layer list found")
+    reason = unshardable_attention(model.config)
+    if reason:
+        raise ModelLoadError(f"cannot shard this model over GPUs: {reason}; choose one GPU with --device cuda:N")
     free = {f"cuda:{i}": torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
     check_kv_fits(layers, kv_cache_bytes(model, settings), free)

@@ -29,6 +29,7 @@ from gptd_runtime.loading import (
     offloaded_modules,
     plan_max_memory,
     plan_placement,
+    unshardable_attention,
 )
 
 GiB = 2**30
@@ -66,6 +67,14 @@ def test_offloaded_modules_are_named() -> None:
     assert offloaded_modules({"transformer.wte": 0, "transformer.h.0": 1, "transformer.h.1": "cpu",
                               "lm_head": "disk"}) == ["lm_head", "transformer.h.1"]
     assert offloaded_modules({"": 0}) == []
+
+
+def test_only_full_attention_caches_are_split() -> None:
+    from transformers import GPT2Config, MistralConfig
+
+    assert unshardable_attention(GPT2Config()) is None
+    assert unshardable_attention(MistralConfig(sliding_window=None)) is None
+    assert "sliding_attention" in (unshardable_attention(MistralConfig(sliding_window=4096)) or "")
 
 
 def test_start_up_line_names_the_layers_of_each_device() -> None:
