@@ -22,7 +22,7 @@ from typing import Any
 
 import kopf
 
-from . import analysis, api, builders, kube, model_cache, names, observe, rollout
+from . import analysis, api, builders, evaluation, kube, model_cache, names, observe, rollout
 from . import status as st
 from .api import GPTDeploymentSpec, InvalidSpec
 from .observe import Observations
@@ -296,7 +296,10 @@ class Reconciler:
         spec = await self._validate(p)
         if spec is None:
             return
-        children, obs, analysis_due = await self._observe(p, spec, indices)
+        checked, dataset = await self._check_dataset(p, spec)
+        if not checked:
+            return
+        children, obs, analysis_due = await self._observe(p, spec, indices, dataset)
         # spec.model.cache: the download before the rollout (the plan waits while it is not complete).
         cache = await self._cache(p, spec, children, obs)
         obs = dataclasses.replace(obs, desired_template=builders.with_resolved(obs.desired_template, cache.sha),
@@ -318,6 +321,7 @@ class Reconciler:
         try:
             spec = api.parse_spec(p.body.get("spec"))
             builders.check_spec(spec, self.settings)
+            evaluation.check_evaluation(spec)
         except InvalidSpec as exc:
             new = st.invalid_status(
                 p.name, p.namespace, p.previous, exc.field, exc.message, generation=p.generation, now=p.now
@@ -327,8 +331,35 @@ class Reconciler:
             return None
         return spec
 
+    async def _check_dataset(self, p: _Pass, spec: GPTDeploymentSpec) -> tuple[bool, str | None]:
+        """The evaluation dataset's identity when a gated rollout is in flight or about to start (None otherwise),
+        read and checked before any pod of the new revision exists; (False, None) after InvalidSpec naming the
+        field (and the line), the old revision untouched. ConfigMaps are read by name only when needed (a GET per
+        such pass; not watched: a fixed dataset is seen at the next trigger or resync)."""
+        if spec.evaluation is None:
+            return True, None
+        revision = builders.revision_hash(builders.revision_template(spec, self.settings))
+        ro = p.previous.get("rollout") or {}
+        same = ro.get("revision") == revision
+        if same and (ro.get("phase") in rollout.HOLD_PHASES or not ro.get("evaluationGate")):
+            return True, None  # held after a failure, or an ungated rollout: nothing to score
+        if not same and ro.get("phase") not in rollout.ACTIVE_PHASES and revision == p.previous.get("currentRevision"):
+            return True, None  # settled: spec.evaluation applies to the next revision
+        try:
+            ds = spec.evaluation.dataset
+            if ds.configMapRef is not None:
+                configmap = await self.kube.get(kube.CONFIGMAPS, p.namespace, ds.configMapRef.name)
+                return True, evaluation.check_dataset(spec, evaluation.configmap_text(spec, configmap))
+            claim, _ = evaluation.pvc_claim(spec)
+            if await self.kube.get(kube.PVCS, p.namespace, claim) is None:
+                raise InvalidSpec("spec.evaluation.dataset.pvc", f"PersistentVolumeClaim {claim} not found")
+            return True, evaluation.pvc_identity(spec)  # its rows are checked by the Job, which names the line
+        except InvalidSpec as exc:
+            await self._invalid(p, exc.field, exc.message)
+            return False, None
+
     async def _observe(
-        self, p: _Pass, spec: GPTDeploymentSpec, indices: Mapping[str, Any]
+        self, p: _Pass, spec: GPTDeploymentSpec, indices: Mapping[str, Any], dataset: str | None = None
     ) -> tuple[Children, Observations, float | None]:
         """The children from the indices and the Observations the plan is made from (plus when analysis is due)."""
         template = builders.revision_template(spec, self.settings)
@@ -349,6 +380,8 @@ class Reconciler:
             analysis_breach=outcome.breach,
             analysis_unavailable=outcome.unavailable,
             jobs=tuple(observe.observe_job(job, children.job_pods) for job in children.jobs),
+            evaluation_dataset=dataset,
+            name=p.name,
         )
         return children, obs, analysis_due
 
@@ -422,6 +455,7 @@ class Reconciler:
             built.desired.append(builders.build_hpa(name, namespace, uid, spec))
         else:
             built.unwanted.append((kube.HPAS, children.hpa))
+        self._evaluation_jobs(p, spec, plan, children, built)
         if spec.networkPolicy.enabled:
             built.desired.append(builders.build_network_policy(name, namespace, uid, spec, self.settings))
         else:
@@ -491,6 +525,7 @@ class Reconciler:
                 await self.kube.delete(res, namespace, live["metadata"]["name"])
                 self.recent.pop((live.get("kind", ""), namespace, live["metadata"]["name"]), None)
                 kopf.event(body, type="Normal", reason="Deleted", message=f"{res.plural} {live['metadata']['name']}")
+        await self._mark_evaluated(p, plan, children)
         annotations = p.meta.get("annotations") or {}
         present = [a for a in plan.annotations_to_clear if a in annotations]
         if present:
@@ -498,6 +533,36 @@ class Reconciler:
                 kube.GPTDEPLOYMENTS, namespace, name, {"metadata": {"annotations": dict.fromkeys(present)}}
             )
         return applied
+
+    def _evaluation_jobs(self, p: _Pass, spec: GPTDeploymentSpec, plan: Plan, children: Children,
+                         built: _Built) -> None:
+        """The evaluator Jobs the gate wants are created (never patched: a Job's spec is immutable, each is named
+        after what it scores); this CR's other evaluation Jobs are deleted (done, or superseded)."""
+        live = [j for j in children.jobs
+                if ((j.get("metadata") or {}).get("labels") or {}).get(builders.LABEL_COMPONENT)
+                == builders.EVALUATION_COMPONENT]
+        existing = {j["metadata"]["name"] for j in live}
+        wanted = {job.name for job in plan.evaluation_jobs}
+        image = spec.runtime.image or self.settings.runtime_image
+        for job in plan.evaluation_jobs:
+            if job.name not in existing and job.ip and ("Job", p.namespace, job.name) not in self.recent:
+                built.desired.append(evaluation.build_job(p.name, p.namespace, p.uid, spec, self.settings, job, image))
+        for obj in live:
+            if obj["metadata"]["name"] not in wanted:
+                built.unwanted.append((kube.JOBS, obj))
+
+    async def _mark_evaluated(self, p: _Pass, plan: Plan, children: Children) -> None:
+        """The gptd.io/evaluated condition on every gated pod of a revision that passed (or was rolled out):
+        the readiness gate lets it take Service traffic."""
+        for pod in children.pods:
+            po = observe.observe_pod(pod)
+            if po.gated and not po.evaluated and po.revision in plan.evaluated_revisions and po.name:
+                condition = {
+                    "type": builders.GATE_CONDITION, "status": "True", "reason": "EvaluationPassed",
+                    "message": f"revision {po.revision} passed its evaluation",
+                    "lastTransitionTime": observe.format_time(p.now),
+                }
+                await self.kube.set_pod_condition(p.namespace, po.name, condition)
 
     async def _report(
         self, p: _Pass, spec: GPTDeploymentSpec, obs: Observations, plan: Plan, children: Children,
@@ -871,9 +936,11 @@ def _pod_summary(namespace: str | None, labels: Mapping[str, str], body: Mapping
     key = _owner_key(namespace, labels)
     if not key:
         return None
-    pod = _summary(body, ("phase", "conditions", "containerStatuses", "initContainerStatuses"))
+    pod = _summary(body, ("phase", "conditions", "containerStatuses", "initContainerStatuses", "podIP"))
     pod["metadata"]["creationTimestamp"] = (body.get("metadata") or {}).get("creationTimestamp")
-    pod.pop("spec", None)  # pod specs are big and we never compare them
+    gates = (pod.pop("spec", None) or {}).get("readinessGates")  # pod specs are big: only the gates are kept
+    if gates:
+        pod["spec"] = {"readinessGates": gates}
     return {key: pod}
 
 

@@ -26,6 +26,9 @@ from lightkube.core.exceptions import ConfigError
 from .normalize import is_subset, server_form, strip_none, with_removals
 
 MERGE_PATCH = "application/merge-patch+json"
+# Pod status conditions merge by type under a strategic merge patch; a JSON merge patch would replace the list (and
+# drop the kubelet's Ready, ContainersReady... until its next sync).
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 FIELD_MANAGER = "gptd-operator"  # managedFields name every object gptd writes
 # Bounded retries (API Priority and Fairness answers 429 with Retry-After; apiservers restart; connections reset).
 RETRIES = 5
@@ -77,6 +80,7 @@ SCALEDOBJECTS = Resource("keda.sh/v1alpha1", "scaledobjects")
 # One-off work next to the serving pods (the model download, the evaluation): Jobs and their pods are watched.
 JOBS = Resource("batch/v1", "jobs")
 PVCS = Resource("v1", "persistentvolumeclaims")
+CONFIGMAPS = Resource("v1", "configmaps")  # read by name only (the evaluation dataset)
 BY_KIND = {
     "ScaledObject": SCALEDOBJECTS,
     "Deployment": DEPLOYMENTS,
@@ -359,6 +363,13 @@ class Kube:
         return await self._request(
             "PATCH", res.path(namespace, name, subresource), body=dict(patch), content_type=MERGE_PATCH,
             params={"fieldValidation": "Strict"} if strict else None,
+        )
+
+    async def set_pod_condition(self, namespace: str, name: str, condition: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Add or replace one condition (by type) in a pod's status, leaving the kubelet's conditions alone."""
+        return await self._request(
+            "PATCH", PODS.path(namespace, name, "status"), body={"status": {"conditions": [dict(condition)]}},
+            content_type=STRATEGIC_MERGE_PATCH,
         )
 
     async def delete(self, res: Resource, namespace: str, name: str) -> bool:

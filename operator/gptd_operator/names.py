@@ -77,6 +77,11 @@ def certificate_secret(name: str) -> str:
     return f"{base(name)}-tls"
 
 
+def evaluation_job(name: str, role: str, key: str) -> str:
+    """``<stem>-eval-<digest>``: one Job per (role, what is scored); at most 63 characters (the Job controller puts
+    the name in a label). The digest covers the full base, so a cut stem can't make two CRs' Jobs collide."""
+    digest = hashlib.sha256(f"{base(name)}\0{role}\0{key}".encode()).hexdigest()[:_HASH_CHARS]
+    return f"{base(name)[:MAX_LABEL - 6 - _HASH_CHARS].rstrip('-')}-eval-{digest}"
 def model_cache(name: str) -> str:
     """The PersistentVolumeClaim of spec.model.cache (issue 10): ``<base>-model-cache``."""
     return f"{base(name)}-model-cache"

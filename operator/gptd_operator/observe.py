@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .builders import ANN_TEMPLATE, LABEL_COMPONENT, LABEL_REVISION
+from .builders import ANN_TEMPLATE, GATE_CONDITION, LABEL_COMPONENT, LABEL_REVISION
 
 Template = dict[str, Any]
 # Waiting reasons that mean a container cannot run as it is.
@@ -38,6 +38,12 @@ class PodObs:
     crashloop_message: str = ""  # CrashLoopBackOff / ImagePullBackOff / ErrImagePull, with the container
     restarts: int = 0
     waiting_reason: str = ""  # the container's state.waiting.reason behind crashloop_message
+    # For the evaluation gate (evaluation.py): which pod, where, and whether it waits only for the gate.
+    name: str = ""
+    ip: str = ""
+    containers_ready: bool = False  # ContainersReady=True (Ready also needs every readiness gate)
+    gated: bool = False  # spec.readinessGates holds gptd.io/evaluated
+    evaluated: bool = False  # the gptd.io/evaluated pod condition is True
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,10 @@ class Observations:
     # Set by handlers when canary.analysis could not be evaluated (Prometheus unreachable or erroring): the
     # canary is held at its step (no advance, no rollback) until it can be.
     analysis_unavailable: str | None = None
+    # The evaluation dataset's identity (evaluation.py), set by handlers once they checked it; the gate's Jobs are
+    # in ``jobs`` (purpose "evaluation").
+    evaluation_dataset: str | None = None
+    name: str = ""  # the GPTDeployment's name (the evaluator Jobs are named after it)
     jobs: tuple[JobObs, ...] = ()  # the CR's Jobs (every purpose), sorted by name
     # spec.model.cache: (Progressing reason, message) while the desired revision is not complete in the cache;
     # rollout.decide then changes no Deployment (model_cache.py).
@@ -180,9 +190,15 @@ def observe_pod(pod: dict[str, Any]) -> PodObs:
                 crashloop_message += f" last exited {last.get('reason') or 'with'} code {last.get('exitCode')}"
             if waiting.get("message"):
                 crashloop_message += f": {waiting['message']}"
+    gates = ((pod.get("spec") or {}).get("readinessGates")) or []
     return PodObs(
         revision=(meta.get("labels") or {}).get(LABEL_REVISION),
         ready=ready,
+        name=meta.get("name") or "",
+        ip=status.get("podIP") or "",
+        containers_ready=(conditions.get("ContainersReady") or {}).get("status") == "True",
+        gated=any(g.get("conditionType") == GATE_CONDITION for g in gates),
+        evaluated=(conditions.get(GATE_CONDITION) or {}).get("status") == "True",
         unschedulable_since=unschedulable_since,
         unschedulable_message=unschedulable_message,
         crashloop_message=crashloop_message,

@@ -132,6 +132,27 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
+STRATEGIC_MERGE = "application/strategic-merge-patch+json"
+
+
+def _content_type(request: Any) -> str:
+    headers = getattr(request, "headers", None) or {}
+    return str(headers.get("Content-Type") or headers.get("content-type") or "").split(";")[0].strip()
+
+
+def merge_by_key(old: list[Any], new: list[Any], key: str) -> list[Any]:
+    """A strategic-merge list: items of ``new`` replace (merged into) the ``old`` item with the same ``key``, new
+    keys are appended; order kept."""
+    out = [dict(o) for o in old]
+    for item in new:
+        match = next((o for o in out if o.get(key) == item.get(key)), None)
+        if match is None:
+            out.append(dict(item))
+        else:
+            match.update(item)
+    return out
+
+
 def diff_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """A merge patch turning ``old`` into ``new`` (kmock applies patches with the same map semantics)."""
     out: dict[str, Any] = {k: None for k in old if k not in new}
@@ -345,7 +366,13 @@ class ApiServer(kmock.KubernetesEmulator):
         sub = request.subresource
         res = request.resource
         if sub == "status":
-            merged = {**stored, "status": merge_patch(stored.get("status"), patch.get("status") or {})}
+            status_patch = patch.get("status") or {}
+            if _content_type(request) == STRATEGIC_MERGE and isinstance(status_patch.get("conditions"), list):
+                # Strategic merge patch: status.conditions merge by their "type" (patchMergeKey), as the real
+                # server does for pods; a JSON merge patch replaces the whole list.
+                status_patch = {**status_patch, "conditions": merge_by_key(
+                    (stored.get("status") or {}).get("conditions") or [], status_patch["conditions"], "type")}
+            merged = {**stored, "status": merge_patch(stored.get("status"), status_patch)}
         elif sub == "scale":
             replicas = (patch.get("spec") or {}).get("replicas")
             merged = copy.deepcopy(stored)

@@ -23,6 +23,7 @@ RESOURCES = {
     "v1/services": ("Service", True, set()),
     "v1/pods": ("Pod", True, {"status"}),
     "v1/secrets": ("Secret", True, set()),
+    "v1/configmaps": ("ConfigMap", True, set()),
     "v1/events": ("Event", True, set()),
     "v1/namespaces": ("Namespace", False, set()),
     "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True, {"status"}),
@@ -70,6 +71,7 @@ PATHS = {
     "certificates": "/apis/cert-manager.io/v1/namespaces/{ns}/certificates",
     "jobs": "/apis/batch/v1/namespaces/{ns}/jobs",
     "persistentvolumeclaims": "/api/v1/namespaces/{ns}/persistentvolumeclaims",
+    "configmaps": "/api/v1/namespaces/{ns}/configmaps",
 }
 WRITE_METHODS = {"POST", "PATCH", "PUT"}
 

@@ -67,3 +67,12 @@ def test_jobs_and_claims_rbac(args: tuple[str, ...]) -> None:
     assert grants(r, "", "persistentvolumeclaims") == {"get", "list", "watch", "create", "patch", "delete"}
     assert grants(r, "", "pods") == {"list", "watch"}
     assert grants(r, "", "pods/log") == {"get"}
+
+
+@pytest.mark.parametrize("args", [(), ("--set", "watchNamespaces={team-a}")])
+def test_evaluation_gate_rbac_is_least_privilege(args: tuple[str, ...]) -> None:
+    """Issue 11: the operator patches only pod status (the gptd.io/evaluated condition) and only gets ConfigMaps
+    (the dataset, by name: never listed or watched)."""
+    r = rules(render(*args), "Role" if args else "ClusterRole")
+    assert grants(r, "", "pods/status") == {"patch"}
+    assert grants(r, "", "configmaps") == {"get"}

@@ -97,6 +97,7 @@ def test_names_subresources_columns() -> None:
         "Revision": ".status.currentRevision",
         "Ready": ".status.readyDisplay",
         "Phase": ".status.phase",
+        "Score": ".status.evaluation.score",
         "Download": ".status.model.download.display",  # issue 10: the model cache's download
         "Age": ".metadata.creationTimestamp",
     }

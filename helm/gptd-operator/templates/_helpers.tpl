@@ -135,6 +135,15 @@ the ClusterRole when watching all namespaces, or into one Role per watched names
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
+# gptd: the evaluation gate sets the gptd.io/evaluated condition (a readiness gate) on runtime pods that passed.
+- apiGroups: [""]
+  resources: ["pods/status"]
+  verbs: ["patch"]
+# gptd: the evaluation dataset of spec.evaluation.dataset.configMapRef, read (and checked) before a gated rollout
+# starts; a dataset is data, not a secret (no Secrets are read).
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get"]
 # gptd: the last lines of a running download Job's pod log: fetch's JSON progress lines (status.model.download).
 - apiGroups: [""]
   resources: ["pods/log"]
