@@ -73,8 +73,8 @@ def build_pvc(name: str, namespace: str, uid: str, spec: GPTDeploymentSpec) -> d
         "namespace": namespace,
         "labels": {**builders.common_labels(name), builders.LABEL_COMPONENT: "model-cache"},
     }
-    if not cache.retain:
-        metadata["ownerReferences"] = [builders.owner_reference(name, uid)]
+    # None (absent, and removed from a live claim when retain is turned on: a merge-patch null).
+    metadata["ownerReferences"] = None if cache.retain else [builders.owner_reference(name, uid)]
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": metadata, "spec": pvc_spec}
 
 

@@ -227,3 +227,29 @@ async def test_invalid_cache_combinations_create_nothing(cluster: Cluster, opera
     assert condition(st, "Ready")["reason"] == "InvalidSpec" or "spec.model.cache" in json.dumps(st)
     assert "spec.model.cache" in json.dumps(st["conditions"])
     assert await cluster.list("jobs", NS) == [] and await cluster.list("persistentvolumeclaims", NS) == []
+
+
+async def test_a_retained_claim_has_no_owner_and_is_reused_by_a_new_cr_of_the_same_name(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    await cluster.create("gptdeployments", NS, cr(model=cached("v1", retain=True)))
+    pvc = await eventually(lambda: cluster.get("persistentvolumeclaims", NS, "gpt2-model-cache"), what="claim")
+    assert "ownerReferences" not in pvc["metadata"]
+    await download_job(cluster)
+    # `kubectl delete gptd gpt2`; the emulator runs no garbage collector and the claim has no owner anyway.
+    await cluster.delete("gptdeployments", NS, "gpt2")
+    for plural in ("jobs", "services", "deployments"):  # owned by the CR: play the garbage collector
+        for obj in await cluster.list(plural, NS):
+            await cluster.delete(plural, NS, obj["metadata"]["name"])
+    await cluster.create("gptdeployments", NS, cr(uid="uid-gpt2-again", model=cached("v1", retain=True)))
+    async def new_job() -> dict[str, Any] | None:
+        return next((j for j in await cluster.list("jobs", NS)
+                     if j["metadata"]["ownerReferences"][0]["uid"] == "uid-gpt2-again"), None)
+
+    job = await eventually(new_job, what="the new CR's download Job")
+    await complete(cluster, job, SHA1)
+    await eventually(lambda: _on_sha(cluster, SHA1), what="the new CR's Deployment on the retained claim")
+    claim = await cluster.get("persistentvolumeclaims", NS, "gpt2-model-cache")
+    assert claim["metadata"]["uid"] == pvc["metadata"]["uid"]  # the same claim, not a new one
+    st = await status_of(cluster)
+    assert st.get("phase") != "Failed" and condition(st, "Degraded").get("status") != "True", st

@@ -11,6 +11,7 @@ import pytest
 from gptd_operator import builders as b
 from gptd_operator import model_cache as mc
 from gptd_operator.api import InvalidSpec, parse_spec
+from gptd_operator.normalize import is_subset, strip_none, with_removals
 from gptd_operator.observe import DeploymentObs, JobObs, Observations
 from gptd_operator.rollout import decide
 from gptd_operator.settings import Settings
@@ -85,7 +86,10 @@ def test_claim_owned_unless_retained_and_default_class_left_out() -> None:
     assert pvc["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
     assert pvc["spec"] == {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "40Gi"}}}
     kept = mc.build_pvc("gpt2", "ns", "uid-1", cached(retain=True, storageClassName="fast", accessMode="ReadWriteOnce"))
-    assert "ownerReferences" not in kept["metadata"]
+    assert kept["metadata"]["ownerReferences"] is None  # absent when created...
+    # ...and removed from a claim created before retain was turned on.
+    assert is_subset(kept, pvc) is False and with_removals(kept, pvc)["metadata"]["ownerReferences"] is None
+    assert "ownerReferences" not in strip_none(kept)["metadata"]
     assert kept["spec"]["storageClassName"] == "fast" and kept["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert kept["metadata"]["labels"][b.LABEL_INSTANCE] == "gpt2"  # the claim index finds it without an owner
 
