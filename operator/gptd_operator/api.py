@@ -577,6 +577,8 @@ class DownloadStatus(BaseModel):
     startedAt: str | None = None
     observedAt: str | None = Field(None, description="When bytesDone was read (the rate is computed from it).")
     finishedAt: str | None = Field(None, description="When it completed or (last) failed.")
+    jobEndedAt: str | None = Field(None, description="When the operator first saw the Job finished (its pod's report "
+                                                     "may arrive a moment later).")
     reason: str | None = Field(None, description="fetch's reason word on failure (Unauthorized, RevisionNotFound...).")
     message: str | None = Field(None, description="The failure, in the hub's or the Job controller's words.")
 

@@ -46,6 +46,9 @@ MODELS_DIR = "/models"  # pvc:// models are mounted read-only below here
 # spec.model.cache: the claim <name>-model-cache, read-write in the download Job, read-only in the pods, which
 # load <MODEL_CACHE_DIR>/<sha> (fetch's layout: docs/fetch-and-evaluate.md).
 MODEL_CACHE_DIR = "/var/lib/gptd/model-cache"
+# In the revision template: the pods load the model from the cache. Only that it is set is revisioned (the pods
+# differ); the claim's size, class, access mode and retain change no pod, so they start no rollout or download.
+MODEL_CACHE_KEY = "modelCache"
 # Facts about a revision found after it was asked for (the commit sha its download resolved to): kept in the
 # template the Deployment and lastGoodTemplate carry, never part of the revision hash (which names what the spec
 # asked for), so a moving branch never changes the revision of running pods.
@@ -245,7 +248,11 @@ def revision_template(spec: GPTDeploymentSpec, settings: Settings) -> Template:
     """The revisioned part of the spec: a change here is a new revision (and a rollout)."""
     runtime = _revision_dump(spec.runtime)
     runtime["image"] = spec.runtime.image or settings.runtime_image
-    return {"model": _revision_dump(spec.model), "runtime": runtime}
+    model = _revision_dump(spec.model)
+    template: Template = {"model": model, "runtime": runtime}
+    if model.pop("cache", None) is not None:
+        template[MODEL_CACHE_KEY] = True
+    return template
 
 
 def canonical_json(obj: Any) -> str:
@@ -284,11 +291,11 @@ def rolling_strategy(spec: GPTDeploymentSpec, in_place: bool = False) -> dict[st
 
 
 def _model_source(
-    name: str, model: ModelSpec, settings: Settings, sha: str | None
+    name: str, model: ModelSpec, settings: Settings, cached: bool, sha: str | None
 ) -> tuple[str, list[dict], list[dict], list[dict]]:
     """(GPTD_MODEL, volumes, runtime volumeMounts, initContainers) for a model URI."""
     uri = model.uri
-    if model.cache is not None:
+    if cached:
         if sha is None:  # rollout.py never builds pods for a revision whose download is not complete
             raise ValueError("a model.cache template needs the resolved sha (builders.with_resolved)")
         volume = {"name": "model", "persistentVolumeClaim": {"claimName": names.model_cache(name), "readOnly": True}}
@@ -406,7 +413,8 @@ def _env(
             env.append({"name": "GPTD_TLS_CLIENT_CA_FILE", "value": f"{CLIENT_CA_DIR}/ca.crt"})
     if wants_side_port(spec):
         env.append({"name": "GPTD_METRICS_PORT", "value": str(METRICS_PORT)})
-    if model.hfTokenSecretRef is not None and model.cache is None:  # with a cache only the download Job needs it
+    # With the model cache only the download Job needs the token.
+    if model.hfTokenSecretRef is not None and not model_ref.startswith(f"file://{MODEL_CACHE_DIR}/"):
         ref = model.hfTokenSecretRef
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     # User entries come last and replace ours of the same name (kubelet takes the last duplicate anyway).
@@ -458,7 +466,8 @@ def build_pod_template(
     runtime = RuntimeSpec.model_validate(template["runtime"])
     image = runtime.image or settings.runtime_image
     port = spec.service.port
-    model_ref, volumes, mounts, init_containers = _model_source(name, model, settings, resolved_sha(template))
+    model_ref, volumes, mounts, init_containers = _model_source(
+        name, model, settings, bool(template.get(MODEL_CACHE_KEY)), resolved_sha(template))
     volumes = [
         *volumes,
         {"name": "model-cache", "emptyDir": {}},

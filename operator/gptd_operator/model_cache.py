@@ -45,6 +45,9 @@ ACTIVE_DEADLINE_SECONDS = 6 * 3600  # a 100 GB model at 10 MB/s takes under 3 h
 TTL_SECONDS = 24 * 3600  # a finished Job (and its pod's termination message) stays a day, for describe
 PROGRESS_SECONDS = 10  # status.model.download is refreshed this often while a Job runs (issue: <= 15 s)
 LOG_TAIL_LINES = 3
+# The Job and its pods are separate watches: a finished Job can reach the operator before its pod's termination
+# message does. Wait this long for it before reporting a Job without a result.
+RESULT_GRACE_SECONDS = 30
 # Small on purpose: fetch streams 1 MiB chunks with 4 threads; no GPU, so it may run on any (cheap) node.
 JOB_RESOURCES = {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
 
@@ -344,6 +347,12 @@ def _plan(
 
     base = {"revision": revision, "modelRevision": spec.model.revision}
     what = f"{spec.model.uri}@{spec.model.revision} (revision {revision})"
+    if job is None and d.prev.get("phase") == "Downloading" and d.prev.get("job") == current:
+        # Created by an earlier pass and not in the Job index yet (the watch lags our POST), or deleted by hand:
+        # (re)created if handlers have no record of it, without a second DownloadStarted.
+        return DownloadPlan(wait=("Downloading", f"starting the download of {what}"), create=new_job(attempt),
+                            delete=tuple(delete), status={"download": d.prev}, events=tuple(d.events),
+                            requeue_after=PROGRESS_SECONDS)
     if job is None:
         if d.prev.get("phase") == "Failed":
             left = retry_delay(attempt) - _since(d.prev.get("finishedAt"), now)
@@ -357,7 +366,8 @@ def _plan(
         else:
             d.events.append(("Normal", "DownloadStarted", f"downloading {what} into {names.model_cache(name)}"))
         dl = {**base, "phase": "Downloading", "display": "starting", "job": job_name(name, revision, attempt),
-              "attempt": attempt, "startedAt": d.now_s, "observedAt": None, "finishedAt": None, "bytesDone": None,
+              "attempt": attempt, "startedAt": d.now_s, "observedAt": None, "finishedAt": None, "jobEndedAt": None,
+              "bytesDone": None,
               "bytesTotal": None, "percent": None, "bytesPerSecond": None, "etaSeconds": None, "filesDone": None,
               "filesTotal": None, "sha": None, "reason": None,
               "message": d.prev.get("message") if d.prev.get("phase") == "Failed" else None}
@@ -368,6 +378,15 @@ def _plan(
     dl = {**base, **d.prev, "job": job.name, "attempt": attempt}
     dl.setdefault("startedAt", format_time(job.start_time) if job.start_time else d.now_s)
     result = _result(job)
+    if (job.complete or job.finally_failed) and result is None:
+        ended = parse_time(dl.get("jobEndedAt"))
+        if ended is None:
+            dl["jobEndedAt"], ended = d.now_s, now
+        left = RESULT_GRACE_SECONDS - (now - ended).total_seconds()
+        if left > 0:  # its pod's report is on the way (or the pod is gone: then the Job's own words, below)
+            return DownloadPlan(wait=("Downloading", f"downloading {what}: finishing"), delete=tuple(delete),
+                                status={"download": {**dl, "phase": "Downloading"}}, events=tuple(d.events),
+                                requeue_after=min(left, 5.0))
     if job.complete:
         sha = str((result or {}).get("revision") or "")
         if len(sha) == 40 and (result or {}).get("complete"):

@@ -200,7 +200,8 @@ async def test_a_failed_download_keeps_the_old_pods_and_is_degraded_with_the_hub
     assert live["spec"]["template"] == dep["spec"]["template"]  # no pod touched
     # No retry storm: the failed Job stays until its backoff (minutes) is over; v1's finished Job is gone.
     assert [j["metadata"]["name"] for j in await cluster.list("jobs", NS)] == [job["metadata"]["name"]]
-    assert len([e for e in await cluster.list("events", NS) if e.get("reason") == "DownloadFailed"]) == 1
+    failures = [e["message"] for e in await cluster.list("events", NS) if e.get("reason") == "DownloadFailed"]
+    assert len(failures) == 1, failures
 
 
 async def test_a_spec_change_cancels_the_running_download(cluster: Cluster, operator: RunningOperator) -> None:
@@ -253,3 +254,37 @@ async def test_a_retained_claim_has_no_owner_and_is_reused_by_a_new_cr_of_the_sa
     assert claim["metadata"]["uid"] == pvc["metadata"]["uid"]  # the same claim, not a new one
     st = await status_of(cluster)
     assert st.get("phase") != "Failed" and condition(st, "Degraded").get("status") != "True", st
+
+
+async def test_a_noop_resync_of_a_cached_cr_makes_zero_writes(cluster: Cluster, operator: RunningOperator) -> None:
+    await first_deploy(cluster)
+    await operator.resync_passes(2)  # settle: every reaction to our own writes is done
+    before = len(cluster.requests())
+    await operator.resync_passes(3)
+    assert cluster.writes(before) == [], "\n".join(cluster.writes(before))
+    assert len(await events_named(cluster, "DownloadStarted")) == 1
+
+
+async def events_named(cluster: Cluster, reason: str) -> list[dict[str, Any]]:
+    return [e for e in await cluster.list("events", NS) if e.get("reason") == reason]
+
+
+async def test_the_claim_grows_but_its_access_mode_cannot_change(cluster: Cluster, operator: RunningOperator) -> None:
+    dep = await first_deploy(cluster)
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"model": {"cache": {"size": "20Gi"}}}})
+
+    async def grown() -> bool:
+        claim = await cluster.get("persistentvolumeclaims", NS, "gpt2-model-cache")
+        return claim["spec"]["resources"]["requests"]["storage"] == "20Gi"
+
+    await eventually(grown, what="the claim's request grown to 20Gi")
+    # The claim's size is not revisioned: no download, no rollout.
+    assert len(await cluster.list("jobs", NS)) == 1
+    assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == labels_of(dep)[REV]
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"model": {"cache": {"accessMode": "ReadWriteOnce"}}}})
+    st = await status_where(cluster, "InvalidCache", lambda s: condition(s, "Degraded").get("reason") == "InvalidCache")
+    assert "spec.model.cache.accessMode" in condition(st, "Degraded")["message"]
+    claim = await cluster.get("persistentvolumeclaims", NS, "gpt2-model-cache")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # left as it is
+    assert (await cluster.get("deployments", NS, "gpt2"))["spec"]["template"]["spec"]["volumes"] == (
+        dep["spec"]["template"]["spec"]["volumes"])

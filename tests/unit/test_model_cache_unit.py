@@ -74,6 +74,9 @@ def test_the_resolved_sha_is_not_part_of_the_revision() -> None:
     template = b.revision_template(cached(), S)
     assert b.revision_hash(template) != b.revision_hash(b.revision_template(spec(), S))  # the cache is revisioned
     assert b.revision_hash(b.with_resolved(template, SHA)) == b.revision_hash(template)
+    # The claim's settings change no pod: no new revision (no download, no rollout).
+    for change in ({"size": "80Gi"}, {"retain": True}, {"accessMode": "ReadWriteOnce"}, {"storageClassName": "x"}):
+        assert b.revision_hash(b.revision_template(cached(**change), S)) == b.revision_hash(template), change
     assert b.resolved_sha(b.with_resolved(template, SHA)) == SHA and b.resolved_sha(template) is None
 
 
@@ -220,6 +223,10 @@ def test_a_new_revision_starts_one_job_and_waits() -> None:
     assert [e[1] for e in p.events] == ["DownloadStarted"] and p.requeue_after is not None and p.requeue_after <= 15
     dl = p.status["download"]
     assert (dl["revision"], dl["modelRevision"], dl["phase"], dl["attempt"]) == (REV, "v2", "Downloading", 1)
+    # Not in the Job index yet (the watch lags the POST): the same Job (handlers skip a create they just made),
+    # no second event, the status as it was.
+    lag = plan(status=then({}, p), t=1)
+    assert lag.create == p.create and lag.events == () and lag.status == p.status
     # The Job exists (watch caught up): no second one, no second event.
     again = plan(status=then({}, p), jobs=(job(active=1),), t=1)
     assert again.create is None and again.events == () and again.wait[0] == "Downloading"
@@ -326,7 +333,7 @@ def test_a_claim_that_cannot_change_is_reported_and_left_alone() -> None:
 # ------------------------------------------------------------------------------------------ rollout waits
 
 TA = {"model": {"uri": "hf://org/a", "revision": "main"}, "runtime": {"image": "rt:1"}}
-TB = {"model": {"uri": "hf://org/b", "revision": "main", "cache": CACHE}, "runtime": {"image": "rt:1"}}
+TB = {"model": {"uri": "hf://org/b", "revision": "main"}, "runtime": {"image": "rt:1"}, b.MODEL_CACHE_KEY: True}
 RA, RB = b.revision_hash(TA), b.revision_hash(TB)
 
 
@@ -360,3 +367,19 @@ def test_a_first_revision_gets_no_deployment_until_its_download_is_complete() ->
     p = decide(s, {}, _obs(0, None, ("Downloading", "starting")))
     assert p.stable is None and p.canary is None and p.status.get("rollout") is None
     assert p.status["updateRevision"] == RB
+
+
+def test_a_finished_job_waits_briefly_for_its_pods_report() -> None:
+    """The Job and its pods are separate watches: the Job's Complete/Failed may arrive before the pod's message."""
+    status = then({}, plan())
+    done = job(succeeded=1, conditions=(("Complete", "True", "", ""),))
+    p = plan(status=status, jobs=(done,), t=10)
+    assert p.sha is None and p.degraded is None and p.events == () and p.wait[0] == "Downloading"
+    assert p.requeue_after is not None and p.requeue_after <= 5
+    p = plan(status=then(status, p), jobs=(done,), t=10 + mc.RESULT_GRACE_SECONDS)
+    assert p.degraded is not None and p.status["download"]["reason"] == "NoResult"
+    failed = job(failed=5, conditions=(("Failed", "True", "DeadlineExceeded", "Job was active longer than allowed"),))
+    p = plan(status=status, jobs=(failed,), t=10)
+    assert p.degraded is None and p.events == ()
+    p = plan(status=then(status, p), jobs=(failed,), t=10 + mc.RESULT_GRACE_SECONDS)
+    assert p.degraded == ("DownloadFailed", "DeadlineExceeded: Job was active longer than allowed")
