@@ -68,7 +68,7 @@ class SecretKeyRef(_Model):
 
 class ModelCacheSpec(_Model):
     """A PersistentVolumeClaim ``<name>-model-cache`` the weights are downloaded into once per revision, by a Job,
-    before any pod of that revision is created (docs/model-cache.md). hf:// models only."""
+    before any pod of that revision is created (docs/model-cache.md). hf:// and s3:// models."""
 
     size: Quantity = Field(description="The claim's storage request, e.g. 40Gi (room for two or three revisions).")
     storageClassName: str = Field(

@@ -135,15 +135,10 @@ def _metadata(name: str, namespace: str, uid: str, owner: str, **extra_labels: s
 
 def check_spec(spec: GPTDeploymentSpec, settings: Settings) -> None:
     """Checks that depend on the operator's settings or span fields; raise InvalidSpec naming the field."""
-    if spec.model.cache is not None and not spec.model.uri.startswith("hf://"):
+    if spec.model.cache is not None and not spec.model.uri.startswith(("hf://", "s3://")):
         scheme = spec.model.uri.split("://", 1)[0]
-        why = (
-            "is for hf:// models; s3:// is not downloaded into the cache yet (fetch speaks the hub's API only): "
-            "remove spec.model.cache to sync s3:// in an init container"
-            if scheme == "s3"
-            else f"is for hf:// models: a {scheme}:// model is already on a volume or in the image; remove it"
-        )
-        raise InvalidSpec("spec.model.cache", why)
+        raise InvalidSpec("spec.model.cache", f"is for hf:// and s3:// models: a {scheme}:// model is already on a "
+                                              "volume or in the image; remove it")
     if spec.autoscaling is not None and spec.autoscaling.minReplicas == 0 and not settings.scale_to_zero_provider:
         raise InvalidSpec(
             "spec.autoscaling.minReplicas",

@@ -18,8 +18,10 @@ This module owns ``status.model``. No I/O here (handlers.py does it); ``now`` is
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -104,6 +106,33 @@ def job_name(name: str, revision: str, attempt: int) -> str:
     return names.job(name, "fetch", f"{revision}-{attempt}")
 
 
+def s3_commit(uri: str, revision: str) -> str:
+    """An s3:// model has no commit: its cache directory is named by 40 hex digits of SHA-1 over the URI and the gptd
+    revision, so it sits in fetch's layout (``<cache>/<40 hex>``, kept or pruned like a hub commit)."""
+    return hashlib.sha1(f"{uri}@{revision}".encode()).hexdigest()
+
+
+def _s3_command(uri: str, revision: str) -> list[str]:
+    """``aws s3 sync`` into ``.incomplete/<id>``, a marker, one rename to ``<id>``, then the result line in the
+    termination message, the same as fetch's (no byte progress: the AWS CLI prints none with --only-show-errors)."""
+    sha = s3_commit(uri, revision)
+    dest = builders.MODEL_CACHE_DIR
+    work, final = f"{dest}/.incomplete/{sha}", f"{dest}/{sha}"
+    result = json.dumps({"revision": sha, "complete": True, "path": final})
+    script = "\n".join([
+        "set -eu",
+        f"if [ ! -e {final}/.gptd-complete ]; then",
+        f"  mkdir -p {work}",
+        f"  aws s3 sync --only-show-errors {shlex.quote(uri)} {work}",
+        f"  echo '{{}}' > {work}/.gptd-complete",
+        f"  rm -rf {final}",
+        f"  mv {work} {final}",
+        "fi",
+        f"printf '%s\\n' {shlex.quote(result)} > {RESULT_FILE}",
+    ])
+    return ["sh", "-c", script]
+
+
 def build_job(
     name: str, namespace: str, uid: str, spec: GPTDeploymentSpec, settings: Settings, *, revision: str,
     template: Template, attempt: int, keep: Sequence[str],
@@ -115,11 +144,19 @@ def build_job(
         raise ValueError("build_job needs spec.model.cache")
     model = template["model"]
     image = template["runtime"].get("image") or settings.runtime_image
-    # The runtime image's entrypoint serves: the command is spelled out.
-    command = ["python", "-m", "gptd_runtime", "fetch", model["uri"], "--revision", model.get("revision") or "main",
-               "--dest", builders.MODEL_CACHE_DIR, "--result-file", RESULT_FILE, "--progress-interval", "5"]
-    # Housekeeping: every other revision goes, except those pods mount (current, last good, canary).
-    command += ["--prune", *(["--keep", *sorted(set(keep))] if keep else [])]
+    s3 = str(model["uri"]).startswith("s3://")
+    if s3:
+        # The s3 init container became this Job: the operator's AWS CLI image (GPTD_S3_INIT_IMAGE); credentials
+        # from the pod's identity (IRSA / workload identity) or AWS_* in spec.runtime.env (by reference).
+        image = settings.s3_init_image or ""
+        command = _s3_command(str(model["uri"]), revision)
+    else:
+        # The runtime image's entrypoint serves: the command is spelled out.
+        command = ["python", "-m", "gptd_runtime", "fetch", model["uri"], "--revision",
+                   model.get("revision") or "main", "--dest", builders.MODEL_CACHE_DIR, "--result-file", RESULT_FILE,
+                   "--progress-interval", "5"]
+        # Housekeeping: every other revision goes, except those pods mount (current, last good, canary).
+        command += ["--prune", *(["--keep", *sorted(set(keep))] if keep else [])]
     volumes: list[dict[str, Any]] = [
         {"name": "model", "persistentVolumeClaim": {"claimName": names.model_cache(name)}},
         {"name": "tmp", "emptyDir": {}},
@@ -130,7 +167,7 @@ def build_job(
     ]
     env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf"}]
     token = spec.model.hfTokenSecretRef
-    if token is not None:
+    if token is not None and not s3:
         # A file, never an env var: env shows in `kubectl describe pod` and in /proc/<pid>/environ.
         mode = 0o440 if settings.run_as_user is not None else 0o444
         volumes.append({"name": "hf-token", "secret": {
@@ -378,7 +415,7 @@ def _plan(
     dl = {**base, **d.prev, "job": job.name, "attempt": attempt}
     dl.setdefault("startedAt", format_time(job.start_time) if job.start_time else d.now_s)
     result = _result(job)
-    if (job.complete or job.finally_failed) and result is None:
+    if (job.complete or job.finally_failed) and result is None and job.exit_code is None:
         ended = parse_time(dl.get("jobEndedAt"))
         if ended is None:
             dl["jobEndedAt"], ended = d.now_s, now

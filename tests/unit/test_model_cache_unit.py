@@ -55,7 +55,7 @@ def test_bad_cache_is_invalid_spec_naming_the_field(cache: dict[str, Any], field
     assert e.value.field == field
 
 
-@pytest.mark.parametrize("uri", ["pvc://models/llama", "file:///models/llama", "s3://bucket/llama"])
+@pytest.mark.parametrize("uri", ["pvc://models/llama", "file:///models/llama"])
 def test_cache_with_a_model_already_on_a_volume_is_refused(uri: str) -> None:
     with pytest.raises(InvalidSpec) as e:
         b.check_spec(spec(model={"uri": uri, "cache": CACHE}), Settings(s3_init_image="aws:1"))
@@ -383,3 +383,89 @@ def test_a_finished_job_waits_briefly_for_its_pods_report() -> None:
     assert p.degraded is None and p.events == ()
     p = plan(status=then(status, p), jobs=(failed,), t=10 + mc.RESULT_GRACE_SECONDS)
     assert p.degraded == ("DownloadFailed", "DeadlineExceeded: Job was active longer than allowed")
+
+
+# ------------------------------------------------------------------------------------------ s3:// through the cache
+
+
+def test_s3_needs_the_operators_aws_image_and_becomes_the_download_job() -> None:
+    s3 = spec(model={"uri": "s3://bucket/models/llama", "cache": CACHE},
+              runtime={"env": [{"name": "AWS_REGION", "value": "eu-west-1"}]})
+    with pytest.raises(InvalidSpec) as e:
+        b.check_spec(s3, S)
+    assert e.value.field == "spec.model.uri" and "GPTD_S3_INIT_IMAGE" in e.value.message
+    settings = Settings(s3_init_image="amazon/aws-cli:2")
+    b.check_spec(s3, settings)
+    job = _job(s3, s3_init_image="amazon/aws-cli:2")
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == "amazon/aws-cli:2" and c["command"][:2] == ["sh", "-c"]
+    assert "aws s3 sync --only-show-errors s3://bucket/models/llama" in c["command"][2]
+    assert {"name": "AWS_REGION", "value": "eu-west-1"} in c["env"]
+    template = b.with_resolved(b.revision_template(s3, settings), mc.s3_commit("s3://bucket/models/llama", "r"))
+    pod = b.build_pod_template("gpt2", s3, settings, template, "stable")
+    assert not pod["spec"].get("initContainers")  # the init container's sync became the Job
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["GPTD_MODEL"] == f"file://{b.MODEL_CACHE_DIR}/{mc.s3_commit('s3://bucket/models/llama', 'r')}"
+
+
+def _s3_script(tmp_path: Any, uri: str = "s3://bucket/models/llama") -> tuple[str, Any, Any]:
+    """The Job's script as built, with the claim's mount and the termination-log path mapped into tmp_path."""
+    s3 = spec(model={"uri": uri, "cache": CACHE})
+    (c,) = _job(s3, s3_init_image="aws:2")["spec"]["template"]["spec"]["containers"]
+    cache, log = tmp_path / "cache", tmp_path / "termination-log"
+    return c["command"][2].replace(b.MODEL_CACHE_DIR, str(cache)).replace(mc.RESULT_FILE, str(log)), cache, log
+
+
+def _fake_aws(tmp_path: Any, body: str) -> dict[str, str]:
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    aws = bin_dir / "aws"
+    aws.write_text("#!/bin/sh\n" + body)
+    aws.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_the_s3_job_script_syncs_atomically_and_reports_like_fetch(tmp_path: Any) -> None:
+    import subprocess
+
+    source = tmp_path / "bucket"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    (source / "model.safetensors").write_bytes(b"w" * 100)
+    calls = tmp_path / "calls"
+    # `aws s3 sync --only-show-errors URI DEST`, played by cp; it records each call.
+    env = _fake_aws(tmp_path, f'echo "$@" >> {calls}\nmkdir -p "$5" && cp -r {source}/. "$5"\n')
+    script, cache, log = _s3_script(tmp_path)
+    subprocess.run(["sh", "-c", script], env=env, check=True, timeout=30)
+    result = mc.last_json_line(log.read_text())
+    sha = mc.s3_commit("s3://bucket/models/llama", "abc1234567")
+    assert result == {"revision": sha, "complete": True, "path": f"{cache}/{sha}"}
+    assert (cache / sha / "model.safetensors").read_bytes() == b"w" * 100 and (cache / sha / ".gptd-complete").exists()
+    assert not (cache / ".incomplete" / sha).exists()
+    assert calls.read_text().split() == ["s3", "sync", "--only-show-errors", "s3://bucket/models/llama",
+                                         f"{cache}/.incomplete/{sha}"]
+    log.unlink()
+    subprocess.run(["sh", "-c", script], env=env, check=True, timeout=30)  # complete already: no sync
+    assert len(calls.read_text().splitlines()) == 1 and mc.last_json_line(log.read_text())["revision"] == sha
+
+
+def test_a_failing_s3_sync_publishes_nothing(tmp_path: Any) -> None:
+    import subprocess
+
+    env = _fake_aws(tmp_path, 'mkdir -p "$5" && echo partial > "$5/part"\necho "An error occurred (AccessDenied)" >&2\n'
+                              "exit 1\n")
+    script, cache, log = _s3_script(tmp_path)
+    done = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0 and "AccessDenied" in done.stderr  # the log tail: FallbackToLogsOnError's message
+    sha = mc.s3_commit("s3://bucket/models/llama", "abc1234567")
+    assert not (cache / sha).exists() and not log.exists()
+
+
+def test_a_job_whose_pod_left_plain_text_reports_it_at_once() -> None:
+    """FallbackToLogsOnError: an AWS CLI (or a crash) leaves the log's tail, not a JSON line."""
+    failed = job(failed=5, conditions=(("Failed", "True", "BackoffLimitExceeded", "limit"),), exit_code=1,
+                 message="An error occurred (AccessDenied) when calling the ListObjectsV2 operation")
+    p = plan(status=then({}, plan()), jobs=(failed,), t=1)
+    assert p.degraded is not None and "AccessDenied" in p.degraded[1] and p.events[0][1] == "DownloadFailed"
