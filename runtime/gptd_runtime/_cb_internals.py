@@ -10,7 +10,8 @@ list instead of a mystery deep inside a forward pass. pyproject pins transformer
 from __future__ import annotations
 
 import queue
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 # (where, attribute) pairs gptd relies on. "where" names the object as the manager exposes it at run time.
@@ -40,6 +41,16 @@ INTERNALS: tuple[tuple[str, str], ...] = (
     ("FullAttentionCacheAllocator", "_kv_token_views"),
     ("FullAttentionCacheAllocator", "index"),
     ("FullAttentionCacheAllocator", "update"),
+    # What place_kv_per_layer re-points at per-layer storage (and the names it swaps while the cache is built).
+    ("FullAttentionCacheAllocator", "_kv_page_views"),
+    ("FullAttentionCacheAllocator", "_copy_view"),
+    ("FullAttentionCacheAllocator", "block_physical_stride"),
+    ("FullAttentionCacheAllocator", "write_trash_index"),
+    ("FullAttentionCacheAllocator", "blocks_per_sector"),
+    ("FullAttentionCacheAllocator", "copy_blocks"),
+    ("ContinuousBatchingManager", "_create_batch_processor"),
+    ("continuous_api module", "PagedAttentionCache"),
+    ("cache module", "PagedAttentionMemoryHandler"),
     # What attention.py reads from the attention kwargs of a batched forward pass.
     ("PagedAttentionArgs", "cu_seq_lens_q"),
     ("PagedAttentionArgs", "cu_seq_lens_k"),
@@ -76,6 +87,11 @@ def _objects(manager: Any) -> dict[str, Any]:
     objs["RequestState"] = RequestState
     objs["PagedAttentionArgs"] = PagedAttentionArgs
     objs["PretrainedConfig"] = getattr(bp, "config", None)  # the model's own config instance
+    from transformers.generation.continuous_batching import cache as cache_module
+    from transformers.generation.continuous_batching import continuous_api
+
+    objs["continuous_api module"] = continuous_api
+    objs["cache module"] = cache_module
     return objs
 
 
@@ -132,7 +148,10 @@ def install_sampler(bp: Any, choose: Callable[[Any, list[str]], Any]) -> None:
 
     def _sample(scores: Any, output_ids: Any) -> None:
         ids = [fs.state.request_id for fs in ios.requests_in_batch if fs.has_new_token]
-        tokens = choose(scores[0], ids)
+        # The logits hold one row per request of the batch (input_outputs.py get_model_kwargs slices
+        # logits_indices[:num_sequences]); the rows of requests with a new token come first, in batch order, and a
+        # request in the middle of a chunked prefill leaves a trailing row of padding (logits index 0).
+        tokens = choose(scores[0, : len(ids)], ids)
         output_ids[0, : tokens.size(0)].copy_(tokens)
 
     runner._sample = _sample
@@ -191,3 +210,119 @@ def make_cache_write_only(cache: Any) -> dict[int, int] | None:
     for allocator in {id(a): a for a in allocators.values()}.values():
         allocator.update = write_only(allocator)
     return {layer: a.index for layer, a in allocators.items()}
+
+
+# -- the KV cache of a model split over several devices -----------------------------------------------------------
+# transformers 5.24 builds the paged cache as ONE flat tensor on model.device (continuous_batching/cache.py,
+# PagedAttentionCache.__init__: `torch.zeros(..., device=self.device)`, device=self.model.device in
+# continuous_api.py ContinuousBatchingManager._create_batch_processor), and each full-attention allocator slices
+# every layer's K/V pages out of it (cache_allocators/full_attention.py register_cache_tensor). A model split over
+# GPUs by device_map="auto" then writes layer N's keys, computed on its GPU, into a tensor on the first GPU: the
+# index_copy_ fails across devices. No per-layer device map exists there (no `layer_device_map`; only tensor
+# parallelism, which shards heads, not layers). place_kv_per_layer is the adaptation.
+_CACHE_BUILD = threading.Lock()  # the cache is built with two module names of transformers swapped (below)
+
+
+def place_kv_per_layer(manager: Any, layer_devices: Sequence[str]) -> None:
+    """Give every layer its own K and V tensors on that layer's device (``layer_devices[layer_idx]``), in place
+    of the one flat cache tensor on the first device. Call before the manager starts.
+
+    The manager builds its cache on its own thread; this wraps that build so the flat tensor is made on the
+    ``meta`` device (no memory) and the memory check counts the free memory of every device holding layers,
+    then re-points each allocator at per-layer storage (shard_cache). Requests, block tables, prefix sharing and
+    the scheduler are untouched: only where a block's bytes live changes."""
+    create = manager._create_batch_processor
+    devices = list(layer_devices)
+
+    def create_with_layer_kv() -> Any:
+        from transformers.generation.continuous_batching import cache as cache_module
+        from transformers.generation.continuous_batching import continuous_api
+
+        cache_cls = continuous_api.PagedAttentionCache
+        handler_cls = cache_module.PagedAttentionMemoryHandler
+
+        class EveryDeviceMemory(handler_cls):  # type: ignore[misc, valid-type]
+            def get_available_memory(self) -> int:
+                return available_memory(devices, self.cb_config.max_memory_percent,
+                                        lambda: handler_cls.get_available_memory(self))
+
+        def build(**kwargs: Any) -> Any:
+            home = kwargs["device"]
+            cache = cache_cls(**{**kwargs, "device": "meta"})
+            shard_cache(cache, devices)
+            cache.device = home
+            return cache
+
+        with _CACHE_BUILD:
+            continuous_api.PagedAttentionCache = build
+            cache_module.PagedAttentionMemoryHandler = EveryDeviceMemory
+            try:
+                return create()
+            finally:
+                continuous_api.PagedAttentionCache = cache_cls
+                cache_module.PagedAttentionMemoryHandler = handler_cls
+
+    manager._create_batch_processor = create_with_layer_kv
+
+
+def available_memory(devices: Sequence[str], fraction: float, default: Callable[[], int]) -> int:
+    """Free memory over every distinct CUDA device of ``devices`` (transformers looks at the current GPU only);
+    ``default()`` (transformers' own figure) elsewhere."""
+    import torch
+
+    cuda = sorted({d for d in devices if d.startswith("cuda")})
+    if not cuda or not torch.cuda.is_available():
+        return default()
+    return int(sum(torch.cuda.mem_get_info(torch.device(d))[0] for d in cuda) * fraction)
+
+
+def shard_cache(cache: Any, layer_devices: Sequence[str]) -> dict[int, str]:
+    """Re-point every full-attention allocator of ``cache`` at per-layer K and V tensors, each on
+    ``layer_devices[layer_idx]``; returns {layer index: device}. The flat tensor is dropped.
+
+    Block b of a layer lives at rows [b * page, (b + 1) * page) of that layer's K (and V) tensor. The allocator
+    turns (block, offset) into a row as ``block * block_physical_stride + offset``, so setting the stride to
+    the page size makes its read/write indices address the per-layer tensors directly: no per-step remapping.
+    The write-trash row (first row of sector 1) moves with the stride; the read-trash row 0 stays zeroed."""
+    import torch
+
+    allocators = {id(a): a for a in cache.layer_to_allocator.values()}.values()
+    wrong = sorted({type(a).__name__ for a in allocators} - {_FULL_ATTENTION_ALLOCATOR})
+    if wrong:
+        raise NotImplementedError(f"the KV cache of {', '.join(wrong)} layers cannot be split over devices")
+    placed: dict[int, str] = {}
+    for a in allocators:
+        page = a.tokens_per_page
+        # The flat view spans the two trash sectors too: (pages in the tensor) / (pages per block) blocks.
+        blocks = a.cache_tensor.shape[0] // page // a.pages_per_block
+        shape = (blocks * page, a.num_key_value_heads, a.head_dim)
+        views: dict[int, tuple[Any, Any]] = {}
+        for layer in a.layer_indices:
+            device = torch.device(layer_devices[layer])
+            views[layer] = (torch.zeros(shape, dtype=a.cache_dtype, device=device),
+                            torch.zeros(shape, dtype=a.cache_dtype, device=device))
+            placed[layer] = str(device)
+        a._kv_token_views = views
+        a._kv_page_views = {i: (k.view(blocks, page, *shape[1:]), v.view(blocks, page, *shape[1:]))
+                            for i, (k, v) in views.items()}
+        a.block_physical_stride = page
+        a.write_trash_index = page * a.blocks_per_sector
+        a.copy_blocks = _per_layer_copy(a)
+        a.cache_tensor = None  # the flat tensor (and its memory, if it had any) is gone
+        del a._copy_view  # CPU offloading copies whole flat blocks: it must fail loudly, not copy the wrong bytes
+    cache.cache_tensor = None
+    return placed
+
+
+def _per_layer_copy(allocator: Any) -> Callable[[list[int], list[int]], None]:
+    """copy_blocks (forking a request's cache) for per-layer storage: the same block ids in every layer's pages."""
+    import torch
+
+    def copy_blocks(source_block_ids: list[int], dest_block_ids: list[int]) -> None:
+        for k_pages, v_pages in allocator._kv_page_views.values():
+            src = torch.tensor(source_block_ids, device=k_pages.device, dtype=torch.long)
+            dst = torch.tensor(dest_block_ids, device=k_pages.device, dtype=torch.long)
+            k_pages.index_copy_(0, dst, k_pages.index_select(0, src))
+            v_pages.index_copy_(0, dst, v_pages.index_select(0, src))
+
+    return copy_blocks

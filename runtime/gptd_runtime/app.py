@@ -42,8 +42,8 @@ def build_engine(
     keep the process alive after a SIGTERM."""
     loaded = load_model(settings, resolve_model_dir(settings))
     generation = settings.task == "text-generation"
-    info = ModelInfo.from_model(loaded.model, loaded.device, kv_cache_bytes(loaded.model, settings) if generation
-                                else None)
+    info = ModelInfo.from_model(loaded.model, loaded.describe_devices(),
+                                kv_cache_bytes(loaded.model, settings) if generation else None)
     embedder = Embedder(loaded)  # before the engine starts: its view keeps the model's own attention
     if generation:
         engine: Any = GenerationEngine(loaded, settings, metrics)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from . import _cb_internals, attention
 from .config import Settings
-from .loading import LoadedModel
+from .loading import LoadedModel, kv_cache_bytes
 from .sampling import RequestSampling, new_request_sampling, sample
 
 log = logging.getLogger("gptd_runtime.engine")
@@ -321,16 +321,6 @@ class GenerationStream:
         self.engine._forget(self.request_id)
 
 
-def kv_cache_bytes(model: Any, settings: Settings) -> int:
-    """Approximate KV cache size for the configured budget (keys + values, every layer)."""
-    cfg = model.config.get_text_config()
-    heads = getattr(cfg, "num_attention_heads", 1)
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    per_token = cfg.num_hidden_layers * 2 * kv_heads * head_dim * model.dtype.itemsize
-    return per_token * settings.kv_cache_page_size * settings.kv_blocks()
-
-
 class GenerationEngine:
     """Continuous-batching text generation (transformers' ContinuousBatchingManager) with gptd's own per-request
     sampler (sampling.py: seed, penalties, logprobs, JSON constraints) in place of transformers' engine-wide one."""
@@ -353,9 +343,10 @@ class GenerationEngine:
         self._grammar_error: str | None = None
         self._attention: attention.VarlenAttention | None = None
         head = loaded.model.get_output_embeddings()
-        # Logits rows and the device they come out on (the last shard's, for a model split over GPUs).
+        # Logits rows and the device they come out on. A model split over GPUs (accelerate hooks) hands its outputs
+        # back on its input device, model.device, wherever the head sits.
         self.vocab_size = int(head.weight.shape[0]) if head is not None else len(loaded.tokenizer)
-        self.logits_device = head.weight.device if head is not None else loaded.model.device
+        self.logits_device = head.weight.device if head is not None and not loaded.sharded else loaded.model.device
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -382,6 +373,8 @@ class GenerationEngine:
             # double-buffered (async) batches whose rows would belong to the previous schedule.
             use_cuda_graph=False,
             use_async_batching=False,
+            # CPU offloading copies whole blocks of the flat cache tensor, which a sharded model does not have.
+            cpu_offload_space=0.0,
         )
         log.debug(
             "KV cache: %d pages x %d tokens, about %.0f MiB (set GPTD_KV_CACHE_BLOCKS to change)",
@@ -399,6 +392,10 @@ class GenerationEngine:
                 generation_config=gen_config, continuous_batching_config=cb_config
             )
         mgr = self._manager
+        if self.loaded.sharded:
+            # Each layer's KV cache on its layer's GPU (transformers would put all of it on the first one).
+            _cb_internals.place_kv_per_layer(mgr, self.loaded.layer_devices)
+            log.debug("KV cache per layer: %s", self.loaded.describe_devices())
         varlen = (self.loaded.device == "cpu" and _cb_internals.attention_implementation(model) == "sdpa"
                   and attention.supported(model.config))
         if varlen:

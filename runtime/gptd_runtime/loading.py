@@ -27,6 +27,17 @@ class LoadedModel:
     task: str
     device: str
     devices: tuple[str, ...] = ()  # every device holding weights (placement.devices)
+    # The device of each decoder layer, in layer order (empty: not a decoder stack, e.g. classification). More
+    # than one distinct device means the model is pipeline-sharded and its KV cache must follow (engine.py).
+    layer_devices: tuple[str, ...] = ()
+
+    @property
+    def sharded(self) -> bool:
+        return len(set(self.layer_devices)) > 1
+
+    def describe_devices(self) -> str:
+        """For the start-up line: one device, or which layers sit on which device."""
+        return describe_layer_devices(self.layer_devices) if self.sharded else self.device
 
 
 def _one_line(e: BaseException) -> str:
@@ -137,19 +148,21 @@ def tune_malloc() -> bool:
 @dataclass(frozen=True)
 class Placement:
     """Where the model goes. ``device``: this process's device (inputs, KV cache); ``devices``: every device that
-    holds weights; ``tp_plan``: "auto" to shard the weights tensor-parallel over the process group."""
+    holds weights; ``tp_plan``: "auto" to shard the weights tensor-parallel over the process group;
+    ``device_map``: "auto" to split the layers over ``devices`` in this one process (each layer's KV cache on its
+    layer's device, see _cb_internals.place_kv_per_layer)."""
 
     device: str
     devices: tuple[str, ...]
     tp_plan: str | None = None
+    device_map: str | None = None
 
 
 def plan_placement(requested: str, gpu_count: int, world_size: int = 1, rank: int = 0) -> Placement:
     """Pure placement decision. With more than one visible GPU the model is sharded over all of them, never
-    silently put on one: transformers' continuous batching keeps the paged KV cache on one device per process, so
-    pipeline sharding (device_map="auto") cannot serve it; it supports tensor parallelism, one process per GPU
-    (`torchrun --nproc-per-node N`). Run as one process with N > 1 GPUs, this refuses with the two ways out.
-    Raises ModelLoadError."""
+    silently put on one: in one process by layers (device_map="auto": each GPU holds a contiguous run of layers
+    and their KV cache), or tensor-parallel with one process per GPU under torchrun (decided here, refused by
+    load_model until served). Raises ModelLoadError."""
     if requested == "cpu":
         return Placement("cpu", ("cpu",))
     if requested == "auto":
@@ -174,11 +187,109 @@ def plan_placement(requested: str, gpu_count: int, world_size: int = 1, rank: in
     if world_size == gpu_count:
         return Placement(f"cuda:{rank}", every, tp_plan="auto")
     if world_size == 1:
-        raise ModelLoadError(
-            f"{gpu_count} GPUs are visible but the runtime runs as one process: it would use only one. Shard the "
-            f"model over all of them with tensor parallelism (torchrun --nproc-per-node {gpu_count} -m gptd_runtime "
-            "serve ...), or choose one GPU with --device cuda:N (or CUDA_VISIBLE_DEVICES)")
+        # Inputs and the embeddings go to the first GPU; accelerate's hooks carry activations layer to layer.
+        return Placement("cuda:0", every, device_map="auto")
     raise ModelLoadError(f"{world_size} processes for {gpu_count} visible GPUs: run one process per GPU")
+
+
+# Memory left free on each GPU beside its weights and its share of the KV cache: activations of a full batch,
+# the CUDA context, allocator fragmentation. A fraction of the GPU, at least this much.
+ACTIVATION_RESERVE_FRACTION = 0.10
+ACTIVATION_RESERVE_MIN = 1 << 30
+
+
+def plan_max_memory(free_bytes: list[int], kv_bytes: int) -> dict[int, int]:
+    """Pure: the weight budget per GPU (accelerate's ``max_memory``) for device_map="auto", leaving each GPU room
+    for its share of the KV cache. The "auto" (balanced) map gives each GPU about 1/N of the layers, hence about
+    1/N of the KV cache; check_kv_fits() verifies the real split after loading. Raises ModelLoadError when a GPU
+    has no room left for weights."""
+    n = len(free_bytes)
+    kv_share = -(-kv_bytes // n)
+    budget = {}
+    for i, free in enumerate(free_bytes):
+        reserve = max(int(free * ACTIVATION_RESERVE_FRACTION), ACTIVATION_RESERVE_MIN)
+        room = free - kv_share - reserve
+        if room <= 0:
+            raise ModelLoadError(
+                f"cuda:{i} has {free / 2**30:.1f} GiB free, not enough for its share of the KV cache "
+                f"({kv_share / 2**30:.1f} GiB) plus {reserve / 2**30:.1f} GiB for activations: lower "
+                "GPTD_KV_CACHE_BLOCKS")
+        budget[i] = room
+    return budget
+
+
+def kv_bytes_by_device(layer_devices: tuple[str, ...], kv_bytes: int) -> dict[str, int]:
+    """Pure: each device's part of a KV cache of ``kv_bytes`` split by layer (every layer the same size)."""
+    out: dict[str, int] = {}
+    for d in layer_devices:
+        out[d] = out.get(d, 0) + kv_bytes // len(layer_devices)
+    return out
+
+
+def check_kv_fits(layer_devices: tuple[str, ...], kv_bytes: int, free_after_load: dict[str, int]) -> None:
+    """Pure: refuse (ModelLoadError naming the device) a split whose KV part does not fit where it lands."""
+    for device, need in kv_bytes_by_device(layer_devices, kv_bytes).items():
+        free = free_after_load.get(device)
+        if free is not None and need > free:
+            raise ModelLoadError(
+                f"{device} holds {layer_devices.count(device)} layers whose KV cache needs {need / 2**20:.0f} MiB "
+                f"but only {free / 2**20:.0f} MiB is free after loading the weights: lower GPTD_KV_CACHE_BLOCKS")
+
+
+def offloaded_modules(hf_device_map: dict[str, Any]) -> list[str]:
+    """Pure: modules accelerate put on the CPU or disk (the model did not fit on the GPUs)."""
+    return sorted(name or "(model)" for name, d in hf_device_map.items() if d in ("cpu", "disk"))
+
+
+def unshardable_attention(config: Any) -> str | None:
+    """Pure: why this model's KV cache cannot be split by layer (None: it can). Mirrors how transformers groups
+    layers (continuous_batching/cache.py group_layers_by_attn_type): layer_types if given, else every layer
+    sliding when sliding_window is set. Only full-attention caches are split (_cb_internals.shard_cache)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        types = ["sliding_attention" if getattr(cfg, "sliding_window", None) is not None else "full_attention"]
+    other = sorted(set(types) - {"full_attention"})
+    return f"its {', '.join(other)} layers' KV cache cannot be split over GPUs" if other else None
+
+
+def describe_layer_devices(layer_devices: tuple[str, ...]) -> str:
+    """Pure: "cuda:0 (layers 0-15), cuda:1 (layers 16-31)"; runs of consecutive layers per device."""
+    runs: list[tuple[str, int, int]] = []
+    for i, d in enumerate(layer_devices):
+        if runs and runs[-1][0] == d and runs[-1][2] == i - 1:
+            runs[-1] = (d, runs[-1][1], i)
+        else:
+            runs.append((d, i, i))
+    parts = [f"{d} (layer{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''})" for d, a, b in runs]
+    return ", ".join(parts)
+
+
+def decoder_layer_devices(model: Any) -> tuple[str, ...]:
+    """The device of each decoder layer's weights, in layer order: the ModuleList holding num_hidden_layers
+    blocks (GPT-2's transformer.h, Llama's model.layers, ...). Empty when there is no such list."""
+    import torch
+
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(cfg, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and n and len(module) == n:
+            return tuple(str(next(layer.parameters()).device) for layer in module)
+    return ()
+
+
+def kv_cache_bytes(model: Any, settings: Settings) -> int:
+    """Approximate KV cache size for the configured budget (keys + values, every layer)."""
+    return _kv_bytes(model.config, model.dtype.itemsize, settings)
+
+
+def _kv_bytes(config: Any, itemsize: int, settings: Settings) -> int:
+    cfg = config.get_text_config()
+    heads = getattr(cfg, "num_attention_heads", 1)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    per_token = cfg.num_hidden_layers * 2 * kv_heads * head_dim * itemsize
+    return per_token * settings.kv_cache_page_size * settings.kv_blocks()
 
 
 def placement_for(requested: str) -> Placement:
@@ -231,14 +342,57 @@ def load_model(settings: Settings, path: Path) -> LoadedModel:
         log.debug("using %d CPU thread(s) for torch", threads)
         if tune_malloc():
             log.debug("malloc: 32 MiB mmap threshold, 1 GiB trim threshold")
+    dtype = _pick_dtype(settings.dtype, device)
+    shard = placement.device_map is not None and settings.task == "text-generation"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = classes[settings.task].from_pretrained(path, dtype=_pick_dtype(settings.dtype, device))
-        model = model.to(device).eval()
+        if shard:
+            model = _load_sharded(classes[settings.task], path, dtype, settings, len(placement.devices))
+        else:
+            model = classes[settings.task].from_pretrained(path, dtype=dtype).to(device)
+        model = model.eval()
+    except ModelLoadError:
+        raise
     except Exception as e:
         raise ModelLoadError(f"cannot load {settings.task} model from {path}: {_one_line(e)}") from e
     if settings.task != "text-generation" and not getattr(model.config, "id2label", None):
         raise ModelLoadError(f"{settings.task} model at {path} has no id2label in its config")
-    log.debug("loaded %s model from %s on %s (%s)", settings.task, path, ", ".join(placement.devices), model.dtype)
+    layers = decoder_layer_devices(model)
+    devices = tuple(dict.fromkeys(layers)) if shard else placement.devices
+    if shard:
+        _check_sharded(model, layers, settings)
+    log.debug("loaded %s model from %s on %s (%s)", settings.task, path, ", ".join(devices), model.dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, task=settings.task, device=device,
-                       devices=placement.devices)
+                       devices=devices, layer_devices=layers)
+
+
+def _load_sharded(cls: Any, path: Path, dtype: Any, settings: Settings, gpus: int) -> Any:
+    """device_map="auto" over every visible GPU, each keeping room for its share of the KV cache."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    kv = _kv_bytes(config, dtype.itemsize, settings)
+    free = [torch.cuda.mem_get_info(i)[0] for i in range(gpus)]
+    max_memory = plan_max_memory(free, kv)
+    log.debug("sharding over %d GPUs, weight budget per GPU: %s", gpus,
+              ", ".join(f"cuda:{i} {b / 2**30:.1f} GiB" for i, b in max_memory.items()))
+    return cls.from_pretrained(path, dtype=dtype, device_map="auto", max_memory=max_memory)
+
+
+def _check_sharded(model: Any, layers: tuple[str, ...], settings: Settings) -> None:
+    import torch
+
+    off = offloaded_modules(getattr(model, "hf_device_map", {}) or {})
+    if off:
+        raise ModelLoadError(
+            f"the model does not fit on the visible GPUs with room for the KV cache: accelerate offloaded "
+            f"{', '.join(off[:3])}{' ...' if len(off) > 3 else ''} to the CPU/disk (lower GPTD_KV_CACHE_BLOCKS or "
+            "add GPUs)")
+    if not layers:
+        raise ModelLoadError("cannot shard this model over GPUs: no decoder layer list found")
+    reason = unshardable_attention(model.config)
+    if reason:
+        raise ModelLoadError(f"cannot shard this model over GPUs: {reason}; choose one GPU with --device cuda:N")
+    free = {f"cuda:{i}": torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+    check_kv_fits(layers, kv_cache_bytes(model, settings), free)

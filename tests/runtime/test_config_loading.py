@@ -110,7 +110,7 @@ def test_tune_malloc_applies_on_glibc() -> None:
     ("cuda:1", 2, 1, 0, "cuda:1", ("cuda:1",), None),  # one GPU named explicitly: the user's choice
     ("cuda", 4, 4, 2, "cuda:2", ("cuda:0", "cuda:1", "cuda:2", "cuda:3"), "auto"),  # torchrun: shard, rank 2
     ("auto", 2, 2, 0, "cuda:0", ("cuda:0", "cuda:1"), "auto"),
-])
+])  # several GPUs in one process: tests/runtime/test_engine_placement.py
 def test_placement(requested: str, gpus: int, world: int, rank: int, device: str, devices: tuple[str, ...],
                    tp: str | None) -> None:
     from gptd_runtime.loading import Placement, plan_placement
@@ -119,8 +119,6 @@ def test_placement(requested: str, gpus: int, world: int, rank: int, device: str
 
 
 @pytest.mark.parametrize(("requested", "gpus", "world", "message"), [
-    ("cuda", 4, 1, "4 GPUs are visible but the runtime runs as one process"),  # never silently one of several
-    ("auto", 2, 1, "2 GPUs are visible"),
     ("cuda", 0, 1, "no CUDA device is visible"),
     ("cuda:2", 2, 1, "only 2 CUDA device(s) visible"),
     ("cuda:x", 2, 1, "only 2 CUDA device(s) visible"),

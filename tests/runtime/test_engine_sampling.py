@@ -83,6 +83,24 @@ def _direct_logprobs(engine: GenerationEngine, prompt: list[int], generated: lis
     return torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(generated)], dim=-1)
 
 
+async def test_sampled_rows_next_to_a_chunked_prefill(engine: GenerationEngine) -> None:
+    """A prompt longer than the pass's token budget (64) is prefilled over several passes; meanwhile the logits
+    carry a padding row for it, which must not shift or break the rows of the greedy and sampled requests
+    already decoding beside it."""
+    long_prompt = _ids(engine, "a long prompt " * 40)
+    assert len(long_prompt) > 64
+    seeded = SamplingParams(max_tokens=120, temperature=1.0, seed=3, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
+    alone = [(await engine.submit(_ids(engine, "seeded"), seeded).collect())[0],
+             (await engine.submit(_ids(engine, "greedy"), greedy).collect())[0]]
+    streams = [engine.submit(_ids(engine, "seeded"), seeded), engine.submit(_ids(engine, "greedy"), greedy)]
+    await asyncio.sleep(0.02)  # both decoding when the long prompt arrives (120 tokens take ~0.1 s)
+    streams.append(engine.submit(long_prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)))
+    results = await asyncio.gather(*(s.collect() for s in streams))
+    assert [text for text, _ in results[:2]] == alone
+    assert [s.completion_tokens for s in streams] == [120, 120, 4]
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 async def test_logprobs_match_a_direct_forward_pass(engine: GenerationEngine, temperature: float) -> None:
     prompt = _ids(engine, "Kubernetes operators watch")

@@ -1,0 +1,223 @@
+"""Multi-GPU placement: the decision (which devices, how much weight memory per GPU, which layers where) is pure
+and tested here without GPUs; the per-layer KV cache that makes a layer-split model servable
+(_cb_internals.place_kv_per_layer) is tested on CPU: each layer's K/V tensors are made on the device named for
+that layer, and generation with per-layer storage gives exactly the tokens of transformers' own flat cache.
+
+What cannot run here (no GPU on these machines): a real two-GPU model with accelerate moving activations and
+the cache indices between devices. That path is the same code with real device names."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from gptd_runtime import _cb_internals
+from gptd_runtime.config import Settings
+from gptd_runtime.engine import GenerationEngine, SamplingParams
+from gptd_runtime.loading import (
+    LoadedModel,
+    ModelLoadError,
+    Placement,
+    check_kv_fits,
+    decoder_layer_devices,
+    describe_layer_devices,
+    kv_bytes_by_device,
+    load_model,
+    offloaded_modules,
+    plan_max_memory,
+    plan_placement,
+    unshardable_attention,
+)
+
+GiB = 2**30
+
+
+# -- the pure decision -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("requested", "gpus"), [("cuda", 2), ("auto", 2), ("cuda", 8)])
+def test_several_gpus_in_one_process_shard_by_layers(requested: str, gpus: int) -> None:
+    every = tuple(f"cuda:{i}" for i in range(gpus))
+    assert plan_placement(requested, gpus) == Placement("cuda:0", every, device_map="auto")
+
+
+def test_max_memory_leaves_each_gpu_its_kv_share_and_activation_room() -> None:
+    budget = plan_max_memory([40 * GiB, 80 * GiB], kv_bytes=10 * GiB)
+    # 5 GiB of KV each; activations: 10 % of the GPU (4 and 8 GiB).
+    assert budget == {0: 40 * GiB - 5 * GiB - 4 * GiB, 1: 80 * GiB - 5 * GiB - 8 * GiB}
+    # Small GPUs keep at least 1 GiB for activations.
+    assert plan_max_memory([4 * GiB], kv_bytes=1 * GiB) == {0: 2 * GiB}
+
+
+def test_max_memory_refuses_a_gpu_without_room_for_weights() -> None:
+    with pytest.raises(ModelLoadError, match=r"cuda:1 has 2\.0 GiB free.*GPTD_KV_CACHE_BLOCKS"):
+        plan_max_memory([40 * GiB, 2 * GiB], kv_bytes=4 * GiB)
+
+
+def test_kv_split_follows_the_layers() -> None:
+    layers = ("cuda:0",) * 3 + ("cuda:1",) * 5
+    assert kv_bytes_by_device(layers, 800) == {"cuda:0": 300, "cuda:1": 500}
+    check_kv_fits(layers, 800, {"cuda:0": 300, "cuda:1": 500})
+    with pytest.raises(ModelLoadError, match="cuda:1 holds 5 layers whose KV cache needs"):
+        check_kv_fits(layers, 800 * 2**20, {"cuda:0": 10 * GiB, "cuda:1": 100 * 2**20})
+
+
+def test_offloaded_modules_are_named() -> None:
+    assert offloaded_modules({"transformer.wte": 0, "transformer.h.0": 1, "transformer.h.1": "cpu",
+                              "lm_head": "disk"}) == ["lm_head", "transformer.h.1"]
+    assert offloaded_modules({"": 0}) == []
+
+
+def test_only_full_attention_caches_are_split() -> None:
+    from transformers import GPT2Config, MistralConfig
+
+    assert unshardable_attention(GPT2Config()) is None
+    assert unshardable_attention(MistralConfig(sliding_window=None)) is None
+    assert "sliding_attention" in (unshardable_attention(MistralConfig(sliding_window=4096)) or "")
+
+
+def test_start_up_line_names_the_layers_of_each_device() -> None:
+    assert describe_layer_devices(("cuda:0",) * 2 + ("cuda:1",) * 3) == "cuda:0 (layers 0-1), cuda:1 (layers 2-4)"
+    assert describe_layer_devices(("cuda:0", "cuda:1")) == "cuda:0 (layer 0), cuda:1 (layer 1)"
+
+
+def test_decoder_layer_devices_reads_each_layer(models: dict[str, Path]) -> None:
+    loaded = load_model(Settings(model=str(models["plain"])), models["plain"])
+    model = loaded.model
+    n = model.config.n_layer
+    assert loaded.layer_devices == ("cpu",) * n and not loaded.sharded
+    model.transformer.h[n - 1].to("meta")  # a stand-in for "another device": its weights are elsewhere
+    assert decoder_layer_devices(model) == ("cpu",) * (n - 1) + ("meta",)
+
+
+# -- per-layer KV storage ----------------------------------------------------------------------------------------
+def _cb_config(**extra: Any) -> Any:
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    return ContinuousBatchingConfig(page_size=4, num_blocks=64, max_batch_tokens=64, max_requests_per_batch=8,
+                                    use_cuda_graph=False, use_async_batching=False, **extra)
+
+
+def _manager(model: Any) -> Any:
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=-1, pad_token_id=0)
+    return model.init_continuous_batching(generation_config=gen, continuous_batching_config=_cb_config())
+
+
+def test_each_layer_kv_is_made_on_its_layers_device(models: dict[str, Path]) -> None:
+    from transformers.generation.continuous_batching import cache as cache_module
+    from transformers.generation.continuous_batching import continuous_api
+
+    model = load_model(Settings(model=str(models["plain"])), models["plain"]).model
+    n = model.config.n_layer
+    devices = ["cpu" if i % 2 == 0 else "meta" for i in range(n)]  # meta: a second device torch has on CPU
+    reference = _manager(model)._create_batch_processor().cache  # transformers' own flat cache, same config
+    mgr = _manager(model)
+    _cb_internals.place_kv_per_layer(mgr, devices)
+    cache = mgr._create_batch_processor().cache
+    # The swapped transformers names are restored once the cache is built.
+    assert continuous_api.PagedAttentionCache is cache_module.PagedAttentionCache
+    assert cache_module.PagedAttentionMemoryHandler.__name__ == "PagedAttentionMemoryHandler"
+    assert cache.cache_tensor is None and cache.device == model.device
+    (allocator,) = {id(a): a for a in cache.layer_to_allocator.values()}.values()
+    per_layer_bytes = 0
+    for layer in range(n):
+        k, v = allocator._kv_token_views[layer]
+        assert str(k.device) == devices[layer] and str(v.device) == devices[layer]
+        assert k.untyped_storage().data_ptr() != v.untyped_storage().data_ptr() or k.device.type == "meta"
+        per_layer_bytes += k.numel() * k.element_size() + v.numel() * v.element_size()
+    # The same capacity as the flat tensor, now spread over the devices.
+    assert per_layer_bytes == reference.cache_tensor.numel()
+    assert allocator.block_physical_stride == allocator.tokens_per_page
+    assert allocator.write_trash_index == allocator.tokens_per_page * allocator.blocks_per_sector
+
+
+def test_a_sliding_window_cache_is_refused() -> None:
+    from types import SimpleNamespace
+
+    class SlidingAttentionCacheAllocator:
+        pass
+
+    cache = SimpleNamespace(layer_to_allocator={0: SlidingAttentionCacheAllocator()})
+    with pytest.raises(NotImplementedError, match="SlidingAttentionCacheAllocator layers cannot be split"):
+        _cb_internals.shard_cache(cache, ["cpu"])
+
+
+PROMPTS = ["The operator reconciles", "a long prompt " * 12, "x", "GPUs and pages and blocks of keys"]
+
+
+def _generate(model: Any, tokenizer: Any, per_layer: bool) -> list[list[int]]:
+    """transformers' own attention (sdpa over the cache read-back, the path a CUDA model takes), greedy."""
+    mgr = _manager(model)
+    if per_layer:
+        _cb_internals.place_kv_per_layer(mgr, ["cpu"] * model.config.n_layer)
+    out: dict[str, list[int]] = {}
+    with torch.no_grad():
+        mgr.start()
+        try:
+            ids = [mgr.add_request(tokenizer(p).input_ids, request_id=f"r{i}", max_new_tokens=16)
+                   for i, p in enumerate(PROMPTS)]
+            while len(out) < len(ids):
+                result = mgr.get_result(timeout=30)
+                assert result is not None and result.error is None, result
+                if result.is_finished():
+                    out[result.request_id] = list(result.generated_tokens)
+        finally:
+            mgr.stop(block=True, timeout=10)
+    return [out[i] for i in ids]
+
+
+def test_per_layer_storage_generates_the_same_tokens_as_the_flat_cache(models: dict[str, Path]) -> None:
+    loaded = load_model(Settings(model=str(models["plain"])), models["plain"])
+    flat = _generate(loaded.model, loaded.tokenizer, per_layer=False)
+    assert all(len(t) == 16 for t in flat)
+    assert _generate(loaded.model, loaded.tokenizer, per_layer=True) == flat
+
+
+async def _engine_tokens(models: dict[str, Path], sharded: bool, monkeypatch: pytest.MonkeyPatch,
+                         hooks: bool = False) -> list[str]:
+    settings = Settings(model=str(models["plain"]), max_new_tokens=40, max_batch_size=8, max_batch_tokens=32,
+                        kv_cache_page_size=4)
+    loaded = load_model(settings, models["plain"])
+    if hooks:  # accelerate's per-module hooks, as device_map="auto" installs them, carry the batch kwargs
+        from accelerate import dispatch_model
+
+        model = loaded.model
+        device_map = {name: "cpu" for name in ("transformer.wte", "transformer.wpe", "transformer.ln_f", "lm_head")}
+        device_map |= {f"transformer.h.{i}": "cpu" for i in range(model.config.n_layer)}
+        dispatch_model(model, device_map=device_map, force_hooks=True, skip_keys=model._skip_keys_device_placement)
+        assert hasattr(model.transformer.h[0], "_hf_hook")
+    if sharded:  # every layer "elsewhere": per-layer storage on CPU, through the whole engine path
+        monkeypatch.setattr(LoadedModel, "sharded", property(lambda self: True))
+    engine = GenerationEngine(loaded, settings)
+    engine.start()
+    try:
+        await engine.warmup()
+        params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+        seeded = SamplingParams(max_tokens=40, temperature=1.0, seed=5, ignore_eos=True)
+        streams = [engine.submit(engine.tokenizer(p).input_ids, params if i % 2 else seeded)
+                   for i, p in enumerate(PROMPTS)]
+        texts = [t for t, _ in await asyncio.gather(*(s.collect() for s in streams))]
+        if sharded:  # the engine really ran on per-layer storage
+            allocator = next(iter(engine._manager.batch_processor.cache.layer_to_allocator.values()))
+            assert allocator.block_physical_stride == allocator.tokens_per_page
+        return texts
+    finally:
+        engine.stop()
+
+
+async def test_engine_on_per_layer_storage_matches_the_flat_cache(
+        models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """gptd's own attention (direct cache reads) and sampler, chunked prefill next to decoding rows."""
+    flat = await _engine_tokens(models, False, monkeypatch)
+    assert await _engine_tokens(models, True, monkeypatch) == flat
+
+
+async def test_engine_through_accelerate_hooks_matches_the_flat_cache(
+        models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The paged-attention kwargs (read/write indices, cu_seq_lens, the cache object) pass through accelerate's
+    AlignDevicesHook of every layer, as with a device_map model; here every device is the CPU."""
+    flat = await _engine_tokens(models, False, monkeypatch)
+    assert await _engine_tokens(models, True, monkeypatch, hooks=True) == flat
