@@ -314,3 +314,43 @@ async def test_baseline_regression_rolls_back(cluster: Cluster, operator: Runnin
     await finish(cluster, cand, scores(0.96))
     st = await status_where(cluster, "v3 passed", lambda s: (s.get("evaluation") or {}).get("passed") is True)
     assert st["evaluation"]["baseline"] == 0.97 and labels_of(dep)[REV] == st["evaluation"]["revision"]
+
+
+async def test_canary_first_step_is_gated_then_later_pods_pass_at_once(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    old = await started(cluster, replicas=4, rollout={"strategy": "Canary", "canary": {"steps": [
+        {"weight": 25, "pauseSeconds": 0}, {"weight": 50}]}})
+    v1 = await cluster.get("deployments", NS, "gpt2")
+    await add_pod(cluster, v1, "gpt2-old-1", ready_pod(OLD_IP))  # type: ignore[arg-type]
+    await dataset(cluster, jsonl(GOOD_ROWS))
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"evaluation": EVALUATION}})
+    canary = await change_revision(cluster, "v2", old, name="gpt2-canary")
+    assert canary["spec"]["replicas"] == 1
+    assert canary["spec"]["template"]["spec"]["readinessGates"] == [{"conditionType": GATE}]
+    stable = await cluster.get("deployments", NS, "gpt2")
+    assert labels_of(stable)[REV] == old and not stable["spec"]["template"]["spec"].get("readinessGates")  # type: ignore[index]
+    await new_pod(cluster, canary, "gpt2-canary-1")
+    job = await job_for(cluster, "candidate")
+    st = await status_where(cluster, "step 1 evaluating", lambda s: "evaluating revision" in
+                            condition(s, "Progressing").get("message", ""))
+    assert condition(st, "Progressing")["reason"] == "CanaryStep1of2"
+    await finish(cluster, job, scores(1.0))
+    await eventually(lambda: pod_condition(cluster, "gpt2-canary-1"), what="the canary pod passed")
+
+    # Play the kubelet and the Deployment controller: the canary is Ready; step 2 follows, no second evaluation.
+    await ready_deployment(cluster, "gpt2-canary", replicas=1)
+    canary = await _canary_with(cluster, 2)
+    assert canary["spec"]["template"]["spec"]["readinessGates"] == [{"conditionType": GATE}]
+    await new_pod(cluster, canary, "gpt2-canary-2")
+    await eventually(lambda: pod_condition(cluster, "gpt2-canary-2"), what="a later canary pod passes at once")
+    await eventually(lambda: _no_jobs(cluster), what="no evaluation Job left")
+    assert len(await events(cluster, "EvaluationStarted")) == 1
+
+
+async def _canary_with(cluster: Cluster, replicas: int) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        dep = await cluster.get("deployments", NS, "gpt2-canary")
+        return dep if dep is not None and dep["spec"]["replicas"] == replicas else None
+
+    return await eventually(check, what=f"{replicas} canary replicas")
