@@ -194,6 +194,14 @@ async def test_only_evaluation_changed_rolls_nothing_then_a_pass_opens_the_gate(
     await new_pod(cluster, dep, "gpt2-new-2")
     await eventually(lambda: pod_condition(cluster, "gpt2-new-2"), what="condition on a later pod")
 
+    # Settled on a gated revision: resyncs write nothing and read no ConfigMap (the dataset is read only for a
+    # gated rollout).
+    await operator.resync_passes(2)
+    before = len(cluster.requests())
+    await operator.resync_passes(3)
+    assert cluster.writes(before) == [], "\n".join(cluster.writes(before))
+    assert not [r for r in cluster.requests()[before:] if "/configmaps" in str(r.url)]
+
 
 async def _no_jobs(cluster: Cluster) -> bool:
     return await eval_jobs(cluster) == []
