@@ -362,3 +362,35 @@ async def _canary_with(cluster: Cluster, replicas: int) -> dict[str, Any]:
         return dep if dep is not None and dep["spec"]["replicas"] == replicas else None
 
     return await eventually(check, what=f"{replicas} canary replicas")
+
+
+async def test_a_pvc_dataset_needs_its_claim_and_its_rows_are_checked_by_the_job(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    old = await started(cluster, replicas=1)
+    v1 = await cluster.get("deployments", NS, "gpt2")
+    await add_pod(cluster, v1, "gpt2-old-1", ready_pod(OLD_IP))  # type: ignore[arg-type]
+    pvc_eval = {**EVALUATION, "dataset": {"pvc": "eval-data/sets/gen.jsonl"}}
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"evaluation": pvc_eval, "model": {"revision": "v2"}}})
+    st = await status_where(cluster, "InvalidSpec", lambda s: condition(s, "Degraded").get("reason") == "InvalidSpec")
+    assert condition(st, "Degraded")["message"] == (
+        "spec.evaluation.dataset.pvc: PersistentVolumeClaim eval-data not found")
+    assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
+
+    await cluster.create("persistentvolumeclaims", NS, {
+        "metadata": {"name": "eval-data"},
+        "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}}})
+    dep = await eventually(lambda: _not_on_revision(cluster, old), what="v2 rolled out once the claim exists")
+    await new_pod(cluster, dep)
+    job = await job_for(cluster, "candidate")
+    spec = job["spec"]["template"]["spec"]
+    assert {"name": "dataset", "persistentVolumeClaim": {"claimName": "eval-data", "readOnly": True}} in spec["volumes"]
+    mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "dataset")
+    assert mount["subPath"] == "sets/gen.jsonl" and mount["readOnly"] is True
+    # The evaluator validates every row first and fails naming the line (its stdout and termination message).
+    error = {"error": 'dataset /var/run/gptd/eval-dataset/dataset.jsonl: line 4: missing field "expected"', "line": 4}
+    await finish(cluster, job, error, ok=False)
+    st = await status_where(cluster, "RolledBack", lambda s: condition(s, "RolledBack").get("status") == "True")
+    rb = condition(st, "RolledBack")
+    assert rb["reason"] == "EvaluationFailed" and 'line 4: missing field "expected"' in rb["message"]
+    await eventually(lambda: _on_revision(cluster, old), what="rolled back to v1")
