@@ -236,6 +236,15 @@ async def test_a_low_score_rolls_back_with_the_scores_and_is_not_retried(
     assert await eval_jobs(cluster) == []
     assert len(await events(cluster, "EvaluationStarted")) == 1
 
+    # spec.evaluation is part of the spec: a lower bar re-judges the stored score (no new Job) and v2 rolls out.
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"evaluation": {"minScore": 0.4}}})
+    st = await status_where(cluster, "re-judged", lambda s: (s.get("evaluation") or {}).get("passed") is True)
+    assert "0.5000 >= minScore 0.4" in st["evaluation"]["message"] and st["rollout"]["phase"] == "RollingOut"
+    dep = await eventually(lambda: _on_revision(cluster, new), what="v2 again")
+    assert dep["spec"]["template"]["spec"]["readinessGates"] == [{"conditionType": GATE}]
+    await eventually(lambda: pod_condition(cluster, "gpt2-new-1"), what="the v2 pod passed")
+    assert await eval_jobs(cluster) == []
+
 
 async def _on_revision(cluster: Cluster, rev: str) -> dict[str, Any] | None:
     dep = await cluster.get("deployments", NS, "gpt2")
