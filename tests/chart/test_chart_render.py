@@ -293,6 +293,9 @@ EXPECTED_NAMESPACED = {
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods/log"): {"get"},
+    # Issue 11: the evaluation gate sets the pod condition gptd.io/evaluated; it reads the dataset ConfigMap.
+    ("", "pods/status"): {"patch"},
+    ("", "configmaps"): {"get"},
 }
 KEDA = {("keda.sh", "scaledobjects"): {"get", "create", "patch", "delete"}}
 
