@@ -542,6 +542,8 @@ class Reconciler:
         # The rollout plan owns its status fields (revisions, rollout; status.py computes none of them) and has
         # the last word on conditions.
         new.update(plan.status)
+        if plan.conditions_to_drop:
+            new["conditions"] = [c for c in new["conditions"] if c.get("type") not in plan.conditions_to_drop]
         if plan.conditions:
             new["conditions"] = st.merge_conditions(
                 new["conditions"],

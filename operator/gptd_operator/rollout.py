@@ -67,6 +67,8 @@ class Plan:
     # the revisions whose gated pods get the gptd.io/evaluated condition (passed, or rolled out before).
     evaluation_jobs: tuple[EvalJob, ...] = ()
     evaluated_revisions: tuple[str, ...] = ()
+    # Condition types to remove from the CR (e.g. Evaluated once there is neither spec.evaluation nor a record).
+    conditions_to_drop: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------------------- constants
@@ -641,4 +643,5 @@ def _finish(d: _Ctx, stable: DeploymentPlan, canary: DeploymentPlan | None, prog
         requeue_after=None if requeue is None else max(1.0, math.ceil(requeue)),
         evaluation_jobs=d.jobs,
         evaluated_revisions=_evaluated_revisions(d),
+        conditions_to_drop=("Evaluated",) if evaluated is None else (),
     )

@@ -151,6 +151,11 @@ async def test_only_evaluation_changed_rolls_nothing_then_a_pass_opens_the_gate(
     assert not dep["spec"]["template"]["spec"].get("readinessGates")
     assert dep["metadata"]["generation"] == 1, "the Deployment spec was patched"
     assert await eval_jobs(cluster) == []
+    # Removed again before any gated rollout: the NotEvaluated condition goes with it; added back, it returns.
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"evaluation": None}})
+    await status_where(cluster, "no Evaluated", lambda s: not condition(s, "Evaluated"))
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"evaluation": EVALUATION}})
+    await status_where(cluster, "NotEvaluated", lambda s: condition(s, "Evaluated").get("reason") == "NotEvaluated")
 
     # The next revision carries the readiness gate and is scored on a new pod by IP.
     dep = await change_revision(cluster, "v2", old)

@@ -322,6 +322,10 @@ def test_adding_or_removing_evaluation_on_a_settled_cr_rolls_nothing() -> None:
     assert plan.stable.revision == RA and GATED not in plan.stable.template and plan.stable.template == TA
     assert "rollout" not in merged(SETTLED, plan) and not plan.evaluation_jobs
     assert cond(plan, "Evaluated").reason == "NotEvaluated"  # it applies to the next revision: said so
+    assert plan.conditions_to_drop == ()
+    # without spec.evaluation and no evaluation on record there is nothing to say: the condition is dropped
+    plain = decide(make_spec(None), dict(SETTLED), settled_obs)
+    assert "Evaluated" not in {c.type for c in plain.conditions} and plain.conditions_to_drop == ("Evaluated",)
     # a revision rolled out with the gate keeps it when spec.evaluation goes
     gated_settled = {**SETTLED, "lastGoodTemplate": {**TA, GATED: True}}
     plan = decide(make_spec(None), gated_settled, settled_obs)
