@@ -293,7 +293,7 @@ EXPECTED_NAMESPACED = {
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods/log"): {"get"},
-    # Issue 11: the evaluation gate's pod condition and the dataset ConfigMap.
+    # Issue 11: the evaluation gate sets the pod condition gptd.io/evaluated; it reads the dataset ConfigMap.
     ("", "pods/status"): {"patch"},
     ("", "configmaps"): {"get"},
 }
