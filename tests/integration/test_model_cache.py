@@ -279,6 +279,7 @@ async def test_the_claim_grows_but_its_access_mode_cannot_change(cluster: Cluste
 
     await eventually(grown, what="the claim's request grown to 20Gi")
     # The claim's size is not revisioned: no download, no rollout.
+    await operator.resync_passes(2)
     assert len(await cluster.list("jobs", NS)) == 1
     assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == labels_of(dep)[REV]
     await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"model": {"cache": {"accessMode": "ReadWriteOnce"}}}})
