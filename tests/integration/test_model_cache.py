@@ -271,6 +271,7 @@ async def events_named(cluster: Cluster, reason: str) -> list[dict[str, Any]]:
 
 async def test_the_claim_grows_but_its_access_mode_cannot_change(cluster: Cluster, operator: RunningOperator) -> None:
     dep = await first_deploy(cluster)
+    jobs = [j["metadata"]["name"] for j in await cluster.list("jobs", NS)]
     await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"model": {"cache": {"size": "20Gi"}}}})
 
     async def grown() -> bool:
@@ -280,7 +281,8 @@ async def test_the_claim_grows_but_its_access_mode_cannot_change(cluster: Cluste
     await eventually(grown, what="the claim's request grown to 20Gi")
     # The claim's size is not revisioned: no download, no rollout.
     await operator.resync_passes(2)
-    assert len(await cluster.list("jobs", NS)) == 1
+    assert [j["metadata"]["name"] for j in await cluster.list("jobs", NS)] == jobs
+    assert condition(await status_of(cluster), "Progressing").get("reason") != "Downloading"
     assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == labels_of(dep)[REV]
     await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"model": {"cache": {"accessMode": "ReadWriteOnce"}}}})
     st = await status_where(cluster, "InvalidCache", lambda s: condition(s, "Degraded").get("reason") == "InvalidCache")
