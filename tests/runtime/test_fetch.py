@@ -599,3 +599,49 @@ def test_prune_keeps_the_mounted_and_the_fetched_revisions_and_no_running_work(
         assert _run(dest, hub.url, "v2") == 0
         assert complete_revision(dest, shas["v1"]) and complete_revision(dest, shas["v2"])
         assert _run(dest, hub.url, "v2", "--prune", "--keep", "not-a-sha") == 1
+
+
+def test_the_operators_download_job_command_runs_fetch_and_its_result_pins_the_pods(
+        hub: FakeHub, tmp_path: Path) -> None:
+    """The contract between the two halves of issue 10: the command line the operator builds for the download Job,
+    run as the kubelet would (the claim's mount and /dev/termination-log mapped into tmp_path), prints progress the
+    operator parses, and its termination message gives the commit the pods' GPTD_MODEL then points at."""
+    from gptd_operator import builders, model_cache
+    from gptd_operator.api import parse_spec
+    from gptd_operator.observe import JobObs
+    from gptd_operator.settings import Settings as OperatorSettings
+
+    spec = parse_spec({"model": {"uri": f"hf://{REPO_ID}", "revision": "main", "cache": {"size": "1Gi"}}})
+    settings = OperatorSettings()
+    template = builders.revision_template(spec, settings)
+    revision = builders.revision_hash(template)
+    job = model_cache.build_job("gpt2", "ns", "uid", spec, settings, revision=revision, template=template, attempt=1,
+                                keep=["f" * 40])
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    cache, termination = tmp_path / "claim", tmp_path / "termination-log"
+    mapped = {builders.MODEL_CACHE_DIR: str(cache), model_cache.RESULT_FILE: str(termination)}
+    command = [mapped.get(arg, arg) for arg in container["command"]]
+    assert command[:3] == ["python", "-m", "gptd_runtime"]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "GPTD_HF_TOKEN_FILE")}
+    env.update({e["name"]: e["value"] for e in container["env"] if "value" in e}, HF_ENDPOINT=hub.url)
+    env.update(HOME=str(tmp_path / "home"), HF_HOME=str(tmp_path / "home" / "hf"))
+    done = subprocess.run([sys.executable, *command[1:]], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    progress = model_cache.parse_progress(done.stdout)
+    assert progress is not None and progress["bytesDone"] == progress["bytesTotal"] > 0
+    finished = JobObs(name=job["metadata"]["name"], revision=revision, purpose=model_cache.COMPONENT, succeeded=1,
+                      conditions=(("Complete", "True", "", ""),), exit_code=0, message=termination.read_text())
+    plan = model_cache.plan_download("gpt2", "ns", "uid", spec, settings, revision=revision, template=template,
+                                     previous_status={}, jobs=(finished,), progress=None, templates=(), now=dt_now())
+    assert plan.sha == hub.last_sha and plan.wait is None
+    pod = builders.build_pod_template("gpt2", spec, settings, builders.with_resolved(template, plan.sha), "stable")
+    model_env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}["GPTD_MODEL"]
+    loaded = Path(model_env.removeprefix("file://").replace(builders.MODEL_CACHE_DIR, str(cache)))
+    assert complete_revision(cache, plan.sha) == loaded
+
+
+def dt_now() -> Any:
+    import datetime
+
+    return datetime.datetime.now(datetime.UTC)
