@@ -291,3 +291,27 @@ async def test_the_claim_grows_but_its_access_mode_cannot_change(cluster: Cluste
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # left as it is
     assert (await cluster.get("deployments", NS, "gpt2"))["spec"]["template"]["spec"]["volumes"] == (
         dep["spec"]["template"]["spec"]["volumes"])
+
+
+async def test_with_an_evaluation_gate_the_download_comes_first_then_the_gated_rollout(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    """Issues 10 and 11 together: a new revision is downloaded before any pod exists, then rolled out gated."""
+    dep = await first_deploy(cluster)
+    first_job = (await cluster.list("jobs", NS))[0]["metadata"]["name"]
+    rows = json.dumps({"prompt": "2 + 2 =", "expected": "4"}) + "\n"
+    await cluster.create("configmaps", NS, {"metadata": {"name": "eval"}, "data": {"eval.jsonl": rows}})
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {
+        "model": {"revision": "v2"},
+        "evaluation": {"dataset": {"configMapRef": {"name": "eval", "key": "eval.jsonl"}}, "minScore": 0.5}}})
+    job = await download_job(cluster, other_than=(first_job,))
+    assert job["metadata"]["labels"][builders.LABEL_COMPONENT] == "model-download"
+    await operator.resync_passes(2)
+    live = await cluster.get("deployments", NS, "gpt2")
+    assert live["spec"]["template"] == dep["spec"]["template"]  # nothing rolled while downloading
+    assert [j["metadata"]["name"] for j in await cluster.list("jobs", NS)] == [job["metadata"]["name"]]
+
+    await complete(cluster, job, SHA2)
+    new = await eventually(lambda: _on_sha(cluster, SHA2), what="the gated Deployment on the new commit")
+    assert new["spec"]["template"]["spec"]["readinessGates"] == [{"conditionType": "gptd.io/evaluated"}]
+    assert labels_of(new)[REV] != labels_of(dep)[REV]
