@@ -28,10 +28,10 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "runtime")]
+sys.path[:0] = [str(REPO), str(REPO / "runtime"), str(REPO / "common")]
 
+from gptd_common.eval_dataset import load_dataset  # noqa: E402
 from gptd_runtime.demo import _CORPUS, build_demo_model  # noqa: E402
-from gptd_runtime.eval_dataset import load_dataset  # noqa: E402
 from gptd_runtime.evaluate import EvalOptions, default_metric, evaluate  # noqa: E402
 
 from tests.support.runtime import ServerProcess  # noqa: E402

@@ -357,6 +357,80 @@ class RolloutSpec(_Model):
         return self
 
 
+class ConfigMapKeyRef(_Model):
+    """A key in a ConfigMap in the same namespace (an evaluation dataset is data, not a secret)."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the ConfigMap.")
+    key: str = Field(min_length=1, max_length=253, description="Key within the ConfigMap (data or binaryData).")
+
+
+# claim/path/in/the/volume: the claim is a DNS-1123 label, then a relative file path (no '..': checked below,
+# RE2 has no look-ahead).
+EVAL_PVC_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[^\s]*[^\s/]$"
+
+
+class EvaluationDataset(_Model):
+    """Where the held-out JSON Lines set is: exactly one of configMapRef and pvc."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "has(self.configMapRef) != has(self.pvc)", "message": "set exactly one of configMapRef and pvc"}
+    ]})
+
+    configMapRef: ConfigMapKeyRef | None = Field(
+        None, description="A ConfigMap key holding the dataset; the operator reads and checks it before any pod."
+    )
+    pvc: str | None = Field(
+        None,
+        pattern=EVAL_PVC_PATTERN,
+        description=(
+            "claim/path/to/file.jsonl in a PersistentVolumeClaim, mounted read-only into the evaluation Job (the "
+            "operator checks the claim exists; the Job checks the rows first and fails naming the line)."
+        ),
+        examples=["eval-data/sets/sentiment.jsonl"],
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluationDataset:
+        if (self.configMapRef is None) == (self.pvc is None):
+            raise ValueError("set exactly one of configMapRef and pvc")
+        if self.pvc is not None and ".." in self.pvc.split("/"):
+            raise ValueError(f"pvc path may not contain '..' (got {self.pvc!r})")
+        return self
+
+
+EVAL_METRICS = ("accuracy", "precision", "recall", "f1", "exactMatch", "contains")
+GENERATION_EVAL_METRICS = ("exactMatch", "contains")
+
+
+class EvaluationSpec(_Model):
+    """Score every new revision on a held-out set before it takes traffic (docs/evaluation.md). Not part of the
+    revision: changing it rolls no pods; it applies to the next revision rolled out."""
+
+    dataset: EvaluationDataset
+    metric: Literal["accuracy", "precision", "recall", "f1", "exactMatch", "contains"] | None = Field(
+        None,
+        description="accuracy | precision | recall | f1 (classification, NER); exactMatch | contains (generation). "
+        "Default: f1, or exactMatch for text-generation.",
+    )
+    average: Literal["macro", "micro", "weighted"] = Field(
+        "macro", description="How per-label precision/recall/F1 are averaged (classification and NER)."
+    )
+    minScore: float = Field(ge=0, le=1, description="Absolute bar: the new revision needs at least this score.")
+    maxRegression: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="And at most this much below the current revision on the same data (unset: no baseline run).",
+    )
+    samples: int | None = Field(None, ge=1, le=1_000_000, description="Score only the first N rows.")
+    timeoutSeconds: int = Field(
+        900, ge=30, le=86_400, description="An evaluation not finished by then rolls back (EvaluationTimeout)."
+    )
+
+    def effective_metric(self, task: str) -> str:
+        return self.metric or ("exactMatch" if task == "text-generation" else "f1")
+
+
 class GPTDeploymentSpec(_Model):
     """Desired state of a GPT-style model behind an OpenAI-compatible API."""
 
@@ -369,11 +443,14 @@ class GPTDeploymentSpec(_Model):
     autoscaling: AutoscalingSpec | None = None
     networkPolicy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec, json_schema_extra=_OBJECT_DEFAULT)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, json_schema_extra=_OBJECT_DEFAULT)
+    evaluation: EvaluationSpec | None = Field(
+        None, description="Gate each new revision on a score on the user's own data (readiness gate gptd.io/evaluated)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------- status
 
-ConditionType = Literal["Ready", "Progressing", "Degraded", "RolledBack"]
+ConditionType = Literal["Ready", "Progressing", "Degraded", "RolledBack", "Evaluated"]
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 
 
@@ -408,6 +485,46 @@ class RolloutStatus(BaseModel):
     analysisUnavailable: str | None = Field(None, description="Why the canary analysis could not be evaluated.")
     reason: str | None = Field(None, description="Why it was rolled back or failed.")
     message: str | None = Field(None, description="The failure, in the cluster's words.")
+    evaluationGate: bool | None = Field(
+        None, description="The revision's pods carry the gptd.io/evaluated readiness gate (spec.evaluation was set "
+        "when it started)."
+    )
+
+
+class EvaluationStatus(BaseModel):
+    """status.evaluation: the last evaluation of a new revision (docs/evaluation.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    revision: str | None = Field(None, description="The revision scored.")
+    key: str | None = Field(
+        None, description="Hash of what was scored (dataset, revision, task, metric, average, samples)."
+    )
+    dataset: str | None = Field(None, description="Dataset identity: ConfigMap key and content hash, or PVC path.")
+    metric: str | None = None
+    score: float | None = Field(None, description="The new revision's score (the Score printer column).")
+    baseline: float | None = Field(None, description="The current revision's score on the same data, if measured.")
+    samples: int | None = Field(None, description="Rows scored.")
+    passed: bool | None = Field(None, description="Unset while running.")
+    finishedAt: str | None = None
+    perLabel: dict[str, Any] | None = Field(
+        None,
+        description="Per-label precision/recall/f1/support (may be trimmed: the Job's result travels in its "
+        "4 KiB termination message).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    message: str | None = Field(None, description="Why it failed or what it waits for.")
+
+
+class EvaluationBaseline(BaseModel):
+    """status.evaluationBaseline: the current revision's score, measured once per dataset and revision."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str | None = Field(None, description="Hash of dataset identity, revision, task, metric, average, samples.")
+    revision: str | None = None
+    score: float | None = None
+    finishedAt: str | None = None
 
 
 class AutoscalingStatus(BaseModel):
@@ -442,6 +559,8 @@ class GPTDeploymentStatus(BaseModel):
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
     rollout: RolloutStatus | None = None
+    evaluation: EvaluationStatus | None = None
+    evaluationBaseline: EvaluationBaseline | None = None
     autoscaling: AutoscalingStatus | None = None
     conditions: list[Condition] = Field(default_factory=list)
 

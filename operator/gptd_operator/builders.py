@@ -27,6 +27,16 @@ LABEL_REVISION = ANN_REVISION = "gptd.io/revision"
 LABEL_TRACK = "gptd.io/track"
 ANN_TEMPLATE = "gptd.io/template"  # on the Deployment: the revision template, JSON
 RUNTIME_APP = "gptd-runtime"
+# The evaluation gate (evaluation.py): a revision template with this key true puts the readiness gate GATE_CONDITION
+# in the pod template. Not part of the revision hash: whether a revision is gated never changes the revision.
+TEMPLATE_GATE_KEY = "evaluationGate"
+GATE_CONDITION = "gptd.io/evaluated"
+# Jobs (model download, evaluation) and their pods: app.kubernetes.io/name gptd-job, never gptd-runtime, so the
+# Service, the PDB, the NetworkPolicy and the runtime-pod index never select a Job's pod; the component label says
+# what the Job is for (the runtime-pod index also skips any pod that has one).
+JOB_APP = "gptd-job"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+EVALUATION_COMPONENT = "evaluation"  # the component label of the evaluation gate's Jobs (evaluation.py)
 MANAGER = "gptd-operator"
 
 CONTAINER = "runtime"
@@ -68,6 +78,18 @@ def common_labels(name: str) -> dict[str, str]:
 def deployment_selector(name: str, track: str) -> dict[str, str]:
     # Immutable in a Deployment, so it carries nothing that changes between revisions.
     return {**selector_labels(name), LABEL_TRACK: track}
+
+
+def job_labels(name: str, component: str, revision: str) -> dict[str, str]:
+    """Labels of a Job of CR ``name`` and of its pod template: ``component`` says what it does ("model-download",
+    "evaluation"), ``revision`` which revision it is for. The instance label lets the Job index find the CR."""
+    return {
+        LABEL_NAME: JOB_APP,
+        LABEL_INSTANCE: names.base(name),
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_COMPONENT: component,
+        LABEL_REVISION: revision,
+    }
 
 
 def selector_string(name: str) -> str:
@@ -215,7 +237,8 @@ def canonical_json(obj: Any) -> str:
 
 
 def revision_hash(template: Template) -> str:
-    return hashlib.sha256(canonical_json(template).encode()).hexdigest()[:10]
+    hashed = {k: v for k, v in template.items() if k != TEMPLATE_GATE_KEY}
+    return hashlib.sha256(canonical_json(hashed).encode()).hexdigest()[:10]
 
 
 def desired_replicas(spec: GPTDeploymentSpec) -> int | None:
@@ -485,6 +508,8 @@ def build_pod_template(
         "affinity": sched.affinity or None,
         "priorityClassName": sched.priorityClassName,
         "runtimeClassName": sched.runtimeClassName,
+        # Only in a gated revision's template (evaluation.py), so adding spec.evaluation changes no live pod.
+        "readinessGates": [{"conditionType": GATE_CONDITION}] if template.get(TEMPLATE_GATE_KEY) else None,
     }
     revision = revision_hash(template)
     return {
@@ -709,6 +734,11 @@ def build_network_policy(
     if peers:
         # An ingress rule without `from` would admit everyone: with no peers there is no rule for this port.
         ingress.append({"from": peers, "ports": [{"port": PORT_NAME, "protocol": "TCP"}]})
+    if spec.evaluation is not None:
+        # The evaluation Jobs score a new pod over the runtime port (this CR's Jobs only, by their labels).
+        evaluator = {LABEL_NAME: JOB_APP, LABEL_INSTANCE: names.base(name), LABEL_COMPONENT: EVALUATION_COMPONENT}
+        ingress.append({"from": [{"podSelector": {"matchLabels": evaluator}}],
+                        "ports": [{"port": PORT_NAME, "protocol": "TCP"}]})
     ingress.append({
         "from": [{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: settings.monitoring_namespace}}}],
         "ports": [{"port": METRICS_PORT_NAME, "protocol": "TCP"}],

@@ -158,6 +158,7 @@ def build_crd() -> dict[str, Any]:
                         {"name": "Revision", "type": "string", "jsonPath": ".status.currentRevision"},
                         {"name": "Ready", "type": "string", "jsonPath": ".status.readyDisplay"},
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        {"name": "Score", "type": "number", "jsonPath": ".status.evaluation.score"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {

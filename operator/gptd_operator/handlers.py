@@ -21,7 +21,7 @@ from typing import Any
 
 import kopf
 
-from . import analysis, api, builders, kube, names, observe, rollout
+from . import analysis, api, builders, evaluation, kube, names, observe, rollout
 from . import status as st
 from .api import GPTDeploymentSpec, InvalidSpec
 from .observe import Observations
@@ -34,6 +34,7 @@ ANN_PROMOTE = rollout.PROMOTE_ANNOTATION
 ANN_ABORT = rollout.ABORT_ANNOTATION
 MANAGED = {builders.LABEL_MANAGED_BY: builders.MANAGER}
 RUNTIME_PODS = {builders.LABEL_NAME: builders.RUNTIME_APP}
+JOB_PODS = {builders.LABEL_NAME: builders.JOB_APP}  # the pods of gptd's Jobs (never counted as serving pods)
 GC_REQUEUE_SECONDS = 5.0  # while a recreated CR waits for the garbage collector
 # The security children (issue 12). Declared here, not in kube.py, while that module's client work is in
 # flight; kube.apply finds a kind's resource in kube.BY_KIND, so they are registered there.
@@ -52,7 +53,10 @@ LISTED = (
     (kube.PDBS, _selector(MANAGED)),
     (kube.HPAS, _selector(MANAGED)),
     (NETWORKPOLICIES, _selector(MANAGED)),
+    (kube.PVCS, _selector(MANAGED)),
+    (kube.JOBS, _selector(MANAGED)),
     (kube.PODS, _selector(RUNTIME_PODS)),
+    (kube.PODS, _selector(JOB_PODS)),
 )
 # Child resource → its index id, for the event handlers and the snapshot.
 CHILD_INDICES = {
@@ -61,7 +65,10 @@ CHILD_INDICES = {
     "PodDisruptionBudget": "gptd_pdbs",
     "HorizontalPodAutoscaler": "gptd_hpas",
     "NetworkPolicy": "gptd_netpols",
+    "PersistentVolumeClaim": "gptd_pvcs",
+    "Job": "gptd_jobs",
 }
+POD_INDICES = ("gptd_pods", "gptd_job_pods")
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -105,11 +112,18 @@ class Children:
     pdb: dict[str, Any] | None = None
     hpa: dict[str, Any] | None = None
     netpol: dict[str, Any] | None = None
+    pvc: dict[str, Any] | None = None  # the model cache's claim (owned, or retained: see snapshot())
     pods: tuple[dict[str, Any], ...] = ()
+    jobs: tuple[dict[str, Any], ...] = ()  # every Job of the CR (download, evaluation), by name
+    job_pods: tuple[dict[str, Any], ...] = ()  # the pods of those Jobs, by name
 
     def by_kind(self, kind: str, name: str, owner: str) -> dict[str, Any] | None:
         if kind == "Deployment":
             return self.stable if name == names.deployment(owner) else self.canary
+        if kind == "Job":
+            return next((j for j in self.jobs if j["metadata"]["name"] == name), None)
+        if kind == "PersistentVolumeClaim":
+            return self.pvc if self.pvc is not None and self.pvc["metadata"]["name"] == name else None
         return {"Service": self.service, "PodDisruptionBudget": self.pdb, "HorizontalPodAutoscaler": self.hpa,
                 "NetworkPolicy": self.netpol}[kind]
 
@@ -145,7 +159,24 @@ def snapshot(
                 return obj
         return None
 
-    pods = sorted(live(_values(indices.get("gptd_pods"), key)), key=lambda p: p["metadata"]["name"])
+    def unowned_or_owned(index_id: str, obj_name: str) -> dict[str, Any] | None:
+        # A retained claim (spec.model.cache.retain) carries no ownerReference; one controlled by another uid
+        # (a deleted CR of the same name) is left to apply()'s conflict handling.
+        for obj in live(_values(indices.get(index_id), key)):
+            refs = obj.get("metadata", {}).get("ownerReferences") or []
+            mine = uid is None or any(r.get("uid") == uid for r in refs)
+            if obj["metadata"]["name"] == obj_name and (mine or not any(r.get("controller") for r in refs)):
+                return obj
+        return None
+
+    def by_name(objs: Iterable[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+        return tuple(sorted(objs, key=lambda o: o["metadata"]["name"]))
+
+    pods = by_name(live(_values(indices.get("gptd_pods"), key)))
+    jobs = by_name(owned(_values(indices.get("gptd_jobs"), key)))
+    job_names = {j["metadata"]["name"] for j in jobs}
+    job_pods = by_name(p for p in live(_values(indices.get("gptd_job_pods"), key))
+                       if observe.job_of_pod(p) in job_names)
     return Children(
         stable=one("gptd_deployments", builders.deployment_name(name)),
         canary=one("gptd_deployments", builders.deployment_name(name, "canary")),
@@ -153,7 +184,10 @@ def snapshot(
         pdb=one("gptd_pdbs", names.base(name)),
         hpa=one("gptd_hpas", names.base(name)),
         netpol=one("gptd_netpols", names.network_policy(name)),
-        pods=tuple(pods),
+        pvc=unowned_or_owned("gptd_pvcs", names.model_cache(name)),
+        pods=pods,
+        jobs=jobs,
+        job_pods=job_pods,
     )
 
 
@@ -224,7 +258,7 @@ class Reconciler:
         ``before``, so they are never mistaken for phantoms)."""
         before = {
             (obj.get("metadata") or {}).get("uid")
-            for index_id in (*CHILD_INDICES.values(), "gptd_pods")
+            for index_id in (*CHILD_INDICES.values(), *POD_INDICES)
             for key in list(indices.get(index_id) or {})
             for obj in _values(indices.get(index_id), key)
         }
@@ -260,7 +294,10 @@ class Reconciler:
         spec = await self._validate(p)
         if spec is None:
             return
-        children, obs, analysis_due = await self._observe(p, spec, indices)
+        checked, dataset = await self._check_dataset(p, spec)
+        if not checked:
+            return
+        children, obs, analysis_due = await self._observe(p, spec, indices, dataset)
         plan = make_plan(spec, p.previous, obs)
         built = await self._build(p, spec, plan, children)
         if built is None:
@@ -275,6 +312,7 @@ class Reconciler:
         try:
             spec = api.parse_spec(p.body.get("spec"))
             builders.check_spec(spec, self.settings)
+            evaluation.check_evaluation(spec)
         except InvalidSpec as exc:
             new = st.invalid_status(
                 p.name, p.namespace, p.previous, exc.field, exc.message, generation=p.generation, now=p.now
@@ -284,8 +322,35 @@ class Reconciler:
             return None
         return spec
 
+    async def _check_dataset(self, p: _Pass, spec: GPTDeploymentSpec) -> tuple[bool, str | None]:
+        """The evaluation dataset's identity when a gated rollout is in flight or about to start (None otherwise),
+        read and checked before any pod of the new revision exists; (False, None) after InvalidSpec naming the
+        field (and the line), the old revision untouched. ConfigMaps are read by name only when needed (a GET per
+        such pass; not watched: a fixed dataset is seen at the next trigger or resync)."""
+        if spec.evaluation is None:
+            return True, None
+        revision = builders.revision_hash(builders.revision_template(spec, self.settings))
+        ro = p.previous.get("rollout") or {}
+        same = ro.get("revision") == revision
+        if same and (ro.get("phase") in rollout.HOLD_PHASES or not ro.get("evaluationGate")):
+            return True, None  # held after a failure, or an ungated rollout: nothing to score
+        if not same and ro.get("phase") not in rollout.ACTIVE_PHASES and revision == p.previous.get("currentRevision"):
+            return True, None  # settled: spec.evaluation applies to the next revision
+        try:
+            ds = spec.evaluation.dataset
+            if ds.configMapRef is not None:
+                configmap = await self.kube.get(kube.CONFIGMAPS, p.namespace, ds.configMapRef.name)
+                return True, evaluation.check_dataset(spec, evaluation.configmap_text(spec, configmap))
+            claim, _ = evaluation.pvc_claim(spec)
+            if await self.kube.get(kube.PVCS, p.namespace, claim) is None:
+                raise InvalidSpec("spec.evaluation.dataset.pvc", f"PersistentVolumeClaim {claim} not found")
+            return True, evaluation.pvc_identity(spec)  # its rows are checked by the Job, which names the line
+        except InvalidSpec as exc:
+            await self._invalid(p, exc.field, exc.message)
+            return False, None
+
     async def _observe(
-        self, p: _Pass, spec: GPTDeploymentSpec, indices: Mapping[str, Any]
+        self, p: _Pass, spec: GPTDeploymentSpec, indices: Mapping[str, Any], dataset: str | None = None
     ) -> tuple[Children, Observations, float | None]:
         """The children from the indices and the Observations the plan is made from (plus when analysis is due)."""
         template = builders.revision_template(spec, self.settings)
@@ -305,6 +370,9 @@ class Reconciler:
             abort=annotations.get(ANN_ABORT) == "true",
             analysis_breach=outcome.breach,
             analysis_unavailable=outcome.unavailable,
+            jobs=tuple(observe.observe_job(job, children.job_pods) for job in children.jobs),
+            evaluation_dataset=dataset,
+            name=p.name,
         )
         return children, obs, analysis_due
 
@@ -343,6 +411,7 @@ class Reconciler:
             built.desired.append(builders.build_hpa(name, namespace, uid, spec))
         else:
             built.unwanted.append((kube.HPAS, children.hpa))
+        self._evaluation_jobs(p, spec, plan, children, built)
         if spec.networkPolicy.enabled:
             built.desired.append(builders.build_network_policy(name, namespace, uid, spec, self.settings))
         else:
@@ -412,6 +481,7 @@ class Reconciler:
                 await self.kube.delete(res, namespace, live["metadata"]["name"])
                 self.recent.pop((live.get("kind", ""), namespace, live["metadata"]["name"]), None)
                 kopf.event(body, type="Normal", reason="Deleted", message=f"{res.plural} {live['metadata']['name']}")
+        await self._mark_evaluated(p, plan, children)
         annotations = p.meta.get("annotations") or {}
         present = [a for a in plan.annotations_to_clear if a in annotations]
         if present:
@@ -419,6 +489,36 @@ class Reconciler:
                 kube.GPTDEPLOYMENTS, namespace, name, {"metadata": {"annotations": dict.fromkeys(present)}}
             )
         return applied
+
+    def _evaluation_jobs(self, p: _Pass, spec: GPTDeploymentSpec, plan: Plan, children: Children,
+                         built: _Built) -> None:
+        """The evaluator Jobs the gate wants are created (never patched: a Job's spec is immutable, each is named
+        after what it scores); this CR's other evaluation Jobs are deleted (done, or superseded)."""
+        live = [j for j in children.jobs
+                if ((j.get("metadata") or {}).get("labels") or {}).get(builders.LABEL_COMPONENT)
+                == builders.EVALUATION_COMPONENT]
+        existing = {j["metadata"]["name"] for j in live}
+        wanted = {job.name for job in plan.evaluation_jobs}
+        image = spec.runtime.image or self.settings.runtime_image
+        for job in plan.evaluation_jobs:
+            if job.name not in existing and job.ip and ("Job", p.namespace, job.name) not in self.recent:
+                built.desired.append(evaluation.build_job(p.name, p.namespace, p.uid, spec, self.settings, job, image))
+        for obj in live:
+            if obj["metadata"]["name"] not in wanted:
+                built.unwanted.append((kube.JOBS, obj))
+
+    async def _mark_evaluated(self, p: _Pass, plan: Plan, children: Children) -> None:
+        """The gptd.io/evaluated condition on every gated pod of a revision that passed (or was rolled out):
+        the readiness gate lets it take Service traffic."""
+        for pod in children.pods:
+            po = observe.observe_pod(pod)
+            if po.gated and not po.evaluated and po.revision in plan.evaluated_revisions and po.name:
+                condition = {
+                    "type": builders.GATE_CONDITION, "status": "True", "reason": "EvaluationPassed",
+                    "message": f"revision {po.revision} passed its evaluation",
+                    "lastTransitionTime": observe.format_time(p.now),
+                }
+                await self.kube.set_pod_condition(p.namespace, po.name, condition)
 
     async def _report(
         self, p: _Pass, spec: GPTDeploymentSpec, obs: Observations, plan: Plan, children: Children,
@@ -607,7 +707,7 @@ class OperatorState:
     timers: dict[tuple[str, str], asyncio.TimerHandle] = field(default_factory=dict)
 
     def remember(self, kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
-        indices = {k: kwargs[k] for k in (*CHILD_INDICES.values(), "gptd_pods", "gptd_crs") if k in kwargs}
+        indices = {k: kwargs[k] for k in (*CHILD_INDICES.values(), *POD_INDICES, "gptd_crs") if k in kwargs}
         if self.indices is None:
             self.indices = indices
         if self.context is None:
@@ -760,13 +860,40 @@ async def index_netpols(namespace: str, labels: kopf.Labels, body: kopf.Body, **
     return _index_child(namespace, labels, body, ())
 
 
-async def index_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+async def index_pvcs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    return _index_child(namespace, labels, body, ("phase", "capacity"))
+
+
+JOB_STATUS = ("active", "succeeded", "failed", "conditions", "startTime", "completionTime")
+
+
+async def index_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    job = _index_child(namespace, labels, body, JOB_STATUS)
+    for summary in (job or {}).values():
+        summary.pop("spec", None)  # never compared: a Job's spec is immutable, a new revision is a new Job
+    return job
+
+
+def _pod_summary(namespace: str | None, labels: Mapping[str, str], body: Mapping[str, Any]) -> Any:
     key = _owner_key(namespace, labels)
     if not key:
         return None
-    pod = _summary(body, ("phase", "conditions", "containerStatuses", "initContainerStatuses"))
-    pod.pop("spec", None)  # pod specs are big and we never compare them
+    pod = _summary(body, ("phase", "conditions", "containerStatuses", "initContainerStatuses", "podIP"))
+    pod["metadata"]["creationTimestamp"] = (body.get("metadata") or {}).get("creationTimestamp")
+    gates = (pod.pop("spec", None) or {}).get("readinessGates")  # pod specs are big: only the gates are kept
+    if gates:
+        pod["spec"] = {"readinessGates": gates}
     return {key: pod}
+
+
+async def index_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    if builders.LABEL_COMPONENT in labels:
+        return None  # a Job's pod (download, evaluation) that somehow carries the runtime's name: never serving
+    return _pod_summary(namespace, labels, body)
+
+
+async def index_job_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> Any:
+    return _pod_summary(namespace, labels, body)
 
 
 # --- events: every child or pod event reconciles its owner (level-based)
@@ -829,11 +956,15 @@ def register(
         ("gptd_pdbs", ("policy/v1", "poddisruptionbudgets"), index_pdbs),
         ("gptd_hpas", ("autoscaling/v2", "horizontalpodautoscalers"), index_hpas),
         ("gptd_netpols", ("networking.k8s.io/v1", "networkpolicies"), index_netpols),
+        ("gptd_pvcs", ("v1", "persistentvolumeclaims"), index_pvcs),
+        ("gptd_jobs", ("batch/v1", "jobs"), index_jobs),
     ):
         kopf.index(group_version, plural_, id=index_id, labels=MANAGED, registry=registry)(fn)
         kopf.on.event(group_version, plural_, id=f"{index_id}_event", labels=MANAGED, registry=registry)(child_event)
     kopf.index("v1", "pods", id="gptd_pods", labels=RUNTIME_PODS, registry=registry)(index_pods)
     kopf.on.event("v1", "pods", id="gptd_pods_event", labels=RUNTIME_PODS, registry=registry)(pod_event)
+    kopf.index("v1", "pods", id="gptd_job_pods", labels=JOB_PODS, registry=registry)(index_job_pods)
+    kopf.on.event("v1", "pods", id="gptd_job_pods_event", labels=JOB_PODS, registry=registry)(pod_event)
     # Explicit ids: kopf keeps handler progress in annotations named after them (gptd.io/reconcile).
     for decorator in (kopf.on.resume, kopf.on.create, kopf.on.update):
         decorator(group, version, plural, id="reconcile", backoff=10, registry=registry)(reconcile_cr)

@@ -26,6 +26,9 @@ from lightkube.core.exceptions import ConfigError
 from .normalize import is_subset, server_form, strip_none, with_removals
 
 MERGE_PATCH = "application/merge-patch+json"
+# Pod status conditions merge by type under a strategic merge patch; a JSON merge patch would replace the list (and
+# drop the kubelet's Ready, ContainersReady... until its next sync).
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 FIELD_MANAGER = "gptd-operator"  # managedFields name every object gptd writes
 # Bounded retries (API Priority and Fairness answers 429 with Retry-After; apiservers restart; connections reset).
 RETRIES = 5
@@ -74,12 +77,18 @@ PDBS = Resource("policy/v1", "poddisruptionbudgets")
 HPAS = Resource("autoscaling/v2", "horizontalpodautoscalers")
 PODS = Resource("v1", "pods")
 SCALEDOBJECTS = Resource("keda.sh/v1alpha1", "scaledobjects")
+# One-off work next to the serving pods (the model download, the evaluation): Jobs and their pods are watched.
+JOBS = Resource("batch/v1", "jobs")
+PVCS = Resource("v1", "persistentvolumeclaims")
+CONFIGMAPS = Resource("v1", "configmaps")  # read by name only (the evaluation dataset)
 BY_KIND = {
     "ScaledObject": SCALEDOBJECTS,
     "Deployment": DEPLOYMENTS,
     "Service": SERVICES,
     "PodDisruptionBudget": PDBS,
     "HorizontalPodAutoscaler": HPAS,
+    "Job": JOBS,
+    "PersistentVolumeClaim": PVCS,
 }
 
 
@@ -322,6 +331,22 @@ class Kube:
             if not token:
                 return items
 
+    async def pod_log(self, namespace: str, name: str, *, tail_lines: int = 5, limit_bytes: int = 16384) -> str | None:
+        """The last ``tail_lines`` lines of a pod's (only) container log, or None when there is none to read (no pod,
+        the container not started, any error): best effort, one request, never retried (the caller polls)."""
+        session = await self._get_session()
+        self.counters.reads += 1
+        params = {"tailLines": str(tail_lines), "limitBytes": str(limit_bytes)}
+        try:
+            resp = await session.get(PODS.path(namespace, name, "log"), params=params,
+                                     headers={"Accept": "text/plain", "User-Agent": USER_AGENT})
+        except httpx.TransportError as exc:
+            log.info("GET log of pod %s/%s: %r", namespace, name, exc)
+            return None
+        if resp.status_code != 200:
+            return None
+        return resp.text
+
     async def create(self, res: Resource, body: Mapping[str, Any], *, strict: bool = True) -> dict[str, Any]:
         """POST; ``strict``: an unknown field is a 400 naming it (fieldValidation=Strict), never silently dropped."""
         ns = body["metadata"].get("namespace")
@@ -338,6 +363,13 @@ class Kube:
         return await self._request(
             "PATCH", res.path(namespace, name, subresource), body=dict(patch), content_type=MERGE_PATCH,
             params={"fieldValidation": "Strict"} if strict else None,
+        )
+
+    async def set_pod_condition(self, namespace: str, name: str, condition: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Add or replace one condition (by type) in a pod's status, leaving the kubelet's conditions alone."""
+        return await self._request(
+            "PATCH", PODS.path(namespace, name, "status"), body={"status": {"conditions": [dict(condition)]}},
+            content_type=STRATEGIC_MERGE_PATCH,
         )
 
     async def delete(self, res: Resource, namespace: str, name: str) -> bool:

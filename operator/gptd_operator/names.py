@@ -75,3 +75,28 @@ def certificate(name: str) -> str:
 def certificate_secret(name: str) -> str:
     """The Secret cert-manager writes for the Certificate (tls.crt, tls.key, ca.crt); the pods mount it."""
     return f"{base(name)}-tls"
+
+
+def evaluation_job(name: str, role: str, key: str) -> str:
+    """``<stem>-eval-<digest>``: one Job per (role, what is scored); at most 63 characters (the Job controller puts
+    the name in a label). The digest covers the full base, so a cut stem can't make two CRs' Jobs collide."""
+    digest = hashlib.sha256(f"{base(name)}\0{role}\0{key}".encode()).hexdigest()[:_HASH_CHARS]
+    return f"{base(name)[:MAX_LABEL - 6 - _HASH_CHARS].rstrip('-')}-eval-{digest}"
+def model_cache(name: str) -> str:
+    """The PersistentVolumeClaim of spec.model.cache (issue 10): ``<base>-model-cache``."""
+    return f"{base(name)}-model-cache"
+
+
+def job(name: str, purpose: str, revision: str) -> str:
+    """A Job of CR ``name`` for ``purpose`` ("fetch", "eval", ...) and ``revision``: ``<base>-<purpose>-<revision>``.
+
+    The Job controller copies a Job's name into its pods' ``batch.kubernetes.io/job-name`` label, so the API server
+    refuses Job names over 63 characters; a longer one keeps the ``-<purpose>-<revision>`` tail and shortens the
+    base to a stem plus 8 hex digits of the base's SHA-256 (distinct bases: distinct names)."""
+    tail = f"-{purpose}-{revision}"
+    full = f"{base(name)}{tail}"
+    if len(full) <= MAX_LABEL:
+        return full
+    digest = hashlib.sha256(base(name).encode()).hexdigest()[:8]
+    stem = base(name)[: MAX_LABEL - len(tail) - len(digest) - 1].rstrip("-")
+    return f"{stem}-{digest}{tail}"

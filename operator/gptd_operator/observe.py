@@ -1,4 +1,4 @@
-"""Pure: live objects (Deployments, pods) → Observations, built once per reconcile.
+"""Pure: live objects (Deployments, pods, Jobs) → Observations, built once per reconcile.
 
 ``rollout.decide`` plans from them and ``status.compute_status`` reports from the same objects, so the plan
 and the status never disagree about what the cluster looks like. No I/O, no clock (``now`` is passed in).
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .builders import ANN_TEMPLATE, LABEL_REVISION
+from .builders import ANN_TEMPLATE, GATE_CONDITION, LABEL_COMPONENT, LABEL_REVISION
 
 Template = dict[str, Any]
 # Waiting reasons that mean a container cannot run as it is.
@@ -38,6 +38,12 @@ class PodObs:
     crashloop_message: str = ""  # CrashLoopBackOff / ImagePullBackOff / ErrImagePull, with the container
     restarts: int = 0
     waiting_reason: str = ""  # the container's state.waiting.reason behind crashloop_message
+    # For the evaluation gate (evaluation.py): which pod, where, and whether it waits only for the gate.
+    name: str = ""
+    ip: str = ""
+    containers_ready: bool = False  # ContainersReady=True (Ready also needs every readiness gate)
+    gated: bool = False  # spec.readinessGates holds gptd.io/evaluated
+    evaluated: bool = False  # the gptd.io/evaluated pod condition is True
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,43 @@ class DeploymentObs:
     updated_replicas: int = 0
     available_replicas: int = 0
     up_to_date: bool = True  # status.observedGeneration >= metadata.generation
+
+
+@dataclass(frozen=True)
+class JobObs:
+    """A Job gptd started (download, evaluation) and what its latest pod's container said when it ended."""
+
+    name: str
+    revision: str | None  # label gptd.io/revision: the revision the Job works for
+    purpose: str | None  # label app.kubernetes.io/component: "model-download", "evaluation", ...
+    active: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    # type → (status, reason, message) of the Job's conditions (Complete, Failed, SuccessCriteriaMet, Suspended...)
+    conditions: tuple[tuple[str, str, str, str], ...] = ()
+    start_time: datetime | None = None
+    completion_time: datetime | None = None
+    pod_name: str | None = None  # the latest pod of the Job (by creation time, then name)
+    pod_phase: str | None = None
+    exit_code: int | None = None  # its container's state.terminated (or lastState.terminated)
+    message: str = ""  # the terminated container's termination message (terminationMessagePath or log tail)
+    running: bool = False  # the latest pod's container is running now (progress can be read from its log)
+
+    def condition(self, type_: str) -> tuple[str, str, str] | None:
+        """(status, reason, message) of the condition ``type_``, or None."""
+        for t, status, reason, message in self.conditions:
+            if t == type_:
+                return status, reason, message
+        return None
+
+    @property
+    def complete(self) -> bool:
+        return (self.condition("Complete") or ("",))[0] == "True"
+
+    @property
+    def finally_failed(self) -> bool:
+        """The Job controller gave up (backoffLimit or activeDeadlineSeconds): condition Failed=True."""
+        return (self.condition("Failed") or ("",))[0] == "True"
 
 
 @dataclass(frozen=True)
@@ -66,6 +109,11 @@ class Observations:
     # Set by handlers when canary.analysis could not be evaluated (Prometheus unreachable or erroring): the
     # canary is held at its step (no advance, no rollback) until it can be.
     analysis_unavailable: str | None = None
+    # The evaluation dataset's identity (evaluation.py), set by handlers once they checked it; the gate's Jobs are
+    # in ``jobs`` (purpose "evaluation").
+    evaluation_dataset: str | None = None
+    name: str = ""  # the GPTDeployment's name (the evaluator Jobs are named after it)
+    jobs: tuple[JobObs, ...] = ()  # the CR's Jobs (every purpose), sorted by name
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -138,12 +186,78 @@ def observe_pod(pod: dict[str, Any]) -> PodObs:
                 crashloop_message += f" last exited {last.get('reason') or 'with'} code {last.get('exitCode')}"
             if waiting.get("message"):
                 crashloop_message += f": {waiting['message']}"
+    gates = ((pod.get("spec") or {}).get("readinessGates")) or []
     return PodObs(
         revision=(meta.get("labels") or {}).get(LABEL_REVISION),
         ready=ready,
+        name=meta.get("name") or "",
+        ip=status.get("podIP") or "",
+        containers_ready=(conditions.get("ContainersReady") or {}).get("status") == "True",
+        gated=any(g.get("conditionType") == GATE_CONDITION for g in gates),
+        evaluated=(conditions.get(GATE_CONDITION) or {}).get("status") == "True",
         unschedulable_since=unschedulable_since,
         unschedulable_message=unschedulable_message,
         crashloop_message=crashloop_message,
         restarts=restarts,
         waiting_reason=waiting_reason,
+    )
+
+
+JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")  # set on a Job's pods by the Job controller
+
+
+def job_of_pod(pod: dict[str, Any]) -> str | None:
+    """The name of the Job a pod belongs to (its controller ownerReference, else the Job controller's label)."""
+    meta = pod.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == "Job" and ref.get("controller"):
+            return str(ref.get("name"))
+    labels = meta.get("labels") or {}
+    return next((labels[k] for k in JOB_NAME_LABELS if labels.get(k)), None)
+
+
+def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dict[str, Any]] = ()) -> JobObs:
+    """A Job (as the API returns it) and the pods of the CR's Jobs (those of other Jobs are ignored) → JobObs."""
+    meta = job.get("metadata") or {}
+    status = job.get("status") or {}
+    labels = meta.get("labels") or {}
+    name = str(meta.get("name") or "")
+    mine = [p for p in pods if job_of_pod(p) == name]
+    mine.sort(key=lambda p: ((p.get("metadata") or {}).get("creationTimestamp") or "",
+                             (p.get("metadata") or {}).get("name") or ""))
+    pod = mine[-1] if mine else None
+    pod_name = pod_phase = None
+    exit_code: int | None = None
+    message = ""
+    running = False
+    if pod is not None:
+        pod_name = (pod.get("metadata") or {}).get("name")
+        pod_status = pod.get("status") or {}
+        pod_phase = pod_status.get("phase")
+        for cs in pod_status.get("containerStatuses") or []:
+            state = cs.get("state") or {}
+            terminated = state.get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
+            running = running or "running" in state
+            if terminated:
+                exit_code = int(terminated.get("exitCode") or 0)
+                message = str(terminated.get("message") or "").strip()
+    conditions = tuple(
+        (str(c.get("type") or ""), str(c.get("status") or ""), str(c.get("reason") or ""), str(c.get("message") or ""))
+        for c in status.get("conditions") or []
+    )
+    return JobObs(
+        name=name,
+        revision=labels.get(LABEL_REVISION),
+        purpose=labels.get(LABEL_COMPONENT),
+        active=int(status.get("active") or 0),
+        succeeded=int(status.get("succeeded") or 0),
+        failed=int(status.get("failed") or 0),
+        conditions=conditions,
+        start_time=parse_time(status.get("startTime")),
+        completion_time=parse_time(status.get("completionTime")),
+        pod_name=pod_name,
+        pod_phase=pod_phase,
+        exit_code=exit_code,
+        message=message,
+        running=running,
     )

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from . import evaluation
 from .api import GPTDeploymentSpec
-from .builders import desired_replicas, rolling_strategy
+from .builders import TEMPLATE_GATE_KEY, desired_replicas, rolling_strategy
+from .evaluation import EvalJob
 from .observe import Observations, PodObs, Template, format_time, parse_time
 
 
@@ -61,6 +63,10 @@ class Plan:
     annotations_to_clear: tuple[str, ...] = ()  # e.g. gptd.io/promote after it was honoured
     # Reconcile again after this many seconds even if nothing changes (a pause, grace or deadline ends).
     requeue_after: float | None = None
+    # The evaluation gate (evaluation.py): the evaluator Jobs that must exist (others of this CR are deleted), and
+    # the revisions whose gated pods get the gptd.io/evaluated condition (passed, or rolled out before).
+    evaluation_jobs: tuple[EvalJob, ...] = ()
+    evaluated_revisions: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------------------- constants
@@ -73,7 +79,10 @@ CRASHLOOP_RESTARTS = 3
 # ...or at once for waiting reasons that restarting never fixes.
 FATAL_WAITING_REASONS = frozenset({"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 # The keys of the CR status this module owns; plan.status holds exactly these.
-STATUS_KEYS = ("currentRevision", "updateRevision", "lastGoodRevision", "lastGoodTemplate", "failedRevision", "rollout")
+STATUS_KEYS = (
+    "currentRevision", "updateRevision", "lastGoodRevision", "lastGoodTemplate", "failedRevision", "rollout",
+    "evaluation", "evaluationBaseline",  # the evaluation gate's record (evaluation.gate computes them)
+)
 
 # status.rollout.phase: an in-flight rollout...
 ROLLING_OUT, CANARY, PROMOTING = "RollingOut", "Canary", "Promoting"
@@ -119,6 +128,7 @@ class _Ctx:
     events: list[EventPlan] = field(default_factory=list)
     clear: list[str] = field(default_factory=list)
     requeue: list[float] = field(default_factory=list)
+    jobs: tuple[EvalJob, ...] = ()
 
     def __post_init__(self) -> None:
         self.original = {k: self.original[k] for k in STATUS_KEYS if k in self.original}
@@ -131,6 +141,13 @@ class _Ctx:
     @property
     def rev(self) -> str:
         return self.obs.desired_revision
+
+    @property
+    def template(self) -> Template:
+        """The desired revision's template, with the readiness gate when this rollout is gated."""
+        if self.ro and self.ro.get("evaluationGate"):
+            return {**self.obs.desired_template, TEMPLATE_GATE_KEY: True}
+        return self.obs.desired_template
 
     @property
     def now_s(self) -> str:
@@ -155,7 +172,7 @@ class _Ctx:
 def _steady(d: _Ctx) -> Plan:
     """Nothing in flight and the spec's revision is the one served: the plan changes nothing."""
     d.state.pop("rollout", None)  # a finished RolledBack/Failed record once the spec moved on
-    stable = DeploymentPlan(d.obs.desired_template, d.rev, desired_replicas(d.spec), rolling_strategy(d.spec, False))
+    stable = DeploymentPlan(_served_template(d), d.rev, desired_replicas(d.spec), rolling_strategy(d.spec, False))
     return _finish(d, stable, None, _cond("Progressing", False, "RolloutComplete", f"revision {d.rev} is rolled out"))
 
 
@@ -172,6 +189,8 @@ def _start(d: _Ctx) -> Plan:
         "progressAt": d.now_s,
         "readyPods": 0,
     }
+    if d.spec.evaluation is not None:  # decided now, for this revision: a later spec.evaluation edit rolls nothing
+        d.state["rollout"]["evaluationGate"] = True
     current = d.state.get("currentRevision")
     how = "canary" if canary else "rolling update"
     d.event("Normal", "RolloutStarted", f"rolling out revision {d.rev} (from {current or 'nothing'}) by {how}")
@@ -195,11 +214,16 @@ def _rolling(d: _Ctx) -> Plan:
     if _stable_done(d, want):
         return _complete(d, "RolloutComplete", f"revision {d.rev} is rolled out")
     gpu = _gpu(d, can_dip=True, waiting_reason="RollingOut")
-    failure = _failure(d, want)
+    gate = _gate(d)
+    if gate is not None and gate.verdict in ("failed", "timeout"):
+        return _fail(d, _GATE_REASONS[gate.verdict], gate.message)
+    failure = _failure(d, want, deadline=gate is None or not gate.running)
     if failure:
         return _fail(d, *failure)
-    stable = DeploymentPlan(d.obs.desired_template, d.rev, want, rolling_strategy(d.spec, bool(d.ro.get("inPlace"))))
-    return _finish(d, stable, None, gpu or _rolling_cond(d, want))
+    stable = DeploymentPlan(d.template, d.rev, want, rolling_strategy(d.spec, bool(d.ro.get("inPlace"))))
+    cond = gpu or (_cond("Progressing", True, "Evaluating", gate.message) if gate and gate.verdict == "pending"
+                   else _rolling_cond(d, want))
+    return _finish(d, stable, None, cond)
 
 
 def _canary(d: _Ctx) -> Plan:
@@ -218,7 +242,10 @@ def _canary(d: _Ctx) -> Plan:
     if ready and not d.ro.get("stepReadyAt"):
         d.ro["stepReadyAt"] = d.now_s
     gpu = _gpu(d, can_dip=d.spec.autoscaling is None, waiting_reason=f"CanaryStep{step + 1}of{n}")
-    failure = _failure(d, count)
+    gate = _gate(d)  # the first step's canary pods are scored before they take traffic
+    if gate is not None and gate.verdict in ("failed", "timeout"):
+        return _fail(d, _GATE_REASONS[gate.verdict], gate.message)
+    failure = _failure(d, count, deadline=gate is None or not gate.running)
     if failure:
         return _fail(d, *failure)
     where = f"step {step + 1}/{n}: weight {weight}% = {count} canary pod(s) beside {_share(d, count)}"
@@ -235,6 +262,8 @@ def _canary(d: _Ctx) -> Plan:
                 return _next_step(d, step, n)
             d.requeue.append(left)
             cond = _cond("Progressing", True, reason, f"{where}; Ready since {d.ro['stepReadyAt']}, pausing {pause}s")
+    elif gate is not None and gate.verdict == "pending":
+        cond = gpu or _cond("Progressing", True, reason, f"{where}; {gate.message}")
     else:
         cond = gpu or _cond("Progressing", True, reason, f"{where}; waiting for the canary to be Ready")
     return _finish(d, _baseline_plan(d, count), _canary_plan(d, count), cond)
@@ -282,7 +311,7 @@ def _promoting(d: _Ctx) -> Plan:
     failure = _failure(d, want)
     if failure:
         return _fail(d, *failure)
-    stable = DeploymentPlan(d.obs.desired_template, d.rev, want, rolling_strategy(d.spec, bool(d.ro.get("inPlace"))))
+    stable = DeploymentPlan(d.template, d.rev, want, rolling_strategy(d.spec, bool(d.ro.get("inPlace"))))
     canary = _canary_plan(d, count) if count else None
     s = d.obs.stable
     updated = _updated(d)
@@ -292,11 +321,12 @@ def _promoting(d: _Ctx) -> Plan:
 
 
 def _complete(d: _Ctx, event_reason: str, message: str) -> Plan:
+    template = d.template  # with the gate if this rollout had one (before the rollout record goes)
     d.state["currentRevision"] = d.state["lastGoodRevision"] = d.rev
-    d.state["lastGoodTemplate"] = copy.deepcopy(d.obs.desired_template)
+    d.state["lastGoodTemplate"] = copy.deepcopy(template)
     d.state.pop("rollout", None)
     d.event("Normal", event_reason, message)
-    stable = DeploymentPlan(d.obs.desired_template, d.rev, desired_replicas(d.spec), rolling_strategy(d.spec, False))
+    stable = DeploymentPlan(template, d.rev, desired_replicas(d.spec), rolling_strategy(d.spec, False))
     return _finish(d, stable, None, _cond("Progressing", False, "RolloutComplete", f"revision {d.rev} is rolled out"))
 
 
@@ -333,7 +363,7 @@ def _hold(d: _Ctx) -> Plan:
     want = desired_replicas(d.spec)
     if _stable_done(d, want):
         return _complete(d, "RolloutComplete", f"revision {d.rev} is rolled out after an earlier failure")
-    stable = DeploymentPlan(d.obs.desired_template, d.rev, want, rolling_strategy(d.spec, in_place))
+    stable = DeploymentPlan(d.template, d.rev, want, rolling_strategy(d.spec, in_place))
     return _finish(d, stable, None, _cond("Progressing", False, "FirstRevisionFailed", ro.get("message", "")))
 
 
@@ -348,8 +378,9 @@ def _track_progress(d: _Ctx) -> None:
         d.ro["progressAt"] = d.now_s
 
 
-def _failure(d: _Ctx, want: int | None) -> tuple[str, str] | None:
-    """Why the in-flight rollout must be abandoned, as (RolledBack reason, message), or None."""
+def _failure(d: _Ctx, want: int | None, *, deadline: bool = True) -> tuple[str, str] | None:
+    """Why the in-flight rollout must be abandoned, as (RolledBack reason, message), or None. ``deadline`` False:
+    an evaluator Job is running (it has its own timeout), so the progress deadline waits."""
     ro = d.ro
     if d.obs.abort:
         return "Aborted", f"aborted by {ABORT_ANNOTATION}=true"
@@ -359,7 +390,7 @@ def _failure(d: _Ctx, want: int | None) -> tuple[str, str] | None:
         if pod.revision == d.rev and _crashlooping(pod):
             return "CrashLoop", f"a pod is crash-looping ({pod.restarts} restarts): {pod.crashloop_message}"
     # Waiting for a GPU is not the revision's fault, and a canary pausing on purpose is not stuck.
-    if ro.get("gpuWait") or (ro["phase"] == CANARY and ro.get("stepReadyAt")):
+    if ro.get("gpuWait") or (ro["phase"] == CANARY and ro.get("stepReadyAt")) or not deadline:
         return None
     deadline = d.spec.rollout.progressDeadlineSeconds
     left = deadline - d.since(ro.get("progressAt") or ro.get("startedAt"))
@@ -506,7 +537,50 @@ def _baseline_plan(d: _Ctx, canary_count: int) -> DeploymentPlan:
 
 
 def _canary_plan(d: _Ctx, count: int) -> DeploymentPlan:
-    return DeploymentPlan(d.obs.desired_template, d.rev, count, rolling_strategy(d.spec, False))
+    return DeploymentPlan(d.template, d.rev, count, rolling_strategy(d.spec, False))
+
+
+# --- the evaluation gate (evaluation.py) ------------------------------------------------------------------
+
+_GATE_REASONS = {"failed": "EvaluationFailed", "timeout": "EvaluationTimeout"}
+
+
+def _gate(d: _Ctx) -> evaluation.Gate | None:
+    """The gate of a gated rollout (None when it has none); records status.evaluation and the Jobs it needs."""
+    if not (d.ro and d.ro.get("evaluationGate")):
+        return None
+    current = d.state.get("currentRevision") or d.state.get("lastGoodRevision")
+    g = evaluation.gate(d.spec, d.obs.name, d.state, d.rev, current, d.obs.pods, d.obs.evaluation_dataset,
+                        d.obs.jobs, d.obs.now)
+    if g.evaluation is not None:
+        d.state["evaluation"] = g.evaluation
+    if g.baseline is not None:
+        d.state["evaluationBaseline"] = g.baseline
+    d.jobs = g.jobs
+    for type_, reason, message in g.events:
+        d.event(type_, reason, message)
+    if g.requeue is not None:
+        d.requeue.append(g.requeue)
+    return g
+
+
+def _served_template(d: _Ctx) -> Template:
+    """The template of the revision being served, with the readiness gate it was rolled out with (kept in
+    lastGoodTemplate): adding or removing spec.evaluation must not change a live pod template."""
+    lgt = d.state.get("lastGoodTemplate")
+    if d.state.get("lastGoodRevision") == d.rev and lgt and lgt.get(TEMPLATE_GATE_KEY):
+        return {**d.obs.desired_template, TEMPLATE_GATE_KEY: True}
+    return d.obs.desired_template
+
+
+def _evaluated_revisions(d: _Ctx) -> tuple[str, ...]:
+    """Revisions whose gated pods get the gptd.io/evaluated condition: the served and last good ones (rolled out,
+    so passed or never gated) and one whose evaluation passed."""
+    revs = {d.state.get("currentRevision"), d.state.get("lastGoodRevision")}
+    ev = d.state.get("evaluation") or {}
+    if ev.get("passed") is True:
+        revs.add(ev.get("revision"))
+    return tuple(sorted(r for r in revs if r))
 
 
 def _rolling_cond(d: _Ctx, want: int | None) -> ConditionPlan:
@@ -546,12 +620,18 @@ def _finish(d: _Ctx, stable: DeploymentPlan, canary: DeploymentPlan | None, prog
     for key in d.original:  # a key this call dropped is cleared in the CR (merge-patch null)
         status.setdefault(key, None)
     requeue = min(d.requeue) if d.requeue else None
+    conditions = [progressing, _rolled_back_cond(d)]
+    evaluated = evaluation.condition(d.spec, d.state.get("evaluation"), d.rev)
+    if evaluated is not None:
+        conditions.append(ConditionPlan("Evaluated", *evaluated))
     return Plan(
         stable=stable,
         canary=canary,
         status=status,
-        conditions=(progressing, _rolled_back_cond(d)),
+        conditions=tuple(conditions),
         events=tuple(d.events),
         annotations_to_clear=tuple(d.clear),
         requeue_after=None if requeue is None else max(1.0, math.ceil(requeue)),
+        evaluation_jobs=d.jobs,
+        evaluated_revisions=_evaluated_revisions(d),
     )

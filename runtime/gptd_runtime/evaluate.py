@@ -5,8 +5,11 @@ its public API (v2 infer for the classification tasks, greedy /v1/completions fo
 stdout gets exactly one JSON object: {"metric", "average", "score", "samples", "perLabel", "accuracy",
 "seconds"}, exit 0 (the score is the result, not the exit status). When it cannot score (server down,
 refused key, bad dataset, wrong task), stdout gets one line {"error": "...", ["line": N]} and exit 1; bad
-flags exit 2. Stdlib HTTP only (http.client, one keep-alive connection per worker thread), so the runtime
-needs no extra client library; prompts, outputs and the key are never printed.
+flags exit 2. With --result-file the same object is also written to that file, trimmed to 4 KiB (per-label rows
+with the least support dropped first, counted in perLabelTrimmed): the operator's evaluation Job passes
+/dev/termination-log, which the kubelet keeps as the container's termination message. Stdlib HTTP only
+(http.client, one keep-alive connection per worker thread), so the runtime needs no extra client library;
+prompts, outputs and the key are never printed.
 """
 
 from __future__ import annotations
@@ -25,7 +28,17 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote, urlsplit
 
-from .eval_dataset import TASKS, ClassificationRow, DatasetError, GenerationRow, NerRow, Row, load_dataset, trim_span
+from gptd_common.eval_dataset import (
+    TASKS,
+    ClassificationRow,
+    DatasetError,
+    GenerationRow,
+    NerRow,
+    Row,
+    load_dataset,
+    trim_span,
+)
+
 from .eval_metrics import (
     AVERAGES,
     CLASSIFICATION_METRICS,
@@ -254,10 +267,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default 8)")
     p.add_argument("--timeout-seconds", type=float, default=120.0, help="per request")
     p.add_argument("--ca-file", type=Path, help="CA bundle for an https:// runtime")
+    p.add_argument("--result-file", type=Path,
+                   help="also write the JSON object here, at most 4 KiB (perLabel trimmed to fit): in a pod, "
+                        "/dev/termination-log becomes the container's termination message")
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
+    code, obj = _run(args)
+    print(json.dumps(obj), file=out, flush=True)  # stdout: exactly one JSON object, untrimmed
+    if getattr(args, "result_file", None) is not None:
+        _write_result(args.result_file, obj)
+    return code
+
+
+RESULT_FILE_LIMIT = 4096  # bytes the kubelet keeps of a termination message
+
+
+def fit_result(obj: dict[str, Any], limit: int = RESULT_FILE_LIMIT) -> str:
+    """``obj`` as JSON of at most ``limit`` bytes: per-label rows are dropped, fewest-supported first, with
+    ``perLabelTrimmed`` saying how many; an error message is cut. The score is never dropped."""
+    text = json.dumps(obj)
+    if len(text.encode()) <= limit:
+        return text
+    out = dict(obj)
+    per = dict(out.get("perLabel") or {})
+    order = sorted(per, key=lambda k: (-(per[k] or {}).get("support", 0) if isinstance(per[k], dict) else 0, k))
+    dropped = 0
+    while order and len(json.dumps({**out, "perLabel": per, "perLabelTrimmed": dropped}).encode()) > limit:
+        per.pop(order.pop())
+        dropped += 1
+    if dropped:
+        out["perLabel"], out["perLabelTrimmed"] = per, dropped
+    text = json.dumps(out)
+    if len(text.encode()) > limit and isinstance(out.get("error"), str):
+        out["error"] = out["error"][: max(0, limit - 200)]
+        text = json.dumps(out)
+    return text
+
+
+def _write_result(path: Path, obj: dict[str, Any]) -> None:
+    try:
+        path.write_text(fit_result(obj))
+    except OSError as e:  # stdout already has the result; say why the file has not (stderr, one line)
+        print(f"cannot write --result-file {path}: {e.strerror}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     try:
         if args.samples is not None and args.samples < 1:
             raise EvaluationError(f"--samples must be at least 1, got {args.samples}")
@@ -276,21 +332,17 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                            concurrency=args.concurrency, timeout_seconds=args.timeout_seconds, ca_file=args.ca_file)
         result = evaluate(rows, opts)
     except DatasetError as e:
-        _fail(out, f"dataset {args.dataset}: {e}", e.line)
-        return 1
+        return 1, _failure(f"dataset {args.dataset}: {e}", e.line)
     except EvaluationError as e:
-        _fail(out, e.message if e.line is None else f"dataset line {e.line}: {e.message}", e.line)
-        return 1
+        return 1, _failure(e.message if e.line is None else f"dataset line {e.line}: {e.message}", e.line)
     except Exception as e:  # e.g. a response of an unexpected shape: still one line, never a traceback
-        _fail(out, f"unexpected {type(e).__name__} while evaluating against {args.url}: {e}", None)
-        return 1
-    print(json.dumps(result), file=out, flush=True)
-    return 0
+        return 1, _failure(f"unexpected {type(e).__name__} while evaluating against {args.url}: {e}", None)
+    return 0, result
 
 
-def _fail(out: TextIO, message: str, line: int | None) -> None:
+def _failure(message: str, line: int | None) -> dict[str, Any]:
     body: dict[str, Any] = {"error": " ".join(message.split())}
     if line is not None:
         body["line"] = line
-    print(json.dumps(body), file=out, flush=True)
+    return body
 

@@ -289,6 +289,13 @@ EXPECTED_NAMESPACED = {
     # Issue 12: the NetworkPolicy child (watched); the cert-manager Certificate (read live, never listed).
     ("networking.k8s.io", "networkpolicies"): CHILD_VERBS,
     ("cert-manager.io", "certificates"): {"get", "create", "patch", "delete"},
+    # Issues 10/11: Jobs (download, evaluation) and the model cache claim, watched; a download's progress lines.
+    ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "pods/log"): {"get"},
+    # Issue 11: the evaluation gate sets the pod condition gptd.io/evaluated; it reads the dataset ConfigMap.
+    ("", "pods/status"): {"patch"},
+    ("", "configmaps"): {"get"},
 }
 KEDA = {("keda.sh", "scaledobjects"): {"get", "create", "patch", "delete"}}
 
@@ -353,7 +360,7 @@ def test_rbac_covers_what_kopf_watches_and_nothing_cluster_scoped():
     }
     assert watched == {("gptd.io", "gptdeployments"), ("apps", "deployments"), ("", "services"),
                        ("policy", "poddisruptionbudgets"), ("autoscaling", "horizontalpodautoscalers"), ("", "pods"),
-                       ("networking.k8s.io", "networkpolicies")}
+                       ("networking.k8s.io", "networkpolicies"), ("batch", "jobs"), ("", "persistentvolumeclaims")}
     for key in watched:
         assert {"list", "watch"} <= EXPECTED_NAMESPACED[key], key
 

@@ -72,7 +72,8 @@ def _crs(path: Path) -> list[dict[str, Any]]:
 
 
 def test_there_are_the_expected_samples():
-    assert {p.name for p in CR_SAMPLES} == {"cpu.yaml", "gpu.yaml", "autoscaling.yaml", "canary.yaml"}
+    assert {p.name for p in CR_SAMPLES} == {"cpu.yaml", "gpu.yaml", "autoscaling.yaml", "canary.yaml",
+                                            "evaluation.yaml"}
 
 
 @pytest.mark.parametrize("path", CR_SAMPLES, ids=lambda p: p.name)
@@ -175,6 +176,35 @@ def test_sample_passes_the_operators_own_checks_with_default_settings(path):
                 kubernetes_validate.validate(child, version, strict=True)
             if child["kind"] == "Deployment":
                 assert_restricted(child["spec"]["template"]["spec"], f"{path.name} pods")
+
+
+def test_evaluation_sample_dataset_job_and_gated_pods_are_valid():
+    """Issue 11: the sample's ConfigMap is a valid dataset for its CR's task (the operator's own check), and the
+    evaluator Job and the gated pod template the operator would build from it are valid Kubernetes, restricted."""
+    from gptd_operator import evaluation
+
+    path = ROOT / "manifests" / "samples" / "evaluation.yaml"
+    docs = load_docs(path.read_text())
+    (cr,) = _crs(path)
+    configmap = next(d for d in docs if d["kind"] == "ConfigMap")
+    spec = parse_spec(cr["spec"])
+    evaluation.check_evaluation(spec)
+    assert spec.evaluation is not None and spec.evaluation.dataset.configMapRef is not None
+    assert configmap["metadata"]["name"] == spec.evaluation.dataset.configMapRef.name
+    identity = evaluation.check_dataset(spec, evaluation.configmap_text(spec, configmap))
+    assert identity.startswith("configmap sentiment-eval/eval.jsonl sha256:")
+    assert spec.evaluation.metric in ("accuracy", "precision", "recall", "f1")  # fits text-classification
+    name, ns, uid = cr["metadata"]["name"], "default", "00000000-0000-0000-0000-000000000000"
+    job = evaluation.build_job(name, ns, uid, spec, DEFAULT_SETTINGS,
+                               evaluation.EvalJob("candidate", "sentiment-eval-0123456789", "k" * 16, "abc",
+                                                  "sentiment-abc-1", "10.0.0.9"), DEFAULT_SETTINGS.runtime_image)
+    template = {**builders.revision_template(spec, DEFAULT_SETTINGS), builders.TEMPLATE_GATE_KEY: True}
+    gated = builders.build_deployment(name, ns, uid, spec, DEFAULT_SETTINGS, template=template)
+    assert gated["spec"]["template"]["spec"]["readinessGates"] == [{"conditionType": "gptd.io/evaluated"}]
+    for version in K8S_VERSIONS:
+        for doc in (configmap, job, gated):  # the CR itself: its CRD schema (test_sample_is_valid_for_api_server...)
+            kubernetes_validate.validate(doc, version, strict=True)
+    assert_restricted(job["spec"]["template"]["spec"], "evaluation Job")
 
 
 def test_operator_check_catches_cpu_utilisation_without_cpu_request():

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gptd_runtime.eval_dataset import DatasetError, NerRow, parse_dataset
+from gptd_common.eval_dataset import DatasetError, NerRow, parse_dataset
 from gptd_runtime.eval_metrics import classification_scores, entity_scores, generation_score, normalize
 from gptd_runtime.evaluate import EvalOptions, EvaluationError, evaluate
 from seqeval import metrics as seqeval_metrics  # the references are dev dependencies: a missing one must fail
@@ -350,6 +350,34 @@ def test_cli_fails_in_one_line_when_it_cannot_score(tmp_path: Path) -> None:
     rc, out, _ = _cli("--url", "http://127.0.0.1:9", "--dataset", str(tmp_path / "missing.jsonl"),
                       "--task", "text-generation")
     assert rc == 1 and "cannot read dataset" in out[0]["error"]
+
+
+def test_result_file_gets_the_same_object_as_stdout(tmp_path: Path) -> None:
+    """--result-file (the operator's Job passes /dev/termination-log) gets what stdout gets, on failure too."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n')
+    result = tmp_path / "termination-log"
+    rc, out, _ = _cli("--url", "http://127.0.0.1:9", "--dataset", str(bad), "--task", "text-classification",
+                      "--result-file", str(result))
+    assert rc == 1 and json.loads(result.read_text()) == out[0] == {
+        "error": f'dataset {bad}: line 1: missing field "label"', "line": 1}
+
+
+def test_result_file_is_trimmed_to_the_termination_message_limit() -> None:
+    from gptd_runtime.evaluate import RESULT_FILE_LIMIT, fit_result
+
+    small = {"metric": "f1", "score": 0.5, "perLabel": {"A": {"f1": 0.5, "support": 3}}}
+    assert json.loads(fit_result(small)) == small  # fits: unchanged
+    per = {f"LABEL_{i:03d}": {"precision": 0.123456, "recall": 0.654321, "f1": 0.333333, "support": i}
+           for i in range(200)}
+    big = {"metric": "f1", "average": "macro", "score": 0.4, "samples": 999, "perLabel": per, "accuracy": 0.4}
+    text = fit_result(big)
+    assert len(text.encode()) <= RESULT_FILE_LIMIT
+    got = json.loads(text)
+    assert got["score"] == 0.4 and got["samples"] == 999 and got["perLabelTrimmed"] == 200 - len(got["perLabel"])
+    assert "LABEL_199" in got["perLabel"] and "LABEL_000" not in got["perLabel"]  # most-supported kept
+    long_error = {"error": "x" * 10_000}
+    assert len(fit_result(long_error).encode()) <= RESULT_FILE_LIMIT
 
 
 # ---- concurrency and retries, against a scripted stand-in (to observe what a runtime cannot report) ---------

@@ -7,8 +7,8 @@
 - Name validation with the real 422 ``Status`` body: Services (and Namespaces) are DNS-1035 / DNS-1123
   labels (<= 63, no dots), everything else a DNS-1123 subdomain (<= 253); label keys and values (<= 63).
 - For the built-in kinds the operator writes (Deployment, Service, Pod, PDB, HPA v2, NetworkPolicy, Event,
-  Secret) the object is walked against the real OpenAPI schema of Kubernetes v1.35 (bundled by ``kubernetes-validate``,
-  so the known-fields schema is complete for those kinds):
+  Secret, Job, PersistentVolumeClaim) the object is walked against the real OpenAPI schema of Kubernetes v1.35
+  (bundled by ``kubernetes-validate``, so the known-fields schema is complete for those kinds):
   unknown fields are dropped, or refused with 400 ``strict decoding error: unknown field "..."`` under
   ``?fieldValidation=Strict`` (the real server's status and message); ``omitempty`` empties are dropped
   (``""`` strings, ``[]`` lists and ``{}`` string maps of optional fields; a ``{}`` struct such as
@@ -20,6 +20,9 @@
   PATCH of ``/status`` changes only ``status``, a PATCH of the main resource never ``status`` (for kinds
   with a status subresource), ``/scale`` only ``spec.replicas``. A PATCH of a missing object is 404.
 - LIST: ``labelSelector`` (``k=v``, ``k!=v``, ``k``, ``!k``), ``limit`` / ``continue`` pagination.
+- ``GET pods/<name>/log`` (``tailLines``, ``limitBytes``): the text a test set with ``set_pod_log()`` (the
+  kubelet's container log), ``text/plain``; 404 for a missing pod, 400 (as the kubelet's "container is waiting to
+  start") for a pod without a log yet.
 - Test controls: ``expire_watches()`` ends every open watch with ``ERROR 410 Gone`` (kopf then re-lists);
   ``delete_silently()`` deletes an object without a watch event (an event lost in a watch gap).
 
@@ -58,6 +61,8 @@ SCHEMAS = {
     ("policy", "v1", "poddisruptionbudgets"): "io.k8s.api.policy.v1.PodDisruptionBudget",
     ("autoscaling", "v2", "horizontalpodautoscalers"): "io.k8s.api.autoscaling.v2.HorizontalPodAutoscaler",
     ("networking.k8s.io", "v1", "networkpolicies"): "io.k8s.api.networking.v1.NetworkPolicy",
+    ("batch", "v1", "jobs"): "io.k8s.api.batch.v1.Job",
+    ("", "v1", "persistentvolumeclaims"): "io.k8s.api.core.v1.PersistentVolumeClaim",
 }
 # Kinds whose names must be DNS labels (no dots, <= 63): (regex, rule name, message)
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -81,7 +86,7 @@ LABEL_VALUE_MESSAGE = (
     "for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"
 )
 WITH_STATUS = {"deployments", "pods", "poddisruptionbudgets", "horizontalpodautoscalers", "gptdeployments",
-               "scaledobjects", "services", "certificates"}
+               "scaledobjects", "services", "certificates", "jobs", "persistentvolumeclaims"}
 
 
 @functools.cache
@@ -124,6 +129,27 @@ def merge_patch(target: Any, patch: Any) -> Any:
             out.pop(key, None)
         else:
             out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+STRATEGIC_MERGE = "application/strategic-merge-patch+json"
+
+
+def _content_type(request: Any) -> str:
+    headers = getattr(request, "headers", None) or {}
+    return str(headers.get("Content-Type") or headers.get("content-type") or "").split(";")[0].strip()
+
+
+def merge_by_key(old: list[Any], new: list[Any], key: str) -> list[Any]:
+    """A strategic-merge list: items of ``new`` replace (merged into) the ``old`` item with the same ``key``, new
+    keys are appended; order kept."""
+    out = [dict(o) for o in old]
+    for item in new:
+        match = next((o for o in out if o.get(key) == item.get(key)), None)
+        if match is None:
+            out.append(dict(item))
+        else:
+            match.update(item)
     return out
 
 
@@ -215,6 +241,11 @@ class ApiServer(kmock.KubernetesEmulator):
         self._watch_epoch = 0
         self._watch_namespaces: set[str | None] = set()
         self.rejections: list[dict[str, Any]] = []
+        self.pod_logs: dict[tuple[str, str], str] = {}
+
+    def set_pod_log(self, namespace: str, name: str, text: str) -> None:
+        """What the pod's container has written to stdout so far (``GET .../pods/<name>/log`` serves it)."""
+        self.pod_logs[(namespace, name)] = text
 
     # --- test controls
 
@@ -263,6 +294,9 @@ class ApiServer(kmock.KubernetesEmulator):
                 res = request.resource
                 raise ApiRejection(404, "NotFound", f"the server could not find the requested resource ({res.plural}"
                                    f".{res.group})", {"group": res.group, "kind": res.plural})
+            res = request.resource
+            if res is not None and res.plural == "pods" and request.subresource == "log" and request.name:
+                return self._serve_log(request)
             if request.resource is not None and request.action is not None:
                 action = str(request.action.value if hasattr(request.action, "value") else request.action)
                 if action == "CREATE" and isinstance(request.data, dict):
@@ -275,6 +309,24 @@ class ApiServer(kmock.KubernetesEmulator):
 
             return web.json_response(exc.body(), status=exc.code)
         return await super()._handle(request)
+
+    def _serve_log(self, request: Any) -> Any:
+        from aiohttp import web
+
+        if self._stored(request) is None:
+            raise ApiRejection(404, "NotFound", f'pods "{request.name}" not found', {"name": request.name})
+        text = self.pod_logs.get((request.namespace, request.name))
+        if text is None:
+            raise ApiRejection(400, "BadRequest",
+                               f'container "fetch" in pod "{request.name}" is waiting to start: ContainerCreating')
+        tail = request.params.get("tailLines")
+        if tail is not None:
+            lines = text.splitlines(keepends=True)
+            text = "".join(lines[-int(tail):]) if int(tail) > 0 else ""
+        limit = request.params.get("limitBytes")
+        if limit is not None:
+            text = text.encode()[: int(limit)].decode(errors="ignore")
+        return web.Response(text=text, content_type="text/plain")
 
     def _key(self, request: Any, namespace: str | None, name: str) -> Any:
         return (request.resource, namespace, name)
@@ -314,7 +366,13 @@ class ApiServer(kmock.KubernetesEmulator):
         sub = request.subresource
         res = request.resource
         if sub == "status":
-            merged = {**stored, "status": merge_patch(stored.get("status"), patch.get("status") or {})}
+            status_patch = patch.get("status") or {}
+            if _content_type(request) == STRATEGIC_MERGE and isinstance(status_patch.get("conditions"), list):
+                # Strategic merge patch: status.conditions merge by their "type" (patchMergeKey), as the real
+                # server does for pods; a JSON merge patch replaces the whole list.
+                status_patch = {**status_patch, "conditions": merge_by_key(
+                    (stored.get("status") or {}).get("conditions") or [], status_patch["conditions"], "type")}
+            merged = {**stored, "status": merge_patch(stored.get("status"), status_patch)}
         elif sub == "scale":
             replicas = (patch.get("spec") or {}).get("replicas")
             merged = copy.deepcopy(stored)
@@ -409,6 +467,9 @@ def _name_causes(plural: str, name: str) -> list[tuple[str, str]]:
     if plural == "namespaces":
         ok = len(name) <= 63 and _DNS1123_LABEL.match(name)
         return [] if ok else [("metadata.name", f'Invalid value: "{name}": a DNS-1123 label is required')]
+    if plural == "jobs" and len(name) > 63:
+        # The Job controller copies the name into the pods' batch.kubernetes.io/job-name label (<= 63).
+        return [("metadata.name", f'Invalid value: "{name}": must be no more than 63 characters')]
     if len(name) > 253:
         return [("metadata.name", f'Invalid value: "{name}": must be no more than 253 characters')]
     if not _DNS1123_SUBDOMAIN.match(name):

@@ -23,12 +23,15 @@ RESOURCES = {
     "v1/services": ("Service", True, set()),
     "v1/pods": ("Pod", True, {"status"}),
     "v1/secrets": ("Secret", True, set()),
+    "v1/configmaps": ("ConfigMap", True, set()),
     "v1/events": ("Event", True, set()),
     "v1/namespaces": ("Namespace", False, set()),
     "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", True, {"status"}),
     "autoscaling/v2/horizontalpodautoscalers": ("HorizontalPodAutoscaler", True, {"status"}),
     "keda.sh/v1alpha1/scaledobjects": ("ScaledObject", True, {"status"}),
     "networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", True, set()),
+    "batch/v1/jobs": ("Job", True, {"status"}),
+    "v1/persistentvolumeclaims": ("PersistentVolumeClaim", True, {"status"}),
     # cert-manager's CRD; a test without cert-manager removes it (CERT_MANAGER), as a cluster without it lacks it.
     "cert-manager.io/v1/certificates": ("Certificate", True, {"status"}),
     "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, set()),
@@ -66,6 +69,9 @@ PATHS = {
     "scaledobjects": "/apis/keda.sh/v1alpha1/namespaces/{ns}/scaledobjects",
     "networkpolicies": "/apis/networking.k8s.io/v1/namespaces/{ns}/networkpolicies",
     "certificates": "/apis/cert-manager.io/v1/namespaces/{ns}/certificates",
+    "jobs": "/apis/batch/v1/namespaces/{ns}/jobs",
+    "persistentvolumeclaims": "/api/v1/namespaces/{ns}/persistentvolumeclaims",
+    "configmaps": "/api/v1/namespaces/{ns}/configmaps",
 }
 WRITE_METHODS = {"POST", "PATCH", "PUT"}
 

@@ -137,3 +137,30 @@ async def test_expire_watches_sends_410(http: tuple[ApiServer, aiohttp.ClientSes
         line = await asyncio.wait_for(resp.content.readline(), 5)
     event = json.loads(line)
     assert event["type"] == "ERROR" and event["object"]["code"] == 410
+
+
+async def test_pod_status_conditions_merge_by_type_under_strategic_merge_patch(
+    http: tuple[ApiServer, aiohttp.ClientSession],
+) -> None:
+    """The operator sets the readiness-gate condition with a strategic merge patch: the kubelet's conditions stay (a
+    JSON merge patch would replace the list, as on a real server)."""
+    _, s = http
+    pods = f"/api/v1/namespaces/{NS}/pods"
+    kubelet = [{"type": "ContainersReady", "status": "True"}, {"type": "Ready", "status": "False"}]
+    status, _ = await call(s, "POST", pods, {"metadata": {"name": "p"}, "spec": {"containers": [
+        {"name": "c", "image": "i"}]}, "status": {"conditions": kubelet}})
+    assert status in (200, 201)
+    gate = {"type": "gptd.io/evaluated", "status": "True"}
+    async with s.patch(f"{pods}/p/status", json={"status": {"conditions": [gate]}},
+                       headers={"Content-Type": "application/strategic-merge-patch+json"}) as resp:
+        assert resp.status == 200
+    _, pod = await call(s, "GET", f"{pods}/p")
+    assert pod["status"]["conditions"] == [*kubelet, gate]
+    async with s.patch(f"{pods}/p/status", json={"status": {"conditions": [{**gate, "status": "False"}]}},
+                       headers={"Content-Type": "application/strategic-merge-patch+json"}) as resp:
+        assert resp.status == 200
+    _, pod = await call(s, "GET", f"{pods}/p")
+    assert pod["status"]["conditions"] == [*kubelet, {**gate, "status": "False"}]  # replaced by type, not added
+    status, _ = await call(s, "PATCH", f"{pods}/p/status", {"status": {"conditions": [gate]}})  # merge patch
+    _, pod = await call(s, "GET", f"{pods}/p")
+    assert pod["status"]["conditions"] == [gate]

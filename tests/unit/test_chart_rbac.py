@@ -56,3 +56,23 @@ def test_security_children_rbac_is_least_privilege(args: tuple[str, ...]) -> Non
 def test_monitoring_namespace_value_reaches_the_operator() -> None:
     assert _env(render())["GPTD_MONITORING_NAMESPACE"] == "monitoring"
     assert _env(render("--set", "networkPolicy.monitoringNamespace=obs"))["GPTD_MONITORING_NAMESPACE"] == "obs"
+
+
+@pytest.mark.parametrize("args", [(), ("--set", "watchNamespaces={team-a}")])
+def test_jobs_and_claims_rbac(args: tuple[str, ...]) -> None:
+    """Issues 10 and 11: Jobs and the cache claim are watched and owned; pods listed and watched, and only
+    their logs read (a download's progress lines: docs/model-cache.md)."""
+    r = rules(render(*args), "Role" if args else "ClusterRole")
+    assert grants(r, "batch", "jobs") == {"get", "list", "watch", "create", "patch", "delete"}
+    assert grants(r, "", "persistentvolumeclaims") == {"get", "list", "watch", "create", "patch", "delete"}
+    assert grants(r, "", "pods") == {"list", "watch"}
+    assert grants(r, "", "pods/log") == {"get"}
+
+
+@pytest.mark.parametrize("args", [(), ("--set", "watchNamespaces={team-a}")])
+def test_evaluation_gate_rbac_is_least_privilege(args: tuple[str, ...]) -> None:
+    """Issue 11: the operator patches only pod status (the gptd.io/evaluated condition) and only gets ConfigMaps
+    (the dataset, by name: never listed or watched)."""
+    r = rules(render(*args), "Role" if args else "ClusterRole")
+    assert grants(r, "", "pods/status") == {"patch"}
+    assert grants(r, "", "configmaps") == {"get"}

@@ -97,6 +97,7 @@ def test_names_subresources_columns() -> None:
         "Revision": ".status.currentRevision",
         "Ready": ".status.readyDisplay",
         "Phase": ".status.phase",
+        "Score": ".status.evaluation.score",
         "Age": ".metadata.creationTimestamp",
     }
 

@@ -130,10 +130,34 @@ the ClusterRole when watching all namespaces, or into one Role per watched names
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["list", "watch", "get", "create", "patch"]
-# gptd: runtime pods (watched) for Degraded detection: scheduling failures, crash loops.
+# gptd: runtime pods (watched) for Degraded detection: scheduling failures, crash loops; and the pods of its
+# Jobs (watched) for their exit code and termination message.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
+# gptd: the evaluation gate sets the gptd.io/evaluated condition (a readiness gate) on runtime pods that passed.
+- apiGroups: [""]
+  resources: ["pods/status"]
+  verbs: ["patch"]
+# gptd: the evaluation dataset of spec.evaluation.dataset.configMapRef, read (and checked) before a gated rollout
+# starts; a dataset is data, not a secret (no Secrets are read).
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get"]
+# gptd: the last lines of a running download Job's pod log: fetch's JSON progress lines (status.model.download).
+- apiGroups: [""]
+  resources: ["pods/log"]
+  verbs: ["get"]
+# gptd: one-off Jobs (the model download of spec.model.cache, the evaluation), watched; deleted when cancelled
+# (a spec change) or superseded.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# gptd: the model cache's PersistentVolumeClaim (watched); deleted only with the CR (ownerReference) unless
+# spec.model.cache.retain.
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # No Secrets: the pods read them by reference; a missing one is reported from the pod's status.
 {{- if eq .Values.scaleToZeroProvider "keda" }}
 # gptd, only with scaleToZeroProvider=keda: the ScaledObject that replaces the HPA for minReplicas 0

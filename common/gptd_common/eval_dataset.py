@@ -1,5 +1,6 @@
 """Evaluation datasets: JSON Lines, one example per line, shaped by the model's task. Pure (no torch, no HTTP),
-so the operator can refuse a bad dataset with the same messages before it creates any pod.
+so the operator can refuse a bad dataset with the same messages before it creates any pod. It lives in gptd_common
+(shipped in both images): the operator image has no gptd_runtime (nor torch).
 
 - text-classification:  {"text": "...", "label": "POSITIVE"}
 - token-classification: {"text": "...", "entities": [{"start": 0, "end": 5, "label": "PER"}]}

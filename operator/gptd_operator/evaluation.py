@@ -1,0 +1,478 @@
+"""The evaluation gate (docs/evaluation.md): pure, no I/O, no clock.
+
+A revision rolled out while ``spec.evaluation`` is set has the readiness gate ``gptd.io/evaluated`` in its pod
+template, so its pods take no Service traffic until the operator sets that pod condition. ``gate()`` decides,
+from what the handlers observed (the dataset's identity, the evaluator Jobs and their results), which Jobs must
+exist, whether the revision passed, failed or timed out, and what ``status.evaluation`` says. ``rollout.py``
+calls it while a gated rollout is in flight and turns a failure into its usual rollback.
+
+- The gate is not part of the revision: ``spec.evaluation`` never enters the revision hash, and whether a
+  revision is gated is decided when its rollout starts (kept in ``status.rollout.evaluationGate`` and, once
+  rolled out, in ``status.lastGoodTemplate``). Adding or removing ``spec.evaluation`` on a settled CR rolls
+  nothing; it applies to the next revision.
+- The evaluator is ``python -m gptd_runtime evaluate`` in a Job (runtime image, dataset mounted read-only)
+  against the first new-revision pod whose containers are ready, by IP. It writes its JSON result to
+  ``/dev/termination-log``, which the kubelet turns into the container's ``state.terminated.message`` (at most
+  4 KiB: the evaluator trims perLabel to fit), read by the handlers from the Job's pod.
+- The baseline (the current revision on the same data) is measured once per dataset identity and current
+  revision, kept in ``status.evaluationBaseline``, against a Ready current-revision pod.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from gptd_common.eval_dataset import DatasetError, parse_dataset
+
+from . import builders, names
+from .api import GPTDeploymentSpec, InvalidSpec
+from .observe import JobObs, PodObs, format_time
+from .settings import Settings
+
+GATE_CONDITION = builders.GATE_CONDITION
+# In a revision template (the Deployment's gptd.io/template annotation, status.lastGoodTemplate): the revision's
+# pods carry the readiness gate. builders.revision_hash leaves it out, so it never changes a revision.
+TEMPLATE_GATE_KEY = builders.TEMPLATE_GATE_KEY
+LABEL_ROLE = "gptd.io/evaluation-role"
+LABEL_KEY = "gptd.io/evaluation-key"
+ANN_TARGET = "gptd.io/evaluation-target"  # on an evaluator Job: the pod (and revision) it scores
+CANDIDATE, BASELINE = "candidate", "baseline"
+DATASET_DIR = "/var/run/gptd/eval-dataset"
+DATASET_FILE = f"{DATASET_DIR}/dataset.jsonl"
+API_KEY_DIR = "/var/run/gptd/eval-api-key"
+RESULT_FILE = "/dev/termination-log"
+TERMINATION_MESSAGE_LIMIT = 4096  # bytes the kubelet keeps of a termination message
+# A Job gets this much beyond timeoutSeconds before Kubernetes kills it, so the operator's own timeout (which
+# names the reason) fires first; activeDeadlineSeconds is the backstop when the operator is down.
+JOB_DEADLINE_MARGIN_SECONDS = 60
+EPSILON = 1e-9  # scores are ratios of small integers: 0.41 >= 0.5 - 0.09 (0.41000000000000003) must hold
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def check_evaluation(spec: GPTDeploymentSpec) -> None:
+    """Cross-field checks of spec.evaluation; raise InvalidSpec naming the field."""
+    ev = spec.evaluation
+    if ev is None:
+        return
+    generation = spec.model.task == "text-generation"
+    if ev.metric is not None and (ev.metric in ("exactMatch", "contains")) != generation:
+        allowed = "exactMatch, contains" if generation else "accuracy, precision, recall, f1"
+        raise InvalidSpec("spec.evaluation.metric", f"{ev.metric} does not apply to task {spec.model.task} "
+                                                    f"(use {allowed})")
+    if spec.service.tls is not None:
+        # The Job reaches a pod by IP, which the serving certificate (Service DNS names) does not name, and under
+        # mutual TLS it would need a client certificate the operator does not have. Refused rather than half-done.
+        raise InvalidSpec("spec.evaluation", "is not supported together with spec.service.tls yet (the evaluator "
+                                             "Job reaches the new pod by IP, which the certificate does not name)")
+    if spec.runtime.apiKeysSecretName is not None:
+        # The operator never reads Secrets, so it cannot pick one key out of a many-key Secret for the Job.
+        raise InvalidSpec("spec.evaluation", "needs spec.runtime.apiKeySecretRef (one key the evaluator Job "
+                                             "mounts) rather than apiKeysSecretName")
+
+
+def dataset_field(spec: GPTDeploymentSpec) -> str:
+    ds = spec.evaluation.dataset  # type: ignore[union-attr]
+    return "spec.evaluation.dataset.configMapRef" if ds.configMapRef is not None else "spec.evaluation.dataset.pvc"
+
+
+def configmap_text(spec: GPTDeploymentSpec, configmap: Mapping[str, Any] | None) -> str:
+    """The dataset text out of the ConfigMap the spec references; InvalidSpec naming the field when it is
+    missing, lacks the key or is not UTF-8 (binaryData is base64)."""
+    ref = spec.evaluation.dataset.configMapRef  # type: ignore[union-attr]
+    assert ref is not None
+    fld = "spec.evaluation.dataset.configMapRef"
+    if configmap is None:
+        raise InvalidSpec(fld, f"ConfigMap {ref.name} not found")
+    data = configmap.get("data") or {}
+    if ref.key in data:
+        return str(data[ref.key])
+    binary = configmap.get("binaryData") or {}
+    if ref.key in binary:
+        import base64
+
+        try:
+            return base64.b64decode(binary[ref.key]).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidSpec(fld, f"ConfigMap {ref.name} key {ref.key} is not UTF-8 text") from None
+    keys = sorted({*data, *binary})
+    raise InvalidSpec(fld, f"ConfigMap {ref.name} has no key {ref.key} (keys: {', '.join(keys) or 'none'})")
+
+
+def check_dataset(spec: GPTDeploymentSpec, text: str) -> str:
+    """Parse every row as the evaluator will; InvalidSpec naming the field and the line. Returns the dataset's
+    identity (what a baseline and a result are keyed by): the ConfigMap reference and a hash of the content."""
+    ref = spec.evaluation.dataset.configMapRef  # type: ignore[union-attr]
+    assert ref is not None
+    try:
+        parse_dataset(text, spec.model.task)
+    except DatasetError as exc:
+        raise InvalidSpec("spec.evaluation.dataset.configMapRef",
+                          f"ConfigMap {ref.name} key {ref.key}: {exc}") from None
+    return f"configmap {ref.name}/{ref.key} sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def pvc_identity(spec: GPTDeploymentSpec) -> str:
+    """A PVC dataset is not readable by the operator: it is known by its path (a file edited in place under the
+    same path is not noticed; use a new path for a new set)."""
+    return f"pvc {spec.evaluation.dataset.pvc}"  # type: ignore[union-attr]
+
+
+def pvc_claim(spec: GPTDeploymentSpec) -> tuple[str, str]:
+    claim, _, path = (spec.evaluation.dataset.pvc or "").partition("/")  # type: ignore[union-attr]
+    return claim, path
+
+
+# ------------------------------------------------------------------------------------------ observations
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """One evaluator Job as the gate sees it: running, succeeded (with the evaluator's JSON) or failed."""
+
+    state: str  # "running" | "succeeded" | "failed"
+    started: datetime | None = None
+    result: Mapping[str, Any] | None = None
+    message: str = ""
+    deadline_exceeded: bool = False
+
+
+def _result(message: str) -> Mapping[str, Any] | None:
+    try:
+        parsed = json.loads(message) if message else None
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def run_of(job: JobObs) -> EvalRun:
+    """A Job (observe.JobObs: its conditions and its pod's termination message) → EvalRun."""
+    result = _result(job.message)
+    if job.complete or job.succeeded > 0:
+        if result is None or not isinstance(result.get("score"), int | float):
+            return EvalRun("failed", job.start_time, result, "the evaluator finished without a result")
+        return EvalRun("succeeded", job.start_time, result)
+    failed = job.condition("Failed")
+    if job.finally_failed and failed is not None:
+        _, reason, message = failed
+        error = (result or {}).get("error")
+        text = str(error) if error else (message or reason or "the Job failed")
+        return EvalRun("failed", job.start_time, result, text, deadline_exceeded=reason == "DeadlineExceeded")
+    return EvalRun("running", job.start_time)
+
+
+def runs_of(jobs: Sequence[JobObs]) -> dict[str, EvalRun]:
+    return {j.name: run_of(j) for j in jobs if j.purpose == builders.EVALUATION_COMPONENT}
+
+
+# ------------------------------------------------------------------------------------------ the gate
+
+
+def eval_key(spec: GPTDeploymentSpec, dataset: str, revision: str) -> str:
+    """What a score depends on: the data, the revision and how it is scored (not minScore/maxRegression)."""
+    ev = spec.evaluation
+    assert ev is not None
+    parts = [dataset, revision, spec.model.task, ev.effective_metric(spec.model.task), ev.average, str(ev.samples)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """An evaluator Job that must exist: who it scores and how to reach it."""
+
+    role: str  # CANDIDATE | BASELINE
+    name: str
+    key: str
+    revision: str
+    pod: str
+    ip: str
+
+
+@dataclass
+class Gate:
+    """gate()'s answer. ``verdict``: "passed" | "pending" | "failed" | "timeout"."""
+
+    verdict: str
+    message: str
+    jobs: tuple[EvalJob, ...] = ()
+    evaluation: dict[str, Any] | None = None  # new status.evaluation
+    baseline: dict[str, Any] | None = None  # new status.evaluationBaseline (None: unchanged)
+    running: bool = False  # an evaluator Job is running: the rollout's progress deadline waits for it
+    requeue: float | None = None
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+
+
+def _since(now: datetime, when: datetime | None) -> float:
+    if when is None:
+        return 0.0
+    now = now if now.tzinfo else now.replace(tzinfo=UTC)
+    return (now - (when if when.tzinfo else when.replace(tzinfo=UTC))).total_seconds()
+
+
+def _fmt(score: float | None) -> str:
+    return "n/a" if score is None else f"{score:.4f}"
+
+
+def _target(pods: Sequence[PodObs], revision: str, *, ready: bool) -> PodObs | None:
+    """The first pod (by name) of ``revision`` with an IP whose containers (candidate) or self (baseline) are
+    ready."""
+    for pod in sorted(pods, key=lambda p: p.name):
+        if pod.revision == revision and pod.ip and (pod.ready if ready else pod.containers_ready):
+            return pod
+    return None
+
+
+def gate(
+    spec: GPTDeploymentSpec,
+    name: str,
+    state: Mapping[str, Any],
+    revision: str,
+    current: str | None,
+    pods: Sequence[PodObs],
+    dataset: str | None,
+    jobs: Sequence[JobObs],
+    now: datetime,
+) -> Gate:
+    """Where the gate of ``revision`` stands. ``state``: the rollout-owned status (evaluation,
+    evaluationBaseline); ``current``: the revision serving now (the baseline), None for a first rollout."""
+    ev = spec.evaluation
+    prev = dict(state.get("evaluation") or {})
+    if ev is None:
+        # Removed while a gated rollout was in flight: the user no longer wants a score, so the gate opens.
+        if prev.get("revision") == revision and prev.get("passed") is not None:
+            return _final(prev)
+        msg = "not scored: spec.evaluation was removed during the rollout"
+        record = {"revision": revision, "passed": True, "finishedAt": format_time(now), "message": msg}
+        return Gate("passed", msg, evaluation=record, events=[("Normal", "EvaluationSkipped", msg)])
+    if dataset is None:  # the handlers could not identify the dataset (not expected: they refuse first)
+        return Gate("pending", "waiting for the dataset check")
+    metric = ev.effective_metric(spec.model.task)
+    key = eval_key(spec, dataset, revision)
+    if prev.get("revision") == revision and prev.get("key") == key and prev.get("passed") is not None:
+        return _final(prev)
+    runs = runs_of(jobs)
+    wanted: list[EvalJob] = []
+    out = Gate("pending", "")
+    base = {"revision": revision, "key": key, "dataset": dataset, "metric": metric}
+
+    # --- the baseline: once per dataset and current revision ---------------------------------------------
+    baseline: float | None = None
+    baseline_note = ""
+    baseline_pending = False
+    if ev.maxRegression is not None and current and current != revision:
+        bkey = eval_key(spec, dataset, current)
+        cached = state.get("evaluationBaseline") or {}
+        if cached.get("key") == bkey and cached.get("score") is not None:
+            baseline = float(cached["score"])
+        else:
+            bname = names.evaluation_job(name, BASELINE, bkey)
+            brun = runs.get(bname)
+            if brun is None:
+                pod = _target(pods, current, ready=True)
+                if pod is None:
+                    baseline_note = f"no Ready pod of revision {current} to measure the baseline: judged on minScore"
+                else:
+                    wanted.append(EvalJob(BASELINE, bname, bkey, current, pod.name, pod.ip))
+                    baseline_pending = True
+            elif brun.state == "succeeded":
+                baseline = float(brun.result["score"])  # type: ignore[index]
+                out.baseline = {"key": bkey, "revision": current, "score": baseline, "finishedAt": format_time(now)}
+            elif brun.state == "failed" or _since(now, brun.started) > ev.timeoutSeconds:
+                why = "timed out" if brun.state == "running" or brun.deadline_exceeded else brun.message
+                baseline_note = f"the baseline (revision {current}) could not be measured ({why}): judged on minScore"
+                out.events.append(("Warning", "BaselineUnavailable", baseline_note))
+            else:
+                wanted.append(EvalJob(BASELINE, bname, bkey, current, "", ""))
+                baseline_pending = True
+                out.running = True
+
+    # --- the candidate: the first new-revision pod whose containers are ready ---------------------------
+    cname = names.evaluation_job(name, CANDIDATE, key)
+    run = runs.get(cname)
+    if run is None:
+        pod = _target(pods, revision, ready=False)
+        if pod is None:
+            out.jobs = tuple(wanted)
+            out.message = f"waiting for a pod of revision {revision} to start, to evaluate it"
+            out.evaluation = {**base, "message": out.message}
+            return out
+        wanted.append(EvalJob(CANDIDATE, cname, key, revision, pod.name, pod.ip))
+        out.jobs = tuple(wanted)
+        out.running = True
+        out.message = f"evaluating revision {revision} on pod {pod.name} ({metric}, dataset {dataset})"
+        out.evaluation = {**base, "message": out.message}
+        out.requeue = float(ev.timeoutSeconds)
+        out.events.append(("Normal", "EvaluationStarted", out.message))
+        return out
+    elapsed = _since(now, run.started)
+    if (run.state == "running" and elapsed <= ev.timeoutSeconds) or (run.state == "succeeded" and baseline_pending):
+        wanted.append(EvalJob(CANDIDATE, cname, key, revision, "", ""))
+        out.jobs = tuple(wanted)
+        out.running = True
+        waiting = ("the baseline" if run.state == "succeeded"
+                   else f"the evaluator ({int(elapsed)}s of {ev.timeoutSeconds}s)")
+        out.message = f"evaluating revision {revision} (Job {cname}): waiting for {waiting}"
+        out.evaluation = {**base, "message": out.message}
+        out.requeue = max(1.0, ev.timeoutSeconds - elapsed)
+        return out
+    finished = format_time(now)
+    if run.state == "running" or run.deadline_exceeded:
+        msg = f"evaluation of revision {revision} did not finish within {ev.timeoutSeconds}s"
+        out.verdict, out.message = "timeout", msg
+        out.evaluation = {**base, "passed": False, "finishedAt": finished, "message": msg}
+        return out
+    if run.state == "failed":
+        msg = f"the evaluator failed on revision {revision}: {run.message}"
+        out.verdict, out.message = "failed", msg
+        out.evaluation = {**base, "passed": False, "finishedAt": finished, "message": msg}
+        return out
+    result = run.result or {}
+    score = float(result["score"])
+    passed = score + EPSILON >= ev.minScore
+    why = f"{metric} {_fmt(score)} {'>=' if passed else '<'} minScore {ev.minScore}"
+    if passed and baseline is not None and ev.maxRegression is not None:
+        bar = baseline - ev.maxRegression
+        if score + EPSILON >= bar:
+            why += f", baseline {_fmt(baseline)} (revision {current}) - maxRegression {ev.maxRegression} = {_fmt(bar)}"
+        else:
+            passed = False
+            why = (f"{metric} {_fmt(score)} is more than maxRegression {ev.maxRegression} below the baseline "
+                   f"{_fmt(baseline)} of revision {current}")
+    if baseline_note:
+        why += f"; {baseline_note}"
+    record = {
+        **base, "score": score, "baseline": baseline, "samples": result.get("samples"), "passed": passed,
+        "finishedAt": finished, "perLabel": result.get("perLabel") or None,
+        "message": f"revision {revision} {'passed' if passed else 'failed'}: {why}",
+    }
+    out.verdict = "passed" if passed else "failed"
+    out.message = record["message"]
+    out.evaluation = {k: v for k, v in record.items() if v is not None}
+    out.events.append(("Normal" if passed else "Warning", "EvaluationPassed" if passed else "EvaluationFailed",
+                       out.message))
+    return out
+
+
+def _final(record: Mapping[str, Any]) -> Gate:
+    """An evaluation already decided (kept in status.evaluation): the same verdict, nothing to run."""
+    passed = bool(record.get("passed"))
+    timeout = not passed and "did not finish within" in str(record.get("message", ""))
+    verdict = "passed" if passed else "timeout" if timeout else "failed"
+    return Gate(verdict, str(record.get("message") or ""), evaluation=dict(record))
+
+
+def condition(
+    spec: GPTDeploymentSpec, evaluation: Mapping[str, Any] | None, revision: str
+) -> tuple[str, str, str] | None:
+    """The ``Evaluated`` condition (status, reason, message) from status.evaluation; None when there is nothing to
+    say (no spec.evaluation, never evaluated)."""
+    ev = dict(evaluation or {})
+    if not ev:
+        if spec.evaluation is None:
+            return None
+        return ("Unknown", "NotEvaluated", f"revision {revision} was not evaluated: spec.evaluation applies to the "
+                                           "next revision rolled out")
+    passed = ev.get("passed")
+    message = str(ev.get("message") or "")
+    if passed is None:
+        return ("Unknown", "Evaluating", message)
+    if passed:
+        return ("True", "EvaluationPassed", message)
+    reason = "EvaluationTimeout" if "did not finish within" in message else "EvaluationFailed"
+    return ("False", reason, message)
+
+
+# ------------------------------------------------------------------------------------------ builders
+
+
+def evaluator_peer(name: str) -> dict[str, Any]:
+    """The NetworkPolicy peer admitting the evaluator Jobs to the runtime port."""
+    labels = builders.job_labels(name, builders.EVALUATION_COMPONENT, "")
+    keep = (builders.LABEL_NAME, builders.LABEL_INSTANCE, builders.LABEL_COMPONENT)
+    return {"podSelector": {"matchLabels": {k: labels[k] for k in keep}}}
+
+
+def build_job(
+    name: str, namespace: str, uid: str, spec: GPTDeploymentSpec, settings: Settings, job: EvalJob,
+    image: str,
+) -> dict[str, Any]:
+    """The evaluator Job for ``job``: runtime image, dataset mounted read-only, result in the termination message,
+    the API key (if any) mounted from its Secret (never in env), Pod Security "restricted"."""
+    ev = spec.evaluation
+    assert ev is not None
+    port = spec.service.port
+    args = [
+        "python", "-m", "gptd_runtime", "evaluate",
+        "--url", f"http://{job.ip}:{port}",
+        "--dataset", DATASET_FILE,
+        "--task", spec.model.task,
+        "--metric", ev.effective_metric(spec.model.task),
+        "--average", ev.average,
+        "--result-file", RESULT_FILE,
+    ]
+    if ev.samples is not None:
+        args += ["--samples", str(ev.samples)]
+    secret_mode = 0o440 if settings.run_as_user is not None else 0o444
+    ds = ev.dataset
+    if ds.configMapRef is not None:
+        volume: dict[str, Any] = {"name": "dataset", "configMap": {
+            "name": ds.configMapRef.name, "items": [{"key": ds.configMapRef.key, "path": "dataset.jsonl"}],
+            "defaultMode": 0o444}}
+        mount = {"name": "dataset", "mountPath": DATASET_DIR, "readOnly": True}
+    else:
+        claim, path = pvc_claim(spec)
+        volume = {"name": "dataset", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        mount = {"name": "dataset", "mountPath": DATASET_FILE, "subPath": path, "readOnly": True}
+    volumes = [volume, {"name": "tmp", "emptyDir": {}}]
+    mounts = [mount, {"name": "tmp", "mountPath": "/tmp"}]
+    ref = spec.runtime.apiKeySecretRef
+    if ref is not None:
+        volumes.append({"name": "api-key", "secret": {
+            "secretName": ref.name, "items": [{"key": ref.key, "path": "api-key"}], "defaultMode": secret_mode}})
+        mounts.append({"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True})
+        args += ["--api-key-file", f"{API_KEY_DIR}/api-key"]
+    labels = {**builders.job_labels(name, builders.EVALUATION_COMPONENT, job.revision), LABEL_ROLE: job.role,
+              LABEL_KEY: job.key}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job.name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {ANN_TARGET: f"{job.pod} (revision {job.revision})"},
+            "ownerReferences": [builders.owner_reference(name, uid)],
+        },
+        "spec": {
+            "backoffLimit": 0,  # a score is not retried: a failure is the result
+            "activeDeadlineSeconds": ev.timeoutSeconds + JOB_DEADLINE_MARGIN_SECONDS,
+            "ttlSecondsAfterFinished": 3600,  # the operator deletes it once the result is in status
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{
+                        "name": "evaluate",
+                        "image": image,
+                        "command": args,
+                        "env": [{"name": "HOME", "value": "/tmp"}],
+                        "volumeMounts": mounts,
+                        "terminationMessagePath": RESULT_FILE,
+                        "terminationMessagePolicy": "File",
+                        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+                        "securityContext": builders.container_security_context(settings),
+                    }],
+                    "volumes": volumes,
+                    "securityContext": builders.pod_security_context(settings),
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                },
+            },
+        },
+    }

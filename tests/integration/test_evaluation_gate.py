@@ -1,0 +1,316 @@
+"""The evaluation gate (issue 11, docs/evaluation.md) with the real operator against the emulated API server.
+
+The test plays what the emulator lacks: the Deployment controller, the ReplicaSet controller and the kubelet (pods
+with IPs; a gated pod has ContainersReady=True but Ready=False until gptd.io/evaluated is True, as the kubelet
+computes readiness with readiness gates), and the Job controller and the evaluator's pod (Job status, the pod's
+termination message carrying the evaluator's JSON). It asserts what the operator writes: the Deployment's
+template, the Jobs, the pod condition, the CR's status and Events.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from gptd_operator import builders
+
+from tests.support.cluster import Cluster, RunningOperator, eventually
+from tests.support.scenario import (
+    NS,
+    REV,
+    add_pod,
+    change_revision,
+    condition,
+    event,
+    events,
+    labels_of,
+    ready_deployment,
+    started,
+    status_where,
+)
+
+pytestmark = pytest.mark.timeout(40)
+
+GATE = "gptd.io/evaluated"
+# The scenario's CR serves text-generation (hf://openai-community/gpt2): exactMatch on prompt/expected rows.
+GOOD_ROWS = [{"prompt": "2 + 2 =", "expected": "4"}, {"prompt": "The capital of France is", "expected": "Paris"}]
+EVALUATION = {"dataset": {"configMapRef": {"name": "sentiment-eval", "key": "eval.jsonl"}}, "minScore": 0.85,
+              "timeoutSeconds": 300}
+OLD_IP, NEW_IP = "10.1.0.1", "10.1.0.9"
+
+
+def jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+async def dataset(cluster: Cluster, text: str) -> None:
+    await cluster.create("configmaps", NS, {"metadata": {"name": "sentiment-eval"}, "data": {"eval.jsonl": text}})
+
+
+def ready_pod(ip: str) -> dict[str, Any]:
+    return {"phase": "Running", "podIP": ip, "conditions": [
+        {"type": "ContainersReady", "status": "True"}, {"type": "Ready", "status": "True"}]}
+
+
+def gated_pod(ip: str) -> dict[str, Any]:
+    """A started pod whose readiness gate is not met: the kubelet reports Ready=False."""
+    return {"phase": "Running", "podIP": ip, "conditions": [
+        {"type": "ContainersReady", "status": "True"}, {"type": "Ready", "status": "False",
+                                                        "reason": "ReadinessGatesNotReady"}]}
+
+
+async def new_pod(cluster: Cluster, dep: dict[str, Any], name: str = "gpt2-new-1") -> None:
+    """Play the ReplicaSet controller and the kubelet: a pod of ``dep``'s template, with its readiness gates."""
+    await cluster.create("pods", NS, {
+        "metadata": {"name": name, "labels": labels_of(dep)},
+        "spec": {"containers": [{"name": "runtime", "image": "i"}],
+                 "readinessGates": dep["spec"]["template"]["spec"].get("readinessGates")},
+        "status": gated_pod(NEW_IP),
+    })
+
+
+async def start(cluster: Cluster, text: str = jsonl(GOOD_ROWS), **evaluation: Any) -> str:
+    """v1 rolled out (no evaluation yet), one Ready old pod, the dataset ConfigMap, then spec.evaluation set."""
+    old = await started(cluster, replicas=1)
+    v1 = await cluster.get("deployments", NS, "gpt2")
+    await add_pod(cluster, v1, "gpt2-old-1", ready_pod(OLD_IP))  # type: ignore[arg-type]
+    await dataset(cluster, text)
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"evaluation": {**EVALUATION, **evaluation}}})
+    await status_where(cluster, "Evaluated NotEvaluated", lambda s: condition(s, "Evaluated").get("reason")
+                       == "NotEvaluated")
+    return old
+
+
+async def eval_jobs(cluster: Cluster, role: str | None = None) -> list[dict[str, Any]]:
+    jobs = [j for j in await cluster.list("jobs", NS)
+            if (j["metadata"].get("labels") or {}).get(builders.LABEL_COMPONENT) == "evaluation"]
+    return [j for j in jobs if role is None or j["metadata"]["labels"].get("gptd.io/evaluation-role") == role]
+
+
+async def job_for(cluster: Cluster, role: str) -> dict[str, Any]:
+    async def one() -> dict[str, Any] | None:
+        jobs = await eval_jobs(cluster, role)
+        return jobs[0] if len(jobs) == 1 else None
+
+    return await eventually(one, what=f"one {role} evaluation Job")
+
+
+def url_of(job: dict[str, Any]) -> str:
+    args = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    return args[args.index("--url") + 1]
+
+
+async def finish(cluster: Cluster, job: dict[str, Any], result: dict[str, Any], *, ok: bool = True) -> None:
+    """Play the Job controller and the kubelet: the evaluator's pod terminated with ``result`` as its termination
+    message (written to /dev/termination-log by --result-file), then the Job's final condition."""
+    name = job["metadata"]["name"]
+    labels = {**job["spec"]["template"]["metadata"]["labels"], "batch.kubernetes.io/job-name": name}
+    await cluster.create("pods", NS, {
+        "metadata": {"name": f"{name}-x7k2p", "labels": labels,
+                     "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
+                                          "uid": job["metadata"]["uid"], "controller": True}]},
+        "spec": {"containers": [{"name": "evaluate", "image": "i"}], "restartPolicy": "Never"},
+        "status": {"phase": "Succeeded" if ok else "Failed", "containerStatuses": [{
+            "name": "evaluate", "ready": False, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 0 if ok else 1, "reason": "Completed" if ok else "Error",
+                                     "message": json.dumps(result), "finishedAt": "2026-01-01T00:01:00Z"}}}]},
+    })
+    cond = ({"type": "Complete", "status": "True"} if ok else
+            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+             "message": "Job has reached the specified backoff limit"})
+    await cluster.patch("jobs", NS, name, {"status": {
+        "succeeded": 1 if ok else 0, "failed": 0 if ok else 1, "conditions": [cond]}}, sub="status")
+
+
+async def run_job(cluster: Cluster, job: dict[str, Any], started_at: str) -> None:
+    """Play the Job controller: the Job started at ``started_at`` and is running."""
+    await cluster.patch("jobs", NS, job["metadata"]["name"], {"status": {"startTime": started_at, "active": 1}},
+                        sub="status")
+
+
+async def pod_condition(cluster: Cluster, name: str) -> dict[str, Any]:
+    pod = await cluster.get("pods", NS, name) or {}
+    return next((c for c in (pod.get("status") or {}).get("conditions") or [] if c["type"] == GATE), {})
+
+
+def scores(score: float) -> dict[str, Any]:
+    return {"metric": "exactMatch", "average": None, "score": score, "samples": 2, "perLabel": {}, "seconds": 0.1}
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+
+async def test_only_evaluation_changed_rolls_nothing_then_a_pass_opens_the_gate(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    old = await start(cluster)
+    # Changing only spec.evaluation: the Deployment's pod template is not touched (no pod rolls).
+    dep = await cluster.get("deployments", NS, "gpt2")
+    assert dep is not None and labels_of(dep)[REV] == old
+    assert not dep["spec"]["template"]["spec"].get("readinessGates")
+    assert dep["metadata"]["generation"] == 1, "the Deployment spec was patched"
+    assert await eval_jobs(cluster) == []
+
+    # The next revision carries the readiness gate and is scored on a new pod by IP.
+    dep = await change_revision(cluster, "v2", old)
+    new = labels_of(dep)[REV]
+    assert dep["spec"]["template"]["spec"]["readinessGates"] == [{"conditionType": GATE}]
+    await new_pod(cluster, dep)
+    job = await job_for(cluster, "candidate")
+    assert url_of(job) == f"http://{NEW_IP}:8000"
+    assert job["metadata"]["labels"][REV] == new
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert "--result-file" in c["command"] and c["terminationMessagePath"] == "/dev/termination-log"
+    vols = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert vols["dataset"]["configMap"]["name"] == "sentiment-eval"
+    st = await status_where(cluster, "Evaluating", lambda s: condition(s, "Evaluated").get("reason") == "Evaluating")
+    assert condition(st, "Progressing")["reason"] == "Evaluating"
+    assert await pod_condition(cluster, "gpt2-new-1") == {}  # no traffic before the score
+
+    await finish(cluster, job, scores(0.9))
+    st = await status_where(cluster, "passed", lambda s: (s.get("evaluation") or {}).get("passed") is True)
+    ev = st["evaluation"]
+    assert (ev["revision"], ev["metric"], ev["score"], ev["samples"]) == (new, "exactMatch", 0.9, 2)
+    assert ev["finishedAt"] and ev["dataset"].startswith("configmap sentiment-eval/eval.jsonl sha256:")
+    assert condition(st, "Evaluated")["status"] == "True"
+    # The gate condition is set on the pod (the kubelet's own conditions are kept) ...
+    cond = await eventually(lambda: pod_condition(cluster, "gpt2-new-1"), what="gptd.io/evaluated on the pod")
+    assert cond["status"] == "True"
+    pod = await cluster.get("pods", NS, "gpt2-new-1")
+    assert {c["type"] for c in pod["status"]["conditions"]} == {"ContainersReady", "Ready", GATE}  # type: ignore[index]
+    assert (await event(cluster, "EvaluationPassed"))["type"] == "Normal"
+    # ... and the finished Job is deleted (its result is in status).
+    await eventually(lambda: _no_jobs(cluster), what="evaluation Jobs deleted")
+
+    # Play the kubelet and the Deployment controller: the pod is Ready now, the rollout completes.
+    await cluster.patch("pods", NS, "gpt2-new-1", {"status": {"conditions": [
+        {"type": "ContainersReady", "status": "True"}, {"type": "Ready", "status": "True"}, cond]}}, sub="status")
+    await cluster.delete("pods", NS, "gpt2-old-1")
+    await ready_deployment(cluster, replicas=1)
+    st = await status_where(cluster, "v2 Ready", lambda s: s.get("phase") == "Ready" and s.get("currentRevision")
+                            == new)
+    # A later pod of the same revision (a restart, a scale-up) gets the condition too.
+    await new_pod(cluster, dep, "gpt2-new-2")
+    await eventually(lambda: pod_condition(cluster, "gpt2-new-2"), what="condition on a later pod")
+
+
+async def _no_jobs(cluster: Cluster) -> bool:
+    return await eval_jobs(cluster) == []
+
+
+async def test_a_low_score_rolls_back_with_the_scores_and_is_not_retried(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    old = await start(cluster)
+    dep = await change_revision(cluster, "v2", old)
+    new = labels_of(dep)[REV]
+    await new_pod(cluster, dep)
+    job = await job_for(cluster, "candidate")
+    await finish(cluster, job, scores(0.5))
+
+    dep = await eventually(lambda: _on_revision(cluster, old), what="rolled back to v1")
+    assert not dep["spec"]["template"]["spec"].get("readinessGates")  # the old ReplicaSet's template, unchanged
+    st = await status_where(cluster, "RolledBack", lambda s: condition(s, "RolledBack").get("status") == "True")
+    rb = condition(st, "RolledBack")
+    assert rb["reason"] == "EvaluationFailed" and "exactMatch 0.5000 < minScore 0.85" in rb["message"]
+    assert new in rb["message"] and old in rb["message"]
+    assert condition(st, "Evaluated")["reason"] == "EvaluationFailed"
+    assert st["evaluation"]["passed"] is False and st["evaluation"]["score"] == 0.5
+    warning = await event(cluster, "RolledBack")
+    assert warning["type"] == "Warning" and "0.5000" in warning["message"]
+    assert (await event(cluster, "EvaluationFailed"))["type"] == "Warning"
+    assert await pod_condition(cluster, "gpt2-new-1") == {}  # never took traffic
+
+    # Not retried while the spec asks for v2: no new Job, no writes to the Deployment.
+    await eventually(lambda: _no_jobs(cluster), what="the Job deleted")
+    await operator.resync_passes(3)
+    assert await eval_jobs(cluster) == []
+    assert len(await events(cluster, "EvaluationStarted")) == 1
+
+
+async def _on_revision(cluster: Cluster, rev: str) -> dict[str, Any] | None:
+    dep = await cluster.get("deployments", NS, "gpt2")
+    return dep if dep is not None and labels_of(dep).get(REV) == rev else None
+
+
+async def test_an_evaluator_past_its_timeout_rolls_back_as_evaluation_timeout(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    old = await start(cluster, timeoutSeconds=30)
+    dep = await change_revision(cluster, "v2", old)
+    await new_pod(cluster, dep)
+    job = await job_for(cluster, "candidate")
+    # Play the Job controller: the Job has been running since long before timeoutSeconds.
+    await run_job(cluster, job, "2026-01-01T00:00:00Z")
+    st = await status_where(cluster, "RolledBack", lambda s: condition(s, "RolledBack").get("status") == "True")
+    rb = condition(st, "RolledBack")
+    assert rb["reason"] == "EvaluationTimeout" and "did not finish within 30s" in rb["message"]
+    assert condition(st, "Evaluated")["reason"] == "EvaluationTimeout"
+    await eventually(lambda: _on_revision(cluster, old), what="rolled back to v1")
+    await eventually(lambda: _no_jobs(cluster), what="the running Job deleted")
+
+
+async def test_a_missing_dataset_is_refused_before_any_new_pod(cluster: Cluster, operator: RunningOperator) -> None:
+    old = await started(cluster, replicas=1)
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"evaluation": EVALUATION, "model": {"revision": "v2"}}})
+    st = await status_where(cluster, "InvalidSpec", lambda s: condition(s, "Degraded").get("reason") == "InvalidSpec")
+    assert condition(st, "Degraded")["message"] == (
+        "spec.evaluation.dataset.configMapRef: ConfigMap sentiment-eval not found")
+    await operator.resync_passes(2)
+    dep = await cluster.get("deployments", NS, "gpt2")
+    assert labels_of(dep)[REV] == old and await eval_jobs(cluster) == []  # the old revision untouched
+    assert (await event(cluster, "InvalidSpec"))["type"] == "Warning"
+
+    # Fixed: the next pass (a trigger or the resync) rolls out v2.
+    await dataset(cluster, jsonl(GOOD_ROWS))
+    dep = await eventually(lambda: _not_on_revision(cluster, old), what="v2 rolled out once the dataset exists")
+    assert dep["spec"]["template"]["spec"]["readinessGates"] == [{"conditionType": GATE}]
+
+
+async def _not_on_revision(cluster: Cluster, rev: str) -> dict[str, Any] | None:
+    dep = await cluster.get("deployments", NS, "gpt2")
+    return dep if dep is not None and labels_of(dep).get(REV) not in (None, rev) else None
+
+
+async def test_a_bad_row_is_refused_naming_the_line(cluster: Cluster, operator: RunningOperator) -> None:
+    text = jsonl(GOOD_ROWS) + '{"prompt": "no expected answer"}\n'
+    old = await start(cluster, text)
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"model": {"revision": "v2"}}})
+    st = await status_where(cluster, "InvalidSpec", lambda s: condition(s, "Degraded").get("reason") == "InvalidSpec")
+    assert condition(st, "Degraded")["message"] == (
+        'spec.evaluation.dataset.configMapRef: ConfigMap sentiment-eval key eval.jsonl: line 3: '
+        'missing field "expected"')
+    await operator.resync_passes(2)
+    assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
+    assert await eval_jobs(cluster) == []
+
+
+async def test_baseline_regression_rolls_back(cluster: Cluster, operator: RunningOperator) -> None:
+    old = await start(cluster, maxRegression=0.02)
+    dep = await change_revision(cluster, "v2", old)
+    # The baseline is measured on a Ready pod of the current revision, at once.
+    base = await job_for(cluster, "baseline")
+    assert url_of(base) == f"http://{OLD_IP}:8000" and base["metadata"]["labels"][REV] == old
+    await new_pod(cluster, dep)
+    cand = await job_for(cluster, "candidate")
+    await finish(cluster, base, scores(0.97))
+    await finish(cluster, cand, scores(0.9))  # >= minScore 0.85, but 0.07 below the baseline
+    st = await status_where(cluster, "RolledBack", lambda s: condition(s, "RolledBack").get("status") == "True")
+    rb = condition(st, "RolledBack")
+    assert rb["reason"] == "EvaluationFailed"
+    assert "more than maxRegression 0.02 below the baseline 0.9700" in rb["message"]
+    assert st["evaluation"]["baseline"] == 0.97 and st["evaluation"]["score"] == 0.9
+    assert st["evaluationBaseline"]["revision"] == old and st["evaluationBaseline"]["score"] == 0.97
+    await eventually(lambda: _on_revision(cluster, old), what="rolled back to v1")
+
+    # The next revision against the same current revision and data: no second baseline Job.
+    await eventually(lambda: _no_jobs(cluster), what="Jobs deleted")
+    dep = await change_revision(cluster, "v3", old)
+    await cluster.delete("pods", NS, "gpt2-new-1")
+    await new_pod(cluster, dep, "gpt2-new-3")
+    cand = await job_for(cluster, "candidate")
+    assert await eval_jobs(cluster, "baseline") == []
+    await finish(cluster, cand, scores(0.96))
+    st = await status_where(cluster, "v3 passed", lambda s: (s.get("evaluation") or {}).get("passed") is True)
+    assert st["evaluation"]["baseline"] == 0.97 and labels_of(dep)[REV] == st["evaluation"]["revision"]

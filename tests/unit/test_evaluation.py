@@ -1,0 +1,502 @@
+"""The evaluation gate, purely: spec validation, the dataset check, the builders (readiness gate, Job, NetworkPolicy)
+and the gate inside the rollout state machine (evaluation.gate via rollout.decide)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from gptd_operator import api, builders, crd, evaluation, names
+from gptd_operator.api import InvalidSpec
+from gptd_operator.evaluation import BASELINE, CANDIDATE, eval_key, run_of
+from gptd_operator.observe import DeploymentObs, JobObs, Observations, PodObs, observe_job, observe_pod
+from gptd_operator.rollout import decide
+from gptd_operator.settings import Settings
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+NAME = "sent"
+TA: dict[str, Any] = {"model": {"uri": "hf://org/a", "revision": "main"}, "runtime": {"image": "rt:1"}}
+TB: dict[str, Any] = {"model": {"uri": "hf://org/b", "revision": "main"}, "runtime": {"image": "rt:1"}}
+RA, RB = builders.revision_hash(TA), builders.revision_hash(TB)
+GATED = builders.TEMPLATE_GATE_KEY
+DATASET = "configmap sentiment-eval/eval.jsonl sha256:0123456789abcdef"
+EVAL = {"dataset": {"configMapRef": {"name": "sentiment-eval", "key": "eval.jsonl"}}, "minScore": 0.85,
+        "timeoutSeconds": 600}
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def make_spec(evaluation: dict[str, Any] | None = EVAL, replicas: int = 2, **over: Any) -> api.GPTDeploymentSpec:
+    raw: dict[str, Any] = {"model": {"uri": "hf://org/b", "task": "text-classification"}, "replicas": replicas}
+    if evaluation is not None:
+        raw["evaluation"] = evaluation
+    raw.update(over)
+    return api.parse_spec(raw)
+
+
+def dep(rev: str, template: dict[str, Any], n: int = 2, ready: int | None = None) -> DeploymentObs:
+    ready = n if ready is None else ready
+    return DeploymentObs(revision=rev, template=template, spec_replicas=n, replicas=n, ready_replicas=ready,
+                         updated_replicas=n, available_replicas=ready)
+
+
+def pod(rev: str, name: str, *, ready: bool = False, containers: bool = False, ip: str = "") -> PodObs:
+    return PodObs(revision=rev, ready=ready, name=name, ip=ip, containers_ready=containers, gated=rev == RB)
+
+
+OLD_PODS = (pod(RA, "sent-a1", ready=True, containers=True, ip="10.0.0.1"),
+            pod(RA, "sent-a2", ready=True, containers=True, ip="10.0.0.2"))
+NEW_POD = pod(RB, "sent-b1", containers=True, ip="10.0.0.9")
+
+
+def running(name: str, started: float) -> JobObs:
+    return JobObs(name=name, revision=None, purpose="evaluation", active=1, start_time=at(started))
+
+
+def succeeded(name: str, result: dict[str, Any], started: float = 0) -> JobObs:
+    return JobObs(name=name, revision=None, purpose="evaluation", succeeded=1, start_time=at(started),
+                  conditions=(("Complete", "True", "", ""),), message=json.dumps(result), exit_code=0)
+
+
+def failed(name: str, reason: str = "BackoffLimitExceeded", message: str = "", started: float = 0) -> JobObs:
+    return JobObs(name=name, revision=None, purpose="evaluation", failed=1, start_time=at(started),
+                  conditions=(("Failed", "True", reason, "Job has reached the specified backoff limit"),),
+                  message=message, exit_code=1)
+
+
+def observe(t: float, *, pods: tuple[PodObs, ...] = OLD_PODS, runs: tuple[JobObs, ...] = (),
+            stable: DeploymentObs | None = None, canary: DeploymentObs | None = None) -> Observations:
+    return Observations(
+        now=at(t), desired_template=TB, desired_revision=RB, name=NAME,
+        stable=stable if stable is not None else dep(RA, TA), canary=canary, pods=pods,
+        evaluation_dataset=DATASET, jobs=runs,
+    )
+
+
+SETTLED = {"currentRevision": RA, "lastGoodRevision": RA, "lastGoodTemplate": TA}
+
+
+def cand_name(spec: api.GPTDeploymentSpec) -> str:
+    return names.evaluation_job(NAME, CANDIDATE, eval_key(spec, DATASET, RB))
+
+
+def base_name(spec: api.GPTDeploymentSpec) -> str:
+    return names.evaluation_job(NAME, BASELINE, eval_key(spec, DATASET, RA))
+
+
+def scored(name: str, score: float, t: float = 0) -> JobObs:
+    return succeeded(name, {"metric": "f1", "score": score, "samples": 40,
+                            "perLabel": {"POS": {"f1": score, "support": 20}}}, t)
+
+
+def merged(status: dict[str, Any], plan: Any) -> dict[str, Any]:
+    out = {**status, **plan.status}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def cond(plan: Any, type_: str) -> Any:
+    return next(c for c in plan.conditions if c.type == type_)
+
+
+# ------------------------------------------------------------------------------------------------- API
+
+
+def test_spec_parses_and_defaults() -> None:
+    ev = make_spec().evaluation
+    assert ev is not None and ev.average == "macro" and ev.maxRegression is None and ev.samples is None
+    assert ev.effective_metric("text-classification") == "f1"
+    assert ev.effective_metric("text-generation") == "exactMatch"
+    assert make_spec({**EVAL, "timeoutSeconds": 900}).evaluation.timeoutSeconds == 900  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("evaluation", "field", "text"), [
+    ({"dataset": {}, "minScore": 0.5}, "spec.evaluation.dataset", "exactly one of configMapRef and pvc"),
+    ({"dataset": {"pvc": "c/a.jsonl", "configMapRef": {"name": "n", "key": "k"}}, "minScore": 0.5},
+     "spec.evaluation.dataset", "exactly one"),
+    ({"dataset": {"pvc": "data/../etc/passwd"}, "minScore": 0.5}, "spec.evaluation.dataset", "'..'"),
+    ({"dataset": {"pvc": "just-a-claim"}, "minScore": 0.5}, "spec.evaluation.dataset.pvc", "pattern"),
+    ({"dataset": {"pvc": "c/a.jsonl"}}, "spec.evaluation.minScore", "required"),
+    ({"dataset": {"pvc": "c/a.jsonl"}, "minScore": 1.5}, "spec.evaluation.minScore", "less than or equal"),
+    ({"dataset": {"pvc": "c/a.jsonl"}, "minScore": 0.5, "metric": "bleu"}, "spec.evaluation.metric", ""),
+    ({"dataset": {"pvc": "c/a.jsonl"}, "minScore": 0.5, "sample": 3}, "spec.evaluation.sample", "Extra"),
+])
+def test_bad_evaluation_specs_name_the_field(evaluation: dict[str, Any], field: str, text: str) -> None:
+    with pytest.raises(InvalidSpec) as exc:
+        make_spec(evaluation)
+    assert exc.value.field == field and text in exc.value.message
+
+
+def test_metric_must_fit_the_task_and_tls_is_refused() -> None:
+    with pytest.raises(InvalidSpec) as exc:
+        evaluation.check_evaluation(make_spec({**EVAL, "metric": "exactMatch"}))
+    assert exc.value.field == "spec.evaluation.metric" and "text-classification" in exc.value.message
+    gen = api.parse_spec({"model": {"uri": "hf://o/g"}, "evaluation": {**EVAL, "metric": "f1"}})
+    with pytest.raises(InvalidSpec, match="use exactMatch, contains"):
+        evaluation.check_evaluation(gen)
+    evaluation.check_evaluation(make_spec({**EVAL, "metric": "accuracy"}))  # fits: no error
+    tls = make_spec(service={"tls": {"secretName": "t"}})
+    with pytest.raises(InvalidSpec) as exc:
+        evaluation.check_evaluation(tls)
+    assert exc.value.field == "spec.evaluation" and "spec.service.tls" in exc.value.message
+    with pytest.raises(InvalidSpec, match="apiKeySecretRef"):
+        evaluation.check_evaluation(make_spec(runtime={"apiKeysSecretName": "keys"}))
+    evaluation.check_evaluation(make_spec(None, service={"tls": {"secretName": "t"}}))  # no evaluation: no check
+
+
+def test_crd_has_the_dataset_rule_status_and_score_column() -> None:
+    built = crd.build_crd()
+    version = built["spec"]["versions"][0]
+    schema = version["schema"]["openAPIV3Schema"]["properties"]
+    dataset = schema["spec"]["properties"]["evaluation"]["properties"]["dataset"]
+    assert dataset["x-kubernetes-validations"][0]["rule"] == "has(self.configMapRef) != has(self.pvc)"
+    status = schema["status"]["properties"]["evaluation"]["properties"]
+    assert {"revision", "metric", "score", "baseline", "samples", "passed", "finishedAt", "perLabel"} <= set(status)
+    cols = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    assert cols["Score"]["jsonPath"] == ".status.evaluation.score" and cols["Score"]["type"] == "number"
+
+
+# --------------------------------------------------------------------------------------------- dataset
+
+
+def test_configmap_dataset_checked_with_the_evaluators_parser() -> None:
+    spec = make_spec()
+    with pytest.raises(InvalidSpec) as exc:
+        evaluation.configmap_text(spec, None)
+    assert exc.value.field == "spec.evaluation.dataset.configMapRef" and "sentiment-eval not found" in exc.value.message
+    with pytest.raises(InvalidSpec, match=r"has no key eval.jsonl \(keys: other.jsonl\)"):
+        evaluation.configmap_text(spec, {"data": {"other.jsonl": "{}"}})
+    good = '{"text": "fine", "label": "POS"}\n{"text": "bad", "label": "NEG"}\n'
+    assert evaluation.configmap_text(spec, {"data": {"eval.jsonl": good}}) == good
+    identity = evaluation.check_dataset(spec, good)
+    assert identity.startswith("configmap sentiment-eval/eval.jsonl sha256:")
+    assert evaluation.check_dataset(spec, good + "\n") != identity  # any edit is a new dataset (a new baseline)
+    with pytest.raises(InvalidSpec) as exc:
+        evaluation.check_dataset(spec, good + '{"text": "no label"}\n')
+    assert exc.value.field == "spec.evaluation.dataset.configMapRef"
+    assert exc.value.message == 'ConfigMap sentiment-eval key eval.jsonl: line 3: missing field "label"'
+
+
+# -------------------------------------------------------------------------------------------- builders
+
+
+def test_gate_is_in_the_pod_template_but_not_in_the_revision() -> None:
+    assert builders.revision_hash({**TB, GATED: True}) == builders.revision_hash(TB) == RB
+    spec, settings = make_spec(), Settings()
+    gated = builders.build_deployment(NAME, "ns", "uid", spec, settings, template={**TB, GATED: True})
+    plain = builders.build_deployment(NAME, "ns", "uid", spec, settings, template=TB)
+    assert gated["spec"]["template"]["spec"]["readinessGates"] == [{"conditionType": "gptd.io/evaluated"}]
+    assert plain["spec"]["template"]["spec"]["readinessGates"] is None  # merge patch: removes a stale one
+    assert gated["spec"]["template"]["metadata"]["labels"]["gptd.io/revision"] == RB
+    # spec.evaluation alone changes nothing in the pod template (it is decided per revision by rollout.py)
+    unevaluated = builders.build_deployment(NAME, "ns", "uid", make_spec(None), settings, template=TB)
+    assert unevaluated["spec"]["template"] == plain["spec"]["template"]
+
+
+def test_network_policy_admits_this_crs_evaluator_jobs_only_with_evaluation() -> None:
+    settings = Settings()
+    with_eval = builders.build_network_policy(NAME, "ns", "uid", make_spec(networkPolicy={"enabled": True}), settings)
+    without = builders.build_network_policy(NAME, "ns", "uid", make_spec(None, networkPolicy={"enabled": True}),
+                                            settings)
+    peers = [p for rule in with_eval["spec"]["ingress"] for p in rule["from"]]
+    evaluator = {"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "gptd-job", "app.kubernetes.io/instance": NAME,
+        "app.kubernetes.io/component": "evaluation"}}}
+    assert evaluator in peers
+    assert evaluator not in [p for rule in without["spec"]["ingress"] for p in rule["from"]]
+    rule = next(r for r in with_eval["spec"]["ingress"] if evaluator in r["from"])
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert evaluator == evaluation.evaluator_peer(NAME)
+
+
+def _job(spec: api.GPTDeploymentSpec, role: str = CANDIDATE) -> dict[str, Any]:
+    job = evaluation.EvalJob(role, cand_name(spec), "k" * 16, RB, "sent-b1", "10.0.0.9")
+    return evaluation.build_job(NAME, "ns", "uid", spec, Settings(), job, "rt:1")
+
+
+def test_job_scores_the_pod_by_ip_and_returns_its_result_in_the_termination_message() -> None:
+    spec = make_spec({**EVAL, "samples": 50, "metric": "accuracy"}, runtime={"apiKeySecretRef": {"name": "k",
+                                                                                                 "key": "key"}})
+    job = _job(spec)
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "uid" and len(job["metadata"]["name"]) <= 63
+    pod = job["spec"]["template"]
+    (c,) = pod["spec"]["containers"]
+    args = c["command"]
+    assert args[:4] == ["python", "-m", "gptd_runtime", "evaluate"]
+    opt = dict(zip(args[4::2], args[5::2], strict=True))
+    assert opt == {"--url": "http://10.0.0.9:8000", "--dataset": evaluation.DATASET_FILE,
+                   "--task": "text-classification", "--metric": "accuracy", "--average": "macro",
+                   "--result-file": "/dev/termination-log", "--samples": "50",
+                   "--api-key-file": f"{evaluation.API_KEY_DIR}/api-key"}
+    assert c["terminationMessagePath"] == "/dev/termination-log" and c["terminationMessagePolicy"] == "File"
+    # the key by file from its Secret, never in env
+    assert all("valueFrom" not in e and "KEY" not in e["name"] for e in c["env"])
+    vols = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert vols["api-key"]["secret"] == {"secretName": "k", "items": [{"key": "key", "path": "api-key"}],
+                                         "defaultMode": 0o440}
+    assert vols["dataset"]["configMap"]["items"] == [{"key": "eval.jsonl", "path": "dataset.jsonl"}]
+    assert all(m.get("readOnly") for m in c["volumeMounts"] if m["name"] != "tmp")
+    # Pod Security "restricted"; no API token; not selected as a runtime pod; one try
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] and not sc["allowPrivilegeEscalation"] and sc["readOnlyRootFilesystem"]
+    assert sc["capabilities"] == {"drop": ["ALL"]} and pod["spec"]["securityContext"]["runAsNonRoot"]
+    assert pod["spec"]["automountServiceAccountToken"] is False and pod["spec"]["restartPolicy"] == "Never"
+    assert pod["metadata"]["labels"]["app.kubernetes.io/name"] == "gptd-job"
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "evaluation"
+    assert pod["metadata"]["labels"]["gptd.io/revision"] == RB
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] == 600 + 60
+
+
+def test_job_mounts_a_pvc_dataset_file_read_only() -> None:
+    job = _job(make_spec({**EVAL, "dataset": {"pvc": "eval-data/sets/sentiment.jsonl"}}))
+    spec = job["spec"]["template"]["spec"]
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["dataset"]["persistentVolumeClaim"] == {"claimName": "eval-data", "readOnly": True}
+    mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "dataset")
+    assert mount == {"name": "dataset", "mountPath": evaluation.DATASET_FILE, "subPath": "sets/sentiment.jsonl",
+                     "readOnly": True}
+    assert "api-key" not in vols
+
+
+def test_job_names_fit_a_label_and_differ_by_role_and_key() -> None:
+    long = "a" * 253
+    assert len(names.evaluation_job(long, CANDIDATE, "k1")) <= 63
+    got = {names.evaluation_job(n, r, k) for n in (NAME, long) for r in (CANDIDATE, BASELINE) for k in ("k1", "k2")}
+    assert len(got) == 8
+
+
+# ----------------------------------------------------------------------------------------- observation
+
+
+def test_observe_pod_sees_the_gate_ip_and_containers() -> None:
+    p = observe_pod({
+        "metadata": {"name": "sent-b1", "labels": {"gptd.io/revision": RB}},
+        "spec": {"readinessGates": [{"conditionType": "gptd.io/evaluated"}]},
+        "status": {"podIP": "10.0.0.9", "conditions": [{"type": "ContainersReady", "status": "True"},
+                                                       {"type": "Ready", "status": "False"}]},
+    })
+    assert (p.name, p.ip, p.containers_ready, p.ready, p.gated, p.evaluated) == (
+        "sent-b1", "10.0.0.9", True, False, True, False)
+
+
+def _pod_of(job: str, message: str) -> dict[str, Any]:
+    return {"metadata": {"name": f"{job}-x1", "creationTimestamp": "2026-01-01T00:00:01Z",
+                         "labels": {"batch.kubernetes.io/job-name": job}},
+            "status": {"phase": "Succeeded", "containerStatuses": [{"name": "evaluate", "state": {"terminated": {
+                "exitCode": 0, "message": message, "finishedAt": "2026-01-01T00:01:00Z"}}}]}}
+
+
+def test_run_of_reads_the_result_and_the_failure_from_the_job() -> None:
+    job = {"metadata": {"name": "j", "labels": {"app.kubernetes.io/component": "evaluation"}},
+           "status": {"startTime": "2026-01-01T00:00:00Z", "active": 1}}
+    run = run_of(observe_job(job))
+    assert run.state == "running" and run.started == at(0)
+    done = {**job, "status": {"startTime": "2026-01-01T00:00:00Z", "succeeded": 1,
+                              "conditions": [{"type": "Complete", "status": "True"}]}}
+    run = run_of(observe_job(done, [_pod_of("j", json.dumps({"score": 0.9, "samples": 4}))]))
+    assert run.state == "succeeded" and run.result == {"score": 0.9, "samples": 4}
+    assert run_of(observe_job(done, [])).state == "failed"  # finished, but no result to judge by
+    bad = {**job, "status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True",
+                                                          "reason": "BackoffLimitExceeded"}]}}
+    error = json.dumps({"error": "dataset x: line 7: not valid JSON", "line": 7})
+    run = run_of(observe_job(bad, [_pod_of("j", error)]))
+    assert run.state == "failed" and run.message == "dataset x: line 7: not valid JSON" and not run.deadline_exceeded
+    late = {**job, "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded",
+                                              "message": "Job was active longer than specified deadline"}]}}
+    assert run_of(observe_job(late)).deadline_exceeded
+    # another purpose's Job (a model download) is not an evaluation
+    assert evaluation.runs_of([observe_job({**done, "metadata": {"name": "d", "labels": {
+        "app.kubernetes.io/component": "model-download"}}})]) == {}
+
+
+# -------------------------------------------------------------------------------- the gate in decide()
+
+
+def test_adding_or_removing_evaluation_on_a_settled_cr_rolls_nothing() -> None:
+    settled_obs = Observations(now=at(0), desired_template=TA, desired_revision=RA, name=NAME,
+                               stable=dep(RA, TA), canary=None, pods=OLD_PODS)
+    plan = decide(make_spec(), dict(SETTLED), settled_obs)
+    assert plan.stable.revision == RA and GATED not in plan.stable.template and plan.stable.template == TA
+    assert "rollout" not in merged(SETTLED, plan) and not plan.evaluation_jobs
+    assert cond(plan, "Evaluated").reason == "NotEvaluated"  # it applies to the next revision: said so
+    # a revision rolled out with the gate keeps it when spec.evaluation goes
+    gated_settled = {**SETTLED, "lastGoodTemplate": {**TA, GATED: True}}
+    plan = decide(make_spec(None), gated_settled, settled_obs)
+    assert plan.stable.template == {**TA, GATED: True} and plan.stable.revision == RA
+    assert plan.evaluated_revisions == (RA,)  # its later pods (restarts, scale-up) still get the condition
+
+
+def test_pass_opens_the_gate_and_the_rollout_continues() -> None:
+    spec = make_spec()
+    plan = decide(spec, dict(SETTLED), observe(0, pods=OLD_PODS))
+    status = merged(SETTLED, plan)
+    assert status["rollout"]["evaluationGate"] is True
+    assert plan.stable.template == {**TB, GATED: True} and plan.stable.revision == RB
+    assert not plan.evaluation_jobs and "waiting for a pod of revision" in status["evaluation"]["message"]
+    # the new pod's containers are ready (Ready waits for the gate): a Job scores it by IP
+    plan = decide(spec, status, observe(10, pods=(*OLD_PODS, NEW_POD)))
+    status = merged(status, plan)
+    (job,) = plan.evaluation_jobs
+    assert (job.role, job.name, job.ip, job.pod, job.revision) == (CANDIDATE, cand_name(spec), "10.0.0.9",
+                                                                   "sent-b1", RB)
+    assert cond(plan, "Progressing").reason == "Evaluating" and cond(plan, "Evaluated").status == "Unknown"
+    assert [e.reason for e in plan.events] == ["EvaluationStarted"]
+    assert RB not in plan.evaluated_revisions
+    # the Job is still running: kept, no new event
+    plan = decide(spec, status, observe(20, pods=(*OLD_PODS, NEW_POD),
+                                        runs=(running(cand_name(spec), 12),)))
+    status = merged(status, plan)
+    assert [j.name for j in plan.evaluation_jobs] == [cand_name(spec)] and not plan.events
+    # it scored 0.91 >= 0.85: the condition goes on the revision's pods, the Job goes away
+    plan = decide(spec, status, observe(30, pods=(*OLD_PODS, NEW_POD), runs=(scored(cand_name(spec), 0.91, 12),)))
+    status = merged(status, plan)
+    ev = status["evaluation"]
+    assert (ev["revision"], ev["metric"], ev["score"], ev["samples"], ev["passed"]) == (RB, "f1", 0.91, 40, True)
+    assert ev["finishedAt"] == "2026-01-01T00:00:30Z" and ev["perLabel"] == {"POS": {"f1": 0.91, "support": 20}}
+    assert RB in plan.evaluated_revisions and not plan.evaluation_jobs
+    assert cond(plan, "Evaluated").status == "True" and cond(plan, "Evaluated").reason == "EvaluationPassed"
+    assert "rollout" in status and status["rollout"]["phase"] == "RollingOut"
+    # once every new pod is Ready the rollout completes; the last good template keeps the gate
+    plan = decide(spec, status, observe(40, stable=dep(RB, {**TB, GATED: True}),
+                                        pods=tuple(pod(RB, f"b{i}", ready=True) for i in range(2))))
+    status = merged(status, plan)
+    assert status["currentRevision"] == RB and status["lastGoodTemplate"] == {**TB, GATED: True}
+    assert plan.stable.template == {**TB, GATED: True}
+
+
+def test_a_low_score_rolls_back_with_the_scores_and_is_not_retried() -> None:
+    spec = make_spec()
+    status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                                     "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+    plan = decide(spec, status, observe(30, pods=(*OLD_PODS, NEW_POD), runs=(scored(cand_name(spec), 0.6),)))
+    status = merged(status, plan)
+    ro = status["rollout"]
+    assert ro["phase"] == "RolledBack" and ro["reason"] == "EvaluationFailed"
+    assert "f1 0.6000 < minScore 0.85" in ro["message"]
+    assert plan.stable.revision == RA and plan.stable.template == TA  # the old pods are untouched
+    rolled = cond(plan, "RolledBack")
+    assert (rolled.status, rolled.reason) == ("True", "EvaluationFailed") and "0.6000" in rolled.message
+    assert cond(plan, "Evaluated").reason == "EvaluationFailed" and status["evaluation"]["passed"] is False
+    warnings = [e for e in plan.events if e.type == "Warning"]
+    assert {e.reason for e in warnings} == {"EvaluationFailed", "RolledBack"}
+    assert RB not in plan.evaluated_revisions and RA in plan.evaluated_revisions
+    # the spec still asks for RB: held, no Job, no retry
+    again = decide(spec, status, observe(60, pods=(*OLD_PODS, NEW_POD)))
+    assert again.stable.revision == RA and not again.evaluation_jobs and not again.events
+    assert merged(status, again)["rollout"]["phase"] == "RolledBack"
+
+
+def test_a_job_past_timeout_rolls_back_as_evaluation_timeout() -> None:
+    spec = make_spec()
+    status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                                     "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+    runs = (running(cand_name(spec), 10),)
+    plan = decide(spec, status, observe(600, pods=(*OLD_PODS, NEW_POD), runs=runs))
+    assert "rollout" in plan.status and plan.status["rollout"]["phase"] == "RollingOut"
+    assert plan.requeue_after == 10  # woken when the timeout is due
+    plan = decide(spec, status, observe(611, pods=(*OLD_PODS, NEW_POD), runs=runs))
+    ro = plan.status["rollout"]
+    assert ro["phase"] == "RolledBack" and ro["reason"] == "EvaluationTimeout" and "within 600s" in ro["message"]
+    assert cond(plan, "Evaluated").reason == "EvaluationTimeout"
+    # Kubernetes' own deadline (activeDeadlineSeconds) says the same
+    late = (failed(cand_name(spec), "DeadlineExceeded", started=10),)
+    assert decide(spec, status, observe(100, runs=late)).status["rollout"]["reason"] == "EvaluationTimeout"
+
+
+def test_the_progress_deadline_waits_while_the_evaluator_runs() -> None:
+    spec = make_spec({**EVAL, "timeoutSeconds": 3000}, rollout={"progressDeadlineSeconds": 60})
+    status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                                     "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+    runs = (running(cand_name(spec), 10),)
+    plan = decide(spec, status, observe(500, pods=(*OLD_PODS, NEW_POD), runs=runs))
+    assert plan.status["rollout"]["phase"] == "RollingOut"
+    # without a running Job the deadline applies as before
+    plan = decide(spec, status, observe(500, pods=OLD_PODS))
+    assert plan.status["rollout"]["reason"] == "ProgressDeadlineExceeded"
+
+
+def test_baseline_once_per_dataset_and_regression_fails() -> None:
+    spec = make_spec({**EVAL, "minScore": 0.4, "maxRegression": 0.09})
+    plan = decide(spec, dict(SETTLED), observe(0, pods=OLD_PODS))
+    status = merged(SETTLED, plan)
+    (job,) = plan.evaluation_jobs  # the baseline starts at once, on a Ready current pod
+    assert (job.role, job.revision, job.pod, job.ip, job.name) == (BASELINE, RA, "sent-a1", "10.0.0.1",
+                                                                   base_name(spec))
+    runs = (succeeded(base_name(spec), {"score": 0.5}, 1), scored(cand_name(spec), 0.4, 5))
+    plan = decide(spec, status, observe(30, pods=(*OLD_PODS, NEW_POD), runs=runs))
+    status = merged(status, plan)
+    assert status["evaluationBaseline"]["score"] == 0.5 and status["evaluationBaseline"]["revision"] == RA
+    ev = status["evaluation"]
+    assert ev["passed"] is False and ev["baseline"] == 0.5 and ev["score"] == 0.4  # 0.4 >= minScore 0.4
+    assert "more than maxRegression 0.09 below the baseline 0.5000" in status["rollout"]["message"]
+    # the next rollout against the same current revision and data (status.evaluation of the failed try gone, as
+    # after another revision in between): the baseline is not measured again; 0.41 is exactly 0.5 - 0.09 (a
+    # float edge: 0.5 - 0.09 is 0.41000000000000003) and passes
+    status.pop("rollout")
+    status.pop("evaluation")
+    plan = decide(spec, status, observe(100, pods=OLD_PODS))
+    assert [j.role for j in plan.evaluation_jobs] == []
+    plan = decide(spec, merged(status, plan), observe(110, pods=(*OLD_PODS, NEW_POD),
+                                                      runs=(scored(cand_name(spec), 0.41),)))
+    assert plan.status["evaluation"]["passed"] is True and plan.status["evaluation"]["baseline"] == 0.5
+
+
+def test_candidate_done_waits_for_a_running_baseline_and_a_failed_baseline_falls_back_to_min_score() -> None:
+    spec = make_spec({**EVAL, "maxRegression": 0.02})
+    status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                                     "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+    runs: tuple[JobObs, ...] = (running(base_name(spec), 0), scored(cand_name(spec), 0.9))
+    plan = decide(spec, status, observe(30, pods=(*OLD_PODS, NEW_POD), runs=runs))
+    assert {j.role for j in plan.evaluation_jobs} == {BASELINE, CANDIDATE}
+    assert plan.status["evaluation"].get("passed") is None and "waiting for the baseline" in \
+        plan.status["evaluation"]["message"]
+    runs = (failed(base_name(spec), message=json.dumps({"error": "cannot reach http://10.0.0.1:8000"})),
+            scored(cand_name(spec), 0.9))
+    plan = decide(spec, status, observe(40, pods=(*OLD_PODS, NEW_POD), runs=runs))
+    ev = plan.status["evaluation"]
+    assert ev["passed"] is True and "baseline" not in ev and "judged on minScore" in ev["message"]
+    assert "BaselineUnavailable" in {e.reason for e in plan.events}
+
+
+def test_canary_first_step_is_gated() -> None:
+    spec = make_spec(replicas=4, rollout={"strategy": "Canary", "canary": {"steps": [{"weight": 25}]}})
+    plan = decide(spec, dict(SETTLED), observe(0, stable=dep(RA, TA, 4)))
+    status = merged(SETTLED, plan)
+    assert status["rollout"]["phase"] == "Canary"
+    assert plan.canary is not None and plan.canary.template == {**TB, GATED: True}
+    assert plan.stable.template == TA
+    canary = DeploymentObs(revision=RB, template={**TB, GATED: True}, spec_replicas=1, replicas=1)
+    plan = decide(spec, status, observe(10, stable=dep(RA, TA, 4), canary=canary, pods=(*OLD_PODS, NEW_POD)))
+    status = merged(status, plan)
+    assert [j.role for j in plan.evaluation_jobs] == [CANDIDATE]
+    assert "evaluating revision" in cond(plan, "Progressing").message
+    plan = decide(spec, status, observe(20, stable=dep(RA, TA, 4), canary=canary, pods=(*OLD_PODS, NEW_POD),
+                                        runs=(scored(cand_name(spec), 0.1),)))
+    ro = plan.status["rollout"]
+    assert ro["phase"] == "RolledBack" and ro["reason"] == "EvaluationFailed" and plan.canary is None
+
+
+def test_removing_evaluation_mid_rollout_opens_the_gate_without_a_score() -> None:
+    status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                                     "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+    plan = decide(make_spec(None), status, observe(10, pods=(*OLD_PODS, NEW_POD)))
+    assert plan.stable.template == {**TB, GATED: True}  # the pods already made keep their template
+    assert RB in plan.evaluated_revisions and plan.status["evaluation"]["passed"] is True
+    assert "EvaluationSkipped" in {e.reason for e in plan.events}
+
+
+def test_first_revision_is_scored_against_min_score_only() -> None:
+    spec = make_spec({**EVAL, "maxRegression": 0.02})
+    first = Observations(now=at(0), desired_template=TB, desired_revision=RB, name=NAME, stable=None, canary=None,
+                         pods=(NEW_POD,), evaluation_dataset=DATASET)
+    plan = decide(spec, {}, first)
+    assert [j.role for j in plan.evaluation_jobs] == [CANDIDATE]
+    status = merged({}, plan)
+    plan = decide(spec, status, Observations(now=at(9), desired_template=TB, desired_revision=RB, name=NAME,
+                                             stable=None, canary=None, pods=(NEW_POD,),
+                                             evaluation_dataset=DATASET, jobs=(scored(cand_name(spec), 0.5),)))
+    ro = plan.status["rollout"]
+    assert ro["phase"] == "Failed" and ro["reason"] == "EvaluationFailed"  # nothing to roll back to; no traffic
