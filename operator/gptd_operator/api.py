@@ -489,6 +489,9 @@ class RolloutStatus(BaseModel):
         None, description="The revision's pods carry the gptd.io/evaluated readiness gate (spec.evaluation was set "
         "when it started)."
     )
+    evaluationSpec: str | None = Field(
+        None, description="After an evaluation failure: the spec.evaluation hash it failed under (a change retries)."
+    )
 
 
 class EvaluationStatus(BaseModel):
@@ -501,6 +504,7 @@ class EvaluationStatus(BaseModel):
         None, description="Hash of what was scored (dataset, revision, task, metric, average, samples)."
     )
     dataset: str | None = Field(None, description="Dataset identity: ConfigMap key and content hash, or PVC path.")
+    specHash: str | None = Field(None, description="Hash of the spec.evaluation it was judged under.")
     metric: str | None = None
     score: float | None = Field(None, description="The new revision's score (the Score printer column).")
     baseline: float | None = Field(None, description="The current revision's score on the same data, if measured.")

@@ -174,6 +174,12 @@ def runs_of(jobs: Sequence[JobObs]) -> dict[str, EvalRun]:
 # ------------------------------------------------------------------------------------------ the gate
 
 
+def evaluation_hash(spec: GPTDeploymentSpec) -> str:
+    """spec.evaluation as a whole (thresholds included): a held evaluation failure is retried when it changes."""
+    ev = spec.evaluation.model_dump_json() if spec.evaluation is not None else "none"
+    return hashlib.sha256(ev.encode()).hexdigest()[:10]
+
+
 def eval_key(spec: GPTDeploymentSpec, dataset: str, revision: str) -> str:
     """What a score depends on: the data, the revision and how it is scored (not minScore/maxRegression)."""
     ev = spec.evaluation
@@ -254,12 +260,20 @@ def gate(
         return Gate("pending", "waiting for the dataset check")
     metric = ev.effective_metric(spec.model.task)
     key = eval_key(spec, dataset, revision)
+    spec_hash = evaluation_hash(spec)
+    base = {"revision": revision, "key": key, "dataset": dataset, "metric": metric, "specHash": spec_hash}
     if prev.get("revision") == revision and prev.get("key") == key and prev.get("passed") is not None:
-        return _final(prev)
+        if prev.get("specHash") in (None, spec_hash):
+            return _final(prev)
+        if prev.get("score") is not None:
+            # spec.evaluation changed (a new minScore, say) after the verdict on the same data and revision: the
+            # score is re-judged, not re-measured.
+            result = {k: prev.get(k) for k in ("score", "samples", "perLabel")}
+            return _judge(spec, Gate("pending", ""), base, result, prev.get("baseline"), "", current, now)
+        # no score (timed out, the evaluator failed): measured again below
     runs = runs_of(jobs)
     wanted: list[EvalJob] = []
     out = Gate("pending", "")
-    base = {"revision": revision, "key": key, "dataset": dataset, "metric": metric}
 
     # --- the baseline: once per dataset and current revision ---------------------------------------------
     baseline: float | None = None
@@ -332,7 +346,17 @@ def gate(
         out.verdict, out.message = "failed", msg
         out.evaluation = {**base, "passed": False, "finishedAt": finished, "message": msg}
         return out
-    result = run.result or {}
+    return _judge(spec, out, base, run.result or {}, baseline, baseline_note, current, now)
+
+
+def _judge(
+    spec: GPTDeploymentSpec, out: Gate, base: dict[str, Any], result: Mapping[str, Any], baseline: float | None,
+    baseline_note: str, current: str | None, now: datetime,
+) -> Gate:
+    """The verdict on a score: >= minScore, and >= baseline - maxRegression when there is a baseline."""
+    ev = spec.evaluation
+    assert ev is not None
+    metric, revision = base["metric"], base["revision"]
     score = float(result["score"])
     passed = score + EPSILON >= ev.minScore
     why = f"{metric} {_fmt(score)} {'>=' if passed else '<'} minScore {ev.minScore}"
@@ -348,7 +372,7 @@ def gate(
         why += f"; {baseline_note}"
     record = {
         **base, "score": score, "baseline": baseline, "samples": result.get("samples"), "passed": passed,
-        "finishedAt": finished, "perLabel": result.get("perLabel") or None,
+        "finishedAt": format_time(now), "perLabel": result.get("perLabel") or None,
         "message": f"revision {revision} {'passed' if passed else 'failed'}: {why}",
     }
     out.verdict = "passed" if passed else "failed"

@@ -359,6 +359,7 @@ class Reconciler:
         annotations = p.meta.get("annotations") or {}
         canary_obs = observe.observe_deployment(children.canary) if children.canary else None
         outcome, analysis_due = await self._analyse(p.uid, p.name, p.namespace, spec, p.previous, revision, canary_obs)
+        jobs = (*children.jobs, *self._recent_jobs(p, children))
         obs = Observations(
             now=p.now,
             desired_template=template,
@@ -370,7 +371,7 @@ class Reconciler:
             abort=annotations.get(ANN_ABORT) == "true",
             analysis_breach=outcome.breach,
             analysis_unavailable=outcome.unavailable,
-            jobs=tuple(observe.observe_job(job, children.job_pods) for job in children.jobs),
+            jobs=tuple(observe.observe_job(job, children.job_pods) for job in jobs),
             evaluation_dataset=dataset,
             name=p.name,
         )
@@ -490,6 +491,14 @@ class Reconciler:
             )
         return applied
 
+    def _recent_jobs(self, p: _Pass, children: Children) -> list[dict[str, Any]]:
+        """Jobs of this CR we created whose watch event has not reached the index yet: without them the next pass
+        would plan (and announce) the same Job again."""
+        indexed = {j["metadata"]["name"] for j in children.jobs}
+        return [obj for (kind, namespace, obj_name), obj in sorted(self.recent.items())
+                if kind == "Job" and namespace == p.namespace and obj_name not in indexed
+                and kube.controlled_by(obj, p.uid or None)]
+
     def _evaluation_jobs(self, p: _Pass, spec: GPTDeploymentSpec, plan: Plan, children: Children,
                          built: _Built) -> None:
         """The evaluator Jobs the gate wants are created (never patched: a Job's spec is immutable, each is named
@@ -542,6 +551,8 @@ class Reconciler:
         # The rollout plan owns its status fields (revisions, rollout; status.py computes none of them) and has
         # the last word on conditions.
         new.update(plan.status)
+        if plan.conditions_to_drop:
+            new["conditions"] = [c for c in new["conditions"] if c.get("type") not in plan.conditions_to_drop]
         if plan.conditions:
             new["conditions"] = st.merge_conditions(
                 new["conditions"],

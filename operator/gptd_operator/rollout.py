@@ -67,6 +67,8 @@ class Plan:
     # the revisions whose gated pods get the gptd.io/evaluated condition (passed, or rolled out before).
     evaluation_jobs: tuple[EvalJob, ...] = ()
     evaluated_revisions: tuple[str, ...] = ()
+    # Condition types to remove from the CR (e.g. Evaluated once there is neither spec.evaluation nor a record).
+    conditions_to_drop: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------------------- constants
@@ -110,6 +112,9 @@ def decide(spec: GPTDeploymentSpec, status: dict[str, Any], obs: Observations) -
     if phase in ACTIVE_PHASES and same_revision:
         return _advance(d)
     if phase in HOLD_PHASES and same_revision:
+        if ro.get("evaluationSpec") and ro["evaluationSpec"] != evaluation.evaluation_hash(spec):
+            # Failed its evaluation, and spec.evaluation changed since: a spec change, so it is tried again.
+            return _start(d)
         return _hold(d)
     if phase not in ACTIVE_PHASES and obs.desired_revision == d.state.get("currentRevision"):
         return _steady(d)
@@ -216,6 +221,7 @@ def _rolling(d: _Ctx) -> Plan:
     gpu = _gpu(d, can_dip=True, waiting_reason="RollingOut")
     gate = _gate(d)
     if gate is not None and gate.verdict in ("failed", "timeout"):
+        d.ro["evaluationSpec"] = evaluation.evaluation_hash(d.spec)
         return _fail(d, _GATE_REASONS[gate.verdict], gate.message)
     failure = _failure(d, want, deadline=gate is None or not gate.running)
     if failure:
@@ -244,6 +250,7 @@ def _canary(d: _Ctx) -> Plan:
     gpu = _gpu(d, can_dip=d.spec.autoscaling is None, waiting_reason=f"CanaryStep{step + 1}of{n}")
     gate = _gate(d)  # the first step's canary pods are scored before they take traffic
     if gate is not None and gate.verdict in ("failed", "timeout"):
+        d.ro["evaluationSpec"] = evaluation.evaluation_hash(d.spec)
         return _fail(d, _GATE_REASONS[gate.verdict], gate.message)
     failure = _failure(d, count, deadline=gate is None or not gate.running)
     if failure:
@@ -339,6 +346,8 @@ def _fail(d: _Ctx, reason: str, message: str) -> Plan:
     record: dict[str, Any] = {"revision": d.rev, "step": ro.get("step"), "startedAt": ro.get("startedAt")}
     if in_place:
         record["inPlace"] = True
+    if ro.get("evaluationSpec"):
+        record["evaluationSpec"] = ro["evaluationSpec"]
     if lgt and lg and lg != d.rev:
         message = f"revision {d.rev} rolled back to {lg}: {message}"
         d.state["rollout"] = {**record, "phase": ROLLED_BACK, "reason": reason, "message": message}
@@ -634,4 +643,5 @@ def _finish(d: _Ctx, stable: DeploymentPlan, canary: DeploymentPlan | None, prog
         requeue_after=None if requeue is None else max(1.0, math.ceil(requeue)),
         evaluation_jobs=d.jobs,
         evaluated_revisions=_evaluated_revisions(d),
+        conditions_to_drop=("Evaluated",) if evaluated is None else (),
     )

@@ -114,3 +114,18 @@ def test_serve_demo_uses_a_read_only_baked_model(tmp_path):
     assert resolve_model_dir(settings) == target
     assert _snapshot(cache) == before
     assert not (tmp_path / "hf").exists()
+
+
+def test_operator_image_smoke_import_names_only_what_the_image_installs():
+    """The build's `python -c "import ..."` check must import what the image has: its own packages (gptd_operator
+    with its handlers, which pull in every runtime dependency, and gptd_common) and the exported requirements. (It
+    named `kubernetes` after kube.py moved to lightkube: the build would have failed there.)"""
+    (check,) = [r for r in runs(OPERATOR) if 'python -c "import ' in r]
+    modules = re.search(r'python -c "import ([^"]+)"', check).group(1)  # type: ignore[union-attr]
+    names = {m.strip().split(".")[0] for m in modules.split(",")}
+    reqs = generate.REQUIREMENTS["operator"].read_text().splitlines()
+    installed = {re.split(r"[<>=\[ ]", r)[0].lower() for r in reqs if r and not r.startswith("#")}
+    import_names = {"pyyaml": "yaml"}
+    provided = {import_names.get(r, r.replace("-", "_")) for r in installed} | {"gptd_operator", "gptd_common"}
+    assert names <= provided, names - provided
+    assert "gptd_operator.handlers" in modules and "gptd_common" in names

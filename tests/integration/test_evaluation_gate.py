@@ -151,6 +151,11 @@ async def test_only_evaluation_changed_rolls_nothing_then_a_pass_opens_the_gate(
     assert not dep["spec"]["template"]["spec"].get("readinessGates")
     assert dep["metadata"]["generation"] == 1, "the Deployment spec was patched"
     assert await eval_jobs(cluster) == []
+    # Removed again before any gated rollout: the NotEvaluated condition goes with it; added back, it returns.
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"evaluation": None}})
+    await status_where(cluster, "no Evaluated", lambda s: not condition(s, "Evaluated"))
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"evaluation": EVALUATION}})
+    await status_where(cluster, "NotEvaluated", lambda s: condition(s, "Evaluated").get("reason") == "NotEvaluated")
 
     # The next revision carries the readiness gate and is scored on a new pod by IP.
     dep = await change_revision(cluster, "v2", old)
@@ -194,6 +199,14 @@ async def test_only_evaluation_changed_rolls_nothing_then_a_pass_opens_the_gate(
     await new_pod(cluster, dep, "gpt2-new-2")
     await eventually(lambda: pod_condition(cluster, "gpt2-new-2"), what="condition on a later pod")
 
+    # Settled on a gated revision: resyncs write nothing and read no ConfigMap (the dataset is read only for a
+    # gated rollout).
+    await operator.resync_passes(2)
+    before = len(cluster.requests())
+    await operator.resync_passes(3)
+    assert cluster.writes(before) == [], "\n".join(cluster.writes(before))
+    assert not [r for r in cluster.requests()[before:] if "/configmaps" in str(r.url)]
+
 
 async def _no_jobs(cluster: Cluster) -> bool:
     return await eval_jobs(cluster) == []
@@ -227,6 +240,15 @@ async def test_a_low_score_rolls_back_with_the_scores_and_is_not_retried(
     await operator.resync_passes(3)
     assert await eval_jobs(cluster) == []
     assert len(await events(cluster, "EvaluationStarted")) == 1
+
+    # spec.evaluation is part of the spec: a lower bar re-judges the stored score (no new Job) and v2 rolls out.
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"evaluation": {"minScore": 0.4}}})
+    st = await status_where(cluster, "re-judged", lambda s: (s.get("evaluation") or {}).get("passed") is True)
+    assert "0.5000 >= minScore 0.4" in st["evaluation"]["message"] and st["rollout"]["phase"] == "RollingOut"
+    dep = await eventually(lambda: _on_revision(cluster, new), what="v2 again")
+    assert dep["spec"]["template"]["spec"]["readinessGates"] == [{"conditionType": GATE}]
+    await eventually(lambda: pod_condition(cluster, "gpt2-new-1"), what="the v2 pod passed")
+    assert await eval_jobs(cluster) == []
 
 
 async def _on_revision(cluster: Cluster, rev: str) -> dict[str, Any] | None:
@@ -314,3 +336,75 @@ async def test_baseline_regression_rolls_back(cluster: Cluster, operator: Runnin
     await finish(cluster, cand, scores(0.96))
     st = await status_where(cluster, "v3 passed", lambda s: (s.get("evaluation") or {}).get("passed") is True)
     assert st["evaluation"]["baseline"] == 0.97 and labels_of(dep)[REV] == st["evaluation"]["revision"]
+
+
+async def test_canary_first_step_is_gated_then_later_pods_pass_at_once(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    old = await started(cluster, replicas=4, rollout={"strategy": "Canary", "canary": {"steps": [
+        {"weight": 25, "pauseSeconds": 0}, {"weight": 50}]}})
+    v1 = await cluster.get("deployments", NS, "gpt2")
+    await add_pod(cluster, v1, "gpt2-old-1", ready_pod(OLD_IP))  # type: ignore[arg-type]
+    await dataset(cluster, jsonl(GOOD_ROWS))
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"evaluation": EVALUATION}})
+    canary = await change_revision(cluster, "v2", old, name="gpt2-canary")
+    assert canary["spec"]["replicas"] == 1
+    assert canary["spec"]["template"]["spec"]["readinessGates"] == [{"conditionType": GATE}]
+    stable = await cluster.get("deployments", NS, "gpt2")
+    assert labels_of(stable)[REV] == old and not stable["spec"]["template"]["spec"].get("readinessGates")  # type: ignore[index]
+    await new_pod(cluster, canary, "gpt2-canary-1")
+    job = await job_for(cluster, "candidate")
+    st = await status_where(cluster, "step 1 evaluating", lambda s: "evaluating revision" in
+                            condition(s, "Progressing").get("message", ""))
+    assert condition(st, "Progressing")["reason"] == "CanaryStep1of2"
+    await finish(cluster, job, scores(1.0))
+    await eventually(lambda: pod_condition(cluster, "gpt2-canary-1"), what="the canary pod passed")
+
+    # Play the kubelet and the Deployment controller: the canary is Ready; step 2 follows, no second evaluation.
+    await ready_deployment(cluster, "gpt2-canary", replicas=1)
+    canary = await _canary_with(cluster, 2)
+    assert canary["spec"]["template"]["spec"]["readinessGates"] == [{"conditionType": GATE}]
+    await new_pod(cluster, canary, "gpt2-canary-2")
+    await eventually(lambda: pod_condition(cluster, "gpt2-canary-2"), what="a later canary pod passes at once")
+    await eventually(lambda: _no_jobs(cluster), what="no evaluation Job left")
+    assert len(await events(cluster, "EvaluationStarted")) == 1
+
+
+async def _canary_with(cluster: Cluster, replicas: int) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        dep = await cluster.get("deployments", NS, "gpt2-canary")
+        return dep if dep is not None and dep["spec"]["replicas"] == replicas else None
+
+    return await eventually(check, what=f"{replicas} canary replicas")
+
+
+async def test_a_pvc_dataset_needs_its_claim_and_its_rows_are_checked_by_the_job(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    old = await started(cluster, replicas=1)
+    v1 = await cluster.get("deployments", NS, "gpt2")
+    await add_pod(cluster, v1, "gpt2-old-1", ready_pod(OLD_IP))  # type: ignore[arg-type]
+    pvc_eval = {**EVALUATION, "dataset": {"pvc": "eval-data/sets/gen.jsonl"}}
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"evaluation": pvc_eval, "model": {"revision": "v2"}}})
+    st = await status_where(cluster, "InvalidSpec", lambda s: condition(s, "Degraded").get("reason") == "InvalidSpec")
+    assert condition(st, "Degraded")["message"] == (
+        "spec.evaluation.dataset.pvc: PersistentVolumeClaim eval-data not found")
+    assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
+
+    await cluster.create("persistentvolumeclaims", NS, {
+        "metadata": {"name": "eval-data"},
+        "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}}})
+    dep = await eventually(lambda: _not_on_revision(cluster, old), what="v2 rolled out once the claim exists")
+    await new_pod(cluster, dep)
+    job = await job_for(cluster, "candidate")
+    spec = job["spec"]["template"]["spec"]
+    assert {"name": "dataset", "persistentVolumeClaim": {"claimName": "eval-data", "readOnly": True}} in spec["volumes"]
+    mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "dataset")
+    assert mount["subPath"] == "sets/gen.jsonl" and mount["readOnly"] is True
+    # The evaluator validates every row first and fails naming the line (its stdout and termination message).
+    error = {"error": 'dataset /var/run/gptd/eval-dataset/dataset.jsonl: line 4: missing field "expected"', "line": 4}
+    await finish(cluster, job, error, ok=False)
+    st = await status_where(cluster, "RolledBack", lambda s: condition(s, "RolledBack").get("status") == "True")
+    rb = condition(st, "RolledBack")
+    assert rb["reason"] == "EvaluationFailed" and 'line 4: missing field "expected"' in rb["message"]
+    await eventually(lambda: _on_revision(cluster, old), what="rolled back to v1")

@@ -322,6 +322,10 @@ def test_adding_or_removing_evaluation_on_a_settled_cr_rolls_nothing() -> None:
     assert plan.stable.revision == RA and GATED not in plan.stable.template and plan.stable.template == TA
     assert "rollout" not in merged(SETTLED, plan) and not plan.evaluation_jobs
     assert cond(plan, "Evaluated").reason == "NotEvaluated"  # it applies to the next revision: said so
+    assert plan.conditions_to_drop == ()
+    # without spec.evaluation and no evaluation on record there is nothing to say: the condition is dropped
+    plain = decide(make_spec(None), dict(SETTLED), settled_obs)
+    assert "Evaluated" not in {c.type for c in plain.conditions} and plain.conditions_to_drop == ("Evaluated",)
     # a revision rolled out with the gate keeps it when spec.evaluation goes
     gated_settled = {**SETTLED, "lastGoodTemplate": {**TA, GATED: True}}
     plan = decide(make_spec(None), gated_settled, settled_obs)
@@ -500,3 +504,35 @@ def test_first_revision_is_scored_against_min_score_only() -> None:
                                              evaluation_dataset=DATASET, jobs=(scored(cand_name(spec), 0.5),)))
     ro = plan.status["rollout"]
     assert ro["phase"] == "Failed" and ro["reason"] == "EvaluationFailed"  # nothing to roll back to; no traffic
+
+
+def test_a_changed_evaluation_spec_retries_a_held_failure() -> None:
+    """"No retry until the spec changes": spec.evaluation is part of the spec. A stored score is re-judged (no new
+    Job); an evaluation without a score (timed out) is measured again."""
+    spec = make_spec()
+    status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                                     "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+    plan = decide(spec, status, observe(30, pods=(*OLD_PODS, NEW_POD), runs=(scored(cand_name(spec), 0.6),)))
+    held = merged(status, plan)
+    assert held["rollout"]["phase"] == "RolledBack" and held["rollout"]["evaluationSpec"]
+    # the same spec: held, nothing runs
+    again = decide(spec, held, observe(40, pods=(*OLD_PODS, NEW_POD)))
+    assert again.stable.revision == RA and not again.evaluation_jobs
+    # a lower bar: the rollout starts again and the stored 0.6 passes at once, without a Job
+    lower = make_spec({**EVAL, "minScore": 0.5})
+    plan = decide(lower, held, observe(50, pods=(*OLD_PODS, NEW_POD)))
+    st = merged(held, plan)
+    assert st["rollout"]["phase"] == "RollingOut" and st["rollout"]["revision"] == RB
+    assert st["evaluation"]["passed"] is True and st["evaluation"]["score"] == 0.6
+    assert "0.6000 >= minScore 0.5" in st["evaluation"]["message"]
+    assert not plan.evaluation_jobs and RB in plan.evaluated_revisions
+    assert plan.stable.template == {**TB, GATED: True}
+    # a timeout has no score: a changed timeout measures it again
+    runs = (running(cand_name(spec), 0),)
+    plan = decide(spec, status, observe(700, pods=(*OLD_PODS, NEW_POD), runs=runs))
+    timed_out = merged(status, plan)
+    assert timed_out["rollout"]["reason"] == "EvaluationTimeout"
+    longer = make_spec({**EVAL, "timeoutSeconds": 1800})
+    plan = decide(longer, timed_out, observe(710, pods=(*OLD_PODS, NEW_POD)))
+    assert [j.role for j in plan.evaluation_jobs] == [CANDIDATE] and plan.evaluation_jobs[0].ip == "10.0.0.9"
+    assert merged(timed_out, plan)["rollout"]["phase"] == "RollingOut"

@@ -62,3 +62,25 @@ async def test_children_are_created_when_the_cr_is_there() -> None:
     with pytest.raises(Stop):
         await rec.reconcile(body(), {})
     assert fake.calls[-1] == ("apply", "Deployment")
+
+
+async def test_a_job_just_created_counts_as_observed_until_its_watch_event_arrives() -> None:
+    """kopf's Job index lags our own POST: the Job we just created is observed from Reconciler.recent, so the next
+    pass does not plan (and announce) it again; another CR's Job and one the index already has are not added."""
+    from gptd_operator.api import parse_spec
+
+    rec = handlers.Reconciler(Settings(), FakeKube(None))  # type: ignore[arg-type]
+    b = body()
+    p = handlers._Pass.of(b, {})
+    mine = {"kind": "Job", "metadata": {"name": "gpt2-eval-1", "namespace": "ns1", "labels": {
+        "app.kubernetes.io/component": "evaluation"}, "ownerReferences": [
+        {"uid": b["metadata"]["uid"], "controller": True}]}, "status": {}}
+    theirs = {**mine, "metadata": {**mine["metadata"], "name": "other-eval-1", "ownerReferences": [
+        {"uid": "someone-else", "controller": True}]}}
+    rec.recent[("Job", "ns1", "gpt2-eval-1")] = mine
+    rec.recent[("Job", "ns1", "other-eval-1")] = theirs
+    _, obs, _ = await rec._observe(p, parse_spec(b["spec"]), {})
+    assert [j.name for j in obs.jobs] == ["gpt2-eval-1"]
+    assert obs.jobs[0].purpose == "evaluation"
+    indexed = handlers.Children(jobs=(mine,))
+    assert rec._recent_jobs(p, indexed) == []  # the index has it now: not twice
