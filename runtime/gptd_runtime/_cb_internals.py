@@ -288,9 +288,21 @@ def place_kv_per_layer(manager: Any, layer_devices: Sequence[str]) -> None:
             cache.device = home
             return cache
 
+        # The swapped names are module globals, seen by every thread: only this thread (the one building this
+        # manager's cache) gets the per-layer build; a cache built meanwhile on another thread (another
+        # manager, unsharded) gets transformers' own classes.
+        owner = threading.get_ident()
+
+        def cache_for_thread(*args: Any, **kwargs: Any) -> Any:
+            return build(**kwargs) if threading.get_ident() == owner else cache_cls(*args, **kwargs)
+
+        def memory_for_thread(*args: Any, **kwargs: Any) -> Any:
+            cls = EveryDeviceMemory if threading.get_ident() == owner else handler_cls
+            return cls(*args, **kwargs)
+
         with _CACHE_BUILD:
-            continuous_api.PagedAttentionCache = build
-            cache_module.PagedAttentionMemoryHandler = EveryDeviceMemory
+            continuous_api.PagedAttentionCache = cache_for_thread
+            cache_module.PagedAttentionMemoryHandler = memory_for_thread
             try:
                 return create()
             finally:

@@ -134,6 +134,43 @@ def test_each_layer_kv_is_made_on_its_layers_device(models: dict[str, Path]) -> 
     assert allocator.write_trash_index == allocator.tokens_per_page * allocator.blocks_per_sector
 
 
+def test_a_cache_built_meanwhile_on_another_thread_is_not_sharded(
+        models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """place_kv_per_layer swaps two transformers module names while its cache is built; another manager (no
+    per-layer placement) building its cache on another thread at that moment gets transformers' own flat cache."""
+    import threading
+
+    from transformers.generation.continuous_batching import continuous_api
+
+    model = load_model(Settings(model=str(models["plain"])), models["plain"]).model
+    other_model = load_model(Settings(model=str(models["plain"])), models["plain"]).model
+    sharded, plain = _manager(model), _manager(other_model)
+    _cb_internals.place_kv_per_layer(sharded, ["meta"] * model.config.n_layer)
+    real_cache_cls, real_shard = continuous_api.PagedAttentionCache, _cb_internals.shard_cache
+    built: dict[str, Any] = {}
+
+    def shard_with_a_plain_build_meanwhile(cache: Any, devices: Any) -> Any:
+        if built:  # a nested call: the plain build was (wrongly) sent here too; don't recurse
+            return real_shard(cache, devices)
+        built["started"] = True
+        assert continuous_api.PagedAttentionCache is not real_cache_cls  # really inside the swap window
+        worker = threading.Thread(target=lambda: built.setdefault("plain", plain._create_batch_processor()))
+        worker.start()
+        worker.join(timeout=30)
+        return real_shard(cache, devices)
+
+    monkeypatch.setattr(_cb_internals, "shard_cache", shard_with_a_plain_build_meanwhile)
+    bp = sharded._create_batch_processor()
+    plain_cache = built["plain"].cache
+    assert plain_cache.cache_tensor is not None and plain_cache.cache_tensor.device == other_model.device
+    (plain_alloc,) = {id(a): a for a in plain_cache.layer_to_allocator.values()}.values()
+    assert plain_alloc._kv_token_views[0][0].device == other_model.device
+    assert plain_alloc.block_physical_stride != plain_alloc.tokens_per_page  # the flat layout, not per-layer
+    assert bp.cache.cache_tensor is None  # while the sharded manager did get per-layer storage
+    (alloc,) = {id(a): a for a in bp.cache.layer_to_allocator.values()}.values()
+    assert str(alloc._kv_token_views[0][0].device) == "meta"
+
+
 def test_a_sliding_window_cache_is_refused() -> None:
     from types import SimpleNamespace
 
