@@ -91,6 +91,19 @@ def test_decoder_layer_devices_reads_each_layer(models: dict[str, Path]) -> None
     assert decoder_layer_devices(model) == ("cpu",) * (n - 1) + ("meta",)
 
 
+def test_decoder_layer_devices_reads_the_decoders_layer_list(models: dict[str, Path]) -> None:
+    """Another ModuleList of num_hidden_layers modules registered ahead of the decoder's blocks (per-layer adapters,
+    say) is not taken for the layers."""
+    model = load_model(Settings(model=str(models["plain"])), models["plain"]).model
+    n = model.config.n_layer
+    adapters = torch.nn.ModuleList(torch.nn.Linear(2, 2, device="meta") for _ in range(n))
+    for owner in (model, model.transformer):  # first among the model's modules and among the decoder's
+        owner._modules = {"adapters": adapters, **owner._modules}
+    assert next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList)) is adapters
+    model.transformer.h[0].to("meta")
+    assert decoder_layer_devices(model) == ("meta",) + ("cpu",) * (n - 1)
+
+
 # -- per-layer KV storage ----------------------------------------------------------------------------------------
 def _cb_config(**extra: Any) -> Any:
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
