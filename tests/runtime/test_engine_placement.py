@@ -312,3 +312,71 @@ def test_sharded_load_reports_the_layer_split(models: dict[str, Path], monkeypat
     # Classification models are split too (no KV cache to place): never silently one GPU of several.
     cls = load_model(Settings(model=str(models["cls"]), device="cuda", task="text-classification"), models["cls"])
     assert calls == [("text-generation", 2), ("text-classification", 2)] and cls.sharded
+
+
+# -- memory of several GPUs, with torch.cuda's figures stood in (no GPU here) ------------------------------------
+def _fake_gpus(monkeypatch: pytest.MonkeyPatch, free: dict[str, int]) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free[str(device)], 80 * GiB))
+
+
+def test_available_memory_sums_each_gpu_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_gpus(monkeypatch, {"cuda:0": 10 * GiB, "cuda:1": 30 * GiB})
+    devices = ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+    assert _cb_internals.available_memory(devices, 0.5, lambda: -1) == 20 * GiB
+    assert _cb_internals.free_by_device(devices, 0.5) == {"cuda:0": 5 * GiB, "cuda:1": 15 * GiB}
+    assert _cb_internals.available_memory(["cpu", "cpu"], 0.5, lambda: 7) == 7  # transformers' own figure
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _cb_internals.available_memory(devices, 0.5, lambda: 7) == 7 and not _cb_internals.free_by_device(devices, 1)
+
+
+def test_sectors_fitting_charges_non_cache_terms_to_every_gpu() -> None:
+    shares = _cb_internals.layer_shares(["cuda:0"] + ["cuda:1"] * 3)
+    assert shares == {"cuda:0": 0.25, "cuda:1": 0.75}
+    # cuda:0: (1000 - 200) // (10 + 0.25 * 40) = 40; cuda:1: (3000 - 200) // (10 + 0.75 * 40) = 70.
+    fit = _cb_internals.sectors_fitting({"cuda:0": 1000, "cuda:1": 3000}, shares, everywhere=200,
+                                        per_sector_everywhere=10, per_sector_storage=40)
+    assert fit == (40, "cuda:0")
+
+
+def _memory_handler(monkeypatch: pytest.MonkeyPatch, free: dict[str, int], num_blocks: int | None) -> Any:
+    from transformers import GPT2Config
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching.cache import PagedAttentionMemoryHandler
+
+    _fake_gpus(monkeypatch, free)
+    config = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=2000)
+    page, head_dim = 16, 64
+    bytes_per_block = config.n_layer * 2 * config.n_head * head_dim * 2 * page  # K and V, fp16, every layer
+    cb = ContinuousBatchingConfig(page_size=page, num_blocks=num_blocks, max_batch_tokens=512,
+                                  max_requests_per_batch=8, use_cuda_graph=False, use_async_batching=False,
+                                  max_memory_percent=0.9)  # resolved by init_continuous_batching in real use
+    cls = _cb_internals.every_device_memory_handler(PagedAttentionMemoryHandler, ["cuda:0"] * 2 + ["cuda:1"] * 2)
+    return cls(config=config, cb_config=cb, dtype=torch.float16, bytes_per_sector=bytes_per_block,
+               tokens_per_sector=page, bytes_per_block=bytes_per_block, attn_types=["full_attention"])
+
+
+def _footprint_on(handler: Any, share: float, max_batch_tokens: int, sectors: int) -> int:
+    """What one GPU holds: its share of the cache storage, and every other term in full."""
+    return (handler.compute_memory_footprint(max_batch_tokens, sectors)
+            - round((1 - share) * sectors * handler.bytes_per_sector))
+
+
+def test_a_small_first_gpu_bounds_the_inferred_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    free = {"cuda:0": 64 * 2**20, "cuda:1": 8 * GiB}
+    handler = _memory_handler(monkeypatch, free, num_blocks=None)
+    usable0 = int(free["cuda:0"] * handler.cb_config.max_memory_percent)
+    assert handler.available_memory == int(sum(free.values()) * handler.cb_config.max_memory_percent)
+    m, s = handler.infer_max_batch_tokens_and_num_sectors()
+    # Sized against the sum, cuda:0 would overflow; sized per device, it fits, with no room for one more sector.
+    summed = handler.available_memory - handler.fixed_overhead_bytes - m * handler.bytes_per_batch_token
+    assert _footprint_on(handler, 0.5, m, summed // handler.bytes_per_cache_sector) > usable0
+    assert _footprint_on(handler, 0.5, m, s) <= usable0 < _footprint_on(handler, 0.5, m, s + 1)
+
+
+def test_a_configured_cache_too_big_for_one_gpu_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    handler = _memory_handler(monkeypatch, {"cuda:0": 8 * GiB, "cuda:1": 64 * 2**20}, num_blocks=20_000)
+    with pytest.raises(MemoryError, match=r"do not fit on cuda:1 \(57 MiB usable\)"):
+        handler.infer_max_batch_tokens_and_num_sectors()
+    fits = _memory_handler(monkeypatch, {"cuda:0": 8 * GiB, "cuda:1": 8 * GiB}, num_blocks=20_000)
+    assert fits.infer_max_batch_tokens_and_num_sectors()[1] == 20_000
