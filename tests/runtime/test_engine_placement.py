@@ -380,3 +380,41 @@ def test_a_configured_cache_too_big_for_one_gpu_names_it(monkeypatch: pytest.Mon
         handler.infer_max_batch_tokens_and_num_sectors()
     fits = _memory_handler(monkeypatch, {"cuda:0": 8 * GiB, "cuda:1": 8 * GiB}, num_blocks=20_000)
     assert fits.infer_max_batch_tokens_and_num_sectors()[1] == 20_000
+
+
+def test_forking_copies_blocks_in_every_layers_own_storage(models: dict[str, Path]) -> None:
+    """copy_blocks on per-layer storage (what a fork does, through PagedAttentionCache.perform_cache_copy): the
+    source blocks' K and V rows land in the destination blocks of every layer; no other block changes."""
+    model = load_model(Settings(model=str(models["plain"])), models["plain"]).model
+    mgr = _manager(model)
+    _cb_internals.place_kv_per_layer(mgr, ["cpu"] * model.config.n_layer)
+    cache = mgr._create_batch_processor().cache
+    (name, allocator), *_ = cache.cache_allocators.items()
+    torch.manual_seed(0)
+    for k_pages, v_pages in allocator._kv_page_views.values():
+        k_pages.copy_(torch.randn_like(k_pages))
+        v_pages.copy_(torch.randn_like(v_pages))
+    before = {layer: (k.clone(), v.clone()) for layer, (k, v) in allocator._kv_page_views.items()}
+    src, dst = [3, 5], [9, 4]
+    cache.perform_cache_copy({name: (src, dst)})
+    untouched = [b for b in range(next(iter(before.values()))[0].shape[0]) if b not in dst]
+    assert len(before) == model.config.n_layer
+    for layer, (k, v) in allocator._kv_page_views.items():
+        k0, v0 = before[layer]
+        assert torch.equal(k[dst], k0[src]) and torch.equal(v[dst], v0[src])
+        assert torch.equal(k[untouched], k0[untouched]) and torch.equal(v[untouched], v0[untouched])
+
+
+def test_logits_of_a_sharded_model_come_out_on_its_input_device(models: dict[str, Path],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampler's tensors go where the logits are: the head's device for a model on one device; model.device
+    (where accelerate's hooks return outputs) for a model split over devices, wherever its head sits."""
+    loaded = load_model(Settings(model=str(models["plain"])), models["plain"])
+    head = torch.nn.Linear(loaded.model.config.n_embd, loaded.model.config.vocab_size, bias=False, device="meta")
+    monkeypatch.setattr(loaded.model, "get_output_embeddings", lambda: head)  # the head "on another GPU"
+    settings = Settings(model=str(models["plain"]))
+    assert GenerationEngine(loaded, settings).logits_device == head.weight.device
+    monkeypatch.setattr(LoadedModel, "sharded", property(lambda self: True))
+    sharded = GenerationEngine(loaded, settings)
+    assert sharded.logits_device == loaded.model.device and str(sharded.logits_device) == "cpu"
+    assert sharded.vocab_size == loaded.model.config.vocab_size
