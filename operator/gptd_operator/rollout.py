@@ -348,6 +348,8 @@ def _fail(d: _Ctx, reason: str, message: str) -> Plan:
         record["inPlace"] = True
     if ro.get("evaluationSpec"):
         record["evaluationSpec"] = ro["evaluationSpec"]
+    if ro.get("evaluationGate"):  # a held first revision keeps its gate: its pods must not take traffic
+        record["evaluationGate"] = True
     if lgt and lg and lg != d.rev:
         message = f"revision {d.rev} rolled back to {lg}: {message}"
         d.state["rollout"] = {**record, "phase": ROLLED_BACK, "reason": reason, "message": message}
@@ -370,7 +372,7 @@ def _hold(d: _Ctx) -> Plan:
     # Nothing to roll back to: keep the desired template (the Deployment keeps retrying it), and accept it
     # if it recovers on its own (a slow download, a GPU that freed up).
     want = desired_replicas(d.spec)
-    if _stable_done(d, want):
+    if _stable_done(d, want) and _gate_open(d):
         return _complete(d, "RolloutComplete", f"revision {d.rev} is rolled out after an earlier failure")
     stable = DeploymentPlan(d.template, d.rev, want, rolling_strategy(d.spec, in_place))
     return _finish(d, stable, None, _cond("Progressing", False, "FirstRevisionFailed", ro.get("message", "")))
@@ -571,6 +573,15 @@ def _gate(d: _Ctx) -> evaluation.Gate | None:
     if g.requeue is not None:
         d.requeue.append(g.requeue)
     return g
+
+
+def _gate_open(d: _Ctx) -> bool:
+    """The rollout may complete: it is not gated, or this revision's evaluation passed. A gated revision whose
+    evaluation failed, timed out or has not finished is never made current, whatever its pods say."""
+    if not (d.ro and d.ro.get("evaluationGate")):
+        return True
+    ev = d.state.get("evaluation") or {}
+    return ev.get("revision") == d.rev and ev.get("passed") is True
 
 
 def _served_template(d: _Ctx) -> Template:

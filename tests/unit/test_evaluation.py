@@ -10,7 +10,7 @@ import pytest
 from gptd_operator import api, builders, crd, evaluation, names
 from gptd_operator.api import InvalidSpec
 from gptd_operator.evaluation import BASELINE, CANDIDATE, run_of
-from gptd_operator.observe import DeploymentObs, JobObs, Observations, observe_job, observe_pod
+from gptd_operator.observe import DeploymentObs, JobObs, Observations, PodObs, observe_job, observe_pod
 from gptd_operator.rollout import decide
 from gptd_operator.settings import Settings
 
@@ -475,3 +475,28 @@ def test_a_changed_evaluation_spec_retries_a_held_failure() -> None:
     plan = decide(longer, timed_out, observe(710, pods=(*OLD_PODS, NEW_POD)))
     assert [j.role for j in plan.evaluation_jobs] == [CANDIDATE] and plan.evaluation_jobs[0].ip == "10.0.0.9"
     assert merged(timed_out, plan)["rollout"]["phase"] == "RollingOut"
+
+
+# ------------------------------------------------------------------------- review findings (issue 11)
+
+
+def _first(t: float, *, pods: tuple[PodObs, ...] = (NEW_POD,), runs: tuple[JobObs, ...] = (),
+           stable: DeploymentObs | None = None) -> Observations:
+    return Observations(now=at(t), desired_template=TB, desired_revision=RB, name=NAME, stable=stable, canary=None,
+                        pods=pods, evaluation_dataset=DATASET, jobs=runs)
+
+
+def test_a_failed_first_revision_keeps_its_gate_and_is_never_made_current() -> None:
+    spec = make_spec()
+    status = merged({}, decide(spec, {}, _first(0)))
+    plan = decide(spec, status, _first(9, runs=(scored(cand_name(spec), 0.5),)))
+    status = merged(status, plan)
+    assert status["rollout"]["phase"] == "Failed" and status["rollout"]["evaluationGate"] is True
+    assert plan.stable.template == {**TB, GATED: True}  # the held template keeps the readiness gate
+    assert RB not in plan.evaluated_revisions
+    # even if every pod of it reports Ready (a gate set by hand, say) the failed revision is not made current
+    ready = tuple(pod(RB, f"b{i}", ready=True, containers=True, ip=f"10.0.1.{i}") for i in range(2))
+    plan = decide(spec, status, _first(60, pods=ready, stable=dep(RB, {**TB, GATED: True})))
+    status = merged(status, plan)
+    assert "currentRevision" not in status and status["rollout"]["phase"] == "Failed"
+    assert plan.stable.template == {**TB, GATED: True} and cond(plan, "Progressing").reason == "FirstRevisionFailed"
