@@ -216,20 +216,37 @@ def _advance(d: _Ctx) -> Plan:
 
 def _rolling(d: _Ctx) -> Plan:
     want = desired_replicas(d.spec)
-    if _stable_done(d, want):
-        return _complete(d, "RolloutComplete", f"revision {d.rev} is rolled out")
-    gpu = _gpu(d, can_dip=True, waiting_reason="RollingOut")
+    # The gate first: a gated rollout is complete only once its evaluation passed, even with no pods to wait for
+    # (replicas 0, scaled to zero), or a later scale-up would mark unscored pods at once.
     gate = _gate(d)
     if gate is not None and gate.verdict in ("failed", "timeout"):
         d.ro["evaluationSpec"] = evaluation.evaluation_hash(d.spec)
         return _fail(d, _GATE_REASONS[gate.verdict], gate.message)
-    failure = _failure(d, want, deadline=gate is None or not gate.running)
+    if _stable_done(d, want) and _gate_open(d):
+        return _complete(d, "RolloutComplete", f"revision {d.rev} is rolled out")
+    gpu = _gpu(d, can_dip=True, waiting_reason="RollingOut")
+    zero = _zero_replicas(d, want)
+    failure = _failure(d, want, deadline=(gate is None or not gate.running) and not zero)
     if failure:
         return _fail(d, *failure)
     stable = DeploymentPlan(d.template, d.rev, want, rolling_strategy(d.spec, bool(d.ro.get("inPlace"))))
-    cond = gpu or (_cond("Progressing", True, "Evaluating", gate.message) if gate and gate.verdict == "pending"
-                   else _rolling_cond(d, want))
+    if gate is not None and gate.verdict == "pending":
+        why = gate.message
+        if zero:
+            why = (f"revision {d.rev} runs 0 replicas: its rollout stays open until a pod of it is evaluated "
+                   f"(the first pod is scored when it scales up)")
+        cond = gpu or _cond("Progressing", True, "Evaluating", why)
+    else:
+        cond = gpu or _rolling_cond(d, want)
     return _finish(d, stable, None, cond)
+
+
+def _zero_replicas(d: _Ctx, want: int | None) -> bool:
+    """No pod of the revision is wanted now (replicas 0, or an autoscaler scaled it to zero): nothing can make
+    progress, so the progress deadline does not run."""
+    if want is None:
+        return d.obs.stable is not None and d.obs.stable.spec_replicas == 0
+    return want == 0
 
 
 def _canary(d: _Ctx) -> Plan:

@@ -500,3 +500,24 @@ def test_a_failed_first_revision_keeps_its_gate_and_is_never_made_current() -> N
     status = merged(status, plan)
     assert "currentRevision" not in status and status["rollout"]["phase"] == "Failed"
     assert plan.stable.template == {**TB, GATED: True} and cond(plan, "Progressing").reason == "FirstRevisionFailed"
+
+
+def test_zero_replicas_keep_a_gated_rollout_open_until_its_first_pod_is_scored() -> None:
+    spec = make_spec(replicas=0)
+    st0 = {**SETTLED, "lastGoodTemplate": {**TA, GATED: True}}
+    status = merged(st0, decide(spec, dict(st0), observe(0, pods=(), stable=dep(RA, {**TA, GATED: True}, 0))))
+    # the Deployment runs the gated RB template at 0 replicas: "done", but nothing was scored
+    plan = decide(spec, status, observe(5, pods=(), stable=dep(RB, {**TB, GATED: True}, 0)))
+    status = merged(status, plan)
+    assert status["currentRevision"] == RA and status["rollout"]["phase"] == "RollingOut"
+    assert RB not in plan.evaluated_revisions and not plan.evaluation_jobs
+    progressing = cond(plan, "Progressing")
+    assert progressing.reason == "Evaluating" and "0 replicas" in progressing.message
+    # no progress deadline while nothing is wanted
+    plan = decide(spec, status, observe(5000, pods=(), stable=dep(RB, {**TB, GATED: True}, 0)))
+    status = merged(status, plan)
+    assert status["rollout"]["phase"] == "RollingOut"
+    # scaled up: its first pod is scored before any of them is marked
+    up = make_spec(replicas=2)
+    plan = decide(up, status, observe(5010, pods=(NEW_POD,), stable=dep(RB, {**TB, GATED: True}, 2, 0)))
+    assert [j.role for j in plan.evaluation_jobs] == [CANDIDATE] and RB not in plan.evaluated_revisions
