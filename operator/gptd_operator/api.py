@@ -492,6 +492,10 @@ class RolloutStatus(BaseModel):
     evaluationSpec: str | None = Field(
         None, description="After an evaluation failure: the spec.evaluation hash it failed under (a change retries)."
     )
+    promoteDeferred: bool | None = Field(
+        None, description="gptd.io/promote was set while the first canary step was being evaluated: honoured once "
+        "the evaluation passed."
+    )
 
 
 class EvaluationStatus(BaseModel):

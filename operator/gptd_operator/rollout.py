@@ -134,6 +134,7 @@ class _Ctx:
     clear: list[str] = field(default_factory=list)
     requeue: list[float] = field(default_factory=list)
     jobs: tuple[EvalJob, ...] = ()
+    gate: tuple[evaluation.Gate | None] | None = None  # _gate's answer, computed once per call
 
     def __post_init__(self) -> None:
         self.original = {k: self.original[k] for k in STATUS_KEYS if k in self.original}
@@ -256,8 +257,23 @@ def _canary(d: _Ctx) -> Plan:
         return _to_promoting(d, "the spec no longer has canary steps left")
     if not d.state.get("lastGoodTemplate"):  # status lost: no baseline to keep serving, so just promote
         return _to_promoting(d, "there is no last good revision to compare against")
+    gate = _gate(d)  # the first step's canary pods are scored before they take traffic
+    if gate is not None and gate.verdict in ("failed", "timeout"):
+        d.ro["evaluationSpec"] = evaluation.evaluation_hash(d.spec)
+        return _fail(d, _GATE_REASONS[gate.verdict], gate.message)
+    deferred = ""
     if d.obs.promote:
-        return _to_promoting(d, f"promoted by {PROMOTE_ANNOTATION}=true")
+        if _gate_open(d):
+            d.ro.pop("promoteDeferred", None)
+            return _to_promoting(d, f"promoted by {PROMOTE_ANNOTATION}=true")
+        # Promoting now would abandon the score the canary waits for: the annotation stays and is honoured once
+        # the evaluation passed (a failed one rolls back as usual).
+        d.clear.remove(PROMOTE_ANNOTATION)
+        deferred = f"; {PROMOTE_ANNOTATION}=true waits for the evaluation to pass"
+        if not d.ro.get("promoteDeferred"):
+            d.ro["promoteDeferred"] = True
+            d.event("Normal", "PromoteDeferred", f"revision {d.rev}: {PROMOTE_ANNOTATION}=true is honoured once its "
+                                                 "evaluation passed")
     steps = canary_spec.steps
     n, weight, pause = len(steps), steps[step].weight, steps[step].pauseSeconds
     count = _canary_replicas(d, weight)
@@ -265,10 +281,6 @@ def _canary(d: _Ctx) -> Plan:
     if ready and not d.ro.get("stepReadyAt"):
         d.ro["stepReadyAt"] = d.now_s
     gpu = _gpu(d, can_dip=d.spec.autoscaling is None, waiting_reason=f"CanaryStep{step + 1}of{n}")
-    gate = _gate(d)  # the first step's canary pods are scored before they take traffic
-    if gate is not None and gate.verdict in ("failed", "timeout"):
-        d.ro["evaluationSpec"] = evaluation.evaluation_hash(d.spec)
-        return _fail(d, _GATE_REASONS[gate.verdict], gate.message)
     failure = _failure(d, count, deadline=gate is None or not gate.running)
     if failure:
         return _fail(d, *failure)
@@ -287,7 +299,7 @@ def _canary(d: _Ctx) -> Plan:
             d.requeue.append(left)
             cond = _cond("Progressing", True, reason, f"{where}; Ready since {d.ro['stepReadyAt']}, pausing {pause}s")
     elif gate is not None and gate.verdict == "pending":
-        cond = gpu or _cond("Progressing", True, reason, f"{where}; {gate.message}")
+        cond = gpu or _cond("Progressing", True, reason, f"{where}; {gate.message}{deferred}")
     else:
         cond = gpu or _cond("Progressing", True, reason, f"{where}; waiting for the canary to be Ready")
     return _finish(d, _baseline_plan(d, count), _canary_plan(d, count), cond)
@@ -329,10 +341,15 @@ def _to_promoting(d: _Ctx, why: str) -> Plan:
 def _promoting(d: _Ctx) -> Plan:
     count = int(d.ro.get("canaryReplicas") or 0)
     want = _stable_replicas(d, count)
-    if _stable_done(d, want):
+    # Promoted before the gate passed (no canary steps left, no last good template): still scored first.
+    gate = _gate(d)
+    if gate is not None and gate.verdict in ("failed", "timeout"):
+        d.ro["evaluationSpec"] = evaluation.evaluation_hash(d.spec)
+        return _fail(d, _GATE_REASONS[gate.verdict], gate.message)
+    if _stable_done(d, want) and _gate_open(d):
         return _complete(d, "Promoted", f"revision {d.rev} is promoted to all replicas")
     gpu = _gpu(d, can_dip=True, waiting_reason="Promoting")
-    failure = _failure(d, want)
+    failure = _failure(d, want, deadline=(gate is None or not gate.running) and not _zero_replicas(d, want))
     if failure:
         return _fail(d, *failure)
     stable = DeploymentPlan(d.template, d.rev, want, rolling_strategy(d.spec, bool(d.ro.get("inPlace"))))
@@ -341,6 +358,8 @@ def _promoting(d: _Ctx) -> Plan:
     updated = _updated(d)
     target = want if want is not None else (s.spec_replicas if s else "?")
     msg = f"promoting revision {d.rev}: {updated}/{target} stable pods updated; the canary stays until they are Ready"
+    if gate is not None and gate.verdict == "pending":
+        msg += f"; {gate.message}"
     return _finish(d, stable, canary, gpu or _cond("Progressing", True, "Promoting", msg))
 
 
@@ -577,6 +596,8 @@ def _gate(d: _Ctx) -> evaluation.Gate | None:
     """The gate of a gated rollout (None when it has none); records status.evaluation and the Jobs it needs."""
     if not (d.ro and d.ro.get("evaluationGate")):
         return None
+    if d.gate is not None:  # once per decide: a phase change within one call must not start or report it twice
+        return d.gate[0]
     current = d.state.get("currentRevision") or d.state.get("lastGoodRevision")
     g = evaluation.gate(d.spec, d.obs.name, d.state, d.rev, current, d.obs.pods, d.obs.evaluation_dataset,
                         d.obs.jobs, d.obs.now)
@@ -589,6 +610,7 @@ def _gate(d: _Ctx) -> evaluation.Gate | None:
         d.event(type_, reason, message)
     if g.requeue is not None:
         d.requeue.append(g.requeue)
+    d.gate = (g,)
     return g
 
 

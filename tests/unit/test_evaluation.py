@@ -3,6 +3,7 @@ and the gate inside the rollout state machine (evaluation.gate via rollout.decid
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -521,3 +522,47 @@ def test_zero_replicas_keep_a_gated_rollout_open_until_its_first_pod_is_scored()
     up = make_spec(replicas=2)
     plan = decide(up, status, observe(5010, pods=(NEW_POD,), stable=dep(RB, {**TB, GATED: True}, 2, 0)))
     assert [j.role for j in plan.evaluation_jobs] == [CANDIDATE] and RB not in plan.evaluated_revisions
+
+
+def test_promote_waits_for_the_first_canary_steps_evaluation() -> None:
+    spec = make_spec(replicas=4, rollout={"strategy": "Canary", "canary": {"steps": [{"weight": 25}, {"weight": 50}]}})
+    status = merged(SETTLED, decide(spec, dict(SETTLED), observe(0, stable=dep(RA, TA, 4))))
+    canary = DeploymentObs(revision=RB, template={**TB, GATED: True}, spec_replicas=1, replicas=1)
+    status = merged(status, decide(spec, status, observe(10, stable=dep(RA, TA, 4), canary=canary,
+                                                         pods=(*OLD_PODS, NEW_POD))))
+    promote = dataclasses.replace(observe(20, stable=dep(RA, TA, 4), canary=canary, pods=(*OLD_PODS, NEW_POD),
+                                          runs=(running(cand_name(spec), 12),)), promote=True)
+    plan = decide(spec, status, promote)
+    status = merged(status, plan)
+    assert status["rollout"]["phase"] == "Canary" and [j.name for j in plan.evaluation_jobs] == [cand_name(spec)]
+    assert "gptd.io/promote" not in plan.annotations_to_clear  # kept: honoured once the evaluation passed
+    assert [e.reason for e in plan.events] == ["PromoteDeferred"] and plan.stable.template == TA
+    assert "waits for the evaluation to pass" in cond(plan, "Progressing").message
+    plan = decide(spec, status, dataclasses.replace(promote, now=at(25)))  # said once
+    status = merged(status, plan)
+    assert not plan.events and status["rollout"]["phase"] == "Canary"
+    passed = dataclasses.replace(promote, now=at(30), jobs=(scored(cand_name(spec), 0.9, 12),))
+    plan = decide(spec, status, passed)
+    status = merged(status, plan)
+    assert status["rollout"]["phase"] == "Promoting" and "gptd.io/promote" in plan.annotations_to_clear
+    assert RB in plan.evaluated_revisions and "promoteDeferred" not in status["rollout"]
+
+
+def test_promoting_before_the_gate_passed_still_gates() -> None:
+    """Promoting without a score (the spec lost its canary steps mid-evaluation): scored before completion."""
+    spec = make_spec(replicas=2)  # RollingUpdate now: no canary steps left
+    status = {**SETTLED, "rollout": {"revision": RB, "phase": "Canary", "step": 0, "startedAt": "2026-01-01T00:00:00Z",
+                                     "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+    plan = decide(spec, status, observe(10, pods=(*OLD_PODS, NEW_POD)))
+    status = merged(status, plan)
+    assert status["rollout"]["phase"] == "Promoting" and [j.role for j in plan.evaluation_jobs] == [CANDIDATE]
+    assert [e.reason for e in plan.events].count("EvaluationStarted") == 1
+    # every stable pod on RB and Ready (gate set by hand): still not complete before the score
+    done = observe(20, stable=dep(RB, {**TB, GATED: True}), pods=(pod(RB, "sent-b1", ready=True, containers=True,
+                                                                      ip="10.0.0.9"),),
+                   runs=(running(cand_name(spec), 12),))
+    plan = decide(spec, status, done)
+    assert plan.status["rollout"]["phase"] == "Promoting" and "currentRevision" in plan.status
+    assert plan.status["currentRevision"] == RA
+    plan = decide(spec, status, dataclasses.replace(done, now=at(30), jobs=(scored(cand_name(spec), 0.1, 12),)))
+    assert plan.status["rollout"]["phase"] == "RolledBack" and plan.status["rollout"]["reason"] == "EvaluationFailed"
