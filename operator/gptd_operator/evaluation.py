@@ -50,6 +50,9 @@ TERMINATION_MESSAGE_LIMIT = 4096  # bytes the kubelet keeps of a termination mes
 # A Job gets this much beyond timeoutSeconds before Kubernetes kills it, so the operator's own timeout (which
 # names the reason) fires first; activeDeadlineSeconds is the backstop when the operator is down.
 JOB_DEADLINE_MARGIN_SECONDS = 60
+# A Job seen Complete whose pod is not (yet) in the watch cache: how long to wait for the pod before giving up on
+# its result (the pod may be gone: deleted by hand, or garbage-collected).
+RESULT_GRACE_SECONDS = 60
 EPSILON = 1e-9  # scores are ratios of small integers: 0.41 >= 0.5 - 0.09 (0.41000000000000003) must hold
 
 
@@ -151,13 +154,21 @@ def _result(message: str) -> Mapping[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-def run_of(job: JobObs) -> EvalRun:
-    """A Job (observe.JobObs: its conditions and its pod's termination message) → EvalRun."""
+def run_of(job: JobObs, now: datetime | None = None) -> EvalRun:
+    """A Job (observe.JobObs: its conditions and its pod's termination message) → EvalRun. The Job and its pod are
+    separate watch streams: a Job seen Complete before its pod's terminated state (which carries the result) is
+    still running; it has no result only once its pod is seen terminated without one, or is gone for good."""
     result = _result(job.message)
     if job.complete or job.succeeded > 0:
-        if result is None or not isinstance(result.get("score"), int | float):
+        if result is not None and isinstance(result.get("score"), int | float):
+            return EvalRun("succeeded", job.start_time, result)
+        if job.exit_code is not None:  # its pod is seen terminated, and said nothing we can judge by
             return EvalRun("failed", job.start_time, result, "the evaluator finished without a result")
-        return EvalRun("succeeded", job.start_time, result)
+        done = job.completion_time or job.start_time
+        if job.pod_name is None and now is not None and _since(now, done) > RESULT_GRACE_SECONDS:
+            return EvalRun("failed", job.start_time, None,
+                           f"the Job completed but its pod is gone after {RESULT_GRACE_SECONDS}s: no result to read")
+        return EvalRun("running", job.start_time, message="the Job completed; waiting for its pod's result")
     failed = job.condition("Failed")
     if job.finally_failed and failed is not None:
         _, reason, message = failed
@@ -167,8 +178,8 @@ def run_of(job: JobObs) -> EvalRun:
     return EvalRun("running", job.start_time)
 
 
-def runs_of(jobs: Sequence[JobObs]) -> dict[str, EvalRun]:
-    return {j.name: run_of(j) for j in jobs if j.purpose == builders.EVALUATION_COMPONENT}
+def runs_of(jobs: Sequence[JobObs], now: datetime | None = None) -> dict[str, EvalRun]:
+    return {j.name: run_of(j, now) for j in jobs if j.purpose == builders.EVALUATION_COMPONENT}
 
 
 # ------------------------------------------------------------------------------------------ the gate
@@ -271,7 +282,7 @@ def gate(
             result = {k: prev.get(k) for k in ("score", "samples", "perLabel")}
             return _judge(spec, Gate("pending", ""), base, result, prev.get("baseline"), "", current, now)
         # no score (timed out, the evaluator failed): measured again below
-    runs = runs_of(jobs)
+    runs = runs_of(jobs, now)
     wanted: list[EvalJob] = []
     out = Gate("pending", "")
 

@@ -238,7 +238,7 @@ def test_run_of_reads_the_result_and_the_failure_from_the_job() -> None:
                               "conditions": [{"type": "Complete", "status": "True"}]}}
     run = run_of(observe_job(done, [_pod_of("j", json.dumps({"score": 0.9, "samples": 4}))]))
     assert run.state == "succeeded" and run.result == {"score": 0.9, "samples": 4}
-    assert run_of(observe_job(done, [])).state == "failed"  # finished, but no result to judge by
+    assert run_of(observe_job(done, [_pod_of("j", "")])).state == "failed"  # finished, no result to judge by
     bad = {**job, "status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True",
                                                           "reason": "BackoffLimitExceeded"}]}}
     error = json.dumps({"error": "dataset x: line 7: not valid JSON", "line": 7})
@@ -566,3 +566,34 @@ def test_promoting_before_the_gate_passed_still_gates() -> None:
     assert plan.status["currentRevision"] == RA
     plan = decide(spec, status, dataclasses.replace(done, now=at(30), jobs=(scored(cand_name(spec), 0.1, 12),)))
     assert plan.status["rollout"]["phase"] == "RolledBack" and plan.status["rollout"]["reason"] == "EvaluationFailed"
+
+
+def _eval_job(**status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "j", "labels": {"app.kubernetes.io/component": "evaluation"}},
+            "status": {"startTime": "2026-01-01T00:00:00Z", **status}}
+
+
+def _eval_pod(state: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": {"name": "j-x1", "creationTimestamp": "2026-01-01T00:00:01Z",
+                         "labels": {"batch.kubernetes.io/job-name": "j"}},
+            "status": {"phase": "Running", "containerStatuses": [{"name": "evaluate", "state": state}]}}
+
+
+def test_a_complete_job_waits_for_its_pods_result_in_either_watch_order() -> None:
+    result = json.dumps({"score": 0.9, "samples": 4})
+    terminated = {"terminated": {"exitCode": 0, "message": result}}
+    complete = _eval_job(succeeded=1, completionTime="2026-01-01T00:01:00Z",
+                         conditions=[{"type": "Complete", "status": "True"}])
+    # the Job's Complete arrives first: its pod is still seen running, or not seen at all yet
+    for pods in ([_eval_pod({"running": {}})], []):
+        run = run_of(observe_job(complete, pods), at(70))
+        assert run.state == "running" and "waiting for its pod's result" in run.message
+    # then the pod's terminated state (with the result) arrives
+    assert run_of(observe_job(complete, [_eval_pod(terminated)]), at(70)).state == "succeeded"
+    # the pod's terminated state first: the Job is not Complete yet, so it still runs; then both
+    assert run_of(observe_job(_eval_job(active=1), [_eval_pod(terminated)]), at(70)).state == "running"
+    # a terminated pod without a result is a failure at once; a Job whose pod is gone past the grace too
+    empty = run_of(observe_job(complete, [_eval_pod({"terminated": {"exitCode": 0}})]), at(70))
+    assert empty.state == "failed" and "without a result" in empty.message
+    gone = run_of(observe_job(complete, []), at(60 + evaluation.RESULT_GRACE_SECONDS + 1))
+    assert gone.state == "failed" and "pod is gone" in gone.message
