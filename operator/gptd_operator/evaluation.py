@@ -293,8 +293,11 @@ def gate(
     if ev.maxRegression is not None and current and current != revision:
         bkey = eval_key(spec, dataset, current)
         cached = state.get("evaluationBaseline") or {}
+        this_rollout = (state.get("rollout") or {}).get("startedAt")
         if cached.get("key") == bkey and cached.get("score") is not None:
             baseline = float(cached["score"])
+        elif cached.get("key") == bkey and cached.get("error") and cached.get("rolloutStartedAt") == this_rollout:
+            baseline_note = str(cached["error"])  # failed once in this rollout: not measured again (no Job loop)
         else:
             bname = names.evaluation_job(name, BASELINE, bkey)
             brun = runs.get(bname)
@@ -312,6 +315,8 @@ def gate(
                 why = "timed out" if brun.state == "running" or brun.deadline_exceeded else brun.message
                 baseline_note = f"the baseline (revision {current}) could not be measured ({why}): judged on minScore"
                 out.events.append(("Warning", "BaselineUnavailable", baseline_note))
+                out.baseline = {"key": bkey, "revision": current, "error": baseline_note,
+                                "rolloutStartedAt": this_rollout, "finishedAt": format_time(now)}
             else:
                 wanted.append(EvalJob(BASELINE, bname, bkey, current, "", ""))
                 baseline_pending = True

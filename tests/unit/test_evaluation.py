@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from gptd_operator import api, builders, crd, evaluation, names
 from gptd_operator.api import InvalidSpec
-from gptd_operator.evaluation import BASELINE, CANDIDATE, run_of
+from gptd_operator.evaluation import BASELINE, CANDIDATE, eval_key, run_of
 from gptd_operator.observe import DeploymentObs, JobObs, Observations, PodObs, observe_job, observe_pod
 from gptd_operator.rollout import decide
 from gptd_operator.settings import Settings
@@ -597,3 +597,31 @@ def test_a_complete_job_waits_for_its_pods_result_in_either_watch_order() -> Non
     assert empty.state == "failed" and "without a result" in empty.message
     gone = run_of(observe_job(complete, []), at(60 + evaluation.RESULT_GRACE_SECONDS + 1))
     assert gone.state == "failed" and "pod is gone" in gone.message
+
+
+def test_a_failed_baseline_is_recorded_and_not_recreated_in_this_rollout() -> None:
+    spec = make_spec({**EVAL, "maxRegression": 0.02})
+    status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                                     "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+    bfail = failed(base_name(spec), message=json.dumps({"error": "cannot reach http://10.0.0.1:8000"}))
+    plan = decide(spec, status, observe(30, pods=(*OLD_PODS, NEW_POD), runs=(bfail, running(cand_name(spec), 20))))
+    status = merged(status, plan)
+    assert [j.role for j in plan.evaluation_jobs] == [CANDIDATE]  # the failed baseline Job goes
+    assert [e.reason for e in plan.events] == ["BaselineUnavailable"]
+    record = status["evaluationBaseline"]
+    assert record["key"] == eval_key(spec, DATASET, RA) and "cannot reach" in record["error"]
+    assert "score" not in record and record["rolloutStartedAt"] == "2026-01-01T00:00:00Z"
+    # its Job deleted: not created again, no second Warning
+    plan = decide(spec, status, observe(35, pods=(*OLD_PODS, NEW_POD), runs=(running(cand_name(spec), 20),)))
+    status = merged(status, plan)
+    assert [j.role for j in plan.evaluation_jobs] == [CANDIDATE] and not plan.events
+    # judged on minScore, the reason in the message
+    plan = decide(spec, status, observe(40, pods=(*OLD_PODS, NEW_POD), runs=(scored(cand_name(spec), 0.9, 20),)))
+    ev = plan.status["evaluation"]
+    assert ev["passed"] is True and "cannot reach" in ev["message"] and "judged on minScore" in ev["message"]
+    assert "BaselineUnavailable" not in {e.reason for e in plan.events}
+    # a later rollout (another start) measures it again
+    later = {**status, "rollout": {**status["rollout"], "startedAt": "2026-01-02T00:00:00Z"}}
+    later.pop("evaluation")
+    plan = decide(spec, later, observe(50, pods=(*OLD_PODS, NEW_POD)))
+    assert BASELINE in [j.role for j in plan.evaluation_jobs]
