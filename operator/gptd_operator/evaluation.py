@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,7 +31,7 @@ from gptd_common.eval_dataset import DatasetError, parse_dataset
 
 from . import builders, names
 from .api import GPTDeploymentSpec, InvalidSpec
-from .observe import JobObs, PodObs, format_time
+from .observe import JobObs, PodObs, format_time, parse_time
 from .settings import Settings
 
 GATE_CONDITION = builders.GATE_CONDITION
@@ -159,6 +159,9 @@ def run_of(job: JobObs, now: datetime | None = None) -> EvalRun:
     separate watch streams: a Job seen Complete before its pod's terminated state (which carries the result) is
     still running; it has no result only once its pod is seen terminated without one, or is gone for good."""
     result = _result(job.message)
+    # The timeout counts from the Job's start; a Job not started (suspended by a queue, controller lag) from its
+    # creation, so it still times out.
+    job = job if job.start_time is not None else replace(job, start_time=job.created)
     if job.complete or job.succeeded > 0:
         if result is not None and isinstance(result.get("score"), int | float):
             return EvalRun("succeeded", job.start_time, result)
@@ -273,6 +276,9 @@ def gate(
     key = eval_key(spec, dataset, revision)
     spec_hash = evaluation_hash(spec)
     base = {"revision": revision, "key": key, "dataset": dataset, "metric": metric, "specHash": spec_hash}
+    # When this key's Job was created (recorded by the pass that asked for it): the timeout's last resort when the
+    # Job shows neither a startTime nor a creationTimestamp.
+    created_at = prev.get("startedAt") if prev.get("key") == key and prev.get("passed") is None else None
     if prev.get("revision") == revision and prev.get("key") == key and prev.get("passed") is not None:
         if prev.get("specHash") in (None, spec_hash):
             return _final(prev)
@@ -336,11 +342,11 @@ def gate(
         out.jobs = tuple(wanted)
         out.running = True
         out.message = f"evaluating revision {revision} on pod {pod.name} ({metric}, dataset {dataset})"
-        out.evaluation = {**base, "message": out.message}
+        out.evaluation = {**base, "message": out.message, "startedAt": format_time(now)}
         out.requeue = float(ev.timeoutSeconds)
         out.events.append(("Normal", "EvaluationStarted", out.message))
         return out
-    elapsed = _since(now, run.started)
+    elapsed = _since(now, run.started or parse_time(created_at) or now)
     if (run.state == "running" and elapsed <= ev.timeoutSeconds) or (run.state == "succeeded" and baseline_pending):
         wanted.append(EvalJob(CANDIDATE, cname, key, revision, "", ""))
         out.jobs = tuple(wanted)
@@ -348,7 +354,7 @@ def gate(
         waiting = ("the baseline" if run.state == "succeeded"
                    else f"the evaluator ({int(elapsed)}s of {ev.timeoutSeconds}s)")
         out.message = f"evaluating revision {revision} (Job {cname}): waiting for {waiting}"
-        out.evaluation = {**base, "message": out.message}
+        out.evaluation = {**base, "message": out.message, "startedAt": created_at or format_time(now)}
         out.requeue = max(1.0, ev.timeoutSeconds - elapsed)
         return out
     finished = format_time(now)

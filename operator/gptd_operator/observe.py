@@ -72,6 +72,7 @@ class JobObs:
     conditions: tuple[tuple[str, str, str, str], ...] = ()
     start_time: datetime | None = None
     completion_time: datetime | None = None
+    created: datetime | None = None  # metadata.creationTimestamp (a suspended Job has no startTime)
     pod_name: str | None = None  # the latest pod of the Job (by creation time, then name)
     pod_phase: str | None = None
     exit_code: int | None = None  # its container's state.terminated (or lastState.terminated)
@@ -255,6 +256,7 @@ def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dic
         conditions=conditions,
         start_time=parse_time(status.get("startTime")),
         completion_time=parse_time(status.get("completionTime")),
+        created=parse_time(meta.get("creationTimestamp")),
         pod_name=pod_name,
         pod_phase=pod_phase,
         exit_code=exit_code,

@@ -625,3 +625,26 @@ def test_a_failed_baseline_is_recorded_and_not_recreated_in_this_rollout() -> No
     later.pop("evaluation")
     plan = decide(spec, later, observe(50, pods=(*OLD_PODS, NEW_POD)))
     assert BASELINE in [j.role for j in plan.evaluation_jobs]
+
+
+def test_a_job_without_a_start_time_still_times_out() -> None:
+    spec = make_spec()
+    status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                                     "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+    # suspended by a queue: no startTime; its creationTimestamp counts
+    suspended = JobObs(name=cand_name(spec), revision=None, purpose="evaluation", created=at(10),
+                       conditions=(("Suspended", "True", "JobSuspended", ""),))
+    plan = decide(spec, status, observe(600, pods=(*OLD_PODS, NEW_POD), runs=(suspended,)))
+    assert plan.status["rollout"]["phase"] == "RollingOut" and plan.requeue_after == 10
+    plan = decide(spec, status, observe(611, pods=(*OLD_PODS, NEW_POD), runs=(suspended,)))
+    assert plan.status["rollout"]["reason"] == "EvaluationTimeout"
+    # neither startTime nor creationTimestamp seen: from status.evaluation.startedAt, set when the Job was asked for
+    plan = decide(spec, status, observe(5, pods=(*OLD_PODS, NEW_POD)))
+    asked = merged(status, plan)
+    assert asked["evaluation"]["startedAt"] == "2026-01-01T00:00:05Z"
+    bare = JobObs(name=cand_name(spec), revision=None, purpose="evaluation")
+    plan = decide(spec, asked, observe(300, pods=(*OLD_PODS, NEW_POD), runs=(bare,)))
+    asked = merged(asked, plan)
+    assert asked["rollout"]["phase"] == "RollingOut" and asked["evaluation"]["startedAt"] == "2026-01-01T00:00:05Z"
+    plan = decide(spec, asked, observe(606, pods=(*OLD_PODS, NEW_POD), runs=(bare,)))
+    assert plan.status["rollout"]["reason"] == "EvaluationTimeout"
