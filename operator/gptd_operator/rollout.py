@@ -153,7 +153,7 @@ class _Ctx:
         """The desired revision's template, with the readiness gate when this rollout is gated."""
         if self.ro and self.ro.get("evaluationGate"):
             return {**self.obs.desired_template, TEMPLATE_GATE_KEY: True}
-        return self.obs.desired_template
+        return _served_template(self)  # the last good revision keeps the gate it was rolled out with
 
     @property
     def now_s(self) -> str:
@@ -195,7 +195,10 @@ def _start(d: _Ctx) -> Plan:
         "progressAt": d.now_s,
         "readyPods": 0,
     }
-    if d.spec.evaluation is not None:  # decided now, for this revision: a later spec.evaluation edit rolls nothing
+    # Decided now, for this revision: a later spec.evaluation edit rolls nothing. A revision that already served
+    # (back to it mid-rollout) passed or predates the gate: it is not scored again.
+    served = d.rev in (d.state.get("currentRevision"), d.state.get("lastGoodRevision"))
+    if d.spec.evaluation is not None and not served:
         d.state["rollout"]["evaluationGate"] = True
     current = d.state.get("currentRevision")
     how = "canary" if canary else "rolling update"

@@ -648,3 +648,21 @@ def test_a_job_without_a_start_time_still_times_out() -> None:
     assert asked["rollout"]["phase"] == "RollingOut" and asked["evaluation"]["startedAt"] == "2026-01-01T00:00:05Z"
     plan = decide(spec, asked, observe(606, pods=(*OLD_PODS, NEW_POD), runs=(bare,)))
     assert plan.status["rollout"]["reason"] == "EvaluationTimeout"
+
+
+def test_going_back_to_the_serving_revision_mid_rollout_does_not_gate_it() -> None:
+    spec = make_spec()
+    status = merged(SETTLED, decide(spec, dict(SETTLED), observe(0)))
+    back = Observations(now=at(10), desired_template=TA, desired_revision=RA, name=NAME,
+                        stable=dep(RB, {**TB, GATED: True}), canary=None, pods=(*OLD_PODS, NEW_POD),
+                        evaluation_dataset=DATASET)
+    plan = decide(spec, status, back)
+    status = merged(status, plan)
+    assert plan.stable.template == TA and not plan.evaluation_jobs  # served ungated: not re-gated, not scored
+    assert "evaluationGate" not in status["rollout"] and RA in plan.evaluated_revisions
+    # one that was rolled out with the gate keeps it (its template must not change)
+    gated = {**SETTLED, "lastGoodTemplate": {**TA, GATED: True}}
+    status = merged(gated, decide(spec, dict(gated), observe(0)))
+    plan = decide(spec, status, back)
+    assert plan.stable.template == {**TA, GATED: True} and not plan.evaluation_jobs
+    assert "evaluationGate" not in merged(status, plan)["rollout"] and RA in plan.evaluated_revisions
