@@ -127,6 +127,16 @@ def pvc_identity(spec: GPTDeploymentSpec) -> str:
     return f"pvc {spec.evaluation.dataset.pvc}"  # type: ignore[union-attr]
 
 
+def judged_dataset(spec: GPTDeploymentSpec, status: Mapping[str, Any], revision: str) -> str | None:
+    """The dataset identity ``revision`` already has a verdict on under the current spec.evaluation (None when it
+    has none): the dataset is then not read again, so deleting or editing it after the verdict changes nothing."""
+    ev = status.get("evaluation") or {}
+    if (ev.get("revision") == revision and ev.get("passed") is not None and ev.get("dataset")
+            and ev.get("specHash") == evaluation_hash(spec)):
+        return str(ev["dataset"])
+    return None
+
+
 def pvc_claim(spec: GPTDeploymentSpec) -> tuple[str, str]:
     claim, _, path = (spec.evaluation.dataset.pvc or "").partition("/")  # type: ignore[union-attr]
     return claim, path

@@ -330,12 +330,11 @@ class Reconciler:
         if spec.evaluation is None:
             return True, None
         revision = builders.revision_hash(builders.revision_template(spec, self.settings))
-        ro = p.previous.get("rollout") or {}
-        same = ro.get("revision") == revision
-        if same and (ro.get("phase") in rollout.HOLD_PHASES or not ro.get("evaluationGate")):
-            return True, None  # held after a failure, or an ungated rollout: nothing to score
-        if not same and ro.get("phase") not in rollout.ACTIVE_PHASES and revision == p.previous.get("currentRevision"):
-            return True, None  # settled: spec.evaluation applies to the next revision
+        if not rollout.needs_dataset(spec, p.previous, revision):
+            return True, None  # settled, ungated, held under the same spec.evaluation, or back to the served one
+        judged = evaluation.judged_dataset(spec, p.previous, revision)
+        if judged is not None:
+            return True, judged  # the verdict is in: its pods are marked whatever happens to the dataset now
         try:
             ds = spec.evaluation.dataset
             if ds.configMapRef is not None:

@@ -122,6 +122,23 @@ def decide(spec: GPTDeploymentSpec, status: dict[str, Any], obs: Observations) -
     return _start(d)
 
 
+def needs_dataset(spec: GPTDeploymentSpec, status: dict[str, Any], revision: str) -> bool:
+    """Whether ``decide`` may gate ``revision`` on this pass, so the handlers must read and check the evaluation
+    dataset first (before any pod of it is rolled). Mirrors decide's dispatch: a gated rollout in flight, one about
+    to start, or a held failure that a changed spec.evaluation retries; not a settled CR, an ungated rollout, a
+    held failure under the same spec.evaluation, or a return to the serving revision."""
+    if spec.evaluation is None:
+        return False
+    ro = status.get("rollout") or {}
+    phase = ro.get("phase")
+    if ro.get("revision") == revision:
+        if phase in HOLD_PHASES:
+            return bool(ro.get("evaluationSpec")) and ro["evaluationSpec"] != evaluation.evaluation_hash(spec)
+        if phase in ACTIVE_PHASES:
+            return bool(ro.get("evaluationGate"))
+    return revision not in (status.get("currentRevision"), status.get("lastGoodRevision"))
+
+
 @dataclass
 class _Ctx:
     """The working state of one ``decide`` call."""

@@ -3,11 +3,12 @@ builders and the status merge a handler does (shared by tests/unit/test_evaluati
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from gptd_operator import api, builders, names
+from gptd_operator import api, builders, evaluation, names, rollout
 from gptd_operator.evaluation import BASELINE, CANDIDATE, eval_key
 from gptd_operator.observe import DeploymentObs, JobObs, Observations, PodObs
 
@@ -96,3 +97,12 @@ def merged(status: dict[str, Any], plan: Any) -> dict[str, Any]:
 
 def cond(plan: Any, type_: str) -> Any:
     return next(c for c in plan.conditions if c.type == type_)
+
+
+def as_handlers_pass(spec: api.GPTDeploymentSpec, status: dict[str, Any], obs: Observations) -> Observations:
+    """``obs`` with the dataset identity the handlers really pass to decide (handlers._check_dataset): read only when
+    rollout.needs_dataset says this pass may gate; the recorded one once the revision has a verdict."""
+    if not rollout.needs_dataset(spec, status, obs.desired_revision):
+        return dataclasses.replace(obs, evaluation_dataset=None)
+    judged = evaluation.judged_dataset(spec, status, obs.desired_revision)
+    return dataclasses.replace(obs, evaluation_dataset=judged or obs.evaluation_dataset)

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from gptd_operator import api, builders, crd, evaluation, names
+from gptd_operator import api, builders, crd, evaluation, names, rollout
 from gptd_operator.api import InvalidSpec
 from gptd_operator.evaluation import BASELINE, CANDIDATE, eval_key, run_of
 from gptd_operator.observe import DeploymentObs, JobObs, Observations, PodObs, observe_job, observe_pod
@@ -27,6 +27,7 @@ from tests.support.evaluation import (
     SETTLED,
     TA,
     TB,
+    as_handlers_pass,
     at,
     base_name,
     cand_name,
@@ -444,6 +445,7 @@ def test_first_revision_is_scored_against_min_score_only() -> None:
                                              evaluation_dataset=DATASET, jobs=(scored(cand_name(spec), 0.5),)))
     ro = plan.status["rollout"]
     assert ro["phase"] == "Failed" and ro["reason"] == "EvaluationFailed"  # nothing to roll back to; no traffic
+    assert plan.stable.template == {**TB, GATED: True} and RB not in plan.evaluated_revisions  # still gated
 
 
 def test_a_changed_evaluation_spec_retries_a_held_failure() -> None:
@@ -455,12 +457,17 @@ def test_a_changed_evaluation_spec_retries_a_held_failure() -> None:
     plan = decide(spec, status, observe(30, pods=(*OLD_PODS, NEW_POD), runs=(scored(cand_name(spec), 0.6),)))
     held = merged(status, plan)
     assert held["rollout"]["phase"] == "RolledBack" and held["rollout"]["evaluationSpec"]
-    # the same spec: held, nothing runs
-    again = decide(spec, held, observe(40, pods=(*OLD_PODS, NEW_POD)))
+    # the same spec: held, nothing runs, and the handlers read no dataset for it
+    same = as_handlers_pass(spec, held, observe(40, pods=(*OLD_PODS, NEW_POD)))
+    assert same.evaluation_dataset is None
+    again = decide(spec, held, same)
     assert again.stable.revision == RA and not again.evaluation_jobs
-    # a lower bar: the rollout starts again and the stored 0.6 passes at once, without a Job
+    # a lower bar: the handlers check the dataset first (the retried revision is refused before any pod when it is
+    # bad); the rollout starts again and the stored 0.6 passes at once, without a Job
     lower = make_spec({**EVAL, "minScore": 0.5})
-    plan = decide(lower, held, observe(50, pods=(*OLD_PODS, NEW_POD)))
+    retry = as_handlers_pass(lower, held, observe(50, pods=(*OLD_PODS, NEW_POD)))
+    assert retry.evaluation_dataset == DATASET
+    plan = decide(lower, held, retry)
     st = merged(held, plan)
     assert st["rollout"]["phase"] == "RollingOut" and st["rollout"]["revision"] == RB
     assert st["evaluation"]["passed"] is True and st["evaluation"]["score"] == 0.6
@@ -473,7 +480,7 @@ def test_a_changed_evaluation_spec_retries_a_held_failure() -> None:
     timed_out = merged(status, plan)
     assert timed_out["rollout"]["reason"] == "EvaluationTimeout"
     longer = make_spec({**EVAL, "timeoutSeconds": 1800})
-    plan = decide(longer, timed_out, observe(710, pods=(*OLD_PODS, NEW_POD)))
+    plan = decide(longer, timed_out, as_handlers_pass(longer, timed_out, observe(710, pods=(*OLD_PODS, NEW_POD))))
     assert [j.role for j in plan.evaluation_jobs] == [CANDIDATE] and plan.evaluation_jobs[0].ip == "10.0.0.9"
     assert merged(timed_out, plan)["rollout"]["phase"] == "RollingOut"
 
@@ -666,3 +673,25 @@ def test_going_back_to_the_serving_revision_mid_rollout_does_not_gate_it() -> No
     plan = decide(spec, status, back)
     assert plan.stable.template == {**TA, GATED: True} and not plan.evaluation_jobs
     assert "evaluationGate" not in merged(status, plan)["rollout"] and RA in plan.evaluated_revisions
+
+
+def test_the_dataset_is_read_only_while_it_can_gate_and_not_after_the_verdict() -> None:
+    spec = make_spec()
+    rolling = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "evaluationGate": True}}
+    assert rollout.needs_dataset(spec, dict(SETTLED), RB)  # about to start a gated rollout
+    assert rollout.needs_dataset(spec, rolling, RB)
+    assert not rollout.needs_dataset(spec, dict(SETTLED), RA)  # settled
+    assert not rollout.needs_dataset(spec, rolling, RA)  # back to the serving revision: not gated
+    assert not rollout.needs_dataset(make_spec(None), rolling, RB)
+    assert not rollout.needs_dataset(spec, {**rolling, "rollout": {"revision": RB, "phase": "RollingOut"}}, RB)
+    held = {**SETTLED, "rollout": {"revision": RB, "phase": "RolledBack",
+                                   "evaluationSpec": evaluation.evaluation_hash(spec)}}
+    assert not rollout.needs_dataset(spec, held, RB)  # held under the same spec.evaluation
+    assert rollout.needs_dataset(make_spec({**EVAL, "minScore": 0.5}), held, RB)  # retried: checked first
+    # once the revision has a verdict under this spec.evaluation, the recorded identity is used (no read)
+    plan = decide(spec, rolling, observe(30, pods=(*OLD_PODS, NEW_POD), runs=(scored(cand_name(spec), 0.9),)))
+    passed = merged(rolling, plan)
+    assert evaluation.judged_dataset(spec, passed, RB) == DATASET
+    assert evaluation.judged_dataset(make_spec({**EVAL, "minScore": 0.5}), passed, RB) is None  # re-judged
+    assert evaluation.judged_dataset(spec, passed, RA) is None
+    assert evaluation.judged_dataset(spec, rolling, RB) is None  # no verdict yet
