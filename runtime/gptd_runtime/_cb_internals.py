@@ -40,7 +40,7 @@ INTERNALS: tuple[tuple[str, str], ...] = (
     ("PagedAttentionCache", "layer_to_allocator"),
     ("FullAttentionCacheAllocator", "_kv_token_views"),
     ("FullAttentionCacheAllocator", "index"),
-    ("FullAttentionCacheAllocator", "update"),
+    ("PagedAttentionCache", "update"),
     # What place_kv_per_layer re-points at per-layer storage (and the names it swaps while the cache is built).
     ("FullAttentionCacheAllocator", "_kv_page_views"),
     ("FullAttentionCacheAllocator", "_copy_view"),
@@ -55,6 +55,12 @@ INTERNALS: tuple[tuple[str, str], ...] = (
     ("PagedAttentionArgs", "cu_seq_lens_q"),
     ("PagedAttentionArgs", "cu_seq_lens_k"),
     ("PagedAttentionArgs", "read_index"),
+    ("PagedAttentionArgs", "write_index"),
+    ("PagedAttentionArgs", "max_length_k"),
+    ("PagedAttentionArgs", "block_table"),
+    ("FullAttentionCacheAllocator", "layer_type"),
+    # Skipped per forward pass by skip_padding_check.
+    ("PreTrainedModel", "warn_if_padding_and_no_attention_mask"),
     # The model config's attention implementation, switched after init_continuous_batching (set_attention).
     ("PretrainedConfig", "_attn_implementation"),
 )
@@ -87,6 +93,9 @@ def _objects(manager: Any) -> dict[str, Any]:
     objs["RequestState"] = RequestState
     objs["PagedAttentionArgs"] = PagedAttentionArgs
     objs["PretrainedConfig"] = getattr(bp, "config", None)  # the model's own config instance
+    from transformers import PreTrainedModel
+
+    objs["PreTrainedModel"] = PreTrainedModel
     from transformers.generation.continuous_batching import cache as cache_module
     from transformers.generation.continuous_batching import continuous_api
 
@@ -164,6 +173,24 @@ def set_attention(model: Any, name: str) -> None:
     model.config._attn_implementation = name
 
 
+def skip_padding_check(model: Any) -> int:
+    """Turn off, on this model's instances, the check that every forward pass without an attention mask makes
+    (PreTrainedModel.warn_if_padding_and_no_attention_mask: `pad_token_id in input_ids[:, [-1, 0]]`, a tensor
+    op and a host sync, ~3 % of a batch-1 step on CPU, a stall per step on GPUs) only to warn once. Continuous
+    batching packs requests into one row without padding and passes no mask by design. Returns how many
+    modules were changed."""
+    changed = 0
+    for module in model.modules():
+        if hasattr(module, "warn_if_padding_and_no_attention_mask"):
+            module.warn_if_padding_and_no_attention_mask = _no_padding_warning
+            changed += 1
+    return changed
+
+
+def _no_padding_warning(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
 def attention_implementation(model: Any) -> str:
     return model.config._attn_implementation
 
@@ -184,11 +211,14 @@ def forget_handler(manager: Any, request_id: str) -> None:
 
 
 def make_cache_write_only(cache: Any) -> dict[int, int] | None:
-    """Make the paged cache's full-attention allocators write-only: `update` stores the new K/V and returns the
-    whole cache tensors (attention.py then gathers each request's keys itself with the batch's `read_index`),
-    skipping the manager's read-back copy of every cached token of the batch, per layer, for K and V.
-    Returns {layer index: allocator index}, or None (nothing changed) unless every allocator is plain full
-    attention."""
+    """Make the paged cache write-only for gptd's attention: its `update` stores the new K/V and returns the whole
+    cache tensors token-major ([rows, kv heads, dim]; attention.py then gathers each request's keys itself with
+    the batch's `read_index`), skipping the manager's read-back copy of every cached token of the batch, per
+    layer, for K and V, and the squeeze/transpose round trips of transformers' update (PagedAttentionCache.update
+    reshapes to token-major and back; attention.py would reshape again). Returns {layer index: allocator index},
+    or None (nothing changed) unless every allocator is plain full attention."""
+    import torch
+
     allocators = dict(getattr(cache, "layer_to_allocator", {}))
     if not allocators or any(
         type(a).__name__ != _FULL_ATTENTION_ALLOCATOR or not hasattr(a, "_kv_token_views")
@@ -196,19 +226,24 @@ def make_cache_write_only(cache: Any) -> dict[int, int] | None:
     ):
         return None
 
-    def write_only(allocator: Any) -> Any:
-        def update(key_states: Any, value_states: Any, layer_idx: int, read_index: Any, write_index: Any) -> Any:
-            k_cache, v_cache = allocator._kv_token_views[layer_idx]
-            k_cache.index_copy_(0, write_index, key_states)
-            v_cache.index_copy_(0, write_index, value_states)
-            if read_index.numel() == 0:  # nothing cached yet: the new tokens are all there is
-                return key_states, value_states
-            return k_cache, v_cache
+    def update(key_states: Any, value_states: Any, layer_idx: int, kwargs: dict[str, Any]) -> Any:
+        allocator = allocators[layer_idx]
+        # What transformers' update sets for the attention call: this layer type's key lengths.
+        cu_k = kwargs["cu_seq_lens_k"][allocator.layer_type]
+        kwargs["cu_seq_lens_k"] = cu_k if cu_k.dtype == torch.int32 else cu_k.to(torch.int32)
+        kwargs["max_length_k"] = kwargs["max_length_k"][allocator.layer_type]
+        if kwargs.get("block_table") is not None:  # flash kernels' decode path: never with gptd's attention
+            raise RuntimeError("gptd attention: unexpected block-table batch")
+        k_cache, v_cache = allocator._kv_token_views[layer_idx]
+        k, v = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)  # [new tokens, kv heads, dim]
+        write_index = kwargs["write_index"][allocator.index]
+        k_cache.index_copy_(0, write_index, k)
+        v_cache.index_copy_(0, write_index, v)
+        if kwargs["read_index"][allocator.index].numel() == 0:  # nothing cached yet: the new tokens are all there is
+            return k, v
+        return k_cache, v_cache
 
-        return update
-
-    for allocator in {id(a): a for a in allocators.values()}.values():
-        allocator.update = write_only(allocator)
+    cache.update = update
     return {layer: a.index for layer, a in allocators.items()}
 
 

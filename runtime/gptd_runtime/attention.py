@@ -114,7 +114,14 @@ class VarlenAttention:
         unsupported = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
         if unsupported or query.shape[0] != 1:
             raise NotImplementedError(f"{NAME}: unsupported attention arguments {unsupported or ['batch > 1']}")
-        gqa = query.shape[1] != key.shape[1]
+        # K/V token-major ([tokens, kv heads, dim]: the lean cache update, _cb_internals.make_cache_write_only) or
+        # transformers' layout ([1, kv heads, tokens, dim], a view of the same token-major storage).
+        if key.dim() == 3:
+            kt, vt = key, value
+        else:
+            kt, vt = key[0].transpose(0, 1), value[0].transpose(0, 1)
+        kv_heads = kt.shape[1]
+        gqa = query.shape[1] != kv_heads
         cached = self._pass
         if cached is not None and cached[0] is cu_q and cached[1] is cu_k and cached[2] == (cu_q._version,
                                                                                              cu_k._version):
@@ -123,9 +130,10 @@ class VarlenAttention:
             cq, ck = cu_q.tolist(), cu_k.tolist()
             lq = [b - a for a, b in itertools.pairwise(cq)]
             lk = [b - a for a, b in itertools.pairwise(ck)]
-            layout = self._layout(lq, lk, cq, ck, query.device)
+            # One decoding request (batch 1): its keys are the whole packed row, no layout tensors are needed.
+            layout = None if lq == [1] else self._layout(lq, lk, cq, ck, query.device)
             self._pass = (cu_q, cu_k, (cu_q._version, cu_k._version), cq, ck, lq, lk, layout)
-        q, k, v = query[0], key[0], value[0]  # [heads, tokens, head_dim]
+        q = query[0]  # [heads, tokens, head_dim]
         # With direct reads, K/V are the whole cache and the packed row is read_index into it; otherwise K/V are the
         # packed row itself (the manager's read-back copy, or only new tokens when nothing was cached).
         token_index = None
@@ -133,8 +141,11 @@ class VarlenAttention:
         if group is not None:
             read_index = kwargs["read_index"][group]
             token_index = read_index if read_index.numel() else None
-        # K/V are token-major ([tokens, heads, dim] seen transposed): gather whole token rows.
-        kt, vt = k.transpose(0, 1), v.transpose(0, 1)
+        if layout is None:  # batch 1, decoding: attend to every key of the row (index_select of whole token rows)
+            kd = kt[: lk[0]] if token_index is None else torch.index_select(kt, 0, token_index)
+            vd = vt[: lk[0]] if token_index is None else torch.index_select(vt, 0, token_index)
+            od = sdpa(q[None], kd.transpose(0, 1)[None], vd.transpose(0, 1)[None], scale=scaling, enable_gqa=gqa)
+            return od.transpose(1, 2), None  # [1, 1, heads, head_dim]
         qpos, idx, valid, others, only_decode = layout
         if qpos is not None:
             n, width = idx.shape
@@ -145,8 +156,8 @@ class VarlenAttention:
             else:
                 flat = token_index[idx.view(-1)]
                 self._flat = (token_index, token_index._version, flat)
-            kd = torch.index_select(kt, 0, flat).view(n, width, k.shape[0], -1).transpose(1, 2)
-            vd = torch.index_select(vt, 0, flat).view(n, width, v.shape[0], -1).transpose(1, 2)
+            kd = torch.index_select(kt, 0, flat).view(n, width, kv_heads, -1).transpose(1, 2)
+            vd = torch.index_select(vt, 0, flat).view(n, width, kv_heads, -1).transpose(1, 2)
             if only_decode:
                 od = sdpa(q.transpose(0, 1).unsqueeze(2), kd, vd, attn_mask=valid, scale=scaling, enable_gqa=gqa)
                 return od.transpose(1, 2).reshape(1, n, q.shape[0], q.shape[2]), None
@@ -160,7 +171,7 @@ class VarlenAttention:
                 continue
             qi = q[None, :, cq[i] : cq[i + 1]]
             if token_index is None:
-                ki, vi = k[None, :, ck[i] : ck[i + 1]], v[None, :, ck[i] : ck[i + 1]]
+                ki, vi = kt[ck[i] : ck[i + 1]].transpose(0, 1)[None], vt[ck[i] : ck[i + 1]].transpose(0, 1)[None]
             else:
                 rows = token_index[ck[i] : ck[i + 1]]
                 ki = torch.index_select(kt, 0, rows).transpose(0, 1)[None]

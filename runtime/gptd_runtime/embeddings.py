@@ -1,8 +1,10 @@
 """Embeddings for any loaded model (generation and classification models alike), for `POST /v1/embeddings`.
 
 Pooling: the mean of the last hidden state over the input's tokens, L2-normalised (so cosine similarity is a
-dot product, as with OpenAI's embeddings). Each input runs alone (no padding), so a vector depends only on its
-input, never on what else is in the request: the same input always gives the same vector.
+dot product, as with OpenAI's embeddings). The inputs of one request run as padded batches (sorted by length, so
+little padding; right padding with an attention mask, so no real token sees a pad token and positions are
+unchanged): a vector equals the one its input gets alone up to floating-point summation order (~1e-7), and the
+same request always gives the same vectors.
 
 The forward passes run on their own worker thread, on a *view* of the model: a copy of its module tree that
 shares every weight tensor (no extra memory for weights) but has its own config. The generation engine
@@ -18,6 +20,25 @@ from typing import Any
 
 from .engine import QueueFullError
 from .loading import LoadedModel
+
+# One forward pass embeds at most this many (padded) tokens, or this many inputs.
+BATCH_TOKENS = 8192
+BATCH_INPUTS = 64
+
+
+def padded_batches(lengths: list[int], max_tokens: int = BATCH_TOKENS, max_inputs: int = BATCH_INPUTS,
+                   ) -> list[list[int]]:
+    """Pure: input indices grouped into batches, shortest first, each within ``max_inputs`` inputs and
+    ``max_tokens`` tokens once padded to its longest input (an input longer than that runs alone)."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        last = batches[-1] if batches else None
+        # Sorted ascending: input i is the longest of the batch it joins.
+        if last is not None and len(last) < max_inputs and (len(last) + 1) * lengths[i] <= max_tokens:
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def shared_weights_view(model: Any) -> Any:
@@ -58,15 +79,23 @@ class Embedder:
     def _embed(self, inputs: list[list[int]]) -> list[list[float]]:
         import torch
 
-        out = []
+        out: list[list[float]] = [[] for _ in inputs]
         with torch.inference_mode():
-            for ids in inputs:
-                x = torch.tensor([ids], device=self.device)
-                mask = torch.ones_like(x)  # unpadded; passing it keeps transformers from guessing padding
+            for batch in padded_batches([len(ids) for ids in inputs], BATCH_TOKENS, BATCH_INPUTS):
+                width = max(len(inputs[i]) for i in batch)
+                x = torch.zeros(len(batch), width, dtype=torch.long)
+                mask = torch.zeros(len(batch), width, dtype=torch.long)
+                for row, i in enumerate(batch):
+                    x[row, : len(inputs[i])] = torch.tensor(inputs[i])
+                    mask[row, : len(inputs[i])] = 1
+                x, mask = x.to(self.device), mask.to(self.device)
                 hidden = self._model(input_ids=x, attention_mask=mask, output_hidden_states=True,
-                                     use_cache=False).hidden_states[-1]
-                pooled = hidden[0].float().mean(dim=0)
-                out.append(torch.nn.functional.normalize(pooled, dim=0).tolist())
+                                     use_cache=False).hidden_states[-1].float()
+                weights = mask.unsqueeze(-1).float()
+                pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+                vectors = torch.nn.functional.normalize(pooled, dim=-1).tolist()
+                for row, i in enumerate(batch):
+                    out[i] = vectors[row]
         return out
 
     def stop(self) -> None:

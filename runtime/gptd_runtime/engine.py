@@ -392,6 +392,7 @@ class GenerationEngine:
                 generation_config=gen_config, continuous_batching_config=cb_config
             )
         mgr = self._manager
+        _cb_internals.skip_padding_check(model)
         if self.loaded.sharded:
             # Each layer's KV cache on its layer's GPU (transformers would put all of it on the first one).
             _cb_internals.place_kv_per_layer(mgr, self.loaded.layer_devices)

@@ -138,3 +138,20 @@ def test_tensor_parallel_load_is_refused_until_served(models: dict[str, Path], m
     monkeypatch.setattr(loading, "placement_for", lambda _: loading.plan_placement("cuda", 2, 2, 0))
     with pytest.raises(loading.ModelLoadError, match="tensor-parallel serving over 2 GPUs"):
         loading.load_model(Settings(model=str(models["plain"]), device="cuda"), models["plain"])
+
+
+def test_dropout_is_dropped_with_identical_outputs(models: dict[str, Path]) -> None:
+    """loading.drop_dropout: no nn.Dropout module is left (each costs a Python call per layer per step), `p` stays
+    readable, and the logits equal those of the unmodified model in eval mode."""
+    import torch
+    from gptd_runtime import loading
+    from transformers import AutoModelForCausalLM
+
+    loaded = loading.load_model(Settings(model=str(models["plain"])), models["plain"])
+    reference = AutoModelForCausalLM.from_pretrained(models["plain"]).eval()
+    assert any(isinstance(m, torch.nn.Dropout) for m in reference.modules())
+    assert not any(isinstance(m, torch.nn.Dropout) for m in loaded.model.modules())
+    assert loaded.model.transformer.h[0].attn.attn_dropout.p == reference.transformer.h[0].attn.attn_dropout.p
+    ids = torch.tensor([[5, 9, 3, 7, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, reference(ids).logits, rtol=0, atol=0)

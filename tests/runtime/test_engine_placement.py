@@ -221,3 +221,44 @@ async def test_engine_through_accelerate_hooks_matches_the_flat_cache(
     AlignDevicesHook of every layer, as with a device_map model; here every device is the CPU."""
     flat = await _engine_tokens(models, False, monkeypatch)
     assert await _engine_tokens(models, True, monkeypatch, hooks=True) == flat
+
+
+# -- load_model's sharded path, with accelerate's placement stood in (no GPU here) ----------------------------------
+def _fake_sharded_load(monkeypatch: pytest.MonkeyPatch, hf_device_map: dict[str, Any],
+                       meta_layers: tuple[int, ...] = ()) -> list[tuple[Any, ...]]:
+    """placement_for says "two GPUs, split by layers"; _load_sharded loads on the CPU and reports the given
+    hf_device_map (moving ``meta_layers`` to meta as stand-ins for the second GPU). Returns its calls."""
+    from gptd_runtime import loading
+
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(loading, "placement_for",
+                        lambda _: Placement("cuda:0", ("cuda:0", "cuda:1"), device_map="auto"))
+
+    def load(cls: Any, path: Path, dtype: Any, settings: Settings, gpus: int) -> Any:
+        calls.append((settings.task, gpus))
+        model = cls.from_pretrained(path, dtype=torch.float32)
+        for i in meta_layers:
+            model.transformer.h[i].to("meta")
+        model.hf_device_map = hf_device_map
+        return model
+
+    monkeypatch.setattr(loading, "_load_sharded", load)
+    monkeypatch.setattr(loading, "_pick_dtype", lambda *_: torch.float32)
+    return calls
+
+
+def test_a_model_offloaded_to_cpu_is_refused(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_sharded_load(monkeypatch, {"transformer.wte": 0, "transformer.h.0": 1, "transformer.h.1": "cpu"})
+    with pytest.raises(ModelLoadError, match=r"does not fit on the visible GPUs.*transformer\.h\.1"):
+        load_model(Settings(model=str(models["plain"]), device="cuda"), models["plain"])
+    assert calls == [("text-generation", 2)]
+
+
+def test_sharded_load_reports_the_layer_split(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_sharded_load(monkeypatch, {"transformer.h.0": 0, "transformer.h.1": 1}, meta_layers=(1,))
+    loaded = load_model(Settings(model=str(models["plain"]), device="cuda"), models["plain"])
+    assert loaded.sharded and loaded.layer_devices == ("cpu", "meta") and loaded.devices == ("cpu", "meta")
+    assert loaded.describe_devices() == "cpu (layer 0), meta (layer 1)"
+    # Classification models are split too (no KV cache to place): never silently one GPU of several.
+    cls = load_model(Settings(model=str(models["cls"]), device="cuda", task="text-classification"), models["cls"])
+    assert calls == [("text-generation", 2), ("text-classification", 2)] and cls.sharded
