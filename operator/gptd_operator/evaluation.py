@@ -429,6 +429,8 @@ def condition(
     """The ``Evaluated`` condition (status, reason, message) from status.evaluation; None when there is nothing to
     say (no spec.evaluation, never evaluated)."""
     ev = dict(evaluation or {})
+    if ev.get("revision") != revision:  # a record of another revision says nothing about this one
+        ev = {}
     if not ev:
         if spec.evaluation is None:
             return None

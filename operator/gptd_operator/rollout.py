@@ -215,6 +215,8 @@ def _start(d: _Ctx) -> Plan:
     # Decided now, for this revision: a later spec.evaluation edit rolls nothing. A revision that already served
     # (back to it mid-rollout) passed or predates the gate: it is not scored again.
     served = d.rev in (d.state.get("currentRevision"), d.state.get("lastGoodRevision"))
+    if (d.state.get("evaluation") or {}).get("revision") != d.rev:
+        d.state.pop("evaluation", None)  # another revision's score: the Score column must not show it for this one
     if d.spec.evaluation is not None and not served:
         d.state["rollout"]["evaluationGate"] = True
     current = d.state.get("currentRevision")

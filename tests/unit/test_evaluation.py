@@ -695,3 +695,23 @@ def test_the_dataset_is_read_only_while_it_can_gate_and_not_after_the_verdict() 
     assert evaluation.judged_dataset(make_spec({**EVAL, "minScore": 0.5}), passed, RB) is None  # re-judged
     assert evaluation.judged_dataset(spec, passed, RA) is None
     assert evaluation.judged_dataset(spec, rolling, RB) is None  # no verdict yet
+
+
+def test_evaluated_and_the_score_describe_the_desired_revision_only() -> None:
+    old_eval = {"revision": RA, "passed": True, "score": 0.9, "message": f"revision {RA} passed: f1 0.9"}
+    settled = {**SETTLED, "evaluation": old_eval}
+    # an ungated rollout of RB: RA's record goes (the Score column), no Evaluated condition for RB
+    plan = decide(make_spec(None), dict(settled), observe(0))
+    status = merged(settled, plan)
+    assert "evaluation" not in status and plan.status["evaluation"] is None  # cleared in the CR (merge-patch null)
+    assert "Evaluated" not in {c.type for c in plan.conditions} and plan.conditions_to_drop == ("Evaluated",)
+    # gated: Evaluating for RB, never RA's True
+    plan = decide(make_spec(), dict(settled), observe(0))
+    assert cond(plan, "Evaluated").status == "Unknown" and RA not in cond(plan, "Evaluated").message
+    assert plan.status["evaluation"]["revision"] == RB and "score" not in plan.status["evaluation"]
+    # the condition itself ignores a record of another revision
+    assert evaluation.condition(make_spec(), old_eval, RB) == (
+        "Unknown", "NotEvaluated", f"revision {RB} was not evaluated: spec.evaluation applies to the next revision "
+        "rolled out")
+    assert evaluation.condition(make_spec(None), old_eval, RB) is None
+    assert evaluation.condition(make_spec(None), old_eval, RA) == ("True", "EvaluationPassed", old_eval["message"])
