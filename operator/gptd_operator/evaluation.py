@@ -31,7 +31,7 @@ from gptd_common.eval_dataset import DatasetError, parse_dataset
 
 from . import builders, names
 from .api import GPTDeploymentSpec, InvalidSpec
-from .observe import JobObs, PodObs, format_time, parse_time
+from .observe import ANN_EVAL_TARGET_IP, ANN_EVAL_TARGET_UID, JobObs, PodObs, format_time, parse_time
 from .settings import Settings
 
 GATE_CONDITION = builders.GATE_CONDITION
@@ -41,6 +41,7 @@ TEMPLATE_GATE_KEY = builders.TEMPLATE_GATE_KEY
 LABEL_ROLE = "gptd.io/evaluation-role"
 LABEL_KEY = "gptd.io/evaluation-key"
 ANN_TARGET = "gptd.io/evaluation-target"  # on an evaluator Job: the pod (and revision) it scores
+ANN_TARGET_UID, ANN_TARGET_IP = ANN_EVAL_TARGET_UID, ANN_EVAL_TARGET_IP  # ...its uid and IP, checked at judgement
 CANDIDATE, BASELINE = "candidate", "baseline"
 DATASET_DIR = "/var/run/gptd/eval-dataset"
 DATASET_FILE = f"{DATASET_DIR}/dataset.jsonl"
@@ -154,6 +155,8 @@ class EvalRun:
     result: Mapping[str, Any] | None = None
     message: str = ""
     deadline_exceeded: bool = False
+    target_uid: str = ""  # the pod it scores (uid, IP), when the Job says
+    target_ip: str = ""
 
 
 def _result(message: str) -> Mapping[str, Any] | None:
@@ -168,10 +171,14 @@ def run_of(job: JobObs, now: datetime | None = None) -> EvalRun:
     """A Job (observe.JobObs: its conditions and its pod's termination message) → EvalRun. The Job and its pod are
     separate watch streams: a Job seen Complete before its pod's terminated state (which carries the result) is
     still running; it has no result only once its pod is seen terminated without one, or is gone for good."""
-    result = _result(job.message)
     # The timeout counts from the Job's start; a Job not started (suspended by a queue, controller lag) from its
     # creation, so it still times out.
     job = job if job.start_time is not None else replace(job, start_time=job.created)
+    return replace(_run_of(job, now), target_uid=job.target_uid, target_ip=job.target_ip)
+
+
+def _run_of(job: JobObs, now: datetime | None) -> EvalRun:
+    result = _result(job.message)
     if job.complete or job.succeeded > 0:
         if result is not None and isinstance(result.get("score"), int | float):
             return EvalRun("succeeded", job.start_time, result)
@@ -222,6 +229,7 @@ class EvalJob:
     revision: str
     pod: str
     ip: str
+    uid: str = ""  # the target pod's uid: checked at judgement (the same pod, not a new one at a reused IP)
 
 
 @dataclass
@@ -322,7 +330,7 @@ def gate(
                 if pod is None:
                     baseline_note = f"no Ready pod of revision {current} to measure the baseline: judged on minScore"
                 else:
-                    wanted.append(EvalJob(BASELINE, bname, bkey, current, pod.name, pod.ip))
+                    wanted.append(EvalJob(BASELINE, bname, bkey, current, pod.name, pod.ip, pod.uid))
                     baseline_pending = True
             elif brun.state == "succeeded":
                 baseline = float(brun.result["score"])  # type: ignore[index]
@@ -348,7 +356,7 @@ def gate(
             out.message = f"waiting for a pod of revision {revision} to start, to evaluate it"
             out.evaluation = {**base, "message": out.message}
             return out
-        wanted.append(EvalJob(CANDIDATE, cname, key, revision, pod.name, pod.ip))
+        wanted.append(EvalJob(CANDIDATE, cname, key, revision, pod.name, pod.ip, pod.uid))
         out.jobs = tuple(wanted)
         out.running = True
         out.message = f"evaluating revision {revision} on pod {pod.name} ({metric}, dataset {dataset})"
@@ -373,6 +381,12 @@ def gate(
         out.verdict, out.message = "timeout", msg
         out.evaluation = {**base, "passed": False, "finishedAt": finished, "message": msg}
         return out
+    if run.state == "succeeded" and run.target_uid and not any(
+            p.uid == run.target_uid and p.ip == run.target_ip and p.revision == revision for p in pods):
+        # The pod it scored is gone or changed while the Job ran: whatever answered at that IP (a new pod, maybe of
+        # another revision) is not known to be this revision, so the score cannot pass it.
+        run = replace(run, state="failed", message=f"the pod it scored ({run.target_ip}, uid {run.target_uid}) was "
+                                                   "replaced while it ran: the score does not describe this revision")
     if run.state == "failed":
         msg = f"the evaluator failed on revision {revision}: {run.message}"
         out.verdict, out.message = "failed", msg
@@ -504,11 +518,14 @@ def build_job(
             "name": job.name,
             "namespace": namespace,
             "labels": labels,
-            "annotations": {ANN_TARGET: f"{job.pod} (revision {job.revision})"},
+            "annotations": {ANN_TARGET: f"{job.pod} (revision {job.revision})", ANN_TARGET_UID: job.uid,
+                            ANN_TARGET_IP: job.ip},
             "ownerReferences": [builders.owner_reference(name, uid)],
         },
         "spec": {
-            "backoffLimit": 0,  # a score is not retried: a failure is the result
+            "backoffLimit": 0,  # a score is not retried: a failure is the result...
+            # ...but an evaluator pod evicted or preempted (a node drain) is not the revision's fault: recreated.
+            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
             "activeDeadlineSeconds": ev.timeoutSeconds + JOB_DEADLINE_MARGIN_SECONDS,
             "ttlSecondsAfterFinished": 3600,  # the operator deletes it once the result is in status
             "template": {

@@ -715,3 +715,32 @@ def test_evaluated_and_the_score_describe_the_desired_revision_only() -> None:
         "rolled out")
     assert evaluation.condition(make_spec(None), old_eval, RB) is None
     assert evaluation.condition(make_spec(None), old_eval, RA) == ("True", "EvaluationPassed", old_eval["message"])
+
+
+def test_evaluator_disruption_is_not_a_verdict_and_the_scored_pod_is_checked_at_judgement() -> None:
+    spec = make_spec()
+    target = PodObs(revision=RB, ready=False, name="sent-b1", ip="10.0.0.9", containers_ready=True, gated=True,
+                    uid="u-b1")
+    built = evaluation.build_job(NAME, "ns", "uid", spec, Settings(),
+                                 evaluation.EvalJob(CANDIDATE, cand_name(spec), "k" * 16, RB, "sent-b1", "10.0.0.9",
+                                                    "u-b1"), "rt:1")
+    # an evicted/preempted evaluator pod is recreated, not counted against backoffLimit 0
+    assert built["spec"]["podFailurePolicy"] == {"rules": [{"action": "Ignore",
+                                                            "onPodConditions": [{"type": "DisruptionTarget"}]}]}
+    ann = built["metadata"]["annotations"]
+    assert (ann[evaluation.ANN_TARGET_UID], ann[evaluation.ANN_TARGET_IP]) == ("u-b1", "10.0.0.9")
+    # the Job as observed carries its target; a score of the same pod is judged
+    done = {**built, "status": {"startTime": "2026-01-01T00:00:00Z", "succeeded": 1,
+                                "conditions": [{"type": "Complete", "status": "True"}]}}
+    job = observe_job(done, [_pod_of(cand_name(spec), json.dumps({"score": 0.9, "samples": 4}))])
+    assert (job.target_uid, job.target_ip) == ("u-b1", "10.0.0.9")
+    status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                                     "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+    plan = decide(spec, status, observe(30, pods=(*OLD_PODS, target), runs=(job,)))
+    assert plan.status["evaluation"]["passed"] is True
+    # the pod was replaced while the Job ran (a new pod, even at the same IP): the score cannot pass the revision
+    for other in (dataclasses.replace(target, uid="u-b2"), dataclasses.replace(target, ip="10.0.0.10"),
+                  dataclasses.replace(target, revision=RA)):
+        plan = decide(spec, status, observe(30, pods=(*OLD_PODS, other), runs=(job,)))
+        ro = plan.status["rollout"]
+        assert ro["phase"] == "RolledBack" and "was replaced while it ran" in ro["message"]
