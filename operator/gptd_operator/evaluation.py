@@ -46,6 +46,7 @@ CANDIDATE, BASELINE = "candidate", "baseline"
 DATASET_DIR = "/var/run/gptd/eval-dataset"
 DATASET_FILE = f"{DATASET_DIR}/dataset.jsonl"
 API_KEY_DIR = "/var/run/gptd/eval-api-key"
+CA_DIR = "/var/run/gptd/eval-ca"  # ca.crt of the serving TLS Secret (by reference: the operator never reads it)
 RESULT_FILE = "/dev/termination-log"
 TERMINATION_MESSAGE_LIMIT = 4096  # bytes the kubelet keeps of a termination message
 # A Job gets this much beyond timeoutSeconds before Kubernetes kills it, so the operator's own timeout (which
@@ -70,11 +71,11 @@ def check_evaluation(spec: GPTDeploymentSpec) -> None:
         allowed = "exactMatch, contains" if generation else "accuracy, precision, recall, f1"
         raise InvalidSpec("spec.evaluation.metric", f"{ev.metric} does not apply to task {spec.model.task} "
                                                     f"(use {allowed})")
-    if spec.service.tls is not None:
-        # The Job reaches a pod by IP, which the serving certificate (Service DNS names) does not name, and under
-        # mutual TLS it would need a client certificate the operator does not have. Refused rather than half-done.
-        raise InvalidSpec("spec.evaluation", "is not supported together with spec.service.tls yet (the evaluator "
-                                             "Job reaches the new pod by IP, which the certificate does not name)")
+    if spec.service.tls is not None and spec.service.tls.clientCASecretName:
+        # Under mutual TLS the Job would need a client certificate the operator does not have (it never reads or
+        # mints Secrets). Plain server TLS works: the Job verifies the Service name's certificate at the pod's IP.
+        raise InvalidSpec("spec.evaluation", "is not supported together with spec.service.tls.clientCASecretName "
+                                             "(mutual TLS: the evaluator Job has no client certificate)")
     if spec.runtime.apiKeysSecretName is not None:
         # The operator never reads Secrets, so it cannot pick one key out of a many-key Secret for the Job.
         raise InvalidSpec("spec.evaluation", "needs spec.runtime.apiKeySecretRef (one key the evaluator Job "
@@ -479,9 +480,10 @@ def build_job(
     ev = spec.evaluation
     assert ev is not None
     port = spec.service.port
+    tls_secret = builders.tls_secret_name(name, spec)
     args = [
         "python", "-m", "gptd_runtime", "evaluate",
-        "--url", f"http://{job.ip}:{port}",
+        "--url", f"{'https' if tls_secret else 'http'}://{job.ip}:{port}",
         "--dataset", DATASET_FILE,
         "--task", spec.model.task,
         "--metric", ev.effective_metric(spec.model.task),
@@ -509,6 +511,13 @@ def build_job(
             "secretName": ref.name, "items": [{"key": ref.key, "path": "api-key"}], "defaultMode": secret_mode}})
         mounts.append({"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True})
         args += ["--api-key-file", f"{API_KEY_DIR}/api-key"]
+    if tls_secret is not None:
+        # The pod is reached by IP; its certificate names the Service, so that name is verified, against the CA in
+        # the serving Secret's ca.crt (cert-manager writes it; a user's own Secret must carry it too).
+        volumes.append({"name": "ca", "secret": {
+            "secretName": tls_secret, "items": [{"key": "ca.crt", "path": "ca.crt"}], "defaultMode": 0o444}})
+        mounts.append({"name": "ca", "mountPath": CA_DIR, "readOnly": True})
+        args += ["--ca-file", f"{CA_DIR}/ca.crt", "--server-name", f"{names.service(name)}.{namespace}.svc"]
     labels = {**builders.job_labels(name, builders.EVALUATION_COMPONENT, job.revision), LABEL_ROLE: job.role,
               LABEL_KEY: job.key}
     return {

@@ -71,7 +71,7 @@ def test_bad_evaluation_specs_name_the_field(evaluation: dict[str, Any], field: 
     assert exc.value.field == field and text in exc.value.message
 
 
-def test_metric_must_fit_the_task_and_tls_is_refused() -> None:
+def test_metric_must_fit_the_task_and_mutual_tls_is_refused() -> None:
     with pytest.raises(InvalidSpec) as exc:
         evaluation.check_evaluation(make_spec({**EVAL, "metric": "exactMatch"}))
     assert exc.value.field == "spec.evaluation.metric" and "text-classification" in exc.value.message
@@ -79,10 +79,11 @@ def test_metric_must_fit_the_task_and_tls_is_refused() -> None:
     with pytest.raises(InvalidSpec, match="use exactMatch, contains"):
         evaluation.check_evaluation(gen)
     evaluation.check_evaluation(make_spec({**EVAL, "metric": "accuracy"}))  # fits: no error
-    tls = make_spec(service={"tls": {"secretName": "t"}})
+    mtls = make_spec(service={"tls": {"secretName": "t", "clientCASecretName": "clients"}})
     with pytest.raises(InvalidSpec) as exc:
-        evaluation.check_evaluation(tls)
-    assert exc.value.field == "spec.evaluation" and "spec.service.tls" in exc.value.message
+        evaluation.check_evaluation(mtls)
+    assert exc.value.field == "spec.evaluation" and "spec.service.tls.clientCASecretName" in exc.value.message
+    evaluation.check_evaluation(make_spec(service={"tls": {"secretName": "t"}}))  # server TLS: the Job verifies it
     with pytest.raises(InvalidSpec, match="apiKeySecretRef"):
         evaluation.check_evaluation(make_spec(runtime={"apiKeysSecretName": "keys"}))
     evaluation.check_evaluation(make_spec(None, service={"tls": {"secretName": "t"}}))  # no evaluation: no check
@@ -744,3 +745,25 @@ def test_evaluator_disruption_is_not_a_verdict_and_the_scored_pod_is_checked_at_
         plan = decide(spec, status, observe(30, pods=(*OLD_PODS, other), runs=(job,)))
         ro = plan.status["rollout"]
         assert ro["phase"] == "RolledBack" and "was replaced while it ran" in ro["message"]
+
+
+@pytest.mark.parametrize(("tls", "secret"), [({"secretName": "serving"}, "serving"),
+                                             ({"issuerRef": {"name": "ca"}}, names.certificate_secret(NAME))])
+def test_under_server_tls_the_job_verifies_the_service_name_at_the_pod_ip(tls: dict[str, Any], secret: str) -> None:
+    job = _job(make_spec(service={"tls": tls}))
+    pod = job["spec"]["template"]["spec"]
+    args = pod["containers"][0]["command"]
+    opt = dict(zip(args[4::2], args[5::2], strict=True))
+    assert opt["--url"] == "https://10.0.0.9:8000"
+    assert opt["--server-name"] == f"{names.service(NAME)}.ns.svc"
+    assert opt["--server-name"] in builders.service_dns_names(NAME, "ns")  # a name the Certificate covers
+    assert opt["--ca-file"] == f"{evaluation.CA_DIR}/ca.crt"
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["ca"]["secret"] == {"secretName": secret, "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                                    "defaultMode": 0o444}  # by reference: the operator never reads the Secret
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "ca")
+    assert mount == {"name": "ca", "mountPath": evaluation.CA_DIR, "readOnly": True}
+    # without TLS: plain HTTP, no CA
+    plain = _job(make_spec())["spec"]["template"]["spec"]
+    assert "--server-name" not in plain["containers"][0]["command"] and "ca" not in {v["name"] for v in
+                                                                                      plain["volumes"]}
