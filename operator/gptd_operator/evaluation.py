@@ -534,7 +534,8 @@ def build_job(
         "spec": {
             "backoffLimit": 0,  # a score is not retried: a failure is the result...
             # ...but an evaluator pod evicted or preempted (a node drain) is not the revision's fault: recreated.
-            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
+            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [
+                {"type": "DisruptionTarget", "status": "True"}]}]},
             "activeDeadlineSeconds": ev.timeoutSeconds + JOB_DEADLINE_MARGIN_SECONDS,
             "ttlSecondsAfterFinished": 3600,  # the operator deletes it once the result is in status
             "template": {

@@ -726,8 +726,8 @@ def test_evaluator_disruption_is_not_a_verdict_and_the_scored_pod_is_checked_at_
                                  evaluation.EvalJob(CANDIDATE, cand_name(spec), "k" * 16, RB, "sent-b1", "10.0.0.9",
                                                     "u-b1"), "rt:1")
     # an evicted/preempted evaluator pod is recreated, not counted against backoffLimit 0
-    assert built["spec"]["podFailurePolicy"] == {"rules": [{"action": "Ignore",
-                                                            "onPodConditions": [{"type": "DisruptionTarget"}]}]}
+    assert built["spec"]["podFailurePolicy"] == {"rules": [{
+        "action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]}
     ann = built["metadata"]["annotations"]
     assert (ann[evaluation.ANN_TARGET_UID], ann[evaluation.ANN_TARGET_IP]) == ("u-b1", "10.0.0.9")
     # the Job as observed carries its target; a score of the same pod is judged
