@@ -296,6 +296,10 @@ class Reconciler:
             return
         checked, dataset = await self._check_dataset(p, spec)
         if not checked:
+            # Refused (a missing or bad dataset), but pods of revisions already passed or rolled out keep getting
+            # their condition: a restart or scale-up of them must not lose traffic over the dataset.
+            children = snapshot(indices, p.namespace, p.name, p.uid or None, self.phantoms)
+            await self._mark_evaluated(p, rollout.evaluated_revisions(p.previous), children)
             return
         children, obs, analysis_due = await self._observe(p, spec, indices, dataset)
         plan = make_plan(spec, p.previous, obs)
@@ -481,7 +485,7 @@ class Reconciler:
                 await self.kube.delete(res, namespace, live["metadata"]["name"])
                 self.recent.pop((live.get("kind", ""), namespace, live["metadata"]["name"]), None)
                 kopf.event(body, type="Normal", reason="Deleted", message=f"{res.plural} {live['metadata']['name']}")
-        await self._mark_evaluated(p, plan, children)
+        await self._mark_evaluated(p, plan.evaluated_revisions, children)
         annotations = p.meta.get("annotations") or {}
         present = [a for a in plan.annotations_to_clear if a in annotations]
         if present:
@@ -515,12 +519,12 @@ class Reconciler:
             if obj["metadata"]["name"] not in wanted:
                 built.unwanted.append((kube.JOBS, obj))
 
-    async def _mark_evaluated(self, p: _Pass, plan: Plan, children: Children) -> None:
+    async def _mark_evaluated(self, p: _Pass, revisions: tuple[str, ...], children: Children) -> None:
         """The gptd.io/evaluated condition on every gated pod of a revision that passed (or was rolled out):
         the readiness gate lets it take Service traffic."""
         for pod in children.pods:
             po = observe.observe_pod(pod)
-            if po.gated and not po.evaluated and po.revision in plan.evaluated_revisions and po.name:
+            if po.gated and not po.evaluated and po.revision in revisions and po.name:
                 condition = {
                     "type": builders.GATE_CONDITION, "status": "True", "reason": "EvaluationPassed",
                     "message": f"revision {po.revision} passed its evaluation",

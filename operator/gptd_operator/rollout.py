@@ -655,10 +655,14 @@ def _served_template(d: _Ctx) -> Template:
 
 
 def _evaluated_revisions(d: _Ctx) -> tuple[str, ...]:
+    return evaluated_revisions(d.state)
+
+
+def evaluated_revisions(status: dict[str, Any]) -> tuple[str, ...]:
     """Revisions whose gated pods get the gptd.io/evaluated condition: the served and last good ones (rolled out,
     so passed or never gated) and one whose evaluation passed."""
-    revs = {d.state.get("currentRevision"), d.state.get("lastGoodRevision")}
-    ev = d.state.get("evaluation") or {}
+    revs = {status.get("currentRevision"), status.get("lastGoodRevision")}
+    ev = status.get("evaluation") or {}
     if ev.get("passed") is True:
         revs.add(ev.get("revision"))
     return tuple(sorted(r for r in revs if r))

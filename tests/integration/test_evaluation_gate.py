@@ -420,3 +420,21 @@ async def test_a_pvc_dataset_needs_its_claim_and_its_rows_are_checked_by_the_job
     rb = condition(st, "RolledBack")
     assert rb["reason"] == "EvaluationFailed" and 'line 4: missing field "expected"' in rb["message"]
     await eventually(lambda: _on_revision(cluster, old), what="rolled back to v1")
+
+
+async def test_a_refused_dataset_does_not_stop_marking_a_passed_revisions_pods(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    old = await start(cluster)
+    dep = await change_revision(cluster, "v2", old)
+    await new_pod(cluster, dep)
+    await finish(cluster, await job_for(cluster, "candidate"), scores(0.9))
+    await eventually(lambda: pod_condition(cluster, "gpt2-new-1"), what="the v2 pod passed")
+    # Mid-rollout the dataset goes and spec.evaluation changes (so it must be read again): refused...
+    await cluster.delete("configmaps", NS, "sentiment-eval")
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"evaluation": {"minScore": 0.8}}})
+    await status_where(cluster, "InvalidSpec", lambda s: condition(s, "Degraded").get("reason") == "InvalidSpec")
+    # ...but a new pod of the revision that passed (a restart, a scale-up) still gets its condition.
+    await new_pod(cluster, dep, "gpt2-new-2")
+    cond = await eventually(lambda: pod_condition(cluster, "gpt2-new-2"), what="condition on a later pod")
+    assert cond["status"] == "True"
