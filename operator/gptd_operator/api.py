@@ -66,6 +66,27 @@ class SecretKeyRef(_Model):
     key: str = Field(min_length=1, max_length=253, description="Key within the Secret.")
 
 
+class ModelCacheSpec(_Model):
+    """A PersistentVolumeClaim ``<name>-model-cache`` the weights are downloaded into once per revision, by a Job,
+    before any pod of that revision is created (docs/model-cache.md). hf:// and s3:// models."""
+
+    size: Quantity = Field(description="The claim's storage request, e.g. 40Gi (room for two or three revisions).")
+    storageClassName: str = Field(
+        "", max_length=253, description="StorageClass of the claim; empty: the cluster's default class."
+    )
+    accessMode: Literal["ReadWriteMany", "ReadWriteOnce"] = Field(
+        "ReadWriteMany",
+        description=(
+            "ReadWriteMany: pods on any node share the cache and the download runs on any node. ReadWriteOnce: the "
+            "volume attaches to one node, so the download Job gets the pods' nodeSelector, tolerations and affinity "
+            "and prefers their node, and every replica must fit on that node."
+        ),
+    )
+    retain: bool = Field(
+        False, description="Keep the claim (no ownerReference) when the GPTDeployment is deleted; reused if recreated."
+    )
+
+
 class ModelSpec(_Model):
     """Which model to serve. A change to uri or revision starts a rollout of a new revision."""
 
@@ -92,6 +113,13 @@ class ModelSpec(_Model):
     )
     hfTokenSecretRef: SecretKeyRef | None = Field(
         None, description="Secret key holding a Hugging Face token for gated or private models."
+    )
+    cache: ModelCacheSpec | None = Field(
+        None,
+        description=(
+            "Download each revision once into a PersistentVolumeClaim, before its pods ask for a GPU, with progress "
+            "in status.model.download; absent: each pod downloads at start-up (docs/model-cache.md)."
+        ),
     )
 
 
@@ -544,6 +572,42 @@ class EvaluationBaseline(BaseModel):
     rolloutStartedAt: str | None = Field(None, description="status.rollout.startedAt of the rollout that failed it.")
 
 
+class DownloadStatus(BaseModel):
+    """status.model.download: the download Job of spec.model.cache for one revision (model_cache.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    revision: str | None = Field(None, description="The gptd revision (hash) being downloaded.")
+    modelRevision: str | None = Field(None, description="spec.model.revision of it (branch, tag or sha).")
+    phase: Literal["Downloading", "Complete", "Failed"] | None = None
+    display: str | None = Field(None, description='For the Download printer column, e.g. "42% of 15.2GB".')
+    bytesDone: int | None = None
+    bytesTotal: int | None = None
+    percent: int | None = Field(None, description="0-100, floored (100 only when complete).")
+    bytesPerSecond: int | None = Field(None, description="Rate between the last two progress readings.")
+    etaSeconds: int | None = None
+    filesDone: int | None = None
+    filesTotal: int | None = None
+    sha: str | None = Field(None, description="The commit the revision resolved to (the pods mount <cache>/<sha>).")
+    job: str | None = Field(None, description="The download Job.")
+    attempt: int | None = Field(None, description="1 for the first Job, +1 per retry after a failed Job.")
+    startedAt: str | None = None
+    observedAt: str | None = Field(None, description="When bytesDone was read (the rate is computed from it).")
+    finishedAt: str | None = Field(None, description="When it completed or (last) failed.")
+    jobEndedAt: str | None = Field(None, description="When the operator first saw the Job finished (its pod's report "
+                                                     "may arrive a moment later).")
+    reason: str | None = Field(None, description="fetch's reason word on failure (Unauthorized, RevisionNotFound...).")
+    message: str | None = Field(None, description="The failure, in the hub's or the Job controller's words.")
+
+
+class ModelStatus(BaseModel):
+    """status.model: owned by model_cache.py."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    download: DownloadStatus | None = None
+
+
 class AutoscalingStatus(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -578,6 +642,7 @@ class GPTDeploymentStatus(BaseModel):
     rollout: RolloutStatus | None = None
     evaluation: EvaluationStatus | None = None
     evaluationBaseline: EvaluationBaseline | None = None
+    model: ModelStatus | None = Field(None, description="The model cache's download (spec.model.cache).")
     autoscaling: AutoscalingStatus | None = None
     conditions: list[Condition] = Field(default_factory=list)
 

@@ -43,6 +43,16 @@ CONTAINER = "runtime"
 PORT_NAME = "http"
 CACHE_DIR = "/var/cache/gptd"  # HF_HOME: writable model cache (emptyDir)
 MODELS_DIR = "/models"  # pvc:// models are mounted read-only below here
+# spec.model.cache: the claim <name>-model-cache, read-write in the download Job, read-only in the pods, which
+# load <MODEL_CACHE_DIR>/<sha> (fetch's layout: docs/fetch-and-evaluate.md).
+MODEL_CACHE_DIR = "/var/lib/gptd/model-cache"
+# In the revision template: the pods load the model from the cache. Only that it is set is revisioned (the pods
+# differ); the claim's size, class, access mode and retain change no pod, so they start no rollout or download.
+MODEL_CACHE_KEY = "modelCache"
+# Facts about a revision found after it was asked for (the commit sha its download resolved to): kept in the
+# template the Deployment and lastGoodTemplate carry, never part of the revision hash (which names what the spec
+# asked for), so a moving branch never changes the revision of running pods.
+RESOLVED = "resolved"
 API_KEY_DIR = "/var/run/gptd/api-key"
 API_KEY_FILE = f"{API_KEY_DIR}/api-key"
 TLS_DIR = "/var/run/gptd/tls"  # the whole TLS Secret: the kubelet updates it on renewal (a subPath never is)
@@ -125,6 +135,10 @@ def _metadata(name: str, namespace: str, uid: str, owner: str, **extra_labels: s
 
 def check_spec(spec: GPTDeploymentSpec, settings: Settings) -> None:
     """Checks that depend on the operator's settings or span fields; raise InvalidSpec naming the field."""
+    if spec.model.cache is not None and not spec.model.uri.startswith(("hf://", "s3://")):
+        scheme = spec.model.uri.split("://", 1)[0]
+        raise InvalidSpec("spec.model.cache", f"is for hf:// and s3:// models: a {scheme}:// model is already on a "
+                                              "volume or in the image; remove it")
     if spec.autoscaling is not None and spec.autoscaling.minReplicas == 0 and not settings.scale_to_zero_provider:
         raise InvalidSpec(
             "spec.autoscaling.minReplicas",
@@ -229,7 +243,11 @@ def revision_template(spec: GPTDeploymentSpec, settings: Settings) -> Template:
     """The revisioned part of the spec: a change here is a new revision (and a rollout)."""
     runtime = _revision_dump(spec.runtime)
     runtime["image"] = spec.runtime.image or settings.runtime_image
-    return {"model": _revision_dump(spec.model), "runtime": runtime}
+    model = _revision_dump(spec.model)
+    template: Template = {"model": model, "runtime": runtime}
+    if model.pop("cache", None) is not None:
+        template[MODEL_CACHE_KEY] = True
+    return template
 
 
 def canonical_json(obj: Any) -> str:
@@ -237,8 +255,20 @@ def canonical_json(obj: Any) -> str:
 
 
 def revision_hash(template: Template) -> str:
-    hashed = {k: v for k, v in template.items() if k != TEMPLATE_GATE_KEY}
+    hashed = {k: v for k, v in template.items() if k not in (TEMPLATE_GATE_KEY, RESOLVED)}
     return hashlib.sha256(canonical_json(hashed).encode()).hexdigest()[:10]
+
+
+def with_resolved(template: Template, sha: str | None) -> Template:
+    """``template`` carrying the commit its model resolved to (same revision hash); unchanged when ``sha`` is None."""
+    if sha is None:
+        return template
+    return {**template, RESOLVED: {"sha": sha}}
+
+
+def resolved_sha(template: Template | None) -> str | None:
+    value = ((template or {}).get(RESOLVED) or {}).get("sha")
+    return str(value) if value else None
 
 
 def desired_replicas(spec: GPTDeploymentSpec) -> int | None:
@@ -255,9 +285,17 @@ def rolling_strategy(spec: GPTDeploymentSpec, in_place: bool = False) -> dict[st
 # ------------------------------------------------------------------------------------------- pods
 
 
-def _model_source(model: ModelSpec, settings: Settings) -> tuple[str, list[dict], list[dict], list[dict]]:
+def _model_source(
+    name: str, model: ModelSpec, settings: Settings, cached: bool, sha: str | None
+) -> tuple[str, list[dict], list[dict], list[dict]]:
     """(GPTD_MODEL, volumes, runtime volumeMounts, initContainers) for a model URI."""
     uri = model.uri
+    if cached:
+        if sha is None:  # rollout.py never builds pods for a revision whose download is not complete
+            raise ValueError("a model.cache template needs the resolved sha (builders.with_resolved)")
+        volume = {"name": "model", "persistentVolumeClaim": {"claimName": names.model_cache(name), "readOnly": True}}
+        mount = {"name": "model", "mountPath": MODEL_CACHE_DIR, "readOnly": True}
+        return f"file://{MODEL_CACHE_DIR}/{sha}", [volume], [mount], []
     if uri.startswith("pvc://"):
         claim, _, sub = uri.removeprefix("pvc://").partition("/")
         mount = f"{MODELS_DIR}/{claim}"
@@ -370,7 +408,8 @@ def _env(
             env.append({"name": "GPTD_TLS_CLIENT_CA_FILE", "value": f"{CLIENT_CA_DIR}/ca.crt"})
     if wants_side_port(spec):
         env.append({"name": "GPTD_METRICS_PORT", "value": str(METRICS_PORT)})
-    if model.hfTokenSecretRef is not None:
+    # With the model cache only the download Job needs the token.
+    if model.hfTokenSecretRef is not None and not model_ref.startswith(f"file://{MODEL_CACHE_DIR}/"):
         ref = model.hfTokenSecretRef
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     # User entries come last and replace ours of the same name (kubelet takes the last duplicate anyway).
@@ -422,7 +461,8 @@ def build_pod_template(
     runtime = RuntimeSpec.model_validate(template["runtime"])
     image = runtime.image or settings.runtime_image
     port = spec.service.port
-    model_ref, volumes, mounts, init_containers = _model_source(model, settings)
+    model_ref, volumes, mounts, init_containers = _model_source(
+        name, model, settings, bool(template.get(MODEL_CACHE_KEY)), resolved_sha(template))
     volumes = [
         *volumes,
         {"name": "model-cache", "emptyDir": {}},

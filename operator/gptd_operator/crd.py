@@ -159,6 +159,7 @@ def build_crd() -> dict[str, Any]:
                         {"name": "Ready", "type": "string", "jsonPath": ".status.readyDisplay"},
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                         {"name": "Score", "type": "number", "jsonPath": ".status.evaluation.score"},
+                        {"name": "Download", "type": "string", "jsonPath": ".status.model.download.display"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {

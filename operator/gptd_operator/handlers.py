@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,7 +22,7 @@ from typing import Any
 
 import kopf
 
-from . import analysis, api, builders, evaluation, kube, names, observe, rollout
+from . import analysis, api, builders, evaluation, kube, model_cache, names, observe, rollout
 from . import status as st
 from .api import GPTDeploymentSpec, InvalidSpec
 from .observe import Observations
@@ -88,6 +89,7 @@ _REJECTED_FIELDS = (
     ("runtimeClassName", "spec.scheduling.runtimeClassName"),
     (".env", "spec.runtime.env"),
     (".image", "spec.runtime.image"),
+    ("PersistentVolumeClaim", "spec.model.cache"),
 )
 
 
@@ -302,14 +304,21 @@ class Reconciler:
             await self._mark_evaluated(p, rollout.evaluated_revisions(p.previous), children)
             return
         children, obs, analysis_due = await self._observe(p, spec, indices, dataset)
+        # spec.model.cache: the download before the rollout (the plan waits while it is not complete).
+        cache = await self._cache(p, spec, children, obs)
+        obs = dataclasses.replace(obs, desired_template=builders.with_resolved(obs.desired_template, cache.sha),
+                                  download_wait=cache.wait)
         plan = make_plan(spec, p.previous, obs)
         built = await self._build(p, spec, plan, children)
         if built is None:
             return
+        if cache.pvc is not None:
+            built.desired.insert(0, cache.pvc)  # the claim before the pods that mount it
         applied = await self._apply(p, plan, children, built)
         if applied is None:
             return
-        await self._report(p, spec, obs, plan, children, applied, analysis_due)
+        await self._apply_cache(p, cache, children)
+        await self._report(p, spec, obs, plan, children, applied, analysis_due, cache)
 
     async def _validate(self, p: _Pass) -> GPTDeploymentSpec | None:
         """The parsed spec, or None after reporting InvalidSpec (one status write, one Warning)."""
@@ -380,6 +389,46 @@ class Reconciler:
         )
         return children, obs, analysis_due
 
+    async def _cache(
+        self, p: _Pass, spec: GPTDeploymentSpec, children: Children, obs: Observations
+    ) -> model_cache.DownloadPlan:
+        """The model cache's plan (model_cache.py); reads the running download pod's last progress line."""
+        progress = None
+        running = next((j for j in obs.jobs if j.purpose == model_cache.COMPONENT and j.running and j.pod_name
+                        and j.revision == obs.desired_revision), None)
+        if spec.model.cache is not None and running is not None and running.pod_name:
+            text = await self.kube.pod_log(p.namespace, running.pod_name, tail_lines=model_cache.LOG_TAIL_LINES)
+            progress = model_cache.parse_progress(text)
+        live = [d.template for d in (obs.stable, obs.canary) if d is not None]
+        return model_cache.plan_download(
+            p.name, p.namespace, p.uid, spec, self.settings, revision=obs.desired_revision,
+            template=obs.desired_template, previous_status=p.previous, jobs=obs.jobs, progress=progress,
+            templates=[*live, p.previous.get("lastGoodTemplate")], claim=children.pvc, now=p.now,
+        )
+
+    async def _apply_cache(self, p: _Pass, cache: model_cache.DownloadPlan, children: Children) -> None:
+        """Delete the download Jobs the plan let go, create the one it wants (Jobs are never patched: a Job's pod
+        template is immutable, and a new revision or attempt is a new Job)."""
+        for job in children.jobs:
+            if job["metadata"]["name"] in cache.delete:
+                await self.kube.delete(kube.JOBS, p.namespace, job["metadata"]["name"])
+                self.recent.pop(("Job", p.namespace, job["metadata"]["name"]), None)
+        if cache.create is not None:
+            job_name = cache.create["metadata"]["name"]
+            if children.by_kind("Job", job_name, p.name) is None and ("Job", p.namespace, job_name) not in self.recent:
+                # As for any child: the CR may be gone (deleted) although our index still shows it.
+                fresh = await self.kube.get(kube.GPTDEPLOYMENTS, p.namespace, p.name)
+                if fresh is None or (p.uid and (fresh.get("metadata") or {}).get("uid") != p.uid):
+                    return
+                try:
+                    created = await self.kube.create(kube.JOBS, cache.create)
+                except kube.ApiError as exc:
+                    if exc.status != 409:  # 409: it exists, the watch lags behind
+                        raise
+                else:
+                    self.recent[("Job", p.namespace, job_name)] = created
+                    kopf.event(p.body, type="Normal", reason="JobCreated", message=f"Job {job_name}")
+
     async def _build(self, p: _Pass, spec: GPTDeploymentSpec, plan: Plan, children: Children) -> _Built | None:
         """The children the plan wants (pure builders) and those to delete; None after a refusal."""
         name, namespace, uid = p.name, p.namespace, p.uid
@@ -399,10 +448,9 @@ class Reconciler:
             certificate = await self.kube.get(CERTIFICATES, namespace, names.certificate(name))
             if kube.controlled_by(certificate, uid or None) and certificate is not None:
                 built.unwanted.append((CERTIFICATES, certificate))
-        built.desired += [
-            self._deployment(name, namespace, uid, spec, plan.stable, "stable"),
-            builders.build_service(name, namespace, uid, spec),
-        ]
+        if plan.stable is not None:  # None while a first revision downloads into the model cache
+            built.desired.append(self._deployment(name, namespace, uid, spec, plan.stable, "stable"))
+        built.desired.append(builders.build_service(name, namespace, uid, spec))
         if plan.canary is not None:
             built.desired.append(self._deployment(name, namespace, uid, spec, plan.canary, "canary"))
         else:
@@ -535,6 +583,7 @@ class Reconciler:
     async def _report(
         self, p: _Pass, spec: GPTDeploymentSpec, obs: Observations, plan: Plan, children: Children,
         applied: Mapping[tuple[str, str], dict[str, Any] | None], analysis_due: float | None,
+        cache: model_cache.DownloadPlan | None = None,
     ) -> None:
         """Status (status.py's fields, then the plan's), Events, and the next wake-up."""
         name, previous, generation, now = p.name, p.previous, p.generation, p.now
@@ -543,7 +592,8 @@ class Reconciler:
             namespace=p.namespace,
             spec=spec,
             generation=generation,
-            desired_revision=plan.stable.revision if plan.canary is None else obs.desired_revision,
+            desired_revision=(plan.stable.revision if plan.canary is None and plan.stable is not None
+                              else obs.desired_revision),
             stable=applied.get(("Deployment", builders.deployment_name(name))),
             canary=applied.get(("Deployment", builders.deployment_name(name, "canary"))),
             pods=children.pods,
@@ -567,6 +617,14 @@ class Reconciler:
                     for c in plan.conditions
                 ],
             )
+        if cache is not None:  # status.model and, on a failed download, Degraded (model_cache.py owns both)
+            new["model"] = cache.status
+            if cache.degraded is not None:
+                reason, message = cache.degraded
+                new["conditions"] = st.merge_conditions(new["conditions"], [st.set_condition(
+                    previous.get("conditions") or [], "Degraded", "True", reason, message,
+                    generation=generation, now=now)])
+                new["phase"] = "Degraded"
         if await self._write_status(p.body, previous, new):
             old_phase, new_phase = previous.get("phase"), new.get("phase")
             if old_phase != new_phase:
@@ -578,8 +636,12 @@ class Reconciler:
                 kopf.event(p.body, type=etype, reason=new_phase or "Unknown", message=msg)
         for ev in plan.events:
             kopf.event(p.body, type=ev.type, reason=ev.reason, message=ev.message)
-        # Re-run due analysis even when nothing else happens (no watch event announces new metrics).
-        delays = [d for d in (plan.requeue_after, analysis_due) if d is not None]
+        for type_, reason, message in cache.events if cache is not None else ():
+            kopf.event(p.body, type=type_, reason=reason, message=message)
+        # Re-run due analysis even when nothing else happens (no watch event announces new metrics); a download's
+        # progress is read again every few seconds.
+        delays = [d for d in (plan.requeue_after, analysis_due, cache.requeue_after if cache else None)
+                  if d is not None]
         if delays and self.requeue is not None:
             self.requeue(p.namespace, name, max(1.0, min(delays)))
 

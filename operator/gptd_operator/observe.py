@@ -82,6 +82,7 @@ class JobObs:
     exit_code: int | None = None  # its container's state.terminated (or lastState.terminated)
     message: str = ""  # the terminated container's termination message (terminationMessagePath or log tail)
     running: bool = False  # the latest pod's container is running now (progress can be read from its log)
+    waiting: str = ""  # the latest pod's container cannot start: "CreateContainerConfigError: secret ... not found"
 
     def condition(self, type_: str) -> tuple[str, str, str] | None:
         """(status, reason, message) of the condition ``type_``, or None."""
@@ -119,6 +120,9 @@ class Observations:
     evaluation_dataset: str | None = None
     name: str = ""  # the GPTDeployment's name (the evaluator Jobs are named after it)
     jobs: tuple[JobObs, ...] = ()  # the CR's Jobs (every purpose), sorted by name
+    # spec.model.cache: (Progressing reason, message) while the desired revision is not complete in the cache;
+    # rollout.decide then changes no Deployment (model_cache.py).
+    download_wait: tuple[str, str] | None = None
 
 
 def parse_time(value: str | None) -> datetime | None:
@@ -238,6 +242,7 @@ def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dic
     exit_code: int | None = None
     message = ""
     running = False
+    waiting = ""
     if pod is not None:
         pod_name = (pod.get("metadata") or {}).get("name")
         pod_status = pod.get("status") or {}
@@ -246,6 +251,9 @@ def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dic
             state = cs.get("state") or {}
             terminated = state.get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
             running = running or "running" in state
+            reason = (state.get("waiting") or {}).get("reason") or ""
+            if reason in _BAD_WAITING_REASONS and not waiting:
+                waiting = f"{reason}: {(state.get('waiting') or {}).get('message') or ''}".rstrip(": ")
             if terminated:
                 exit_code = int(terminated.get("exitCode") or 0)
                 message = str(terminated.get("message") or "").strip()
@@ -271,4 +279,5 @@ def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dic
         exit_code=exit_code,
         message=message,
         running=running,
+        waiting=waiting,
     )

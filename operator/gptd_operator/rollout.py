@@ -25,7 +25,7 @@ from typing import Any
 
 from . import evaluation
 from .api import GPTDeploymentSpec
-from .builders import TEMPLATE_GATE_KEY, desired_replicas, rolling_strategy
+from .builders import TEMPLATE_GATE_KEY, desired_replicas, revision_hash, rolling_strategy
 from .evaluation import EvalJob
 from .observe import Observations, PodObs, Template, format_time, parse_time
 
@@ -55,7 +55,7 @@ class EventPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    stable: DeploymentPlan
+    stable: DeploymentPlan | None  # None only while a first revision downloads (model cache): no Deployment yet
     canary: DeploymentPlan | None
     status: dict[str, Any] = field(default_factory=dict)  # merged into CR .status
     conditions: tuple[ConditionPlan, ...] = ()
@@ -106,6 +106,8 @@ def decide(spec: GPTDeploymentSpec, status: dict[str, Any], obs: Observations) -
         d.clear.append(PROMOTE_ANNOTATION)
     if obs.abort:
         d.clear.append(ABORT_ANNOTATION)
+    if obs.download_wait is not None:  # spec.model.cache: the revision is not in the cache yet
+        return _downloading(d)
     ro = d.ro
     phase = ro.get("phase") if ro else None
     same_revision = bool(ro) and ro.get("revision") == obs.desired_revision
@@ -197,6 +199,22 @@ def _steady(d: _Ctx) -> Plan:
     d.state.pop("rollout", None)  # a finished RolledBack/Failed record once the spec moved on
     stable = DeploymentPlan(_served_template(d), d.rev, desired_replicas(d.spec), rolling_strategy(d.spec, False))
     return _finish(d, stable, None, _cond("Progressing", False, "RolloutComplete", f"revision {d.rev} is rolled out"))
+
+
+def _downloading(d: _Ctx) -> Plan:
+    """The desired revision is still downloading into the model cache (or its download failed): every Deployment
+    keeps the template it runs (old pods keep serving); a first revision gets no Deployment yet. The rollout
+    state is left as it is: the rollout starts once the download is complete."""
+    reason, message = d.obs.download_wait or ("Downloading", "")
+    s, c = d.obs.stable, d.obs.canary
+    live = s.template if s is not None else d.state.get("lastGoodTemplate")
+    stable = None
+    if live:
+        stable = DeploymentPlan(live, revision_hash(live), desired_replicas(d.spec), rolling_strategy(d.spec, False))
+    canary = None
+    if c is not None and c.template:
+        canary = DeploymentPlan(c.template, revision_hash(c.template), c.spec_replicas, rolling_strategy(d.spec, False))
+    return _finish(d, stable, canary, _cond("Progressing", reason == "Downloading", reason, message))
 
 
 def _start(d: _Ctx) -> Plan:
@@ -700,7 +718,7 @@ def _rolled_back_cond(d: _Ctx) -> ConditionPlan:
     return _cond("RolledBack", False, "NoRollback", "")
 
 
-def _finish(d: _Ctx, stable: DeploymentPlan, canary: DeploymentPlan | None, progressing: ConditionPlan) -> Plan:
+def _finish(d: _Ctx, stable: DeploymentPlan | None, canary: DeploymentPlan | None, progressing: ConditionPlan) -> Plan:
     status = copy.deepcopy(d.state)
     for key in d.original:  # a key this call dropped is cleared in the CR (merge-patch null)
         status.setdefault(key, None)

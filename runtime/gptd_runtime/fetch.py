@@ -13,6 +13,9 @@ Properties:
 - atomic: a revision directory exists only when complete, so a reader needs just `complete_revision()`;
 - selective: from the repo's file list, only what the runtime loads (see `select_files`).
 Progress is JSON lines on stdout; a failure is one JSON line `{"error", "reason"}` and exit status 1.
+`--result-file F` also writes the last line (the complete revision's, or the error) to F: in a download Job that
+is /dev/termination-log, which the operator reads from the pod's status. `--prune --keep SHA...`: after a
+successful fetch, delete every other complete revision (and its refs) and abandoned `.incomplete` work.
 The hub token (HF_TOKEN or a token file) is sent as a header and never printed.
 """
 
@@ -520,12 +523,58 @@ def _write_ref(dest: Path, revision: str, sha: str) -> None:
         _write_atomic(_ref_path(dest, revision), sha + "\n")
 
 
-def _report_complete(path: Path, out: TextIO) -> None:
+def complete_line(path: Path) -> dict[str, Any]:
+    """The last progress line of a complete revision directory (from its marker)."""
     manifest = json.loads((path / MARKER).read_text())
     n = len(manifest["files"])
-    line = {"bytesDone": manifest["bytes"], "bytesTotal": manifest["bytes"], "filesDone": n, "filesTotal": n,
+    return {"bytesDone": manifest["bytes"], "bytesTotal": manifest["bytes"], "filesDone": n, "filesTotal": n,
             "revision": manifest["sha"], "path": str(path), "complete": True}
-    print(json.dumps(line), file=out, flush=True)
+
+
+def _report_complete(path: Path, out: TextIO) -> None:
+    print(json.dumps(complete_line(path)), file=out, flush=True)
+
+
+def prune(dest: Path, keep: Sequence[str]) -> list[str]:
+    """Delete the complete revisions in ``dest`` other than ``keep`` (their refs too) and `.incomplete` work no
+    fetch holds the lock of. Returns what was deleted (sha names). The caller keeps every revision a pod mounts:
+    a directory is never deleted under a reader's feet by anything else, and a running fetch is never touched."""
+    keep_set = set(keep)
+    gone: list[str] = []
+    trash = dest / INCOMPLETE / ".trash"
+    for entry in sorted(dest.iterdir()) if dest.is_dir() else []:
+        if entry.is_dir() and _SHA_RE.match(entry.name) and entry.name not in keep_set:
+            trash.mkdir(parents=True, exist_ok=True)
+            hidden = trash / entry.name
+            shutil.rmtree(hidden, ignore_errors=True)
+            os.rename(entry, hidden)  # gone from DEST/<sha> in one step, then deleted at leisure
+            shutil.rmtree(hidden, ignore_errors=True)
+            gone.append(entry.name)
+    refs = dest / REFS
+    if refs.is_dir():
+        for ref in sorted(p for p in refs.rglob("*") if p.is_file()):
+            try:
+                target = ref.read_text().strip()
+            except OSError:
+                continue
+            if target in gone or (_SHA_RE.match(target) and not (dest / target).is_dir()):
+                ref.unlink(missing_ok=True)
+    work_root = dest / INCOMPLETE
+    for work in sorted(work_root.iterdir()) if work_root.is_dir() else []:
+        if not (work.is_dir() and _SHA_RE.match(work.name)) or work.name in keep_set:
+            continue
+        lock = work_root / f"{work.name}.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a fetch of that revision is running: not stale
+            shutil.rmtree(work, ignore_errors=True)  # (the lock file stays: see fetch())
+            gone.append(f"{INCOMPLETE}/{work.name}")
+        finally:
+            os.close(fd)
+    return gone
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------
@@ -538,6 +587,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress-interval", type=float, default=2.0, help="seconds between progress lines")
     p.add_argument("--attempts", type=int, default=5, help="tries per file before giving up")
     p.add_argument("--jobs", type=int, default=4, help="files downloaded at once (default 4)")
+    p.add_argument("--result-file", type=Path, default=None,
+                   help="also write the last line (complete revision or error) here, e.g. /dev/termination-log")
+    p.add_argument("--prune", action="store_true",
+                   help="after a successful fetch, delete the other revisions in DEST except --keep ones")
+    p.add_argument("--keep", nargs="*", default=[], metavar="SHA", help="revisions --prune must keep (mounted ones)")
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -555,7 +609,19 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 raise FetchError("InvalidArgument", f"cannot read token file {args.token_file}: {e.strerror}") from e
         opts = FetchOptions(token=token, progress_interval=args.progress_interval, attempts=max(1, args.attempts),
                             jobs=max(1, args.jobs))
-        fetch(parse_repo_id(args.uri), args.revision, args.dest, opts, out)
+        target = fetch(parse_repo_id(args.uri), args.revision, args.dest, opts, out)
+        if args.prune:
+            for sha in args.keep:
+                if not _SHA_RE.match(sha):
+                    raise FetchError("InvalidArgument", f"--keep takes commit shas (40 hex digits), not {sha!r}")
+            # Housekeeping must not fail a download that succeeded: an error here is logged, not the result.
+            try:
+                gone = prune(args.dest, [*args.keep, target.name])
+                if gone:
+                    print(json.dumps({"pruned": gone}), file=sys.stderr, flush=True)
+            except OSError as e:
+                print(json.dumps({"pruneError": f"{e.strerror or e} ({e.filename})"}), file=sys.stderr, flush=True)
+        _write_result(args.result_file, complete_line(target))
         return 0
     except FetchError as e:
         reason, message = e.reason, e.message
@@ -565,5 +631,16 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         reason, message = "Internal", f"{type(e).__name__}: {e}"
     if token:
         message = message.replace(token, "***")  # never echo the token
-    print(json.dumps({"error": " ".join(message.split()), "reason": reason}), file=out, flush=True)
+    line = {"error": " ".join(message.split()), "reason": reason}
+    print(json.dumps(line), file=out, flush=True)
+    _write_result(args.result_file, line)
     return 1
+
+
+def _write_result(path: Path | None, line: dict[str, Any]) -> None:
+    if path is None:
+        return
+    try:
+        path.write_text(json.dumps(line) + "\n")  # the kubelet reads at most 4096 bytes: a line is far less
+    except OSError as e:
+        print(json.dumps({"resultFileError": f"{e.strerror or e} ({path})"}), file=sys.stderr, flush=True)

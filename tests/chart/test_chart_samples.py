@@ -73,7 +73,7 @@ def _crs(path: Path) -> list[dict[str, Any]]:
 
 def test_there_are_the_expected_samples():
     assert {p.name for p in CR_SAMPLES} == {"cpu.yaml", "gpu.yaml", "autoscaling.yaml", "canary.yaml",
-                                            "evaluation.yaml"}
+                                            "evaluation.yaml", "model-cache.yaml"}
 
 
 @pytest.mark.parametrize("path", CR_SAMPLES, ids=lambda p: p.name)
@@ -158,7 +158,18 @@ def _children(cr: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
     name, ns, uid = cr["metadata"]["name"], "default", "00000000-0000-0000-0000-000000000000"
     spec = parse_spec(cr["spec"])
     builders.check_spec(spec, settings)  # raises InvalidSpec (phase Failed) for what the CRD can't express
-    out = [builders.build_deployment(name, ns, uid, spec, settings), builders.build_service(name, ns, uid, spec)]
+    template = builders.revision_template(spec, settings)
+    out = []
+    if spec.model.cache is not None:  # issue 10: the claim and the download Job first; the pods mount the commit
+        from gptd_operator import model_cache
+
+        revision = builders.revision_hash(template)
+        out += [model_cache.build_pvc(name, ns, uid, spec),
+                model_cache.build_job(name, ns, uid, spec, settings, revision=revision, template=template, attempt=1,
+                                      keep=["0" * 40])]
+        template = builders.with_resolved(template, "1" * 40)
+    out += [builders.build_deployment(name, ns, uid, spec, settings, template=template),
+            builders.build_service(name, ns, uid, spec)]
     if builders.wants_pdb(spec):
         out.append(builders.build_pdb(name, ns, uid, spec))
     if builders.wants_hpa(spec, settings):
@@ -174,8 +185,8 @@ def test_sample_passes_the_operators_own_checks_with_default_settings(path):
         for child in _children(cr, DEFAULT_SETTINGS):
             for version in K8S_VERSIONS:
                 kubernetes_validate.validate(child, version, strict=True)
-            if child["kind"] == "Deployment":
-                assert_restricted(child["spec"]["template"]["spec"], f"{path.name} pods")
+            if child["kind"] in ("Deployment", "Job"):  # Job: the model cache's download (issue 10)
+                assert_restricted(child["spec"]["template"]["spec"], f"{path.name} {child['kind']} pods")
 
 
 def test_evaluation_sample_dataset_job_and_gated_pods_are_valid():

@@ -539,3 +539,109 @@ def test_a_nested_revision_such_as_a_pr_ref_stays_allowed(hub: FakeHub, tmp_path
     hub.repos[REPO_ID].refs["refs/pr/1"] = hub.last_sha
     path = fetch(REPO_ID, "refs/pr/1", tmp_path, FetchOptions(endpoint=hub.url, backoff_seconds=0), out=io.StringIO())
     assert path == tmp_path / hub.last_sha and resolve_ref(tmp_path, "refs/pr/1") == hub.last_sha
+
+
+def test_result_file_holds_the_last_line_for_the_operator(hub: FakeHub, tmp_path: Path) -> None:
+    """The download Job's container writes it to /dev/termination-log: the commit sha, or the error."""
+    dest, result_file = tmp_path / "cache", tmp_path / "termination-log"
+    ok = _cli(dest, "--result-file", str(result_file), env={"HF_ENDPOINT": hub.url})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    line = json.loads(result_file.read_text())
+    assert line == _lines(ok.stdout)[-1] and line["revision"] == hub.last_sha and line["complete"] is True
+    bad = _cli(dest, "--result-file", str(result_file), env={"HF_ENDPOINT": hub.url}, revision="nope")
+    assert bad.returncode == 1
+    assert json.loads(result_file.read_text()) == _lines(bad.stdout)[-1] and "nope" in _lines(bad.stdout)[-1]["error"]
+
+
+def _run(dest: Path, endpoint: str, revision: str, *extra: str) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    fetch_mod.add_arguments(parser)
+    args = parser.parse_args([f"hf://{REPO_ID}", "--revision", revision, "--dest", str(dest),
+                              "--progress-interval", "0", *extra])
+    out = io.StringIO()
+    rc = fetch_mod.run(args, out=out)
+    print(out.getvalue())  # shown when the test fails
+    return rc
+
+
+def test_prune_keeps_the_mounted_and_the_fetched_revisions_and_no_running_work(
+        models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dest = tmp_path / "cache"
+    import functools
+
+    with FakeHub() as hub:
+        # The CLI in-process (a subprocess per fetch would cost seconds of imports): HF_ENDPOINT's part.
+        monkeypatch.setattr(fetch_mod, "FetchOptions", functools.partial(FetchOptions, endpoint=hub.url))
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        shas = {}
+        for tag, extra in (("v1", b"1"), ("v2", b"2"), ("v3", b"3")):
+            shas[tag] = hub.add_directory(REPO_ID, models["plain"], ref=tag, extra={"notes.txt": extra})
+            assert _run(dest, hub.url, tag) == 0
+        # Abandoned work (a killed fetch) and work a running fetch holds the lock of.
+        stale, busy = "a" * 40, "b" * 40
+        for sha in (stale, busy):
+            (dest / INCOMPLETE / sha).mkdir(parents=True)
+            (dest / INCOMPLETE / sha / "model.safetensors.part").write_bytes(b"x")
+        with open(dest / INCOMPLETE / f"{busy}.lock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            shas["v4"] = hub.add_directory(REPO_ID, models["plain"], ref="v4", extra={"notes.txt": b"4"})
+            # v1 is mounted by running pods: kept; v4 is the one fetched now: kept; v2, v3 go.
+            assert _run(dest, hub.url, "v4", "--prune", "--keep", shas["v1"]) == 0
+            assert complete_revision(dest, shas["v1"]) and complete_revision(dest, shas["v4"])
+            assert not (dest / shas["v2"]).exists() and not (dest / shas["v3"]).exists()
+            assert resolve_ref(dest, "v1") == shas["v1"] and resolve_ref(dest, "v4") == shas["v4"]
+            assert resolve_ref(dest, "v2") is None and not (dest / "refs" / "v3").exists()
+            assert not (dest / INCOMPLETE / stale).exists()
+            assert (dest / INCOMPLETE / busy / "model.safetensors.part").exists()  # a running fetch's: untouched
+        # Without --prune nothing is deleted.
+        assert _run(dest, hub.url, "v2") == 0
+        assert complete_revision(dest, shas["v1"]) and complete_revision(dest, shas["v2"])
+        assert _run(dest, hub.url, "v2", "--prune", "--keep", "not-a-sha") == 1
+
+
+def test_the_operators_download_job_command_runs_fetch_and_its_result_pins_the_pods(
+        hub: FakeHub, tmp_path: Path) -> None:
+    """The contract between the two halves of issue 10: the command line the operator builds for the download Job,
+    run as the kubelet would (the claim's mount and /dev/termination-log mapped into tmp_path), prints progress the
+    operator parses, and its termination message gives the commit the pods' GPTD_MODEL then points at."""
+    from gptd_operator import builders, model_cache
+    from gptd_operator.api import parse_spec
+    from gptd_operator.observe import JobObs
+    from gptd_operator.settings import Settings as OperatorSettings
+
+    spec = parse_spec({"model": {"uri": f"hf://{REPO_ID}", "revision": "main", "cache": {"size": "1Gi"}}})
+    settings = OperatorSettings()
+    template = builders.revision_template(spec, settings)
+    revision = builders.revision_hash(template)
+    job = model_cache.build_job("gpt2", "ns", "uid", spec, settings, revision=revision, template=template, attempt=1,
+                                keep=["f" * 40])
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    cache, termination = tmp_path / "claim", tmp_path / "termination-log"
+    mapped = {builders.MODEL_CACHE_DIR: str(cache), model_cache.RESULT_FILE: str(termination)}
+    command = [mapped.get(arg, arg) for arg in container["command"]]
+    assert command[:3] == ["python", "-m", "gptd_runtime"]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "GPTD_HF_TOKEN_FILE")}
+    env.update({e["name"]: e["value"] for e in container["env"] if "value" in e}, HF_ENDPOINT=hub.url)
+    env.update(HOME=str(tmp_path / "home"), HF_HOME=str(tmp_path / "home" / "hf"))
+    done = subprocess.run([sys.executable, *command[1:]], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    progress = model_cache.parse_progress(done.stdout)
+    assert progress is not None and progress["bytesDone"] == progress["bytesTotal"] > 0
+    finished = JobObs(name=job["metadata"]["name"], revision=revision, purpose=model_cache.COMPONENT, succeeded=1,
+                      conditions=(("Complete", "True", "", ""),), exit_code=0, message=termination.read_text())
+    plan = model_cache.plan_download("gpt2", "ns", "uid", spec, settings, revision=revision, template=template,
+                                     previous_status={}, jobs=(finished,), progress=None, templates=(), now=dt_now())
+    assert plan.sha == hub.last_sha and plan.wait is None
+    pod = builders.build_pod_template("gpt2", spec, settings, builders.with_resolved(template, plan.sha), "stable")
+    model_env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}["GPTD_MODEL"]
+    loaded = Path(model_env.removeprefix("file://").replace(builders.MODEL_CACHE_DIR, str(cache)))
+    assert complete_revision(cache, plan.sha) == loaded
+
+
+def dt_now() -> Any:
+    import datetime
+
+    return datetime.datetime.now(datetime.UTC)

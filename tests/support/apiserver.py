@@ -16,6 +16,8 @@
   ``1000`` → ``"1k"``; see ``quantity.py``). Custom resources (GPTDeployment, ScaledObject, Certificate) are
   stored as sent (no CRD schema here). A resource that is not registered (a CRD not installed) is 404 to every
   verb, POST included, as on a real API server.
+- Immutable fields (422, the real messages): a PersistentVolumeClaim's spec except its storage request, which may
+  only grow; a Job's pod template.
 - JSON merge patch (RFC 7386): maps merged key by key, only ``null`` removes a key, lists replaced whole; a
   PATCH of ``/status`` changes only ``status``, a PATCH of the main resource never ``status`` (for kinds
   with a status subresource), ``/scale`` only ``spec.replicas``. A PATCH of a missing object is 404.
@@ -49,6 +51,7 @@ import kubernetes_validate
 
 from .quantity import InvalidQuantity
 from .quantity import canonical as canonical_quantity
+from .quantity import parse as parse_quantity
 
 SCHEMA_VERSION = "v1.35.0"
 # (group, version, plural) → the OpenAPI definition of the kind
@@ -388,6 +391,8 @@ class ApiServer(kmock.KubernetesEmulator):
         kind = merged.get("kind") or _kind_of(self, res)
         causes = _label_causes(merged)
         new = self._normalise(request, merged, kind, stored["metadata"]["name"], causes)
+        if sub is None:
+            _check_immutable(res.plural, kind, stored, new)
         before = {k: v for k, v in stored.items() if k not in ("metadata", "status")}
         after = {k: v for k, v in new.items() if k not in ("metadata", "status")}
         generation = stored.get("metadata", {}).get("generation") or 1
@@ -446,6 +451,27 @@ class ApiServer(kmock.KubernetesEmulator):
                     return
                 continue
             yield event
+
+
+def _check_immutable(plural: str, kind: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """What a real API server refuses to change (422): a claim's spec but its storage request (and only growing
+    it), a Job's pod template."""
+    name = old["metadata"]["name"]
+    if plural == "persistentvolumeclaims":
+        before, after = dict(old.get("spec") or {}), dict(new.get("spec") or {})
+        old_size = ((before.pop("resources", None) or {}).get("requests") or {}).get("storage")
+        new_size = ((after.pop("resources", None) or {}).get("requests") or {}).get("storage")
+        for key in ("volumeName", "volumeAttributesClassName"):
+            before.pop(key, None)
+            after.pop(key, None)
+        if before != after:
+            raise _invalid(kind, name, [("spec", "Forbidden: spec is immutable after creation except "
+                                                 "resources.requests and volumeAttributesClassName for bound claims")])
+        if old_size and new_size and parse_quantity(new_size)[0] < parse_quantity(old_size)[0]:
+            raise _invalid(kind, name, [("spec.resources.requests.storage",
+                                         "Forbidden: field can not be less than status.capacity")])
+    if plural == "jobs" and (old.get("spec") or {}).get("template") != (new.get("spec") or {}).get("template"):
+        raise _invalid(kind, name, [("spec.template", "Invalid value: field is immutable")])
 
 
 def _kind_of(server: ApiServer, res: Any) -> str:

@@ -98,6 +98,7 @@ def test_names_subresources_columns() -> None:
         "Ready": ".status.readyDisplay",
         "Phase": ".status.phase",
         "Score": ".status.evaluation.score",
+        "Download": ".status.model.download.display",  # issue 10: the model cache's download
         "Age": ".metadata.creationTimestamp",
     }
 

@@ -183,3 +183,21 @@ async def test_emulator_serves_pod_logs_and_kube_reads_their_tail() -> None:
             assert await client.pod_log(NS, "p", tail_lines=2) == '{"bytesDone": 8}\n{"bytesDone": 9}\n'
         finally:
             await client.close()
+
+
+async def test_emulator_refuses_what_a_real_server_cannot_change(http: aiohttp.ClientSession) -> None:
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "c"},
+           "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "10Gi"}}}}
+    await call(http, "POST", PVCS, pvc)
+    status, body = await call(http, "PATCH", f"{PVCS}/c", {"spec": {"accessModes": ["ReadWriteOnce"]}})
+    assert status == 422 and body["details"]["causes"][0]["field"] == "spec"
+    status, body = await call(http, "PATCH", f"{PVCS}/c", {"spec": {"resources": {"requests": {"storage": "5Gi"}}}})
+    assert status == 422 and body["details"]["causes"][0]["field"] == "spec.resources.requests.storage"
+    status, body = await call(http, "PATCH", f"{PVCS}/c", {"spec": {"resources": {"requests": {"storage": "20Gi"}}}})
+    assert status == 200 and body["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    await call(http, "POST", JOBS, job_body())
+    status, body = await call(http, "PATCH", f"{JOBS}/j", {"spec": {"template": {"spec": {"restartPolicy": "Never",
+                                                                                           "containers": []}}}})
+    assert status == 422 and body["details"]["causes"][0]["field"] == "spec.template"
+    status, _ = await call(http, "PATCH", f"{JOBS}/j", {"metadata": {"labels": {"a": "b"}}})
+    assert status == 200

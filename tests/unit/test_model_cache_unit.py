@@ -1,0 +1,471 @@
+"""spec.model.cache (issue 10): API, the claim and download Job builders, the pods' mounts, the download state
+machine and the rollout's wait for it."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from gptd_operator import builders as b
+from gptd_operator import model_cache as mc
+from gptd_operator.api import InvalidSpec, parse_spec
+from gptd_operator.normalize import is_subset, strip_none, with_removals
+from gptd_operator.observe import DeploymentObs, JobObs, Observations
+from gptd_operator.rollout import decide
+from gptd_operator.settings import Settings
+
+from tests.support.specs import spec
+
+S = Settings()
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+SHA = "1" * 40
+SHA_OLD = "0" * 40
+CACHE = {"size": "40Gi"}
+
+
+def cached(**cache: Any) -> Any:
+    model: dict[str, Any] = {"uri": "hf://org/m", "revision": "v2", "cache": {**CACHE, **cache}}
+    return spec(model=model)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+# ------------------------------------------------------------------------------------------ API
+
+
+def test_cache_fields_and_defaults() -> None:
+    c = cached().model.cache
+    assert (c.size, c.storageClassName, c.accessMode, c.retain) == ("40Gi", "", "ReadWriteMany", False)
+    assert cached(size=20 * 2**30).model.cache.size == str(20 * 2**30)  # int-or-string, like the API server
+
+
+@pytest.mark.parametrize(("cache", "field"), [
+    ({}, "spec.model.cache.size"),
+    ({"size": "lots"}, "spec.model.cache.size"),
+    ({"size": "1Gi", "accessMode": "ReadOnlyMany"}, "spec.model.cache.accessMode"),
+    ({"size": "1Gi", "sizeLimit": "2Gi"}, "spec.model.cache.sizeLimit"),
+])
+def test_bad_cache_is_invalid_spec_naming_the_field(cache: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidSpec) as e:
+        parse_spec({"model": {"uri": "hf://org/m", "cache": cache}})
+    assert e.value.field == field
+
+
+@pytest.mark.parametrize("uri", ["pvc://models/llama", "file:///models/llama"])
+def test_cache_with_a_model_already_on_a_volume_is_refused(uri: str) -> None:
+    with pytest.raises(InvalidSpec) as e:
+        b.check_spec(spec(model={"uri": uri, "cache": CACHE}), Settings(s3_init_image="aws:1"))
+    assert e.value.field == "spec.model.cache" and uri.split("://")[0] in e.value.message
+
+
+def test_revision_hash_of_crs_without_cache_is_unchanged() -> None:
+    # Computed by the operator before spec.model.cache existed (main at 8af61e1): no upgrade rolls these.
+    assert b.revision_hash(b.revision_template(spec(), S)) == "d9b3632cff"
+    other = spec(model={"uri": "hf://org/m", "revision": "v2", "hfTokenSecretRef": {"name": "hf", "key": "token"}},
+                 runtime={"maxBatchSize": 8})
+    assert b.revision_hash(b.revision_template(other, S)) == "b605d2dcbd"
+
+
+def test_the_resolved_sha_is_not_part_of_the_revision() -> None:
+    template = b.revision_template(cached(), S)
+    assert b.revision_hash(template) != b.revision_hash(b.revision_template(spec(), S))  # the cache is revisioned
+    assert b.revision_hash(b.with_resolved(template, SHA)) == b.revision_hash(template)
+    # The claim's settings change no pod: no new revision (no download, no rollout).
+    for change in ({"size": "80Gi"}, {"retain": True}, {"accessMode": "ReadWriteOnce"}, {"storageClassName": "x"}):
+        assert b.revision_hash(b.revision_template(cached(**change), S)) == b.revision_hash(template), change
+    assert b.resolved_sha(b.with_resolved(template, SHA)) == SHA and b.resolved_sha(template) is None
+
+
+# ------------------------------------------------------------------------------------------ builders
+
+
+def test_claim_owned_unless_retained_and_default_class_left_out() -> None:
+    pvc = mc.build_pvc("gpt2", "ns", "uid-1", cached())
+    assert pvc["metadata"]["name"] == "gpt2-model-cache"
+    assert pvc["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert pvc["spec"] == {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "40Gi"}}}
+    kept = mc.build_pvc("gpt2", "ns", "uid-1", cached(retain=True, storageClassName="fast", accessMode="ReadWriteOnce"))
+    assert kept["metadata"]["ownerReferences"] is None  # absent when created...
+    # ...and removed from a claim created before retain was turned on.
+    assert is_subset(kept, pvc) is False and with_removals(kept, pvc)["metadata"]["ownerReferences"] is None
+    assert "ownerReferences" not in strip_none(kept)["metadata"]
+    assert kept["spec"]["storageClassName"] == "fast" and kept["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert kept["metadata"]["labels"][b.LABEL_INSTANCE] == "gpt2"  # the claim index finds it without an owner
+
+
+def test_claim_conflicts_name_the_field() -> None:
+    live = {"metadata": {"name": "gpt2-model-cache"},
+            "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "standard"}}
+    assert mc.claim_conflict(live, cached()) is None
+    assert mc.claim_conflict(live, cached(size="80Gi")) is None  # growing is allowed
+    assert mc.claim_conflict(live, cached(accessMode="ReadWriteOnce"))[0] == "spec.model.cache.accessMode"
+    assert mc.claim_conflict(live, cached(storageClassName="fast"))[0] == "spec.model.cache.storageClassName"
+
+
+def _job(s: Any = None, keep: tuple[str, ...] = (SHA_OLD,), **settings: Any) -> dict[str, Any]:
+    s = s or cached()
+    settings_ = Settings(**settings) if settings else S
+    template = b.revision_template(s, settings_)
+    return mc.build_job("gpt2", "ns", "uid-1", s, settings_, revision="abc1234567", template=template, attempt=1,
+                        keep=keep)
+
+
+def test_download_job_runs_fetch_with_its_contract_command_line() -> None:
+    job = _job()
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"][:9] == ["python", "-m", "gptd_runtime", "fetch", "hf://org/m", "--revision", "v2",
+                                "--dest", b.MODEL_CACHE_DIR]
+    assert c["command"][c["command"].index("--result-file") + 1] == "/dev/termination-log"
+    assert c["command"][c["command"].index("--prune"):][:3] == ["--prune", "--keep", SHA_OLD]
+    assert c["image"] == S.runtime_image and c["terminationMessagePath"] == "/dev/termination-log"
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert {"name": "model", "mountPath": b.MODEL_CACHE_DIR} in c["volumeMounts"]  # read-write here only
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    # Restricted, like the runtime pods.
+    assert c["securityContext"] == b.container_security_context(S)
+    assert pod["securityContext"] == b.pod_security_context(S)
+    assert c["resources"]["limits"] == {"memory": "1Gi"} and "nvidia.com/gpu" not in json.dumps(c["resources"])
+    spec_ = job["spec"]
+    assert spec_["backoffLimit"] == mc.BACKOFF_LIMIT and spec_["activeDeadlineSeconds"] == 6 * 3600
+    assert spec_["ttlSecondsAfterFinished"] == 24 * 3600
+    assert job["metadata"]["labels"] == job["spec"]["template"]["metadata"]["labels"] == b.job_labels(
+        "gpt2", "model-download", "abc1234567")
+    assert job["metadata"]["name"] == "gpt2-fetch-abc1234567-1" and len(job["metadata"]["name"]) <= 63
+    assert "nodeSelector" not in pod and "affinity" not in pod  # ReadWriteMany: any (CPU) node
+    assert "--token-file" not in c["command"] and "hf-token" not in json.dumps(pod["volumes"])
+
+
+def test_hub_token_reaches_the_job_as_a_file_never_as_env() -> None:
+    s = spec(model={"uri": "hf://org/m", "cache": CACHE, "hfTokenSecretRef": {"name": "hf", "key": "tok"}},
+             runtime={"env": [{"name": "HF_ENDPOINT", "value": "http://mirror"}]})
+    pod = _job(s)["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"][c["command"].index("--token-file") + 1] == mc.TOKEN_FILE
+    volume = next(v for v in pod["volumes"] if v["name"] == "hf-token")
+    assert volume["secret"]["secretName"] == "hf" and volume["secret"]["items"] == [{"key": "tok", "path": "token"}]
+    assert {"name": "hf-token", "mountPath": mc.TOKEN_DIR, "readOnly": True} in c["volumeMounts"]
+    assert not any("TOKEN" in e["name"] for e in c["env"])
+    assert {"name": "HF_ENDPOINT", "value": "http://mirror"} in c["env"]  # a mirror, as the runtime gets it
+
+
+def test_read_write_once_job_follows_the_pods_to_their_node() -> None:
+    s = spec(model={"uri": "hf://org/m", "cache": {**CACHE, "accessMode": "ReadWriteOnce"}},
+             scheduling={"nodeSelector": {"pool": "gpu"}, "tolerations": [{"key": "t", "operator": "Exists"}]})
+    pod = _job(s)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    assert {"key": "t", "operator": "Exists"} in pod["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    (term,) = pod["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == b.selector_labels("gpt2")
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+
+
+def test_pods_mount_the_claim_read_only_and_load_the_resolved_commit() -> None:
+    s = spec(model={"uri": "hf://org/m", "cache": CACHE, "hfTokenSecretRef": {"name": "hf", "key": "tok"}})
+    template = b.with_resolved(b.revision_template(s, S), SHA)
+    pod = b.build_pod_template("gpt2", s, S, template, "stable")
+    (c,) = pod["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["GPTD_MODEL"] == f"file://{b.MODEL_CACHE_DIR}/{SHA}"
+    assert "HF_TOKEN" not in env  # only the download needs the token
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "gpt2-model-cache", "readOnly": True}} in (
+        pod["spec"]["volumes"])
+    assert {"name": "model", "mountPath": b.MODEL_CACHE_DIR, "readOnly": True} in c["volumeMounts"]
+    assert pod["metadata"]["labels"][b.LABEL_REVISION] == b.revision_hash(template)
+    with pytest.raises(ValueError):  # never a pod for a revision whose download is not complete
+        b.build_pod_template("gpt2", s, S, b.revision_template(s, S), "stable")
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+def test_progress_is_the_last_complete_progress_line() -> None:
+    text = ('{"bytesDone": 1, "bytesTotal": 9, "filesDone": 0, "filesTotal": 3}\n'
+            '{"bytesDone": 5, "bytesTotal": 9, "filesDone": 1, "filesTotal": 3}\n'
+            '{"pruned": ["x"]}\n{"bytesDone": 7, "bytesTo')  # a line cut by limitBytes
+    assert mc.parse_progress(text) == {"bytesDone": 5, "bytesTotal": 9, "filesDone": 1, "filesTotal": 3}
+    assert mc.parse_progress("") is None and mc.parse_progress("Traceback ...") is None
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+REV = "abc1234567"
+
+
+def job(name: str = "gpt2-fetch-abc1234567-1", revision: str = REV, **kw: Any) -> JobObs:
+    return JobObs(name=name, revision=revision, purpose=mc.COMPONENT, **kw)
+
+
+def plan(s: Any = None, status: dict[str, Any] | None = None, jobs: tuple[JobObs, ...] = (), t: float = 0,
+         progress: dict[str, int] | None = None, templates: tuple[Any, ...] = (), claim: Any = None,
+         revision: str = REV) -> mc.DownloadPlan:
+    s = s or cached()
+    return mc.plan_download("gpt2", "ns", "uid-1", s, S, revision=revision, template=b.revision_template(s, S),
+                            previous_status=status or {}, jobs=jobs, progress=progress, templates=templates,
+                            claim=claim, now=at(t))
+
+
+def then(status: dict[str, Any], p: mc.DownloadPlan) -> dict[str, Any]:
+    """The CR status after the plan's status.model is written."""
+    return {**status, "model": p.status}
+
+
+def test_a_new_revision_starts_one_job_and_waits() -> None:
+    p = plan()
+    assert p.sha is None and p.wait is not None and p.wait[0] == "Downloading"
+    assert p.create is not None and p.create["metadata"]["name"] == "gpt2-fetch-abc1234567-1"
+    assert p.pvc is not None and p.pvc["metadata"]["name"] == "gpt2-model-cache"
+    assert [e[1] for e in p.events] == ["DownloadStarted"] and p.requeue_after is not None and p.requeue_after <= 15
+    dl = p.status["download"]
+    assert (dl["revision"], dl["modelRevision"], dl["phase"], dl["attempt"]) == (REV, "v2", "Downloading", 1)
+    # Not in the Job index yet (the watch lags the POST): the same Job (handlers skip a create they just made),
+    # no second event, the status as it was.
+    lag = plan(status=then({}, p), t=1)
+    assert lag.create == p.create and lag.events == () and lag.status == p.status
+    # The Job exists (watch caught up): no second one, no second event.
+    again = plan(status=then({}, p), jobs=(job(active=1),), t=1)
+    assert again.create is None and again.events == () and again.wait[0] == "Downloading"
+
+
+def test_progress_rate_and_eta_from_two_readings() -> None:
+    status = then({}, plan())
+    running = (job(active=1, running=True, pod_name="p"),)
+    p1 = plan(status=status, jobs=running, t=10,
+              progress={"bytesDone": 1000, "bytesTotal": 11000, "filesDone": 1, "filesTotal": 4})
+    dl = p1.status["download"]
+    assert (dl["bytesDone"], dl["bytesTotal"], dl["filesDone"], dl["filesTotal"], dl["percent"]) == (
+        1000, 11000, 1, 4, 9)
+    assert p1.requeue_after is not None and p1.requeue_after <= 15  # refreshed at least every 15 s
+    p2 = plan(status=then(status, p1), jobs=running, t=20,
+              progress={"bytesDone": 6000, "bytesTotal": 11000, "filesDone": 2, "filesTotal": 4})
+    dl = p2.status["download"]
+    assert dl["bytesPerSecond"] == 500 and dl["etaSeconds"] == 10 and dl["percent"] == 54
+    assert dl["display"] == "54% of 11.0kB" and "54%" in p2.wait[1]
+    assert p2.sha is None and p2.create is None
+
+
+def test_complete_job_gives_the_sha_and_a_finished_event() -> None:
+    status = then({}, plan())
+    result = json.dumps({"bytesDone": 2_000_000, "bytesTotal": 2_000_000, "filesDone": 3, "filesTotal": 3,
+                         "revision": SHA, "path": f"/c/{SHA}", "complete": True})
+    done = job(succeeded=1, conditions=(("Complete", "True", "", ""),), exit_code=0, message=result,
+               start_time=at(0), completion_time=at(100))
+    p = plan(status=status, jobs=(done,), t=101)
+    assert p.sha == SHA and p.wait is None and p.degraded is None and p.create is None
+    assert p.status["download"]["phase"] == "Complete" and p.status["download"]["sha"] == SHA
+    ((kind, reason, message),) = p.events
+    assert (kind, reason) == ("Normal", "DownloadFinished")
+    assert "2.0MB" in message and "100s" in message and "20.0kB/s" in message and SHA in message
+    # Afterwards the recorded sha suffices (the Job may be gone by its TTL): no new Job.
+    later = plan(status=then(status, p), t=99999)
+    assert later.sha == SHA and later.create is None and later.events == ()
+
+
+def test_a_complete_revision_starts_no_job() -> None:
+    s = cached()
+    running = b.with_resolved(b.revision_template(s, S), SHA)  # what the stable Deployment runs
+    p = plan(s, templates=(running,), revision=b.revision_hash(running))
+    assert p.sha == SHA and p.create is None and p.wait is None and p.events == ()
+
+
+def test_failure_is_degraded_with_the_hub_message_and_retried_with_backoff() -> None:
+    status = then({}, plan())
+    error = json.dumps({"error": "401 Unauthorized: Invalid credentials in Authorization header",
+                        "reason": "Unauthorized"})
+    failed = job(failed=5, conditions=(("Failed", "True", "BackoffLimitExceeded", "Job has reached the limit"),),
+                 exit_code=1, message=error)
+    p = plan(status=status, jobs=(failed,), t=50)
+    assert p.sha is None and p.create is None and p.wait[0] == "DownloadFailed"
+    assert p.degraded == ("DownloadFailed", "401 Unauthorized: Invalid credentials in Authorization header")
+    assert [e[:2] for e in p.events] == [("Warning", "DownloadFailed")] and "Unauthorized" in p.events[0][2]
+    assert p.requeue_after == pytest.approx(mc.RETRY_SECONDS)
+    status = then(status, p)
+    # Within the backoff: nothing new, no second Warning.
+    p = plan(status=status, jobs=(failed,), t=50 + mc.RETRY_SECONDS - 1)
+    assert p.create is None and p.delete == () and p.events == () and p.degraded is not None
+    # Backoff over: the failed Job goes, then attempt 2 starts.
+    p = plan(status=then(status, p), jobs=(failed,), t=50 + mc.RETRY_SECONDS)
+    assert p.delete == ("gpt2-fetch-abc1234567-1",) and p.create is None
+    p = plan(status=then(status, p), jobs=(), t=51 + mc.RETRY_SECONDS)
+    assert p.create["metadata"]["name"] == "gpt2-fetch-abc1234567-2"
+    assert [e[1] for e in p.events] == ["DownloadRetried"] and p.status["download"]["attempt"] == 2
+    # Attempt 2 failing waits twice as long.
+    assert mc.retry_delay(2) == 2 * mc.retry_delay(1) and mc.retry_delay(10) == mc.RETRY_MAX_SECONDS
+
+
+def test_a_failed_try_is_reported_while_the_job_controller_retries() -> None:
+    status = then({}, plan())
+    error = json.dumps({"error": "revision nope not found", "reason": "RevisionNotFound"})
+    retrying = job(active=0, failed=1, exit_code=1, message=error, running=False)
+    p = plan(status=status, jobs=(retrying,), t=20)
+    assert p.degraded is not None and "revision nope not found" in p.degraded[1]
+    assert p.wait[0] == "Downloading" and p.sha is None
+    missing = job(active=1, waiting='CreateContainerConfigError: secret "hf" not found')
+    assert 'secret "hf" not found' in plan(status=status, jobs=(missing,), t=20).degraded[1]
+
+
+def test_a_spec_change_cancels_the_old_download() -> None:
+    old = job("gpt2-fetch-0ldrev0000-1", revision="0ldrev0000", active=1, running=True)
+    other = JobObs(name="gpt2-eval-0ldrev0000", revision="0ldrev0000", purpose="evaluation", active=1)
+    p = plan(jobs=(old, other))
+    assert p.delete == ("gpt2-fetch-0ldrev0000-1",)  # never another purpose's Job
+    assert [e[1] for e in p.events] == ["DownloadStarted", "DownloadCancelled"] or \
+        [e[1] for e in p.events] == ["DownloadCancelled", "DownloadStarted"]
+    assert p.create is not None
+
+
+def test_removing_the_cache_deletes_download_jobs_and_status() -> None:
+    p = plan(spec(), jobs=(job(active=1),))
+    assert p.delete == ("gpt2-fetch-abc1234567-1",) and p.status is None and p.wait is None and p.pvc is None
+
+
+def test_a_claim_that_cannot_change_is_reported_and_left_alone() -> None:
+    live = {"metadata": {"name": "gpt2-model-cache"}, "spec": {"accessModes": ["ReadWriteOnce"]}}
+    p = plan(claim=live)
+    assert p.pvc is None and p.degraded[0] == "InvalidCache" and "spec.model.cache.accessMode" in p.degraded[1]
+
+
+# ------------------------------------------------------------------------------------------ rollout waits
+
+TA = {"model": {"uri": "hf://org/a", "revision": "main"}, "runtime": {"image": "rt:1"}}
+TB = {"model": {"uri": "hf://org/b", "revision": "main"}, "runtime": {"image": "rt:1"}, b.MODEL_CACHE_KEY: True}
+RA, RB = b.revision_hash(TA), b.revision_hash(TB)
+
+
+def _obs(t: float, stable: DeploymentObs | None, wait: tuple[str, str] | None, template: Any = TB) -> Observations:
+    return Observations(now=at(t), desired_template=template, desired_revision=RB, stable=stable, canary=None,
+                        download_wait=wait)
+
+
+def test_downloading_keeps_the_running_template_and_starts_no_rollout() -> None:
+    s = parse_spec({"model": {"uri": "hf://org/b", "cache": CACHE}, "replicas": 2})
+    status = {"currentRevision": RA, "lastGoodRevision": RA, "lastGoodTemplate": TA}
+    stable = DeploymentObs(revision=RA, template=TA, spec_replicas=2, replicas=2, ready_replicas=2,
+                           updated_replicas=2, available_replicas=2)
+    p = decide(s, status, _obs(0, stable, ("Downloading", "downloading hf://org/b: 40% of 16GB")))
+    assert p.stable is not None and p.stable.template == TA and p.stable.revision == RA and p.canary is None
+    progressing = next(c for c in p.conditions if c.type == "Progressing")
+    assert (progressing.status, progressing.reason) == ("True", "Downloading") and "40%" in progressing.message
+    assert p.status.get("rollout") is None and p.status["currentRevision"] == RA and p.events == ()
+    failed = decide(s, status, _obs(0, stable, ("DownloadFailed", "401")))
+    assert failed.stable.template == TA
+    assert next(c for c in failed.conditions if c.type == "Progressing").status == "False"
+    # Complete: the rollout of the new revision starts, on the resolved template.
+    resolved = b.with_resolved(TB, SHA)
+    started = decide(s, status, _obs(1, stable, None, resolved))
+    assert started.stable.template == resolved and started.stable.revision == RB
+    assert started.status["rollout"]["revision"] == RB and [e.reason for e in started.events] == ["RolloutStarted"]
+
+
+def test_a_first_revision_gets_no_deployment_until_its_download_is_complete() -> None:
+    s = parse_spec({"model": {"uri": "hf://org/b", "cache": CACHE}})
+    p = decide(s, {}, _obs(0, None, ("Downloading", "starting")))
+    assert p.stable is None and p.canary is None and p.status.get("rollout") is None
+    assert p.status["updateRevision"] == RB
+
+
+def test_a_finished_job_waits_briefly_for_its_pods_report() -> None:
+    """The Job and its pods are separate watches: the Job's Complete/Failed may arrive before the pod's message."""
+    status = then({}, plan())
+    done = job(succeeded=1, conditions=(("Complete", "True", "", ""),))
+    p = plan(status=status, jobs=(done,), t=10)
+    assert p.sha is None and p.degraded is None and p.events == () and p.wait[0] == "Downloading"
+    assert p.requeue_after is not None and p.requeue_after <= 5
+    p = plan(status=then(status, p), jobs=(done,), t=10 + mc.RESULT_GRACE_SECONDS)
+    assert p.degraded is not None and p.status["download"]["reason"] == "NoResult"
+    failed = job(failed=5, conditions=(("Failed", "True", "DeadlineExceeded", "Job was active longer than allowed"),))
+    p = plan(status=status, jobs=(failed,), t=10)
+    assert p.degraded is None and p.events == ()
+    p = plan(status=then(status, p), jobs=(failed,), t=10 + mc.RESULT_GRACE_SECONDS)
+    assert p.degraded == ("DownloadFailed", "DeadlineExceeded: Job was active longer than allowed")
+
+
+# ------------------------------------------------------------------------------------------ s3:// through the cache
+
+
+def test_s3_needs_the_operators_aws_image_and_becomes_the_download_job() -> None:
+    s3 = spec(model={"uri": "s3://bucket/models/llama", "cache": CACHE},
+              runtime={"env": [{"name": "AWS_REGION", "value": "eu-west-1"}]})
+    with pytest.raises(InvalidSpec) as e:
+        b.check_spec(s3, S)
+    assert e.value.field == "spec.model.uri" and "GPTD_S3_INIT_IMAGE" in e.value.message
+    settings = Settings(s3_init_image="amazon/aws-cli:2")
+    b.check_spec(s3, settings)
+    job = _job(s3, s3_init_image="amazon/aws-cli:2")
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == "amazon/aws-cli:2" and c["command"][:2] == ["sh", "-c"]
+    assert "aws s3 sync --only-show-errors s3://bucket/models/llama" in c["command"][2]
+    assert {"name": "AWS_REGION", "value": "eu-west-1"} in c["env"]
+    template = b.with_resolved(b.revision_template(s3, settings), mc.s3_commit("s3://bucket/models/llama", "r"))
+    pod = b.build_pod_template("gpt2", s3, settings, template, "stable")
+    assert not pod["spec"].get("initContainers")  # the init container's sync became the Job
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["GPTD_MODEL"] == f"file://{b.MODEL_CACHE_DIR}/{mc.s3_commit('s3://bucket/models/llama', 'r')}"
+
+
+def _s3_script(tmp_path: Any, uri: str = "s3://bucket/models/llama") -> tuple[str, Any, Any]:
+    """The Job's script as built, with the claim's mount and the termination-log path mapped into tmp_path."""
+    s3 = spec(model={"uri": uri, "cache": CACHE})
+    (c,) = _job(s3, s3_init_image="aws:2")["spec"]["template"]["spec"]["containers"]
+    cache, log = tmp_path / "cache", tmp_path / "termination-log"
+    return c["command"][2].replace(b.MODEL_CACHE_DIR, str(cache)).replace(mc.RESULT_FILE, str(log)), cache, log
+
+
+def _fake_aws(tmp_path: Any, body: str) -> dict[str, str]:
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    aws = bin_dir / "aws"
+    aws.write_text("#!/bin/sh\n" + body)
+    aws.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_the_s3_job_script_syncs_atomically_and_reports_like_fetch(tmp_path: Any) -> None:
+    import subprocess
+
+    source = tmp_path / "bucket"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    (source / "model.safetensors").write_bytes(b"w" * 100)
+    calls = tmp_path / "calls"
+    # `aws s3 sync --only-show-errors URI DEST`, played by cp; it records each call.
+    env = _fake_aws(tmp_path, f'echo "$@" >> {calls}\nmkdir -p "$5" && cp -r {source}/. "$5"\n')
+    script, cache, log = _s3_script(tmp_path)
+    subprocess.run(["sh", "-c", script], env=env, check=True, timeout=30)
+    result = mc.last_json_line(log.read_text())
+    sha = mc.s3_commit("s3://bucket/models/llama", "abc1234567")
+    assert result == {"revision": sha, "complete": True, "path": f"{cache}/{sha}"}
+    assert (cache / sha / "model.safetensors").read_bytes() == b"w" * 100 and (cache / sha / ".gptd-complete").exists()
+    assert not (cache / ".incomplete" / sha).exists()
+    assert calls.read_text().split() == ["s3", "sync", "--only-show-errors", "s3://bucket/models/llama",
+                                         f"{cache}/.incomplete/{sha}"]
+    log.unlink()
+    subprocess.run(["sh", "-c", script], env=env, check=True, timeout=30)  # complete already: no sync
+    assert len(calls.read_text().splitlines()) == 1 and mc.last_json_line(log.read_text())["revision"] == sha
+
+
+def test_a_failing_s3_sync_publishes_nothing(tmp_path: Any) -> None:
+    import subprocess
+
+    env = _fake_aws(tmp_path, 'mkdir -p "$5" && echo partial > "$5/part"\necho "An error occurred (AccessDenied)" >&2\n'
+                              "exit 1\n")
+    script, cache, log = _s3_script(tmp_path)
+    done = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0 and "AccessDenied" in done.stderr  # the log tail: FallbackToLogsOnError's message
+    sha = mc.s3_commit("s3://bucket/models/llama", "abc1234567")
+    assert not (cache / sha).exists() and not log.exists()
+
+
+def test_a_job_whose_pod_left_plain_text_reports_it_at_once() -> None:
+    """FallbackToLogsOnError: an AWS CLI (or a crash) leaves the log's tail, not a JSON line."""
+    failed = job(failed=5, conditions=(("Failed", "True", "BackoffLimitExceeded", "limit"),), exit_code=1,
+                 message="An error occurred (AccessDenied) when calling the ListObjectsV2 operation")
+    p = plan(status=then({}, plan()), jobs=(failed,), t=1)
+    assert p.degraded is not None and "AccessDenied" in p.degraded[1] and p.events[0][1] == "DownloadFailed"
