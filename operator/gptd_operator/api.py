@@ -520,6 +520,10 @@ class RolloutStatus(BaseModel):
     evaluationSpec: str | None = Field(
         None, description="After an evaluation failure: the spec.evaluation hash it failed under (a change retries)."
     )
+    promoteDeferred: bool | None = Field(
+        None, description="gptd.io/promote was set while the first canary step was being evaluated: honoured once "
+        "the evaluation passed."
+    )
 
 
 class EvaluationStatus(BaseModel):
@@ -546,6 +550,10 @@ class EvaluationStatus(BaseModel):
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
     message: str | None = Field(None, description="Why it failed or what it waits for.")
+    startedAt: str | None = Field(
+        None, description="When the evaluator Job was created (its timeout counts from the Job's startTime, else "
+        "from here: a suspended or not yet started Job still times out)."
+    )
 
 
 class EvaluationBaseline(BaseModel):
@@ -557,6 +565,11 @@ class EvaluationBaseline(BaseModel):
     revision: str | None = None
     score: float | None = None
     finishedAt: str | None = None
+    error: str | None = Field(
+        None, description="Why the baseline could not be measured (its Job failed or timed out): not retried in the "
+        "rollout that started at rolloutStartedAt, which is judged on minScore alone."
+    )
+    rolloutStartedAt: str | None = Field(None, description="status.rollout.startedAt of the rollout that failed it.")
 
 
 class DownloadStatus(BaseModel):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,7 +31,7 @@ from gptd_common.eval_dataset import DatasetError, parse_dataset
 
 from . import builders, names
 from .api import GPTDeploymentSpec, InvalidSpec
-from .observe import JobObs, PodObs, format_time
+from .observe import ANN_EVAL_TARGET_IP, ANN_EVAL_TARGET_UID, JobObs, PodObs, format_time, parse_time
 from .settings import Settings
 
 GATE_CONDITION = builders.GATE_CONDITION
@@ -41,15 +41,20 @@ TEMPLATE_GATE_KEY = builders.TEMPLATE_GATE_KEY
 LABEL_ROLE = "gptd.io/evaluation-role"
 LABEL_KEY = "gptd.io/evaluation-key"
 ANN_TARGET = "gptd.io/evaluation-target"  # on an evaluator Job: the pod (and revision) it scores
+ANN_TARGET_UID, ANN_TARGET_IP = ANN_EVAL_TARGET_UID, ANN_EVAL_TARGET_IP  # ...its uid and IP, checked at judgement
 CANDIDATE, BASELINE = "candidate", "baseline"
 DATASET_DIR = "/var/run/gptd/eval-dataset"
 DATASET_FILE = f"{DATASET_DIR}/dataset.jsonl"
 API_KEY_DIR = "/var/run/gptd/eval-api-key"
+CA_DIR = "/var/run/gptd/eval-ca"  # ca.crt of the serving TLS Secret (by reference: the operator never reads it)
 RESULT_FILE = "/dev/termination-log"
 TERMINATION_MESSAGE_LIMIT = 4096  # bytes the kubelet keeps of a termination message
 # A Job gets this much beyond timeoutSeconds before Kubernetes kills it, so the operator's own timeout (which
 # names the reason) fires first; activeDeadlineSeconds is the backstop when the operator is down.
 JOB_DEADLINE_MARGIN_SECONDS = 60
+# A Job seen Complete whose pod is not (yet) in the watch cache: how long to wait for the pod before giving up on
+# its result (the pod may be gone: deleted by hand, or garbage-collected).
+RESULT_GRACE_SECONDS = 60
 EPSILON = 1e-9  # scores are ratios of small integers: 0.41 >= 0.5 - 0.09 (0.41000000000000003) must hold
 
 
@@ -66,11 +71,11 @@ def check_evaluation(spec: GPTDeploymentSpec) -> None:
         allowed = "exactMatch, contains" if generation else "accuracy, precision, recall, f1"
         raise InvalidSpec("spec.evaluation.metric", f"{ev.metric} does not apply to task {spec.model.task} "
                                                     f"(use {allowed})")
-    if spec.service.tls is not None:
-        # The Job reaches a pod by IP, which the serving certificate (Service DNS names) does not name, and under
-        # mutual TLS it would need a client certificate the operator does not have. Refused rather than half-done.
-        raise InvalidSpec("spec.evaluation", "is not supported together with spec.service.tls yet (the evaluator "
-                                             "Job reaches the new pod by IP, which the certificate does not name)")
+    if spec.service.tls is not None and spec.service.tls.clientCASecretName:
+        # Under mutual TLS the Job would need a client certificate the operator does not have (it never reads or
+        # mints Secrets). Plain server TLS works: the Job verifies the Service name's certificate at the pod's IP.
+        raise InvalidSpec("spec.evaluation", "is not supported together with spec.service.tls.clientCASecretName "
+                                             "(mutual TLS: the evaluator Job has no client certificate)")
     if spec.runtime.apiKeysSecretName is not None:
         # The operator never reads Secrets, so it cannot pick one key out of a many-key Secret for the Job.
         raise InvalidSpec("spec.evaluation", "needs spec.runtime.apiKeySecretRef (one key the evaluator Job "
@@ -124,6 +129,16 @@ def pvc_identity(spec: GPTDeploymentSpec) -> str:
     return f"pvc {spec.evaluation.dataset.pvc}"  # type: ignore[union-attr]
 
 
+def judged_dataset(spec: GPTDeploymentSpec, status: Mapping[str, Any], revision: str) -> str | None:
+    """The dataset identity ``revision`` already has a verdict on under the current spec.evaluation (None when it
+    has none): the dataset is then not read again, so deleting or editing it after the verdict changes nothing."""
+    ev = status.get("evaluation") or {}
+    if (ev.get("revision") == revision and ev.get("passed") is not None and ev.get("dataset")
+            and ev.get("specHash") == evaluation_hash(spec)):
+        return str(ev["dataset"])
+    return None
+
+
 def pvc_claim(spec: GPTDeploymentSpec) -> tuple[str, str]:
     claim, _, path = (spec.evaluation.dataset.pvc or "").partition("/")  # type: ignore[union-attr]
     return claim, path
@@ -141,6 +156,8 @@ class EvalRun:
     result: Mapping[str, Any] | None = None
     message: str = ""
     deadline_exceeded: bool = False
+    target_uid: str = ""  # the pod it scores (uid, IP), when the Job says
+    target_ip: str = ""
 
 
 def _result(message: str) -> Mapping[str, Any] | None:
@@ -151,13 +168,28 @@ def _result(message: str) -> Mapping[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-def run_of(job: JobObs) -> EvalRun:
-    """A Job (observe.JobObs: its conditions and its pod's termination message) → EvalRun."""
+def run_of(job: JobObs, now: datetime | None = None) -> EvalRun:
+    """A Job (observe.JobObs: its conditions and its pod's termination message) → EvalRun. The Job and its pod are
+    separate watch streams: a Job seen Complete before its pod's terminated state (which carries the result) is
+    still running; it has no result only once its pod is seen terminated without one, or is gone for good."""
+    # The timeout counts from the Job's start; a Job not started (suspended by a queue, controller lag) from its
+    # creation, so it still times out.
+    job = job if job.start_time is not None else replace(job, start_time=job.created)
+    return replace(_run_of(job, now), target_uid=job.target_uid, target_ip=job.target_ip)
+
+
+def _run_of(job: JobObs, now: datetime | None) -> EvalRun:
     result = _result(job.message)
     if job.complete or job.succeeded > 0:
-        if result is None or not isinstance(result.get("score"), int | float):
+        if result is not None and isinstance(result.get("score"), int | float):
+            return EvalRun("succeeded", job.start_time, result)
+        if job.exit_code is not None:  # its pod is seen terminated, and said nothing we can judge by
             return EvalRun("failed", job.start_time, result, "the evaluator finished without a result")
-        return EvalRun("succeeded", job.start_time, result)
+        done = job.completion_time or job.start_time
+        if job.pod_name is None and now is not None and _since(now, done) > RESULT_GRACE_SECONDS:
+            return EvalRun("failed", job.start_time, None,
+                           f"the Job completed but its pod is gone after {RESULT_GRACE_SECONDS}s: no result to read")
+        return EvalRun("running", job.start_time, message="the Job completed; waiting for its pod's result")
     failed = job.condition("Failed")
     if job.finally_failed and failed is not None:
         _, reason, message = failed
@@ -167,8 +199,8 @@ def run_of(job: JobObs) -> EvalRun:
     return EvalRun("running", job.start_time)
 
 
-def runs_of(jobs: Sequence[JobObs]) -> dict[str, EvalRun]:
-    return {j.name: run_of(j) for j in jobs if j.purpose == builders.EVALUATION_COMPONENT}
+def runs_of(jobs: Sequence[JobObs], now: datetime | None = None) -> dict[str, EvalRun]:
+    return {j.name: run_of(j, now) for j in jobs if j.purpose == builders.EVALUATION_COMPONENT}
 
 
 # ------------------------------------------------------------------------------------------ the gate
@@ -198,6 +230,7 @@ class EvalJob:
     revision: str
     pod: str
     ip: str
+    uid: str = ""  # the target pod's uid: checked at judgement (the same pod, not a new one at a reused IP)
 
 
 @dataclass
@@ -262,6 +295,9 @@ def gate(
     key = eval_key(spec, dataset, revision)
     spec_hash = evaluation_hash(spec)
     base = {"revision": revision, "key": key, "dataset": dataset, "metric": metric, "specHash": spec_hash}
+    # When this key's Job was created (recorded by the pass that asked for it): the timeout's last resort when the
+    # Job shows neither a startTime nor a creationTimestamp.
+    created_at = prev.get("startedAt") if prev.get("key") == key and prev.get("passed") is None else None
     if prev.get("revision") == revision and prev.get("key") == key and prev.get("passed") is not None:
         if prev.get("specHash") in (None, spec_hash):
             return _final(prev)
@@ -271,7 +307,7 @@ def gate(
             result = {k: prev.get(k) for k in ("score", "samples", "perLabel")}
             return _judge(spec, Gate("pending", ""), base, result, prev.get("baseline"), "", current, now)
         # no score (timed out, the evaluator failed): measured again below
-    runs = runs_of(jobs)
+    runs = runs_of(jobs, now)
     wanted: list[EvalJob] = []
     out = Gate("pending", "")
 
@@ -282,8 +318,11 @@ def gate(
     if ev.maxRegression is not None and current and current != revision:
         bkey = eval_key(spec, dataset, current)
         cached = state.get("evaluationBaseline") or {}
+        this_rollout = (state.get("rollout") or {}).get("startedAt")
         if cached.get("key") == bkey and cached.get("score") is not None:
             baseline = float(cached["score"])
+        elif cached.get("key") == bkey and cached.get("error") and cached.get("rolloutStartedAt") == this_rollout:
+            baseline_note = str(cached["error"])  # failed once in this rollout: not measured again (no Job loop)
         else:
             bname = names.evaluation_job(name, BASELINE, bkey)
             brun = runs.get(bname)
@@ -292,7 +331,7 @@ def gate(
                 if pod is None:
                     baseline_note = f"no Ready pod of revision {current} to measure the baseline: judged on minScore"
                 else:
-                    wanted.append(EvalJob(BASELINE, bname, bkey, current, pod.name, pod.ip))
+                    wanted.append(EvalJob(BASELINE, bname, bkey, current, pod.name, pod.ip, pod.uid))
                     baseline_pending = True
             elif brun.state == "succeeded":
                 baseline = float(brun.result["score"])  # type: ignore[index]
@@ -301,6 +340,8 @@ def gate(
                 why = "timed out" if brun.state == "running" or brun.deadline_exceeded else brun.message
                 baseline_note = f"the baseline (revision {current}) could not be measured ({why}): judged on minScore"
                 out.events.append(("Warning", "BaselineUnavailable", baseline_note))
+                out.baseline = {"key": bkey, "revision": current, "error": baseline_note,
+                                "rolloutStartedAt": this_rollout, "finishedAt": format_time(now)}
             else:
                 wanted.append(EvalJob(BASELINE, bname, bkey, current, "", ""))
                 baseline_pending = True
@@ -316,15 +357,15 @@ def gate(
             out.message = f"waiting for a pod of revision {revision} to start, to evaluate it"
             out.evaluation = {**base, "message": out.message}
             return out
-        wanted.append(EvalJob(CANDIDATE, cname, key, revision, pod.name, pod.ip))
+        wanted.append(EvalJob(CANDIDATE, cname, key, revision, pod.name, pod.ip, pod.uid))
         out.jobs = tuple(wanted)
         out.running = True
         out.message = f"evaluating revision {revision} on pod {pod.name} ({metric}, dataset {dataset})"
-        out.evaluation = {**base, "message": out.message}
+        out.evaluation = {**base, "message": out.message, "startedAt": format_time(now)}
         out.requeue = float(ev.timeoutSeconds)
         out.events.append(("Normal", "EvaluationStarted", out.message))
         return out
-    elapsed = _since(now, run.started)
+    elapsed = _since(now, run.started or parse_time(created_at) or now)
     if (run.state == "running" and elapsed <= ev.timeoutSeconds) or (run.state == "succeeded" and baseline_pending):
         wanted.append(EvalJob(CANDIDATE, cname, key, revision, "", ""))
         out.jobs = tuple(wanted)
@@ -332,7 +373,7 @@ def gate(
         waiting = ("the baseline" if run.state == "succeeded"
                    else f"the evaluator ({int(elapsed)}s of {ev.timeoutSeconds}s)")
         out.message = f"evaluating revision {revision} (Job {cname}): waiting for {waiting}"
-        out.evaluation = {**base, "message": out.message}
+        out.evaluation = {**base, "message": out.message, "startedAt": created_at or format_time(now)}
         out.requeue = max(1.0, ev.timeoutSeconds - elapsed)
         return out
     finished = format_time(now)
@@ -341,6 +382,12 @@ def gate(
         out.verdict, out.message = "timeout", msg
         out.evaluation = {**base, "passed": False, "finishedAt": finished, "message": msg}
         return out
+    if run.state == "succeeded" and run.target_uid and not any(
+            p.uid == run.target_uid and p.ip == run.target_ip and p.revision == revision for p in pods):
+        # The pod it scored is gone or changed while the Job ran: whatever answered at that IP (a new pod, maybe of
+        # another revision) is not known to be this revision, so the score cannot pass it.
+        run = replace(run, state="failed", message=f"the pod it scored ({run.target_ip}, uid {run.target_uid}) was "
+                                                   "replaced while it ran: the score does not describe this revision")
     if run.state == "failed":
         msg = f"the evaluator failed on revision {revision}: {run.message}"
         out.verdict, out.message = "failed", msg
@@ -397,6 +444,8 @@ def condition(
     """The ``Evaluated`` condition (status, reason, message) from status.evaluation; None when there is nothing to
     say (no spec.evaluation, never evaluated)."""
     ev = dict(evaluation or {})
+    if ev.get("revision") != revision:  # a record of another revision says nothing about this one
+        ev = {}
     if not ev:
         if spec.evaluation is None:
             return None
@@ -431,9 +480,10 @@ def build_job(
     ev = spec.evaluation
     assert ev is not None
     port = spec.service.port
+    tls_secret = builders.tls_secret_name(name, spec)
     args = [
         "python", "-m", "gptd_runtime", "evaluate",
-        "--url", f"http://{job.ip}:{port}",
+        "--url", f"{'https' if tls_secret else 'http'}://{job.ip}:{port}",
         "--dataset", DATASET_FILE,
         "--task", spec.model.task,
         "--metric", ev.effective_metric(spec.model.task),
@@ -461,6 +511,13 @@ def build_job(
             "secretName": ref.name, "items": [{"key": ref.key, "path": "api-key"}], "defaultMode": secret_mode}})
         mounts.append({"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True})
         args += ["--api-key-file", f"{API_KEY_DIR}/api-key"]
+    if tls_secret is not None:
+        # The pod is reached by IP; its certificate names the Service, so that name is verified, against the CA in
+        # the serving Secret's ca.crt (cert-manager writes it; a user's own Secret must carry it too).
+        volumes.append({"name": "ca", "secret": {
+            "secretName": tls_secret, "items": [{"key": "ca.crt", "path": "ca.crt"}], "defaultMode": 0o444}})
+        mounts.append({"name": "ca", "mountPath": CA_DIR, "readOnly": True})
+        args += ["--ca-file", f"{CA_DIR}/ca.crt", "--server-name", f"{names.service(name)}.{namespace}.svc"]
     labels = {**builders.job_labels(name, builders.EVALUATION_COMPONENT, job.revision), LABEL_ROLE: job.role,
               LABEL_KEY: job.key}
     return {
@@ -470,11 +527,15 @@ def build_job(
             "name": job.name,
             "namespace": namespace,
             "labels": labels,
-            "annotations": {ANN_TARGET: f"{job.pod} (revision {job.revision})"},
+            "annotations": {ANN_TARGET: f"{job.pod} (revision {job.revision})", ANN_TARGET_UID: job.uid,
+                            ANN_TARGET_IP: job.ip},
             "ownerReferences": [builders.owner_reference(name, uid)],
         },
         "spec": {
-            "backoffLimit": 0,  # a score is not retried: a failure is the result
+            "backoffLimit": 0,  # a score is not retried: a failure is the result...
+            # ...but an evaluator pod evicted or preempted (a node drain) is not the revision's fault: recreated.
+            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [
+                {"type": "DisruptionTarget", "status": "True"}]}]},
             "activeDeadlineSeconds": ev.timeoutSeconds + JOB_DEADLINE_MARGIN_SECONDS,
             "ttlSecondsAfterFinished": 3600,  # the operator deletes it once the result is in status
             "template": {

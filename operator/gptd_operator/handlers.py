@@ -298,6 +298,10 @@ class Reconciler:
             return
         checked, dataset = await self._check_dataset(p, spec)
         if not checked:
+            # Refused (a missing or bad dataset), but pods of revisions already passed or rolled out keep getting
+            # their condition: a restart or scale-up of them must not lose traffic over the dataset.
+            children = snapshot(indices, p.namespace, p.name, p.uid or None, self.phantoms)
+            await self._mark_evaluated(p, rollout.evaluated_revisions(p.previous), children)
             return
         children, obs, analysis_due = await self._observe(p, spec, indices, dataset)
         # spec.model.cache: the download before the rollout (the plan waits while it is not complete).
@@ -339,12 +343,11 @@ class Reconciler:
         if spec.evaluation is None:
             return True, None
         revision = builders.revision_hash(builders.revision_template(spec, self.settings))
-        ro = p.previous.get("rollout") or {}
-        same = ro.get("revision") == revision
-        if same and (ro.get("phase") in rollout.HOLD_PHASES or not ro.get("evaluationGate")):
-            return True, None  # held after a failure, or an ungated rollout: nothing to score
-        if not same and ro.get("phase") not in rollout.ACTIVE_PHASES and revision == p.previous.get("currentRevision"):
-            return True, None  # settled: spec.evaluation applies to the next revision
+        if not rollout.needs_dataset(spec, p.previous, revision):
+            return True, None  # settled, ungated, held under the same spec.evaluation, or back to the served one
+        judged = evaluation.judged_dataset(spec, p.previous, revision)
+        if judged is not None:
+            return True, judged  # the verdict is in: its pods are marked whatever happens to the dataset now
         try:
             ds = spec.evaluation.dataset
             if ds.configMapRef is not None:
@@ -530,7 +533,7 @@ class Reconciler:
                 await self.kube.delete(res, namespace, live["metadata"]["name"])
                 self.recent.pop((live.get("kind", ""), namespace, live["metadata"]["name"]), None)
                 kopf.event(body, type="Normal", reason="Deleted", message=f"{res.plural} {live['metadata']['name']}")
-        await self._mark_evaluated(p, plan, children)
+        await self._mark_evaluated(p, plan.evaluated_revisions, children)
         annotations = p.meta.get("annotations") or {}
         present = [a for a in plan.annotations_to_clear if a in annotations]
         if present:
@@ -564,12 +567,12 @@ class Reconciler:
             if obj["metadata"]["name"] not in wanted:
                 built.unwanted.append((kube.JOBS, obj))
 
-    async def _mark_evaluated(self, p: _Pass, plan: Plan, children: Children) -> None:
+    async def _mark_evaluated(self, p: _Pass, revisions: tuple[str, ...], children: Children) -> None:
         """The gptd.io/evaluated condition on every gated pod of a revision that passed (or was rolled out):
         the readiness gate lets it take Service traffic."""
         for pod in children.pods:
             po = observe.observe_pod(pod)
-            if po.gated and not po.evaluated and po.revision in plan.evaluated_revisions and po.name:
+            if po.gated and not po.evaluated and po.revision in revisions and po.name:
                 condition = {
                     "type": builders.GATE_CONDITION, "status": "True", "reason": "EvaluationPassed",
                     "message": f"revision {po.revision} passed its evaluation",

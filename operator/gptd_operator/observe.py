@@ -44,6 +44,7 @@ class PodObs:
     containers_ready: bool = False  # ContainersReady=True (Ready also needs every readiness gate)
     gated: bool = False  # spec.readinessGates holds gptd.io/evaluated
     evaluated: bool = False  # the gptd.io/evaluated pod condition is True
+    uid: str = ""  # metadata.uid: an evaluator Job's target is checked to be the same pod at judgement
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class JobObs:
     conditions: tuple[tuple[str, str, str, str], ...] = ()
     start_time: datetime | None = None
     completion_time: datetime | None = None
+    created: datetime | None = None  # metadata.creationTimestamp (a suspended Job has no startTime)
+    # An evaluator Job's target (annotations gptd.io/evaluation-target-uid/-ip): the pod it scores.
+    target_uid: str = ""
+    target_ip: str = ""
     pod_name: str | None = None  # the latest pod of the Job (by creation time, then name)
     pod_phase: str | None = None
     exit_code: int | None = None  # its container's state.terminated (or lastState.terminated)
@@ -199,6 +204,7 @@ def observe_pod(pod: dict[str, Any]) -> PodObs:
         containers_ready=(conditions.get("ContainersReady") or {}).get("status") == "True",
         gated=any(g.get("conditionType") == GATE_CONDITION for g in gates),
         evaluated=(conditions.get(GATE_CONDITION) or {}).get("status") == "True",
+        uid=str(meta.get("uid") or ""),
         unschedulable_since=unschedulable_since,
         unschedulable_message=unschedulable_message,
         crashloop_message=crashloop_message,
@@ -207,6 +213,8 @@ def observe_pod(pod: dict[str, Any]) -> PodObs:
     )
 
 
+ANN_EVAL_TARGET_UID = "gptd.io/evaluation-target-uid"
+ANN_EVAL_TARGET_IP = "gptd.io/evaluation-target-ip"
 JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")  # set on a Job's pods by the Job controller
 
 
@@ -263,6 +271,9 @@ def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dic
         conditions=conditions,
         start_time=parse_time(status.get("startTime")),
         completion_time=parse_time(status.get("completionTime")),
+        created=parse_time(meta.get("creationTimestamp")),
+        target_uid=str((meta.get("annotations") or {}).get(ANN_EVAL_TARGET_UID) or ""),
+        target_ip=str((meta.get("annotations") or {}).get(ANN_EVAL_TARGET_IP) or ""),
         pod_name=pod_name,
         pod_phase=pod_phase,
         exit_code=exit_code,

@@ -124,6 +124,23 @@ def decide(spec: GPTDeploymentSpec, status: dict[str, Any], obs: Observations) -
     return _start(d)
 
 
+def needs_dataset(spec: GPTDeploymentSpec, status: dict[str, Any], revision: str) -> bool:
+    """Whether ``decide`` may gate ``revision`` on this pass, so the handlers must read and check the evaluation
+    dataset first (before any pod of it is rolled). Mirrors decide's dispatch: a gated rollout in flight, one about
+    to start, or a held failure that a changed spec.evaluation retries; not a settled CR, an ungated rollout, a
+    held failure under the same spec.evaluation, or a return to the serving revision."""
+    if spec.evaluation is None:
+        return False
+    ro = status.get("rollout") or {}
+    phase = ro.get("phase")
+    if ro.get("revision") == revision:
+        if phase in HOLD_PHASES:
+            return bool(ro.get("evaluationSpec")) and ro["evaluationSpec"] != evaluation.evaluation_hash(spec)
+        if phase in ACTIVE_PHASES:
+            return bool(ro.get("evaluationGate"))
+    return revision not in (status.get("currentRevision"), status.get("lastGoodRevision"))
+
+
 @dataclass
 class _Ctx:
     """The working state of one ``decide`` call."""
@@ -136,6 +153,7 @@ class _Ctx:
     clear: list[str] = field(default_factory=list)
     requeue: list[float] = field(default_factory=list)
     jobs: tuple[EvalJob, ...] = ()
+    gate: tuple[evaluation.Gate | None] | None = None  # _gate's answer, computed once per call
 
     def __post_init__(self) -> None:
         self.original = {k: self.original[k] for k in STATUS_KEYS if k in self.original}
@@ -154,7 +172,7 @@ class _Ctx:
         """The desired revision's template, with the readiness gate when this rollout is gated."""
         if self.ro and self.ro.get("evaluationGate"):
             return {**self.obs.desired_template, TEMPLATE_GATE_KEY: True}
-        return self.obs.desired_template
+        return _served_template(self)  # the last good revision keeps the gate it was rolled out with
 
     @property
     def now_s(self) -> str:
@@ -212,7 +230,12 @@ def _start(d: _Ctx) -> Plan:
         "progressAt": d.now_s,
         "readyPods": 0,
     }
-    if d.spec.evaluation is not None:  # decided now, for this revision: a later spec.evaluation edit rolls nothing
+    # Decided now, for this revision: a later spec.evaluation edit rolls nothing. A revision that already served
+    # (back to it mid-rollout) passed or predates the gate: it is not scored again.
+    served = d.rev in (d.state.get("currentRevision"), d.state.get("lastGoodRevision"))
+    if (d.state.get("evaluation") or {}).get("revision") != d.rev:
+        d.state.pop("evaluation", None)  # another revision's score: the Score column must not show it for this one
+    if d.spec.evaluation is not None and not served:
         d.state["rollout"]["evaluationGate"] = True
     current = d.state.get("currentRevision")
     how = "canary" if canary else "rolling update"
@@ -234,20 +257,37 @@ def _advance(d: _Ctx) -> Plan:
 
 def _rolling(d: _Ctx) -> Plan:
     want = desired_replicas(d.spec)
-    if _stable_done(d, want):
-        return _complete(d, "RolloutComplete", f"revision {d.rev} is rolled out")
-    gpu = _gpu(d, can_dip=True, waiting_reason="RollingOut")
+    # The gate first: a gated rollout is complete only once its evaluation passed, even with no pods to wait for
+    # (replicas 0, scaled to zero), or a later scale-up would mark unscored pods at once.
     gate = _gate(d)
     if gate is not None and gate.verdict in ("failed", "timeout"):
         d.ro["evaluationSpec"] = evaluation.evaluation_hash(d.spec)
         return _fail(d, _GATE_REASONS[gate.verdict], gate.message)
-    failure = _failure(d, want, deadline=gate is None or not gate.running)
+    if _stable_done(d, want) and _gate_open(d):
+        return _complete(d, "RolloutComplete", f"revision {d.rev} is rolled out")
+    gpu = _gpu(d, can_dip=True, waiting_reason="RollingOut")
+    zero = _zero_replicas(d, want)
+    failure = _failure(d, want, deadline=(gate is None or not gate.running) and not zero)
     if failure:
         return _fail(d, *failure)
     stable = DeploymentPlan(d.template, d.rev, want, rolling_strategy(d.spec, bool(d.ro.get("inPlace"))))
-    cond = gpu or (_cond("Progressing", True, "Evaluating", gate.message) if gate and gate.verdict == "pending"
-                   else _rolling_cond(d, want))
+    if gate is not None and gate.verdict == "pending":
+        why = gate.message
+        if zero:
+            why = (f"revision {d.rev} runs 0 replicas: its rollout stays open until a pod of it is evaluated "
+                   f"(the first pod is scored when it scales up)")
+        cond = gpu or _cond("Progressing", True, "Evaluating", why)
+    else:
+        cond = gpu or _rolling_cond(d, want)
     return _finish(d, stable, None, cond)
+
+
+def _zero_replicas(d: _Ctx, want: int | None) -> bool:
+    """No pod of the revision is wanted now (replicas 0, or an autoscaler scaled it to zero): nothing can make
+    progress, so the progress deadline does not run."""
+    if want is None:
+        return d.obs.stable is not None and d.obs.stable.spec_replicas == 0
+    return want == 0
 
 
 def _canary(d: _Ctx) -> Plan:
@@ -257,8 +297,23 @@ def _canary(d: _Ctx) -> Plan:
         return _to_promoting(d, "the spec no longer has canary steps left")
     if not d.state.get("lastGoodTemplate"):  # status lost: no baseline to keep serving, so just promote
         return _to_promoting(d, "there is no last good revision to compare against")
+    gate = _gate(d)  # the first step's canary pods are scored before they take traffic
+    if gate is not None and gate.verdict in ("failed", "timeout"):
+        d.ro["evaluationSpec"] = evaluation.evaluation_hash(d.spec)
+        return _fail(d, _GATE_REASONS[gate.verdict], gate.message)
+    deferred = ""
     if d.obs.promote:
-        return _to_promoting(d, f"promoted by {PROMOTE_ANNOTATION}=true")
+        if _gate_open(d):
+            d.ro.pop("promoteDeferred", None)
+            return _to_promoting(d, f"promoted by {PROMOTE_ANNOTATION}=true")
+        # Promoting now would abandon the score the canary waits for: the annotation stays and is honoured once
+        # the evaluation passed (a failed one rolls back as usual).
+        d.clear.remove(PROMOTE_ANNOTATION)
+        deferred = f"; {PROMOTE_ANNOTATION}=true waits for the evaluation to pass"
+        if not d.ro.get("promoteDeferred"):
+            d.ro["promoteDeferred"] = True
+            d.event("Normal", "PromoteDeferred", f"revision {d.rev}: {PROMOTE_ANNOTATION}=true is honoured once its "
+                                                 "evaluation passed")
     steps = canary_spec.steps
     n, weight, pause = len(steps), steps[step].weight, steps[step].pauseSeconds
     count = _canary_replicas(d, weight)
@@ -266,10 +321,6 @@ def _canary(d: _Ctx) -> Plan:
     if ready and not d.ro.get("stepReadyAt"):
         d.ro["stepReadyAt"] = d.now_s
     gpu = _gpu(d, can_dip=d.spec.autoscaling is None, waiting_reason=f"CanaryStep{step + 1}of{n}")
-    gate = _gate(d)  # the first step's canary pods are scored before they take traffic
-    if gate is not None and gate.verdict in ("failed", "timeout"):
-        d.ro["evaluationSpec"] = evaluation.evaluation_hash(d.spec)
-        return _fail(d, _GATE_REASONS[gate.verdict], gate.message)
     failure = _failure(d, count, deadline=gate is None or not gate.running)
     if failure:
         return _fail(d, *failure)
@@ -288,7 +339,7 @@ def _canary(d: _Ctx) -> Plan:
             d.requeue.append(left)
             cond = _cond("Progressing", True, reason, f"{where}; Ready since {d.ro['stepReadyAt']}, pausing {pause}s")
     elif gate is not None and gate.verdict == "pending":
-        cond = gpu or _cond("Progressing", True, reason, f"{where}; {gate.message}")
+        cond = gpu or _cond("Progressing", True, reason, f"{where}; {gate.message}{deferred}")
     else:
         cond = gpu or _cond("Progressing", True, reason, f"{where}; waiting for the canary to be Ready")
     return _finish(d, _baseline_plan(d, count), _canary_plan(d, count), cond)
@@ -330,10 +381,15 @@ def _to_promoting(d: _Ctx, why: str) -> Plan:
 def _promoting(d: _Ctx) -> Plan:
     count = int(d.ro.get("canaryReplicas") or 0)
     want = _stable_replicas(d, count)
-    if _stable_done(d, want):
+    # Promoted before the gate passed (no canary steps left, no last good template): still scored first.
+    gate = _gate(d)
+    if gate is not None and gate.verdict in ("failed", "timeout"):
+        d.ro["evaluationSpec"] = evaluation.evaluation_hash(d.spec)
+        return _fail(d, _GATE_REASONS[gate.verdict], gate.message)
+    if _stable_done(d, want) and _gate_open(d):
         return _complete(d, "Promoted", f"revision {d.rev} is promoted to all replicas")
     gpu = _gpu(d, can_dip=True, waiting_reason="Promoting")
-    failure = _failure(d, want)
+    failure = _failure(d, want, deadline=(gate is None or not gate.running) and not _zero_replicas(d, want))
     if failure:
         return _fail(d, *failure)
     stable = DeploymentPlan(d.template, d.rev, want, rolling_strategy(d.spec, bool(d.ro.get("inPlace"))))
@@ -342,6 +398,8 @@ def _promoting(d: _Ctx) -> Plan:
     updated = _updated(d)
     target = want if want is not None else (s.spec_replicas if s else "?")
     msg = f"promoting revision {d.rev}: {updated}/{target} stable pods updated; the canary stays until they are Ready"
+    if gate is not None and gate.verdict == "pending":
+        msg += f"; {gate.message}"
     return _finish(d, stable, canary, gpu or _cond("Progressing", True, "Promoting", msg))
 
 
@@ -366,6 +424,8 @@ def _fail(d: _Ctx, reason: str, message: str) -> Plan:
         record["inPlace"] = True
     if ro.get("evaluationSpec"):
         record["evaluationSpec"] = ro["evaluationSpec"]
+    if ro.get("evaluationGate"):  # a held first revision keeps its gate: its pods must not take traffic
+        record["evaluationGate"] = True
     if lgt and lg and lg != d.rev:
         message = f"revision {d.rev} rolled back to {lg}: {message}"
         d.state["rollout"] = {**record, "phase": ROLLED_BACK, "reason": reason, "message": message}
@@ -388,7 +448,7 @@ def _hold(d: _Ctx) -> Plan:
     # Nothing to roll back to: keep the desired template (the Deployment keeps retrying it), and accept it
     # if it recovers on its own (a slow download, a GPU that freed up).
     want = desired_replicas(d.spec)
-    if _stable_done(d, want):
+    if _stable_done(d, want) and _gate_open(d):
         return _complete(d, "RolloutComplete", f"revision {d.rev} is rolled out after an earlier failure")
     stable = DeploymentPlan(d.template, d.rev, want, rolling_strategy(d.spec, in_place))
     return _finish(d, stable, None, _cond("Progressing", False, "FirstRevisionFailed", ro.get("message", "")))
@@ -576,6 +636,8 @@ def _gate(d: _Ctx) -> evaluation.Gate | None:
     """The gate of a gated rollout (None when it has none); records status.evaluation and the Jobs it needs."""
     if not (d.ro and d.ro.get("evaluationGate")):
         return None
+    if d.gate is not None:  # once per decide: a phase change within one call must not start or report it twice
+        return d.gate[0]
     current = d.state.get("currentRevision") or d.state.get("lastGoodRevision")
     g = evaluation.gate(d.spec, d.obs.name, d.state, d.rev, current, d.obs.pods, d.obs.evaluation_dataset,
                         d.obs.jobs, d.obs.now)
@@ -588,7 +650,17 @@ def _gate(d: _Ctx) -> evaluation.Gate | None:
         d.event(type_, reason, message)
     if g.requeue is not None:
         d.requeue.append(g.requeue)
+    d.gate = (g,)
     return g
+
+
+def _gate_open(d: _Ctx) -> bool:
+    """The rollout may complete: it is not gated, or this revision's evaluation passed. A gated revision whose
+    evaluation failed, timed out or has not finished is never made current, whatever its pods say."""
+    if not (d.ro and d.ro.get("evaluationGate")):
+        return True
+    ev = d.state.get("evaluation") or {}
+    return ev.get("revision") == d.rev and ev.get("passed") is True
 
 
 def _served_template(d: _Ctx) -> Template:
@@ -601,10 +673,14 @@ def _served_template(d: _Ctx) -> Template:
 
 
 def _evaluated_revisions(d: _Ctx) -> tuple[str, ...]:
+    return evaluated_revisions(d.state)
+
+
+def evaluated_revisions(status: dict[str, Any]) -> tuple[str, ...]:
     """Revisions whose gated pods get the gptd.io/evaluated condition: the served and last good ones (rolled out,
     so passed or never gated) and one whose evaluation passed."""
-    revs = {d.state.get("currentRevision"), d.state.get("lastGoodRevision")}
-    ev = d.state.get("evaluation") or {}
+    revs = {status.get("currentRevision"), status.get("lastGoodRevision")}
+    ev = status.get("evaluation") or {}
     if ev.get("passed") is True:
         revs.add(ev.get("revision"))
     return tuple(sorted(r for r in revs if r))

@@ -69,6 +69,9 @@ class EvalOptions:
     timeout_seconds: float = 120.0
     attempts: int = 5  # per row, for 429 / 503 (honouring Retry-After, capped at 5 s)
     ca_file: Path | None = None
+    # Verify the certificate for this name instead of the URL's host: the operator's Job reaches one pod by IP,
+    # which the serving certificate (the Service's DNS names) does not name.
+    server_name: str | None = None
 
 
 def default_metric(task: str) -> str:
@@ -84,6 +87,22 @@ def check_metric(task: str, metric: str, average: str) -> None:
 
 
 # ---- HTTP ------------------------------------------------------------------------------------------------
+class _HTTPSConnection(http.client.HTTPSConnection):
+    """HTTPSConnection that may check the certificate (SNI and hostname) for another name than the host it
+    connects to."""
+
+    def __init__(self, host: str, port: int | None, *, server_name: str | None, **kw: Any):
+        super().__init__(host, port, **kw)
+        self.server_name = server_name
+
+    def connect(self) -> None:
+        if not self.server_name:
+            return super().connect()
+        http.client.HTTPConnection.connect(self)  # the TCP connection to host:port
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.server_name)  # type: ignore[attr-defined]
+        return None
+
+
 class _Client:
     """One keep-alive connection per thread to the runtime."""
 
@@ -95,6 +114,8 @@ class _Client:
         self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
         self.base = parts.path.rstrip("/")
         self.context = ssl.create_default_context(cafile=opts.ca_file) if parts.scheme == "https" else None
+        if opts.server_name and self.context is None:
+            raise EvaluationError("--server-name needs an https:// --url")
         self.local = threading.local()
         self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if opts.api_key:
@@ -104,8 +125,8 @@ class _Client:
         conn = getattr(self.local, "conn", None)
         if conn is None:
             if self.context is not None:
-                conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.opts.timeout_seconds,
-                                                   context=self.context)
+                conn = _HTTPSConnection(self.host, self.port, timeout=self.opts.timeout_seconds,
+                                        context=self.context, server_name=self.opts.server_name)
             else:
                 conn = http.client.HTTPConnection(self.host, self.port, timeout=self.opts.timeout_seconds)
             self.local.conn = conn
@@ -267,6 +288,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default 8)")
     p.add_argument("--timeout-seconds", type=float, default=120.0, help="per request")
     p.add_argument("--ca-file", type=Path, help="CA bundle for an https:// runtime")
+    p.add_argument("--server-name", help="verify the https:// runtime's certificate for this DNS name instead of the "
+                                         "--url host (e.g. the Service's name when --url is a pod IP)")
     p.add_argument("--result-file", type=Path,
                    help="also write the JSON object here, at most 4 KiB (perLabel trimmed to fit): in a pod, "
                         "/dev/termination-log becomes the container's termination message")
@@ -329,7 +352,8 @@ def _run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
                 raise EvaluationError(f"cannot read --api-key-file {args.api_key_file}: {e.strerror}") from e
         rows = load_dataset(args.dataset, args.task, args.samples)
         opts = EvalOptions(url=args.url, task=args.task, metric=metric, average=args.average, api_key=key,
-                           concurrency=args.concurrency, timeout_seconds=args.timeout_seconds, ca_file=args.ca_file)
+                           concurrency=args.concurrency, timeout_seconds=args.timeout_seconds, ca_file=args.ca_file,
+                           server_name=args.server_name)
         result = evaluate(rows, opts)
     except DatasetError as e:
         return 1, _failure(f"dataset {args.dataset}: {e}", e.line)

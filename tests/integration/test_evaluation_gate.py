@@ -188,6 +188,8 @@ async def test_only_evaluation_changed_rolls_nothing_then_a_pass_opens_the_gate(
     # ... and the finished Job is deleted (its result is in status).
     await eventually(lambda: _no_jobs(cluster), what="evaluation Jobs deleted")
 
+    # The verdict is in: the dataset is not read again, so deleting it now does not freeze the rollout.
+    await cluster.delete("configmaps", NS, "sentiment-eval")
     # Play the kubelet and the Deployment controller: the pod is Ready now, the rollout completes.
     await cluster.patch("pods", NS, "gpt2-new-1", {"status": {"conditions": [
         {"type": "ContainersReady", "status": "True"}, {"type": "Ready", "status": "True"}, cond]}}, sub="status")
@@ -195,6 +197,7 @@ async def test_only_evaluation_changed_rolls_nothing_then_a_pass_opens_the_gate(
     await ready_deployment(cluster, replicas=1)
     st = await status_where(cluster, "v2 Ready", lambda s: s.get("phase") == "Ready" and s.get("currentRevision")
                             == new)
+    assert condition(st, "Degraded").get("reason") != "InvalidSpec"
     # A later pod of the same revision (a restart, a scale-up) gets the condition too.
     await new_pod(cluster, dep, "gpt2-new-2")
     await eventually(lambda: pod_condition(cluster, "gpt2-new-2"), what="condition on a later pod")
@@ -241,8 +244,17 @@ async def test_a_low_score_rolls_back_with_the_scores_and_is_not_retried(
     assert await eval_jobs(cluster) == []
     assert len(await events(cluster, "EvaluationStarted")) == 1
 
-    # spec.evaluation is part of the spec: a lower bar re-judges the stored score (no new Job) and v2 rolls out.
+    # A retried revision's dataset is checked before any pod rolls: broken now, the lower bar is refused and v1
+    # keeps serving untouched.
+    await cluster.patch("configmaps", NS, "sentiment-eval", {"data": {"eval.jsonl": '{"prompt": "x"}\n'}})
     await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"evaluation": {"minScore": 0.4}}})
+    st = await status_where(cluster, "InvalidSpec", lambda s: condition(s, "Degraded").get("reason") == "InvalidSpec")
+    assert "line 1" in condition(st, "Degraded")["message"]
+    dep = await cluster.get("deployments", NS, "gpt2")
+    assert labels_of(dep)[REV] == old and await eval_jobs(cluster) == []  # type: ignore[arg-type]
+    # Fixed (same rows as scored): the next pass re-judges the stored score (no new Job) and v2 rolls out.
+    await cluster.patch("configmaps", NS, "sentiment-eval", {"data": {"eval.jsonl": jsonl(GOOD_ROWS)}})
+    await operator.resync_passes(1)
     st = await status_where(cluster, "re-judged", lambda s: (s.get("evaluation") or {}).get("passed") is True)
     assert "0.5000 >= minScore 0.4" in st["evaluation"]["message"] and st["rollout"]["phase"] == "RollingOut"
     dep = await eventually(lambda: _on_revision(cluster, new), what="v2 again")
@@ -408,3 +420,21 @@ async def test_a_pvc_dataset_needs_its_claim_and_its_rows_are_checked_by_the_job
     rb = condition(st, "RolledBack")
     assert rb["reason"] == "EvaluationFailed" and 'line 4: missing field "expected"' in rb["message"]
     await eventually(lambda: _on_revision(cluster, old), what="rolled back to v1")
+
+
+async def test_a_refused_dataset_does_not_stop_marking_a_passed_revisions_pods(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    old = await start(cluster)
+    dep = await change_revision(cluster, "v2", old)
+    await new_pod(cluster, dep)
+    await finish(cluster, await job_for(cluster, "candidate"), scores(0.9))
+    await eventually(lambda: pod_condition(cluster, "gpt2-new-1"), what="the v2 pod passed")
+    # Mid-rollout the dataset goes and spec.evaluation changes (so it must be read again): refused...
+    await cluster.delete("configmaps", NS, "sentiment-eval")
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"evaluation": {"minScore": 0.8}}})
+    await status_where(cluster, "InvalidSpec", lambda s: condition(s, "Degraded").get("reason") == "InvalidSpec")
+    # ...but a new pod of the revision that passed (a restart, a scale-up) still gets its condition.
+    await new_pod(cluster, dep, "gpt2-new-2")
+    cond = await eventually(lambda: pod_condition(cluster, "gpt2-new-2"), what="condition on a later pod")
+    assert cond["status"] == "True"

@@ -509,3 +509,39 @@ def test_https_runtime_is_verified_against_the_ca_file(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_https_by_ip_is_verified_for_the_server_name(tmp_path: Path) -> None:
+    """The operator's Job reaches one pod by IP; the certificate names the Service: --server-name."""
+    import shutil
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl binary to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=gpt2",
+                    "-addext", "subjectAltName=DNS:gpt2.ns.svc", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = _Stub([])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"https://127.0.0.1:{server.server_address[1]}"
+        rows = _rows(3)
+        common = {"url": url, "task": "text-classification", "metric": "accuracy", "average": "macro",
+                  "ca_file": cert}
+        assert evaluate(rows, EvalOptions(**common, server_name="gpt2.ns.svc"))["score"] == 1.0
+        for wrong in (None, "other.ns.svc"):  # by IP alone, or another name: refused
+            with pytest.raises(EvaluationError) as e:
+                evaluate(rows, EvalOptions(**common, server_name=wrong))
+            assert "CERTIFICATE_VERIFY_FAILED" in e.value.message
+        # the CLI takes it too
+        dataset = _write(tmp_path / "d.jsonl", [{"text": "t", "label": "a"}])
+        rc, out, err = _cli("--url", url, "--dataset", str(dataset), "--task", "text-classification",
+                            "--ca-file", str(cert), "--server-name", "gpt2.ns.svc")
+        assert rc == 0 and "score" in out[0], (out, err)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -3,104 +3,45 @@ and the gate inside the rollout state machine (evaluation.gate via rollout.decid
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from gptd_operator import api, builders, crd, evaluation, names
+from gptd_operator import api, builders, crd, evaluation, names, rollout
 from gptd_operator.api import InvalidSpec
 from gptd_operator.evaluation import BASELINE, CANDIDATE, eval_key, run_of
 from gptd_operator.observe import DeploymentObs, JobObs, Observations, PodObs, observe_job, observe_pod
 from gptd_operator.rollout import decide
 from gptd_operator.settings import Settings
 
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
-NAME = "sent"
-TA: dict[str, Any] = {"model": {"uri": "hf://org/a", "revision": "main"}, "runtime": {"image": "rt:1"}}
-TB: dict[str, Any] = {"model": {"uri": "hf://org/b", "revision": "main"}, "runtime": {"image": "rt:1"}}
-RA, RB = builders.revision_hash(TA), builders.revision_hash(TB)
-GATED = builders.TEMPLATE_GATE_KEY
-DATASET = "configmap sentiment-eval/eval.jsonl sha256:0123456789abcdef"
-EVAL = {"dataset": {"configMapRef": {"name": "sentiment-eval", "key": "eval.jsonl"}}, "minScore": 0.85,
-        "timeoutSeconds": 600}
-
-
-def at(seconds: float) -> datetime:
-    return T0 + timedelta(seconds=seconds)
-
-
-def make_spec(evaluation: dict[str, Any] | None = EVAL, replicas: int = 2, **over: Any) -> api.GPTDeploymentSpec:
-    raw: dict[str, Any] = {"model": {"uri": "hf://org/b", "task": "text-classification"}, "replicas": replicas}
-    if evaluation is not None:
-        raw["evaluation"] = evaluation
-    raw.update(over)
-    return api.parse_spec(raw)
-
-
-def dep(rev: str, template: dict[str, Any], n: int = 2, ready: int | None = None) -> DeploymentObs:
-    ready = n if ready is None else ready
-    return DeploymentObs(revision=rev, template=template, spec_replicas=n, replicas=n, ready_replicas=ready,
-                         updated_replicas=n, available_replicas=ready)
-
-
-def pod(rev: str, name: str, *, ready: bool = False, containers: bool = False, ip: str = "") -> PodObs:
-    return PodObs(revision=rev, ready=ready, name=name, ip=ip, containers_ready=containers, gated=rev == RB)
-
-
-OLD_PODS = (pod(RA, "sent-a1", ready=True, containers=True, ip="10.0.0.1"),
-            pod(RA, "sent-a2", ready=True, containers=True, ip="10.0.0.2"))
-NEW_POD = pod(RB, "sent-b1", containers=True, ip="10.0.0.9")
-
-
-def running(name: str, started: float) -> JobObs:
-    return JobObs(name=name, revision=None, purpose="evaluation", active=1, start_time=at(started))
-
-
-def succeeded(name: str, result: dict[str, Any], started: float = 0) -> JobObs:
-    return JobObs(name=name, revision=None, purpose="evaluation", succeeded=1, start_time=at(started),
-                  conditions=(("Complete", "True", "", ""),), message=json.dumps(result), exit_code=0)
-
-
-def failed(name: str, reason: str = "BackoffLimitExceeded", message: str = "", started: float = 0) -> JobObs:
-    return JobObs(name=name, revision=None, purpose="evaluation", failed=1, start_time=at(started),
-                  conditions=(("Failed", "True", reason, "Job has reached the specified backoff limit"),),
-                  message=message, exit_code=1)
-
-
-def observe(t: float, *, pods: tuple[PodObs, ...] = OLD_PODS, runs: tuple[JobObs, ...] = (),
-            stable: DeploymentObs | None = None, canary: DeploymentObs | None = None) -> Observations:
-    return Observations(
-        now=at(t), desired_template=TB, desired_revision=RB, name=NAME,
-        stable=stable if stable is not None else dep(RA, TA), canary=canary, pods=pods,
-        evaluation_dataset=DATASET, jobs=runs,
-    )
-
-
-SETTLED = {"currentRevision": RA, "lastGoodRevision": RA, "lastGoodTemplate": TA}
-
-
-def cand_name(spec: api.GPTDeploymentSpec) -> str:
-    return names.evaluation_job(NAME, CANDIDATE, eval_key(spec, DATASET, RB))
-
-
-def base_name(spec: api.GPTDeploymentSpec) -> str:
-    return names.evaluation_job(NAME, BASELINE, eval_key(spec, DATASET, RA))
-
-
-def scored(name: str, score: float, t: float = 0) -> JobObs:
-    return succeeded(name, {"metric": "f1", "score": score, "samples": 40,
-                            "perLabel": {"POS": {"f1": score, "support": 20}}}, t)
-
-
-def merged(status: dict[str, Any], plan: Any) -> dict[str, Any]:
-    out = {**status, **plan.status}
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def cond(plan: Any, type_: str) -> Any:
-    return next(c for c in plan.conditions if c.type == type_)
-
+from tests.support.evaluation import (
+    DATASET,
+    EVAL,
+    GATED,
+    NAME,
+    NEW_POD,
+    OLD_PODS,
+    RA,
+    RB,
+    SETTLED,
+    TA,
+    TB,
+    as_handlers_pass,
+    at,
+    base_name,
+    cand_name,
+    cond,
+    dep,
+    failed,
+    make_spec,
+    merged,
+    observe,
+    pod,
+    running,
+    scored,
+    succeeded,
+)
 
 # ------------------------------------------------------------------------------------------------- API
 
@@ -130,7 +71,7 @@ def test_bad_evaluation_specs_name_the_field(evaluation: dict[str, Any], field: 
     assert exc.value.field == field and text in exc.value.message
 
 
-def test_metric_must_fit_the_task_and_tls_is_refused() -> None:
+def test_metric_must_fit_the_task_and_mutual_tls_is_refused() -> None:
     with pytest.raises(InvalidSpec) as exc:
         evaluation.check_evaluation(make_spec({**EVAL, "metric": "exactMatch"}))
     assert exc.value.field == "spec.evaluation.metric" and "text-classification" in exc.value.message
@@ -138,10 +79,11 @@ def test_metric_must_fit_the_task_and_tls_is_refused() -> None:
     with pytest.raises(InvalidSpec, match="use exactMatch, contains"):
         evaluation.check_evaluation(gen)
     evaluation.check_evaluation(make_spec({**EVAL, "metric": "accuracy"}))  # fits: no error
-    tls = make_spec(service={"tls": {"secretName": "t"}})
+    mtls = make_spec(service={"tls": {"secretName": "t", "clientCASecretName": "clients"}})
     with pytest.raises(InvalidSpec) as exc:
-        evaluation.check_evaluation(tls)
-    assert exc.value.field == "spec.evaluation" and "spec.service.tls" in exc.value.message
+        evaluation.check_evaluation(mtls)
+    assert exc.value.field == "spec.evaluation" and "spec.service.tls.clientCASecretName" in exc.value.message
+    evaluation.check_evaluation(make_spec(service={"tls": {"secretName": "t"}}))  # server TLS: the Job verifies it
     with pytest.raises(InvalidSpec, match="apiKeySecretRef"):
         evaluation.check_evaluation(make_spec(runtime={"apiKeysSecretName": "keys"}))
     evaluation.check_evaluation(make_spec(None, service={"tls": {"secretName": "t"}}))  # no evaluation: no check
@@ -298,7 +240,7 @@ def test_run_of_reads_the_result_and_the_failure_from_the_job() -> None:
                               "conditions": [{"type": "Complete", "status": "True"}]}}
     run = run_of(observe_job(done, [_pod_of("j", json.dumps({"score": 0.9, "samples": 4}))]))
     assert run.state == "succeeded" and run.result == {"score": 0.9, "samples": 4}
-    assert run_of(observe_job(done, [])).state == "failed"  # finished, but no result to judge by
+    assert run_of(observe_job(done, [_pod_of("j", "")])).state == "failed"  # finished, no result to judge by
     bad = {**job, "status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True",
                                                           "reason": "BackoffLimitExceeded"}]}}
     error = json.dumps({"error": "dataset x: line 7: not valid JSON", "line": 7})
@@ -504,6 +446,7 @@ def test_first_revision_is_scored_against_min_score_only() -> None:
                                              evaluation_dataset=DATASET, jobs=(scored(cand_name(spec), 0.5),)))
     ro = plan.status["rollout"]
     assert ro["phase"] == "Failed" and ro["reason"] == "EvaluationFailed"  # nothing to roll back to; no traffic
+    assert plan.stable.template == {**TB, GATED: True} and RB not in plan.evaluated_revisions  # still gated
 
 
 def test_a_changed_evaluation_spec_retries_a_held_failure() -> None:
@@ -515,12 +458,17 @@ def test_a_changed_evaluation_spec_retries_a_held_failure() -> None:
     plan = decide(spec, status, observe(30, pods=(*OLD_PODS, NEW_POD), runs=(scored(cand_name(spec), 0.6),)))
     held = merged(status, plan)
     assert held["rollout"]["phase"] == "RolledBack" and held["rollout"]["evaluationSpec"]
-    # the same spec: held, nothing runs
-    again = decide(spec, held, observe(40, pods=(*OLD_PODS, NEW_POD)))
+    # the same spec: held, nothing runs, and the handlers read no dataset for it
+    same = as_handlers_pass(spec, held, observe(40, pods=(*OLD_PODS, NEW_POD)))
+    assert same.evaluation_dataset is None
+    again = decide(spec, held, same)
     assert again.stable.revision == RA and not again.evaluation_jobs
-    # a lower bar: the rollout starts again and the stored 0.6 passes at once, without a Job
+    # a lower bar: the handlers check the dataset first (the retried revision is refused before any pod when it is
+    # bad); the rollout starts again and the stored 0.6 passes at once, without a Job
     lower = make_spec({**EVAL, "minScore": 0.5})
-    plan = decide(lower, held, observe(50, pods=(*OLD_PODS, NEW_POD)))
+    retry = as_handlers_pass(lower, held, observe(50, pods=(*OLD_PODS, NEW_POD)))
+    assert retry.evaluation_dataset == DATASET
+    plan = decide(lower, held, retry)
     st = merged(held, plan)
     assert st["rollout"]["phase"] == "RollingOut" and st["rollout"]["revision"] == RB
     assert st["evaluation"]["passed"] is True and st["evaluation"]["score"] == 0.6
@@ -533,6 +481,289 @@ def test_a_changed_evaluation_spec_retries_a_held_failure() -> None:
     timed_out = merged(status, plan)
     assert timed_out["rollout"]["reason"] == "EvaluationTimeout"
     longer = make_spec({**EVAL, "timeoutSeconds": 1800})
-    plan = decide(longer, timed_out, observe(710, pods=(*OLD_PODS, NEW_POD)))
+    plan = decide(longer, timed_out, as_handlers_pass(longer, timed_out, observe(710, pods=(*OLD_PODS, NEW_POD))))
     assert [j.role for j in plan.evaluation_jobs] == [CANDIDATE] and plan.evaluation_jobs[0].ip == "10.0.0.9"
     assert merged(timed_out, plan)["rollout"]["phase"] == "RollingOut"
+
+
+# ------------------------------------------------------------------------- review findings (issue 11)
+
+
+def _first(t: float, *, pods: tuple[PodObs, ...] = (NEW_POD,), runs: tuple[JobObs, ...] = (),
+           stable: DeploymentObs | None = None) -> Observations:
+    return Observations(now=at(t), desired_template=TB, desired_revision=RB, name=NAME, stable=stable, canary=None,
+                        pods=pods, evaluation_dataset=DATASET, jobs=runs)
+
+
+def test_a_failed_first_revision_keeps_its_gate_and_is_never_made_current() -> None:
+    spec = make_spec()
+    status = merged({}, decide(spec, {}, _first(0)))
+    plan = decide(spec, status, _first(9, runs=(scored(cand_name(spec), 0.5),)))
+    status = merged(status, plan)
+    assert status["rollout"]["phase"] == "Failed" and status["rollout"]["evaluationGate"] is True
+    assert plan.stable.template == {**TB, GATED: True}  # the held template keeps the readiness gate
+    assert RB not in plan.evaluated_revisions
+    # even if every pod of it reports Ready (a gate set by hand, say) the failed revision is not made current
+    ready = tuple(pod(RB, f"b{i}", ready=True, containers=True, ip=f"10.0.1.{i}") for i in range(2))
+    plan = decide(spec, status, _first(60, pods=ready, stable=dep(RB, {**TB, GATED: True})))
+    status = merged(status, plan)
+    assert "currentRevision" not in status and status["rollout"]["phase"] == "Failed"
+    assert plan.stable.template == {**TB, GATED: True} and cond(plan, "Progressing").reason == "FirstRevisionFailed"
+
+
+def test_zero_replicas_keep_a_gated_rollout_open_until_its_first_pod_is_scored() -> None:
+    spec = make_spec(replicas=0)
+    st0 = {**SETTLED, "lastGoodTemplate": {**TA, GATED: True}}
+    status = merged(st0, decide(spec, dict(st0), observe(0, pods=(), stable=dep(RA, {**TA, GATED: True}, 0))))
+    # the Deployment runs the gated RB template at 0 replicas: "done", but nothing was scored
+    plan = decide(spec, status, observe(5, pods=(), stable=dep(RB, {**TB, GATED: True}, 0)))
+    status = merged(status, plan)
+    assert status["currentRevision"] == RA and status["rollout"]["phase"] == "RollingOut"
+    assert RB not in plan.evaluated_revisions and not plan.evaluation_jobs
+    progressing = cond(plan, "Progressing")
+    assert progressing.reason == "Evaluating" and "0 replicas" in progressing.message
+    # no progress deadline while nothing is wanted
+    plan = decide(spec, status, observe(5000, pods=(), stable=dep(RB, {**TB, GATED: True}, 0)))
+    status = merged(status, plan)
+    assert status["rollout"]["phase"] == "RollingOut"
+    # scaled up: its first pod is scored before any of them is marked
+    up = make_spec(replicas=2)
+    plan = decide(up, status, observe(5010, pods=(NEW_POD,), stable=dep(RB, {**TB, GATED: True}, 2, 0)))
+    assert [j.role for j in plan.evaluation_jobs] == [CANDIDATE] and RB not in plan.evaluated_revisions
+
+
+def test_promote_waits_for_the_first_canary_steps_evaluation() -> None:
+    spec = make_spec(replicas=4, rollout={"strategy": "Canary", "canary": {"steps": [{"weight": 25}, {"weight": 50}]}})
+    status = merged(SETTLED, decide(spec, dict(SETTLED), observe(0, stable=dep(RA, TA, 4))))
+    canary = DeploymentObs(revision=RB, template={**TB, GATED: True}, spec_replicas=1, replicas=1)
+    status = merged(status, decide(spec, status, observe(10, stable=dep(RA, TA, 4), canary=canary,
+                                                         pods=(*OLD_PODS, NEW_POD))))
+    promote = dataclasses.replace(observe(20, stable=dep(RA, TA, 4), canary=canary, pods=(*OLD_PODS, NEW_POD),
+                                          runs=(running(cand_name(spec), 12),)), promote=True)
+    plan = decide(spec, status, promote)
+    status = merged(status, plan)
+    assert status["rollout"]["phase"] == "Canary" and [j.name for j in plan.evaluation_jobs] == [cand_name(spec)]
+    assert "gptd.io/promote" not in plan.annotations_to_clear  # kept: honoured once the evaluation passed
+    assert [e.reason for e in plan.events] == ["PromoteDeferred"] and plan.stable.template == TA
+    assert "waits for the evaluation to pass" in cond(plan, "Progressing").message
+    plan = decide(spec, status, dataclasses.replace(promote, now=at(25)))  # said once
+    status = merged(status, plan)
+    assert not plan.events and status["rollout"]["phase"] == "Canary"
+    passed = dataclasses.replace(promote, now=at(30), jobs=(scored(cand_name(spec), 0.9, 12),))
+    plan = decide(spec, status, passed)
+    status = merged(status, plan)
+    assert status["rollout"]["phase"] == "Promoting" and "gptd.io/promote" in plan.annotations_to_clear
+    assert RB in plan.evaluated_revisions and "promoteDeferred" not in status["rollout"]
+
+
+def test_promoting_before_the_gate_passed_still_gates() -> None:
+    """Promoting without a score (the spec lost its canary steps mid-evaluation): scored before completion."""
+    spec = make_spec(replicas=2)  # RollingUpdate now: no canary steps left
+    status = {**SETTLED, "rollout": {"revision": RB, "phase": "Canary", "step": 0, "startedAt": "2026-01-01T00:00:00Z",
+                                     "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+    plan = decide(spec, status, observe(10, pods=(*OLD_PODS, NEW_POD)))
+    status = merged(status, plan)
+    assert status["rollout"]["phase"] == "Promoting" and [j.role for j in plan.evaluation_jobs] == [CANDIDATE]
+    assert [e.reason for e in plan.events].count("EvaluationStarted") == 1
+    # every stable pod on RB and Ready (gate set by hand): still not complete before the score
+    done = observe(20, stable=dep(RB, {**TB, GATED: True}), pods=(pod(RB, "sent-b1", ready=True, containers=True,
+                                                                      ip="10.0.0.9"),),
+                   runs=(running(cand_name(spec), 12),))
+    plan = decide(spec, status, done)
+    assert plan.status["rollout"]["phase"] == "Promoting" and "currentRevision" in plan.status
+    assert plan.status["currentRevision"] == RA
+    plan = decide(spec, status, dataclasses.replace(done, now=at(30), jobs=(scored(cand_name(spec), 0.1, 12),)))
+    assert plan.status["rollout"]["phase"] == "RolledBack" and plan.status["rollout"]["reason"] == "EvaluationFailed"
+
+
+def _eval_job(**status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "j", "labels": {"app.kubernetes.io/component": "evaluation"}},
+            "status": {"startTime": "2026-01-01T00:00:00Z", **status}}
+
+
+def _eval_pod(state: dict[str, Any]) -> dict[str, Any]:
+    return {"metadata": {"name": "j-x1", "creationTimestamp": "2026-01-01T00:00:01Z",
+                         "labels": {"batch.kubernetes.io/job-name": "j"}},
+            "status": {"phase": "Running", "containerStatuses": [{"name": "evaluate", "state": state}]}}
+
+
+def test_a_complete_job_waits_for_its_pods_result_in_either_watch_order() -> None:
+    result = json.dumps({"score": 0.9, "samples": 4})
+    terminated = {"terminated": {"exitCode": 0, "message": result}}
+    complete = _eval_job(succeeded=1, completionTime="2026-01-01T00:01:00Z",
+                         conditions=[{"type": "Complete", "status": "True"}])
+    # the Job's Complete arrives first: its pod is still seen running, or not seen at all yet
+    for pods in ([_eval_pod({"running": {}})], []):
+        run = run_of(observe_job(complete, pods), at(70))
+        assert run.state == "running" and "waiting for its pod's result" in run.message
+    # then the pod's terminated state (with the result) arrives
+    assert run_of(observe_job(complete, [_eval_pod(terminated)]), at(70)).state == "succeeded"
+    # the pod's terminated state first: the Job is not Complete yet, so it still runs; then both
+    assert run_of(observe_job(_eval_job(active=1), [_eval_pod(terminated)]), at(70)).state == "running"
+    # a terminated pod without a result is a failure at once; a Job whose pod is gone past the grace too
+    empty = run_of(observe_job(complete, [_eval_pod({"terminated": {"exitCode": 0}})]), at(70))
+    assert empty.state == "failed" and "without a result" in empty.message
+    gone = run_of(observe_job(complete, []), at(60 + evaluation.RESULT_GRACE_SECONDS + 1))
+    assert gone.state == "failed" and "pod is gone" in gone.message
+
+
+def test_a_failed_baseline_is_recorded_and_not_recreated_in_this_rollout() -> None:
+    spec = make_spec({**EVAL, "maxRegression": 0.02})
+    status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                                     "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+    bfail = failed(base_name(spec), message=json.dumps({"error": "cannot reach http://10.0.0.1:8000"}))
+    plan = decide(spec, status, observe(30, pods=(*OLD_PODS, NEW_POD), runs=(bfail, running(cand_name(spec), 20))))
+    status = merged(status, plan)
+    assert [j.role for j in plan.evaluation_jobs] == [CANDIDATE]  # the failed baseline Job goes
+    assert [e.reason for e in plan.events] == ["BaselineUnavailable"]
+    record = status["evaluationBaseline"]
+    assert record["key"] == eval_key(spec, DATASET, RA) and "cannot reach" in record["error"]
+    assert "score" not in record and record["rolloutStartedAt"] == "2026-01-01T00:00:00Z"
+    # its Job deleted: not created again, no second Warning
+    plan = decide(spec, status, observe(35, pods=(*OLD_PODS, NEW_POD), runs=(running(cand_name(spec), 20),)))
+    status = merged(status, plan)
+    assert [j.role for j in plan.evaluation_jobs] == [CANDIDATE] and not plan.events
+    # judged on minScore, the reason in the message
+    plan = decide(spec, status, observe(40, pods=(*OLD_PODS, NEW_POD), runs=(scored(cand_name(spec), 0.9, 20),)))
+    ev = plan.status["evaluation"]
+    assert ev["passed"] is True and "cannot reach" in ev["message"] and "judged on minScore" in ev["message"]
+    assert "BaselineUnavailable" not in {e.reason for e in plan.events}
+    # a later rollout (another start) measures it again
+    later = {**status, "rollout": {**status["rollout"], "startedAt": "2026-01-02T00:00:00Z"}}
+    later.pop("evaluation")
+    plan = decide(spec, later, observe(50, pods=(*OLD_PODS, NEW_POD)))
+    assert BASELINE in [j.role for j in plan.evaluation_jobs]
+
+
+def test_a_job_without_a_start_time_still_times_out() -> None:
+    spec = make_spec()
+    status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                                     "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+    # suspended by a queue: no startTime; its creationTimestamp counts
+    suspended = JobObs(name=cand_name(spec), revision=None, purpose="evaluation", created=at(10),
+                       conditions=(("Suspended", "True", "JobSuspended", ""),))
+    plan = decide(spec, status, observe(600, pods=(*OLD_PODS, NEW_POD), runs=(suspended,)))
+    assert plan.status["rollout"]["phase"] == "RollingOut" and plan.requeue_after == 10
+    plan = decide(spec, status, observe(611, pods=(*OLD_PODS, NEW_POD), runs=(suspended,)))
+    assert plan.status["rollout"]["reason"] == "EvaluationTimeout"
+    # neither startTime nor creationTimestamp seen: from status.evaluation.startedAt, set when the Job was asked for
+    plan = decide(spec, status, observe(5, pods=(*OLD_PODS, NEW_POD)))
+    asked = merged(status, plan)
+    assert asked["evaluation"]["startedAt"] == "2026-01-01T00:00:05Z"
+    bare = JobObs(name=cand_name(spec), revision=None, purpose="evaluation")
+    plan = decide(spec, asked, observe(300, pods=(*OLD_PODS, NEW_POD), runs=(bare,)))
+    asked = merged(asked, plan)
+    assert asked["rollout"]["phase"] == "RollingOut" and asked["evaluation"]["startedAt"] == "2026-01-01T00:00:05Z"
+    plan = decide(spec, asked, observe(606, pods=(*OLD_PODS, NEW_POD), runs=(bare,)))
+    assert plan.status["rollout"]["reason"] == "EvaluationTimeout"
+
+
+def test_going_back_to_the_serving_revision_mid_rollout_does_not_gate_it() -> None:
+    spec = make_spec()
+    status = merged(SETTLED, decide(spec, dict(SETTLED), observe(0)))
+    back = Observations(now=at(10), desired_template=TA, desired_revision=RA, name=NAME,
+                        stable=dep(RB, {**TB, GATED: True}), canary=None, pods=(*OLD_PODS, NEW_POD),
+                        evaluation_dataset=DATASET)
+    plan = decide(spec, status, back)
+    status = merged(status, plan)
+    assert plan.stable.template == TA and not plan.evaluation_jobs  # served ungated: not re-gated, not scored
+    assert "evaluationGate" not in status["rollout"] and RA in plan.evaluated_revisions
+    # one that was rolled out with the gate keeps it (its template must not change)
+    gated = {**SETTLED, "lastGoodTemplate": {**TA, GATED: True}}
+    status = merged(gated, decide(spec, dict(gated), observe(0)))
+    plan = decide(spec, status, back)
+    assert plan.stable.template == {**TA, GATED: True} and not plan.evaluation_jobs
+    assert "evaluationGate" not in merged(status, plan)["rollout"] and RA in plan.evaluated_revisions
+
+
+def test_the_dataset_is_read_only_while_it_can_gate_and_not_after_the_verdict() -> None:
+    spec = make_spec()
+    rolling = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "evaluationGate": True}}
+    assert rollout.needs_dataset(spec, dict(SETTLED), RB)  # about to start a gated rollout
+    assert rollout.needs_dataset(spec, rolling, RB)
+    assert not rollout.needs_dataset(spec, dict(SETTLED), RA)  # settled
+    assert not rollout.needs_dataset(spec, rolling, RA)  # back to the serving revision: not gated
+    assert not rollout.needs_dataset(make_spec(None), rolling, RB)
+    assert not rollout.needs_dataset(spec, {**rolling, "rollout": {"revision": RB, "phase": "RollingOut"}}, RB)
+    held = {**SETTLED, "rollout": {"revision": RB, "phase": "RolledBack",
+                                   "evaluationSpec": evaluation.evaluation_hash(spec)}}
+    assert not rollout.needs_dataset(spec, held, RB)  # held under the same spec.evaluation
+    assert rollout.needs_dataset(make_spec({**EVAL, "minScore": 0.5}), held, RB)  # retried: checked first
+    # once the revision has a verdict under this spec.evaluation, the recorded identity is used (no read)
+    plan = decide(spec, rolling, observe(30, pods=(*OLD_PODS, NEW_POD), runs=(scored(cand_name(spec), 0.9),)))
+    passed = merged(rolling, plan)
+    assert evaluation.judged_dataset(spec, passed, RB) == DATASET
+    assert evaluation.judged_dataset(make_spec({**EVAL, "minScore": 0.5}), passed, RB) is None  # re-judged
+    assert evaluation.judged_dataset(spec, passed, RA) is None
+    assert evaluation.judged_dataset(spec, rolling, RB) is None  # no verdict yet
+
+
+def test_evaluated_and_the_score_describe_the_desired_revision_only() -> None:
+    old_eval = {"revision": RA, "passed": True, "score": 0.9, "message": f"revision {RA} passed: f1 0.9"}
+    settled = {**SETTLED, "evaluation": old_eval}
+    # an ungated rollout of RB: RA's record goes (the Score column), no Evaluated condition for RB
+    plan = decide(make_spec(None), dict(settled), observe(0))
+    status = merged(settled, plan)
+    assert "evaluation" not in status and plan.status["evaluation"] is None  # cleared in the CR (merge-patch null)
+    assert "Evaluated" not in {c.type for c in plan.conditions} and plan.conditions_to_drop == ("Evaluated",)
+    # gated: Evaluating for RB, never RA's True
+    plan = decide(make_spec(), dict(settled), observe(0))
+    assert cond(plan, "Evaluated").status == "Unknown" and RA not in cond(plan, "Evaluated").message
+    assert plan.status["evaluation"]["revision"] == RB and "score" not in plan.status["evaluation"]
+    # the condition itself ignores a record of another revision
+    assert evaluation.condition(make_spec(), old_eval, RB) == (
+        "Unknown", "NotEvaluated", f"revision {RB} was not evaluated: spec.evaluation applies to the next revision "
+        "rolled out")
+    assert evaluation.condition(make_spec(None), old_eval, RB) is None
+    assert evaluation.condition(make_spec(None), old_eval, RA) == ("True", "EvaluationPassed", old_eval["message"])
+
+
+def test_evaluator_disruption_is_not_a_verdict_and_the_scored_pod_is_checked_at_judgement() -> None:
+    spec = make_spec()
+    target = PodObs(revision=RB, ready=False, name="sent-b1", ip="10.0.0.9", containers_ready=True, gated=True,
+                    uid="u-b1")
+    built = evaluation.build_job(NAME, "ns", "uid", spec, Settings(),
+                                 evaluation.EvalJob(CANDIDATE, cand_name(spec), "k" * 16, RB, "sent-b1", "10.0.0.9",
+                                                    "u-b1"), "rt:1")
+    # an evicted/preempted evaluator pod is recreated, not counted against backoffLimit 0
+    assert built["spec"]["podFailurePolicy"] == {"rules": [{
+        "action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]}
+    ann = built["metadata"]["annotations"]
+    assert (ann[evaluation.ANN_TARGET_UID], ann[evaluation.ANN_TARGET_IP]) == ("u-b1", "10.0.0.9")
+    # the Job as observed carries its target; a score of the same pod is judged
+    done = {**built, "status": {"startTime": "2026-01-01T00:00:00Z", "succeeded": 1,
+                                "conditions": [{"type": "Complete", "status": "True"}]}}
+    job = observe_job(done, [_pod_of(cand_name(spec), json.dumps({"score": 0.9, "samples": 4}))])
+    assert (job.target_uid, job.target_ip) == ("u-b1", "10.0.0.9")
+    status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                                     "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+    plan = decide(spec, status, observe(30, pods=(*OLD_PODS, target), runs=(job,)))
+    assert plan.status["evaluation"]["passed"] is True
+    # the pod was replaced while the Job ran (a new pod, even at the same IP): the score cannot pass the revision
+    for other in (dataclasses.replace(target, uid="u-b2"), dataclasses.replace(target, ip="10.0.0.10"),
+                  dataclasses.replace(target, revision=RA)):
+        plan = decide(spec, status, observe(30, pods=(*OLD_PODS, other), runs=(job,)))
+        ro = plan.status["rollout"]
+        assert ro["phase"] == "RolledBack" and "was replaced while it ran" in ro["message"]
+
+
+@pytest.mark.parametrize(("tls", "secret"), [({"secretName": "serving"}, "serving"),
+                                             ({"issuerRef": {"name": "ca"}}, names.certificate_secret(NAME))])
+def test_under_server_tls_the_job_verifies_the_service_name_at_the_pod_ip(tls: dict[str, Any], secret: str) -> None:
+    job = _job(make_spec(service={"tls": tls}))
+    pod = job["spec"]["template"]["spec"]
+    args = pod["containers"][0]["command"]
+    opt = dict(zip(args[4::2], args[5::2], strict=True))
+    assert opt["--url"] == "https://10.0.0.9:8000"
+    assert opt["--server-name"] == f"{names.service(NAME)}.ns.svc"
+    assert opt["--server-name"] in builders.service_dns_names(NAME, "ns")  # a name the Certificate covers
+    assert opt["--ca-file"] == f"{evaluation.CA_DIR}/ca.crt"
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["ca"]["secret"] == {"secretName": secret, "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                                    "defaultMode": 0o444}  # by reference: the operator never reads the Secret
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "ca")
+    assert mount == {"name": "ca", "mountPath": evaluation.CA_DIR, "readOnly": True}
+    # without TLS: plain HTTP, no CA
+    plain = _job(make_spec())["spec"]["template"]["spec"]
+    assert "--server-name" not in plain["containers"][0]["command"] and "ca" not in {v["name"] for v in
+                                                                                      plain["volumes"]}
