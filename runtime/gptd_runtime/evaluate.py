@@ -2,6 +2,10 @@
 [--samples N] [--api-key-file F] [--concurrency C]`: score a running runtime on a JSON Lines dataset over
 its public API (v2 infer for the classification tasks, greedy /v1/completions for generation).
 
+With --check-dataset (no --url) it only parses and validates the dataset with the same parser and prints
+{"rows": N, "labels": [...]} (exit 0), or the one-line error naming the line (exit 1): the operator runs that
+as a Job before a revision's pods when the dataset is on a PVC it cannot read itself.
+
 stdout gets exactly one JSON object: {"metric", "average", "score", "samples", "perLabel", "accuracy",
 "seconds"}, exit 0 (the score is the result, not the exit status). When it cannot score (server down,
 refused key, bad dataset, wrong task), stdout gets one line {"error": "...", ["line": N]} and exit 1; bad
@@ -277,7 +281,10 @@ def evaluate(rows: Sequence[Row], opts: EvalOptions) -> dict[str, Any]:
 
 # ---- CLI -------------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", required=True, help="the runtime, http(s)://HOST:PORT")
+    p.add_argument("--url", help="the runtime, http(s)://HOST:PORT (required unless --check-dataset)")
+    p.add_argument("--check-dataset", action="store_true",
+                   help="only parse and validate the dataset (no runtime): print {\"rows\": N, \"labels\": [...]} "
+                        "or fail in one line naming the line; the operator's dataset-check Job runs this")
     p.add_argument("--dataset", required=True, type=Path, help="JSON Lines file (docs/fetch-and-evaluate.md)")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--metric", help="accuracy | precision | recall | f1 (default f1); exactMatch | contains for "
@@ -336,6 +343,18 @@ def _write_result(path: Path, obj: dict[str, Any]) -> None:
         print(f"cannot write --result-file {path}: {e.strerror}", file=sys.stderr)
 
 
+def check_dataset(rows: Sequence[Row]) -> dict[str, Any]:
+    """What a dataset-check reports: the row count (after --samples) and the gold labels, sorted (none for
+    text-generation). Never a row's text: prompts and outputs stay out of logs and termination messages."""
+    labels: set[str] = set()
+    for row in rows:
+        if isinstance(row, ClassificationRow):
+            labels.add(row.label)
+        elif isinstance(row, NerRow):
+            labels.update(span.label for span in row.entities)
+    return {"rows": len(rows), "labels": sorted(labels)}
+
+
 def _run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     try:
         if args.samples is not None and args.samples < 1:
@@ -344,6 +363,10 @@ def _run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
             raise EvaluationError(f"--concurrency must be at least 1, got {args.concurrency}")
         metric = args.metric or default_metric(args.task)
         check_metric(args.task, metric, args.average)
+        if getattr(args, "check_dataset", False):
+            return 0, check_dataset(load_dataset(args.dataset, args.task, args.samples))
+        if not args.url:
+            raise EvaluationError("--url is required (unless --check-dataset)")
         key = None
         if args.api_key_file is not None:
             try:

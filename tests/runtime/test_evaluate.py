@@ -352,6 +352,39 @@ def test_cli_fails_in_one_line_when_it_cannot_score(tmp_path: Path) -> None:
     assert rc == 1 and "cannot read dataset" in out[0]["error"]
 
 
+def test_check_dataset_validates_without_a_runtime(tmp_path: Path) -> None:
+    """--check-dataset (the operator's dataset-check Job) needs no --url: rows and sorted gold labels on success,
+    the parser's one-line error naming the line on failure, the same object in --result-file."""
+    cls = _write(tmp_path / "cls.jsonl", [{"text": "a", "label": "POS"}, {"text": "b", "label": "NEG"},
+                                          {"text": "c", "label": "POS"}])
+    result = tmp_path / "termination-log"
+    rc, out, _ = _cli("--check-dataset", "--dataset", str(cls), "--task", "text-classification",
+                      "--result-file", str(result))
+    assert rc == 0 and out == [{"rows": 3, "labels": ["NEG", "POS"]}] and json.loads(result.read_text()) == out[0]
+
+    rc, out, _ = _cli("--check-dataset", "--dataset", str(cls), "--task", "text-classification", "--samples", "1")
+    assert rc == 0 and out == [{"rows": 1, "labels": ["POS"]}]
+
+    ner = _write(tmp_path / "ner.jsonl", [{"text": "Alice in Paris", "entities": [
+        {"start": 0, "end": 5, "label": "PER"}, {"start": 9, "end": 14, "label": "LOC"}]}])
+    rc, out, _ = _cli("--check-dataset", "--dataset", str(ner), "--task", "token-classification")
+    assert rc == 0 and out == [{"rows": 1, "labels": ["LOC", "PER"]}]
+
+    gen = _write(tmp_path / "gen.jsonl", [{"prompt": "p", "expected": "e"}])
+    rc, out, _ = _cli("--check-dataset", "--dataset", str(gen), "--task", "text-generation")
+    assert rc == 0 and out == [{"rows": 1, "labels": []}]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": "b"}\n\n{"text": "a", "label": "b"}\n{"text": "a", "labl": "b"}\n')
+    rc, out, _ = _cli("--check-dataset", "--dataset", str(bad), "--task", "text-classification",
+                      "--result-file", str(result))
+    assert rc == 1 and out == [{"error": f'dataset {bad}: line 4: missing field "label"', "line": 4}]
+    assert json.loads(result.read_text()) == out[0]
+
+    rc, out, _ = _cli("--dataset", str(cls), "--task", "text-classification")
+    assert rc == 1 and out == [{"error": "--url is required (unless --check-dataset)"}]
+
+
 def test_result_file_gets_the_same_object_as_stdout(tmp_path: Path) -> None:
     """--result-file (the operator's Job passes /dev/termination-log) gets what stdout gets, on failure too."""
     bad = tmp_path / "bad.jsonl"
