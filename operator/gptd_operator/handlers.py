@@ -22,7 +22,7 @@ from typing import Any
 
 import kopf
 
-from . import analysis, api, builders, evaluation, kube, model_cache, names, observe, rollout
+from . import analysis, api, builders, dataset_check, evaluation, kube, model_cache, names, observe, rollout
 from . import status as st
 from .api import GPTDeploymentSpec, InvalidSpec
 from .observe import Observations
@@ -296,7 +296,7 @@ class Reconciler:
         spec = await self._validate(p)
         if spec is None:
             return
-        checked, dataset = await self._check_dataset(p, spec)
+        checked, dataset, dataset_wait = await self._check_dataset(p, spec, indices)
         if not checked:
             # Refused (a missing or bad dataset), but pods of revisions already passed or rolled out keep getting
             # their condition: a restart or scale-up of them must not lose traffic over the dataset.
@@ -307,7 +307,7 @@ class Reconciler:
         # spec.model.cache: the download before the rollout (the plan waits while it is not complete).
         cache = await self._cache(p, spec, children, obs)
         obs = dataclasses.replace(obs, desired_template=builders.with_resolved(obs.desired_template, cache.sha),
-                                  download_wait=cache.wait)
+                                  download_wait=cache.wait or dataset_wait)
         plan = make_plan(spec, p.previous, obs)
         built = await self._build(p, spec, plan, children)
         if built is None:
@@ -335,31 +335,71 @@ class Reconciler:
             return None
         return spec
 
-    async def _check_dataset(self, p: _Pass, spec: GPTDeploymentSpec) -> tuple[bool, str | None]:
+    async def _check_dataset(
+        self, p: _Pass, spec: GPTDeploymentSpec, indices: Mapping[str, Any]
+    ) -> tuple[bool, str | None, tuple[str, str] | None]:
         """The evaluation dataset's identity when a gated rollout is in flight or about to start (None otherwise),
-        read and checked before any pod of the new revision exists; (False, None) after InvalidSpec naming the
-        field (and the line), the old revision untouched. ConfigMaps are read by name only when needed (a GET per
-        such pass; not watched: a fixed dataset is seen at the next trigger or resync)."""
+        checked before any pod of the new revision exists; (False, None, None) after InvalidSpec naming the field
+        (and the line), the old revision untouched. A configMapRef is read by name only when needed (a GET per such
+        pass; not watched: a fixed dataset is seen at the next trigger or resync); a pvc file is checked by a Job
+        (dataset_check.py), while which the third element holds the rollout (reason, message)."""
         if spec.evaluation is None:
-            return True, None
+            return True, None, None
         revision = builders.revision_hash(builders.revision_template(spec, self.settings))
         if not rollout.needs_dataset(spec, p.previous, revision):
-            return True, None  # settled, ungated, held under the same spec.evaluation, or back to the served one
+            return True, None, None  # settled, ungated, held under the same spec.evaluation, or back to the served one
         judged = evaluation.judged_dataset(spec, p.previous, revision)
         if judged is not None:
-            return True, judged  # the verdict is in: its pods are marked whatever happens to the dataset now
+            return True, judged, None  # the verdict is in: its pods are marked whatever happens to the dataset now
         try:
             ds = spec.evaluation.dataset
             if ds.configMapRef is not None:
                 configmap = await self.kube.get(kube.CONFIGMAPS, p.namespace, ds.configMapRef.name)
-                return True, evaluation.check_dataset(spec, evaluation.configmap_text(spec, configmap))
+                return True, evaluation.check_dataset(spec, evaluation.configmap_text(spec, configmap)), None
             claim, _ = evaluation.pvc_claim(spec)
             if await self.kube.get(kube.PVCS, p.namespace, claim) is None:
                 raise InvalidSpec("spec.evaluation.dataset.pvc", f"PersistentVolumeClaim {claim} not found")
-            return True, evaluation.pvc_identity(spec)  # its rows are checked by the Job, which names the line
         except InvalidSpec as exc:
             await self._invalid(p, exc.field, exc.message)
-            return False, None
+            return False, None, None
+        check = await self._pvc_check(p, spec, indices, revision)
+        if check.invalid is not None:
+            await self._invalid(p, dataset_check.FIELD, check.invalid, {dataset_check.STATUS_KEY: check.record}
+                                if check.record is not None else None)
+            return False, None, None
+        if check.record is not None:
+            await self._write_status(p.body, p.previous, {dataset_check.STATUS_KEY: check.record})
+        return True, check.identity, check.wait
+
+    async def _pvc_check(
+        self, p: _Pass, spec: GPTDeploymentSpec, indices: Mapping[str, Any], revision: str
+    ) -> dataset_check.CheckPlan:
+        """dataset_check's plan for the pvc file, with its Jobs created and deleted."""
+        children = snapshot(indices, p.namespace, p.name, p.uid or None, self.phantoms)
+        jobs = [observe.observe_job(j, children.job_pods) for j in (*children.jobs, *self._recent_jobs(p, children))]
+        image = spec.runtime.image or self.settings.runtime_image
+        check = dataset_check.plan_check(spec, p.name, p.namespace, p.uid, self.settings, image, p.previous, revision,
+                                         jobs, p.now)
+        for job_name in check.delete:
+            if children.by_kind("Job", job_name, p.name) is not None:
+                await self.kube.delete(kube.JOBS, p.namespace, job_name)
+            self.recent.pop(("Job", p.namespace, job_name), None)
+        if check.create is not None:
+            job_name = check.create["metadata"]["name"]
+            if children.by_kind("Job", job_name, p.name) is None and ("Job", p.namespace, job_name) not in self.recent:
+                try:
+                    created = await self.kube.create(kube.JOBS, check.create)
+                except kube.ApiError as exc:
+                    if exc.status != 409:  # 409: it exists, the watch lags behind
+                        raise
+                else:
+                    self.recent[("Job", p.namespace, job_name)] = created
+                    for type_, reason, message in check.events:
+                        kopf.event(p.body, type=type_, reason=reason, message=message)
+        elif check.events:
+            for type_, reason, message in check.events:
+                kopf.event(p.body, type=type_, reason=reason, message=message)
+        return check
 
     async def _observe(
         self, p: _Pass, spec: GPTDeploymentSpec, indices: Mapping[str, Any], dataset: str | None = None
@@ -679,10 +719,11 @@ class Reconciler:
         if await self._write_status(body, previous, new):
             kopf.event(body, type="Warning", reason="InvalidSpec", message=f"{field}: {text}")
 
-    async def _invalid(self, p: _Pass, field: str, message: str) -> None:
-        """InvalidSpec found only by talking to the cluster: one status write and one Warning, no exception (a
-        retry can't fix it; the next trigger or resync looks again)."""
-        new = st.invalid_status(p.name, p.namespace, p.previous, field, message, generation=p.generation, now=p.now)
+    async def _invalid(self, p: _Pass, field: str, message: str, extra: Mapping[str, Any] | None = None) -> None:
+        """InvalidSpec found only by talking to the cluster: one status write (with ``extra`` status keys) and one
+        Warning, no exception (a retry can't fix it; the next trigger or resync looks again)."""
+        new = {**st.invalid_status(p.name, p.namespace, p.previous, field, message, generation=p.generation,
+                                   now=p.now), **(extra or {})}
         if await self._write_status(p.body, p.previous, new):
             kopf.event(p.body, type="Warning", reason="InvalidSpec", message=f"{field}: {message}")
 

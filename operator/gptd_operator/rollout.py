@@ -214,7 +214,9 @@ def _downloading(d: _Ctx) -> Plan:
     canary = None
     if c is not None and c.template:
         canary = DeploymentPlan(c.template, revision_hash(c.template), c.spec_replicas, rolling_strategy(d.spec, False))
-    return _finish(d, stable, canary, _cond("Progressing", reason == "Downloading", reason, message))
+    # Downloading, or CheckingDataset (handlers: a pvc evaluation dataset's check Job, dataset_check.py): progressing.
+    return _finish(d, stable, canary, _cond("Progressing", reason in ("Downloading", "CheckingDataset"), reason,
+                                            message))
 
 
 def _start(d: _Ctx) -> Plan:

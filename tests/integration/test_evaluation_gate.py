@@ -390,36 +390,101 @@ async def _canary_with(cluster: Cluster, replicas: int) -> dict[str, Any]:
     return await eventually(check, what=f"{replicas} canary replicas")
 
 
-async def test_a_pvc_dataset_needs_its_claim_and_its_rows_are_checked_by_the_job(
-    cluster: Cluster, operator: RunningOperator
-) -> None:
+async def check_jobs(cluster: Cluster) -> list[dict[str, Any]]:
+    return [j for j in await cluster.list("jobs", NS)
+            if (j["metadata"].get("labels") or {}).get(builders.LABEL_COMPONENT) == "dataset-check"]
+
+
+async def check_job(cluster: Cluster) -> dict[str, Any]:
+    async def one() -> dict[str, Any] | None:
+        jobs = await check_jobs(cluster)
+        return jobs[0] if len(jobs) == 1 else None
+
+    return await eventually(one, what="one dataset-check Job")
+
+
+async def pvc_start(cluster: Cluster, path: str = "sets/gen.jsonl") -> str:
+    """v1 rolled out with one Ready old pod; then spec.evaluation with a pvc dataset and v2, in one change."""
     old = await started(cluster, replicas=1)
     v1 = await cluster.get("deployments", NS, "gpt2")
     await add_pod(cluster, v1, "gpt2-old-1", ready_pod(OLD_IP))  # type: ignore[arg-type]
-    pvc_eval = {**EVALUATION, "dataset": {"pvc": "eval-data/sets/gen.jsonl"}}
+    pvc_eval = {**EVALUATION, "dataset": {"pvc": f"eval-data/{path}"}}
     await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"evaluation": pvc_eval, "model": {"revision": "v2"}}})
+    return old
+
+
+async def test_a_pvc_dataset_needs_its_claim_and_a_bad_row_is_refused_by_the_check_job(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    old = await pvc_start(cluster)
     st = await status_where(cluster, "InvalidSpec", lambda s: condition(s, "Degraded").get("reason") == "InvalidSpec")
     assert condition(st, "Degraded")["message"] == (
         "spec.evaluation.dataset.pvc: PersistentVolumeClaim eval-data not found")
     assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
+    assert await check_jobs(cluster) == []
 
     await cluster.create("persistentvolumeclaims", NS, {
         "metadata": {"name": "eval-data"},
         "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}}})
-    dep = await eventually(lambda: _not_on_revision(cluster, old), what="v2 rolled out once the claim exists")
-    await new_pod(cluster, dep)
-    job = await job_for(cluster, "candidate")
+    job = await check_job(cluster)
     spec = job["spec"]["template"]["spec"]
+    command = spec["containers"][0]["command"]
+    assert command[:5] == ["python", "-m", "gptd_runtime", "evaluate", "--check-dataset"] and "--url" not in command
     assert {"name": "dataset", "persistentVolumeClaim": {"claimName": "eval-data", "readOnly": True}} in spec["volumes"]
     mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "dataset")
     assert mount["subPath"] == "sets/gen.jsonl" and mount["readOnly"] is True
-    # The evaluator validates every row first and fails naming the line (its stdout and termination message).
+    st = await status_where(cluster, "CheckingDataset",
+                            lambda s: condition(s, "Progressing").get("reason") == "CheckingDataset")
+    assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
+    # The check fails naming the line (its termination message): refused, no pod of v2, no evaluator, no retry.
     error = {"error": 'dataset /var/run/gptd/eval-dataset/dataset.jsonl: line 4: missing field "expected"', "line": 4}
     await finish(cluster, job, error, ok=False)
-    st = await status_where(cluster, "RolledBack", lambda s: condition(s, "RolledBack").get("status") == "True")
-    rb = condition(st, "RolledBack")
-    assert rb["reason"] == "EvaluationFailed" and 'line 4: missing field "expected"' in rb["message"]
-    await eventually(lambda: _on_revision(cluster, old), what="rolled back to v1")
+    st = await status_where(cluster, "InvalidSpec", lambda s: condition(s, "Degraded").get("reason") == "InvalidSpec")
+    assert condition(st, "Degraded")["message"] == (
+        'spec.evaluation.dataset.pvc: PersistentVolumeClaim eval-data file sets/gen.jsonl: line 4: '
+        'missing field "expected"')
+    assert st["datasetCheck"]["passed"] is False
+    await eventually(lambda: _none_left(cluster), what="the failed check Job deleted")
+    await operator.resync_passes(2)
+    dep = await cluster.get("deployments", NS, "gpt2")
+    assert labels_of(dep)[REV] == old and "readinessGates" not in dep["spec"]["template"]["spec"]  # type: ignore[index]
+    assert await check_jobs(cluster) == [] and await eval_jobs(cluster) == []
+    messages = [e["message"] for e in await events(cluster, "InvalidSpec")]
+    assert sum("line 4" in m for m in messages) == 1, messages  # one Warning for the refusal, not one per pass
+
+
+async def _none_left(cluster: Cluster) -> bool:
+    return await check_jobs(cluster) == []
+
+
+async def test_a_good_pvc_dataset_is_checked_once_then_rolled_out_and_evaluated(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    await cluster.create("persistentvolumeclaims", NS, {
+        "metadata": {"name": "eval-data"},
+        "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}}})
+    old = await pvc_start(cluster)
+    job = await check_job(cluster)
+    await operator.resync_passes(1)
+    assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
+    await finish(cluster, job, {"rows": 2, "labels": []})
+    dep = await eventually(lambda: _not_on_revision(cluster, old), what="v2 rolled out once the check passed")
+    assert dep["spec"]["template"]["spec"]["readinessGates"] == [{"conditionType": GATE}]
+    st = (await cluster.get("gptdeployments", NS, "gpt2"))["status"]  # type: ignore[index]
+    assert st["datasetCheck"]["passed"] is True and st["datasetCheck"]["rows"] == 2
+    await eventually(lambda: _none_left(cluster), what="the passed check Job deleted")
+    await new_pod(cluster, dep)
+    cand = await job_for(cluster, "candidate")
+    assert f"//{NEW_IP}:" in url_of(cand)
+    await finish(cluster, cand, scores(1.0))
+    await eventually(lambda: _passed(cluster), what="the new pod marked evaluated")
+    await operator.resync_passes(1)
+    assert await check_jobs(cluster) == []  # checked once: not run again for the same revision and file
+    assert len(await events(cluster, "DatasetCheckStarted")) == 1
+
+
+async def _passed(cluster: Cluster) -> bool:
+    return (await pod_condition(cluster, "gpt2-new-1")).get("status") == "True"
 
 
 async def test_a_refused_dataset_does_not_stop_marking_a_passed_revisions_pods(

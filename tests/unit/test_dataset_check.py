@@ -1,0 +1,139 @@
+"""The dataset-check Job of a PVC evaluation dataset (dataset_check.py) and how decide() holds the rollout for it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from gptd_operator import builders, dataset_check
+from gptd_operator.dataset_check import COMPONENT, STATUS_KEY, WAIT_REASON, plan_check
+from gptd_operator.observe import JobObs
+from gptd_operator.rollout import decide
+from gptd_operator.settings import Settings
+
+from tests.support.evaluation import EVAL, GATED, NAME, RA, RB, SETTLED, TA, TB, at, cond, make_spec, merged, observe
+
+PVC_EVAL = {**EVAL, "dataset": {"pvc": "eval-data/sets/sentiment.jsonl"}}
+BAD = {"error": 'dataset /var/run/gptd/eval-dataset/dataset.jsonl: line 4: missing field "label"', "line": 4}
+
+
+def _plan(spec: Any, status: dict[str, Any], jobs: tuple[JobObs, ...] = (), t: float = 0,
+          revision: str = RB) -> dataset_check.CheckPlan:
+    return plan_check(spec, NAME, "ns", "uid", Settings(), "rt:1", status, revision, jobs, at(t))
+
+
+def _job(name: str, *, result: dict[str, Any] | None = None, ok: bool = True, t: float = 0) -> JobObs:
+    if result is None:
+        return JobObs(name=name, revision=RB, purpose=COMPONENT, active=1, start_time=at(t))
+    if ok:
+        return JobObs(name=name, revision=RB, purpose=COMPONENT, succeeded=1, start_time=at(t),
+                      conditions=(("Complete", "True", "", ""),), message=json.dumps(result), exit_code=0,
+                      pod_name=f"{name}-x")
+    return JobObs(name=name, revision=RB, purpose=COMPONENT, failed=1, start_time=at(t),
+                  conditions=(("Failed", "True", "BackoffLimitExceeded", "Job has reached the backoff limit"),),
+                  message=json.dumps(result), exit_code=1, pod_name=f"{name}-x")
+
+
+def _with(status: dict[str, Any], check: dataset_check.CheckPlan) -> dict[str, Any]:
+    return {**status, STATUS_KEY: check.record} if check.record is not None else status
+
+
+def test_the_check_job_parses_the_claims_file_read_only_and_restricted() -> None:
+    spec = make_spec({**PVC_EVAL, "samples": 50})
+    check = _plan(spec, dict(SETTLED))
+    job = check.create
+    assert job is not None and check.identity is None and check.invalid is None
+    assert check.wait is not None and check.wait[0] == WAIT_REASON
+    meta, pod = job["metadata"], job["spec"]["template"]["spec"]
+    assert meta["labels"][builders.LABEL_COMPONENT] == COMPONENT and meta["labels"][builders.LABEL_REVISION] == RB
+    assert meta["ownerReferences"][0]["uid"] == "uid" and len(meta["name"]) <= 63
+    (container,) = pod["containers"]
+    assert container["command"] == [
+        "python", "-m", "gptd_runtime", "evaluate", "--check-dataset", "--dataset", dataset_check.DATASET_FILE,
+        "--task", "text-classification", "--samples", "50", "--result-file", "/dev/termination-log"]
+    assert "--url" not in container["command"]
+    assert {"name": "dataset", "persistentVolumeClaim": {"claimName": "eval-data", "readOnly": True}} in pod["volumes"]
+    assert {"name": "dataset", "mountPath": dataset_check.DATASET_FILE, "subPath": "sets/sentiment.jsonl",
+            "readOnly": True} in container["volumeMounts"]
+    assert container["terminationMessagePath"] == "/dev/termination-log"
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["podFailurePolicy"]["rules"][0]["onPodConditions"] == [
+        {"type": "DisruptionTarget", "status": "True"}]
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+
+
+def test_no_template_change_until_the_check_passed() -> None:
+    spec = make_spec(PVC_EVAL)
+    status = dict(SETTLED)
+    check = _plan(spec, status)
+    status = _with(status, check)
+    assert status[STATUS_KEY]["revision"] == RB and "passed" not in status[STATUS_KEY]
+    # The handlers hand the wait to decide like the model cache's download wait: the old template stays, no gate.
+    held = dataclasses.replace(observe(0), download_wait=check.wait, evaluation_dataset=check.identity)
+    plan = decide(spec, status, held)
+    assert plan.stable is not None and plan.stable.template == TA and plan.stable.revision == RA
+    assert not plan.evaluation_jobs and "rollout" not in merged(status, plan)
+    assert (cond(plan, "Progressing").status, cond(plan, "Progressing").reason) == ("True", WAIT_REASON)
+    # still running: held, nothing created again
+    name = check.create["metadata"]["name"]  # type: ignore[index]
+    check = _plan(spec, status, (_job(name),), t=5)
+    assert check.wait is not None and check.create is None and check.record is None and check.identity is None
+    # passed: the identity goes to the gate, the Job is deleted, decide starts the gated rollout
+    check = _plan(spec, status, (_job(name, result={"rows": 40, "labels": ["NEG", "POS"]}),), t=9)
+    assert check.identity == "pvc eval-data/sets/sentiment.jsonl" and check.wait is None and check.delete == (name,)
+    status = _with(status, check)
+    assert status[STATUS_KEY]["passed"] is True and status[STATUS_KEY]["rows"] == 40
+    plan = decide(spec, status, dataclasses.replace(observe(10), evaluation_dataset=check.identity))
+    assert plan.stable is not None and plan.stable.template == {**TB, GATED: True}
+
+
+def test_a_failure_names_the_claim_file_and_line_and_is_not_retried_until_the_spec_changes() -> None:
+    spec = make_spec(PVC_EVAL)
+    status = dict(SETTLED)
+    first = _plan(spec, status)
+    status = _with(status, first)
+    name = first.create["metadata"]["name"]  # type: ignore[index]
+    check = _plan(spec, status, (_job(name, result=BAD, ok=False),), t=5)
+    assert check.invalid == 'PersistentVolumeClaim eval-data file sets/sentiment.jsonl: line 4: missing field "label"'
+    assert check.identity is None and check.wait is None and check.create is None and name in check.delete
+    status = _with(status, check)
+    assert status[STATUS_KEY]["passed"] is False
+    # held: refused again from the record, no Job (even with the old Job gone from the cluster)
+    again = _plan(spec, status, t=60)
+    assert again.invalid == check.invalid and again.create is None and again.record is None
+    # a change to spec.evaluation checks again, with a new Job (not the deleted failed one)
+    changed = make_spec({**PVC_EVAL, "minScore": 0.5})
+    retry = _plan(changed, status, t=70)
+    assert retry.create is not None and retry.create["metadata"]["name"] != name and retry.invalid is None
+    # a Job that never got to run (a claim no pod can mount): refused saying so
+    late = JobObs(name=name, revision=RB, purpose=COMPONENT, failed=1, start_time=at(0),
+                  conditions=(("Failed", "True", "DeadlineExceeded", "Job was active longer than specified"),))
+    assert "did not finish in time" in (_plan(spec, _with(dict(SETTLED), first), (late,), t=700).invalid or "")
+
+
+def test_a_pass_runs_once_per_dataset_and_revision() -> None:
+    spec = make_spec(PVC_EVAL)
+    first = _plan(spec, dict(SETTLED))
+    name = first.create["metadata"]["name"]  # type: ignore[index]
+    status = _with(dict(SETTLED), _plan(spec, _with(dict(SETTLED), first),
+                                        (_job(name, result={"rows": 3, "labels": ["POS"]}),)))
+    for s in (spec, make_spec({**PVC_EVAL, "minScore": 0.5})):  # thresholds do not change the rows
+        again = _plan(s, status, t=30)
+        assert again.identity == "pvc eval-data/sets/sentiment.jsonl" and again.create is None
+        assert again.record is None and again.wait is None
+    # another revision, or another file: checked again
+    assert _plan(spec, status, revision=RA).create is not None
+    other = make_spec({**PVC_EVAL, "dataset": {"pvc": "eval-data/sets/v2.jsonl"}})
+    assert _plan(other, status).create is not None
+
+
+def test_a_complete_job_waits_for_its_pods_result() -> None:
+    spec = make_spec(PVC_EVAL)
+    name = _plan(spec, dict(SETTLED)).create["metadata"]["name"]  # type: ignore[index]
+    done = JobObs(name=name, revision=RB, purpose=COMPONENT, succeeded=1, start_time=at(0),
+                  completion_time=at(1), conditions=(("Complete", "True", "", ""),))
+    assert _plan(spec, dict(SETTLED), (done,), t=10).wait is not None  # the pod's terminated state not seen yet
+    gone = _plan(spec, dict(SETTLED), (done,), t=120)
+    assert gone.invalid is not None and "pod is gone" in gone.invalid
