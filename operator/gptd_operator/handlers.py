@@ -387,6 +387,10 @@ class Reconciler:
         if check.create is not None:
             job_name = check.create["metadata"]["name"]
             if children.by_kind("Job", job_name, p.name) is None and ("Job", p.namespace, job_name) not in self.recent:
+                # As for any child: the CR may be gone (deleted) although our index still shows it.
+                fresh = await self.kube.get(kube.GPTDEPLOYMENTS, p.namespace, p.name)
+                if fresh is None or (p.uid and (fresh.get("metadata") or {}).get("uid") != p.uid):
+                    return dataclasses.replace(check, events=())
                 try:
                     created = await self.kube.create(kube.JOBS, check.create)
                 except kube.ApiError as exc:
