@@ -57,7 +57,8 @@ def check_key(spec: GPTDeploymentSpec, revision: str) -> str:
 
 
 def job_name(name: str, key: str) -> str:
-    return names.evaluation_job(name, COMPONENT, key)
+    """``<base>-dscheck-<digest>`` (names.job: fits the job-name label): one Job per key and spec.evaluation."""
+    return names.job(name, "dscheck", hashlib.sha256(key.encode()).hexdigest()[:10])
 
 
 def _since(now: datetime, when: datetime | None) -> float:

@@ -47,7 +47,9 @@ def test_the_check_job_parses_the_claims_file_read_only_and_restricted() -> None
     assert check.wait is not None and check.wait[0] == WAIT_REASON
     meta, pod = job["metadata"], job["spec"]["template"]["spec"]
     assert meta["labels"][builders.LABEL_COMPONENT] == COMPONENT and meta["labels"][builders.LABEL_REVISION] == RB
-    assert meta["ownerReferences"][0]["uid"] == "uid" and len(meta["name"]) <= 63
+    assert meta["ownerReferences"][0]["uid"] == "uid" and meta["name"].startswith(f"{NAME}-dscheck-")
+    long = plan_check(spec, "x" * 253, "ns", "uid", Settings(), "rt:1", dict(SETTLED), RB, (), at(0)).create
+    assert long is not None and len(long["metadata"]["name"]) <= 63
     (container,) = pod["containers"]
     assert container["command"] == [
         "python", "-m", "gptd_runtime", "evaluate", "--check-dataset", "--dataset", dataset_check.DATASET_FILE,
