@@ -12,6 +12,7 @@ from gptd_operator.observe import JobObs
 from gptd_operator.rollout import decide
 from gptd_operator.settings import Settings
 
+from tests.support.chart import assert_restricted
 from tests.support.evaluation import EVAL, GATED, NAME, RA, RB, SETTLED, TA, TB, at, cond, make_spec, merged, observe
 
 PVC_EVAL = {**EVAL, "dataset": {"pvc": "eval-data/sets/sentiment.jsonl"}}
@@ -61,9 +62,8 @@ def test_the_check_job_parses_the_claims_file_read_only_and_restricted() -> None
     assert container["terminationMessagePath"] == "/dev/termination-log"
     assert job["spec"]["backoffLimit"] == 0 and job["spec"]["podFailurePolicy"]["rules"][0]["onPodConditions"] == [
         {"type": "DisruptionTarget", "status": "True"}]
-    sc = container["securityContext"]
-    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
-    assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+    assert_restricted(pod, "dataset-check Job")
+    assert pod["automountServiceAccountToken"] is False and pod["enableServiceLinks"] is False
 
 
 def test_no_template_change_until_the_check_passed() -> None:
