@@ -94,8 +94,9 @@ def verdict(job: JobObs, now: datetime) -> tuple[str, dict[str, Any] | str | Non
         if result.get("error"):
             return "failed", str(result["error"])
         if reason == "DeadlineExceeded":
-            return "failed", ("the dataset check did not finish in time (can the claim be mounted by a pod of "
-                              "this namespace?)")
+            # e.g. a path missing on the claim: the kubelet cannot create the read-only subPath and says so
+            why = job.waiting or "can the claim be mounted by a pod of this namespace?"
+            return "failed", f"the dataset check did not finish in time ({why})"
         return "failed", job.waiting or message or reason or "the dataset check Job failed"
     return "running", None
 
@@ -127,7 +128,7 @@ def plan_check(
                          events=(("Normal", "DatasetCheckStarted", waiting),))
     state, detail = verdict(job, now)
     if state == "running":
-        return CheckPlan(wait=(WAIT_REASON, waiting), delete=stale)
+        return CheckPlan(wait=(WAIT_REASON, f"{waiting}: {job.waiting}" if job.waiting else waiting), delete=stale)
     finished = format_time(now)
     if state == "passed":
         assert isinstance(detail, dict)

@@ -113,6 +113,13 @@ def test_a_failure_names_the_claim_file_and_line_and_is_not_retried_until_the_sp
     late = JobObs(name=name, revision=RB, purpose=COMPONENT, failed=1, start_time=at(0),
                   conditions=(("Failed", "True", "DeadlineExceeded", "Job was active longer than specified"),))
     assert "did not finish in time" in (_plan(spec, _with(dict(SETTLED), first), (late,), t=700).invalid or "")
+    # ...naming what its pod waits on, if it said (a path missing on the read-only claim)
+    stuck = "CreateContainerConfigError: failed to create subPath directory"
+    waiting = dataclasses.replace(late, failed=0, conditions=(), waiting=stuck)
+    assert stuck in (_plan(spec, _with(dict(SETTLED), first), (waiting,), t=60).wait or ("", ""))[1]
+    late = dataclasses.replace(late, waiting=stuck)
+    assert (_plan(spec, _with(dict(SETTLED), first), (late,), t=700).invalid or "").endswith(
+        f"did not finish in time ({stuck})")
 
 
 def test_a_pass_runs_once_per_dataset_and_revision() -> None:
