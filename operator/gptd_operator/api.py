@@ -551,8 +551,8 @@ class EvaluationStatus(BaseModel):
     )
     message: str | None = Field(None, description="Why it failed or what it waits for.")
     startedAt: str | None = Field(
-        None, description="When the evaluator Job was created (its timeout counts from the Job's startTime, else "
-        "from here: a suspended or not yet started Job still times out)."
+        None, description="When the evaluator Job was first asked for (its timeout counts from the Job's startTime, "
+        "else its creationTimestamp, else from here: a suspended or not yet started Job still times out)."
     )
 
 
