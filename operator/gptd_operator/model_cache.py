@@ -50,6 +50,12 @@ LOG_TAIL_LINES = 3
 # The Job and its pods are separate watches: a finished Job can reach the operator before its pod's termination
 # message does. Wait this long for it before reporting a Job without a result.
 RESULT_GRACE_SECONDS = 30
+# A download pod that is not scheduled, or whose volume does not attach (ContainerCreating), or a claim still
+# Pending: normal for a moment (a node scaling up, WaitForFirstConsumer binding), a problem after these many seconds
+# (an RWX claim on a class that only offers RWO stays Pending forever). Then Degraded reason=CacheUnavailable.
+UNSCHEDULABLE_GRACE_SECONDS = 60
+ATTACH_GRACE_SECONDS = 180
+CLAIM_PENDING_GRACE_SECONDS = 180
 # Small on purpose: fetch streams 1 MiB chunks with 4 threads; no GPU, so it may run on any (cheap) node.
 JOB_RESOURCES = {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
 
@@ -342,6 +348,9 @@ def plan_download(
     if conflict is not None:  # the claim stays as it is (the pods keep using it); say what can't be done
         field_, message = conflict
         return dataclasses.replace(plan, degraded=("InvalidCache", f"{field_}: {message}"))
+    pending = claim_pending(claim, (plan.status or {}).get("download"), now)
+    if pending is not None and (plan.degraded is None or plan.degraded[0] == "CacheUnavailable"):
+        plan = dataclasses.replace(plan, degraded=("CacheUnavailable", pending))
     return dataclasses.replace(plan, pvc=build_pvc(name, namespace, uid, spec))
 
 
@@ -470,6 +479,17 @@ def _plan(
         degraded = ("DownloadFailed", f"download of {what} failed (retrying): {error}")
     elif job.waiting:
         degraded = ("DownloadFailed", f"download Job {job.name}: {job.waiting}")
+    elif job.unschedulable and _since_dt(job.unschedulable_since, now) >= UNSCHEDULABLE_GRACE_SECONDS:
+        degraded = ("CacheUnavailable", f"spec.model.cache: the download pod {job.pod_name} cannot be scheduled "
+                    f"({job.unschedulable}); check the claim {names.model_cache(name)} (its storage class and access "
+                    "mode) and the nodes")
+    elif not job.running and _since_dt(job.creating_since, now) >= ATTACH_GRACE_SECONDS:
+        degraded = ("CacheUnavailable", f"spec.model.cache: the download pod {job.pod_name} has been in "
+                    f"ContainerCreating for {int(_since_dt(job.creating_since, now))}s: the claim "
+                    f"{names.model_cache(name)} does not attach (ReadWriteOnce attached to another node?); "
+                    f"kubectl describe pod {job.pod_name}")
+    if degraded is not None and degraded[0] == "CacheUnavailable":
+        dl["display"] = "blocked"
     done_text = f"{dl['display']}" if dl.get("bytesTotal") else "starting"
     eta = f", about {dl['etaSeconds']}s left" if dl.get("etaSeconds") is not None else ""
     wait = ("Downloading", f"downloading {what}: {done_text}{eta}; the pods keep their revision until it is complete")
@@ -492,6 +512,27 @@ def _failed(d: _Download, dl: dict[str, Any], delete: list[str], reason: str, me
     return DownloadPlan(wait=("DownloadFailed", f"{message}; retrying in {math.ceil(left)}s"),
                         degraded=("DownloadFailed", message), delete=tuple(delete), status={"download": dl},
                         events=tuple(d.events), requeue_after=left)
+
+
+def _since_dt(when: datetime | None, now: datetime) -> float:
+    """Seconds since ``when``; 0 when unknown (no grace has passed)."""
+    return (now - when).total_seconds() if when is not None else 0.0
+
+
+def claim_pending(claim: Mapping[str, Any] | None, download: Mapping[str, Any] | None, now: datetime) -> str | None:
+    """Degraded message when the claim is still Pending although a download started long enough ago (an access mode
+    the class cannot offer, no default class, a provisioner that fails: the pods would never start either)."""
+    if claim is None or ((claim.get("status") or {}).get("phase")) != "Pending":
+        return None
+    started = (download or {}).get("startedAt")
+    if (download or {}).get("phase") != "Downloading" or _since(started, now) < CLAIM_PENDING_GRACE_SECONDS:
+        return None
+    claim_name = (claim.get("metadata") or {}).get("name")
+    claim_spec = claim.get("spec") or {}
+    return (f"spec.model.cache: the claim {claim_name} is still Pending {int(_since(started, now))}s after the "
+            f"download started (accessModes {claim_spec.get('accessModes')}, storageClassName "
+            f"{claim_spec.get('storageClassName') or '(default)'}): the storage class may not offer this access mode "
+            f"or size; kubectl describe pvc {claim_name}")
 
 
 def _since(stamp: Any, now: datetime) -> float:

@@ -83,6 +83,11 @@ class JobObs:
     message: str = ""  # the terminated container's termination message (terminationMessagePath or log tail)
     running: bool = False  # the latest pod's container is running now (progress can be read from its log)
     waiting: str = ""  # the latest pod's container cannot start: "CreateContainerConfigError: secret ... not found"
+    # The latest pod is not scheduled (PodScheduled=False): "Unschedulable: 0/3 nodes are available: ...", and since
+    # when; or it is scheduled but its container still waits in ContainerCreating (a volume that cannot attach).
+    unschedulable: str = ""
+    unschedulable_since: datetime | None = None
+    creating_since: datetime | None = None
 
     def condition(self, type_: str) -> tuple[str, str, str] | None:
         """(status, reason, message) of the condition ``type_``, or None."""
@@ -242,11 +247,19 @@ def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dic
     exit_code: int | None = None
     message = ""
     running = False
-    waiting = ""
+    waiting = unschedulable = ""
+    unschedulable_since = creating_since = None
     if pod is not None:
         pod_name = (pod.get("metadata") or {}).get("name")
         pod_status = pod.get("status") or {}
         pod_phase = pod_status.get("phase")
+        pod_conditions = {c.get("type"): c for c in pod_status.get("conditions") or []}
+        scheduled = pod_conditions.get("PodScheduled") or {}
+        created = parse_time((pod.get("metadata") or {}).get("creationTimestamp"))
+        if scheduled.get("status") == "False":
+            why = scheduled.get("reason") or "Unschedulable"
+            unschedulable = f"{why}: {scheduled.get('message') or ''}".rstrip(": ")
+            unschedulable_since = parse_time(scheduled.get("lastTransitionTime")) or created
         for cs in pod_status.get("containerStatuses") or []:
             state = cs.get("state") or {}
             terminated = state.get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
@@ -254,6 +267,9 @@ def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dic
             reason = (state.get("waiting") or {}).get("reason") or ""
             if reason in _BAD_WAITING_REASONS and not waiting:
                 waiting = f"{reason}: {(state.get('waiting') or {}).get('message') or ''}".rstrip(": ")
+            if reason == "ContainerCreating" and creating_since is None:
+                # Since it was scheduled (the kubelet then mounts the volumes), else since the pod was created.
+                creating_since = parse_time(scheduled.get("lastTransitionTime")) or created
             if terminated:
                 exit_code = int(terminated.get("exitCode") or 0)
                 message = str(terminated.get("message") or "").strip()
@@ -280,4 +296,7 @@ def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dic
         message=message,
         running=running,
         waiting=waiting,
+        unschedulable=unschedulable,
+        unschedulable_since=unschedulable_since,
+        creating_since=creating_since,
     )

@@ -469,3 +469,56 @@ def test_a_job_whose_pod_left_plain_text_reports_it_at_once() -> None:
                  message="An error occurred (AccessDenied) when calling the ListObjectsV2 operation")
     p = plan(status=then({}, plan()), jobs=(failed,), t=1)
     assert p.degraded is not None and "AccessDenied" in p.degraded[1] and p.events[0][1] == "DownloadFailed"
+
+
+# ------------------------------------------------------------------------------------------ blocked downloads
+
+
+def _job_dict(name: str = "gpt2-fetch-abc1234567-1") -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": {b.LABEL_REVISION: REV, b.LABEL_COMPONENT: mc.COMPONENT}},
+            "status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}}
+
+
+def _pod(status: dict[str, Any], name: str = "gpt2-fetch-abc1234567-1") -> dict[str, Any]:
+    return {"metadata": {"name": f"{name}-x", "labels": {"batch.kubernetes.io/job-name": name},
+                         "creationTimestamp": "2026-01-01T00:00:01Z"}, "status": status}
+
+
+UNSCHEDULABLE = {"phase": "Pending", "conditions": [{
+    "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "lastTransitionTime": "2026-01-01T00:00:01Z",
+    "message": "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims"}]}
+CREATING = {"phase": "Pending", "conditions": [
+    {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-01-01T00:00:02Z"}],
+    "containerStatuses": [{"name": "fetch", "state": {"waiting": {"reason": "ContainerCreating"}}}]}
+
+
+@pytest.mark.parametrize("pod_status, grace, words", [
+    (UNSCHEDULABLE, mc.UNSCHEDULABLE_GRACE_SECONDS, "unbound immediate PersistentVolumeClaims"),
+    (CREATING, mc.ATTACH_GRACE_SECONDS, "ContainerCreating"),
+])
+def test_a_download_pod_that_cannot_start_is_degraded_naming_the_cache(
+    pod_status: dict[str, Any], grace: int, words: str
+) -> None:
+    from gptd_operator.observe import observe_job
+
+    started = then({}, plan())
+    jo = observe_job(_job_dict(), [_pod(pod_status)])
+    early = plan(status=started, jobs=(jo,), t=grace - 10)
+    assert early.degraded is None and early.wait[0] == "Downloading"  # a moment: a node scaling up
+    late = plan(status=started, jobs=(jo,), t=5 * 3600)
+    assert late.degraded is not None and late.degraded[0] == "CacheUnavailable"
+    assert late.degraded[1].startswith("spec.model.cache:") and words in late.degraded[1]
+    assert late.status["download"]["display"] == "blocked" and late.create is None
+
+
+def test_a_claim_still_pending_after_a_grace_is_degraded() -> None:
+    started = then({}, plan())
+    claim = {"metadata": {"name": "gpt2-model-cache"}, "spec": {"accessModes": ["ReadWriteMany"],
+             "resources": {"requests": {"storage": "40Gi"}}}, "status": {"phase": "Pending"}}
+    jobs = (job(active=1),)
+    assert plan(status=started, jobs=jobs, claim=claim, t=30).degraded is None
+    late = plan(status=started, jobs=jobs, claim=claim, t=mc.CLAIM_PENDING_GRACE_SECONDS + 1)
+    assert late.degraded is not None and late.degraded[0] == "CacheUnavailable"
+    assert "gpt2-model-cache is still Pending" in late.degraded[1] and "ReadWriteMany" in late.degraded[1]
+    bound = {**claim, "status": {"phase": "Bound"}}
+    assert plan(status=started, jobs=jobs, claim=bound, t=3600).degraded is None
