@@ -312,8 +312,11 @@ class Reconciler:
         built = await self._build(p, spec, plan, children)
         if built is None:
             return
-        if cache.pvc is not None:
-            built.desired.insert(0, cache.pvc)  # the claim before the pods that mount it
+        # The claim before the pods that mount it, but outside _apply's all-or-nothing loop: a resize the server
+        # refuses (403 without allowVolumeExpansion, 422) is Degraded InvalidCache, not the end of every pass.
+        cache = await self._apply_claim(p, cache, children)
+        if cache is None:
+            return
         applied = await self._apply(p, plan, children, built)
         if applied is None:
             return
@@ -405,6 +408,35 @@ class Reconciler:
             template=obs.desired_template, previous_status=p.previous, jobs=obs.jobs, progress=progress,
             templates=[*live, p.previous.get("lastGoodTemplate")], claim=children.pvc, now=p.now,
         )
+
+    async def _apply_claim(
+        self, p: _Pass, cache: model_cache.DownloadPlan, children: Children
+    ) -> model_cache.DownloadPlan | None:
+        """Create or patch the model cache's claim; the plan, with Degraded InvalidCache when the server refused it
+        (and no download Job when there is no claim to download into); None when the pass ends (the CR is gone)."""
+        if cache.pvc is None:
+            return cache
+        claim = cache.pvc["metadata"]["name"]
+        live = self._live("PersistentVolumeClaim", p.namespace, claim, p.uid, p.name, children, _Built())
+        if live is None and ("PersistentVolumeClaim", p.namespace, claim) not in self.recent:
+            fresh = await self.kube.get(kube.GPTDEPLOYMENTS, p.namespace, p.name)
+            if fresh is None or (p.uid and (fresh.get("metadata") or {}).get("uid") != p.uid):
+                return None
+        try:
+            action, result = await self.kube.apply(cache.pvc, live)
+        except kube.OwnerGone as exc:
+            await self._wait_for_gc(p.body, p.previous, p.generation, p.now, exc)
+            return None
+        except kube.ApiError as exc:
+            if exc.status not in (400, 403, 422) and not isinstance(exc, kube.NotOwned):
+                raise
+            refused = model_cache.claim_refused(claim, exc.status, exc.message)
+            return dataclasses.replace(cache, degraded=refused, create=None if live is None else cache.create)
+        if action != "unchanged" and result is not None:
+            self.recent[("PersistentVolumeClaim", p.namespace, claim)] = result
+            kopf.event(p.body, type="Normal", reason=f"PersistentVolumeClaim{action.capitalize()}",
+                       message=f"PersistentVolumeClaim {claim}")
+        return cache
 
     async def _apply_cache(self, p: _Pass, cache: model_cache.DownloadPlan, children: Children) -> None:
         """Delete the download Jobs the plan let go, create the one it wants (Jobs are never patched: a Job's pod

@@ -29,6 +29,7 @@ from typing import Any
 
 from . import builders, names
 from .api import GPTDeploymentSpec
+from .normalize import quantity
 from .observe import JobObs, Template, format_time, parse_time
 from .settings import Settings
 
@@ -105,7 +106,21 @@ def claim_conflict(live: Mapping[str, Any] | None, spec: GPTDeploymentSpec) -> t
         return ("spec.model.cache.storageClassName",
                 f"the claim {claim} has storageClassName {live_spec.get('storageClassName')!r}, which can't change: "
                 f"{fix}")
+    live_size = ((live_spec.get("resources") or {}).get("requests") or {}).get("storage")
+    live_q, want_q = quantity(live_size), quantity(cache.size)
+    if live_q is not None and want_q is not None and want_q < live_q:
+        # A claim only grows (the API server answers 422 to a smaller request): compared as quantities, 40Gi > 40G.
+        return ("spec.model.cache.size",
+                f"the claim {claim} requests {live_size} and a claim can't shrink (asked for {cache.size}): {fix}")
     return None
+
+
+def claim_refused(claim: str, status: int, message: str) -> tuple[str, str]:
+    """Degraded (InvalidCache) for a claim write the API server refused: 403 from the resize admission (a class
+    without allowVolumeExpansion), 422 (an immutable field, a smaller request), 400. The other children still
+    apply; the claim stays as it is."""
+    return ("InvalidCache", f"spec.model.cache: the API server refused the claim {claim} ({status}): "
+            f"{' '.join(message.split())}")
 
 
 def job_name(name: str, revision: str, attempt: int) -> str:

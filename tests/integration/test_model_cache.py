@@ -315,3 +315,29 @@ async def test_with_an_evaluation_gate_the_download_comes_first_then_the_gated_r
     new = await eventually(lambda: _on_sha(cluster, SHA2), what="the gated Deployment on the new commit")
     assert new["spec"]["template"]["spec"]["readinessGates"] == [{"conditionType": "gptd.io/evaluated"}]
     assert labels_of(new)[REV] != labels_of(dep)[REV]
+
+
+async def test_a_refused_resize_or_a_shrink_is_degraded_and_the_other_children_still_apply(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    await first_deploy(cluster)
+    cluster.emulator.allow_volume_expansion = False  # a class without allowVolumeExpansion: the resize is 403
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"replicas": 3, "model": {"cache": {"size": "20Gi"}}}})
+    st = await status_where(cluster, "InvalidCache", lambda s: condition(s, "Degraded").get("reason") == "InvalidCache")
+    message = condition(st, "Degraded")["message"]
+    assert message.startswith("spec.model.cache:") and "403" in message and "support resize" in message
+    assert condition(st, "Ready").get("reason") != "InvalidSpec"
+
+    async def scaled() -> bool:  # the Deployment was still patched, in the same passes
+        return (await cluster.get("deployments", NS, "gpt2"))["spec"]["replicas"] == 3
+
+    await eventually(scaled, what="the Deployment scaled to 3 although the claim was refused")
+    claim = await cluster.get("persistentvolumeclaims", NS, "gpt2-model-cache")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    # A smaller request: a conflict found before any write (the server would 422 it); the claim is left alone.
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"model": {"cache": {"size": "5Gi"}}}})
+    st = await status_where(cluster, "shrink refused",
+                            lambda s: "spec.model.cache.size" in condition(s, "Degraded").get("message", ""))
+    assert condition(st, "Degraded")["reason"] == "InvalidCache"
+    assert (await cluster.get("persistentvolumeclaims", NS, "gpt2-model-cache"))["spec"]["resources"]["requests"][
+        "storage"] == "10Gi"

@@ -522,3 +522,16 @@ def test_a_claim_still_pending_after_a_grace_is_degraded() -> None:
     assert "gpt2-model-cache is still Pending" in late.degraded[1] and "ReadWriteMany" in late.degraded[1]
     bound = {**claim, "status": {"phase": "Bound"}}
     assert plan(status=started, jobs=jobs, claim=bound, t=3600).degraded is None
+
+
+def test_a_smaller_size_than_the_live_request_is_a_conflict_compared_as_quantities() -> None:
+    live = {"metadata": {"name": "gpt2-model-cache"}, "spec": {"accessModes": ["ReadWriteMany"],
+            "resources": {"requests": {"storage": "40Gi"}}}}
+    assert mc.claim_conflict(live, cached(size="40Gi")) is None
+    assert mc.claim_conflict(live, cached(size="50Gi")) is None  # growing is a patch
+    assert mc.claim_conflict(live, cached(size="42949672960")) is None  # the same bytes, written otherwise
+    field, message = mc.claim_conflict(live, cached(size="40G"))  # 40G < 40Gi
+    assert field == "spec.model.cache.size" and "can't shrink" in message
+    p = plan(s=cached(size="30Gi"), claim=live)
+    shrink = message.replace("40G)", "30Gi)")
+    assert p.pvc is None and p.degraded == ("InvalidCache", f"spec.model.cache.size: {shrink}")
