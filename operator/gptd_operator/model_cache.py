@@ -127,19 +127,37 @@ def job_name(name: str, revision: str, attempt: int) -> str:
     return names.job(name, "fetch", f"{revision}-{attempt}")
 
 
-def s3_commit(uri: str, revision: str) -> str:
-    """An s3:// model has no commit: its cache directory is named by 40 hex digits of SHA-1 over the URI and the gptd
-    revision, so it sits in fetch's layout (``<cache>/<40 hex>``, kept or pruned like a hub commit)."""
-    return hashlib.sha1(f"{uri}@{revision}".encode()).hexdigest()
+def model_key(template: Template | None) -> str | None:
+    """What a download fetches, hashed (40 hex digits of SHA-1): the model's uri, revision and token reference only.
+    The gptd revision also hashes the runtime fields (batch size, image...): a runtime-only change is a new revision
+    (a rollout) but the same files, so the cache is keyed on this, not on the revision."""
+    model = (template or {}).get("model")
+    if not isinstance(model, Mapping) or not model.get("uri"):
+        return None
+    part = {"uri": model["uri"], "revision": model.get("revision") or "main",
+            "hfTokenSecretRef": model.get("hfTokenSecretRef")}
+    return hashlib.sha1(builders.canonical_json(part).encode()).hexdigest()
 
 
-def _s3_command(uri: str, revision: str) -> list[str]:
-    """``aws s3 sync`` into ``.incomplete/<id>``, a marker, one rename to ``<id>``, then the result line in the
-    termination message, the same as fetch's (no byte progress: the AWS CLI prints none with --only-show-errors)."""
-    sha = s3_commit(uri, revision)
+def s3_commit(template: Template) -> str:
+    """An s3:// model has no commit: its cache directory is named by its model key (40 hex digits), so it sits in
+    fetch's layout (``<cache>/<40 hex>``, kept or pruned like a hub commit). To sync a changed bucket prefix again,
+    change spec.model.revision."""
+    key = model_key(template)
+    if key is None:
+        raise ValueError("s3_commit needs a template with model.uri")
+    return key
+
+
+def _s3_command(uri: str, sha: str, keep: Sequence[str]) -> list[str]:
+    """``aws s3 sync`` into ``.incomplete/<id>``, a marker, one rename to ``<id>``, housekeeping (every other
+    revision directory but ``keep`` goes, each by one rename before it is deleted, as fetch --prune does), then the
+    result line in the termination message, the same as fetch's (no byte progress: the AWS CLI prints none with
+    --only-show-errors)."""
     dest = builders.MODEL_CACHE_DIR
     work, final = f"{dest}/.incomplete/{sha}", f"{dest}/{sha}"
     result = json.dumps({"revision": sha, "complete": True, "path": final})
+    kept = " ".join(sorted({sha, *keep}))
     script = "\n".join([
         "set -eu",
         f"if [ ! -e {final}/.gptd-complete ]; then",
@@ -149,6 +167,14 @@ def _s3_command(uri: str, revision: str) -> list[str]:
         f"  rm -rf {final}",
         f"  mv {work} {final}",
         "fi",
+        f"mkdir -p {dest}/.incomplete",
+        f"for d in {dest}/*; do",
+        '  n=${d##*/}',
+        '  case "$n" in *[!0-9a-f]*) continue ;; esac',
+        '  [ "${#n}" -eq 40 ] || continue',
+        f'  case " {kept} " in *" $n "*) continue ;; esac',
+        f'  mv "$d" "{dest}/.incomplete/.pruned-$n" && rm -rf "{dest}/.incomplete/.pruned-$n"',
+        "done",
         f"printf '%s\\n' {shlex.quote(result)} > {RESULT_FILE}",
     ])
     return ["sh", "-c", script]
@@ -170,7 +196,7 @@ def build_job(
         # The s3 init container became this Job: the operator's AWS CLI image (GPTD_S3_INIT_IMAGE); credentials
         # from the pod's identity (IRSA / workload identity) or AWS_* in spec.runtime.env (by reference).
         image = settings.s3_init_image or ""
-        command = _s3_command(str(model["uri"]), revision)
+        command = _s3_command(str(model["uri"]), s3_commit(template), keep)
     else:
         # The runtime image's entrypoint serves: the command is spelled out.
         command = ["python", "-m", "gptd_runtime", "fetch", model["uri"], "--revision",
@@ -320,13 +346,16 @@ def _result(job: JobObs) -> dict[str, Any] | None:
     return last_json_line(job.message)
 
 
-def known_sha(revision: str, templates: Iterable[Template | None], previous: Mapping[str, Any] | None) -> str | None:
-    """The commit ``revision`` already resolved to: from a template that runs or ran it, or the last download."""
+def known_sha(key: str | None, templates: Iterable[Template | None], previous: Mapping[str, Any] | None) -> str | None:
+    """The commit the model ``key`` (``model_key``) already resolved to: from a template that runs or ran the same
+    model (whatever its runtime fields), or the last download of it."""
+    if key is None:
+        return None
     for template in templates:
-        if template and builders.revision_hash(template) == revision and builders.resolved_sha(template):
+        if template and model_key(template) == key and builders.resolved_sha(template):
             return builders.resolved_sha(template)
     download = (previous or {}).get("download") or {}
-    if download.get("revision") == revision and download.get("phase") == "Complete" and download.get("sha"):
+    if download.get("modelKey") == key and download.get("phase") == "Complete" and download.get("sha"):
         return str(download["sha"])
     return None
 
@@ -388,9 +417,11 @@ def _plan(
             d.events.append(("Normal", "DownloadCancelled", f"download Job {j.name} of revision {j.revision} "
                              f"cancelled: the spec now asks for revision {revision}"))
     delete = [j.name for j in stale]
-    sha = known_sha(revision, [*templates, template], previous)
+    key = model_key(template)
+    sha = known_sha(key, [*templates, template], previous)
     if sha is not None:
-        dl = {**d.prev, "revision": revision, "modelRevision": spec.model.revision, "phase": "Complete", "sha": sha,
+        dl = {**d.prev, "revision": revision, "modelRevision": spec.model.revision, "modelKey": key,
+              "phase": "Complete", "sha": sha,
               "percent": 100, "display": "complete", "etaSeconds": None, "bytesPerSecond": None,
               "reason": None, "message": None}
         return DownloadPlan(sha=sha, delete=tuple(delete), status={"download": dl}, events=tuple(d.events))
@@ -406,7 +437,7 @@ def _plan(
         return build_job(name, namespace, uid, spec, settings, revision=revision, template=template, attempt=n,
                          keep=keep)
 
-    base = {"revision": revision, "modelRevision": spec.model.revision}
+    base = {"revision": revision, "modelRevision": spec.model.revision, "modelKey": key}
     what = f"{spec.model.uri}@{spec.model.revision} (revision {revision})"
     if job is None and d.prev.get("phase") == "Downloading" and d.prev.get("job") == current:
         # Created by an earlier pass and not in the Job index yet (the watch lags our POST), or deleted by hand:

@@ -401,17 +401,22 @@ def test_s3_needs_the_operators_aws_image_and_becomes_the_download_job() -> None
     assert c["image"] == "amazon/aws-cli:2" and c["command"][:2] == ["sh", "-c"]
     assert "aws s3 sync --only-show-errors s3://bucket/models/llama" in c["command"][2]
     assert {"name": "AWS_REGION", "value": "eu-west-1"} in c["env"]
-    template = b.with_resolved(b.revision_template(s3, settings), mc.s3_commit("s3://bucket/models/llama", "r"))
+    sha = mc.s3_commit(b.revision_template(s3, settings))
+    template = b.with_resolved(b.revision_template(s3, settings), sha)
     pod = b.build_pod_template("gpt2", s3, settings, template, "stable")
     assert not pod["spec"].get("initContainers")  # the init container's sync became the Job
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
-    assert env["GPTD_MODEL"] == f"file://{b.MODEL_CACHE_DIR}/{mc.s3_commit('s3://bucket/models/llama', 'r')}"
+    assert env["GPTD_MODEL"] == f"file://{b.MODEL_CACHE_DIR}/{sha}"
 
 
-def _s3_script(tmp_path: Any, uri: str = "s3://bucket/models/llama") -> tuple[str, Any, Any]:
-    """The Job's script as built, with the claim's mount and the termination-log path mapped into tmp_path."""
-    s3 = spec(model={"uri": uri, "cache": CACHE})
-    (c,) = _job(s3, s3_init_image="aws:2")["spec"]["template"]["spec"]["containers"]
+S3_SPEC = spec(model={"uri": "s3://bucket/models/llama", "cache": CACHE})
+S3_SHA = mc.s3_commit(b.revision_template(S3_SPEC, S))
+
+
+def _s3_script(tmp_path: Any) -> tuple[str, Any, Any]:
+    """The Job's script as built (keeping SHA_OLD), with the claim's mount and the termination-log path mapped into
+    tmp_path."""
+    (c,) = _job(S3_SPEC, s3_init_image="aws:2")["spec"]["template"]["spec"]["containers"]
     cache, log = tmp_path / "cache", tmp_path / "termination-log"
     return c["command"][2].replace(b.MODEL_CACHE_DIR, str(cache)).replace(mc.RESULT_FILE, str(log)), cache, log
 
@@ -440,15 +445,49 @@ def test_the_s3_job_script_syncs_atomically_and_reports_like_fetch(tmp_path: Any
     script, cache, log = _s3_script(tmp_path)
     subprocess.run(["sh", "-c", script], env=env, check=True, timeout=30)
     result = mc.last_json_line(log.read_text())
-    sha = mc.s3_commit("s3://bucket/models/llama", "abc1234567")
+    sha = S3_SHA
     assert result == {"revision": sha, "complete": True, "path": f"{cache}/{sha}"}
     assert (cache / sha / "model.safetensors").read_bytes() == b"w" * 100 and (cache / sha / ".gptd-complete").exists()
     assert not (cache / ".incomplete" / sha).exists()
     assert calls.read_text().split() == ["s3", "sync", "--only-show-errors", "s3://bucket/models/llama",
                                          f"{cache}/.incomplete/{sha}"]
     log.unlink()
+    # Housekeeping: another complete revision goes, the kept one (SHA_OLD) and what is not a revision stay.
+    stale = "a" * 40
+    for kept in (stale, SHA_OLD):
+        (cache / kept).mkdir()
+        (cache / kept / "model.safetensors").write_text("old")
+    (cache / "refs").mkdir()
     subprocess.run(["sh", "-c", script], env=env, check=True, timeout=30)  # complete already: no sync
     assert len(calls.read_text().splitlines()) == 1 and mc.last_json_line(log.read_text())["revision"] == sha
+    assert sorted(p.name for p in cache.iterdir()) == sorted([".incomplete", "refs", SHA_OLD, sha])
+    assert list((cache / ".incomplete").iterdir()) == []
+
+
+def test_the_cache_is_keyed_on_the_model_not_on_runtime_fields() -> None:
+    """A runtime-only change is a new revision (a rollout) but the same files: no new Job, the same commit."""
+    s1 = cached()
+    s2 = spec(model={"uri": "hf://org/m", "revision": "v2", "cache": CACHE}, runtime={"maxBatchSize": 8})
+    t1, t2 = b.revision_template(s1, S), b.revision_template(s2, S)
+    assert b.revision_hash(t1) != b.revision_hash(t2) and mc.model_key(t1) == mc.model_key(t2)
+    running = b.with_resolved(t1, SHA)
+    p = plan(s=s2, revision=b.revision_hash(t2), templates=(running,))
+    assert p.sha == SHA and p.create is None and p.wait is None
+    # Known from the last download's status too (a first revision, changed before any pod ran it).
+    done = plan(s=s1, status=then({}, plan()), jobs=(job(succeeded=1, conditions=(("Complete", "True", "", ""),),
+                                                          exit_code=0, message=json.dumps(
+        {"revision": SHA, "complete": True, "bytesTotal": 10}), completion_time=at(5)),), t=6)
+    assert done.sha == SHA and done.status["download"]["modelKey"] == mc.model_key(t1)
+    again = plan(s=s2, revision=b.revision_hash(t2), status=then({}, done), t=7)
+    assert again.sha == SHA and again.create is None
+    # Another model revision, token or uri is other files.
+    for other in ({"revision": "v3"}, {"uri": "hf://org/n"}, {"hfTokenSecretRef": {"name": "t", "key": "k"}}):
+        s3 = spec(model={"uri": "hf://org/m", "revision": "v2", "cache": CACHE, **other})
+        assert mc.model_key(b.revision_template(s3, S)) != mc.model_key(t1)
+    # s3: the directory id is the model key, the same across a runtime-only change.
+    a = spec(model={"uri": "s3://bkt/m", "cache": CACHE})
+    c = spec(model={"uri": "s3://bkt/m", "cache": CACHE}, runtime={"maxBatchSize": 8})
+    assert mc.s3_commit(b.revision_template(a, S)) == mc.s3_commit(b.revision_template(c, S))
 
 
 def test_a_failing_s3_sync_publishes_nothing(tmp_path: Any) -> None:
@@ -459,8 +498,7 @@ def test_a_failing_s3_sync_publishes_nothing(tmp_path: Any) -> None:
     script, cache, log = _s3_script(tmp_path)
     done = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode != 0 and "AccessDenied" in done.stderr  # the log tail: FallbackToLogsOnError's message
-    sha = mc.s3_commit("s3://bucket/models/llama", "abc1234567")
-    assert not (cache / sha).exists() and not log.exists()
+    assert not (cache / S3_SHA).exists() and not log.exists()
 
 
 def test_a_job_whose_pod_left_plain_text_reports_it_at_once() -> None:
