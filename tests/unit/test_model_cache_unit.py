@@ -573,3 +573,76 @@ def test_a_smaller_size_than_the_live_request_is_a_conflict_compared_as_quantiti
     p = plan(s=cached(size="30Gi"), claim=live)
     shrink = message.replace("40G)", "30Gi)")
     assert p.pvc is None and p.degraded == ("InvalidCache", f"spec.model.cache.size: {shrink}")
+
+
+# ------------------------------------------------------------------------------------------ a rollout in flight
+
+TC = {"model": {"uri": "hf://org/c", "revision": "main"}, "runtime": {"image": "rt:1"}, b.MODEL_CACHE_KEY: True}
+RC = b.revision_hash(TC)
+TA_R, TB_R = b.with_resolved(TA, "a" * 40), b.with_resolved(TB, "b" * 40)
+INFLIGHT = {"currentRevision": RA, "lastGoodRevision": RA, "lastGoodTemplate": TA_R,
+            "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                        "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0}}
+
+
+def _c_obs(t: float, stable: DeploymentObs, **kw: Any) -> Observations:
+    """The spec now asks for C (downloading) while B's rollout is in flight on the stable Deployment."""
+    canary = kw.pop("canary", None)
+    return Observations(now=at(t), desired_template=TC, desired_revision=RC, stable=stable, canary=canary,
+                        download_wait=("Downloading", "downloading C"), **kw)
+
+
+def _b_stable(spec_replicas: int = 2) -> DeploymentObs:
+    return DeploymentObs(revision=RB, template=TB_R, spec_replicas=spec_replicas, replicas=3, ready_replicas=1,
+                         updated_replicas=1, available_replicas=1)
+
+
+def test_abort_during_a_download_rolls_the_in_flight_rollout_back() -> None:
+    from gptd_operator.rollout import ABORT_ANNOTATION
+
+    s = parse_spec({"model": {"uri": "hf://org/c", "cache": CACHE}, "replicas": 2})
+    p = decide(s, INFLIGHT, _c_obs(10, _b_stable(), abort=True))
+    assert p.stable.template == TA_R and p.stable.revision == RA  # back to the last good, downloading or not
+    assert p.status["rollout"]["phase"] == "RolledBack" and p.status["rollout"]["revision"] == RB
+    assert ABORT_ANNOTATION in p.annotations_to_clear and [e.reason for e in p.events] == ["RolledBack"]
+    assert p.status["updateRevision"] == RC
+
+
+def test_the_in_flight_rollout_is_still_supervised_during_a_download() -> None:
+    from gptd_operator.observe import PodObs
+
+    s = parse_spec({"model": {"uri": "hf://org/c", "cache": CACHE}, "replicas": 2})
+    crash = PodObs(revision=RB, ready=False, restarts=5, crashloop_message="CrashLoopBackOff: container runtime",
+                   waiting_reason="CrashLoopBackOff")
+    p = decide(s, INFLIGHT, _c_obs(10, _b_stable(), pods=(crash,)))
+    assert p.stable.template == TA_R and p.status["rollout"]["reason"] == "CrashLoop"
+    late = decide(s, INFLIGHT, _c_obs(s.rollout.progressDeadlineSeconds + 1, _b_stable()))
+    assert late.stable.template == TA_R and late.status["rollout"]["reason"] == "ProgressDeadlineExceeded"
+    ok = decide(s, INFLIGHT, _c_obs(10, _b_stable()))
+    assert ok.stable.template == TB_R and ok.status["rollout"]["phase"] == "RollingOut" and ok.events == ()
+    assert next(c for c in ok.conditions if c.type == "Progressing").reason == "Downloading"
+
+
+def test_promote_and_abort_are_kept_while_nothing_can_honour_them() -> None:
+    s = parse_spec({"model": {"uri": "hf://org/b", "cache": CACHE}, "replicas": 2})
+    status = {"currentRevision": RA, "lastGoodRevision": RA, "lastGoodTemplate": TA}
+    stable = DeploymentObs(revision=RA, template=TA, spec_replicas=2)
+    obs = Observations(now=at(0), desired_template=TB, desired_revision=RB, stable=stable, canary=None,
+                       download_wait=("Downloading", "x"), promote=True, abort=True)
+    p = decide(s, status, obs)
+    assert p.annotations_to_clear == () and p.stable.template == TA
+    # While a canary of B is in flight, promote is not honoured for it either: kept for C's rollout.
+    s2 = parse_spec({"model": {"uri": "hf://org/c", "cache": CACHE}, "replicas": 2})
+    p2 = decide(s2, INFLIGHT, _c_obs(10, _b_stable(), promote=True))
+    assert p2.annotations_to_clear == ()
+
+
+def test_an_in_place_canary_keeps_its_stable_replicas_while_the_next_revision_downloads() -> None:
+    s = parse_spec({"model": {"uri": "hf://org/c", "cache": CACHE}, "replicas": 2})
+    status = {**INFLIGHT, "rollout": {**INFLIGHT["rollout"], "phase": "Canary", "step": 0, "inPlace": True}}
+    stable = DeploymentObs(revision=RA, template=TA_R, spec_replicas=1, replicas=1, ready_replicas=1)
+    canary = DeploymentObs(revision=RB, template=TB_R, spec_replicas=1, replicas=1, ready_replicas=1)
+    p = decide(s, status, _c_obs(10, stable, canary=canary))
+    assert p.stable.replicas == 1 and p.canary.replicas == 1 and p.canary.template == TB_R
+    settled = decide(s, {k: v for k, v in status.items() if k != "rollout"}, _c_obs(10, stable))
+    assert settled.stable.replicas == 2  # nothing in flight: the spec's count
