@@ -25,6 +25,9 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 # The revision hash: a label on the pod template (which revision a pod runs) and an annotation on the Deployment.
 LABEL_REVISION = ANN_REVISION = "gptd.io/revision"
 LABEL_TRACK = "gptd.io/track"
+# On a runtime pod loading from the model cache: the commit directory it mounts (<cache>/<sha>), so the download
+# Job's housekeeping keeps it while any pod runs it (an old ReplicaSet's pods too). Only cached templates get it.
+LABEL_MODEL_SHA = "gptd.io/model-sha"
 ANN_TEMPLATE = "gptd.io/template"  # on the Deployment: the revision template, JSON
 RUNTIME_APP = "gptd-runtime"
 # The evaluation gate (evaluation.py): a revision template with this key true puts the readiness gate GATE_CONDITION
@@ -552,10 +555,10 @@ def build_pod_template(
         "readinessGates": [{"conditionType": GATE_CONDITION}] if template.get(TEMPLATE_GATE_KEY) else None,
     }
     revision = revision_hash(template)
-    return {
-        "metadata": {"labels": {**common_labels(name), LABEL_TRACK: track, LABEL_REVISION: revision}},
-        "spec": pod_spec,
-    }
+    labels = {**common_labels(name), LABEL_TRACK: track, LABEL_REVISION: revision}
+    if template.get(MODEL_CACHE_KEY) and resolved_sha(template):
+        labels[LABEL_MODEL_SHA] = str(resolved_sha(template))
+    return {"metadata": {"labels": labels}, "spec": pod_spec}
 
 
 # -------------------------------------------------------------------------------------- children

@@ -407,6 +407,7 @@ class Reconciler:
             p.name, p.namespace, p.uid, spec, self.settings, revision=obs.desired_revision,
             template=obs.desired_template, previous_status=p.previous, jobs=obs.jobs, progress=progress,
             templates=[*live, p.previous.get("lastGoodTemplate")], claim=children.pvc, now=p.now,
+            mounted=[pod.model_sha for pod in obs.pods if pod.model_sha],
         )
 
     async def _apply_claim(

@@ -379,13 +379,17 @@ def plan_download(
     name: str, namespace: str, uid: str, spec: GPTDeploymentSpec, settings: Settings, *, revision: str,
     template: Template, previous_status: Mapping[str, Any], jobs: Sequence[JobObs], progress: Mapping[str, int] | None,
     templates: Sequence[Template | None], claim: Mapping[str, Any] | None = None, now: datetime,
+    mounted: Iterable[str] = (),
 ) -> DownloadPlan:
     """What to do about the cache this reconcile. ``template``: the desired revision's (without resolved);
     ``templates``: those running or kept (stable, canary, lastGoodTemplate) for known shas and ``--keep``;
+    ``mounted``: the commits live runtime pods mount (their gptd.io/model-sha label: old ReplicaSets' pods too),
+    also kept;
     ``progress``: the running Job pod's last progress line (handlers read it), ``jobs``: the CR's Jobs, ``claim``:
     the live ``<name>-model-cache`` claim."""
     plan = _plan(name, namespace, uid, spec, settings, revision=revision, template=template,
-                 previous_status=previous_status, jobs=jobs, progress=progress, templates=templates, now=now)
+                 previous_status=previous_status, jobs=jobs, progress=progress, templates=templates, now=now,
+                 mounted=tuple(mounted))
     if spec.model.cache is None:
         return plan
     conflict = claim_conflict(claim, spec)
@@ -401,7 +405,7 @@ def plan_download(
 def _plan(
     name: str, namespace: str, uid: str, spec: GPTDeploymentSpec, settings: Settings, *, revision: str,
     template: Template, previous_status: Mapping[str, Any], jobs: Sequence[JobObs], progress: Mapping[str, int] | None,
-    templates: Sequence[Template | None], now: datetime,
+    templates: Sequence[Template | None], now: datetime, mounted: tuple[str, ...] = (),
 ) -> DownloadPlan:
     previous = dict(previous_status.get("model") or {})
     mine = [j for j in jobs if j.purpose == COMPONENT]
@@ -431,7 +435,8 @@ def _plan(
     job = next((j for j in mine if j.name == current), None)
     # Older attempts of this revision: done with.
     delete += [j.name for j in mine if j.revision == revision and j.name != current]
-    keep = sorted({s for s in (builders.resolved_sha(t) for t in templates) if s})
+    keep = sorted({s for s in (*(builders.resolved_sha(t) for t in templates), *mounted)
+                   if s and len(s) == 40 and all(ch in "0123456789abcdef" for ch in s)})
 
     def new_job(n: int) -> dict[str, Any]:
         return build_job(name, namespace, uid, spec, settings, revision=revision, template=template, attempt=n,

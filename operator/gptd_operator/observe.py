@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .builders import ANN_TEMPLATE, GATE_CONDITION, LABEL_COMPONENT, LABEL_REVISION
+from .builders import ANN_TEMPLATE, GATE_CONDITION, LABEL_COMPONENT, LABEL_MODEL_SHA, LABEL_REVISION
 
 Template = dict[str, Any]
 # Waiting reasons that mean a container cannot run as it is.
@@ -45,6 +45,7 @@ class PodObs:
     gated: bool = False  # spec.readinessGates holds gptd.io/evaluated
     evaluated: bool = False  # the gptd.io/evaluated pod condition is True
     uid: str = ""  # metadata.uid: an evaluator Job's target is checked to be the same pod at judgement
+    model_sha: str = ""  # label gptd.io/model-sha: the model cache commit it mounts (kept by housekeeping)
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,7 @@ def observe_pod(pod: dict[str, Any]) -> PodObs:
         gated=any(g.get("conditionType") == GATE_CONDITION for g in gates),
         evaluated=(conditions.get(GATE_CONDITION) or {}).get("status") == "True",
         uid=str(meta.get("uid") or ""),
+        model_sha=str((meta.get("labels") or {}).get(LABEL_MODEL_SHA) or ""),
         unschedulable_since=unschedulable_since,
         unschedulable_message=unschedulable_message,
         crashloop_message=crashloop_message,

@@ -341,3 +341,20 @@ async def test_a_refused_resize_or_a_shrink_is_degraded_and_the_other_children_s
     assert condition(st, "Degraded")["reason"] == "InvalidCache"
     assert (await cluster.get("persistentvolumeclaims", NS, "gpt2-model-cache"))["spec"]["resources"]["requests"][
         "storage"] == "10Gi"
+
+
+async def test_housekeeping_keeps_the_commit_any_live_pod_mounts(cluster: Cluster, operator: RunningOperator) -> None:
+    """A→B→C→D: pods of an old ReplicaSet may still run a revision that is neither stable, canary nor last good."""
+    dep = await first_deploy(cluster)
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert labels[builders.LABEL_MODEL_SHA] == SHA1
+    old = "9" * 40  # an old ReplicaSet's pod, still terminating or serving
+    await cluster.create("pods", NS, {"metadata": {"name": "gpt2-old-rs-x", "labels": {
+        **labels, builders.LABEL_MODEL_SHA: old, REV: "0123456789"}}, "status": {"phase": "Running"}})
+    first_job = (await cluster.list("jobs", NS))[0]["metadata"]["name"]
+    await operator.resync_passes(1)
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"model": {"revision": "v2"}}})
+    job = await download_job(cluster, other_than=(first_job,))
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    keep = command[command.index("--keep") + 1:]
+    assert old in keep and SHA1 in keep

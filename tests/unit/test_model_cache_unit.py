@@ -646,3 +646,24 @@ def test_an_in_place_canary_keeps_its_stable_replicas_while_the_next_revision_do
     assert p.stable.replicas == 1 and p.canary.replicas == 1 and p.canary.template == TB_R
     settled = decide(s, {k: v for k, v in status.items() if k != "rollout"}, _c_obs(10, stable))
     assert settled.stable.replicas == 2  # nothing in flight: the spec's count
+
+
+def test_prune_keeps_every_commit_a_live_pod_mounts() -> None:
+    """A→B→C→D: B's old-ReplicaSet pods still run while C is stable, A last good and D downloads."""
+    from gptd_operator.observe import observe_pod
+
+    shas = {x: x * 40 for x in "abcd"}
+    s = cached()
+    t_b = b.with_resolved(b.revision_template(s, S), shas["b"])
+    pod = b.build_pod_template("gpt2", s, S, t_b, "stable")
+    assert pod["metadata"]["labels"][b.LABEL_MODEL_SHA] == shas["b"]
+    assert b.LABEL_MODEL_SHA not in b.build_pod_template("gpt2", spec(), S, b.revision_template(spec(), S),
+                                                         "stable")["metadata"]["labels"]
+    mounted = observe_pod({"metadata": pod["metadata"], "status": {"phase": "Running"}}).model_sha
+    assert mounted == shas["b"]
+    t_c, t_a = b.with_resolved(TB, shas["c"]), b.with_resolved(TA, shas["a"])
+    p = mc.plan_download("gpt2", "ns", "uid-1", s, S, revision=REV, template=b.revision_template(s, S),
+                         previous_status={}, jobs=(), progress=None, templates=[t_c, None, t_a], now=at(0),
+                         mounted=[mounted, "not-a-sha; rm -rf /"])
+    command = p.create["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--keep") + 1:] == sorted([shas["a"], shas["b"], shas["c"]])
