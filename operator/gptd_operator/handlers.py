@@ -408,6 +408,8 @@ class Reconciler:
             template=obs.desired_template, previous_status=p.previous, jobs=obs.jobs, progress=progress,
             templates=[*live, p.previous.get("lastGoodTemplate")], claim=children.pvc, now=p.now,
             mounted=[pod.model_sha for pod in obs.pods if pod.model_sha],
+            # A pod affinity only matches pods on a node: pods all Unschedulable are no node to follow.
+            pods_exist=any(pod.unschedulable_since is None for pod in obs.pods),
         )
 
     async def _apply_claim(

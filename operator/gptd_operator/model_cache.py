@@ -182,10 +182,11 @@ def _s3_command(uri: str, sha: str, keep: Sequence[str]) -> list[str]:
 
 def build_job(
     name: str, namespace: str, uid: str, spec: GPTDeploymentSpec, settings: Settings, *, revision: str,
-    template: Template, attempt: int, keep: Sequence[str],
+    template: Template, attempt: int, keep: Sequence[str], pods_exist: bool = False,
 ) -> dict[str, Any]:
     """The download Job for ``revision`` (its template's model), attempt ``attempt``; ``keep``: the shas mounted by
-    pods (current, last good, canary) that fetch's housekeeping must not delete."""
+    pods (current, last good, canary) that fetch's housekeeping must not delete; ``pods_exist``: runtime pods of
+    the CR exist (under ReadWriteOnce the Job must then run on their node)."""
     cache = spec.model.cache
     if cache is None:
         raise ValueError("build_job needs spec.model.cache")
@@ -246,20 +247,21 @@ def build_job(
     }
     if cache.accessMode == "ReadWriteOnce":
         # The volume attaches to one node: run where the pods run (their nodeSelector, tolerations and affinity),
-        # and prefer the very node of a running pod of this CR, which holds the volume attached.
+        # on the very node of the CR's pods, which holds the volume attached: required when they exist (elsewhere
+        # the volume could not attach), preferred otherwise (a first download has no pod to follow).
         sched = spec.scheduling
         pod_spec["nodeSelector"] = sched.nodeSelector or None
         pod_spec["tolerations"] = builders._tolerations(spec)
         affinity = dict(sched.affinity or {})
-        affinity["podAffinity"] = {
-            **(affinity.get("podAffinity") or {}),
-            "preferredDuringSchedulingIgnoredDuringExecution": [
-                *((affinity.get("podAffinity") or {}).get("preferredDuringSchedulingIgnoredDuringExecution") or []),
-                {"weight": 100, "podAffinityTerm": {
-                    "labelSelector": {"matchLabels": builders.selector_labels(name)},
-                    "topologyKey": "kubernetes.io/hostname"}},
-            ],
-        }
+        pod_affinity = dict(affinity.get("podAffinity") or {})
+        if pods_exist:
+            key = "requiredDuringSchedulingIgnoredDuringExecution"
+            pod_affinity[key] = [*(pod_affinity.get(key) or []), builders.same_node_term(name)]
+        else:
+            key = "preferredDuringSchedulingIgnoredDuringExecution"
+            pod_affinity[key] = [*(pod_affinity.get(key) or []),
+                                 {"weight": 100, "podAffinityTerm": builders.same_node_term(name)}]
+        affinity["podAffinity"] = pod_affinity
         pod_spec["affinity"] = affinity
     return {
         "apiVersion": "batch/v1",
@@ -379,7 +381,7 @@ def plan_download(
     name: str, namespace: str, uid: str, spec: GPTDeploymentSpec, settings: Settings, *, revision: str,
     template: Template, previous_status: Mapping[str, Any], jobs: Sequence[JobObs], progress: Mapping[str, int] | None,
     templates: Sequence[Template | None], claim: Mapping[str, Any] | None = None, now: datetime,
-    mounted: Iterable[str] = (),
+    mounted: Iterable[str] = (), pods_exist: bool = False,
 ) -> DownloadPlan:
     """What to do about the cache this reconcile. ``template``: the desired revision's (without resolved);
     ``templates``: those running or kept (stable, canary, lastGoodTemplate) for known shas and ``--keep``;
@@ -389,7 +391,7 @@ def plan_download(
     the live ``<name>-model-cache`` claim."""
     plan = _plan(name, namespace, uid, spec, settings, revision=revision, template=template,
                  previous_status=previous_status, jobs=jobs, progress=progress, templates=templates, now=now,
-                 mounted=tuple(mounted))
+                 mounted=tuple(mounted), pods_exist=pods_exist)
     if spec.model.cache is None:
         return plan
     conflict = claim_conflict(claim, spec)
@@ -405,7 +407,7 @@ def plan_download(
 def _plan(
     name: str, namespace: str, uid: str, spec: GPTDeploymentSpec, settings: Settings, *, revision: str,
     template: Template, previous_status: Mapping[str, Any], jobs: Sequence[JobObs], progress: Mapping[str, int] | None,
-    templates: Sequence[Template | None], now: datetime, mounted: tuple[str, ...] = (),
+    templates: Sequence[Template | None], now: datetime, mounted: tuple[str, ...] = (), pods_exist: bool = False,
 ) -> DownloadPlan:
     previous = dict(previous_status.get("model") or {})
     mine = [j for j in jobs if j.purpose == COMPONENT]
@@ -440,7 +442,7 @@ def _plan(
 
     def new_job(n: int) -> dict[str, Any]:
         return build_job(name, namespace, uid, spec, settings, revision=revision, template=template, attempt=n,
-                         keep=keep)
+                         keep=keep, pods_exist=bool(mounted) or pods_exist)
 
     base = {"revision": revision, "modelRevision": spec.model.revision, "modelKey": key}
     what = f"{spec.model.uri}@{spec.model.revision} (revision {revision})"

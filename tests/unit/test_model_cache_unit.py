@@ -160,9 +160,36 @@ def test_read_write_once_job_follows_the_pods_to_their_node() -> None:
     assert pod["nodeSelector"] == {"pool": "gpu"}
     assert {"key": "t", "operator": "Exists"} in pod["tolerations"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    # A first download: no pod to follow yet, so only preferred.
     (term,) = pod["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == b.selector_labels("gpt2")
     assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in pod["affinity"]["podAffinity"]
+    # Pods of the CR exist: their node holds the volume, so the Job must run there (required, not preferred).
+    template = b.revision_template(s, S)
+    required = mc.build_job("gpt2", "ns", "uid-1", s, S, revision="abc1234567", template=template, attempt=1,
+                            keep=(), pods_exist=True)["spec"]["template"]["spec"]["affinity"]["podAffinity"]
+    assert required == {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": b.selector_labels("gpt2")}, "topologyKey": "kubernetes.io/hostname"}]}
+    p = mc.plan_download("gpt2", "ns", "uid-1", s, S, revision=REV, template=template, previous_status={}, jobs=(),
+                         progress=None, templates=(), now=at(0), pods_exist=True)
+    assert p.create["spec"]["template"]["spec"]["affinity"]["podAffinity"] == required
+
+
+def test_read_write_once_runtime_pods_all_run_on_one_node() -> None:
+    user = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["gpu"]}]}]}}}
+    rwo = spec(model={"uri": "hf://org/m", "cache": {**CACHE, "accessMode": "ReadWriteOnce"}},
+               scheduling={"affinity": user})
+    pod = b.build_pod_template("gpt2", rwo, S, b.with_resolved(b.revision_template(rwo, S), SHA), "stable")
+    affinity = pod["spec"]["affinity"]
+    assert affinity["nodeAffinity"] == user["nodeAffinity"]  # the user's affinity kept
+    assert affinity["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] == [
+        {"labelSelector": {"matchLabels": b.selector_labels("gpt2")}, "topologyKey": "kubernetes.io/hostname"}]
+    rwx = spec(model={"uri": "hf://org/m", "cache": CACHE}, scheduling={"affinity": user})
+    assert b.build_pod_template("gpt2", rwx, S, b.with_resolved(b.revision_template(rwx, S), SHA),
+                                "stable")["spec"]["affinity"] == user
+    assert b.build_pod_template("gpt2", spec(), S, b.revision_template(spec(), S), "stable")["spec"].get("affinity") is None
 
 
 def test_pods_mount_the_claim_read_only_and_load_the_resolved_commit() -> None:
