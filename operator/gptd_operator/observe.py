@@ -235,13 +235,33 @@ def job_of_pod(pod: dict[str, Any]) -> str | None:
     return next((labels[k] for k in JOB_NAME_LABELS if labels.get(k)), None)
 
 
+JOB_UID_LABELS = ("batch.kubernetes.io/controller-uid", "controller-uid")  # likewise, the Job's uid
+
+
+def pod_of_job(pod: dict[str, Any], job_name: str, job_uid: str | None) -> bool:
+    """Whether ``pod`` belongs to this very Job: by uid (its controller ownerReference, else the Job controller's
+    controller-uid label), so a pod left by a deleted Job of the same name (a retry recreated under that name, a
+    CR recreated) is never read as this Job's; by name only where neither carries a uid."""
+    meta = pod.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == "Job" and ref.get("controller"):
+            if job_uid and ref.get("uid"):
+                return str(ref["uid"]) == job_uid
+            return str(ref.get("name")) == job_name
+    labels = meta.get("labels") or {}
+    uid = next((labels[k] for k in JOB_UID_LABELS if labels.get(k)), None)
+    if uid and job_uid:
+        return uid == job_uid
+    return job_of_pod(pod) == job_name
+
+
 def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dict[str, Any]] = ()) -> JobObs:
     """A Job (as the API returns it) and the pods of the CR's Jobs (those of other Jobs are ignored) → JobObs."""
     meta = job.get("metadata") or {}
     status = job.get("status") or {}
     labels = meta.get("labels") or {}
     name = str(meta.get("name") or "")
-    mine = [p for p in pods if job_of_pod(p) == name]
+    mine = [p for p in pods if pod_of_job(p, name, str(meta.get("uid") or "") or None)]
     mine.sort(key=lambda p: ((p.get("metadata") or {}).get("creationTimestamp") or "",
                              (p.get("metadata") or {}).get("name") or ""))
     pod = mine[-1] if mine else None

@@ -46,10 +46,15 @@ async def download_job(cluster: Cluster, *, other_than: tuple[str, ...] = ()) ->
 async def run_pod(cluster: Cluster, job: dict[str, Any], state: dict[str, Any], suffix: str = "a") -> str:
     """Play the Job controller and the kubelet: the Job's pod, in ``state``."""
     name = f"{job['metadata']['name']}-{suffix}"
-    labels = {**job["spec"]["template"]["metadata"]["labels"], "batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    uid = job["metadata"]["uid"]
+    # As the Job controller does: the job-name and controller-uid labels, and a controller ownerReference by uid.
+    labels = {**job["spec"]["template"]["metadata"]["labels"], "batch.kubernetes.io/job-name": job["metadata"]["name"],
+              "batch.kubernetes.io/controller-uid": uid}
+    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"], "uid": uid, "controller": True,
+             "blockOwnerDeletion": True}
     phase = "Running" if "running" in state else ("Succeeded" if state.get("terminated", {}).get("exitCode") == 0
                                                   else "Failed")
-    await cluster.create("pods", NS, {"metadata": {"name": name, "labels": labels},
+    await cluster.create("pods", NS, {"metadata": {"name": name, "labels": labels, "ownerReferences": [owner]},
                                       "status": {"phase": phase, "containerStatuses": [{"name": "fetch",
                                                                                          "state": state}]}})
     return name

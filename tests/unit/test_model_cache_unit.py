@@ -695,3 +695,27 @@ def test_prune_keeps_every_commit_a_live_pod_mounts() -> None:
                          mounted=[mounted, "not-a-sha; rm -rf /"])
     command = p.create["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[command.index("--keep") + 1:] == sorted([shas["a"], shas["b"], shas["c"]])
+
+
+def test_a_pod_of_a_deleted_job_of_the_same_name_is_not_this_jobs() -> None:
+    from gptd_operator.observe import observe_job
+
+    def pod(uid: str, how: str, code: int) -> dict[str, Any]:
+        meta: dict[str, Any] = {"name": f"j-{uid}", "creationTimestamp": f"2026-01-01T00:00:0{code}Z",
+                                "labels": {"batch.kubernetes.io/job-name": "j"}}
+        if how == "owner":
+            meta["ownerReferences"] = [{"kind": "Job", "name": "j", "uid": uid, "controller": True}]
+        else:
+            meta["labels"]["batch.kubernetes.io/controller-uid"] = uid
+        return {"metadata": meta, "status": {"phase": "Failed", "containerStatuses": [
+            {"name": "fetch", "state": {"terminated": {"exitCode": code, "message": f"from {uid}"}}}]}}
+
+    new_job = {"metadata": {"name": "j", "uid": "new"}, "status": {"active": 1}}
+    for how in ("owner", "label"):
+        # The old Job's pod is the newer one by creation time: only its uid tells it apart.
+        seen = observe_job(new_job, [pod("new", how, 1), pod("old", how, 2)])
+        assert (seen.pod_name, seen.exit_code, seen.message) == ("j-new", 1, "from new")
+        assert observe_job(new_job, [pod("old", how, 2)]).pod_name is None
+    # A pod without any uid (a hand-made one) still matches by the job-name label.
+    bare = {"metadata": {"name": "j-x", "labels": {"batch.kubernetes.io/job-name": "j"}}, "status": {}}
+    assert observe_job(new_job, [bare]).pod_name == "j-x"
