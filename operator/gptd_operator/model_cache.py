@@ -42,6 +42,10 @@ RESULT_FILE = "/dev/termination-log"
 # node lost mid-download. Then the Job is Failed and the operator waits RETRY_SECONDS * 2^(attempt-1) (at most
 # RETRY_MAX_SECONDS) before a new Job: a 401 or a missing revision costs one hub request per backoff, not a storm.
 BACKOFF_LIMIT = 4
+# fetch's exit status when no retry can help (gptd_runtime.fetch.PERMANENT_EXIT_CODE: 401/403, not found): the
+# Job's podFailurePolicy fails the Job on it at once (the operator's own backoff then applies), and a pod evicted or
+# preempted (DisruptionTarget) is not counted against backoffLimit, as for the evaluation Job.
+PERMANENT_EXIT_CODE = 3
 RETRY_SECONDS = 300
 RETRY_MAX_SECONDS = 3600
 ACTIVE_DEADLINE_SECONDS = 6 * 3600  # a 100 GB model at 10 MB/s takes under 3 h
@@ -276,6 +280,11 @@ def build_job(
         },
         "spec": {
             "backoffLimit": BACKOFF_LIMIT,
+            "podFailurePolicy": {"rules": [
+                {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                      "values": [PERMANENT_EXIT_CODE]}},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            ]},
             "activeDeadlineSeconds": ACTIVE_DEADLINE_SECONDS,
             "ttlSecondsAfterFinished": TTL_SECONDS,
             "template": {"metadata": {"labels": labels}, "spec": {k: v for k, v in pod_spec.items() if v is not None}},

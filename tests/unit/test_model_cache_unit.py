@@ -719,3 +719,16 @@ def test_a_pod_of_a_deleted_job_of_the_same_name_is_not_this_jobs() -> None:
     # A pod without any uid (a hand-made one) still matches by the job-name label.
     bare = {"metadata": {"name": "j-x", "labels": {"batch.kubernetes.io/job-name": "j"}}, "status": {}}
     assert observe_job(new_job, [bare]).pod_name == "j-x"
+
+
+def test_a_permanent_fetch_error_fails_the_job_at_once_and_evictions_are_not_counted() -> None:
+    policy = _job()["spec"]["podFailurePolicy"]
+    assert policy["rules"][0] == {"action": "FailJob", "onExitCodes": {
+        "containerName": "fetch", "operator": "In", "values": [mc.PERMANENT_EXIT_CODE]}}
+    assert policy["rules"][1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget",
+                                                                           "status": "True"}]}
+    assert _job()["spec"]["template"]["spec"]["restartPolicy"] == "Never"  # what podFailurePolicy requires
+    fetch = pytest.importorskip("gptd_runtime.fetch", reason="the runtime package is not installed here")
+    assert fetch.PERMANENT_EXIT_CODE == mc.PERMANENT_EXIT_CODE  # the one contract between them
+    assert {"Unauthorized", "Forbidden", "RevisionNotFound", "RepositoryNotFound"} <= fetch.PERMANENT_REASONS
+    assert "Network" not in fetch.PERMANENT_REASONS and "DiskFull" not in fetch.PERMANENT_REASONS
