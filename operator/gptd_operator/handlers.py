@@ -296,18 +296,19 @@ class Reconciler:
         spec = await self._validate(p)
         if spec is None:
             return
-        checked, dataset = await self._check_dataset(p, spec)
+        children, obs, analysis_due = await self._observe(p, spec, indices)
+        # spec.model.cache: the download before the rollout (the plan waits while it is not complete).
+        cache = await self._cache(p, spec, children, obs)
+        # The evaluation dataset only once the gate could start: not while the revision downloads (no GET every
+        # few seconds, and a ConfigMap still missing does not keep the download from starting).
+        checked, dataset = await self._check_dataset(p, spec, downloading=cache.wait is not None)
         if not checked:
             # Refused (a missing or bad dataset), but pods of revisions already passed or rolled out keep getting
             # their condition: a restart or scale-up of them must not lose traffic over the dataset.
-            children = snapshot(indices, p.namespace, p.name, p.uid or None, self.phantoms)
             await self._mark_evaluated(p, rollout.evaluated_revisions(p.previous), children)
             return
-        children, obs, analysis_due = await self._observe(p, spec, indices, dataset)
-        # spec.model.cache: the download before the rollout (the plan waits while it is not complete).
-        cache = await self._cache(p, spec, children, obs)
         obs = dataclasses.replace(obs, desired_template=builders.with_resolved(obs.desired_template, cache.sha),
-                                  download_wait=cache.wait)
+                                  download_wait=cache.wait, evaluation_dataset=dataset)
         plan = make_plan(spec, p.previous, obs)
         built = await self._build(p, spec, plan, children)
         if built is None:
@@ -338,7 +339,9 @@ class Reconciler:
             return None
         return spec
 
-    async def _check_dataset(self, p: _Pass, spec: GPTDeploymentSpec) -> tuple[bool, str | None]:
+    async def _check_dataset(
+        self, p: _Pass, spec: GPTDeploymentSpec, *, downloading: bool = False
+    ) -> tuple[bool, str | None]:
         """The evaluation dataset's identity when a gated rollout is in flight or about to start (None otherwise),
         read and checked before any pod of the new revision exists; (False, None) after InvalidSpec naming the
         field (and the line), the old revision untouched. ConfigMaps are read by name only when needed (a GET per
@@ -346,7 +349,7 @@ class Reconciler:
         if spec.evaluation is None:
             return True, None
         revision = builders.revision_hash(builders.revision_template(spec, self.settings))
-        if not rollout.needs_dataset(spec, p.previous, revision):
+        if not rollout.needs_dataset(spec, p.previous, revision, downloading=downloading):
             return True, None  # settled, ungated, held under the same spec.evaluation, or back to the served one
         judged = evaluation.judged_dataset(spec, p.previous, revision)
         if judged is not None:
@@ -365,7 +368,7 @@ class Reconciler:
             return False, None
 
     async def _observe(
-        self, p: _Pass, spec: GPTDeploymentSpec, indices: Mapping[str, Any], dataset: str | None = None
+        self, p: _Pass, spec: GPTDeploymentSpec, indices: Mapping[str, Any]
     ) -> tuple[Children, Observations, float | None]:
         """The children from the indices and the Observations the plan is made from (plus when analysis is due)."""
         template = builders.revision_template(spec, self.settings)
@@ -387,7 +390,6 @@ class Reconciler:
             analysis_breach=outcome.breach,
             analysis_unavailable=outcome.unavailable,
             jobs=tuple(observe.observe_job(job, children.job_pods) for job in jobs),
-            evaluation_dataset=dataset,
             name=p.name,
         )
         return children, obs, analysis_due

@@ -124,12 +124,13 @@ def decide(spec: GPTDeploymentSpec, status: dict[str, Any], obs: Observations) -
     return _start(d)
 
 
-def needs_dataset(spec: GPTDeploymentSpec, status: dict[str, Any], revision: str) -> bool:
+def needs_dataset(spec: GPTDeploymentSpec, status: dict[str, Any], revision: str, *, downloading: bool = False) -> bool:
     """Whether ``decide`` may gate ``revision`` on this pass, so the handlers must read and check the evaluation
     dataset first (before any pod of it is rolled). Mirrors decide's dispatch: a gated rollout in flight, one about
     to start, or a held failure that a changed spec.evaluation retries; not a settled CR, an ungated rollout, a
-    held failure under the same spec.evaluation, or a return to the serving revision."""
-    if spec.evaluation is None:
+    held failure under the same spec.evaluation, or a return to the serving revision. ``downloading``: the revision
+    is still downloading into the model cache (``Observations.download_wait``): decide starts no gate then."""
+    if spec.evaluation is None or downloading:
         return False
     ro = status.get("rollout") or {}
     phase = ro.get("phase")

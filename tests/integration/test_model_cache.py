@@ -363,3 +363,31 @@ async def test_housekeeping_keeps_the_commit_any_live_pod_mounts(cluster: Cluste
     command = job["spec"]["template"]["spec"]["containers"][0]["command"]
     keep = command[command.index("--keep") + 1:]
     assert old in keep and SHA1 in keep
+
+
+async def test_the_evaluation_dataset_is_not_read_while_downloading_and_a_missing_one_does_not_block_it(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    dep = await first_deploy(cluster)
+    first_job = (await cluster.list("jobs", NS))[0]["metadata"]["name"]
+    before = len(cluster.requests())
+    # The ConfigMap does not exist yet: the download still starts.
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {
+        "model": {"revision": "v2"},
+        "evaluation": {"dataset": {"configMapRef": {"name": "eval", "key": "eval.jsonl"}}, "minScore": 0.5}}})
+    job = await download_job(cluster, other_than=(first_job,))
+    await status_where(cluster, "Downloading", lambda s: condition(s, "Progressing").get("reason") == "Downloading")
+    await operator.resync_passes(2)
+    reads = [str(r.url.path) for r in cluster.requests()[before:] if "/configmaps" in str(r.url.path)]
+    assert reads == [], reads  # no dataset GET while the revision downloads
+    assert condition(await status_of(cluster), "Ready").get("reason") != "InvalidSpec"
+    # Complete: now the gate would start, so the dataset is read, and its absence is InvalidSpec naming it.
+    await complete(cluster, job, SHA2)
+    st = await status_where(cluster, "InvalidSpec", lambda s: "spec.evaluation.dataset" in json.dumps(
+        s.get("conditions") or []))
+    assert (await cluster.get("deployments", NS, "gpt2"))["spec"]["template"] == dep["spec"]["template"], st
+    rows = json.dumps({"prompt": "2 + 2 =", "expected": "4"}) + "\n"
+    await cluster.create("configmaps", NS, {"metadata": {"name": "eval"}, "data": {"eval.jsonl": rows}})
+    new = await eventually(lambda: _on_sha(cluster, SHA2), what="the gated Deployment once the dataset exists",
+                           timeout=30)
+    assert new["spec"]["template"]["spec"]["readinessGates"] == [{"conditionType": "gptd.io/evaluated"}]
