@@ -276,10 +276,7 @@ def place_kv_per_layer(manager: Any, layer_devices: Sequence[str]) -> None:
         cache_cls = continuous_api.PagedAttentionCache
         handler_cls = cache_module.PagedAttentionMemoryHandler
 
-        class EveryDeviceMemory(handler_cls):  # type: ignore[misc, valid-type]
-            def get_available_memory(self) -> int:
-                return available_memory(devices, self.cb_config.max_memory_percent,
-                                        lambda: handler_cls.get_available_memory(self))
+        EveryDeviceMemory = every_device_memory_handler(handler_cls, devices)
 
         def build(**kwargs: Any) -> Any:
             home = kwargs["device"]
@@ -288,9 +285,21 @@ def place_kv_per_layer(manager: Any, layer_devices: Sequence[str]) -> None:
             cache.device = home
             return cache
 
+        # The swapped names are module globals, seen by every thread: only this thread (the one building this
+        # manager's cache) gets the per-layer build; a cache built meanwhile on another thread (another
+        # manager, unsharded) gets transformers' own classes.
+        owner = threading.get_ident()
+
+        def cache_for_thread(*args: Any, **kwargs: Any) -> Any:
+            return build(**kwargs) if threading.get_ident() == owner else cache_cls(*args, **kwargs)
+
+        def memory_for_thread(*args: Any, **kwargs: Any) -> Any:
+            cls = EveryDeviceMemory if threading.get_ident() == owner else handler_cls
+            return cls(*args, **kwargs)
+
         with _CACHE_BUILD:
-            continuous_api.PagedAttentionCache = build
-            cache_module.PagedAttentionMemoryHandler = EveryDeviceMemory
+            continuous_api.PagedAttentionCache = cache_for_thread
+            cache_module.PagedAttentionMemoryHandler = memory_for_thread
             try:
                 return create()
             finally:
@@ -298,6 +307,76 @@ def place_kv_per_layer(manager: Any, layer_devices: Sequence[str]) -> None:
                 cache_module.PagedAttentionMemoryHandler = handler_cls
 
     manager._create_batch_processor = create_with_layer_kv
+
+
+def every_device_memory_handler(handler_cls: Any, devices: Sequence[str]) -> Any:
+    """transformers' PagedAttentionMemoryHandler for a cache split by layers over ``devices`` (one per layer).
+
+    Its sizing adds every term against one figure; here that figure is the free memory of all the GPUs
+    (available_memory), and the result is then checked device by device (sectors_fitting): each GPU holds its
+    layers' share of the cache, and every term that is not cache storage (IO tensors, the activation / LM-head
+    peak, the read-back of cached K/V, the trash sectors, the dense attention mask that accelerate's hooks move to
+    each layer's device) is charged to *every* GPU, since each may hold it at its peak. A configured size that
+    does not fit raises MemoryError naming the GPU; a size inferred from memory shrinks to fit."""
+
+    class EveryDeviceMemory(handler_cls):  # type: ignore[misc, valid-type]
+        def get_available_memory(self) -> int:
+            return available_memory(devices, self.cb_config.max_memory_percent,
+                                    lambda: handler_cls.get_available_memory(self))
+
+        def infer_max_batch_tokens_and_num_sectors(self) -> tuple[int, int]:
+            max_batch_tokens, num_sectors = super().infer_max_batch_tokens_and_num_sectors()
+            free = free_by_device(devices, self.cb_config.max_memory_percent)
+            if not free:
+                return max_batch_tokens, num_sectors
+            mask0 = self.attention_mask_bytes(max_batch_tokens, 0)
+            fit, tightest = sectors_fitting(
+                free, layer_shares(devices),
+                everywhere=self.fixed_overhead_bytes + max_batch_tokens * self.bytes_per_batch_token + mask0,
+                per_sector_everywhere=self.tokens_per_sector * self.bytes_per_cache_token
+                + self.attention_mask_bytes(max_batch_tokens, 1) - mask0,
+                per_sector_storage=self.bytes_per_sector)
+            if fit >= num_sectors:
+                return max_batch_tokens, num_sectors
+            if self.num_sectors_from_config() is not None or fit <= 0:
+                raise MemoryError(
+                    f"the KV cache ({num_sectors} sectors) and batch tensors do not fit on {tightest} "
+                    f"({free[tightest] // 2**20} MiB usable): at most {max(fit, 0)} sectors fit there; "
+                    "lower GPTD_KV_CACHE_BLOCKS or GPTD_MAX_BATCH_TOKENS")
+            return max_batch_tokens, fit
+
+    return EveryDeviceMemory
+
+
+def layer_shares(devices: Sequence[str]) -> dict[str, float]:
+    """Pure: the fraction of the layers (and so of the KV cache) each device holds."""
+    return {d: devices.count(d) / len(devices) for d in dict.fromkeys(devices)}
+
+
+def free_by_device(devices: Sequence[str], fraction: float) -> dict[str, int]:
+    """Usable free memory (``fraction`` of what is free) of every distinct CUDA device of ``devices``; empty
+    when there is none (or no CUDA)."""
+    import torch
+
+    cuda = sorted({d for d in devices if d.startswith("cuda")})
+    if not cuda or not torch.cuda.is_available():
+        return {}
+    return {d: int(torch.cuda.mem_get_info(torch.device(d))[0] * fraction) for d in cuda}
+
+
+def sectors_fitting(free: dict[str, int], shares: dict[str, float], *, everywhere: int,
+                    per_sector_everywhere: int, per_sector_storage: int) -> tuple[int, str]:
+    """Pure: the most cache sectors S such that on every device d of ``free``
+    ``everywhere + S * (per_sector_everywhere + shares[d] * per_sector_storage) <= free[d]``, and the device
+    that bounds it."""
+    best: tuple[int, str] | None = None
+    for d, room in free.items():
+        cost = per_sector_everywhere + shares.get(d, 0.0) * per_sector_storage
+        fit = int((room - everywhere) // cost) if cost > 0 else 2**62
+        if best is None or fit < best[0]:
+            best = (fit, d)
+    assert best is not None
+    return best
 
 
 def available_memory(devices: Sequence[str], fraction: float, default: Callable[[], int]) -> int:

@@ -48,11 +48,21 @@ def shared_weights_view(model: Any) -> Any:
     return copy.deepcopy(model, memo)
 
 
+def base_model(model: Any) -> Any:
+    """The model without its task head (``model.base_model``: GPT-2's ``transformer``, Llama's ``model``); its
+    ``last_hidden_state`` is the last entry of the full model's ``hidden_states`` (after the final norm)."""
+    base = getattr(model, "base_model", model)
+    return base if base is not None else model
+
+
 class Embedder:
     def __init__(self, loaded: LoadedModel, max_pending: int = 256):
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
-        self._model = shared_weights_view(loaded.model)
+        # The base model (transformer blocks + final norm), never the task head: an LM head would turn every padded
+        # token into a vocab-wide row of logits (GPT-2 fp32 at BATCH_TOKENS: ~1.65 GB) only to be thrown away.
+        self._view = shared_weights_view(loaded.model)
+        self._model = base_model(self._view)
         cfg = loaded.model.config
         text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         self.dimensions: int = int(text_cfg.hidden_size)
@@ -89,8 +99,7 @@ class Embedder:
                     x[row, : len(inputs[i])] = torch.tensor(inputs[i])
                     mask[row, : len(inputs[i])] = 1
                 x, mask = x.to(self.device), mask.to(self.device)
-                hidden = self._model(input_ids=x, attention_mask=mask, output_hidden_states=True,
-                                     use_cache=False).hidden_states[-1].float()
+                hidden = self._model(input_ids=x, attention_mask=mask, use_cache=False).last_hidden_state.float()
                 weights = mask.unsqueeze(-1).float()
                 pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
                 vectors = torch.nn.functional.normalize(pooled, dim=-1).tolist()

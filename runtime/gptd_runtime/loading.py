@@ -266,15 +266,20 @@ def describe_layer_devices(layer_devices: tuple[str, ...]) -> str:
 
 
 def decoder_layer_devices(model: Any) -> tuple[str, ...]:
-    """The device of each decoder layer's weights, in layer order: the ModuleList holding num_hidden_layers
-    blocks (GPT-2's transformer.h, Llama's model.layers, ...). Empty when there is no such list."""
+    """The device of each decoder layer's weights, in layer order: the decoder's own layer list (GPT-2's
+    transformer.h, Llama's model.layers, ...), found on the base model, not just any ModuleList of
+    num_hidden_layers modules (a model may register another one first, e.g. per-layer adapters). Empty when
+    there is no such list."""
     import torch
 
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     n = getattr(cfg, "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and n and len(module) == n:
-            return tuple(str(next(layer.parameters()).device) for layer in module)
+    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    for owner in (decoder, getattr(model, "base_model", None), model):
+        for name in ("layers", "h", "layer", "blocks"):
+            module = getattr(owner, name, None) if owner is not None else None
+            if isinstance(module, torch.nn.ModuleList) and n and len(module) == n:
+                return tuple(str(next(layer.parameters()).device) for layer in module)
     return ()
 
 

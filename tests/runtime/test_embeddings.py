@@ -122,3 +122,30 @@ async def test_batched_embeddings_equal_one_at_a_time(models: Any, model: str, m
         assert await embedder.embed(inputs) == batched
     finally:
         embedder.stop()
+
+
+@pytest.mark.parametrize(("model", "cls"), [("plain", AutoModelForCausalLM), ("ner", AutoModelForTokenClassification)])
+async def test_embeddings_never_run_the_task_head(models: Any, model: str, cls: Any) -> None:
+    """Only the base model runs (an LM head would make [batch tokens, vocab] logits per pass); the vectors are
+    still the documented pooling of the full model's last hidden state."""
+    from gptd_runtime import embeddings
+    from gptd_runtime.config import Settings
+    from gptd_runtime.loading import load_model
+
+    task = {"ner": "token-classification"}.get(model, "text-generation")
+    embedder = embeddings.Embedder(load_model(Settings(model=str(models[model]), task=task), models[model]))
+    try:
+        inside = {id(m) for m in embedder._model.modules()}
+        heads = [m for m in embedder._view.modules() if id(m) not in inside and m is not embedder._view]
+        assert heads, "the view has a task head outside the base model"
+        called: list[str] = []
+        for m in heads:
+            m.register_forward_hook(lambda mod, _i, _o: called.append(type(mod).__name__))
+        base_calls: list[int] = []
+        embedder._model.register_forward_hook(lambda *_: base_calls.append(1))
+        text = "Alice lives in Paris"
+        (vector,) = await embedder.embed([embedder.encode(text)])
+        assert called == [] and base_calls == [1]
+        assert vector == pytest.approx(_reference(models[model], cls, text), abs=1e-5)
+    finally:
+        embedder.stop()

@@ -91,6 +91,19 @@ def test_decoder_layer_devices_reads_each_layer(models: dict[str, Path]) -> None
     assert decoder_layer_devices(model) == ("cpu",) * (n - 1) + ("meta",)
 
 
+def test_decoder_layer_devices_reads_the_decoders_layer_list(models: dict[str, Path]) -> None:
+    """Another ModuleList of num_hidden_layers modules registered ahead of the decoder's blocks (per-layer adapters,
+    say) is not taken for the layers."""
+    model = load_model(Settings(model=str(models["plain"])), models["plain"]).model
+    n = model.config.n_layer
+    adapters = torch.nn.ModuleList(torch.nn.Linear(2, 2, device="meta") for _ in range(n))
+    for owner in (model, model.transformer):  # first among the model's modules and among the decoder's
+        owner._modules = {"adapters": adapters, **owner._modules}
+    assert next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList)) is adapters
+    model.transformer.h[0].to("meta")
+    assert decoder_layer_devices(model) == ("meta",) + ("cpu",) * (n - 1)
+
+
 # -- per-layer KV storage ----------------------------------------------------------------------------------------
 def _cb_config(**extra: Any) -> Any:
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -132,6 +145,43 @@ def test_each_layer_kv_is_made_on_its_layers_device(models: dict[str, Path]) -> 
     assert per_layer_bytes == reference.cache_tensor.numel()
     assert allocator.block_physical_stride == allocator.tokens_per_page
     assert allocator.write_trash_index == allocator.tokens_per_page * allocator.blocks_per_sector
+
+
+def test_a_cache_built_meanwhile_on_another_thread_is_not_sharded(
+        models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """place_kv_per_layer swaps two transformers module names while its cache is built; another manager (no
+    per-layer placement) building its cache on another thread at that moment gets transformers' own flat cache."""
+    import threading
+
+    from transformers.generation.continuous_batching import continuous_api
+
+    model = load_model(Settings(model=str(models["plain"])), models["plain"]).model
+    other_model = load_model(Settings(model=str(models["plain"])), models["plain"]).model
+    sharded, plain = _manager(model), _manager(other_model)
+    _cb_internals.place_kv_per_layer(sharded, ["meta"] * model.config.n_layer)
+    real_cache_cls, real_shard = continuous_api.PagedAttentionCache, _cb_internals.shard_cache
+    built: dict[str, Any] = {}
+
+    def shard_with_a_plain_build_meanwhile(cache: Any, devices: Any) -> Any:
+        if built:  # a nested call: the plain build was (wrongly) sent here too; don't recurse
+            return real_shard(cache, devices)
+        built["started"] = True
+        assert continuous_api.PagedAttentionCache is not real_cache_cls  # really inside the swap window
+        worker = threading.Thread(target=lambda: built.setdefault("plain", plain._create_batch_processor()))
+        worker.start()
+        worker.join(timeout=30)
+        return real_shard(cache, devices)
+
+    monkeypatch.setattr(_cb_internals, "shard_cache", shard_with_a_plain_build_meanwhile)
+    bp = sharded._create_batch_processor()
+    plain_cache = built["plain"].cache
+    assert plain_cache.cache_tensor is not None and plain_cache.cache_tensor.device == other_model.device
+    (plain_alloc,) = {id(a): a for a in plain_cache.layer_to_allocator.values()}.values()
+    assert plain_alloc._kv_token_views[0][0].device == other_model.device
+    assert plain_alloc.block_physical_stride != plain_alloc.tokens_per_page  # the flat layout, not per-layer
+    assert bp.cache.cache_tensor is None  # while the sharded manager did get per-layer storage
+    (alloc,) = {id(a): a for a in bp.cache.layer_to_allocator.values()}.values()
+    assert str(alloc._kv_token_views[0][0].device) == "meta"
 
 
 def test_a_sliding_window_cache_is_refused() -> None:
@@ -262,3 +312,109 @@ def test_sharded_load_reports_the_layer_split(models: dict[str, Path], monkeypat
     # Classification models are split too (no KV cache to place): never silently one GPU of several.
     cls = load_model(Settings(model=str(models["cls"]), device="cuda", task="text-classification"), models["cls"])
     assert calls == [("text-generation", 2), ("text-classification", 2)] and cls.sharded
+
+
+# -- memory of several GPUs, with torch.cuda's figures stood in (no GPU here) ------------------------------------
+def _fake_gpus(monkeypatch: pytest.MonkeyPatch, free: dict[str, int]) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free[str(device)], 80 * GiB))
+
+
+def test_available_memory_sums_each_gpu_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_gpus(monkeypatch, {"cuda:0": 10 * GiB, "cuda:1": 30 * GiB})
+    devices = ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+    assert _cb_internals.available_memory(devices, 0.5, lambda: -1) == 20 * GiB
+    assert _cb_internals.free_by_device(devices, 0.5) == {"cuda:0": 5 * GiB, "cuda:1": 15 * GiB}
+    assert _cb_internals.available_memory(["cpu", "cpu"], 0.5, lambda: 7) == 7  # transformers' own figure
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _cb_internals.available_memory(devices, 0.5, lambda: 7) == 7 and not _cb_internals.free_by_device(devices, 1)
+
+
+def test_sectors_fitting_charges_non_cache_terms_to_every_gpu() -> None:
+    shares = _cb_internals.layer_shares(["cuda:0"] + ["cuda:1"] * 3)
+    assert shares == {"cuda:0": 0.25, "cuda:1": 0.75}
+    # cuda:0: (1000 - 200) // (10 + 0.25 * 40) = 40; cuda:1: (3000 - 200) // (10 + 0.75 * 40) = 70.
+    fit = _cb_internals.sectors_fitting({"cuda:0": 1000, "cuda:1": 3000}, shares, everywhere=200,
+                                        per_sector_everywhere=10, per_sector_storage=40)
+    assert fit == (40, "cuda:0")
+
+
+def _memory_handler(monkeypatch: pytest.MonkeyPatch, free: dict[str, int], num_blocks: int | None) -> Any:
+    from transformers import GPT2Config
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching.cache import PagedAttentionMemoryHandler
+
+    _fake_gpus(monkeypatch, free)
+    config = GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=2000)
+    page, head_dim = 16, 64
+    bytes_per_block = config.n_layer * 2 * config.n_head * head_dim * 2 * page  # K and V, fp16, every layer
+    cb = ContinuousBatchingConfig(page_size=page, num_blocks=num_blocks, max_batch_tokens=512,
+                                  max_requests_per_batch=8, use_cuda_graph=False, use_async_batching=False,
+                                  max_memory_percent=0.9)  # resolved by init_continuous_batching in real use
+    cls = _cb_internals.every_device_memory_handler(PagedAttentionMemoryHandler, ["cuda:0"] * 2 + ["cuda:1"] * 2)
+    return cls(config=config, cb_config=cb, dtype=torch.float16, bytes_per_sector=bytes_per_block,
+               tokens_per_sector=page, bytes_per_block=bytes_per_block, attn_types=["full_attention"])
+
+
+def _footprint_on(handler: Any, share: float, max_batch_tokens: int, sectors: int) -> int:
+    """What one GPU holds: its share of the cache storage, and every other term in full."""
+    return (handler.compute_memory_footprint(max_batch_tokens, sectors)
+            - round((1 - share) * sectors * handler.bytes_per_sector))
+
+
+def test_a_small_first_gpu_bounds_the_inferred_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    free = {"cuda:0": 64 * 2**20, "cuda:1": 8 * GiB}
+    handler = _memory_handler(monkeypatch, free, num_blocks=None)
+    usable0 = int(free["cuda:0"] * handler.cb_config.max_memory_percent)
+    assert handler.available_memory == int(sum(free.values()) * handler.cb_config.max_memory_percent)
+    m, s = handler.infer_max_batch_tokens_and_num_sectors()
+    # Sized against the sum, cuda:0 would overflow; sized per device, it fits, with no room for one more sector.
+    summed = handler.available_memory - handler.fixed_overhead_bytes - m * handler.bytes_per_batch_token
+    assert _footprint_on(handler, 0.5, m, summed // handler.bytes_per_cache_sector) > usable0
+    assert _footprint_on(handler, 0.5, m, s) <= usable0 < _footprint_on(handler, 0.5, m, s + 1)
+
+
+def test_a_configured_cache_too_big_for_one_gpu_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    handler = _memory_handler(monkeypatch, {"cuda:0": 8 * GiB, "cuda:1": 64 * 2**20}, num_blocks=20_000)
+    with pytest.raises(MemoryError, match=r"do not fit on cuda:1 \(57 MiB usable\)"):
+        handler.infer_max_batch_tokens_and_num_sectors()
+    fits = _memory_handler(monkeypatch, {"cuda:0": 8 * GiB, "cuda:1": 8 * GiB}, num_blocks=20_000)
+    assert fits.infer_max_batch_tokens_and_num_sectors()[1] == 20_000
+
+
+def test_forking_copies_blocks_in_every_layers_own_storage(models: dict[str, Path]) -> None:
+    """copy_blocks on per-layer storage (what a fork does, through PagedAttentionCache.perform_cache_copy): the
+    source blocks' K and V rows land in the destination blocks of every layer; no other block changes."""
+    model = load_model(Settings(model=str(models["plain"])), models["plain"]).model
+    mgr = _manager(model)
+    _cb_internals.place_kv_per_layer(mgr, ["cpu"] * model.config.n_layer)
+    cache = mgr._create_batch_processor().cache
+    (name, allocator), *_ = cache.cache_allocators.items()
+    torch.manual_seed(0)
+    for k_pages, v_pages in allocator._kv_page_views.values():
+        k_pages.copy_(torch.randn_like(k_pages))
+        v_pages.copy_(torch.randn_like(v_pages))
+    before = {layer: (k.clone(), v.clone()) for layer, (k, v) in allocator._kv_page_views.items()}
+    src, dst = [3, 5], [9, 4]
+    cache.perform_cache_copy({name: (src, dst)})
+    untouched = [b for b in range(next(iter(before.values()))[0].shape[0]) if b not in dst]
+    assert len(before) == model.config.n_layer
+    for layer, (k, v) in allocator._kv_page_views.items():
+        k0, v0 = before[layer]
+        assert torch.equal(k[dst], k0[src]) and torch.equal(v[dst], v0[src])
+        assert torch.equal(k[untouched], k0[untouched]) and torch.equal(v[untouched], v0[untouched])
+
+
+def test_logits_of_a_sharded_model_come_out_on_its_input_device(models: dict[str, Path],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampler's tensors go where the logits are: the head's device for a model on one device; model.device
+    (where accelerate's hooks return outputs) for a model split over devices, wherever its head sits."""
+    loaded = load_model(Settings(model=str(models["plain"])), models["plain"])
+    head = torch.nn.Linear(loaded.model.config.n_embd, loaded.model.config.vocab_size, bias=False, device="meta")
+    monkeypatch.setattr(loaded.model, "get_output_embeddings", lambda: head)  # the head "on another GPU"
+    settings = Settings(model=str(models["plain"]))
+    assert GenerationEngine(loaded, settings).logits_device == head.weight.device
+    monkeypatch.setattr(LoadedModel, "sharded", property(lambda self: True))
+    sharded = GenerationEngine(loaded, settings)
+    assert sharded.logits_device == loaded.model.device and str(sharded.logits_device) == "cpu"
+    assert sharded.vocab_size == loaded.model.config.vocab_size

@@ -14,6 +14,7 @@ from typing import Any
 import jsonschema
 import pytest
 import torch
+from gptd_runtime import _cb_internals
 from gptd_runtime.engine import (
     GenerationEngine,
     InvalidParameterError,
@@ -93,10 +94,31 @@ async def test_sampled_rows_next_to_a_chunked_prefill(engine: GenerationEngine) 
     greedy = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
     alone = [(await engine.submit(_ids(engine, "seeded"), seeded).collect())[0],
              (await engine.submit(_ids(engine, "greedy"), greedy).collect())[0]]
-    streams = [engine.submit(_ids(engine, "seeded"), seeded), engine.submit(_ids(engine, "greedy"), greedy)]
-    await asyncio.sleep(0.02)  # both decoding when the long prompt arrives (120 tokens take ~0.1 s)
-    streams.append(engine.submit(long_prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)))
-    results = await asyncio.gather(*(s.collect() for s in streams))
+    # Record every pass's (requests in the batch, requests sampled) from the sampler the engine installed.
+    bp = engine._manager.batch_processor
+    runner, passes = bp.model_runner, []
+    sample = runner._sample
+
+    def recording_sample(scores: Any, output_ids: Any) -> None:
+        passes.append((_cb_internals.batch_size(bp), _cb_internals.sampled_request_ids(bp)))
+        sample(scores, output_ids)
+
+    runner._sample = recording_sample
+    try:
+        streams = [engine.submit(_ids(engine, "seeded"), seeded), engine.submit(_ids(engine, "greedy"), greedy)]
+        decoding = {s.request_id for s in streams}
+        for _ in range(2000):  # both decoding (sampled in one pass) before the long prompt arrives
+            if any(set(ids) == decoding for _, ids in passes):
+                break
+            await asyncio.sleep(0.001)
+        streams.append(engine.submit(long_prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)))
+        results = await asyncio.gather(*(s.collect() for s in streams))
+    finally:
+        runner._sample = sample
+    # The scenario really happened: a pass held all three requests and sampled only the two decoding ones (the long
+    # prompt mid-prefill: its prefill took more than one pass).
+    beside = [ids for size, ids in passes if size == 3 and set(ids) == decoding]
+    assert beside, passes
     assert [text for text, _ in results[:2]] == alone
     assert [s.completion_tokens for s in streams] == [120, 120, 4]
 
