@@ -301,12 +301,18 @@ class Reconciler:
         cache = await self._cache(p, spec, children, obs)
         # The evaluation dataset only once the gate could start: not while the revision downloads (no GET every
         # few seconds, and a ConfigMap still missing does not keep the download from starting).
-        checked, dataset = await self._check_dataset(p, spec, downloading=cache.wait is not None)
+        checked, dataset, read = await self._check_dataset(p, spec, downloading=cache.wait is not None)
         if not checked:
             # Refused (a missing or bad dataset), but pods of revisions already passed or rolled out keep getting
             # their condition: a restart or scale-up of them must not lose traffic over the dataset.
             await self._mark_evaluated(p, rollout.evaluated_revisions(p.previous), children)
             return
+        if read:
+            # The dataset's GET took a round trip: the Jobs and pods the gate judges are taken from the indices
+            # again, after it. (A Job's Failed status and its pod's termination message come by separate watches;
+            # a snapshot older than the GET more often holds the one without the other.)
+            children, obs, analysis_due = await self._observe(p, spec, indices)
+            cache = await self._cache(p, spec, children, obs)
         obs = dataclasses.replace(obs, desired_template=builders.with_resolved(obs.desired_template, cache.sha),
                                   download_wait=cache.wait, evaluation_dataset=dataset)
         plan = make_plan(spec, p.previous, obs)
@@ -341,31 +347,32 @@ class Reconciler:
 
     async def _check_dataset(
         self, p: _Pass, spec: GPTDeploymentSpec, *, downloading: bool = False
-    ) -> tuple[bool, str | None]:
+    ) -> tuple[bool, str | None, bool]:
         """The evaluation dataset's identity when a gated rollout is in flight or about to start (None otherwise),
         read and checked before any pod of the new revision exists; (False, None) after InvalidSpec naming the
-        field (and the line), the old revision untouched. ConfigMaps are read by name only when needed (a GET per
-        such pass; not watched: a fixed dataset is seen at the next trigger or resync)."""
+        field (and the line), the old revision untouched; the third value: the API server was asked. ConfigMaps
+        are read by name only when needed (a GET per such pass; not watched: a fixed dataset is seen at the next
+        trigger or resync)."""
         if spec.evaluation is None:
-            return True, None
+            return True, None, False
         revision = builders.revision_hash(builders.revision_template(spec, self.settings))
         if not rollout.needs_dataset(spec, p.previous, revision, downloading=downloading):
-            return True, None  # settled, ungated, held under the same spec.evaluation, or back to the served one
+            return True, None, False  # settled, ungated, held under the same spec.evaluation, or back to the served one
         judged = evaluation.judged_dataset(spec, p.previous, revision)
         if judged is not None:
-            return True, judged  # the verdict is in: its pods are marked whatever happens to the dataset now
+            return True, judged, False  # the verdict is in: its pods are marked whatever happens to the dataset now
         try:
             ds = spec.evaluation.dataset
             if ds.configMapRef is not None:
                 configmap = await self.kube.get(kube.CONFIGMAPS, p.namespace, ds.configMapRef.name)
-                return True, evaluation.check_dataset(spec, evaluation.configmap_text(spec, configmap))
+                return True, evaluation.check_dataset(spec, evaluation.configmap_text(spec, configmap)), True
             claim, _ = evaluation.pvc_claim(spec)
             if await self.kube.get(kube.PVCS, p.namespace, claim) is None:
                 raise InvalidSpec("spec.evaluation.dataset.pvc", f"PersistentVolumeClaim {claim} not found")
-            return True, evaluation.pvc_identity(spec)  # its rows are checked by the Job, which names the line
+            return True, evaluation.pvc_identity(spec), True  # its rows are checked by the Job, which names the line
         except InvalidSpec as exc:
             await self._invalid(p, exc.field, exc.message)
-            return False, None
+            return False, None, True
 
     async def _observe(
         self, p: _Pass, spec: GPTDeploymentSpec, indices: Mapping[str, Any]
