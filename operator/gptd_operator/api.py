@@ -579,6 +579,8 @@ class DownloadStatus(BaseModel):
 
     revision: str | None = Field(None, description="The gptd revision (hash) being downloaded.")
     modelRevision: str | None = Field(None, description="spec.model.revision of it (branch, tag or sha).")
+    modelKey: str | None = Field(None, description="What was downloaded (uri, revision, token reference), hashed: a "
+                                                   "runtime-only change of the revision reuses the download.")
     phase: Literal["Downloading", "Complete", "Failed"] | None = None
     display: str | None = Field(None, description='For the Download printer column, e.g. "42% of 15.2GB".')
     bytesDone: int | None = None

@@ -25,6 +25,9 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 # The revision hash: a label on the pod template (which revision a pod runs) and an annotation on the Deployment.
 LABEL_REVISION = ANN_REVISION = "gptd.io/revision"
 LABEL_TRACK = "gptd.io/track"
+# On a runtime pod loading from the model cache: the commit directory it mounts (<cache>/<sha>), so the download
+# Job's housekeeping keeps it while any pod runs it (an old ReplicaSet's pods too). Only cached templates get it.
+LABEL_MODEL_SHA = "gptd.io/model-sha"
 ANN_TEMPLATE = "gptd.io/template"  # on the Deployment: the revision template, JSON
 RUNTIME_APP = "gptd-runtime"
 # The evaluation gate (evaluation.py): a revision template with this key true puts the readiness gate GATE_CONDITION
@@ -361,6 +364,25 @@ def _resources(spec: GPTDeploymentSpec) -> dict[str, Any]:
     return out
 
 
+def same_node_term(name: str) -> dict[str, Any]:
+    """A pod affinity term: the node of a pod of this CR (stable or canary)."""
+    return {"labelSelector": {"matchLabels": selector_labels(name)}, "topologyKey": "kubernetes.io/hostname"}
+
+
+def _affinity(name: str, spec: GPTDeploymentSpec, cached: bool) -> dict[str, Any] | None:
+    """spec.scheduling.affinity; with a ReadWriteOnce model cache also a *required* pod affinity to the CR's own
+    pods on kubernetes.io/hostname: the volume attaches to one node, so every replica (and the download Job) runs
+    there. The first pod matches its own term, which the scheduler accepts when no other pod matches."""
+    affinity = dict(spec.scheduling.affinity or {})
+    cache = spec.model.cache
+    if cached and cache is not None and cache.accessMode == "ReadWriteOnce":
+        pod_affinity = dict(affinity.get("podAffinity") or {})
+        required = list(pod_affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or [])
+        pod_affinity["requiredDuringSchedulingIgnoredDuringExecution"] = [*required, same_node_term(name)]
+        affinity["podAffinity"] = pod_affinity
+    return affinity or None
+
+
 def _tolerations(spec: GPTDeploymentSpec) -> list[dict[str, Any]] | None:
     out = []
     if spec.resources.gpus > 0:
@@ -545,17 +567,17 @@ def build_pod_template(
         "automountServiceAccountToken": False,  # the runtime never talks to the API server
         "nodeSelector": sched.nodeSelector or None,
         "tolerations": _tolerations(spec),
-        "affinity": sched.affinity or None,
+        "affinity": _affinity(name, spec, bool(template.get(MODEL_CACHE_KEY))),
         "priorityClassName": sched.priorityClassName,
         "runtimeClassName": sched.runtimeClassName,
         # Only in a gated revision's template (evaluation.py), so adding spec.evaluation changes no live pod.
         "readinessGates": [{"conditionType": GATE_CONDITION}] if template.get(TEMPLATE_GATE_KEY) else None,
     }
     revision = revision_hash(template)
-    return {
-        "metadata": {"labels": {**common_labels(name), LABEL_TRACK: track, LABEL_REVISION: revision}},
-        "spec": pod_spec,
-    }
+    labels = {**common_labels(name), LABEL_TRACK: track, LABEL_REVISION: revision}
+    if template.get(MODEL_CACHE_KEY) and resolved_sha(template):
+        labels[LABEL_MODEL_SHA] = str(resolved_sha(template))
+    return {"metadata": {"labels": labels}, "spec": pod_spec}
 
 
 # -------------------------------------------------------------------------------------- children

@@ -296,24 +296,36 @@ class Reconciler:
         spec = await self._validate(p)
         if spec is None:
             return
-        checked, dataset, dataset_wait = await self._check_dataset(p, spec, indices)
+        children, obs, analysis_due = await self._observe(p, spec, indices)
+        # spec.model.cache: the download before the rollout (the plan waits while it is not complete).
+        cache = await self._cache(p, spec, children, obs)
+        # The evaluation dataset only once the gate could start: not while the revision downloads (no GET every
+        # few seconds, and a ConfigMap still missing does not keep the download from starting).
+        checked, dataset, dataset_wait, read = await self._check_dataset(
+            p, spec, indices, downloading=cache.wait is not None
+        )
         if not checked:
             # Refused (a missing or bad dataset), but pods of revisions already passed or rolled out keep getting
             # their condition: a restart or scale-up of them must not lose traffic over the dataset.
-            children = snapshot(indices, p.namespace, p.name, p.uid or None, self.phantoms)
             await self._mark_evaluated(p, rollout.evaluated_revisions(p.previous), children)
             return
-        children, obs, analysis_due = await self._observe(p, spec, indices, dataset)
-        # spec.model.cache: the download before the rollout (the plan waits while it is not complete).
-        cache = await self._cache(p, spec, children, obs)
+        if read:
+            # The dataset's GET took a round trip: the Jobs and pods the gate judges are taken from the indices
+            # again, after it. (A Job's Failed status and its pod's termination message come by separate watches;
+            # a snapshot older than the GET more often holds the one without the other.)
+            children, obs, analysis_due = await self._observe(p, spec, indices)
+            cache = await self._cache(p, spec, children, obs)
         obs = dataclasses.replace(obs, desired_template=builders.with_resolved(obs.desired_template, cache.sha),
-                                  download_wait=cache.wait or dataset_wait)
+                                  download_wait=cache.wait or dataset_wait, evaluation_dataset=dataset)
         plan = make_plan(spec, p.previous, obs)
         built = await self._build(p, spec, plan, children)
         if built is None:
             return
-        if cache.pvc is not None:
-            built.desired.insert(0, cache.pvc)  # the claim before the pods that mount it
+        # The claim before the pods that mount it, but outside _apply's all-or-nothing loop: a resize the server
+        # refuses (403 without allowVolumeExpansion, 422) is Degraded InvalidCache, not the end of every pass.
+        cache = await self._apply_claim(p, cache, children)
+        if cache is None:
+            return
         applied = await self._apply(p, plan, children, built)
         if applied is None:
             return
@@ -336,40 +348,42 @@ class Reconciler:
         return spec
 
     async def _check_dataset(
-        self, p: _Pass, spec: GPTDeploymentSpec, indices: Mapping[str, Any]
-    ) -> tuple[bool, str | None, tuple[str, str] | None]:
+        self, p: _Pass, spec: GPTDeploymentSpec, indices: Mapping[str, Any], *, downloading: bool = False
+    ) -> tuple[bool, str | None, tuple[str, str] | None, bool]:
         """The evaluation dataset's identity when a gated rollout is in flight or about to start (None otherwise),
         checked before any pod of the new revision exists; (False, None, None) after InvalidSpec naming the field
         (and the line), the old revision untouched. A configMapRef is read by name only when needed (a GET per such
         pass; not watched: a fixed dataset is seen at the next trigger or resync); a pvc file is checked by a Job
-        (dataset_check.py), while which the third element holds the rollout (reason, message)."""
+        (dataset_check.py), while which the third element holds the rollout (reason, message). The fourth: the API
+        server was asked (the caller then takes the children from the indices again)."""
         if spec.evaluation is None:
-            return True, None, None
+            return True, None, None, False
         revision = builders.revision_hash(builders.revision_template(spec, self.settings))
-        if not rollout.needs_dataset(spec, p.previous, revision):
-            return True, None, None  # settled, ungated, held under the same spec.evaluation, or back to the served one
+        if not rollout.needs_dataset(spec, p.previous, revision, downloading=downloading):
+            # settled, ungated, held under the same spec.evaluation, or back to the served one
+            return True, None, None, False
         judged = evaluation.judged_dataset(spec, p.previous, revision)
         if judged is not None:
-            return True, judged, None  # the verdict is in: its pods are marked whatever happens to the dataset now
+            return True, judged, None, False  # the verdict is in: its pods are marked whatever happens to the dataset
         try:
             ds = spec.evaluation.dataset
             if ds.configMapRef is not None:
                 configmap = await self.kube.get(kube.CONFIGMAPS, p.namespace, ds.configMapRef.name)
-                return True, evaluation.check_dataset(spec, evaluation.configmap_text(spec, configmap)), None
+                return True, evaluation.check_dataset(spec, evaluation.configmap_text(spec, configmap)), None, True
             claim, _ = evaluation.pvc_claim(spec)
             if await self.kube.get(kube.PVCS, p.namespace, claim) is None:
                 raise InvalidSpec("spec.evaluation.dataset.pvc", f"PersistentVolumeClaim {claim} not found")
         except InvalidSpec as exc:
             await self._invalid(p, exc.field, exc.message)
-            return False, None, None
+            return False, None, None, True
         check = await self._pvc_check(p, spec, indices, revision)
         if check.invalid is not None:
             await self._invalid(p, dataset_check.FIELD, check.invalid, {dataset_check.STATUS_KEY: check.record}
                                 if check.record is not None else None)
-            return False, None, None
+            return False, None, None, True
         if check.record is not None:
             await self._write_status(p.body, p.previous, {dataset_check.STATUS_KEY: check.record})
-        return True, check.identity, check.wait
+        return True, check.identity, check.wait, True
 
     async def _pvc_check(
         self, p: _Pass, spec: GPTDeploymentSpec, indices: Mapping[str, Any], revision: str
@@ -406,7 +420,7 @@ class Reconciler:
         return check
 
     async def _observe(
-        self, p: _Pass, spec: GPTDeploymentSpec, indices: Mapping[str, Any], dataset: str | None = None
+        self, p: _Pass, spec: GPTDeploymentSpec, indices: Mapping[str, Any]
     ) -> tuple[Children, Observations, float | None]:
         """The children from the indices and the Observations the plan is made from (plus when analysis is due)."""
         template = builders.revision_template(spec, self.settings)
@@ -428,7 +442,6 @@ class Reconciler:
             analysis_breach=outcome.breach,
             analysis_unavailable=outcome.unavailable,
             jobs=tuple(observe.observe_job(job, children.job_pods) for job in jobs),
-            evaluation_dataset=dataset,
             name=p.name,
         )
         return children, obs, analysis_due
@@ -448,7 +461,39 @@ class Reconciler:
             p.name, p.namespace, p.uid, spec, self.settings, revision=obs.desired_revision,
             template=obs.desired_template, previous_status=p.previous, jobs=obs.jobs, progress=progress,
             templates=[*live, p.previous.get("lastGoodTemplate")], claim=children.pvc, now=p.now,
+            mounted=[pod.model_sha for pod in obs.pods if pod.model_sha],
+            # A pod affinity only matches pods on a node: pods all Unschedulable are no node to follow.
+            pods_exist=any(pod.unschedulable_since is None for pod in obs.pods),
         )
+
+    async def _apply_claim(
+        self, p: _Pass, cache: model_cache.DownloadPlan, children: Children
+    ) -> model_cache.DownloadPlan | None:
+        """Create or patch the model cache's claim; the plan, with Degraded InvalidCache when the server refused it
+        (and no download Job when there is no claim to download into); None when the pass ends (the CR is gone)."""
+        if cache.pvc is None:
+            return cache
+        claim = cache.pvc["metadata"]["name"]
+        live = self._live("PersistentVolumeClaim", p.namespace, claim, p.uid, p.name, children, _Built())
+        if live is None and ("PersistentVolumeClaim", p.namespace, claim) not in self.recent:
+            fresh = await self.kube.get(kube.GPTDEPLOYMENTS, p.namespace, p.name)
+            if fresh is None or (p.uid and (fresh.get("metadata") or {}).get("uid") != p.uid):
+                return None
+        try:
+            action, result = await self.kube.apply(cache.pvc, live)
+        except kube.OwnerGone as exc:
+            await self._wait_for_gc(p.body, p.previous, p.generation, p.now, exc)
+            return None
+        except kube.ApiError as exc:
+            if exc.status not in (400, 403, 422) and not isinstance(exc, kube.NotOwned):
+                raise
+            refused = model_cache.claim_refused(claim, exc.status, exc.message)
+            return dataclasses.replace(cache, degraded=refused, create=None if live is None else cache.create)
+        if action != "unchanged" and result is not None:
+            self.recent[("PersistentVolumeClaim", p.namespace, claim)] = result
+            kopf.event(p.body, type="Normal", reason=f"PersistentVolumeClaim{action.capitalize()}",
+                       message=f"PersistentVolumeClaim {claim}")
+        return cache
 
     async def _apply_cache(self, p: _Pass, cache: model_cache.DownloadPlan, children: Children) -> None:
         """Delete the download Jobs the plan let go, create the one it wants (Jobs are never patched: a Job's pod

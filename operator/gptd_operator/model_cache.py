@@ -29,6 +29,7 @@ from typing import Any
 
 from . import builders, names
 from .api import GPTDeploymentSpec
+from .normalize import quantity
 from .observe import JobObs, Template, format_time, parse_time
 from .settings import Settings
 
@@ -41,6 +42,10 @@ RESULT_FILE = "/dev/termination-log"
 # node lost mid-download. Then the Job is Failed and the operator waits RETRY_SECONDS * 2^(attempt-1) (at most
 # RETRY_MAX_SECONDS) before a new Job: a 401 or a missing revision costs one hub request per backoff, not a storm.
 BACKOFF_LIMIT = 4
+# fetch's exit status when no retry can help (gptd_runtime.fetch.PERMANENT_EXIT_CODE: 401/403, not found): the
+# Job's podFailurePolicy fails the Job on it at once (the operator's own backoff then applies), and a pod evicted or
+# preempted (DisruptionTarget) is not counted against backoffLimit, as for the evaluation Job.
+PERMANENT_EXIT_CODE = 3
 RETRY_SECONDS = 300
 RETRY_MAX_SECONDS = 3600
 ACTIVE_DEADLINE_SECONDS = 6 * 3600  # a 100 GB model at 10 MB/s takes under 3 h
@@ -50,6 +55,12 @@ LOG_TAIL_LINES = 3
 # The Job and its pods are separate watches: a finished Job can reach the operator before its pod's termination
 # message does. Wait this long for it before reporting a Job without a result.
 RESULT_GRACE_SECONDS = 30
+# A download pod that is not scheduled, or whose volume does not attach (ContainerCreating), or a claim still
+# Pending: normal for a moment (a node scaling up, WaitForFirstConsumer binding), a problem after these many seconds
+# (an RWX claim on a class that only offers RWO stays Pending forever). Then Degraded reason=CacheUnavailable.
+UNSCHEDULABLE_GRACE_SECONDS = 60
+ATTACH_GRACE_SECONDS = 180
+CLAIM_PENDING_GRACE_SECONDS = 180
 # Small on purpose: fetch streams 1 MiB chunks with 4 threads; no GPU, so it may run on any (cheap) node.
 JOB_RESOURCES = {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
 
@@ -99,26 +110,58 @@ def claim_conflict(live: Mapping[str, Any] | None, spec: GPTDeploymentSpec) -> t
         return ("spec.model.cache.storageClassName",
                 f"the claim {claim} has storageClassName {live_spec.get('storageClassName')!r}, which can't change: "
                 f"{fix}")
+    live_size = ((live_spec.get("resources") or {}).get("requests") or {}).get("storage")
+    live_q, want_q = quantity(live_size), quantity(cache.size)
+    if live_q is not None and want_q is not None and want_q < live_q:
+        # A claim only grows (the API server answers 422 to a smaller request): compared as quantities, 40Gi > 40G.
+        return ("spec.model.cache.size",
+                f"the claim {claim} requests {live_size} and a claim can't shrink (asked for {cache.size}): {fix}")
     return None
+
+
+def claim_refused(claim: str, status: int, message: str) -> tuple[str, str]:
+    """Degraded (InvalidCache) for a claim write the API server refused: 403 from the resize admission (a class
+    without allowVolumeExpansion), 422 (an immutable field, a smaller request), 400. The other children still
+    apply; the claim stays as it is."""
+    return ("InvalidCache", f"spec.model.cache: the API server refused the claim {claim} ({status}): "
+            f"{' '.join(message.split())}")
 
 
 def job_name(name: str, revision: str, attempt: int) -> str:
     return names.job(name, "fetch", f"{revision}-{attempt}")
 
 
-def s3_commit(uri: str, revision: str) -> str:
-    """An s3:// model has no commit: its cache directory is named by 40 hex digits of SHA-1 over the URI and the gptd
-    revision, so it sits in fetch's layout (``<cache>/<40 hex>``, kept or pruned like a hub commit)."""
-    return hashlib.sha1(f"{uri}@{revision}".encode()).hexdigest()
+def model_key(template: Template | None) -> str | None:
+    """What a download fetches, hashed (40 hex digits of SHA-1): the model's uri, revision and token reference only.
+    The gptd revision also hashes the runtime fields (batch size, image...): a runtime-only change is a new revision
+    (a rollout) but the same files, so the cache is keyed on this, not on the revision."""
+    model = (template or {}).get("model")
+    if not isinstance(model, Mapping) or not model.get("uri"):
+        return None
+    part = {"uri": model["uri"], "revision": model.get("revision") or "main",
+            "hfTokenSecretRef": model.get("hfTokenSecretRef")}
+    return hashlib.sha1(builders.canonical_json(part).encode()).hexdigest()
 
 
-def _s3_command(uri: str, revision: str) -> list[str]:
-    """``aws s3 sync`` into ``.incomplete/<id>``, a marker, one rename to ``<id>``, then the result line in the
-    termination message, the same as fetch's (no byte progress: the AWS CLI prints none with --only-show-errors)."""
-    sha = s3_commit(uri, revision)
+def s3_commit(template: Template) -> str:
+    """An s3:// model has no commit: its cache directory is named by its model key (40 hex digits), so it sits in
+    fetch's layout (``<cache>/<40 hex>``, kept or pruned like a hub commit). To sync a changed bucket prefix again,
+    change spec.model.revision."""
+    key = model_key(template)
+    if key is None:
+        raise ValueError("s3_commit needs a template with model.uri")
+    return key
+
+
+def _s3_command(uri: str, sha: str, keep: Sequence[str]) -> list[str]:
+    """``aws s3 sync`` into ``.incomplete/<id>``, a marker, one rename to ``<id>``, housekeeping (every other
+    revision directory but ``keep`` goes, each by one rename before it is deleted, as fetch --prune does), then the
+    result line in the termination message, the same as fetch's (no byte progress: the AWS CLI prints none with
+    --only-show-errors)."""
     dest = builders.MODEL_CACHE_DIR
     work, final = f"{dest}/.incomplete/{sha}", f"{dest}/{sha}"
     result = json.dumps({"revision": sha, "complete": True, "path": final})
+    kept = " ".join(sorted({sha, *keep}))
     script = "\n".join([
         "set -eu",
         f"if [ ! -e {final}/.gptd-complete ]; then",
@@ -128,6 +171,14 @@ def _s3_command(uri: str, revision: str) -> list[str]:
         f"  rm -rf {final}",
         f"  mv {work} {final}",
         "fi",
+        f"mkdir -p {dest}/.incomplete",
+        f"for d in {dest}/*; do",
+        '  n=${d##*/}',
+        '  case "$n" in *[!0-9a-f]*) continue ;; esac',
+        '  [ "${#n}" -eq 40 ] || continue',
+        f'  case " {kept} " in *" $n "*) continue ;; esac',
+        f'  mv "$d" "{dest}/.incomplete/.pruned-$n" && rm -rf "{dest}/.incomplete/.pruned-$n"',
+        "done",
         f"printf '%s\\n' {shlex.quote(result)} > {RESULT_FILE}",
     ])
     return ["sh", "-c", script]
@@ -135,10 +186,11 @@ def _s3_command(uri: str, revision: str) -> list[str]:
 
 def build_job(
     name: str, namespace: str, uid: str, spec: GPTDeploymentSpec, settings: Settings, *, revision: str,
-    template: Template, attempt: int, keep: Sequence[str],
+    template: Template, attempt: int, keep: Sequence[str], pods_exist: bool = False,
 ) -> dict[str, Any]:
     """The download Job for ``revision`` (its template's model), attempt ``attempt``; ``keep``: the shas mounted by
-    pods (current, last good, canary) that fetch's housekeeping must not delete."""
+    pods (current, last good, canary) that fetch's housekeeping must not delete; ``pods_exist``: runtime pods of
+    the CR exist (under ReadWriteOnce the Job must then run on their node)."""
     cache = spec.model.cache
     if cache is None:
         raise ValueError("build_job needs spec.model.cache")
@@ -149,7 +201,7 @@ def build_job(
         # The s3 init container became this Job: the operator's AWS CLI image (GPTD_S3_INIT_IMAGE); credentials
         # from the pod's identity (IRSA / workload identity) or AWS_* in spec.runtime.env (by reference).
         image = settings.s3_init_image or ""
-        command = _s3_command(str(model["uri"]), revision)
+        command = _s3_command(str(model["uri"]), s3_commit(template), keep)
     else:
         # The runtime image's entrypoint serves: the command is spelled out.
         command = ["python", "-m", "gptd_runtime", "fetch", model["uri"], "--revision",
@@ -199,20 +251,21 @@ def build_job(
     }
     if cache.accessMode == "ReadWriteOnce":
         # The volume attaches to one node: run where the pods run (their nodeSelector, tolerations and affinity),
-        # and prefer the very node of a running pod of this CR, which holds the volume attached.
+        # on the very node of the CR's pods, which holds the volume attached: required when they exist (elsewhere
+        # the volume could not attach), preferred otherwise (a first download has no pod to follow).
         sched = spec.scheduling
         pod_spec["nodeSelector"] = sched.nodeSelector or None
         pod_spec["tolerations"] = builders._tolerations(spec)
         affinity = dict(sched.affinity or {})
-        affinity["podAffinity"] = {
-            **(affinity.get("podAffinity") or {}),
-            "preferredDuringSchedulingIgnoredDuringExecution": [
-                *((affinity.get("podAffinity") or {}).get("preferredDuringSchedulingIgnoredDuringExecution") or []),
-                {"weight": 100, "podAffinityTerm": {
-                    "labelSelector": {"matchLabels": builders.selector_labels(name)},
-                    "topologyKey": "kubernetes.io/hostname"}},
-            ],
-        }
+        pod_affinity = dict(affinity.get("podAffinity") or {})
+        if pods_exist:
+            key = "requiredDuringSchedulingIgnoredDuringExecution"
+            pod_affinity[key] = [*(pod_affinity.get(key) or []), builders.same_node_term(name)]
+        else:
+            key = "preferredDuringSchedulingIgnoredDuringExecution"
+            pod_affinity[key] = [*(pod_affinity.get(key) or []),
+                                 {"weight": 100, "podAffinityTerm": builders.same_node_term(name)}]
+        affinity["podAffinity"] = pod_affinity
         pod_spec["affinity"] = affinity
     return {
         "apiVersion": "batch/v1",
@@ -227,6 +280,11 @@ def build_job(
         },
         "spec": {
             "backoffLimit": BACKOFF_LIMIT,
+            "podFailurePolicy": {"rules": [
+                {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                                      "values": [PERMANENT_EXIT_CODE]}},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            ]},
             "activeDeadlineSeconds": ACTIVE_DEADLINE_SECONDS,
             "ttlSecondsAfterFinished": TTL_SECONDS,
             "template": {"metadata": {"labels": labels}, "spec": {k: v for k, v in pod_spec.items() if v is not None}},
@@ -299,13 +357,16 @@ def _result(job: JobObs) -> dict[str, Any] | None:
     return last_json_line(job.message)
 
 
-def known_sha(revision: str, templates: Iterable[Template | None], previous: Mapping[str, Any] | None) -> str | None:
-    """The commit ``revision`` already resolved to: from a template that runs or ran it, or the last download."""
+def known_sha(key: str | None, templates: Iterable[Template | None], previous: Mapping[str, Any] | None) -> str | None:
+    """The commit the model ``key`` (``model_key``) already resolved to: from a template that runs or ran the same
+    model (whatever its runtime fields), or the last download of it."""
+    if key is None:
+        return None
     for template in templates:
-        if template and builders.revision_hash(template) == revision and builders.resolved_sha(template):
+        if template and model_key(template) == key and builders.resolved_sha(template):
             return builders.resolved_sha(template)
     download = (previous or {}).get("download") or {}
-    if download.get("revision") == revision and download.get("phase") == "Complete" and download.get("sha"):
+    if download.get("modelKey") == key and download.get("phase") == "Complete" and download.get("sha"):
         return str(download["sha"])
     return None
 
@@ -329,26 +390,33 @@ def plan_download(
     name: str, namespace: str, uid: str, spec: GPTDeploymentSpec, settings: Settings, *, revision: str,
     template: Template, previous_status: Mapping[str, Any], jobs: Sequence[JobObs], progress: Mapping[str, int] | None,
     templates: Sequence[Template | None], claim: Mapping[str, Any] | None = None, now: datetime,
+    mounted: Iterable[str] = (), pods_exist: bool = False,
 ) -> DownloadPlan:
     """What to do about the cache this reconcile. ``template``: the desired revision's (without resolved);
     ``templates``: those running or kept (stable, canary, lastGoodTemplate) for known shas and ``--keep``;
+    ``mounted``: the commits live runtime pods mount (their gptd.io/model-sha label: old ReplicaSets' pods too),
+    also kept;
     ``progress``: the running Job pod's last progress line (handlers read it), ``jobs``: the CR's Jobs, ``claim``:
     the live ``<name>-model-cache`` claim."""
     plan = _plan(name, namespace, uid, spec, settings, revision=revision, template=template,
-                 previous_status=previous_status, jobs=jobs, progress=progress, templates=templates, now=now)
+                 previous_status=previous_status, jobs=jobs, progress=progress, templates=templates, now=now,
+                 mounted=tuple(mounted), pods_exist=pods_exist)
     if spec.model.cache is None:
         return plan
     conflict = claim_conflict(claim, spec)
     if conflict is not None:  # the claim stays as it is (the pods keep using it); say what can't be done
         field_, message = conflict
         return dataclasses.replace(plan, degraded=("InvalidCache", f"{field_}: {message}"))
+    pending = claim_pending(claim, (plan.status or {}).get("download"), now)
+    if pending is not None and (plan.degraded is None or plan.degraded[0] == "CacheUnavailable"):
+        plan = dataclasses.replace(plan, degraded=("CacheUnavailable", pending))
     return dataclasses.replace(plan, pvc=build_pvc(name, namespace, uid, spec))
 
 
 def _plan(
     name: str, namespace: str, uid: str, spec: GPTDeploymentSpec, settings: Settings, *, revision: str,
     template: Template, previous_status: Mapping[str, Any], jobs: Sequence[JobObs], progress: Mapping[str, int] | None,
-    templates: Sequence[Template | None], now: datetime,
+    templates: Sequence[Template | None], now: datetime, mounted: tuple[str, ...] = (), pods_exist: bool = False,
 ) -> DownloadPlan:
     previous = dict(previous_status.get("model") or {})
     mine = [j for j in jobs if j.purpose == COMPONENT]
@@ -364,9 +432,11 @@ def _plan(
             d.events.append(("Normal", "DownloadCancelled", f"download Job {j.name} of revision {j.revision} "
                              f"cancelled: the spec now asks for revision {revision}"))
     delete = [j.name for j in stale]
-    sha = known_sha(revision, [*templates, template], previous)
+    key = model_key(template)
+    sha = known_sha(key, [*templates, template], previous)
     if sha is not None:
-        dl = {**d.prev, "revision": revision, "modelRevision": spec.model.revision, "phase": "Complete", "sha": sha,
+        dl = {**d.prev, "revision": revision, "modelRevision": spec.model.revision, "modelKey": key,
+              "phase": "Complete", "sha": sha,
               "percent": 100, "display": "complete", "etaSeconds": None, "bytesPerSecond": None,
               "reason": None, "message": None}
         return DownloadPlan(sha=sha, delete=tuple(delete), status={"download": dl}, events=tuple(d.events))
@@ -376,13 +446,14 @@ def _plan(
     job = next((j for j in mine if j.name == current), None)
     # Older attempts of this revision: done with.
     delete += [j.name for j in mine if j.revision == revision and j.name != current]
-    keep = sorted({s for s in (builders.resolved_sha(t) for t in templates) if s})
+    keep = sorted({s for s in (*(builders.resolved_sha(t) for t in templates), *mounted)
+                   if s and len(s) == 40 and all(ch in "0123456789abcdef" for ch in s)})
 
     def new_job(n: int) -> dict[str, Any]:
         return build_job(name, namespace, uid, spec, settings, revision=revision, template=template, attempt=n,
-                         keep=keep)
+                         keep=keep, pods_exist=bool(mounted) or pods_exist)
 
-    base = {"revision": revision, "modelRevision": spec.model.revision}
+    base = {"revision": revision, "modelRevision": spec.model.revision, "modelKey": key}
     what = f"{spec.model.uri}@{spec.model.revision} (revision {revision})"
     if job is None and d.prev.get("phase") == "Downloading" and d.prev.get("job") == current:
         # Created by an earlier pass and not in the Job index yet (the watch lags our POST), or deleted by hand:
@@ -470,6 +541,17 @@ def _plan(
         degraded = ("DownloadFailed", f"download of {what} failed (retrying): {error}")
     elif job.waiting:
         degraded = ("DownloadFailed", f"download Job {job.name}: {job.waiting}")
+    elif job.unschedulable and _since_dt(job.unschedulable_since, now) >= UNSCHEDULABLE_GRACE_SECONDS:
+        degraded = ("CacheUnavailable", f"spec.model.cache: the download pod {job.pod_name} cannot be scheduled "
+                    f"({job.unschedulable}); check the claim {names.model_cache(name)} (its storage class and access "
+                    "mode) and the nodes")
+    elif not job.running and _since_dt(job.creating_since, now) >= ATTACH_GRACE_SECONDS:
+        degraded = ("CacheUnavailable", f"spec.model.cache: the download pod {job.pod_name} has been in "
+                    f"ContainerCreating for {int(_since_dt(job.creating_since, now))}s: the claim "
+                    f"{names.model_cache(name)} does not attach (ReadWriteOnce attached to another node?); "
+                    f"kubectl describe pod {job.pod_name}")
+    if degraded is not None and degraded[0] == "CacheUnavailable":
+        dl["display"] = "blocked"
     done_text = f"{dl['display']}" if dl.get("bytesTotal") else "starting"
     eta = f", about {dl['etaSeconds']}s left" if dl.get("etaSeconds") is not None else ""
     wait = ("Downloading", f"downloading {what}: {done_text}{eta}; the pods keep their revision until it is complete")
@@ -492,6 +574,27 @@ def _failed(d: _Download, dl: dict[str, Any], delete: list[str], reason: str, me
     return DownloadPlan(wait=("DownloadFailed", f"{message}; retrying in {math.ceil(left)}s"),
                         degraded=("DownloadFailed", message), delete=tuple(delete), status={"download": dl},
                         events=tuple(d.events), requeue_after=left)
+
+
+def _since_dt(when: datetime | None, now: datetime) -> float:
+    """Seconds since ``when``; 0 when unknown (no grace has passed)."""
+    return (now - when).total_seconds() if when is not None else 0.0
+
+
+def claim_pending(claim: Mapping[str, Any] | None, download: Mapping[str, Any] | None, now: datetime) -> str | None:
+    """Degraded message when the claim is still Pending although a download started long enough ago (an access mode
+    the class cannot offer, no default class, a provisioner that fails: the pods would never start either)."""
+    if claim is None or ((claim.get("status") or {}).get("phase")) != "Pending":
+        return None
+    started = (download or {}).get("startedAt")
+    if (download or {}).get("phase") != "Downloading" or _since(started, now) < CLAIM_PENDING_GRACE_SECONDS:
+        return None
+    claim_name = (claim.get("metadata") or {}).get("name")
+    claim_spec = claim.get("spec") or {}
+    return (f"spec.model.cache: the claim {claim_name} is still Pending {int(_since(started, now))}s after the "
+            f"download started (accessModes {claim_spec.get('accessModes')}, storageClassName "
+            f"{claim_spec.get('storageClassName') or '(default)'}): the storage class may not offer this access mode "
+            f"or size; kubectl describe pvc {claim_name}")
 
 
 def _since(stamp: Any, now: datetime) -> float:

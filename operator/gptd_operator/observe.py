@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .builders import ANN_TEMPLATE, GATE_CONDITION, LABEL_COMPONENT, LABEL_REVISION
+from .builders import ANN_TEMPLATE, GATE_CONDITION, LABEL_COMPONENT, LABEL_MODEL_SHA, LABEL_REVISION
 
 Template = dict[str, Any]
 # Waiting reasons that mean a container cannot run as it is.
@@ -45,6 +45,7 @@ class PodObs:
     gated: bool = False  # spec.readinessGates holds gptd.io/evaluated
     evaluated: bool = False  # the gptd.io/evaluated pod condition is True
     uid: str = ""  # metadata.uid: an evaluator Job's target is checked to be the same pod at judgement
+    model_sha: str = ""  # label gptd.io/model-sha: the model cache commit it mounts (kept by housekeeping)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,11 @@ class JobObs:
     message: str = ""  # the terminated container's termination message (terminationMessagePath or log tail)
     running: bool = False  # the latest pod's container is running now (progress can be read from its log)
     waiting: str = ""  # the latest pod's container cannot start: "CreateContainerConfigError: secret ... not found"
+    # The latest pod is not scheduled (PodScheduled=False): "Unschedulable: 0/3 nodes are available: ...", and since
+    # when; or it is scheduled but its container still waits in ContainerCreating (a volume that cannot attach).
+    unschedulable: str = ""
+    unschedulable_since: datetime | None = None
+    creating_since: datetime | None = None
 
     def condition(self, type_: str) -> tuple[str, str, str] | None:
         """(status, reason, message) of the condition ``type_``, or None."""
@@ -205,6 +211,7 @@ def observe_pod(pod: dict[str, Any]) -> PodObs:
         gated=any(g.get("conditionType") == GATE_CONDITION for g in gates),
         evaluated=(conditions.get(GATE_CONDITION) or {}).get("status") == "True",
         uid=str(meta.get("uid") or ""),
+        model_sha=str((meta.get("labels") or {}).get(LABEL_MODEL_SHA) or ""),
         unschedulable_since=unschedulable_since,
         unschedulable_message=unschedulable_message,
         crashloop_message=crashloop_message,
@@ -228,13 +235,33 @@ def job_of_pod(pod: dict[str, Any]) -> str | None:
     return next((labels[k] for k in JOB_NAME_LABELS if labels.get(k)), None)
 
 
+JOB_UID_LABELS = ("batch.kubernetes.io/controller-uid", "controller-uid")  # likewise, the Job's uid
+
+
+def pod_of_job(pod: dict[str, Any], job_name: str, job_uid: str | None) -> bool:
+    """Whether ``pod`` belongs to this very Job: by uid (its controller ownerReference, else the Job controller's
+    controller-uid label), so a pod left by a deleted Job of the same name (a retry recreated under that name, a
+    CR recreated) is never read as this Job's; by name only where neither carries a uid."""
+    meta = pod.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == "Job" and ref.get("controller"):
+            if job_uid and ref.get("uid"):
+                return str(ref["uid"]) == job_uid
+            return str(ref.get("name")) == job_name
+    labels = meta.get("labels") or {}
+    uid = next((labels[k] for k in JOB_UID_LABELS if labels.get(k)), None)
+    if uid and job_uid:
+        return uid == job_uid
+    return job_of_pod(pod) == job_name
+
+
 def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dict[str, Any]] = ()) -> JobObs:
     """A Job (as the API returns it) and the pods of the CR's Jobs (those of other Jobs are ignored) → JobObs."""
     meta = job.get("metadata") or {}
     status = job.get("status") or {}
     labels = meta.get("labels") or {}
     name = str(meta.get("name") or "")
-    mine = [p for p in pods if job_of_pod(p) == name]
+    mine = [p for p in pods if pod_of_job(p, name, str(meta.get("uid") or "") or None)]
     mine.sort(key=lambda p: ((p.get("metadata") or {}).get("creationTimestamp") or "",
                              (p.get("metadata") or {}).get("name") or ""))
     pod = mine[-1] if mine else None
@@ -242,11 +269,19 @@ def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dic
     exit_code: int | None = None
     message = ""
     running = False
-    waiting = ""
+    waiting = unschedulable = ""
+    unschedulable_since = creating_since = None
     if pod is not None:
         pod_name = (pod.get("metadata") or {}).get("name")
         pod_status = pod.get("status") or {}
         pod_phase = pod_status.get("phase")
+        pod_conditions = {c.get("type"): c for c in pod_status.get("conditions") or []}
+        scheduled = pod_conditions.get("PodScheduled") or {}
+        created = parse_time((pod.get("metadata") or {}).get("creationTimestamp"))
+        if scheduled.get("status") == "False":
+            why = scheduled.get("reason") or "Unschedulable"
+            unschedulable = f"{why}: {scheduled.get('message') or ''}".rstrip(": ")
+            unschedulable_since = parse_time(scheduled.get("lastTransitionTime")) or created
         for cs in pod_status.get("containerStatuses") or []:
             state = cs.get("state") or {}
             terminated = state.get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
@@ -254,6 +289,9 @@ def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dic
             reason = (state.get("waiting") or {}).get("reason") or ""
             if reason in _BAD_WAITING_REASONS and not waiting:
                 waiting = f"{reason}: {(state.get('waiting') or {}).get('message') or ''}".rstrip(": ")
+            if reason == "ContainerCreating" and creating_since is None:
+                # Since it was scheduled (the kubelet then mounts the volumes), else since the pod was created.
+                creating_since = parse_time(scheduled.get("lastTransitionTime")) or created
             if terminated:
                 exit_code = int(terminated.get("exitCode") or 0)
                 message = str(terminated.get("message") or "").strip()
@@ -280,4 +318,7 @@ def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dic
         message=message,
         running=running,
         waiting=waiting,
+        unschedulable=unschedulable,
+        unschedulable_since=unschedulable_since,
+        creating_since=creating_since,
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -124,12 +124,13 @@ def decide(spec: GPTDeploymentSpec, status: dict[str, Any], obs: Observations) -
     return _start(d)
 
 
-def needs_dataset(spec: GPTDeploymentSpec, status: dict[str, Any], revision: str) -> bool:
+def needs_dataset(spec: GPTDeploymentSpec, status: dict[str, Any], revision: str, *, downloading: bool = False) -> bool:
     """Whether ``decide`` may gate ``revision`` on this pass, so the handlers must read and check the evaluation
     dataset first (before any pod of it is rolled). Mirrors decide's dispatch: a gated rollout in flight, one about
     to start, or a held failure that a changed spec.evaluation retries; not a settled CR, an ungated rollout, a
-    held failure under the same spec.evaluation, or a return to the serving revision."""
-    if spec.evaluation is None:
+    held failure under the same spec.evaluation, or a return to the serving revision. ``downloading``: the revision
+    is still downloading into the model cache (``Observations.download_wait``): decide starts no gate then."""
+    if spec.evaluation is None or downloading:
         return False
     ro = status.get("rollout") or {}
     phase = ro.get("phase")
@@ -204,19 +205,53 @@ def _steady(d: _Ctx) -> Plan:
 def _downloading(d: _Ctx) -> Plan:
     """The desired revision is still downloading into the model cache (or its download failed): every Deployment
     keeps the template it runs (old pods keep serving); a first revision gets no Deployment yet. The rollout
-    state is left as it is: the rollout starts once the download is complete."""
+    state is left as it is: the rollout starts once the download is complete. A rollout of another revision still
+    in flight stays supervised (abort, crash loop, analysis breach, progress deadline roll it back); the promote
+    annotation, and abort with nothing in flight, stay on the CR for when the new revision's rollout starts."""
     reason, message = d.obs.download_wait or ("Downloading", "")
     s, c = d.obs.stable, d.obs.canary
+    ro = d.ro
+    inflight = bool(ro) and ro.get("phase") in ACTIVE_PHASES and ro.get("revision") != d.rev
+    if inflight:
+        failed = _inflight_failure(d)
+        if failed is not None:
+            return failed
+    for annotation in (PROMOTE_ANNOTATION, ABORT_ANNOTATION):
+        if annotation in d.clear:
+            d.clear.remove(annotation)  # not honoured yet: not dropped either
     live = s.template if s is not None else d.state.get("lastGoodTemplate")
     stable = None
     if live:
-        stable = DeploymentPlan(live, revision_hash(live), desired_replicas(d.spec), rolling_strategy(d.spec, False))
+        # Mid-rollout (an in-place canary shrank the stable Deployment) the live count stays; otherwise the spec's.
+        replicas = s.spec_replicas if inflight and s is not None else desired_replicas(d.spec)
+        stable = DeploymentPlan(live, revision_hash(live), replicas, rolling_strategy(d.spec, False))
     canary = None
     if c is not None and c.template:
         canary = DeploymentPlan(c.template, revision_hash(c.template), c.spec_replicas, rolling_strategy(d.spec, False))
     # Downloading, or CheckingDataset (handlers: a pvc evaluation dataset's check Job, dataset_check.py): progressing.
     return _finish(d, stable, canary, _cond("Progressing", reason in ("Downloading", "CheckingDataset"), reason,
                                             message))
+
+
+def _inflight_failure(d: _Ctx) -> Plan | None:
+    """The rollout of ``rollout.revision`` (not the desired one, which downloads) checked as ``_failure`` checks
+    any rollout, on the Deployment that runs it: its rollback plan, or None (its progress kept in ``d``)."""
+    ro = d.ro or {}
+    s, c = d.obs.stable, d.obs.canary
+    template = next((o.template for o in (c, s) if o is not None and o.template and o.revision == ro["revision"]),
+                    None)
+    if template is None:
+        return None
+    sub = _Ctx(d.spec, replace(d.obs, desired_template=template, desired_revision=ro["revision"],
+                               download_wait=None), d.state)
+    sub.clear.extend(a for a in d.clear if a == ABORT_ANNOTATION)  # honoured here; promote waits
+    _track_progress(sub)
+    failure = _failure(sub, s.spec_replicas if s is not None else None, deadline=not ro.get("evaluationGate"))
+    if failure is not None:
+        return _fail(sub, *failure)
+    d.state["rollout"] = sub.state["rollout"]
+    d.requeue.extend(sub.requeue)
+    return None
 
 
 def _start(d: _Ctx) -> Plan:

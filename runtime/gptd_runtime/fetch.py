@@ -12,7 +12,9 @@ Properties:
 - verified: LFS files by the sha256 in the hub's metadata, the rest by size; a mismatch is fetched again;
 - atomic: a revision directory exists only when complete, so a reader needs just `complete_revision()`;
 - selective: from the repo's file list, only what the runtime loads (see `select_files`).
-Progress is JSON lines on stdout; a failure is one JSON line `{"error", "reason"}` and exit status 1.
+Progress is JSON lines on stdout; a failure is one JSON line `{"error", "reason"}` and exit status 1, or
+PERMANENT_EXIT_CODE (3) when trying again cannot help (401/403, repository or revision not found, bad arguments,
+no weights): the download Job's podFailurePolicy fails the Job at once on it instead of retrying the pod.
 `--result-file F` also writes the last line (the complete revision's, or the error) to F: in a download Job that
 is /dev/termination-log, which the operator reads from the pod's status. `--prune --keep SHA...`: after a
 successful fetch, delete every other complete revision (and its refs) and abandoned `.incomplete` work.
@@ -56,6 +58,14 @@ _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 class _Cancelled(Exception):
     """Another file of the revision failed: stop this one at the next chunk."""
+
+
+PERMANENT_EXIT_CODE = 3
+# Reasons a retry of the same pod cannot fix (a new token, repository or revision needs a spec or Secret change,
+# which the operator's next Job picks up): exit PERMANENT_EXIT_CODE. Network, HubError, DiskFull, Storage, Busy,
+# Corrupt, InvalidResponse and Internal may pass: exit 1, retried by the Job controller.
+PERMANENT_REASONS = frozenset({"Unauthorized", "Forbidden", "RepositoryNotFound", "RevisionNotFound", "EntryNotFound",
+                               "InvalidArgument", "NoWeights"})
 
 
 class FetchError(Exception):
@@ -634,7 +644,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     line = {"error": " ".join(message.split()), "reason": reason}
     print(json.dumps(line), file=out, flush=True)
     _write_result(args.result_file, line)
-    return 1
+    return PERMANENT_EXIT_CODE if reason in PERMANENT_REASONS else 1
 
 
 def _write_result(path: Path | None, line: dict[str, Any]) -> None:

@@ -291,7 +291,7 @@ EXPECTED_NAMESPACED = {
     ("cert-manager.io", "certificates"): {"get", "create", "patch", "delete"},
     # Issues 10/11: Jobs (download, evaluation) and the model cache claim, watched; a download's progress lines.
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch"},
     ("", "pods/log"): {"get"},
     # Issue 11: the evaluation gate sets the pod condition gptd.io/evaluated; it reads the dataset ConfigMap.
     ("", "pods/status"): {"patch"},

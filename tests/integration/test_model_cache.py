@@ -46,10 +46,15 @@ async def download_job(cluster: Cluster, *, other_than: tuple[str, ...] = ()) ->
 async def run_pod(cluster: Cluster, job: dict[str, Any], state: dict[str, Any], suffix: str = "a") -> str:
     """Play the Job controller and the kubelet: the Job's pod, in ``state``."""
     name = f"{job['metadata']['name']}-{suffix}"
-    labels = {**job["spec"]["template"]["metadata"]["labels"], "batch.kubernetes.io/job-name": job["metadata"]["name"]}
+    uid = job["metadata"]["uid"]
+    # As the Job controller does: the job-name and controller-uid labels, and a controller ownerReference by uid.
+    labels = {**job["spec"]["template"]["metadata"]["labels"], "batch.kubernetes.io/job-name": job["metadata"]["name"],
+              "batch.kubernetes.io/controller-uid": uid}
+    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"], "uid": uid, "controller": True,
+             "blockOwnerDeletion": True}
     phase = "Running" if "running" in state else ("Succeeded" if state.get("terminated", {}).get("exitCode") == 0
                                                   else "Failed")
-    await cluster.create("pods", NS, {"metadata": {"name": name, "labels": labels},
+    await cluster.create("pods", NS, {"metadata": {"name": name, "labels": labels, "ownerReferences": [owner]},
                                       "status": {"phase": phase, "containerStatuses": [{"name": "fetch",
                                                                                          "state": state}]}})
     return name
@@ -225,8 +230,9 @@ async def test_a_spec_change_cancels_the_running_download(cluster: Cluster, oper
 async def test_invalid_cache_combinations_create_nothing(cluster: Cluster, operator: RunningOperator) -> None:
     await cluster.create("gptdeployments", NS, cr(model={"uri": "pvc://models/gpt2", "cache": CACHE}))
     st = await status_where(cluster, "InvalidSpec", lambda s: s.get("phase") == "Failed")
-    assert condition(st, "Ready")["reason"] == "InvalidSpec" or "spec.model.cache" in json.dumps(st)
-    assert "spec.model.cache" in json.dumps(st["conditions"])
+    for type_ in ("Ready", "Degraded"):
+        assert condition(st, type_)["reason"] == "InvalidSpec", st
+        assert condition(st, type_)["message"].startswith("spec.model.cache"), st
     assert await cluster.list("jobs", NS) == [] and await cluster.list("persistentvolumeclaims", NS) == []
 
 
@@ -315,3 +321,74 @@ async def test_with_an_evaluation_gate_the_download_comes_first_then_the_gated_r
     new = await eventually(lambda: _on_sha(cluster, SHA2), what="the gated Deployment on the new commit")
     assert new["spec"]["template"]["spec"]["readinessGates"] == [{"conditionType": "gptd.io/evaluated"}]
     assert labels_of(new)[REV] != labels_of(dep)[REV]
+
+
+async def test_a_refused_resize_or_a_shrink_is_degraded_and_the_other_children_still_apply(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    await first_deploy(cluster)
+    cluster.emulator.allow_volume_expansion = False  # a class without allowVolumeExpansion: the resize is 403
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"replicas": 3, "model": {"cache": {"size": "20Gi"}}}})
+    st = await status_where(cluster, "InvalidCache", lambda s: condition(s, "Degraded").get("reason") == "InvalidCache")
+    message = condition(st, "Degraded")["message"]
+    assert message.startswith("spec.model.cache:") and "403" in message and "support resize" in message
+    assert condition(st, "Ready").get("reason") != "InvalidSpec"
+
+    async def scaled() -> bool:  # the Deployment was still patched, in the same passes
+        return (await cluster.get("deployments", NS, "gpt2"))["spec"]["replicas"] == 3
+
+    await eventually(scaled, what="the Deployment scaled to 3 although the claim was refused")
+    claim = await cluster.get("persistentvolumeclaims", NS, "gpt2-model-cache")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    # A smaller request: a conflict found before any write (the server would 422 it); the claim is left alone.
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"model": {"cache": {"size": "5Gi"}}}})
+    st = await status_where(cluster, "shrink refused",
+                            lambda s: "spec.model.cache.size" in condition(s, "Degraded").get("message", ""))
+    assert condition(st, "Degraded")["reason"] == "InvalidCache"
+    assert (await cluster.get("persistentvolumeclaims", NS, "gpt2-model-cache"))["spec"]["resources"]["requests"][
+        "storage"] == "10Gi"
+
+
+async def test_housekeeping_keeps_the_commit_any_live_pod_mounts(cluster: Cluster, operator: RunningOperator) -> None:
+    """A→B→C→D: pods of an old ReplicaSet may still run a revision that is neither stable, canary nor last good."""
+    dep = await first_deploy(cluster)
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert labels[builders.LABEL_MODEL_SHA] == SHA1
+    old = "9" * 40  # an old ReplicaSet's pod, still terminating or serving
+    await cluster.create("pods", NS, {"metadata": {"name": "gpt2-old-rs-x", "labels": {
+        **labels, builders.LABEL_MODEL_SHA: old, REV: "0123456789"}}, "status": {"phase": "Running"}})
+    first_job = (await cluster.list("jobs", NS))[0]["metadata"]["name"]
+    await operator.resync_passes(1)
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"model": {"revision": "v2"}}})
+    job = await download_job(cluster, other_than=(first_job,))
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    keep = command[command.index("--keep") + 1:]
+    assert old in keep and SHA1 in keep
+
+
+async def test_the_evaluation_dataset_is_not_read_while_downloading_and_a_missing_one_does_not_block_it(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    dep = await first_deploy(cluster)
+    first_job = (await cluster.list("jobs", NS))[0]["metadata"]["name"]
+    before = len(cluster.requests())
+    # The ConfigMap does not exist yet: the download still starts.
+    await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {
+        "model": {"revision": "v2"},
+        "evaluation": {"dataset": {"configMapRef": {"name": "eval", "key": "eval.jsonl"}}, "minScore": 0.5}}})
+    job = await download_job(cluster, other_than=(first_job,))
+    await status_where(cluster, "Downloading", lambda s: condition(s, "Progressing").get("reason") == "Downloading")
+    await operator.resync_passes(2)
+    reads = [str(r.url.path) for r in cluster.requests()[before:] if "/configmaps" in str(r.url.path)]
+    assert reads == [], reads  # no dataset GET while the revision downloads
+    assert condition(await status_of(cluster), "Ready").get("reason") != "InvalidSpec"
+    # Complete: now the gate would start, so the dataset is read, and its absence is InvalidSpec naming it.
+    await complete(cluster, job, SHA2)
+    st = await status_where(cluster, "InvalidSpec", lambda s: "spec.evaluation.dataset" in json.dumps(
+        s.get("conditions") or []))
+    assert (await cluster.get("deployments", NS, "gpt2"))["spec"]["template"] == dep["spec"]["template"], st
+    rows = json.dumps({"prompt": "2 + 2 =", "expected": "4"}) + "\n"
+    await cluster.create("configmaps", NS, {"metadata": {"name": "eval"}, "data": {"eval.jsonl": rows}})
+    new = await eventually(lambda: _on_sha(cluster, SHA2), what="the gated Deployment once the dataset exists",
+                           timeout=30)
+    assert new["spec"]["template"]["spec"]["readinessGates"] == [{"conditionType": "gptd.io/evaluated"}]

@@ -22,6 +22,7 @@ from gptd_runtime.config import Settings
 from gptd_runtime.fetch import (
     INCOMPLETE,
     MARKER,
+    PERMANENT_EXIT_CODE,
     FetchError,
     FetchOptions,
     RemoteFile,
@@ -270,20 +271,22 @@ def test_hub_errors_are_one_json_line_and_never_show_the_token(models: dict[str,
         ]
         for env, revision, reason, text in cases:
             result = _cli(dest, env=env, revision=revision)
-            assert result.returncode == 1, result.stdout
+            assert result.returncode == PERMANENT_EXIT_CODE, result.stdout  # no retry can fix these
             [line] = _lines(result.stdout)
             assert line["reason"] == reason and text in line["error"], line
             assert secret not in result.stdout + result.stderr
 
         result = _cli(dest, env={"HF_ENDPOINT": hub.url, "HF_TOKEN": secret}, uri="hf://acme/missing")
         [line] = _lines(result.stdout)
-        assert result.returncode == 1 and line["reason"] == "RepositoryNotFound" and "acme/missing" in line["error"]
+        assert result.returncode == PERMANENT_EXIT_CODE and line["reason"] == "RepositoryNotFound"
+        assert "acme/missing" in line["error"]
 
         hub.gated.add(REPO_ID)
         token_file.write_text(secret + "\n")
         result = _cli(dest, "--token-file", str(token_file), env={"HF_ENDPOINT": hub.url})
         [line] = _lines(result.stdout)
-        assert result.returncode == 1 and line["reason"] == "Forbidden" and "restricted" in line["error"], line
+        assert result.returncode == PERMANENT_EXIT_CODE and line["reason"] == "Forbidden", line
+        assert "restricted" in line["error"], line
 
         hub.gated.clear()  # the token from the file is sent: the private repo downloads
         hub.requests.clear()
@@ -524,7 +527,7 @@ def test_a_revision_whose_ref_leaves_dest_refs_is_refused_before_the_hub_is_aske
     revision = str(tmp_path / "x") if revision == "ABSOLUTE" else revision
     hub.repos[REPO_ID].refs[revision] = hub.last_sha  # even a hub that knows the ref gets no say
     r = _cli(dest, env={"HF_ENDPOINT": hub.url}, revision=revision)
-    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.returncode == PERMANENT_EXIT_CODE, r.stdout + r.stderr  # a bad argument: no retry
     [line] = _lines(r.stdout)
     assert line["reason"] == "InvalidArgument" and "revision" in line["error"], line
     assert hub.requests == []
@@ -549,7 +552,7 @@ def test_result_file_holds_the_last_line_for_the_operator(hub: FakeHub, tmp_path
     line = json.loads(result_file.read_text())
     assert line == _lines(ok.stdout)[-1] and line["revision"] == hub.last_sha and line["complete"] is True
     bad = _cli(dest, "--result-file", str(result_file), env={"HF_ENDPOINT": hub.url}, revision="nope")
-    assert bad.returncode == 1
+    assert bad.returncode == PERMANENT_EXIT_CODE  # revision not found: no retry can fix it
     assert json.loads(result_file.read_text()) == _lines(bad.stdout)[-1] and "nope" in _lines(bad.stdout)[-1]["error"]
 
 
@@ -598,7 +601,7 @@ def test_prune_keeps_the_mounted_and_the_fetched_revisions_and_no_running_work(
         # Without --prune nothing is deleted.
         assert _run(dest, hub.url, "v2") == 0
         assert complete_revision(dest, shas["v1"]) and complete_revision(dest, shas["v2"])
-        assert _run(dest, hub.url, "v2", "--prune", "--keep", "not-a-sha") == 1
+        assert _run(dest, hub.url, "v2", "--prune", "--keep", "not-a-sha") == PERMANENT_EXIT_CODE
 
 
 def test_the_operators_download_job_command_runs_fetch_and_its_result_pins_the_pods(

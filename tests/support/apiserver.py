@@ -245,6 +245,9 @@ class ApiServer(kmock.KubernetesEmulator):
         self._watch_namespaces: set[str | None] = set()
         self.rejections: list[dict[str, Any]] = []
         self.pod_logs: dict[tuple[str, str], str] = {}
+        # A StorageClass without allowVolumeExpansion: the real server's resize admission (PersistentVolumeClaimResize)
+        # answers 403 Forbidden to a larger storage request. One knob for every claim (tests use one class).
+        self.allow_volume_expansion = True
 
     def set_pod_log(self, namespace: str, name: str, text: str) -> None:
         """What the pod's container has written to stdout so far (``GET .../pods/<name>/log`` serves it)."""
@@ -393,6 +396,8 @@ class ApiServer(kmock.KubernetesEmulator):
         new = self._normalise(request, merged, kind, stored["metadata"]["name"], causes)
         if sub is None:
             _check_immutable(res.plural, kind, stored, new)
+            if res.plural == "persistentvolumeclaims" and not self.allow_volume_expansion:
+                _check_expansion(kind, stored, new)
         before = {k: v for k, v in stored.items() if k not in ("metadata", "status")}
         after = {k: v for k, v in new.items() if k not in ("metadata", "status")}
         generation = stored.get("metadata", {}).get("generation") or 1
@@ -472,6 +477,17 @@ def _check_immutable(plural: str, kind: str, old: dict[str, Any], new: dict[str,
                                          "Forbidden: field can not be less than status.capacity")])
     if plural == "jobs" and (old.get("spec") or {}).get("template") != (new.get("spec") or {}).get("template"):
         raise _invalid(kind, name, [("spec.template", "Invalid value: field is immutable")])
+
+
+def _check_expansion(kind: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """The resize admission plugin's answer when the claim's class does not allow expansion (403, its words)."""
+    def size(obj: dict[str, Any]) -> Any:
+        return (((obj.get("spec") or {}).get("resources") or {}).get("requests") or {}).get("storage")
+
+    if size(old) and size(new) and parse_quantity(size(new))[0] > parse_quantity(size(old))[0]:
+        raise ApiRejection(403, "Forbidden", f'{kind.lower()}s "{old["metadata"]["name"]}" is forbidden: only '
+                           "dynamically provisioned pvc can be resized and the storageclass that provisions the pvc "
+                           "must support resize")
 
 
 def _kind_of(server: ApiServer, res: Any) -> str:

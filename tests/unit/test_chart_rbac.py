@@ -64,7 +64,7 @@ def test_jobs_and_claims_rbac(args: tuple[str, ...]) -> None:
     their logs read (a download's progress lines: docs/model-cache.md)."""
     r = rules(render(*args), "Role" if args else "ClusterRole")
     assert grants(r, "batch", "jobs") == {"get", "list", "watch", "create", "patch", "delete"}
-    assert grants(r, "", "persistentvolumeclaims") == {"get", "list", "watch", "create", "patch", "delete"}
+    assert grants(r, "", "persistentvolumeclaims") == {"get", "list", "watch", "create", "patch"}
     assert grants(r, "", "pods") == {"list", "watch"}
     assert grants(r, "", "pods/log") == {"get"}
 

@@ -160,9 +160,37 @@ def test_read_write_once_job_follows_the_pods_to_their_node() -> None:
     assert pod["nodeSelector"] == {"pool": "gpu"}
     assert {"key": "t", "operator": "Exists"} in pod["tolerations"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    # A first download: no pod to follow yet, so only preferred.
     (term,) = pod["affinity"]["podAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == b.selector_labels("gpt2")
     assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in pod["affinity"]["podAffinity"]
+    # Pods of the CR exist: their node holds the volume, so the Job must run there (required, not preferred).
+    template = b.revision_template(s, S)
+    required = mc.build_job("gpt2", "ns", "uid-1", s, S, revision="abc1234567", template=template, attempt=1,
+                            keep=(), pods_exist=True)["spec"]["template"]["spec"]["affinity"]["podAffinity"]
+    assert required == {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": b.selector_labels("gpt2")}, "topologyKey": "kubernetes.io/hostname"}]}
+    p = mc.plan_download("gpt2", "ns", "uid-1", s, S, revision=REV, template=template, previous_status={}, jobs=(),
+                         progress=None, templates=(), now=at(0), pods_exist=True)
+    assert p.create["spec"]["template"]["spec"]["affinity"]["podAffinity"] == required
+
+
+def test_read_write_once_runtime_pods_all_run_on_one_node() -> None:
+    user = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["gpu"]}]}]}}}
+    rwo = spec(model={"uri": "hf://org/m", "cache": {**CACHE, "accessMode": "ReadWriteOnce"}},
+               scheduling={"affinity": user})
+    pod = b.build_pod_template("gpt2", rwo, S, b.with_resolved(b.revision_template(rwo, S), SHA), "stable")
+    affinity = pod["spec"]["affinity"]
+    assert affinity["nodeAffinity"] == user["nodeAffinity"]  # the user's affinity kept
+    assert affinity["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] == [
+        {"labelSelector": {"matchLabels": b.selector_labels("gpt2")}, "topologyKey": "kubernetes.io/hostname"}]
+    rwx = spec(model={"uri": "hf://org/m", "cache": CACHE}, scheduling={"affinity": user})
+    assert b.build_pod_template("gpt2", rwx, S, b.with_resolved(b.revision_template(rwx, S), SHA),
+                                "stable")["spec"]["affinity"] == user
+    plain = b.build_pod_template("gpt2", spec(), S, b.revision_template(spec(), S), "stable")
+    assert plain["spec"].get("affinity") is None
 
 
 def test_pods_mount_the_claim_read_only_and_load_the_resolved_commit() -> None:
@@ -401,17 +429,22 @@ def test_s3_needs_the_operators_aws_image_and_becomes_the_download_job() -> None
     assert c["image"] == "amazon/aws-cli:2" and c["command"][:2] == ["sh", "-c"]
     assert "aws s3 sync --only-show-errors s3://bucket/models/llama" in c["command"][2]
     assert {"name": "AWS_REGION", "value": "eu-west-1"} in c["env"]
-    template = b.with_resolved(b.revision_template(s3, settings), mc.s3_commit("s3://bucket/models/llama", "r"))
+    sha = mc.s3_commit(b.revision_template(s3, settings))
+    template = b.with_resolved(b.revision_template(s3, settings), sha)
     pod = b.build_pod_template("gpt2", s3, settings, template, "stable")
     assert not pod["spec"].get("initContainers")  # the init container's sync became the Job
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
-    assert env["GPTD_MODEL"] == f"file://{b.MODEL_CACHE_DIR}/{mc.s3_commit('s3://bucket/models/llama', 'r')}"
+    assert env["GPTD_MODEL"] == f"file://{b.MODEL_CACHE_DIR}/{sha}"
 
 
-def _s3_script(tmp_path: Any, uri: str = "s3://bucket/models/llama") -> tuple[str, Any, Any]:
-    """The Job's script as built, with the claim's mount and the termination-log path mapped into tmp_path."""
-    s3 = spec(model={"uri": uri, "cache": CACHE})
-    (c,) = _job(s3, s3_init_image="aws:2")["spec"]["template"]["spec"]["containers"]
+S3_SPEC = spec(model={"uri": "s3://bucket/models/llama", "cache": CACHE})
+S3_SHA = mc.s3_commit(b.revision_template(S3_SPEC, S))
+
+
+def _s3_script(tmp_path: Any) -> tuple[str, Any, Any]:
+    """The Job's script as built (keeping SHA_OLD), with the claim's mount and the termination-log path mapped into
+    tmp_path."""
+    (c,) = _job(S3_SPEC, s3_init_image="aws:2")["spec"]["template"]["spec"]["containers"]
     cache, log = tmp_path / "cache", tmp_path / "termination-log"
     return c["command"][2].replace(b.MODEL_CACHE_DIR, str(cache)).replace(mc.RESULT_FILE, str(log)), cache, log
 
@@ -440,15 +473,49 @@ def test_the_s3_job_script_syncs_atomically_and_reports_like_fetch(tmp_path: Any
     script, cache, log = _s3_script(tmp_path)
     subprocess.run(["sh", "-c", script], env=env, check=True, timeout=30)
     result = mc.last_json_line(log.read_text())
-    sha = mc.s3_commit("s3://bucket/models/llama", "abc1234567")
+    sha = S3_SHA
     assert result == {"revision": sha, "complete": True, "path": f"{cache}/{sha}"}
     assert (cache / sha / "model.safetensors").read_bytes() == b"w" * 100 and (cache / sha / ".gptd-complete").exists()
     assert not (cache / ".incomplete" / sha).exists()
     assert calls.read_text().split() == ["s3", "sync", "--only-show-errors", "s3://bucket/models/llama",
                                          f"{cache}/.incomplete/{sha}"]
     log.unlink()
+    # Housekeeping: another complete revision goes, the kept one (SHA_OLD) and what is not a revision stay.
+    stale = "a" * 40
+    for kept in (stale, SHA_OLD):
+        (cache / kept).mkdir()
+        (cache / kept / "model.safetensors").write_text("old")
+    (cache / "refs").mkdir()
     subprocess.run(["sh", "-c", script], env=env, check=True, timeout=30)  # complete already: no sync
     assert len(calls.read_text().splitlines()) == 1 and mc.last_json_line(log.read_text())["revision"] == sha
+    assert sorted(p.name for p in cache.iterdir()) == sorted([".incomplete", "refs", SHA_OLD, sha])
+    assert list((cache / ".incomplete").iterdir()) == []
+
+
+def test_the_cache_is_keyed_on_the_model_not_on_runtime_fields() -> None:
+    """A runtime-only change is a new revision (a rollout) but the same files: no new Job, the same commit."""
+    s1 = cached()
+    s2 = spec(model={"uri": "hf://org/m", "revision": "v2", "cache": CACHE}, runtime={"maxBatchSize": 8})
+    t1, t2 = b.revision_template(s1, S), b.revision_template(s2, S)
+    assert b.revision_hash(t1) != b.revision_hash(t2) and mc.model_key(t1) == mc.model_key(t2)
+    running = b.with_resolved(t1, SHA)
+    p = plan(s=s2, revision=b.revision_hash(t2), templates=(running,))
+    assert p.sha == SHA and p.create is None and p.wait is None
+    # Known from the last download's status too (a first revision, changed before any pod ran it).
+    done = plan(s=s1, status=then({}, plan()), jobs=(job(succeeded=1, conditions=(("Complete", "True", "", ""),),
+                                                          exit_code=0, message=json.dumps(
+        {"revision": SHA, "complete": True, "bytesTotal": 10}), completion_time=at(5)),), t=6)
+    assert done.sha == SHA and done.status["download"]["modelKey"] == mc.model_key(t1)
+    again = plan(s=s2, revision=b.revision_hash(t2), status=then({}, done), t=7)
+    assert again.sha == SHA and again.create is None
+    # Another model revision, token or uri is other files.
+    for other in ({"revision": "v3"}, {"uri": "hf://org/n"}, {"hfTokenSecretRef": {"name": "t", "key": "k"}}):
+        s3 = spec(model={"uri": "hf://org/m", "revision": "v2", "cache": CACHE, **other})
+        assert mc.model_key(b.revision_template(s3, S)) != mc.model_key(t1)
+    # s3: the directory id is the model key, the same across a runtime-only change.
+    a = spec(model={"uri": "s3://bkt/m", "cache": CACHE})
+    c = spec(model={"uri": "s3://bkt/m", "cache": CACHE}, runtime={"maxBatchSize": 8})
+    assert mc.s3_commit(b.revision_template(a, S)) == mc.s3_commit(b.revision_template(c, S))
 
 
 def test_a_failing_s3_sync_publishes_nothing(tmp_path: Any) -> None:
@@ -459,8 +526,7 @@ def test_a_failing_s3_sync_publishes_nothing(tmp_path: Any) -> None:
     script, cache, log = _s3_script(tmp_path)
     done = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode != 0 and "AccessDenied" in done.stderr  # the log tail: FallbackToLogsOnError's message
-    sha = mc.s3_commit("s3://bucket/models/llama", "abc1234567")
-    assert not (cache / sha).exists() and not log.exists()
+    assert not (cache / S3_SHA).exists() and not log.exists()
 
 
 def test_a_job_whose_pod_left_plain_text_reports_it_at_once() -> None:
@@ -469,3 +535,200 @@ def test_a_job_whose_pod_left_plain_text_reports_it_at_once() -> None:
                  message="An error occurred (AccessDenied) when calling the ListObjectsV2 operation")
     p = plan(status=then({}, plan()), jobs=(failed,), t=1)
     assert p.degraded is not None and "AccessDenied" in p.degraded[1] and p.events[0][1] == "DownloadFailed"
+
+
+# ------------------------------------------------------------------------------------------ blocked downloads
+
+
+def _job_dict(name: str = "gpt2-fetch-abc1234567-1") -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": {b.LABEL_REVISION: REV, b.LABEL_COMPONENT: mc.COMPONENT}},
+            "status": {"active": 1, "startTime": "2026-01-01T00:00:00Z"}}
+
+
+def _pod(status: dict[str, Any], name: str = "gpt2-fetch-abc1234567-1") -> dict[str, Any]:
+    return {"metadata": {"name": f"{name}-x", "labels": {"batch.kubernetes.io/job-name": name},
+                         "creationTimestamp": "2026-01-01T00:00:01Z"}, "status": status}
+
+
+UNSCHEDULABLE = {"phase": "Pending", "conditions": [{
+    "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "lastTransitionTime": "2026-01-01T00:00:01Z",
+    "message": "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims"}]}
+CREATING = {"phase": "Pending", "conditions": [
+    {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-01-01T00:00:02Z"}],
+    "containerStatuses": [{"name": "fetch", "state": {"waiting": {"reason": "ContainerCreating"}}}]}
+
+
+@pytest.mark.parametrize("pod_status, grace, words", [
+    (UNSCHEDULABLE, mc.UNSCHEDULABLE_GRACE_SECONDS, "unbound immediate PersistentVolumeClaims"),
+    (CREATING, mc.ATTACH_GRACE_SECONDS, "ContainerCreating"),
+])
+def test_a_download_pod_that_cannot_start_is_degraded_naming_the_cache(
+    pod_status: dict[str, Any], grace: int, words: str
+) -> None:
+    from gptd_operator.observe import observe_job
+
+    started = then({}, plan())
+    jo = observe_job(_job_dict(), [_pod(pod_status)])
+    early = plan(status=started, jobs=(jo,), t=grace - 10)
+    assert early.degraded is None and early.wait[0] == "Downloading"  # a moment: a node scaling up
+    late = plan(status=started, jobs=(jo,), t=5 * 3600)
+    assert late.degraded is not None and late.degraded[0] == "CacheUnavailable"
+    assert late.degraded[1].startswith("spec.model.cache:") and words in late.degraded[1]
+    assert late.status["download"]["display"] == "blocked" and late.create is None
+
+
+def test_a_claim_still_pending_after_a_grace_is_degraded() -> None:
+    started = then({}, plan())
+    claim = {"metadata": {"name": "gpt2-model-cache"}, "spec": {"accessModes": ["ReadWriteMany"],
+             "resources": {"requests": {"storage": "40Gi"}}}, "status": {"phase": "Pending"}}
+    jobs = (job(active=1),)
+    assert plan(status=started, jobs=jobs, claim=claim, t=30).degraded is None
+    late = plan(status=started, jobs=jobs, claim=claim, t=mc.CLAIM_PENDING_GRACE_SECONDS + 1)
+    assert late.degraded is not None and late.degraded[0] == "CacheUnavailable"
+    assert "gpt2-model-cache is still Pending" in late.degraded[1] and "ReadWriteMany" in late.degraded[1]
+    bound = {**claim, "status": {"phase": "Bound"}}
+    assert plan(status=started, jobs=jobs, claim=bound, t=3600).degraded is None
+
+
+def test_a_smaller_size_than_the_live_request_is_a_conflict_compared_as_quantities() -> None:
+    live = {"metadata": {"name": "gpt2-model-cache"}, "spec": {"accessModes": ["ReadWriteMany"],
+            "resources": {"requests": {"storage": "40Gi"}}}}
+    assert mc.claim_conflict(live, cached(size="40Gi")) is None
+    assert mc.claim_conflict(live, cached(size="50Gi")) is None  # growing is a patch
+    assert mc.claim_conflict(live, cached(size="42949672960")) is None  # the same bytes, written otherwise
+    field, message = mc.claim_conflict(live, cached(size="40G"))  # 40G < 40Gi
+    assert field == "spec.model.cache.size" and "can't shrink" in message
+    p = plan(s=cached(size="30Gi"), claim=live)
+    shrink = message.replace("40G)", "30Gi)")
+    assert p.pvc is None and p.degraded == ("InvalidCache", f"spec.model.cache.size: {shrink}")
+
+
+# ------------------------------------------------------------------------------------------ a rollout in flight
+
+TC = {"model": {"uri": "hf://org/c", "revision": "main"}, "runtime": {"image": "rt:1"}, b.MODEL_CACHE_KEY: True}
+RC = b.revision_hash(TC)
+TA_R, TB_R = b.with_resolved(TA, "a" * 40), b.with_resolved(TB, "b" * 40)
+INFLIGHT = {"currentRevision": RA, "lastGoodRevision": RA, "lastGoodTemplate": TA_R,
+            "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                        "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0}}
+
+
+def _c_obs(t: float, stable: DeploymentObs, **kw: Any) -> Observations:
+    """The spec now asks for C (downloading) while B's rollout is in flight on the stable Deployment."""
+    canary = kw.pop("canary", None)
+    return Observations(now=at(t), desired_template=TC, desired_revision=RC, stable=stable, canary=canary,
+                        download_wait=("Downloading", "downloading C"), **kw)
+
+
+def _b_stable(spec_replicas: int = 2) -> DeploymentObs:
+    return DeploymentObs(revision=RB, template=TB_R, spec_replicas=spec_replicas, replicas=3, ready_replicas=1,
+                         updated_replicas=1, available_replicas=1)
+
+
+def test_abort_during_a_download_rolls_the_in_flight_rollout_back() -> None:
+    from gptd_operator.rollout import ABORT_ANNOTATION
+
+    s = parse_spec({"model": {"uri": "hf://org/c", "cache": CACHE}, "replicas": 2})
+    p = decide(s, INFLIGHT, _c_obs(10, _b_stable(), abort=True))
+    assert p.stable.template == TA_R and p.stable.revision == RA  # back to the last good, downloading or not
+    assert p.status["rollout"]["phase"] == "RolledBack" and p.status["rollout"]["revision"] == RB
+    assert ABORT_ANNOTATION in p.annotations_to_clear and [e.reason for e in p.events] == ["RolledBack"]
+    assert p.status["updateRevision"] == RC
+
+
+def test_the_in_flight_rollout_is_still_supervised_during_a_download() -> None:
+    from gptd_operator.observe import PodObs
+
+    s = parse_spec({"model": {"uri": "hf://org/c", "cache": CACHE}, "replicas": 2})
+    crash = PodObs(revision=RB, ready=False, restarts=5, crashloop_message="CrashLoopBackOff: container runtime",
+                   waiting_reason="CrashLoopBackOff")
+    p = decide(s, INFLIGHT, _c_obs(10, _b_stable(), pods=(crash,)))
+    assert p.stable.template == TA_R and p.status["rollout"]["reason"] == "CrashLoop"
+    late = decide(s, INFLIGHT, _c_obs(s.rollout.progressDeadlineSeconds + 1, _b_stable()))
+    assert late.stable.template == TA_R and late.status["rollout"]["reason"] == "ProgressDeadlineExceeded"
+    ok = decide(s, INFLIGHT, _c_obs(10, _b_stable()))
+    assert ok.stable.template == TB_R and ok.status["rollout"]["phase"] == "RollingOut" and ok.events == ()
+    assert next(c for c in ok.conditions if c.type == "Progressing").reason == "Downloading"
+
+
+def test_promote_and_abort_are_kept_while_nothing_can_honour_them() -> None:
+    s = parse_spec({"model": {"uri": "hf://org/b", "cache": CACHE}, "replicas": 2})
+    status = {"currentRevision": RA, "lastGoodRevision": RA, "lastGoodTemplate": TA}
+    stable = DeploymentObs(revision=RA, template=TA, spec_replicas=2)
+    obs = Observations(now=at(0), desired_template=TB, desired_revision=RB, stable=stable, canary=None,
+                       download_wait=("Downloading", "x"), promote=True, abort=True)
+    p = decide(s, status, obs)
+    assert p.annotations_to_clear == () and p.stable.template == TA
+    # While a canary of B is in flight, promote is not honoured for it either: kept for C's rollout.
+    s2 = parse_spec({"model": {"uri": "hf://org/c", "cache": CACHE}, "replicas": 2})
+    p2 = decide(s2, INFLIGHT, _c_obs(10, _b_stable(), promote=True))
+    assert p2.annotations_to_clear == ()
+
+
+def test_an_in_place_canary_keeps_its_stable_replicas_while_the_next_revision_downloads() -> None:
+    s = parse_spec({"model": {"uri": "hf://org/c", "cache": CACHE}, "replicas": 2})
+    status = {**INFLIGHT, "rollout": {**INFLIGHT["rollout"], "phase": "Canary", "step": 0, "inPlace": True}}
+    stable = DeploymentObs(revision=RA, template=TA_R, spec_replicas=1, replicas=1, ready_replicas=1)
+    canary = DeploymentObs(revision=RB, template=TB_R, spec_replicas=1, replicas=1, ready_replicas=1)
+    p = decide(s, status, _c_obs(10, stable, canary=canary))
+    assert p.stable.replicas == 1 and p.canary.replicas == 1 and p.canary.template == TB_R
+    settled = decide(s, {k: v for k, v in status.items() if k != "rollout"}, _c_obs(10, stable))
+    assert settled.stable.replicas == 2  # nothing in flight: the spec's count
+
+
+def test_prune_keeps_every_commit_a_live_pod_mounts() -> None:
+    """A→B→C→D: B's old-ReplicaSet pods still run while C is stable, A last good and D downloads."""
+    from gptd_operator.observe import observe_pod
+
+    shas = {x: x * 40 for x in "abcd"}
+    s = cached()
+    t_b = b.with_resolved(b.revision_template(s, S), shas["b"])
+    pod = b.build_pod_template("gpt2", s, S, t_b, "stable")
+    assert pod["metadata"]["labels"][b.LABEL_MODEL_SHA] == shas["b"]
+    assert b.LABEL_MODEL_SHA not in b.build_pod_template("gpt2", spec(), S, b.revision_template(spec(), S),
+                                                         "stable")["metadata"]["labels"]
+    mounted = observe_pod({"metadata": pod["metadata"], "status": {"phase": "Running"}}).model_sha
+    assert mounted == shas["b"]
+    t_c, t_a = b.with_resolved(TB, shas["c"]), b.with_resolved(TA, shas["a"])
+    p = mc.plan_download("gpt2", "ns", "uid-1", s, S, revision=REV, template=b.revision_template(s, S),
+                         previous_status={}, jobs=(), progress=None, templates=[t_c, None, t_a], now=at(0),
+                         mounted=[mounted, "not-a-sha; rm -rf /"])
+    command = p.create["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--keep") + 1:] == sorted([shas["a"], shas["b"], shas["c"]])
+
+
+def test_a_pod_of_a_deleted_job_of_the_same_name_is_not_this_jobs() -> None:
+    from gptd_operator.observe import observe_job
+
+    def pod(uid: str, how: str, code: int) -> dict[str, Any]:
+        meta: dict[str, Any] = {"name": f"j-{uid}", "creationTimestamp": f"2026-01-01T00:00:0{code}Z",
+                                "labels": {"batch.kubernetes.io/job-name": "j"}}
+        if how == "owner":
+            meta["ownerReferences"] = [{"kind": "Job", "name": "j", "uid": uid, "controller": True}]
+        else:
+            meta["labels"]["batch.kubernetes.io/controller-uid"] = uid
+        return {"metadata": meta, "status": {"phase": "Failed", "containerStatuses": [
+            {"name": "fetch", "state": {"terminated": {"exitCode": code, "message": f"from {uid}"}}}]}}
+
+    new_job = {"metadata": {"name": "j", "uid": "new"}, "status": {"active": 1}}
+    for how in ("owner", "label"):
+        # The old Job's pod is the newer one by creation time: only its uid tells it apart.
+        seen = observe_job(new_job, [pod("new", how, 1), pod("old", how, 2)])
+        assert (seen.pod_name, seen.exit_code, seen.message) == ("j-new", 1, "from new")
+        assert observe_job(new_job, [pod("old", how, 2)]).pod_name is None
+    # A pod without any uid (a hand-made one) still matches by the job-name label.
+    bare = {"metadata": {"name": "j-x", "labels": {"batch.kubernetes.io/job-name": "j"}}, "status": {}}
+    assert observe_job(new_job, [bare]).pod_name == "j-x"
+
+
+def test_a_permanent_fetch_error_fails_the_job_at_once_and_evictions_are_not_counted() -> None:
+    policy = _job()["spec"]["podFailurePolicy"]
+    assert policy["rules"][0] == {"action": "FailJob", "onExitCodes": {
+        "containerName": "fetch", "operator": "In", "values": [mc.PERMANENT_EXIT_CODE]}}
+    assert policy["rules"][1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget",
+                                                                           "status": "True"}]}
+    assert _job()["spec"]["template"]["spec"]["restartPolicy"] == "Never"  # what podFailurePolicy requires
+    fetch = pytest.importorskip("gptd_runtime.fetch", reason="the runtime package is not installed here")
+    assert fetch.PERMANENT_EXIT_CODE == mc.PERMANENT_EXIT_CODE  # the one contract between them
+    assert {"Unauthorized", "Forbidden", "RevisionNotFound", "RepositoryNotFound"} <= fetch.PERMANENT_REASONS
+    assert "Network" not in fetch.PERMANENT_REASONS and "DiskFull" not in fetch.PERMANENT_REASONS

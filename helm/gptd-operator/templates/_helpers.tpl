@@ -145,6 +145,8 @@ the ClusterRole when watching all namespaces, or into one Role per watched names
   resources: ["configmaps"]
   verbs: ["get"]
 # gptd: the last lines of a running download Job's pod log: fetch's JSON progress lines (status.model.download).
+# Scope as every rule here: cluster-wide by default (any pod's log), per namespace with watchNamespaces; see
+# docs/operator.md.
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]
@@ -153,11 +155,11 @@ the ClusterRole when watching all namespaces, or into one Role per watched names
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# gptd: the model cache's PersistentVolumeClaim (watched); deleted only with the CR (ownerReference) unless
-# spec.model.cache.retain.
+# gptd: the model cache's PersistentVolumeClaim (watched). No delete: gptd never deletes a claim (the garbage
+# collector does, with the CR, through the ownerReference; a retained one is the user's).
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # No Secrets: the pods read them by reference; a missing one is reported from the pod's status.
 {{- if eq .Values.scaleToZeroProvider "keda" }}
 # gptd, only with scaleToZeroProvider=keda: the ScaledObject that replaces the HPA for minReplicas 0
