@@ -572,6 +572,25 @@ class EvaluationBaseline(BaseModel):
     rolloutStartedAt: str | None = Field(None, description="status.rollout.startedAt of the rollout that failed it.")
 
 
+class DatasetCheckStatus(BaseModel):
+    """status.datasetCheck: the check of a pvc evaluation dataset by its Job, once per file and revision
+    (dataset_check.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str | None = Field(None, description="Hash of the dataset file, revision and task the check is for.")
+    revision: str | None = None
+    dataset: str | None = Field(None, description="The dataset's identity (claim and file).")
+    specHash: str | None = Field(None, description="Hash of spec.evaluation: a failed check is retried on a change.")
+    job: str | None = Field(None, description="The check Job while it runs.")
+    startedAt: str | None = None
+    passed: bool | None = None
+    rows: int | None = Field(None, description="Valid rows (after spec.evaluation.samples).")
+    labels: list[str] | None = Field(None, description="The gold labels found (classification and NER).")
+    message: str | None = Field(None, description="Why the dataset was refused (the field and the line).")
+    finishedAt: str | None = None
+
+
 class DownloadStatus(BaseModel):
     """status.model.download: the download Job of spec.model.cache for one revision (model_cache.py)."""
 
@@ -644,6 +663,7 @@ class GPTDeploymentStatus(BaseModel):
     rollout: RolloutStatus | None = None
     evaluation: EvaluationStatus | None = None
     evaluationBaseline: EvaluationBaseline | None = None
+    datasetCheck: DatasetCheckStatus | None = None
     model: ModelStatus | None = Field(None, description="The model cache's download (spec.model.cache).")
     autoscaling: AutoscalingStatus | None = None
     conditions: list[Condition] = Field(default_factory=list)

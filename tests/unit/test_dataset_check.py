@@ -146,3 +146,22 @@ def test_a_complete_job_waits_for_its_pods_result() -> None:
     assert _plan(spec, dict(SETTLED), (done,), t=10).wait is not None  # the pod's terminated state not seen yet
     gone = _plan(spec, dict(SETTLED), (done,), t=120)
     assert gone.invalid is not None and "pod is gone" in gone.invalid
+
+
+def test_every_record_the_check_writes_is_declared_in_the_typed_status() -> None:
+    """status.datasetCheck is typed (api.DatasetCheckStatus, extra=forbid): a key the plan writes but the model
+    lacks fails here rather than going undocumented in the CRD."""
+    from gptd_operator.api import DatasetCheckStatus, GPTDeploymentStatus
+
+    spec = make_spec(PVC_EVAL)
+    started = _plan(spec, dict(SETTLED))
+    name = started.create["metadata"]["name"]  # type: ignore[index]
+    status = _with(dict(SETTLED), started)
+    passed = _plan(spec, status, (_job(name, result={"rows": 3, "labels": ["POS"]}),), t=5)
+    failed = _plan(spec, status, (_job(name, result=BAD, ok=False),), t=5)
+    records = [c.record for c in (started, passed, failed)]
+    assert all(records) and {r["passed"] for r in records[1:]} == {True, False}  # type: ignore[index]
+    for record in records:
+        parsed = GPTDeploymentStatus.model_validate({STATUS_KEY: record})
+        assert isinstance(getattr(parsed, STATUS_KEY), DatasetCheckStatus)
+        assert parsed.model_dump(exclude_none=True)[STATUS_KEY] == record
