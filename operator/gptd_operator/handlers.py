@@ -399,21 +399,12 @@ class Reconciler:
                 await self.kube.delete(kube.JOBS, p.namespace, job_name)
             self.recent.pop(("Job", p.namespace, job_name), None)
         if check.create is not None:
-            job_name = check.create["metadata"]["name"]
-            if children.by_kind("Job", job_name, p.name) is None and ("Job", p.namespace, job_name) not in self.recent:
-                # As for any child: the CR may be gone (deleted) although our index still shows it.
-                fresh = await self.kube.get(kube.GPTDEPLOYMENTS, p.namespace, p.name)
-                if fresh is None or (p.uid and (fresh.get("metadata") or {}).get("uid") != p.uid):
-                    return dataclasses.replace(check, events=())
-                try:
-                    created = await self.kube.create(kube.JOBS, check.create)
-                except kube.ApiError as exc:
-                    if exc.status != 409:  # 409: it exists, the watch lags behind
-                        raise
-                else:
-                    self.recent[("Job", p.namespace, job_name)] = created
-                    for type_, reason, message in check.events:
-                        kopf.event(p.body, type=type_, reason=reason, message=message)
+            made = await self._create_job(p, children, check.create)
+            if made is None:
+                return dataclasses.replace(check, events=())
+            if made:
+                for type_, reason, message in check.events:
+                    kopf.event(p.body, type=type_, reason=reason, message=message)
         elif check.events:
             for type_, reason, message in check.events:
                 kopf.event(p.body, type=type_, reason=reason, message=message)
@@ -502,21 +493,28 @@ class Reconciler:
             if job["metadata"]["name"] in cache.delete:
                 await self.kube.delete(kube.JOBS, p.namespace, job["metadata"]["name"])
                 self.recent.pop(("Job", p.namespace, job["metadata"]["name"]), None)
-        if cache.create is not None:
+        if cache.create is not None and await self._create_job(p, children, cache.create):
             job_name = cache.create["metadata"]["name"]
-            if children.by_kind("Job", job_name, p.name) is None and ("Job", p.namespace, job_name) not in self.recent:
-                # As for any child: the CR may be gone (deleted) although our index still shows it.
-                fresh = await self.kube.get(kube.GPTDEPLOYMENTS, p.namespace, p.name)
-                if fresh is None or (p.uid and (fresh.get("metadata") or {}).get("uid") != p.uid):
-                    return
-                try:
-                    created = await self.kube.create(kube.JOBS, cache.create)
-                except kube.ApiError as exc:
-                    if exc.status != 409:  # 409: it exists, the watch lags behind
-                        raise
-                else:
-                    self.recent[("Job", p.namespace, job_name)] = created
-                    kopf.event(p.body, type="Normal", reason="JobCreated", message=f"Job {job_name}")
+            kopf.event(p.body, type="Normal", reason="JobCreated", message=f"Job {job_name}")
+
+    async def _create_job(self, p: _Pass, children: Children, job: dict[str, Any]) -> bool | None:
+        """Create a one-off Job (download, dataset check) unless the index or a write of ours not yet in it has it.
+        True: created; False: it exists (also a 409 while the watch lags behind); None: the CR is gone (deleted,
+        or recreated with another uid) although our index still shows it, so nothing was created."""
+        job_name = job["metadata"]["name"]
+        if children.by_kind("Job", job_name, p.name) is not None or ("Job", p.namespace, job_name) in self.recent:
+            return False
+        fresh = await self.kube.get(kube.GPTDEPLOYMENTS, p.namespace, p.name)
+        if fresh is None or (p.uid and (fresh.get("metadata") or {}).get("uid") != p.uid):
+            return None
+        try:
+            created = await self.kube.create(kube.JOBS, job)
+        except kube.ApiError as exc:
+            if exc.status != 409:
+                raise
+            return False
+        self.recent[("Job", p.namespace, job_name)] = created
+        return True
 
     async def _build(self, p: _Pass, spec: GPTDeploymentSpec, plan: Plan, children: Children) -> _Built | None:
         """The children the plan wants (pure builders) and those to delete; None after a refusal."""
