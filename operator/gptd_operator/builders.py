@@ -344,6 +344,52 @@ def container_security_context(settings: Settings) -> dict[str, Any]:
     }
 
 
+def verdict_job(
+    name: str, namespace: str, uid: str, settings: Settings, *, job_name: str, labels: dict[str, str],
+    annotations: dict[str, str], container: dict[str, Any], volumes: list[dict[str, Any]], deadline_seconds: int,
+    result_file: str,
+) -> dict[str, Any]:
+    """A one-shot Job whose pod's termination message (``result_file``) is a verdict the operator reads: the
+    evaluator and the dataset check. ``container`` gives name, image, command, volumeMounts and resources; the
+    rest (restricted security, no service-account token, HOME on the writable /tmp) is the same for both."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [owner_reference(name, uid)],
+        },
+        "spec": {
+            "backoffLimit": 0,  # a verdict is not retried: a failure is the result...
+            # ...but a pod evicted or preempted (a node drain) says nothing about the model or the data: recreated.
+            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [
+                {"type": "DisruptionTarget", "status": "True"}]}]},
+            "activeDeadlineSeconds": deadline_seconds,
+            "ttlSecondsAfterFinished": 3600,  # the operator deletes it once the verdict is in status
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{
+                        **container,
+                        "env": [{"name": "HOME", "value": "/tmp"}],
+                        "terminationMessagePath": result_file,
+                        "terminationMessagePolicy": "File",
+                        "securityContext": container_security_context(settings),
+                    }],
+                    "volumes": volumes,
+                    "securityContext": pod_security_context(settings),
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                },
+            },
+        },
+    }
+
+
 def _resources(spec: GPTDeploymentSpec) -> dict[str, Any]:
     res = spec.resources
     requests: dict[str, str] = {}

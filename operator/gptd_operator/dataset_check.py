@@ -156,47 +156,21 @@ def build_job(
         args += ["--samples", str(ev.samples)]
     args += ["--result-file", RESULT_FILE]
     labels = {**builders.job_labels(name, COMPONENT, revision), "gptd.io/evaluation-key": key}
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": jname,
-            "namespace": namespace,
-            "labels": labels,
-            "annotations": {"gptd.io/dataset": pvc_identity(spec)},
-            "ownerReferences": [builders.owner_reference(name, uid)],
+    # activeDeadlineSeconds: e.g. a claim no pod here can mount fails, named.
+    return builders.verdict_job(
+        name, namespace, uid, settings, job_name=jname, labels=labels,
+        annotations={"gptd.io/dataset": pvc_identity(spec)},
+        container={
+            "name": "check",
+            "image": image,
+            "command": args,
+            "volumeMounts": [
+                {"name": "dataset", "mountPath": DATASET_FILE, "subPath": path, "readOnly": True},
+                {"name": "tmp", "mountPath": "/tmp"}],
+            "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
         },
-        "spec": {
-            "backoffLimit": 0,  # a bad row stays bad: a failure is the result...
-            # ...but a pod evicted or preempted (a node drain) says nothing about the data: recreated.
-            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [
-                {"type": "DisruptionTarget", "status": "True"}]}]},
-            "activeDeadlineSeconds": ev.timeoutSeconds,  # e.g. a claim no pod here can mount: fails, named
-            "ttlSecondsAfterFinished": 3600,  # the operator deletes it once the verdict is in status
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "containers": [{
-                        "name": "check",
-                        "image": image,
-                        "command": args,
-                        "env": [{"name": "HOME", "value": "/tmp"}],
-                        "volumeMounts": [
-                            {"name": "dataset", "mountPath": DATASET_FILE, "subPath": path, "readOnly": True},
-                            {"name": "tmp", "mountPath": "/tmp"}],
-                        "terminationMessagePath": RESULT_FILE,
-                        "terminationMessagePolicy": "File",
-                        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
-                        "securityContext": builders.container_security_context(settings),
-                    }],
-                    "volumes": [
-                        {"name": "dataset", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}},
-                        {"name": "tmp", "emptyDir": {}}],
-                    "securityContext": builders.pod_security_context(settings),
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                },
-            },
-        },
-    }
+        volumes=[
+            {"name": "dataset", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}},
+            {"name": "tmp", "emptyDir": {}}],
+        deadline_seconds=ev.timeoutSeconds, result_file=RESULT_FILE,
+    )

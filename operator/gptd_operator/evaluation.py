@@ -520,44 +520,16 @@ def build_job(
         args += ["--ca-file", f"{CA_DIR}/ca.crt", "--server-name", f"{names.service(name)}.{namespace}.svc"]
     labels = {**builders.job_labels(name, builders.EVALUATION_COMPONENT, job.revision), LABEL_ROLE: job.role,
               LABEL_KEY: job.key}
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": job.name,
-            "namespace": namespace,
-            "labels": labels,
-            "annotations": {ANN_TARGET: f"{job.pod} (revision {job.revision})", ANN_TARGET_UID: job.uid,
-                            ANN_TARGET_IP: job.ip},
-            "ownerReferences": [builders.owner_reference(name, uid)],
+    return builders.verdict_job(
+        name, namespace, uid, settings, job_name=job.name, labels=labels,
+        annotations={ANN_TARGET: f"{job.pod} (revision {job.revision})", ANN_TARGET_UID: job.uid,
+                     ANN_TARGET_IP: job.ip},
+        container={
+            "name": "evaluate",
+            "image": image,
+            "command": args,
+            "volumeMounts": mounts,
+            "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
         },
-        "spec": {
-            "backoffLimit": 0,  # a score is not retried: a failure is the result...
-            # ...but an evaluator pod evicted or preempted (a node drain) is not the revision's fault: recreated.
-            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [
-                {"type": "DisruptionTarget", "status": "True"}]}]},
-            "activeDeadlineSeconds": ev.timeoutSeconds + JOB_DEADLINE_MARGIN_SECONDS,
-            "ttlSecondsAfterFinished": 3600,  # the operator deletes it once the result is in status
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "containers": [{
-                        "name": "evaluate",
-                        "image": image,
-                        "command": args,
-                        "env": [{"name": "HOME", "value": "/tmp"}],
-                        "volumeMounts": mounts,
-                        "terminationMessagePath": RESULT_FILE,
-                        "terminationMessagePolicy": "File",
-                        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
-                        "securityContext": builders.container_security_context(settings),
-                    }],
-                    "volumes": volumes,
-                    "securityContext": builders.pod_security_context(settings),
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                },
-            },
-        },
-    }
+        volumes=volumes, deadline_seconds=ev.timeoutSeconds + JOB_DEADLINE_MARGIN_SECONDS, result_file=RESULT_FILE,
+    )
