@@ -4,9 +4,11 @@ classification / NER / generation models built by the tests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import ssl
 import subprocess
 import sys
 import threading
@@ -26,6 +28,7 @@ from seqeval.scheme import IOB2
 from sklearn import metrics as sklearn_metrics
 
 from tests.support.runtime import REPO, ServerProcess, free_port
+from tests.support.tls import CA
 
 KEYS = {"metric", "average", "score", "samples", "perLabel", "accuracy", "seconds"}
 API_KEY = "eval-key-0123456789"
@@ -515,56 +518,43 @@ def test_unexpected_responses_and_label_mismatches_are_reported(stub: _Stub, tmp
     assert "Traceback" not in err
 
 
-def test_https_runtime_is_verified_against_the_ca_file(tmp_path: Path) -> None:
-    import shutil
-    import ssl
-
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl binary to make a test certificate")
+@contextlib.contextmanager
+def _https_stub(tmp_path: Path, *, dns: tuple[str, ...], ips: tuple[str, ...]) -> Iterator[tuple[str, Path]]:
+    """The stub runtime over TLS with a certificate naming ``dns``/``ips``, issued by a test CA: (url, CA file)."""
+    ca = CA()
+    issued = ca.issue("stub-runtime", dns=dns, ips=ips)
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    cert.write_bytes(issued.cert_pem)
+    key.write_bytes(issued.key_pem)
     server = _Stub([])
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"https://127.0.0.1:{server.server_address[1]}"
-        rows = _rows(3)
-        ok = EvalOptions(url=url, task="text-classification", metric="accuracy", average="macro", ca_file=cert)
-        assert evaluate(rows, ok)["score"] == 1.0
-        untrusted = EvalOptions(url=url, task="text-classification", metric="accuracy", average="macro")
-        with pytest.raises(EvaluationError) as e:
-            evaluate(rows, untrusted)
-        assert "CERTIFICATE_VERIFY_FAILED" in e.value.message
+        yield f"https://127.0.0.1:{server.server_address[1]}", ca.write(tmp_path / "ca.pem")
     finally:
         server.shutdown()
         server.server_close()
 
 
+def test_https_runtime_is_verified_against_the_ca_file(tmp_path: Path) -> None:
+    with _https_stub(tmp_path, dns=("localhost",), ips=("127.0.0.1",)) as (url, ca_file):
+        rows = _rows(3)
+        ok = EvalOptions(url=url, task="text-classification", metric="accuracy", average="macro", ca_file=ca_file)
+        assert evaluate(rows, ok)["score"] == 1.0
+        untrusted = EvalOptions(url=url, task="text-classification", metric="accuracy", average="macro")
+        with pytest.raises(EvaluationError) as e:
+            evaluate(rows, untrusted)
+        assert "CERTIFICATE_VERIFY_FAILED" in e.value.message
+
+
 def test_https_by_ip_is_verified_for_the_server_name(tmp_path: Path) -> None:
     """The operator's Job reaches one pod by IP; the certificate names the Service: --server-name."""
-    import shutil
-    import ssl
-
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl binary to make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=gpt2",
-                    "-addext", "subjectAltName=DNS:gpt2.ns.svc", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    server = _Stub([])
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"https://127.0.0.1:{server.server_address[1]}"
+    with _https_stub(tmp_path, dns=("gpt2.ns.svc",), ips=()) as (url, ca_file):
         rows = _rows(3)
         common = {"url": url, "task": "text-classification", "metric": "accuracy", "average": "macro",
-                  "ca_file": cert}
+                  "ca_file": ca_file}
         assert evaluate(rows, EvalOptions(**common, server_name="gpt2.ns.svc"))["score"] == 1.0
         for wrong in (None, "other.ns.svc"):  # by IP alone, or another name: refused
             with pytest.raises(EvaluationError) as e:
@@ -573,8 +563,5 @@ def test_https_by_ip_is_verified_for_the_server_name(tmp_path: Path) -> None:
         # the CLI takes it too
         dataset = _write(tmp_path / "d.jsonl", [{"text": "t", "label": "a"}])
         rc, out, err = _cli("--url", url, "--dataset", str(dataset), "--task", "text-classification",
-                            "--ca-file", str(cert), "--server-name", "gpt2.ns.svc")
+                            "--ca-file", str(ca_file), "--server-name", "gpt2.ns.svc")
         assert rc == 0 and "score" in out[0], (out, err)
-    finally:
-        server.shutdown()
-        server.server_close()
