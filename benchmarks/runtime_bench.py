@@ -5,9 +5,12 @@ Both servers are started here as subprocesses on the same model directory (a dem
 gptd_runtime.demo unless --model-dir is given) and driven with the same OpenAI completions load (httpx async),
 streaming and non-streaming: `--requests` requests of `--max-tokens` tokens at each concurrency level. Generated
 tokens are counted from each response's `usage` (random weights may emit EOS early; both servers are counted the
-same way). The bound is measured in this process between the server runs, while both servers are idle: greedy
-decoding with a KV cache (no server, no scheduler), same model, same torch thread count as gptd, batch 1 and the
-highest concurrency level, `--max-tokens` tokens after a prompt of the benchmark's length. Prints markdown tables.
+same way). The bound is measured in this process, while both servers are idle, right before and right after each
+cell (one concurrency level and mode, both servers back to back): greedy decoding with a KV cache (no server, no
+scheduler), same model, same torch thread count as gptd, batch = the cell's clients, `--max-tokens` tokens after a
+prompt of the benchmark's length. Each run is reported against the mean of its own cell's two bound figures, and
+the per-round ratios are summarised by their median and range (this shared VM moves the bound itself by 30 % within
+minutes). Prints markdown tables.
 
     .venv/bin/python benchmarks/runtime_bench.py --rounds 3            # CPU, 64 req x 64 tok, 1 and 32 clients
     .venv/bin/python benchmarks/runtime_bench.py --device cuda --dtype float16 --requests 256
@@ -31,6 +34,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -49,6 +53,10 @@ class Result:
     ttfts: list[float]
     errors: int
     busy_cpu: float = 0.0  # CPU seconds of the server's busiest thread (its batching loop) during the run
+    round: int = 0
+    # The bound paired with this run: the mean of the bare loop's figures just before and just after its cell.
+    bound: float = float("nan")
+    bound_cpu: float = float("nan")
 
     @property
     def tok_s(self) -> float:
@@ -187,10 +195,67 @@ def _merge(results: list[Result]) -> list[Result]:
     return list(merged.values())
 
 
+@dataclass(frozen=True)
+class Spread:
+    """A per-round figure over the rounds: its median and range."""
+
+    values: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+    def fmt(self, scale: float = 100.0, unit: str = " %", digits: int = 0) -> str:
+        if not self.values:
+            return "n/a"
+        lo, hi = min(self.values), max(self.values)
+        med = f"{scale * self.median:.{digits}f}{unit}"
+        return med if len(self.values) == 1 else f"{med} ({scale * lo:.{digits}f}-{scale * hi:.{digits}f})"
+
+
+def of_bound(results: list[Result]) -> dict[tuple[str, str, int], tuple[Spread, Spread]]:
+    """Per (server, mode, clients): each round's tokens/s over its paired bound, and the same per CPU-second."""
+    out: dict[tuple[str, str, int], tuple[list[float], list[float]]] = {}
+    for r in results:
+        wall, cpu = out.setdefault((r.server, r.mode, r.clients), ([], []))
+        wall.append(r.tok_s / r.bound)
+        cpu.append(r.tok_per_cpu_s / r.bound_cpu)
+    return {k: (Spread(tuple(w)), Spread(tuple(c))) for k, (w, c) in out.items()}
+
+
+def versus(results: list[Result], server: str, peer: str) -> dict[tuple[str, int], tuple[Spread, Spread]]:
+    """Per (mode, clients): server ÷ peer within each round (the two ran back to back), wall and per CPU-second."""
+    runs = {(r.server, r.mode, r.clients, r.round): r for r in results}
+    out: dict[tuple[str, int], tuple[list[float], list[float]]] = {}
+    for (name, mode, clients, round_), a in runs.items():
+        b = runs.get((peer, mode, clients, round_))
+        if name != server or b is None:
+            continue
+        wall, cpu = out.setdefault((mode, clients), ([], []))
+        wall.append(a.tok_s / b.tok_s)
+        cpu.append(a.tok_per_cpu_s / b.tok_per_cpu_s)
+    return {k: (Spread(tuple(w)), Spread(tuple(c))) for k, (w, c) in out.items()}
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+_BOUND_MODELS: dict[tuple[Path, str, str], tuple[Any, Any]] = {}
+
+
+def _bound_model(model_dir: Path, device: str, dtype: str) -> tuple[Any, Any]:
+    """Tokenizer and model for the bound, loaded once (it is measured eight times a round)."""
+    key = (model_dir, device, dtype)
+    if key not in _BOUND_MODELS:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+        _BOUND_MODELS[key] = (AutoTokenizer.from_pretrained(model_dir), model)
+    return _BOUND_MODELS[key]
 
 
 def bare_decode(model_dir: Path, device: str, dtype: str, threads: int, batch: int, prompt: str,
@@ -199,12 +264,10 @@ def bare_decode(model_dir: Path, device: str, dtype: str, threads: int, batch: i
     tokens per CPU-second of this thread) over `repeats` runs after a warm-up run (batch x max_tokens tokens,
     prefill included, as the servers' wall time includes it)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if device == "cpu":
         torch.set_num_threads(threads)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    tok, model = _bound_model(model_dir, device, dtype)
     ids = torch.tensor([tok(prompt).input_ids] * batch, device=device)
     wall = cpu = 0.0
     with torch.inference_mode():
@@ -339,23 +402,35 @@ def main() -> int:
         urls = {name: stack.enter_context(_server(name, cmd, port, ready, work, env, procs))
                 for name, cmd, port, ready, env in servers}
         for round_ in range(args.rounds):
-            for c in sorted({1, max(levels)}):
-                tok_s, tok_cpu = bare_decode(args.model_dir, args.device, args.dtype, threads, c, prompt,
-                                             args.max_tokens)
-                bounds.setdefault(c, []).append(tok_s)
-                bounds_cpu.setdefault(c, []).append(tok_cpu)
-                print(f"round {round_ + 1} bound batch={c}: {tok_s:.0f} tok/s, {tok_cpu:.0f} tok/CPU-s "
-                      f"(load {_load()})", file=sys.stderr)
+            # The bound is measured right before and right after each cell (one level, one mode, both servers), and
+            # each server's run is divided by the mean of the two: on a shared VM the bound itself moves by 30 % or
+            # more within minutes, so a bound measured once per round is a poor reference for a cell run minutes
+            # later. The servers' order alternates between rounds so neither always runs first.
+            order = list(urls.items()) if round_ % 2 == 0 else list(reversed(urls.items()))
             for clients in levels:
                 n = args.single_client_requests if clients == 1 else args.requests
                 for mode in modes:
-                    for name, url in urls.items():
+                    before = bare_decode(args.model_dir, args.device, args.dtype, threads, clients, prompt,
+                                         args.max_tokens)
+                    cell: list[Result] = []
+                    for name, url in order:
                         r = asyncio.run(_drive(name, url, clients, n, args.max_tokens, mode == "stream",
                                                procs[name].pid))
-                        print(f"round {round_ + 1} {name} {mode} clients={clients}: {r.tok_s:.0f} tok/s, "
-                              f"{r.tok_per_cpu_s:.0f} tok/CPU-s, {r.errors} errors (load {_load()})",
+                        cell.append(r)
+                    after = bare_decode(args.model_dir, args.device, args.dtype, threads, clients, prompt,
+                                        args.max_tokens)
+                    ref = ((before[0] + after[0]) / 2, (before[1] + after[1]) / 2)
+                    bounds.setdefault(clients, []).extend([before[0], after[0]])
+                    bounds_cpu.setdefault(clients, []).extend([before[1], after[1]])
+                    print(f"round {round_ + 1} bound batch={clients} {mode}: {before[0]:.0f} before, "
+                          f"{after[0]:.0f} after tok/s ({before[1]:.0f}, {after[1]:.0f} tok/CPU-s)", file=sys.stderr)
+                    for r in cell:
+                        r.bound, r.bound_cpu, r.round = ref[0], ref[1], round_
+                        print(f"round {round_ + 1} {r.server} {mode} clients={clients}: {r.tok_s:.0f} tok/s "
+                              f"({100 * r.tok_s / ref[0]:.0f} % of bound), {r.tok_per_cpu_s:.0f} tok/CPU-s "
+                              f"({100 * r.tok_per_cpu_s / ref[1]:.0f} %), {r.errors} errors (load {_load()})",
                               file=sys.stderr)
-                        results.append(r)
+                    results.extend(cell)
         if args.profile:  # untimed: py-spy samples gptd while it serves the top level, streaming, until it is done
             spy = subprocess.Popen(
                 [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(procs["gptd"].pid), "-d",
@@ -363,20 +438,25 @@ def main() -> int:
                  str(profile_raw)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             while spy.poll() is None:
                 asyncio.run(_drive("gptd", urls["gptd"], max(levels), args.requests, args.max_tokens, True))
+    per_round = results
+    ratios = of_bound(per_round)
     results = _merge(results)
     bound = {c: statistics.median(v) for c, v in bounds.items()}
     bound_cpu = {c: statistics.median(v) for c, v in bounds_cpu.items()}
 
-    print(f"\nBound (bare decode loop, median of {args.rounds} rounds): "
-          + ", ".join(f"batch {c}: {bound[c]:.0f} tok/s, {bound_cpu[c]:.0f} tok/CPU-s" for c in sorted(bound)))
+    print(f"\nBound (bare decode loop, measured before and after every cell; median of {len(bounds[max(bounds)])} "
+          "measurements): " + ", ".join(
+              f"batch {c}: {bound[c]:.0f} tok/s ({min(bounds[c]):.0f}-{max(bounds[c]):.0f}), {bound_cpu[c]:.0f} "
+              f"tok/CPU-s" for c in sorted(bound)))
+    print(f"\n% of bound: each round's run over the mean of the bound just before and after its cell; median over "
+          f"{args.rounds} round(s), range in brackets. tokens/s, latencies and TTFT: all rounds pooled.")
     print("\n| server | mode | clients | requests | gen tokens | tokens/s | % of bound | tok/CPU-s of the generation "
           "thread | % of bound (CPU) | p50 latency s | p95 latency s | p50 TTFT s | p95 TTFT s | errors |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        b = bound.get(r.clients) or bound[max(bound)]
-        bc = bound_cpu.get(r.clients) or bound_cpu[max(bound_cpu)]
+        wall, cpu = ratios[(r.server, r.mode, r.clients)]
         print(f"| {r.server} | {r.mode} | {r.clients} | {r.requests} | {r.tokens} | {r.tok_s:.0f} | "
-              f"{100 * r.tok_s / b:.0f} % | {r.tok_per_cpu_s:.0f} | {100 * r.tok_per_cpu_s / bc:.0f} % | "
+              f"{wall.fmt()} | {r.tok_per_cpu_s:.0f} | {cpu.fmt()} | "
               f"{_pct(r.latencies, 50):.3f} | {_pct(r.latencies, 95):.3f} | "
               f"{_pct(r.ttfts, 50):.3f} | {_pct(r.ttfts, 95):.3f} | {r.errors} |")
     by = {(r.server, r.mode, r.clients): r for r in results}
@@ -387,15 +467,18 @@ def main() -> int:
                 print(f"WARNING: {mode} {c} clients: generated token counts differ {counts}; compare tokens/s "
                       "with care", file=sys.stderr)
     if not args.skip_transformers:
-        print("\n| mode | clients | gptd % of bound | peer % of bound | throughput ratio gptd / peer "
-              "| tok/CPU-s ratio gptd / peer | p50 latency ratio | p50 TTFT ratio |")
-        print("|---|---|---|---|---|---|---|---|")
+        vs = versus(per_round, "gptd", "transformers-serve")
+        print("\n| mode | clients | gptd % of bound (wall / CPU) | peer % of bound (wall / CPU) | gptd / peer "
+              "(wall / CPU) | p50 latency ratio | p50 TTFT ratio |")
+        print("|---|---|---|---|---|---|---|")
         for c in levels:
             for mode in modes:
                 a, b2 = by[("gptd", mode, c)], by[("transformers-serve", mode, c)]
-                bc = bound.get(c) or bound[max(bound)]
-                print(f"| {mode} | {c} | {100 * a.tok_s / bc:.0f} % | {100 * b2.tok_s / bc:.0f} % | "
-                      f"{a.tok_s / b2.tok_s:.2f}x | {a.tok_per_cpu_s / b2.tok_per_cpu_s:.2f}x | "
+                ga, gc = ratios[("gptd", mode, c)]
+                pa, pc = ratios[("transformers-serve", mode, c)]
+                va, vc = vs[(mode, c)]
+                print(f"| {mode} | {c} | {ga.fmt()} / {gc.fmt()} | {pa.fmt()} / {pc.fmt()} | "
+                      f"{va.fmt(1, 'x', 2)} / {vc.fmt(1, 'x', 2)} | "
                       f"{_pct(a.latencies, 50) / _pct(b2.latencies, 50):.2f} | "
                       f"{_pct(a.ttfts, 50) / _pct(b2.ttfts, 50):.2f} |")
     if args.profile and profile_raw.exists():
@@ -410,6 +493,7 @@ def main() -> int:
     print(f"\nload after the run: {_load()}")
     if args.json:
         args.json.write_text(json.dumps({"bound": bound, "bound_cpu": bound_cpu, "bounds": bounds,
+                                         "bounds_cpu": bounds_cpu, "per_round": [r.__dict__ for r in per_round],
                                          "results": [r.__dict__ for r in results]}, default=str, indent=1))
     shutil.rmtree(work, ignore_errors=True)
     return 0
