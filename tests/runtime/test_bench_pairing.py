@@ -23,9 +23,9 @@ def bench() -> ModuleType:
 
 
 def _run(bench: ModuleType, server: str, round_: int, tokens: int, wall: float, cpu: float, bound: float,
-         bound_cpu: float, mode: str = "stream", clients: int = 32):
+         bound_cpu: float, mode: str = "stream", clients: int = 32, busy_cpu: float = float("nan")):
     return bench.Result(server, mode, clients, 64, tokens, wall, [wall], [0.1], 0, busy_cpu=cpu, round=round_,
-                        bound=bound, bound_cpu=bound_cpu)
+                        bound=bound, bound_cpu=bound_cpu, bound_busy_cpu=busy_cpu)
 
 
 def test_each_round_is_divided_by_its_own_bound(bench: ModuleType) -> None:
@@ -60,3 +60,12 @@ def test_peer_ratio_pairs_runs_of_the_same_round_and_cell(bench: ModuleType) -> 
 def test_one_round_prints_no_range(bench: ModuleType) -> None:
     assert bench.Spread((0.5,)).fmt() == "50 %"
     assert bench.Spread(()).fmt() == "n/a"
+
+
+def test_the_busy_bound_is_a_separate_reference(bench: ModuleType) -> None:
+    # 2000 tokens in 1 CPU-second; the bound alone does 4000 per CPU-second, beside a busy neighbour 2500.
+    runs = [_run(bench, "gptd", 0, 2000, 1.0, 1.0, 4000.0, 4000.0, busy_cpu=2500.0)]
+    _, alone = bench.of_bound(runs)[("gptd", "stream", 32)]
+    _, busy = bench.of_bound(runs, busy=True)[("gptd", "stream", 32)]
+    assert alone.values == pytest.approx((0.5,))
+    assert busy.values == pytest.approx((0.8,))
