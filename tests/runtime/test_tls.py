@@ -258,7 +258,7 @@ def test_metrics_port_through_sigterm(server_factory: Any, models: Any) -> None:
 def test_a_rotated_client_ca_is_trusted_and_the_old_one_no_longer_without_a_restart(
     models: Any, volume: SecretVolume, ca: tuple[CA, Path], engine: ContractEngine, tmp_path: Path
 ) -> None:
-    authority, ca_file = ca  # signs the server's certificate (what clients verify the server with)
+    _, ca_file = ca  # signs the server's certificate (what clients verify the server with)
     old_clients, new_clients = CA("client CA 2026"), CA("client CA 2027")
     client_ca = old_clients.write(tmp_path / "client-ca.crt")
     (tmp_path / "old").mkdir()
