@@ -321,6 +321,50 @@ async def test_echo_and_token_prompts(app_factory: Any, contract: ContractEngine
         assert _err(empty)["param"] == "prompt"
 
 
+async def test_a_null_or_omitted_prompt_is_the_text_boundary_token(app_factory: Any) -> None:
+    """OpenAI's `prompt` is nullable, defaulting to "<|endoftext|>": one token to condition on (real engine)."""
+    async with app_factory() as (client, _app):
+        for prompt in ({"prompt": None}, {}):
+            r = await client.post("/v1/completions", json={**prompt, "max_tokens": 4, "temperature": 0,
+                                                            "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["usage"]["prompt_tokens"] == 1 and body["usage"]["completion_tokens"] == 4
+            assert body["choices"][0]["text"]
+
+
+class _Boundaries:
+    """A tokenizer with other beginning/end-of-text tokens (the demo model's are one token)."""
+
+    def __init__(self, tok: Any, bos: int | None, eos: int | None):
+        self._tok, self.bos_token_id, self.eos_token_id = tok, bos, eos
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tok, name)
+
+    def __len__(self) -> int:
+        return len(self._tok)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._tok(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("bos", "eos", "expected"), [(5, 7, [5]), (None, 7, [7]), (None, None, None)])
+async def test_a_null_prompt_is_bos_else_eos_else_a_400(
+    app_factory: Any, contract: ContractEngine, bos: int | None, eos: int | None, expected: list[int] | None
+) -> None:
+    engine = ContractEngine(_Boundaries(contract.tokenizer, bos, eos))
+    async with app_factory("chat", engine=engine) as (client, _app):
+        r = await client.post("/v1/completions", json={"prompt": None, "max_tokens": 2})
+        if expected is None:
+            assert _err(r)["param"] == "prompt"
+            assert engine.submitted == []
+        else:
+            assert r.status_code == 200, r.text
+            assert [s.prompt_ids for s in engine.submitted] == [expected]
+            assert r.json()["usage"]["prompt_tokens"] == 1
+
+
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
 @pytest.mark.parametrize("seed", [2**63, -2**63 - 1, 2**70])
 async def test_a_seed_outside_int64_is_a_400_naming_seed(

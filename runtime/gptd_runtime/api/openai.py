@@ -160,9 +160,12 @@ async def _run(
 
 def _prompts(engine: Any, body: CompletionRequest, redactor: Redactor | None) -> tuple[list[list[int]], list[str]]:
     """Token ids and text of each prompt, masked first when redacting (token-id prompts: decoded, masked, and
-    re-encoded if anything was masked). An empty prompt still needs one token to condition on."""
+    re-encoded if anything was masked). An empty prompt still needs one token to condition on; a null one is the
+    model's text-boundary token."""
     tok = engine.tokenizer
     raw = body.prompt
+    if raw is None:
+        raw = [_text_boundary_token(tok)]
     if isinstance(raw, list) and not raw:
         raise bad_request("prompt: must not be an empty list", param="prompt")
     if isinstance(raw, str):
@@ -186,6 +189,16 @@ def _prompts(engine: Any, body: CompletionRequest, redactor: Redactor | None) ->
         ids_list.append(ids or [tok.eos_token_id or 0])
         texts.append(text)
     return ids_list, texts
+
+
+def _text_boundary_token(tok: Any) -> int:
+    """What a null prompt means: OpenAI's default prompt is "<|endoftext|>", the token GPT models start (and end)
+    a text with; for other models that is their beginning-of-text token, else their end-of-text one."""
+    for token_id in (tok.bos_token_id, tok.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise bad_request("prompt: must be given for this model (its tokenizer has neither a beginning- nor an "
+                      "end-of-text token to stand for a null prompt)", param="prompt")
 
 
 @router.post("/v1/completions", response_model=None)

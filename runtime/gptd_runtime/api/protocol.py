@@ -97,8 +97,9 @@ class SamplingFields(_Request):
 
 
 class CompletionRequest(SamplingFields):
-    # A string, a list of strings, one pre-tokenized prompt, or a list of pre-tokenized prompts.
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # A string, a list of strings, one pre-tokenized prompt, or a list of pre-tokenized prompts. Null or omitted:
+    # OpenAI's default "<|endoftext|>", i.e. the model's beginning (else end) of text token (api/openai.py).
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None
     echo: bool | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     best_of: int | None = Field(None, ge=1, le=20)
