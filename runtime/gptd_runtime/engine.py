@@ -494,9 +494,7 @@ class GenerationEngine:
             return float(value)
 
         temperature = finite("temperature", params.temperature, 0.0, 100.0)
-        top_p = finite("top_p", params.top_p, 0.0, 1.0)
-        if top_p == 0.0:
-            raise InvalidParameterError("top_p", "must be greater than 0")
+        top_p = finite("top_p", params.top_p, 0.0, 1.0)  # 0: the nucleus is the top token alone (sampling.py)
         presence = finite("presence_penalty", params.presence_penalty, -2.0, 2.0)
         frequency = finite("frequency_penalty", params.frequency_penalty, -2.0, 2.0)
         k = params.logprobs

@@ -321,6 +321,23 @@ async def test_echo_and_token_prompts(app_factory: Any, contract: ContractEngine
         assert _err(empty)["param"] == "prompt"
 
 
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+async def test_top_p_zero_is_greedy_and_outside_0_1_a_400(app_factory: Any, route: str) -> None:
+    body = {"prompt": "hi"} if route == "/v1/completions" else {"messages": CHAT}
+
+    def text(r: Any) -> str:
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        return choice["text"] if route == "/v1/completions" else choice["message"]["content"]
+
+    async with app_factory("chat") as (client, _app):  # the real engine
+        req = {**body, "max_tokens": 8, "ignore_eos": True}
+        greedy = text(await client.post(route, json={**req, "temperature": 0}))
+        assert text(await client.post(route, json={**req, "top_p": 0, "temperature": 1, "seed": 3})) == greedy
+        for bad in (-0.1, 1.01):
+            assert _err(await client.post(route, json={**req, "top_p": bad}))["param"] == "top_p"
+
+
 async def test_a_null_or_omitted_prompt_is_the_text_boundary_token(app_factory: Any) -> None:
     """OpenAI's `prompt` is nullable, defaulting to "<|endoftext|>": one token to condition on (real engine)."""
     async with app_factory() as (client, _app):
