@@ -288,6 +288,27 @@ async def test_get_model_by_id(app_factory: Any, contract: ContractEngine) -> No
         assert metric(text, 'gptd:http_requests_total{route="/v1/models/{id}",status="200"}') == 1
 
 
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("GET", "/v1/models/nope", None),
+    ("POST", "/v1/completions", {"model": "nope", "prompt": "x", "max_tokens": 1}),
+    ("POST", "/v1/chat/completions", {"model": "nope", "messages": CHAT, "max_tokens": 1}),
+    ("POST", "/v1/embeddings", {"model": "nope", "input": "x"}),
+])
+async def test_an_unknown_model_is_openais_model_not_found(
+    app_factory: Any, contract: ContractEngine, method: str, path: str, body: dict[str, Any] | None
+) -> None:
+    async with app_factory("chat", engine=contract, served_model_name="org/tiny") as (client, _app):
+        r = await client.request(method, path, json=body)
+        assert r.status_code == 404, r.text
+        assert r.json() == {"error": {
+            "message": "The model 'nope' does not exist; this server serves 'org/tiny'",
+            "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
+        assert contract.submitted == []
+        # An unknown route is typed as OpenAI types it too.
+        unknown = (await client.get("/v1/no-such-route")).json()["error"]
+        assert unknown["type"] == "invalid_request_error"
+
+
 async def test_refusals_through_the_openai_client(app_factory: Any, contract: ContractEngine) -> None:
     from openai import AsyncOpenAI, BadRequestError
 

@@ -58,8 +58,10 @@ def unsupported(param: str, detail: str = "") -> APIError:
                     code="unsupported_parameter")
 
 
-def not_found(message: str, param: str | None = None, code: str = "model_not_found") -> APIError:
-    return APIError(404, message, type="not_found_error", param=param, code=code)
+def model_not_found(name: str, served: str, param: str | None = "model") -> APIError:
+    """OpenAI's answer for an unknown model: 404, type invalid_request_error, code model_not_found."""
+    return APIError(404, f"The model '{name}' does not exist; this server serves '{served}'", param=param,
+                    code="model_not_found")
 
 
 def unavailable(message: str, code: str = "engine_unavailable") -> APIError:
@@ -107,5 +109,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _render(request, APIError(exc.status_code, str(exc.detail), type=kind))
+        # OpenAI types an unknown route's 404 (and 405) invalid_request_error as well.
+        return _render(request, APIError(exc.status_code, str(exc.detail)))

@@ -23,7 +23,7 @@ from ..state import (
 from . import generation
 from .deps import check_model, ready_engine, runtime
 from .envelope import Envelope
-from .errors import APIError, bad_request, not_found, unsupported
+from .errors import APIError, bad_request, unsupported
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 router = APIRouter()
@@ -43,9 +43,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     state = runtime(request)
-    if model_id != state.model_name:
-        raise not_found(f"model {model_id!r} does not exist; this server serves {state.model_name!r}",
-                        param="model")
+    check_model(state, model_id)
     return _card(state)
 
 
