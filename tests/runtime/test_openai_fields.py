@@ -271,6 +271,26 @@ async def test_n_and_prompt_lists_on_the_real_engine(app_factory: Any, models: A
         assert chunks[-1]["choices"] == []
 
 
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+async def test_streamed_chunks_carry_usage_null_until_the_usage_chunk(
+    app_factory: Any, contract: ContractEngine, route: str
+) -> None:
+    """With stream_options.include_usage, OpenAI puts "usage": null on every chunk before the final usage chunk;
+    without it, chunks have no usage key at all."""
+    body = {"prompt": "hi"} if route == "/v1/completions" else {"messages": CHAT}
+    req = {**body, "max_tokens": 3, "n": 2, "stream": True}
+    async with app_factory("chat", engine=contract) as (client, _app):
+        r = await client.post(route, json={**req, "stream_options": {"include_usage": True}})
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]"
+        *chunks, last = [json.loads(e) for e in events[:-1]]
+        assert len(chunks) >= 6 and all(c["choices"] for c in chunks)  # 2 choices x 3 tokens (chat: + roles)
+        assert all("usage" in c and c["usage"] is None for c in chunks)
+        assert last["choices"] == [] and last["usage"]["completion_tokens"] == 6
+        plain = [json.loads(e) for e in sse_events((await client.post(route, json=req)).text)[:-1]]
+        assert plain and all("usage" not in c for c in plain)
+
+
 async def test_get_model_by_id(app_factory: Any, contract: ContractEngine) -> None:
     from openai import AsyncOpenAI, NotFoundError
 

@@ -56,8 +56,13 @@ class Envelope:
         built = [self._full_choice(c) for c in choices]
         return {**self._head(False), "choices": built, "usage": usage.body()}
 
-    def chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {**self._head(True), "choices": choices}
+    def chunk(self, choices: list[dict[str, Any]], usage_follows: bool = False) -> dict[str, Any]:
+        """One streamed chunk. ``usage_follows`` (stream_options.include_usage): OpenAI then puts ``"usage": null``
+        on every chunk before the final usage chunk."""
+        out = {**self._head(True), "choices": choices}
+        if usage_follows:
+            out["usage"] = None
+        return out
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         return {**self._head(True), "choices": [], "usage": usage.body()}
