@@ -411,7 +411,7 @@ class GenerationEngine:
                 first = False
                 _cb_internals.install_sampler(bp, self._choose)
                 if self._attention is not None:
-                    direct = self._attention.enable_direct_reads(bp.cache)
+                    direct = self._attention.enable_direct_reads(_cb_internals.cache_of(bp))
                     log.debug("attention: %s, direct cache reads: %s", self._attention.name, direct)
             if self._attention is not None:
                 self._attention.new_pass()
