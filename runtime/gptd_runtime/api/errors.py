@@ -2,7 +2,8 @@
 
 Routes raise `APIError` built by the factories below; the handlers render it as OpenAI's
 `{"error": {"message", "type", "param", "code"}}`, or `{"error": "<message>"}` on `/v2` routes (the Open
-Inference Protocol's format). Every 503 and 429 carries `Retry-After` because the factories add it."""
+Inference Protocol's format); the health probes' failures keep their `{"status": ...}` body (`probe_failure`).
+Every 503 and 429 carries `Retry-After` because the factories add it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 RETRY_AFTER_SECONDS = "1"
+
+
+def _headers(status: int, given: dict[str, str] | None = None) -> dict[str, str]:
+    headers = dict(given or {})
+    if status in (429, 503):
+        headers.setdefault("Retry-After", RETRY_AFTER_SECONDS)
+    return headers
 
 
 class APIError(Exception):
@@ -35,9 +43,7 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
-        self.headers = dict(headers or {})
-        if status in (429, 503):
-            self.headers.setdefault("Retry-After", RETRY_AFTER_SECONDS)
+        self.headers = _headers(status, headers)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -74,6 +80,12 @@ def busy(message: str) -> APIError:
 
 def client_gone() -> APIError:
     return APIError(499, "client disconnected", code="client_closed")
+
+
+def probe_failure(body: dict[str, Any], status: int) -> JSONResponse:
+    """A failing health probe: its own small body (`{"status": ...}`, what probes and people read), not an error
+    object, but the headers of any error of that status (a 503 says when to retry)."""
+    return JSONResponse(body, status_code=status, headers=_headers(status))
 
 
 def sse_error(message: str) -> dict[str, Any]:
