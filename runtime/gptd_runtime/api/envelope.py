@@ -36,7 +36,9 @@ class ChoiceResult:
     text: str
     finish_reason: str
     logprobs: list[TokenLogprob] | None  # None: not requested
-    text_offset: int = 0  # completions: character offset of the first generated token (len of prompt text)
+    # completions: `text_offset` of the first token, counted in the choice's text, so 0 (as vLLM; echo, which would
+    # put the prompt first, cannot be combined with logprobs)
+    text_offset: int = 0
 
 
 @dataclass
@@ -94,7 +96,8 @@ class Envelope:
 
 
 def completion_logprobs(tokens: Sequence[TokenLogprob], offset: int) -> tuple[dict[str, Any], int]:
-    """Completions' legacy shape: parallel lists; `text_offset` counts characters from the prompt's start."""
+    """Completions' legacy shape: parallel lists; `text_offset` is each token's character offset in the choice's
+    text, starting at ``offset`` (0 for the first token; a stream passes on where its previous chunk ended)."""
     offsets = []
     for t in tokens:
         offsets.append(offset)
