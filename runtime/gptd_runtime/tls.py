@@ -10,8 +10,11 @@ runs on the event loop thread (the one that also makes handshakes), never concur
 A pair that does not load (the key not matching the certificate, a half-written file) is first tried in a
 scratch context, so a bad renewal leaves the old certificate served and is retried at the next check.
 
-The client CA bundle (mutual TLS) is read at start only: OpenSSL can add CAs to a live context but not remove
-them, so a rotated client CA needs a restart (documented in docs/security.md)."""
+The client CA bundle (mutual TLS) is watched the same way. OpenSSL can add CAs to a live context but not remove
+them, so a changed bundle (or pair) is loaded into a *new* context, and the listening context's servername
+callback — which OpenSSL calls at every handshake, with or without SNI — moves each new connection onto the
+newest context before the client's certificate is verified: a CA removed from the bundle is no longer trusted,
+without a restart."""
 
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ def _server_context(client_ca: Path | None) -> ssl.SSLContext:
 
 
 class CertReloader:
-    """Owns the server's SSLContext and keeps its certificate chain in step with the files on disk."""
+    """Owns the server's SSLContext and keeps its certificate chain (and client CA bundle) in step with the files."""
 
     def __init__(self, cert_file: Path, key_file: Path, client_ca_file: Path | None = None):
         self.cert_file = Path(cert_file)
@@ -64,12 +67,23 @@ class CertReloader:
             self.context.load_cert_chain(str(self.cert_file), str(self.key_file))
         except (OSError, ssl.SSLError) as e:
             raise TLSConfigError(f"--tls-cert-file {self.cert_file} / --tls-key-file {self.key_file}: {e}") from e
+        # The context new handshakes get. Without mutual TLS it is always self.context (renewals load into it);
+        # with it, a reload builds a new one and _pick moves each handshake onto it.
+        self.current = self.context
+        if self.client_ca_file is not None:
+            self.context.sni_callback = self._pick
 
-    def _stamp(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-        return _fingerprint(self.cert_file), _fingerprint(self.key_file)
+    def _pick(self, conn: ssl.SSLObject | ssl.SSLSocket, _server_name: str | None, _ctx: ssl.SSLContext) -> None:
+        current = self.current
+        if current is not self.context:
+            conn.context = current  # OpenSSL SSL_set_SSL_CTX: this connection's certificate and CA store
+
+    def _stamp(self) -> tuple[tuple[int, int, int], ...]:
+        files = (self.cert_file, self.key_file) + ((self.client_ca_file,) if self.client_ca_file else ())
+        return tuple(_fingerprint(f) for f in files)
 
     def check(self) -> bool:
-        """Reload the pair if either file changed. True when a new certificate is now served."""
+        """Reload the pair (and the client CA bundle) if a file changed. True when new files are now served."""
         try:
             stamp = self._stamp()
         except OSError as e:  # mid-swap, or the Secret was removed: keep serving what we have
@@ -78,16 +92,21 @@ class CertReloader:
         if stamp == self._loaded:
             return False
         try:
-            # Scratch first: a failed load_cert_chain can leave a context with the new cert but no key.
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(self.cert_file), str(self.key_file))
-            self.context.load_cert_chain(str(self.cert_file), str(self.key_file))
+            # A scratch context first: a failed load_cert_chain can leave a context with the new cert but no key.
+            fresh = _server_context(self.client_ca_file)
+            fresh.load_cert_chain(str(self.cert_file), str(self.key_file))
+            if self.client_ca_file is None:
+                self.context.load_cert_chain(str(self.cert_file), str(self.key_file))
+            else:
+                self.current = fresh
         except (OSError, ssl.SSLError) as e:
             self.failures += 1
-            log.warning("renewed TLS certificate not loaded, keeping the current one (retrying): %s", e)
+            log.warning("renewed TLS files not loaded, keeping the current ones (retrying): %s", e)
             return False
         self._loaded = stamp
         self.reloads += 1
-        log.info("TLS certificate reloaded from %s", self.cert_file)
+        log.info("TLS files reloaded (%s%s)", self.cert_file,
+                 f", client CA {self.client_ca_file}" if self.client_ca_file else "")
         return True
 
     async def watch(self, interval: float) -> None:

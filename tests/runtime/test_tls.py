@@ -253,3 +253,30 @@ def test_metrics_port_through_sigterm(server_factory: Any, models: Any) -> None:
     assert "gptd:ready 1.0" in httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(30) == 0
+
+
+def test_a_rotated_client_ca_is_trusted_and_the_old_one_no_longer_without_a_restart(
+    models: Any, volume: SecretVolume, ca: tuple[CA, Path], engine: ContractEngine, tmp_path: Path
+) -> None:
+    authority, ca_file = ca  # signs the server's certificate (what clients verify the server with)
+    old_clients, new_clients = CA("client CA 2026"), CA("client CA 2027")
+    client_ca = old_clients.write(tmp_path / "client-ca.crt")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old = _client_context(ca_file, old_clients.issue("gateway", server=False), tmp_path / "old")
+    new = _client_context(ca_file, new_clients.issue("gateway", server=False), tmp_path / "new")
+    with ThreadedServer(_settings(models, volume, client_ca=client_ca), engine) as srv:
+        url = f"{srv.url}/v1/models"
+        assert httpx.get(url, verify=old).status_code == 200
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url, verify=new)
+        # The CA Secret is rotated: the new CA replaces the old one in the bundle.
+        new_clients.write(tmp_path / "client-ca.next")
+        (tmp_path / "client-ca.next").replace(client_ca)
+        deadline = time.monotonic() + 10
+        while srv.server.tls.reloads == 0:
+            assert time.monotonic() < deadline, "the rotated client CA was not loaded"
+            time.sleep(0.05)
+        assert httpx.get(url, verify=new).status_code == 200
+        with pytest.raises(httpx.HTTPError):  # the removed CA is no longer trusted
+            httpx.get(url, verify=old)

@@ -1,0 +1,71 @@
+"""benchmarks/runtime_bench.py's summary: each run is judged against the bound of its own cell, per round."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "runtime_bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("runtime_bench_under_test", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(bench: ModuleType, server: str, round_: int, tokens: int, wall: float, cpu: float, bound: float,
+         bound_cpu: float, mode: str = "stream", clients: int = 32, busy_cpu: float = float("nan")):
+    return bench.Result(server, mode, clients, 64, tokens, wall, [wall], [0.1], 0, busy_cpu=cpu, round=round_,
+                        bound=bound, bound_cpu=bound_cpu, bound_busy_cpu=busy_cpu)
+
+
+def test_each_round_is_divided_by_its_own_bound(bench: ModuleType) -> None:
+    # Round 0 on a fast machine (bound 3000), round 1 on a slow one (bound 1500): gptd is 80 % of the bound in
+    # both. Pooling the tokens and dividing by one median bound would say 60 % and 120 %-ish instead.
+    runs = [
+        _run(bench, "gptd", 0, 2400, 1.0, 0.9, 3000.0, 3000.0),
+        _run(bench, "gptd", 1, 1200, 1.0, 0.9, 1500.0, 1500.0),
+    ]
+    wall, cpu = bench.of_bound(runs)[("gptd", "stream", 32)]
+    assert wall.values == pytest.approx((0.8, 0.8))
+    assert cpu.values == pytest.approx((2400 / 0.9 / 3000, 1200 / 0.9 / 1500))
+    assert wall.fmt() == "80 % (80-80)"
+
+
+def test_peer_ratio_pairs_runs_of_the_same_round_and_cell(bench: ModuleType) -> None:
+    runs = [
+        _run(bench, "gptd", 0, 2000, 1.0, 1.0, 1.0, 1.0),
+        _run(bench, "peer", 0, 1000, 1.0, 1.0, 1.0, 1.0),
+        _run(bench, "gptd", 1, 900, 1.0, 1.0, 1.0, 1.0),
+        _run(bench, "peer", 1, 600, 1.0, 1.0, 1.0, 1.0),
+        _run(bench, "gptd", 0, 300, 1.0, 1.0, 1.0, 1.0, mode="whole", clients=1),  # no peer run: no ratio
+    ]
+    vs = bench.versus(runs, "gptd", "peer")
+    wall, _ = vs[("stream", 32)]
+    assert wall.values == pytest.approx((2.0, 1.5))
+    assert wall.median == pytest.approx(1.75)
+    assert wall.fmt(1, "x", 2) == "1.75x (1.50-2.00)"
+    assert ("whole", 1) not in vs
+
+
+def test_one_round_prints_no_range(bench: ModuleType) -> None:
+    assert bench.Spread((0.5,)).fmt() == "50 %"
+    assert bench.Spread(()).fmt() == "n/a"
+
+
+def test_the_busy_bound_is_a_separate_reference(bench: ModuleType) -> None:
+    # 2000 tokens in 1 CPU-second; the bound alone does 4000 per CPU-second, beside a busy neighbour 2500.
+    runs = [_run(bench, "gptd", 0, 2000, 1.0, 1.0, 4000.0, 4000.0, busy_cpu=2500.0)]
+    _, alone = bench.of_bound(runs)[("gptd", "stream", 32)]
+    _, busy = bench.of_bound(runs, busy=True)[("gptd", "stream", 32)]
+    assert alone.values == pytest.approx((0.5,))
+    assert busy.values == pytest.approx((0.8,))
