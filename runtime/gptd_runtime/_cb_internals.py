@@ -143,6 +143,11 @@ def batch_size(bp: Any) -> int:
     return bp.inputs_and_outputs.num_request_in_batch
 
 
+def cache_of(bp: Any) -> Any:
+    """The batch processor's PagedAttentionCache (what attention.VarlenAttention reads directly)."""
+    return bp.cache
+
+
 def sampled_request_ids(bp: Any) -> list[str]:
     """Request ids of the logits rows of this forward pass, in row order: the requests of the batch that get a new
     token (a request in the middle of a chunked prefill has no row)."""

@@ -411,7 +411,7 @@ class GenerationEngine:
                 first = False
                 _cb_internals.install_sampler(bp, self._choose)
                 if self._attention is not None:
-                    direct = self._attention.enable_direct_reads(bp.cache)
+                    direct = self._attention.enable_direct_reads(_cb_internals.cache_of(bp))
                     log.debug("attention: %s, direct cache reads: %s", self._attention.name, direct)
             if self._attention is not None:
                 self._attention.new_pass()
@@ -494,9 +494,7 @@ class GenerationEngine:
             return float(value)
 
         temperature = finite("temperature", params.temperature, 0.0, 100.0)
-        top_p = finite("top_p", params.top_p, 0.0, 1.0)
-        if top_p == 0.0:
-            raise InvalidParameterError("top_p", "must be greater than 0")
+        top_p = finite("top_p", params.top_p, 0.0, 1.0)  # 0: the nucleus is the top token alone (sampling.py)
         presence = finite("presence_penalty", params.presence_penalty, -2.0, 2.0)
         frequency = finite("frequency_penalty", params.frequency_penalty, -2.0, 2.0)
         k = params.logprobs

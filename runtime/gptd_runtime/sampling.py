@@ -14,7 +14,8 @@ temperature/top-k/top-p per request). gptd replaces that last step (see `_cb_int
 * `logprobs`: log-softmax after penalties, grammar mask and temperature (temperature 0 reports the
   temperature-1 distribution), before top-p, as OpenAI reports; plus the k most likely alternatives.
 
-Order per row: penalties -> grammar mask -> temperature -> (logprobs) -> top-p -> sample / argmax.
+Order per row: penalties -> grammar mask -> temperature -> (logprobs) -> top-p -> sample / argmax. Greedy rows
+(temperature 0, or top_p 0: a nucleus of the top token alone) take the argmax of the logits before temperature.
 A grammar that raises fails its own request only (`RequestSampling.failed`; its row is masked to EOS): an
 exception out of `sample()` would stop transformers' batching loop and fail every request in flight.
 A batch where every row is plain greedy is one argmax, and plain sampling rows skip every optional step, so a
@@ -62,7 +63,9 @@ class RequestSampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        """The argmax of the processed logits. top_p 0 is a nucleus of one token: the same argmax, taken here
+        rather than from top-p's sort, whose order among tied tokens need not be argmax's (the first index)."""
+        return self.temperature <= 0 or self.top_p <= 0
 
     @property
     def penalised(self) -> bool:
@@ -134,6 +137,9 @@ def sample(logits: torch.Tensor, rows: list[RequestSampling | None], eos_token_i
             allowed[eos_token_id] = True
         x[i].masked_fill_(~allowed, float("-inf"))
 
+    # Greedy rows take the argmax before temperature: the same token at any temperature, alone or in any batch
+    # (dividing by a temperature may round two nearly tied logits to one value).
+    unscaled = x
     temps = [r.temperature if r.temperature > 0 else 1.0 for r in states]
     if any(t != 1.0 for t in temps):
         x = x / torch.tensor(temps, device=device, dtype=x.dtype)[:, None]
@@ -143,7 +149,7 @@ def sample(logits: torch.Tensor, rows: list[RequestSampling | None], eos_token_i
 
     greedy = [r.greedy for r in states]
     if all(greedy):
-        tokens = x.argmax(-1)
+        tokens = unscaled.argmax(-1)
     else:
         probs = torch.softmax(x, dim=-1)
         nucleus = [i for i, r in enumerate(states) if r.top_p < 1.0 and not r.greedy]
@@ -158,7 +164,9 @@ def sample(logits: torch.Tensor, rows: list[RequestSampling | None], eos_token_i
         for i in seeded:
             noise[i].exponential_(generator=states[i].generator)
         sampled = (probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1)
-        tokens = torch.where(torch.tensor(greedy, device=device), x.argmax(-1), sampled) if any(greedy) else sampled
+        if any(greedy):
+            sampled = torch.where(torch.tensor(greedy, device=device), unscaled.argmax(-1), sampled)
+        tokens = sampled
 
     if penalised or constrained or want_logprobs:
         _record(states, tokens, logp, want_logprobs, penalised, constrained)

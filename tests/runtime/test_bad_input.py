@@ -28,7 +28,7 @@ async def test_invalid_json(app_factory: Any) -> None:
 
 
 @pytest.mark.parametrize(("payload", "param"), [
-    ({"max_tokens": 3}, "prompt"),  # missing field
+    ({"prompt": [1.5]}, "prompt"),  # wrong item type (an omitted prompt is OpenAI's default: test_openai_fields)
     ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),  # wrong type
     ({"prompt": "x", "temperature": 9}, "temperature"),  # out of range
     ({"prompt": {"a": 1}}, "prompt"),
@@ -44,6 +44,9 @@ async def test_validation_names_the_field(app_factory: Any, payload: dict[str, A
 
 async def test_chat_validation(app_factory: Any) -> None:
     async with app_factory() as (client, _app):
+        r = await client.post("/v1/chat/completions", json={"max_tokens": 3})  # missing field
+        assert r.status_code == 400
+        assert _error(r)["param"] == "messages" and "messages" in _error(r)["message"]
         r = await client.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]})
         assert r.status_code == 400
         assert _error(r)["param"].startswith("messages")

@@ -3,10 +3,13 @@ transformers: an upgrade that renames one fails here with the list of what is mi
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import gptd_runtime
+import pytest
 from gptd_runtime import _cb_internals
 from gptd_runtime.config import Settings
 from gptd_runtime.engine import GenerationEngine, SamplingParams
@@ -20,6 +23,8 @@ async def test_installed_transformers_has_every_internal(models: dict[str, Path]
     try:
         await engine.submit([1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0)).collect()
         assert _cb_internals.missing(engine._manager) == []
+        # On CPU the engine's attention reads the paged cache it got through _cb_internals.cache_of directly.
+        assert engine._attention is not None and engine._attention.direct_layers
     finally:
         engine.stop()
 
@@ -32,6 +37,36 @@ def test_missing_names_what_is_gone() -> None:
     assert "OutputRouter.output_queue" in gone
     assert "ContinuousBatchProcessor (object not found)" in gone
     assert "OutputRouter.result_handlers" not in gone
+
+
+RUNTIME = Path(gptd_runtime.__file__).parent
+# The names under which gptd's modules hold transformers' batching objects (manager, batch processor, cache, router).
+_HOLDERS = {"bp", "mgr", "manager", "self._manager", "cache", "router", "batch_processor"}
+# Private INTERNALS names distinctive enough to flag on any receiver but `self` ("_lock" is not: fetch.py has one).
+_DISTINCTIVE = {attr for _, attr in _cb_internals.INTERNALS if attr.startswith("_")} - {"_lock"}
+
+
+def internal_reads(source: str) -> list[str]:
+    """Attribute reads in `source` that reach into an INTERNALS name outside _cb_internals."""
+    names = {attr for _, attr in _cb_internals.INTERNALS}
+    found = []
+    for n in ast.walk(ast.parse(source)):
+        if isinstance(n, ast.Attribute) and n.attr in names:
+            receiver = ast.unparse(n.value)
+            if receiver in _HOLDERS or (n.attr in _DISTINCTIVE and receiver != "self"):
+                found.append(f"{n.lineno}: {ast.unparse(n)}")
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(p for p in RUNTIME.rglob("*.py") if p.name != "_cb_internals.py"),
+                         ids=lambda p: str(p.relative_to(RUNTIME)))
+def test_only_cb_internals_touches_the_internals(path: Path) -> None:
+    assert internal_reads(path.read_text()) == [], path.name
+
+
+def test_the_internals_check_can_fail() -> None:
+    assert internal_reads("direct = self._attention.enable_direct_reads(bp.cache)") == ["1: bp.cache"]
+    assert internal_reads("m._generation_step = f\nself._sample = g") == ["1: m._generation_step"]
 
 
 async def test_engine_forward_passes_skip_the_padding_check(models: dict[str, Path], monkeypatch: Any) -> None:

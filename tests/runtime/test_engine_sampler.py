@@ -62,6 +62,28 @@ def test_top_p_per_row_in_one_batch() -> None:
     assert seen == [{0, 1}, {0, 1, 2}]
 
 
+def test_top_p_zero_is_the_argmax_at_any_temperature() -> None:
+    """top_p 0 keeps only the most likely token: exactly the greedy choice, ties included (argmax takes the first
+    index; a descending sort may put the other tied token first), whatever the seed, temperature or neighbours."""
+    torch.manual_seed(1)
+    logits = torch.randn(4, 1000)
+    logits[:, 7] = logits[:, 993] = float(logits.max()) + 1.0
+    want = logits.argmax(-1).tolist()
+    assert want == [7] * 4
+    for s in range(20):
+        rows = [_rs(seed=s, top_p=0.0), _rs(top_p=0.0, temperature=1.7), _rs(seed=s, top_p=0.0, temperature=0.3,
+                                                                            logprobs=2), _rs(seed=s, top_p=0.9)]
+        got = sample(logits.clone(), rows).tolist()
+        assert got[:3] == want[:3], s
+        assert sample(logits[:1].clone(), [_rs(seed=s, top_p=0.0, temperature=0.6)]).tolist() == want[:1]
+    # Two logits one float32 step apart that dividing by 0.3 rounds to one value: the argmax is still the larger.
+    near = torch.zeros(2, 1000)
+    near[:, 7], near[:, 993] = 10.000001907348633, 10.00000286102295
+    assert (near[0, 7] / 0.3) == (near[0, 993] / 0.3) and near[0].argmax() == 993
+    for rows in ([_rs(top_p=0.0, temperature=0.3)] * 2, [_rs(top_p=0.0, temperature=0.3), _rs(seed=1)]):
+        assert sample(near.clone(), rows).tolist()[0] == 993
+
+
 def test_grammar_mask_and_its_end(models: dict) -> None:  # type: ignore[type-arg]
     from gptd_runtime.constraints import Grammars
     from transformers import AutoTokenizer

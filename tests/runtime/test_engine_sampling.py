@@ -228,12 +228,27 @@ async def test_json_object_output_parses(engine: GenerationEngine) -> None:
     assert reason == "length" or isinstance(json.loads(text), dict)
 
 
+async def test_top_p_zero_generates_the_greedy_text(engine: GenerationEngine) -> None:
+    """OpenAI accepts top_p 0: a nucleus of the most likely token alone, i.e. greedy decoding, seeded or not, at
+    any temperature, alone or next to sampling requests."""
+    prompt = _ids(engine, "The operator reconciles")
+    greedy, _ = await engine.submit(prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)).collect()
+    for temperature, seed in ((1.0, 1234), (1.3, None), (0.7, 5)):
+        params = SamplingParams(max_tokens=24, temperature=temperature, top_p=0.0, seed=seed, ignore_eos=True)
+        neighbour = engine.submit(_ids(engine, "sampled"), SamplingParams(max_tokens=24, temperature=1.0,
+                                                                         ignore_eos=True))
+        text, _ = await engine.submit(prompt, params).collect()
+        await neighbour.collect()
+        assert text == greedy, (temperature, seed)
+
+
 @pytest.mark.parametrize(("params", "field"), [
     (SamplingParams(max_tokens=4, logprobs=21), "logprobs"),
     (SamplingParams(max_tokens=4, logprobs=-1), "logprobs"),
     (SamplingParams(max_tokens=4, presence_penalty=2.5), "presence_penalty"),
     (SamplingParams(max_tokens=4, frequency_penalty=float("nan")), "frequency_penalty"),
-    (SamplingParams(max_tokens=4, top_p=0.0), "top_p"),
+    (SamplingParams(max_tokens=4, top_p=-0.1), "top_p"),
+    (SamplingParams(max_tokens=4, top_p=1.5), "top_p"),
     (SamplingParams(max_tokens=4, seed="1"), "seed"),  # type: ignore[arg-type]
     (SamplingParams(max_tokens=4, response_format=ResponseFormat("json_schema", {"type": "nonsense"})),
      "response_format"),

@@ -271,6 +271,26 @@ async def test_n_and_prompt_lists_on_the_real_engine(app_factory: Any, models: A
         assert chunks[-1]["choices"] == []
 
 
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+async def test_streamed_chunks_carry_usage_null_until_the_usage_chunk(
+    app_factory: Any, contract: ContractEngine, route: str
+) -> None:
+    """With stream_options.include_usage, OpenAI puts "usage": null on every chunk before the final usage chunk;
+    without it, chunks have no usage key at all."""
+    body = {"prompt": "hi"} if route == "/v1/completions" else {"messages": CHAT}
+    req = {**body, "max_tokens": 3, "n": 2, "stream": True}
+    async with app_factory("chat", engine=contract) as (client, _app):
+        r = await client.post(route, json={**req, "stream_options": {"include_usage": True}})
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]"
+        *chunks, last = [json.loads(e) for e in events[:-1]]
+        assert len(chunks) >= 6 and all(c["choices"] for c in chunks)  # 2 choices x 3 tokens (chat: + roles)
+        assert all("usage" in c and c["usage"] is None for c in chunks)
+        assert last["choices"] == [] and last["usage"]["completion_tokens"] == 6
+        plain = [json.loads(e) for e in sse_events((await client.post(route, json=req)).text)[:-1]]
+        assert plain and all("usage" not in c for c in plain)
+
+
 async def test_get_model_by_id(app_factory: Any, contract: ContractEngine) -> None:
     from openai import AsyncOpenAI, NotFoundError
 
@@ -286,6 +306,27 @@ async def test_get_model_by_id(app_factory: Any, contract: ContractEngine) -> No
         # Ids are never label values (a scanner would explode the series count): one bounded route label.
         assert metric(text, 'gptd:http_requests_total{route="/v1/models/{id}",status="404"}') == 2
         assert metric(text, 'gptd:http_requests_total{route="/v1/models/{id}",status="200"}') == 1
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("GET", "/v1/models/nope", None),
+    ("POST", "/v1/completions", {"model": "nope", "prompt": "x", "max_tokens": 1}),
+    ("POST", "/v1/chat/completions", {"model": "nope", "messages": CHAT, "max_tokens": 1}),
+    ("POST", "/v1/embeddings", {"model": "nope", "input": "x"}),
+])
+async def test_an_unknown_model_is_openais_model_not_found(
+    app_factory: Any, contract: ContractEngine, method: str, path: str, body: dict[str, Any] | None
+) -> None:
+    async with app_factory("chat", engine=contract, served_model_name="org/tiny") as (client, _app):
+        r = await client.request(method, path, json=body)
+        assert r.status_code == 404, r.text
+        assert r.json() == {"error": {
+            "message": "The model 'nope' does not exist; this server serves 'org/tiny'",
+            "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
+        assert contract.submitted == []
+        # An unknown route is typed as OpenAI types it too.
+        unknown = (await client.get("/v1/no-such-route")).json()["error"]
+        assert unknown["type"] == "invalid_request_error"
 
 
 async def test_refusals_through_the_openai_client(app_factory: Any, contract: ContractEngine) -> None:
@@ -319,6 +360,67 @@ async def test_echo_and_token_prompts(app_factory: Any, contract: ContractEngine
         assert _err(bad)["param"] == "prompt"
         empty = await client.post("/v1/completions", json={"prompt": [], "max_tokens": 1})
         assert _err(empty)["param"] == "prompt"
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+async def test_top_p_zero_is_greedy_and_outside_0_1_a_400(app_factory: Any, route: str) -> None:
+    body = {"prompt": "hi"} if route == "/v1/completions" else {"messages": CHAT}
+
+    def text(r: Any) -> str:
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        return choice["text"] if route == "/v1/completions" else choice["message"]["content"]
+
+    async with app_factory("chat") as (client, _app):  # the real engine
+        req = {**body, "max_tokens": 8, "ignore_eos": True}
+        greedy = text(await client.post(route, json={**req, "temperature": 0}))
+        assert text(await client.post(route, json={**req, "top_p": 0, "temperature": 1, "seed": 3})) == greedy
+        for bad in (-0.1, 1.01):
+            assert _err(await client.post(route, json={**req, "top_p": bad}))["param"] == "top_p"
+
+
+async def test_a_null_or_omitted_prompt_is_the_text_boundary_token(app_factory: Any) -> None:
+    """OpenAI's `prompt` is nullable, defaulting to "<|endoftext|>": one token to condition on (real engine)."""
+    async with app_factory() as (client, _app):
+        for prompt in ({"prompt": None}, {}):
+            r = await client.post("/v1/completions", json={**prompt, "max_tokens": 4, "temperature": 0,
+                                                            "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["usage"]["prompt_tokens"] == 1 and body["usage"]["completion_tokens"] == 4
+            assert body["choices"][0]["text"]
+
+
+class _Boundaries:
+    """A tokenizer with other beginning/end-of-text tokens (the demo model's are one token)."""
+
+    def __init__(self, tok: Any, bos: int | None, eos: int | None):
+        self._tok, self.bos_token_id, self.eos_token_id = tok, bos, eos
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tok, name)
+
+    def __len__(self) -> int:
+        return len(self._tok)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._tok(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("bos", "eos", "expected"), [(5, 7, [5]), (None, 7, [7]), (None, None, None)])
+async def test_a_null_prompt_is_bos_else_eos_else_a_400(
+    app_factory: Any, contract: ContractEngine, bos: int | None, eos: int | None, expected: list[int] | None
+) -> None:
+    engine = ContractEngine(_Boundaries(contract.tokenizer, bos, eos))
+    async with app_factory("chat", engine=engine) as (client, _app):
+        r = await client.post("/v1/completions", json={"prompt": None, "max_tokens": 2})
+        if expected is None:
+            assert _err(r)["param"] == "prompt"
+            assert engine.submitted == []
+        else:
+            assert r.status_code == 200, r.text
+            assert [s.prompt_ids for s in engine.submitted] == [expected]
+            assert r.json()["usage"]["prompt_tokens"] == 1
 
 
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])

@@ -42,6 +42,34 @@ def test_api_never_imports_app_nor_reaches_into_the_model(path: Path) -> None:
     assert not attributes & {"loaded", "model_config", "_manager", "batch_processor"}, path.name
 
 
+def error_statuses_made_outside_the_factory(source: str) -> list[str]:
+    """Error responses built by hand: a `status_code=` of 400 or more, or a Retry-After header."""
+    found = []
+    for n in ast.walk(ast.parse(source)):
+        if (isinstance(n, ast.keyword) and n.arg == "status_code" and isinstance(n.value, ast.Constant)
+                and isinstance(n.value.value, int) and n.value.value >= 400):
+            found.append(f"status_code={n.value.value}")
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.lower() == "retry-after":
+            found.append("Retry-After")
+        elif (isinstance(n, ast.Name) and n.id == "RETRY_AFTER_SECONDS") or (
+                isinstance(n, ast.alias) and n.name == "RETRY_AFTER_SECONDS"):
+            found.append("RETRY_AFTER_SECONDS")
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(p for p in API.glob("*.py") if p.name != "errors.py"), ids=lambda p: p.name)
+def test_error_responses_come_from_the_one_factory(path: Path) -> None:
+    assert error_statuses_made_outside_the_factory(path.read_text()) == [], path.name
+
+
+def test_the_factory_check_can_fail() -> None:
+    old_ready = ('from .errors import RETRY_AFTER_SECONDS\n'
+                 'r = JSONResponse(body, status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})')
+    assert sorted(error_statuses_made_outside_the_factory(old_ready)) == [
+        "RETRY_AFTER_SECONDS", "RETRY_AFTER_SECONDS", "Retry-After", "status_code=503"]
+    assert error_statuses_made_outside_the_factory("JSONResponse(body, status_code=200)") == []
+
+
 def test_real_engines_meet_the_protocol() -> None:
     for cls, protocol in ((GenerationEngine, GenerationBackend), (ClassificationEngine, ClassifierBackend)):
         methods = [n for p in (Engine, protocol) for n, v in vars(p).items() if callable(v) and n[0] != "_"]
@@ -71,6 +99,8 @@ async def test_every_503_carries_retry_after(app_factory: Any, models: Any) -> N
             r = await client.request(method, path, json=body)
             assert r.status_code == 503, path
             assert r.headers["retry-after"] == "1", path
+            if "/health/" in path:  # the probes' own body, not an error object
+                assert r.json() == {"status": "draining"}, path
     async with app_factory("cls") as (client, app):
         await drain(app.state.runtime, timeout=0)
         r = await client.post("/v2/models/cls/infer", json={"inputs": [

@@ -7,7 +7,7 @@ from typing import Any
 from starlette.requests import HTTPConnection
 
 from ..state import RuntimeState
-from .errors import not_found, unavailable
+from .errors import model_not_found, unavailable
 
 
 def runtime(request: HTTPConnection) -> RuntimeState:
@@ -26,4 +26,4 @@ def ready_engine(state: RuntimeState) -> Any:
 def check_model(state: RuntimeState, name: str | None, param: str | None = "model") -> None:
     """`name` (None: not given) must be the served model."""
     if name is not None and name != state.model_name:
-        raise not_found(f"model {name!r} does not exist; this server serves {state.model_name!r}", param=param)
+        raise model_not_found(name, state.model_name, param=param)

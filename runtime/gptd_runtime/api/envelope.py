@@ -36,7 +36,9 @@ class ChoiceResult:
     text: str
     finish_reason: str
     logprobs: list[TokenLogprob] | None  # None: not requested
-    text_offset: int = 0  # completions: character offset of the first generated token (len of prompt text)
+    # completions: `text_offset` of the first token, counted in the choice's text, so 0 (as vLLM; echo, which would
+    # put the prompt first, cannot be combined with logprobs)
+    text_offset: int = 0
 
 
 @dataclass
@@ -56,8 +58,13 @@ class Envelope:
         built = [self._full_choice(c) for c in choices]
         return {**self._head(False), "choices": built, "usage": usage.body()}
 
-    def chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {**self._head(True), "choices": choices}
+    def chunk(self, choices: list[dict[str, Any]], usage_follows: bool = False) -> dict[str, Any]:
+        """One streamed chunk. ``usage_follows`` (stream_options.include_usage): OpenAI then puts ``"usage": null``
+        on every chunk before the final usage chunk."""
+        out = {**self._head(True), "choices": choices}
+        if usage_follows:
+            out["usage"] = None
+        return out
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         return {**self._head(True), "choices": [], "usage": usage.body()}
@@ -89,7 +96,8 @@ class Envelope:
 
 
 def completion_logprobs(tokens: Sequence[TokenLogprob], offset: int) -> tuple[dict[str, Any], int]:
-    """Completions' legacy shape: parallel lists; `text_offset` counts characters from the prompt's start."""
+    """Completions' legacy shape: parallel lists; `text_offset` is each token's character offset in the choice's
+    text, starting at ``offset`` (0 for the first token; a stream passes on where its previous chunk ended)."""
     offsets = []
     for t in tokens:
         offsets.append(offset)

@@ -2,7 +2,8 @@
 
 Routes raise `APIError` built by the factories below; the handlers render it as OpenAI's
 `{"error": {"message", "type", "param", "code"}}`, or `{"error": "<message>"}` on `/v2` routes (the Open
-Inference Protocol's format). Every 503 and 429 carries `Retry-After` because the factories add it."""
+Inference Protocol's format); the health probes' failures keep their `{"status": ...}` body (`probe_failure`).
+Every 503 and 429 carries `Retry-After` because the factories add it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 RETRY_AFTER_SECONDS = "1"
+
+
+def _headers(status: int, given: dict[str, str] | None = None) -> dict[str, str]:
+    headers = dict(given or {})
+    if status in (429, 503):
+        headers.setdefault("Retry-After", RETRY_AFTER_SECONDS)
+    return headers
 
 
 class APIError(Exception):
@@ -35,9 +43,7 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
-        self.headers = dict(headers or {})
-        if status in (429, 503):
-            self.headers.setdefault("Retry-After", RETRY_AFTER_SECONDS)
+        self.headers = _headers(status, headers)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -58,8 +64,10 @@ def unsupported(param: str, detail: str = "") -> APIError:
                     code="unsupported_parameter")
 
 
-def not_found(message: str, param: str | None = None, code: str = "model_not_found") -> APIError:
-    return APIError(404, message, type="not_found_error", param=param, code=code)
+def model_not_found(name: str, served: str, param: str | None = "model") -> APIError:
+    """OpenAI's answer for an unknown model: 404, type invalid_request_error, code model_not_found."""
+    return APIError(404, f"The model '{name}' does not exist; this server serves '{served}'", param=param,
+                    code="model_not_found")
 
 
 def unavailable(message: str, code: str = "engine_unavailable") -> APIError:
@@ -72,6 +80,12 @@ def busy(message: str) -> APIError:
 
 def client_gone() -> APIError:
     return APIError(499, "client disconnected", code="client_closed")
+
+
+def probe_failure(body: dict[str, Any], status: int) -> JSONResponse:
+    """A failing health probe: its own small body (`{"status": ...}`, what probes and people read), not an error
+    object, but the headers of any error of that status (a 503 says when to retry)."""
+    return JSONResponse(body, status_code=status, headers=_headers(status))
 
 
 def sse_error(message: str) -> dict[str, Any]:
@@ -107,5 +121,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _render(request, APIError(exc.status_code, str(exc.detail), type=kind))
+        # OpenAI types an unknown route's 404 (and 405) invalid_request_error as well.
+        return _render(request, APIError(exc.status_code, str(exc.detail)))

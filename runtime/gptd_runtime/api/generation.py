@@ -151,6 +151,9 @@ def sse(
     env: Envelope, jobs: Sequence[Job], streams: Sequence[TokenStream], include_usage: bool,
     redactor: Redactor | None = None,
 ) -> StreamingResponse:
+    def chunk(choice: dict[str, Any]) -> str:
+        return _event(env.chunk([choice], usage_follows=include_usage))
+
     async def events() -> AsyncIterator[str]:
         offsets = [0] * len(jobs)
         # One per choice: holds back a bounded tail so a value split across deltas is still masked.
@@ -158,10 +161,10 @@ def sse(
         try:
             for i, job in enumerate(jobs):
                 if env.kind == "chat":
-                    yield _event(env.chunk([env.role_choice(job.index)]))
+                    yield chunk(env.role_choice(job.index))
                 elif job.echo:
                     choice, offsets[i] = env.delta_choice(job.index, job.echo, None, None, 0)
-                    yield _event(env.chunk([choice]))
+                    yield chunk(choice)
             async for i, delta in _merged(streams):
                 job = jobs[i]
                 text = delta.text
@@ -170,11 +173,11 @@ def sse(
                 if text or delta.finish_reason or delta.logprobs:
                     lps = delta.logprobs if job.params.logprobs is not None else None
                     choice, offsets[i] = env.delta_choice(job.index, text, delta.finish_reason, lps, offsets[i])
-                    yield _event(env.chunk([choice]))
+                    yield chunk(choice)
             for i, rest in enumerate(h.flush() for h in held or ()):  # a stream that ended without a reason
                 if rest:
                     choice, offsets[i] = env.delta_choice(jobs[i].index, rest, None, None, offsets[i])
-                    yield _event(env.chunk([choice]))
+                    yield chunk(choice)
             if include_usage:
                 yield _event(env.usage_chunk(usage(jobs, streams)))
         except EngineUnavailableError as e:

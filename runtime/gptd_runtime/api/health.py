@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from ..state import Phase
 from .deps import runtime
-from .errors import RETRY_AFTER_SECONDS
+from .errors import probe_failure
 
 router = APIRouter()
 
@@ -23,7 +23,7 @@ async def live(request: Request) -> JSONResponse:
     engine = state.engine
     # While loading/warming up there may be no engine yet, and a failed load ends the process on its own.
     if engine is not None and state.phase in (Phase.READY, Phase.DRAINING) and not engine.healthy:
-        return JSONResponse({"status": "engine stopped"}, status_code=500)
+        return probe_failure({"status": "engine stopped"}, 500)
     return JSONResponse({"status": "ok"})
 
 
@@ -36,4 +36,4 @@ async def ready(request: Request) -> JSONResponse:
         body["error"] = state.error
     if state.phase is Phase.READY:
         return JSONResponse(body)
-    return JSONResponse(body, status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})
+    return probe_failure(body, 503)

@@ -23,7 +23,7 @@ from ..state import (
 from . import generation
 from .deps import check_model, ready_engine, runtime
 from .envelope import Envelope
-from .errors import APIError, bad_request, not_found, unsupported
+from .errors import APIError, bad_request, unsupported
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 router = APIRouter()
@@ -43,9 +43,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 @router.get("/v1/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     state = runtime(request)
-    if model_id != state.model_name:
-        raise not_found(f"model {model_id!r} does not exist; this server serves {state.model_name!r}",
-                        param="model")
+    check_model(state, model_id)
     return _card(state)
 
 
@@ -160,9 +158,12 @@ async def _run(
 
 def _prompts(engine: Any, body: CompletionRequest, redactor: Redactor | None) -> tuple[list[list[int]], list[str]]:
     """Token ids and text of each prompt, masked first when redacting (token-id prompts: decoded, masked, and
-    re-encoded if anything was masked). An empty prompt still needs one token to condition on."""
+    re-encoded if anything was masked). An empty prompt still needs one token to condition on; a null one is the
+    model's text-boundary token."""
     tok = engine.tokenizer
     raw = body.prompt
+    if raw is None:
+        raw = [_text_boundary_token(tok)]
     if isinstance(raw, list) and not raw:
         raise bad_request("prompt: must not be an empty list", param="prompt")
     if isinstance(raw, str):
@@ -186,6 +187,16 @@ def _prompts(engine: Any, body: CompletionRequest, redactor: Redactor | None) ->
         ids_list.append(ids or [tok.eos_token_id or 0])
         texts.append(text)
     return ids_list, texts
+
+
+def _text_boundary_token(tok: Any) -> int:
+    """What a null prompt means: OpenAI's default prompt is "<|endoftext|>", the token GPT models start (and end)
+    a text with; for other models that is their beginning-of-text token, else their end-of-text one."""
+    for token_id in (tok.bos_token_id, tok.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise bad_request("prompt: must be given for this model (its tokenizer has neither a beginning- nor an "
+                      "end-of-text token to stand for a null prompt)", param="prompt")
 
 
 @router.post("/v1/completions", response_model=None)

@@ -46,7 +46,7 @@ class SamplingFields(_Request):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)  # 0: only the most likely token (as OpenAI allows)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # int64, as OpenAI; larger values would alias
     n: int | None = Field(None, ge=1, le=128)
@@ -97,8 +97,9 @@ class SamplingFields(_Request):
 
 
 class CompletionRequest(SamplingFields):
-    # A string, a list of strings, one pre-tokenized prompt, or a list of pre-tokenized prompts.
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # A string, a list of strings, one pre-tokenized prompt, or a list of pre-tokenized prompts. Null or omitted:
+    # OpenAI's default "<|endoftext|>", i.e. the model's beginning (else end) of text token (api/openai.py).
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None
     echo: bool | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     best_of: int | None = Field(None, ge=1, le=20)

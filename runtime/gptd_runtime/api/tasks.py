@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from ..engine import EngineUnavailableError, InvalidParameterError, QueueFullError
 from ..state import RuntimeState
 from .deps import ready_engine, runtime
-from .errors import APIError, bad_request, busy, not_found, unavailable
+from .errors import APIError, bad_request, busy, model_not_found, unavailable
 from .protocol import InferInput, InferRequest
 
 router = APIRouter()
@@ -23,7 +23,7 @@ _CLASSIFY_TASKS = ("text-classification", "token-classification")
 def _check_model(request: Request, name: str) -> RuntimeState:
     state = runtime(request)
     if name != state.model_name:
-        raise not_found(f"model {name!r} not found; this server serves {state.model_name!r}")
+        raise model_not_found(name, state.model_name, param=None)  # the name is in the path, not a field
     return state
 
 
