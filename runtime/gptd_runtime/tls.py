@@ -14,7 +14,8 @@ The client CA bundle (mutual TLS) is watched the same way. OpenSSL can add CAs t
 them, so a changed bundle (or pair) is loaded into a *new* context, and the listening context's servername
 callback — which OpenSSL calls at every handshake, with or without SNI — moves each new connection onto the
 newest context before the client's certificate is verified: a CA removed from the bundle is no longer trusted,
-without a restart."""
+without a restart. With mutual TLS there is no session resumption and no TLS 1.2 (a resumed session skips
+client verification and would outlive a rotation; see _server_context)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,14 @@ def _server_context(client_ca: Path | None) -> ssl.SSLContext:
     if client_ca is not None:
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(cafile=str(client_ca))
+        # No session resumption with mutual TLS: a resumed handshake does not verify the client's certificate
+        # again, and resumption is served by the listening context whatever CA bundle is current, so a client of a
+        # CA removed from the bundle would stay in for the session's lifetime. TLS 1.3 resumes only with tickets
+        # (none are issued); TLS 1.2 also resumes by session id from a server cache Python cannot switch off, so
+        # mutual TLS is TLS 1.3 only.
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.num_tickets = 0
     return ctx
 
 
