@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -208,6 +209,9 @@ class Spread:
 
     values: tuple[float, ...]
 
+    def __post_init__(self) -> None:  # a run with no CPU reading (NaN) has no ratio; min/max/median skip it
+        object.__setattr__(self, "values", tuple(v for v in self.values if math.isfinite(v)))
+
     @property
     def median(self) -> float:
         return statistics.median(self.values) if self.values else float("nan")
@@ -300,7 +304,10 @@ def busy_neighbour() -> Iterator[None]:
     hardware: a busy neighbour cuts the bare loop's tokens per CPU-second by 15-35 % (measured), and a server
     never runs alone — its own HTTP thread and the benchmark's client keep the other vCPU busy. The bound measured
     beside a busy neighbour is what a server can reach on such a box; the bound alone is the issue's bound."""
-    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    # Spins until killed, or until this process is gone (checked every ~10 ms: never left eating a core).
+    spin = ("import os\nparent = os.getppid()\n"
+            "while os.getppid() == parent:\n    for _ in range(100_000):\n        pass\n")
+    proc = subprocess.Popen([sys.executable, "-c", spin])
     try:
         time.sleep(0.2)  # let it get scheduled
         yield
@@ -318,65 +325,61 @@ def paired_bound(model_dir: Path, device: str, dtype: str, threads: int, batch: 
     return alone, busy
 
 
-_ENGINES: dict[tuple[Path, str, str, int, int], Any] = {}
+def engine_settings(server_flags: list[str]) -> Any:
+    """The Settings the gptd server gets from the same flags (`serve` + server_flags, GPTD_* env included)."""
+    from gptd_runtime.__main__ import _parser
+    from gptd_runtime.config import load_settings
+
+    args = _parser().parse_args(["serve", *server_flags])
+    return load_settings({k: v for k, v in vars(args).items() if k != "command"})
 
 
-def engine_in_process(model_dir: Path, device: str, dtype: str, threads: int, clients: int, requests: int,
-                      max_tokens: int, max_batch_size: int) -> Result:
-    """gptd's engine with no server: this process submits the benchmark's requests straight to a GenerationEngine
-    (the same engine and settings the server runs), `clients` at a time. What the engine alone costs, without
-    HTTP, the event-loop thread or a client beside it."""
-    from gptd_runtime.config import Settings
+def engine_in_process(settings: Any, clients: int, requests: int, max_tokens: int) -> Result:
+    """gptd's engine with no server: this process loads the model with the server's own settings, starts a
+    GenerationEngine, warms it up like the server does, submits the benchmark's requests straight to it, `clients`
+    at a time, and stops it again (nothing of it stays in the process during the bound or the server runs). What
+    the engine alone costs, without HTTP, the event-loop thread or a client beside it. Metrics are not recorded
+    (the server's prometheus counters are not part of the engine)."""
     from gptd_runtime.engine import GenerationEngine, SamplingParams
     from gptd_runtime.loading import load_model
 
-    key = (model_dir, device, dtype, threads, max_batch_size)
-    new = key not in _ENGINES
-    if new:
-        settings = Settings(model=str(model_dir), device=device, dtype=dtype, torch_threads=threads,
-                            max_batch_size=max_batch_size, max_new_tokens=max(max_tokens, 64), max_queue=4096)
-        engine = GenerationEngine(load_model(settings, model_dir), settings)
-        engine.start()
-        _ENGINES[key] = engine
-    engine = _ENGINES[key]
-    tokenizer = engine.tokenizer
-    prompts = [tokenizer(f"Request {i}: the quick brown fox jumps over the lazy dog.").input_ids
-               for i in range(requests)]
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    latencies: list[float] = []
-    tokens = 0
+    engine = GenerationEngine(load_model(settings, Path(settings.model)), settings)
+    engine.start()
+    try:
+        tokenizer = engine.tokenizer
+        prompts = [tokenizer(f"Request {i}: the quick brown fox jumps over the lazy dog.").input_ids
+                   for i in range(requests)]
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        latencies: list[float] = []
+        tokens = 0
 
-    async def drive() -> tuple[float, float]:
-        if new:
-            await engine.warmup()
-        queue = list(reversed(prompts))
-
-        async def worker() -> None:
+        async def drive() -> tuple[float, float]:
             nonlocal tokens
-            while queue:
-                ids = queue.pop()
-                start = time.perf_counter()
-                stream = engine.submit(ids, params)
-                await stream.collect()
-                latencies.append(time.perf_counter() - start)
-                tokens += stream.completion_tokens
+            await engine.warmup()
+            thread = engine._manager._generation_thread  # the batching thread: the one whose CPU counts
+            queue = list(reversed(prompts))
 
-        cpu0 = _thread_cpu(os.getpid())
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        wall = time.perf_counter() - start
-        cpu1 = _thread_cpu(os.getpid())
-        busy = max((cpu1[t] - cpu0.get(t, 0.0) for t in cpu1), default=0.0)
-        return wall, busy
+            async def worker() -> None:
+                nonlocal tokens
+                while queue:
+                    ids = queue.pop()
+                    start = time.perf_counter()
+                    stream = engine.submit(ids, params)
+                    await stream.collect()
+                    latencies.append(time.perf_counter() - start)
+                    tokens += stream.completion_tokens
 
-    wall, busy = asyncio.run(drive())
-    return Result("gptd engine, no HTTP", "whole", clients, requests, tokens, wall, latencies, latencies, 0, busy)
+            cpu0 = _thread_cpu(os.getpid())
+            start = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(clients)))
+            wall = time.perf_counter() - start
+            cpu1 = _thread_cpu(os.getpid())
+            return wall, cpu1.get(thread.native_id, 0.0) - cpu0.get(thread.native_id, 0.0)
 
-
-def stop_engines() -> None:
-    for engine in _ENGINES.values():
+        wall, busy = asyncio.run(drive())
+    finally:
         engine.stop()
-    _ENGINES.clear()
+    return Result("gptd engine, no HTTP", "whole", clients, requests, tokens, wall, latencies, latencies, 0, busy)
 
 
 # py-spy frames -> the parts of a step the docs report. First match wins (checked on the innermost frames first).
@@ -465,14 +468,21 @@ def main() -> int:
           file=sys.stderr)
 
     gptd_port, tf_port = _port(), _port()
+    server_flags = [
+        "--model", str(args.model_dir), "--host", "127.0.0.1", "--port", str(gptd_port), "--device", args.device,
+        "--dtype", args.dtype, "--max-batch-size", str(args.max_batch_size), "--max-new-tokens",
+        str(max(args.max_tokens, 64)), "--max-queue", "4096", "--log-level", "warning", "--torch-threads",
+        str(threads), *args.gptd_args.split()]
+    in_process = engine_settings(server_flags)
+    # The allocator settings the server runs with (loading.tune_malloc), from the start: the bound and the
+    # in-process engine are measured in this process, and the engine's model load would otherwise change them
+    # part-way through the run (glibc's thresholds move a CPU step by ~30 %).
+    from gptd_runtime.loading import tune_malloc
+
+    tune_malloc()
     peer_env = {"OMP_NUM_THREADS": str(args.peer_threads or threads)}  # same threads: the bound's, gptd's, the peer's
     servers: list[tuple[str, list[str], int, str, dict[str, str]]] = [(
-        "gptd",
-        [sys.executable, "-m", "gptd_runtime", "serve", "--model", str(args.model_dir), "--host", "127.0.0.1",
-         "--port", str(gptd_port), "--device", args.device, "--dtype", args.dtype,
-         "--max-batch-size", str(args.max_batch_size), "--max-new-tokens", str(max(args.max_tokens, 64)),
-         "--max-queue", "4096", "--log-level", "warning", "--torch-threads", str(threads), *args.gptd_args.split()],
-        gptd_port, "/health/ready", {},
+        "gptd", [sys.executable, "-m", "gptd_runtime", "serve", *server_flags], gptd_port, "/health/ready", {},
     )]
     if not args.skip_transformers:
         exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or "transformers"
@@ -490,7 +500,7 @@ def main() -> int:
     bounds_busy_cpu: dict[int, list[float]] = {}
     profile_raw = work / "gptd.pyspy.txt"
     # Both servers stay up and the load alternates between them level by level, so drift in background load
-    # (shared CI boxes) hits both alike; the bound is re-measured every round for the same reason.
+    # (shared CI boxes) hits both alike; the bound is re-measured around every cell for the same reason.
     with contextlib.ExitStack() as stack:
         procs: dict[str, subprocess.Popen[bytes]] = {}
         urls = {name: stack.enter_context(_server(name, cmd, port, ready, work, env, procs))
@@ -512,8 +522,7 @@ def main() -> int:
                                                procs[name].pid))
                         cell.append(r)
                     if mode == modes[-1]:  # once per level and round: the engine alone answers whole requests
-                        cell.append(engine_in_process(args.model_dir, args.device, args.dtype, threads, clients, n,
-                                                      args.max_tokens, args.max_batch_size))
+                        cell.append(engine_in_process(in_process, clients, n, args.max_tokens))
                     after, after_busy = paired_bound(args.model_dir, args.device, args.dtype, threads, clients,
                                                      prompt, args.max_tokens)
                     ref = ((before[0] + after[0]) / 2, (before[1] + after[1]) / 2)
@@ -539,7 +548,6 @@ def main() -> int:
                  str(profile_raw)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             while spy.poll() is None:
                 asyncio.run(_drive("gptd", urls["gptd"], max(levels), args.requests, args.max_tokens, True))
-    stop_engines()
     per_round = results
     ratios = of_bound(per_round)
     ratios_busy = of_bound(per_round, busy=True)
@@ -579,7 +587,7 @@ def main() -> int:
     if not args.skip_transformers:
         vs = versus(per_round, "gptd", "transformers-serve")
         print("\n| mode | clients | gptd % of bound (wall / CPU) | gptd % of busy bound (CPU) | peer % of "
-              "bound (wall / CPU) | gptd / peer (wall / CPU) | p50 latency ratio | p50 TTFT ratio |")
+              "bound (wall / CPU) | gptd / peer (wall / CPU) | p50 latency ratio (pooled) | p50 TTFT ratio (pooled) |")
         print("|---|---|---|---|---|---|---|---|")
         for c in levels:
             for mode in modes:

@@ -69,3 +69,8 @@ def test_the_busy_bound_is_a_separate_reference(bench: ModuleType) -> None:
     _, busy = bench.of_bound(runs, busy=True)[("gptd", "stream", 32)]
     assert alone.values == pytest.approx((0.5,))
     assert busy.values == pytest.approx((0.8,))
+
+
+def test_a_run_without_a_cpu_reading_has_no_ratio(bench: ModuleType) -> None:
+    assert bench.Spread((float("nan"), 0.5, 0.7)).fmt() == "60 % (50-70)"
+    assert bench.Spread((float("nan"),)).fmt() == "n/a"
