@@ -11,7 +11,9 @@ scheduler), same model, same torch thread count as gptd, batch = the cell's clie
 prompt of the benchmark's length. Each run is reported against the mean of its own cell's two bound figures, and
 the per-round ratios are summarised by their median and range (this shared VM moves the bound itself by 30 % within
 minutes). The bound is also measured beside a busy neighbour (one other process spinning a Python loop): on a
-2-vCPU VM whose vCPUs share hardware, that alone cuts the bare loop's tokens per CPU-second by 15-35 %, and a server
+2-vCPU VM whose vCPUs appear to share hardware, that cut the bare loop's tokens per CPU-second by 15-35 % in an
+ad-hoc test with glibc's default allocator settings (2-12 % in the median of a full run with the server's
+settings), and a server
 never runs alone (its HTTP thread and the client occupy the other vCPU), so "% of the busy bound (CPU)" says how much
 of what the box allows the server's batching thread gets. Once per level and round, gptd's engine is also driven
 in this process with no HTTP ("gptd engine, no HTTP"): the engine's own cost. Prints markdown tables.
@@ -301,7 +303,7 @@ def bare_decode(model_dir: Path, device: str, dtype: str, threads: int, batch: i
 @contextlib.contextmanager
 def busy_neighbour() -> Iterator[None]:
     """One other process spinning a Python loop while the bound runs. On this 2-vCPU VM the two vCPUs share
-    hardware: a busy neighbour cuts the bare loop's tokens per CPU-second by 15-35 % (measured), and a server
+    hardware: a busy neighbour slows the bare loop per CPU-second (see the module docstring), and a server
     never runs alone — its own HTTP thread and the benchmark's client keep the other vCPU busy. The bound measured
     beside a busy neighbour is what a server can reach on such a box; the bound alone is the issue's bound."""
     # Spins until killed, or until this process is gone (checked every ~10 ms: never left eating a core).
