@@ -17,7 +17,8 @@ from gptd_runtime.loading import load_model
 
 
 async def test_installed_transformers_has_every_internal(models: dict[str, Path]) -> None:
-    settings = Settings(model=str(models["plain"]), max_new_tokens=8, max_batch_size=4)
+    # On the CPU: that is where the engine installs gptd's attention, whose direct cache reads are checked below.
+    settings = Settings(model=str(models["plain"]), device="cpu", max_new_tokens=8, max_batch_size=4)
     engine = GenerationEngine(load_model(settings, models["plain"]), settings)
     engine.start()
     try:

@@ -80,7 +80,9 @@ def test_top_p_zero_is_the_argmax_at_any_temperature() -> None:
     near = torch.zeros(2, 1000)
     near[:, 7], near[:, 993] = 10.000001907348633, 10.00000286102295
     assert (near[0, 7] / 0.3) == (near[0, 993] / 0.3) and near[0].argmax() == 993
-    for rows in ([_rs(top_p=0.0, temperature=0.3)] * 2, [_rs(top_p=0.0, temperature=0.3), _rs(seed=1)]):
+    # Plain rows (argmax fast path), an all-greedy batch that is not plain (seeded: the greedy branch), a mix.
+    for rows in ([_rs(top_p=0.0, temperature=0.3)] * 2, [_rs(seed=1, top_p=0.0, temperature=0.3)] * 2,
+                 [_rs(top_p=0.0, temperature=0.3), _rs(seed=1)]):
         assert sample(near.clone(), rows).tolist()[0] == 993
 
 

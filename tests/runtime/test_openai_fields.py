@@ -321,8 +321,9 @@ async def test_an_unknown_model_is_openais_model_not_found(
         r = await client.request(method, path, json=body)
         assert r.status_code == 404, r.text
         assert r.json() == {"error": {
-            "message": "The model 'nope' does not exist; this server serves 'org/tiny'",
-            "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
+            "message": "The model `nope` does not exist or you do not have access to it; this server serves "
+                       "`org/tiny`",
+            "type": "invalid_request_error", "param": None, "code": "model_not_found"}}
         assert contract.submitted == []
         # An unknown route is typed as OpenAI types it too.
         unknown = (await client.get("/v1/no-such-route")).json()["error"]
@@ -394,8 +395,14 @@ async def test_a_null_or_omitted_prompt_is_the_text_boundary_token(app_factory: 
 class _Boundaries:
     """A tokenizer with other beginning/end-of-text tokens (the demo model's are one token)."""
 
-    def __init__(self, tok: Any, bos: int | None, eos: int | None):
-        self._tok, self.bos_token_id, self.eos_token_id = tok, bos, eos
+    def __init__(self, tok: Any, bos: int | None, eos: int | None, endoftext: bool = False):
+        self._tok, self.bos_token_id, self.eos_token_id, self._endoftext = tok, bos, eos, endoftext
+
+    def get_vocab(self) -> dict[str, int]:  # with or without a "<|endoftext|>" token
+        vocab = dict(self._tok.get_vocab())
+        if not self._endoftext:
+            vocab.pop("<|endoftext|>", None)
+        return vocab
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._tok, name)
@@ -407,13 +414,20 @@ class _Boundaries:
         return self._tok(*args, **kwargs)
 
 
-@pytest.mark.parametrize(("bos", "eos", "expected"), [(5, 7, [5]), (None, 7, [7]), (None, None, None)])
-async def test_a_null_prompt_is_bos_else_eos_else_a_400(
-    app_factory: Any, contract: ContractEngine, bos: int | None, eos: int | None, expected: list[int] | None
+@pytest.mark.parametrize(("endoftext", "bos", "eos", "expected"), [
+    (True, 5, 7, "endoftext"), (False, 5, 7, [5]), (False, None, 7, [7]), (False, None, None, None)])
+@pytest.mark.parametrize("prompt", [None, ""])
+async def test_a_null_or_empty_prompt_is_endoftext_else_bos_else_eos_else_a_400(
+    app_factory: Any, contract: ContractEngine, endoftext: bool, bos: int | None, eos: int | None,
+    expected: list[int] | str | None, prompt: str | None,
 ) -> None:
-    engine = ContractEngine(_Boundaries(contract.tokenizer, bos, eos))
+    tok = _Boundaries(contract.tokenizer, bos, eos, endoftext)
+    if expected == "endoftext":
+        expected = [contract.tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+        assert expected[0] not in (bos, eos)  # the vocabulary's own token, not a stand-in
+    engine = ContractEngine(tok)
     async with app_factory("chat", engine=engine) as (client, _app):
-        r = await client.post("/v1/completions", json={"prompt": None, "max_tokens": 2})
+        r = await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})
         if expected is None:
             assert _err(r)["param"] == "prompt"
             assert engine.submitted == []

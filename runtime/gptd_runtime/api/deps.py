@@ -23,7 +23,7 @@ def ready_engine(state: RuntimeState) -> Any:
     return state.engine
 
 
-def check_model(state: RuntimeState, name: str | None, param: str | None = "model") -> None:
+def check_model(state: RuntimeState, name: str | None) -> None:
     """`name` (None: not given) must be the served model."""
     if name is not None and name != state.model_name:
-        raise model_not_found(name, state.model_name, param=param)
+        raise model_not_found(name, state.model_name)

@@ -64,10 +64,11 @@ def unsupported(param: str, detail: str = "") -> APIError:
                     code="unsupported_parameter")
 
 
-def model_not_found(name: str, served: str, param: str | None = "model") -> APIError:
-    """OpenAI's answer for an unknown model: 404, type invalid_request_error, code model_not_found."""
-    return APIError(404, f"The model '{name}' does not exist; this server serves '{served}'", param=param,
-                    code="model_not_found")
+def model_not_found(name: str, served: str) -> APIError:
+    """OpenAI's answer for an unknown model: 404, type invalid_request_error, code model_not_found, param null
+    (OpenAI names no field for it; the message names the model)."""
+    return APIError(404, f"The model `{name}` does not exist or you do not have access to it; this server serves "
+                         f"`{served}`", param=None, code="model_not_found")
 
 
 def unavailable(message: str, code: str = "engine_unavailable") -> APIError:

@@ -184,15 +184,17 @@ def _prompts(engine: Any, body: CompletionRequest, redactor: Redactor | None) ->
             text = tok.decode(ids)
             if redactor is not None and (masked := redactor.redact(text)) != text:
                 ids, text = tok(masked).input_ids, masked
-        ids_list.append(ids or [tok.eos_token_id or 0])
+        ids_list.append(ids or [_text_boundary_token(tok)])
         texts.append(text)
     return ids_list, texts
 
 
 def _text_boundary_token(tok: Any) -> int:
-    """What a null prompt means: OpenAI's default prompt is "<|endoftext|>", the token GPT models start (and end)
-    a text with; for other models that is their beginning-of-text token, else their end-of-text one."""
-    for token_id in (tok.bos_token_id, tok.eos_token_id):
+    """What a null (or empty) prompt means: OpenAI's default prompt is "<|endoftext|>". The vocabulary's own
+    <|endoftext|> when it has one (Qwen's, for example, is neither its bos nor its eos), else the model's
+    beginning-of-text token, else its end-of-text one."""
+    endoftext = tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tok.get_vocab() else None
+    for token_id in (endoftext, tok.bos_token_id, tok.eos_token_id):
         if token_id is not None:
             return int(token_id)
     raise bad_request("prompt: must be given for this model (its tokenizer has neither a beginning- nor an "

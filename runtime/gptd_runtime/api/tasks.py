@@ -23,7 +23,7 @@ _CLASSIFY_TASKS = ("text-classification", "token-classification")
 def _check_model(request: Request, name: str) -> RuntimeState:
     state = runtime(request)
     if name != state.model_name:
-        raise model_not_found(name, state.model_name, param=None)  # the name is in the path, not a field
+        raise model_not_found(name, state.model_name)
     return state
 
 
