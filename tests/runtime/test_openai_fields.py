@@ -398,11 +398,16 @@ class _Boundaries:
     def __init__(self, tok: Any, bos: int | None, eos: int | None, endoftext: bool = False):
         self._tok, self.bos_token_id, self.eos_token_id, self._endoftext = tok, bos, eos, endoftext
 
-    def get_vocab(self) -> dict[str, int]:  # with or without a "<|endoftext|>" token
-        vocab = dict(self._tok.get_vocab())
-        if not self._endoftext:
-            vocab.pop("<|endoftext|>", None)
-        return vocab
+    def convert_tokens_to_ids(self, token: str) -> int | None:  # with or without a "<|endoftext|>" token
+        if token == "<|endoftext|>" and not self._endoftext:
+            return self._tok.unk_token_id  # what a tokenizer answers for a token it lacks
+        return self._tok.convert_tokens_to_ids(token)
+
+    def convert_ids_to_tokens(self, token_id: int | None) -> str | None:
+        if token_id is None:
+            return None
+        token = self._tok.convert_ids_to_tokens(token_id)
+        return "<unk>" if token == "<|endoftext|>" and not self._endoftext else token
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._tok, name)

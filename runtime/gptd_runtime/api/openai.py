@@ -193,7 +193,8 @@ def _text_boundary_token(tok: Any) -> int:
     """What a null (or empty) prompt means: OpenAI's default prompt is "<|endoftext|>". The vocabulary's own
     <|endoftext|> when it has one (Qwen's, for example, is neither its bos nor its eos), else the model's
     beginning-of-text token, else its end-of-text one."""
-    endoftext = tok.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tok.get_vocab() else None
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")  # an unknown token maps to unk (or None): check it back
+    endoftext = eot if isinstance(eot, int) and tok.convert_ids_to_tokens(eot) == "<|endoftext|>" else None
     for token_id in (endoftext, tok.bos_token_id, tok.eos_token_id):
         if token_id is not None:
             return int(token_id)
