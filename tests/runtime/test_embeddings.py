@@ -78,7 +78,7 @@ async def test_embeddings_bad_input(app_factory: Any, payload: dict[str, Any], p
 async def test_embeddings_wrong_model_and_not_ready(app_factory: Any) -> None:
     async with app_factory() as (client, app):
         r = await client.post("/v1/embeddings", json={"model": "nope", "input": "x"})
-        assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
         from gptd_runtime.app import drain
 
         await drain(app.state.runtime, timeout=0)

@@ -33,7 +33,7 @@ async def test_models_lists_served_name(app_factory: Any) -> None:
         assert [m["id"] for m in r.json()["data"]] == ["tiny"]
         wrong = await client.post("/v1/completions", json={"model": "other", "prompt": "x", "max_tokens": 1})
         assert wrong.status_code == 404
-        assert wrong.json()["error"]["param"] == "model"
+        assert wrong.json()["error"]["code"] == "model_not_found"
 
 
 @pytest.mark.parametrize(("model", "expected_prompt"), [
