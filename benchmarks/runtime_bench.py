@@ -5,18 +5,25 @@ Both servers are started here as subprocesses on the same model directory (a dem
 gptd_runtime.demo unless --model-dir is given) and driven with the same OpenAI completions load (httpx async),
 streaming and non-streaming: `--requests` requests of `--max-tokens` tokens at each concurrency level. Generated
 tokens are counted from each response's `usage` (random weights may emit EOS early; both servers are counted the
-same way). The bound is measured in this process, while both servers are idle, right before and right after each
-cell (one concurrency level and mode, both servers back to back): greedy decoding with a KV cache (no server, no
-scheduler), same model, same torch thread count as gptd, batch = the cell's clients, `--max-tokens` tokens after a
-prompt of the benchmark's length. Each run is reported against the mean of its own cell's two bound figures, and
-the per-round ratios are summarised by their median and range (this shared VM moves the bound itself by 30 % within
-minutes). The bound is also measured beside a busy neighbour (one other process spinning a Python loop): on a
+same way). The bound is measured in this process: greedy decoding with a KV cache (no server, no scheduler),
+same model, same torch thread count as gptd, batch = the cell's clients, `--max-tokens` tokens after a prompt of the
+benchmark's length. Each run is reported against the bound of its own cell (one concurrency level and mode), and the
+per-round ratios are summarised by their median and range (this shared VM moves the bound itself by 30 % and more
+within minutes):
+- at 1 client, every request goes to every participant in turn (gptd, the peer, the bare loop, the bare loop beside
+  a busy neighbour, and in the last mode gptd's engine in-process), in a balanced rotation (`rotation`). One client
+  is one request at a time, so this changes no participant's load, and drift hits all of them alike; in a
+  same-machine A/B it took the spread of single-round gptd/peer ratios from 0.76-1.18 (blocks of 16 requests per
+  server) to 0.99-1.08 (interleaved);
+- at more clients the load is the point, so each server's run stays whole, and the bound is measured right before
+  and right after the cell (both servers back to back), each run divided by the mean of the two.
+The bound is also measured beside a busy neighbour (one other process spinning a Python loop): on a
 2-vCPU VM whose vCPUs appear to share hardware, that cut the bare loop's tokens per CPU-second by 15-35 % in an
 ad-hoc test with glibc's default allocator settings (2-12 % in the median of a full run with the server's
-settings), and a server
-never runs alone (its HTTP thread and the client occupy the other vCPU), so "% of the busy bound (CPU)" says how much
-of what the box allows the server's batching thread gets. Once per level and round, gptd's engine is also driven
-in this process with no HTTP ("gptd engine, no HTTP"): the engine's own cost. Prints markdown tables.
+settings), and a server never runs alone (its HTTP thread and the client occupy the other vCPU), so "% of the busy
+bound (CPU)" says how much of what the box allows the server's batching thread gets. Once per level and round,
+gptd's engine is also driven in this process with no HTTP ("gptd engine, no HTTP"): the engine's own cost. Prints
+markdown tables.
 
     .venv/bin/python benchmarks/runtime_bench.py --rounds 3            # CPU, 64 req x 64 tok, 1 and 32 clients
     .venv/bin/python benchmarks/runtime_bench.py --device cuda --dtype float16 --requests 256
@@ -46,6 +53,9 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+BOUND = "bare decode loop"  # the bound's Results in an interleaved (1-client) cell
+BUSY_BOUND = "bare decode loop beside a busy neighbour"
+ENGINE = "gptd engine, no HTTP"
 
 
 @dataclass
@@ -277,27 +287,34 @@ def bare_decode(model_dir: Path, device: str, dtype: str, threads: int, batch: i
     """The bound: greedy decoding with the model's own KV cache, no server or scheduler. Returns (tokens/s,
     tokens per CPU-second of this thread) over `repeats` runs after a warm-up run (batch x max_tokens tokens,
     prefill included, as the servers' wall time includes it)."""
+    wall = cpu = 0.0
+    for i in range(repeats + 1):  # the first run warms up allocators / kernels
+        w, c = decode_once(model_dir, device, dtype, threads, [prompt] * batch, max_tokens)
+        if i:
+            wall, cpu = wall + w, cpu + c
+    tokens = repeats * batch * max_tokens
+    return tokens / wall, tokens / cpu
+
+
+def decode_once(model_dir: Path, device: str, dtype: str, threads: int, prompts: list[str],
+                max_tokens: int) -> tuple[float, float]:
+    """One run of the bare loop over ``prompts`` (one batch, equal lengths): (wall seconds, CPU seconds of this
+    thread) for len(prompts) x max_tokens tokens."""
     import torch
 
     if device == "cpu":
         torch.set_num_threads(threads)
     tok, model = _bound_model(model_dir, device, dtype)
-    ids = torch.tensor([tok(prompt).input_ids] * batch, device=device)
-    wall = cpu = 0.0
+    ids = torch.tensor([tok(p).input_ids for p in prompts], device=device)
     with torch.inference_mode():
-        for i in range(repeats + 1):  # the first run warms up allocators / kernels
-            start, start_cpu = time.perf_counter(), time.thread_time()  # 1 torch thread on CPU: ops run inline
-            out = model(ids, use_cache=True)
+        start, start_cpu = time.perf_counter(), time.thread_time()  # 1 torch thread on CPU: ops run inline
+        out = model(ids, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(max_tokens - 1):
+            out = model(nxt, past_key_values=past, use_cache=True)
             past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-            for _ in range(max_tokens - 1):
-                out = model(nxt, past_key_values=past, use_cache=True)
-                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-            nxt.tolist()  # synchronise (GPU)
-            if i:
-                wall += time.perf_counter() - start
-                cpu += time.thread_time() - start_cpu
-    tokens = repeats * batch * max_tokens
-    return tokens / wall, tokens / cpu
+        nxt.tolist()  # synchronise (GPU)
+        return time.perf_counter() - start, time.thread_time() - start_cpu
 
 
 @contextlib.contextmanager
@@ -322,9 +339,14 @@ def paired_bound(model_dir: Path, device: str, dtype: str, threads: int, batch: 
                  max_tokens: int) -> tuple[tuple[float, float], tuple[float, float]]:
     """(tokens/s, tokens/CPU-s) of the bound alone, then beside a busy neighbour."""
     alone = bare_decode(model_dir, device, dtype, threads, batch, prompt, max_tokens)
+    return alone, busy_bound(model_dir, device, dtype, threads, batch, prompt, max_tokens)
+
+
+def busy_bound(model_dir: Path, device: str, dtype: str, threads: int, batch: int, prompt: str,
+               max_tokens: int) -> tuple[float, float]:
+    """(tokens/s, tokens/CPU-s) of the bound beside a busy neighbour."""
     with busy_neighbour():
-        busy = bare_decode(model_dir, device, dtype, threads, batch, prompt, max_tokens)
-    return alone, busy
+        return bare_decode(model_dir, device, dtype, threads, batch, prompt, max_tokens)
 
 
 def engine_settings(server_flags: list[str]) -> Any:
@@ -336,17 +358,32 @@ def engine_settings(server_flags: list[str]) -> Any:
     return load_settings({k: v for k, v in vars(args).items() if k != "command"})
 
 
+def _started_engine(settings: Any) -> Any:
+    """A started GenerationEngine with the server's own settings (warm it up in the loop that will use it)."""
+    from gptd_runtime.engine import GenerationEngine
+    from gptd_runtime.loading import load_model
+
+    engine = GenerationEngine(load_model(settings, Path(settings.model)), settings)
+    engine.start()
+    return engine
+
+
+def _batching_thread(engine: Any) -> int | None:
+    """The engine's batching thread, whose CPU counts (transformers' private attribute: a benchmark may use it;
+    None without it, and callers take the busiest thread of this process, the batching one in practice)."""
+    thread = getattr(engine._manager, "_generation_thread", None)
+    return None if thread is None else thread.native_id
+
+
 def engine_in_process(settings: Any, clients: int, requests: int, max_tokens: int) -> Result:
     """gptd's engine with no server: this process loads the model with the server's own settings, starts a
     GenerationEngine, warms it up like the server does, submits the benchmark's requests straight to it, `clients`
     at a time, and stops it again (nothing of it stays in the process during the bound or the server runs). What
     the engine alone costs, without HTTP, the event-loop thread or a client beside it. Metrics are not recorded
     (the server's prometheus counters are not part of the engine)."""
-    from gptd_runtime.engine import GenerationEngine, SamplingParams
-    from gptd_runtime.loading import load_model
+    from gptd_runtime.engine import SamplingParams
 
-    engine = GenerationEngine(load_model(settings, Path(settings.model)), settings)
-    engine.start()
+    engine = _started_engine(settings)
     try:
         tokenizer = engine.tokenizer
         prompts = [tokenizer(f"Request {i}: the quick brown fox jumps over the lazy dog.").input_ids
@@ -358,9 +395,7 @@ def engine_in_process(settings: Any, clients: int, requests: int, max_tokens: in
         async def drive() -> tuple[float, float]:
             nonlocal tokens
             await engine.warmup()
-            # The batching thread is the one whose CPU counts (transformers' private attribute: a benchmark may
-            # use it; without it, the busiest thread of this process, which is the batching one in practice).
-            thread = getattr(engine._manager, "_generation_thread", None)
+            thread = _batching_thread(engine)
             queue = list(reversed(prompts))
 
             async def worker() -> None:
@@ -379,13 +414,120 @@ def engine_in_process(settings: Any, clients: int, requests: int, max_tokens: in
             wall = time.perf_counter() - start
             cpu1 = _thread_cpu(os.getpid())
             if thread is not None:
-                return wall, cpu1.get(thread.native_id, 0.0) - cpu0.get(thread.native_id, 0.0)
+                return wall, cpu1.get(thread, 0.0) - cpu0.get(thread, 0.0)
             return wall, max((cpu1[t] - cpu0.get(t, 0.0) for t in cpu1), default=0.0)
 
         wall, busy = asyncio.run(drive())
     finally:
         engine.stop()
-    return Result("gptd engine, no HTTP", "whole", clients, requests, tokens, wall, latencies, latencies, 0, busy)
+    return Result(ENGINE, "whole", clients, requests, tokens, wall, latencies, latencies, 0, busy)
+
+
+# -- one client: every participant's requests interleaved -----------------------------------------------------------
+# At one client a cell is a few seconds per server, and this VM's speed moves by 30 % and more between such
+# blocks (the bound alone went 663 -> 812 -> 832 -> 488 tok/s in successive runs, pinned to either vCPU), which
+# is as large as the differences measured. One client means one request at a time, so the requests of gptd, the
+# peer, the bare loop and the in-process engine can alternate request by request without changing the load any
+# of them sees: drift then hits all of them alike. (At 32 clients the load is the point, so cells stay whole.)
+def rotation(names: list[str], j: int) -> list[str]:
+    """The order in which request ``j`` of an interleaved cell goes to the participants: row ``j`` of a Williams
+    design (a balanced Latin square; for an odd count, the square followed by its mirror image). Over
+    2 x len(names) requests each participant runs in every position equally often, and right before every other
+    one equally often, so drift between neighbouring requests favours none of them."""
+    n = len(names)
+    first, lo, hi = [0], 1, n - 1  # 0, 1, n-1, 2, n-2, ...
+    while len(first) < n:
+        if len(first) % 2:
+            first, lo = [*first, lo], lo + 1
+        else:
+            first, hi = [*first, hi], hi - 1
+    row = j % (n if n % 2 == 0 else 2 * n)
+    order = [names[(x + row % n) % n] for x in first]
+    return order[::-1] if row >= n else order
+
+
+@dataclass
+class Sample:
+    """One request of an interleaved cell: its latency, time to first token, tokens, and the CPU seconds each
+    thread of the participant's process spent on it."""
+
+    wall: float
+    ttft: float
+    tokens: int
+    cpu: dict[int, float]
+
+
+def tally(name: str, mode: str, samples: list[Sample | None]) -> Result:
+    """A participant's Result from its interleaved requests (None: a failed request): tokens over the sum of its
+    own requests' wall time; CPU of the thread that spent the most over all of them (the batching thread)."""
+    ok = [x for x in samples if x is not None]
+    per_thread: dict[int, float] = {}
+    for x in ok:
+        for t, c in x.cpu.items():
+            per_thread[t] = per_thread.get(t, 0.0) + c
+    return Result(name, mode, 1, len(samples), sum(x.tokens for x in ok), sum(x.wall for x in ok),
+                  [x.wall for x in ok], [x.ttft for x in ok], len(samples) - len(ok),
+                  max(per_thread.values(), default=0.0))
+
+
+async def interleaved_cell(args: argparse.Namespace, threads: int, mode: str, urls: dict[str, str],
+                           pids: dict[str, int], engine: Any, requests: int) -> list[Result]:
+    """One 1-client cell: ``requests`` prompts, each sent to every participant (the servers of ``urls``, the
+    bare loop, and ``engine`` when given) in rotation() order. Returns one Result per participant; the bare
+    loop's is named BOUND, and the same beside a busy neighbour BUSY_BOUND."""
+    from gptd_runtime.engine import SamplingParams
+
+    stream = mode == "stream"
+    prompts = [f"Request {i}: the quick brown fox jumps over the lazy dog." for i in range(requests)]
+    async with httpx.AsyncClient(timeout=600) as client:
+        def server(name: str) -> Any:
+            async def once(prompt: str) -> Sample | None:
+                cpu0 = _thread_cpu(pids[name])
+                try:
+                    wall, ttft, tokens = await _one(client, urls[name], prompt, args.max_tokens, stream)
+                except httpx.HTTPError:
+                    return None
+                cpu1 = _thread_cpu(pids[name])
+                return Sample(wall, ttft, tokens, {t: c - cpu0.get(t, 0.0) for t, c in cpu1.items()})
+            return once
+
+        async def bound(prompt: str) -> Sample:
+            wall, cpu = decode_once(args.model_dir, args.device, args.dtype, threads, [prompt], args.max_tokens)
+            return Sample(wall, wall, args.max_tokens, {0: cpu})
+
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
+        thread = None if engine is None else _batching_thread(engine)
+
+        async def in_process(prompt: str) -> Sample:
+            cpu0 = _thread_cpu(os.getpid())
+            start = time.perf_counter()
+            out = engine.submit(engine.tokenizer(prompt).input_ids, params)
+            await out.collect()
+            wall = time.perf_counter() - start
+            cpu1 = _thread_cpu(os.getpid())
+            cpu = {t: c - cpu0.get(t, 0.0) for t, c in cpu1.items() if thread is None or t == thread}
+            return Sample(wall, wall, out.completion_tokens, cpu)
+
+        async def busy(prompt: str) -> Sample:
+            with busy_neighbour():  # started and settled before the timed run, stopped after it
+                return await bound(prompt)
+
+        runners: dict[str, Any] = {name: server(name) for name in urls}
+        runners[BOUND] = bound
+        runners[BUSY_BOUND] = busy
+        if engine is not None:
+            await engine.warmup()
+            runners[ENGINE] = in_process
+        # Warm-up outside the timed requests (first-request lazy init on the peer, allocator growth).
+        for once in runners.values():
+            for _ in range(2):
+                await once("warm up")
+        samples: dict[str, list[Sample | None]] = {name: [] for name in runners}
+        names = list(runners)
+        for j, prompt in enumerate(prompts):
+            for name in rotation(names, j):
+                samples[name].append(await runners[name](prompt))
+    return [tally(name, "whole" if name == ENGINE else mode, got) for name, got in samples.items()]
 
 
 # py-spy frames -> the parts of a step the docs report. First match wins (checked on the innermost frames first).
@@ -513,6 +655,7 @@ def main() -> int:
         procs: dict[str, subprocess.Popen[bytes]] = {}
         urls = {name: stack.enter_context(_server(name, cmd, port, ready, work, env, procs))
                 for name, cmd, port, ready, env in servers}
+        pids = {name: proc.pid for name, proc in procs.items()}
         for round_ in range(args.rounds):
             # The bound is measured right before and right after each cell (one level, one mode, both servers), and
             # each server's run is divided by the mean of the two: on a shared VM the bound itself moves by 30 % or
@@ -522,25 +665,44 @@ def main() -> int:
             for clients in levels:
                 n = args.single_client_requests if clients == 1 else args.requests
                 for mode in modes:
-                    before, before_busy = paired_bound(args.model_dir, args.device, args.dtype, threads,
-                                                       clients, prompt, args.max_tokens)
-                    cell: list[Result] = []
-                    for name, url in order:
-                        r = asyncio.run(_drive(name, url, clients, n, args.max_tokens, mode == "stream",
-                                               procs[name].pid))
-                        cell.append(r)
-                    if mode == modes[-1]:  # once per level and round: the engine alone answers whole requests
-                        cell.append(engine_in_process(in_process, clients, n, args.max_tokens))
-                    after, after_busy = paired_bound(args.model_dir, args.device, args.dtype, threads, clients,
-                                                     prompt, args.max_tokens)
-                    ref = ((before[0] + after[0]) / 2, (before[1] + after[1]) / 2)
-                    ref_busy = ((before_busy[0] + after_busy[0]) / 2, (before_busy[1] + after_busy[1]) / 2)
-                    bounds.setdefault(clients, []).extend([before[0], after[0]])
-                    bounds_cpu.setdefault(clients, []).extend([before[1], after[1]])
-                    bounds_busy_cpu.setdefault(clients, []).extend([before_busy[1], after_busy[1]])
-                    print(f"round {round_ + 1} bound batch={clients} {mode}: {before[0]:.0f} before, "
-                          f"{after[0]:.0f} after tok/s ({before[1]:.0f}, {after[1]:.0f} tok/CPU-s); beside a busy "
-                          f"neighbour {before_busy[1]:.0f}, {after_busy[1]:.0f} tok/CPU-s", file=sys.stderr)
+                    with_engine = mode == modes[-1]  # once per level and round: the engine alone answers whole requests
+                    if clients == 1:
+                        engine = _started_engine(in_process) if with_engine else None
+                        try:
+                            cell = asyncio.run(interleaved_cell(args, threads, mode, dict(order), pids, engine, n))
+                        finally:
+                            if engine is not None:
+                                engine.stop()
+                        bare, busy = (next(r for r in cell if r.server == b) for b in (BOUND, BUSY_BOUND))
+                        cell = [r for r in cell if r.server not in (BOUND, BUSY_BOUND)]
+                        ref, ref_busy = (bare.tok_s, bare.tok_per_cpu_s), (busy.tok_s, busy.tok_per_cpu_s)
+                        bounds.setdefault(clients, []).append(ref[0])
+                        bounds_cpu.setdefault(clients, []).append(ref[1])
+                        bounds_busy_cpu.setdefault(clients, []).append(ref_busy[1])
+                        print(f"round {round_ + 1} bound batch=1 {mode}, interleaved request by request with the "
+                              f"servers: {ref[0]:.0f} tok/s ({ref[1]:.0f} tok/CPU-s); beside a busy neighbour "
+                              f"{ref_busy[1]:.0f} tok/CPU-s", file=sys.stderr)
+                    else:
+                        (before, before_busy) = paired_bound(args.model_dir, args.device, args.dtype, threads,
+                                                             clients, prompt, args.max_tokens)
+                        cell = []
+                        for name, url in order:
+                            cell.append(asyncio.run(_drive(name, url, clients, n, args.max_tokens, mode == "stream",
+                                                           pids[name])))
+                        if with_engine:
+                            cell.append(engine_in_process(in_process, clients, n, args.max_tokens))
+                        after, after_busy = paired_bound(args.model_dir, args.device, args.dtype, threads,
+                                                         clients, prompt, args.max_tokens)
+                        ref = ((before[0] + after[0]) / 2, (before[1] + after[1]) / 2)
+                        bounds.setdefault(clients, []).extend([before[0], after[0]])
+                        bounds_cpu.setdefault(clients, []).extend([before[1], after[1]])
+                        print(f"round {round_ + 1} bound batch={clients} {mode}: {before[0]:.0f} before, "
+                              f"{after[0]:.0f} after tok/s ({before[1]:.0f}, {after[1]:.0f} tok/CPU-s)",
+                              file=sys.stderr)
+                        ref_busy = ((before_busy[0] + after_busy[0]) / 2, (before_busy[1] + after_busy[1]) / 2)
+                        bounds_busy_cpu.setdefault(clients, []).extend([before_busy[1], after_busy[1]])
+                        print(f"round {round_ + 1} bound batch={clients} beside a busy neighbour: "
+                              f"{before_busy[1]:.0f} before, {after_busy[1]:.0f} after tok/CPU-s", file=sys.stderr)
                     for r in cell:
                         r.bound, r.bound_cpu, r.round = ref[0], ref[1], round_
                         r.bound_busy, r.bound_busy_cpu = ref_busy
@@ -564,12 +726,13 @@ def main() -> int:
     bound_cpu = {c: statistics.median(v) for c, v in bounds_cpu.items()}
     bound_busy_cpu = {c: statistics.median(v) for c, v in bounds_busy_cpu.items()}
 
-    print(f"\nBound (bare decode loop, measured before and after every cell; median of {len(bounds[max(bounds)])} "
-          "measurements): " + ", ".join(
+    print("\nBound (bare decode loop; 1 client: interleaved request by request with the servers, one figure per cell; "
+          "more clients: measured right before and right after every cell; median of all cells' figures): " + ", ".join(
               f"batch {c}: {bound[c]:.0f} tok/s ({min(bounds[c]):.0f}-{max(bounds[c]):.0f}), {bound_cpu[c]:.0f} "
               f"tok/CPU-s; beside a busy neighbour {bound_busy_cpu[c]:.0f} tok/CPU-s ({min(bounds_busy_cpu[c]):.0f}-"
               f"{max(bounds_busy_cpu[c]):.0f})" for c in sorted(bound)))
-    print(f"\n% of bound: each round's run over the mean of the bound just before and after its cell; median over "
+    print(f"\n% of bound: each round's run over its own cell's bound (1 client: the bare loop's requests interleaved "
+          f"with the run's own; more clients: the mean of the bound just before and after the cell); median over "
           f"{args.rounds} round(s), range in brackets. 'busy bound (CPU)': tokens per CPU-second of the batching"
           " thread against the bound's tokens per CPU-second measured while one other core runs a Python loop "
           "(a server always has its HTTP thread and the client beside it; on a shared-core VM that slows every "
@@ -609,7 +772,7 @@ def main() -> int:
                       f"{_pct(a.latencies, 50) / _pct(b2.latencies, 50):.2f} | "
                       f"{_pct(a.ttfts, 50) / _pct(b2.ttfts, 50):.2f} |")
     for c in levels:
-        key = ("gptd engine, no HTTP", "whole", c)
+        key = (ENGINE, "whole", c)
         if key in ratios:
             wall, cpu = ratios[key]
             print(f"\ngptd's engine alone (no HTTP, no client), {c} at a time: {wall.fmt()} of the bound wall-clock, "

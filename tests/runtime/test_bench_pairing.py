@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -74,3 +75,30 @@ def test_the_busy_bound_is_a_separate_reference(bench: ModuleType) -> None:
 def test_a_run_without_a_cpu_reading_has_no_ratio(bench: ModuleType) -> None:
     assert bench.Spread((float("nan"), 0.5, 0.7)).fmt() == "60 % (50-70)"
     assert bench.Spread((float("nan"),)).fmt() == "n/a"
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_interleaving_balances_positions_and_neighbours(bench: ModuleType, n: int) -> None:
+    # Over 2 x n requests every participant runs in every position equally often, and right before every other one
+    # equally often: drift between neighbouring requests then favours none of them.
+    names = [f"p{i}" for i in range(n)]
+    orders = [bench.rotation(names, j) for j in range(2 * n)]
+    assert all(sorted(o) == names for o in orders)
+    for pos in range(n):
+        counts = {name: sum(o[pos] == name for o in orders) for name in names}
+        assert set(counts.values()) == {2}, (pos, counts)
+    pairs: dict[tuple[str, str], int] = {}
+    for o in orders:
+        for a, b in itertools.pairwise(o):
+            pairs[(a, b)] = pairs.get((a, b), 0) + 1
+    assert len(pairs) == n * (n - 1)  # every ordered pair of distinct participants occurs
+    assert len(set(pairs.values())) == 1, pairs
+
+
+def test_tally_counts_own_requests_and_the_busiest_thread(bench: ModuleType) -> None:
+    samples = [bench.Sample(0.5, 0.1, 64, {1: 0.4, 2: 0.05}), None, bench.Sample(0.25, 0.05, 32, {1: 0.2, 2: 0.3})]
+    r = bench.tally("gptd", "whole", samples)
+    assert (r.requests, r.tokens, r.errors) == (3, 96, 1)
+    assert r.tok_s == pytest.approx(96 / 0.75)
+    assert r.busy_cpu == pytest.approx(0.6)  # thread 1 over both requests, not the larger single-request figure
+    assert r.latencies == [0.5, 0.25] and r.ttfts == [0.1, 0.05]
