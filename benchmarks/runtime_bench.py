@@ -11,10 +11,13 @@ benchmark's length. Each run is reported against the bound of its own cell (one 
 per-round ratios are summarised by their median and range (this shared VM moves the bound itself by 30 % and more
 within minutes):
 - at 1 client, every request goes to every participant in turn (gptd, the peer, the bare loop, the bare loop beside
-  a busy neighbour, and in the last mode gptd's engine in-process), in a balanced rotation (`rotation`). One client
-  is one request at a time, so this changes no participant's load, and drift hits all of them alike; in a
-  same-machine A/B it took the spread of single-round gptd/peer ratios from 0.76-1.18 (blocks of 16 requests per
-  server) to 0.99-1.08 (interleaved);
+  a busy neighbour, and in the last mode gptd's engine in-process, which then stays loaded, idle between its own
+  requests, for that cell), in a balanced rotation (`rotation`; the request count is rounded up to a whole number
+  of its periods). One client is one request at a time, so no participant's concurrency changes, and drift hits
+  all of them alike. It does change what a request meets: the others' requests ran in between (cold caches,
+  threads woken from idle), so these 1-client figures are not comparable with the earlier block-per-server ones.
+  In an ad-hoc A/B on this VM (2026-12-02, non-streaming, gptd/peer tokens/s), six 16-request blocks per server
+  gave single-round ratios of 0.76-1.18; six interleaved blocks of 12 requests each, 0.99-1.08;
 - at more clients the load is the point, so each server's run stays whole, and the bound is measured right before
   and right after the cell (both servers back to back), each run divided by the mean of the two.
 The bound is also measured beside a busy neighbour (one other process spinning a Python loop): on a
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import os
@@ -71,7 +75,8 @@ class Result:
     errors: int
     busy_cpu: float = 0.0  # CPU seconds of the server's busiest thread (its batching loop) during the run
     round: int = 0
-    # The bound paired with this run: the mean of the bare loop's figures just before and just after its cell.
+    # The bound paired with this run: at 1 client the bare loop's requests interleaved with this run's own; at more
+    # clients the mean of the bare loop's figures just before and just after its cell.
     bound: float = float("nan")
     bound_cpu: float = float("nan")
     # The same with one other core kept busy by a Python loop (see busy_neighbour).
@@ -80,7 +85,7 @@ class Result:
 
     @property
     def tok_s(self) -> float:
-        return self.tokens / self.wall
+        return self.tokens / self.wall if self.wall else float("nan")  # no successful request: no figure
 
     @property
     def tok_per_cpu_s(self) -> float:
@@ -153,6 +158,16 @@ async def _one(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int
 
 
 def _thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of ``pid``: the scheduler's nanosecond figure (/proc/PID/task/TID/schedstat,
+    Linux) where there is one, since psutil's utime + stime count 10 ms ticks, coarse against 0.1 s requests."""
+    tasks = Path(f"/proc/{pid}/task")
+    out: dict[int, float] = {}
+    with contextlib.suppress(OSError, ValueError):
+        for task in tasks.iterdir():
+            with contextlib.suppress(OSError):  # a thread that ended between the listing and the read
+                out[int(task.name)] = int((task / "schedstat").read_text().split()[0]) / 1e9
+    if out:
+        return out
     import psutil
 
     return {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
@@ -271,7 +286,7 @@ _BOUND_MODELS: dict[tuple[Path, str, str], tuple[Any, Any]] = {}
 
 
 def _bound_model(model_dir: Path, device: str, dtype: str) -> tuple[Any, Any]:
-    """Tokenizer and model for the bound, loaded once (it is measured eight times a round)."""
+    """Tokenizer and model for the bound, loaded once (it is measured many times a round)."""
     key = (model_dir, device, dtype)
     if key not in _BOUND_MODELS:
         import torch
@@ -378,7 +393,8 @@ def _batching_thread(engine: Any) -> int | None:
 def engine_in_process(settings: Any, clients: int, requests: int, max_tokens: int) -> Result:
     """gptd's engine with no server: this process loads the model with the server's own settings, starts a
     GenerationEngine, warms it up like the server does, submits the benchmark's requests straight to it, `clients`
-    at a time, and stops it again (nothing of it stays in the process during the bound or the server runs). What
+    at a time, and stops it again (nothing of it stays in the process during the bound or the server runs; at 1
+    client the engine takes part in the interleaved cell instead, see interleaved_cell). What
     the engine alone costs, without HTTP, the event-loop thread or a client beside it. Metrics are not recorded
     (the server's prometheus counters are not part of the engine)."""
     from gptd_runtime.engine import SamplingParams
@@ -441,9 +457,30 @@ def rotation(names: list[str], j: int) -> list[str]:
             first, lo = [*first, lo], lo + 1
         else:
             first, hi = [*first, hi], hi - 1
-    row = j % (n if n % 2 == 0 else 2 * n)
+    row = j % rotation_period(n)
     order = [names[(x + row % n) % n] for x in first]
     return order[::-1] if row >= n else order
+
+
+def rotation_period(participants: int) -> int:
+    """Requests after which rotation() has put every participant in every position equally often."""
+    return participants if participants % 2 == 0 else 2 * participants
+
+
+def balanced_count(requests: int, participants: int) -> int:
+    """``requests`` rounded up to a whole number of rotation periods (else the rotation is not balanced)."""
+    period = rotation_period(participants)
+    return -(-requests // period) * period
+
+
+async def run_rotation(runners: dict[str, Any], prompts: list[str]) -> dict[str, list[Any]]:
+    """Each prompt to every runner, one at a time, in rotation() order; each runner's answers in prompt order."""
+    names = list(runners)
+    answers: dict[str, list[Any]] = {name: [] for name in names}
+    for j, prompt in enumerate(prompts):
+        for name in rotation(names, j):
+            answers[name].append(await runners[name](prompt))
+    return answers
 
 
 @dataclass
@@ -472,13 +509,16 @@ def tally(name: str, mode: str, samples: list[Sample | None]) -> Result:
 
 async def interleaved_cell(args: argparse.Namespace, threads: int, mode: str, urls: dict[str, str],
                            pids: dict[str, int], engine: Any, requests: int) -> list[Result]:
-    """One 1-client cell: ``requests`` prompts, each sent to every participant (the servers of ``urls``, the
+    """One 1-client cell: ``requests`` prompts (rounded up to a whole number of rotation periods), each sent to
+    every participant (the servers of ``urls``, the
     bare loop, and ``engine`` when given) in rotation() order. Returns one Result per participant; the bare
     loop's is named BOUND, and the same beside a busy neighbour BUSY_BOUND."""
     from gptd_runtime.engine import SamplingParams
 
     stream = mode == "stream"
-    prompts = [f"Request {i}: the quick brown fox jumps over the lazy dog." for i in range(requests)]
+    participants = len(urls) + 2 + (engine is not None)  # the servers, the bound twice, the engine
+    prompts = [f"Request {i}: the quick brown fox jumps over the lazy dog."
+               for i in range(balanced_count(requests, participants))]
     async with httpx.AsyncClient(timeout=600) as client:
         def server(name: str) -> Any:
             async def once(prompt: str) -> Sample | None:
@@ -499,9 +539,10 @@ async def interleaved_cell(args: argparse.Namespace, threads: int, mode: str, ur
         thread = None if engine is None else _batching_thread(engine)
 
         async def in_process(prompt: str) -> Sample:
+            ids = engine.tokenizer(prompt).input_ids  # outside the clock, like the bound's
             cpu0 = _thread_cpu(os.getpid())
             start = time.perf_counter()
-            out = engine.submit(engine.tokenizer(prompt).input_ids, params)
+            out = engine.submit(ids, params)
             await out.collect()
             wall = time.perf_counter() - start
             cpu1 = _thread_cpu(os.getpid())
@@ -522,11 +563,7 @@ async def interleaved_cell(args: argparse.Namespace, threads: int, mode: str, ur
         for once in runners.values():
             for _ in range(2):
                 await once("warm up")
-        samples: dict[str, list[Sample | None]] = {name: [] for name in runners}
-        names = list(runners)
-        for j, prompt in enumerate(prompts):
-            for name in rotation(names, j):
-                samples[name].append(await runners[name](prompt))
+        samples = await run_rotation(runners, prompts)
     return [tally(name, "whole" if name == ENGINE else mode, got) for name, got in samples.items()]
 
 
@@ -649,18 +686,18 @@ def main() -> int:
     bounds_cpu: dict[int, list[float]] = {}
     bounds_busy_cpu: dict[int, list[float]] = {}
     profile_raw = work / "gptd.pyspy.txt"
-    # Both servers stay up and the load alternates between them level by level, so drift in background load
-    # (shared CI boxes) hits both alike; the bound is re-measured around every cell for the same reason.
+    # Both servers stay up and the load alternates between them (request by request at 1 client, cell by cell at
+    # more), so drift in background load hits both alike; the bound is measured within or around every cell for the
+    # same reason.
     with contextlib.ExitStack() as stack:
         procs: dict[str, subprocess.Popen[bytes]] = {}
         urls = {name: stack.enter_context(_server(name, cmd, port, ready, work, env, procs))
                 for name, cmd, port, ready, env in servers}
         pids = {name: proc.pid for name, proc in procs.items()}
         for round_ in range(args.rounds):
-            # The bound is measured right before and right after each cell (one level, one mode, both servers), and
-            # each server's run is divided by the mean of the two: on a shared VM the bound itself moves by 30 % or
-            # more within minutes, so a bound measured once per round is a poor reference for a cell run minutes
-            # later. The servers' order alternates between rounds so neither always runs first.
+            # Each run is divided by its own cell's bound (see the module docstring): on a shared VM the bound itself
+            # moves by 30 % or more within minutes, so a bound measured once per round is a poor reference for a cell
+            # run minutes later. The servers' order alternates between rounds so neither always runs first.
             order = list(urls.items()) if round_ % 2 == 0 else list(reversed(urls.items()))
             for clients in levels:
                 n = args.single_client_requests if clients == 1 else args.requests
@@ -673,6 +710,8 @@ def main() -> int:
                         finally:
                             if engine is not None:
                                 engine.stop()
+                                engine = None  # its model and KV cache are not kept through the next cells
+                                gc.collect()
                         bare, busy = (next(r for r in cell if r.server == b) for b in (BOUND, BUSY_BOUND))
                         cell = [r for r in cell if r.server not in (BOUND, BUSY_BOUND)]
                         ref, ref_busy = (bare.tok_s, bare.tok_per_cpu_s), (busy.tok_s, busy.tok_per_cpu_s)
@@ -763,11 +802,11 @@ def main() -> int:
         for c in levels:
             for mode in modes:
                 a, b2 = by[("gptd", mode, c)], by[("transformers-serve", mode, c)]
-                ga, gc = ratios[("gptd", mode, c)]
+                ga, gcpu = ratios[("gptd", mode, c)]
                 _, gbc = ratios_busy[("gptd", mode, c)]
                 pa, pc = ratios[("transformers-serve", mode, c)]
                 va, vc = vs[(mode, c)]
-                print(f"| {mode} | {c} | {ga.fmt()} / {gc.fmt()} | {gbc.fmt()} | {pa.fmt()} / "
+                print(f"| {mode} | {c} | {ga.fmt()} / {gcpu.fmt()} | {gbc.fmt()} | {pa.fmt()} / "
                       f"{pc.fmt()} | {va.fmt(1, 'x', 2)} / {vc.fmt(1, 'x', 2)} | "
                       f"{_pct(a.latencies, 50) / _pct(b2.latencies, 50):.2f} | "
                       f"{_pct(a.ttfts, 50) / _pct(b2.ttfts, 50):.2f} |")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import math
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -102,3 +103,36 @@ def test_tally_counts_own_requests_and_the_busiest_thread(bench: ModuleType) -> 
     assert r.tok_s == pytest.approx(96 / 0.75)
     assert r.busy_cpu == pytest.approx(0.6)  # thread 1 over both requests, not the larger single-request figure
     assert r.latencies == [0.5, 0.25] and r.ttfts == [0.1, 0.05]
+
+
+def test_request_counts_round_up_to_whole_rotation_periods(bench: ModuleType) -> None:
+    assert [bench.rotation_period(n) for n in (2, 3, 4, 5)] == [2, 6, 4, 10]
+    assert bench.balanced_count(16, 4) == 16
+    assert bench.balanced_count(16, 5) == 20
+    assert bench.balanced_count(16, 3) == 18
+
+
+def test_run_rotation_sends_every_prompt_to_every_runner_in_rotation_order(bench: ModuleType) -> None:
+    import asyncio
+
+    calls: list[tuple[str, str]] = []
+
+    def runner(name: str):
+        async def once(prompt: str) -> str:
+            calls.append((name, prompt))
+            return f"{name}:{prompt}"
+        return once
+
+    names = ["gptd", "peer", "bound", "busy"]
+    prompts = [f"p{j}" for j in range(8)]
+    answers = asyncio.run(bench.run_rotation({n: runner(n) for n in names}, prompts))
+    assert answers == {n: [f"{n}:{p}" for p in prompts] for n in names}  # each runner's answers in prompt order
+    expected = [(n, p) for j, p in enumerate(prompts) for n in bench.rotation(names, j)]
+    assert calls == expected  # one prompt at a time, to all runners, in that prompt's rotation order
+    assert [c[0] for c in calls[:4]] != [c[0] for c in calls[4:8]]  # the order moves between prompts
+
+
+def test_a_participant_whose_requests_all_failed_has_no_figure(bench: ModuleType) -> None:
+    r = bench.tally("peer", "stream", [None, None])
+    assert (r.tokens, r.errors) == (0, 2)
+    assert math.isnan(r.tok_s) and math.isnan(r.tok_per_cpu_s)
