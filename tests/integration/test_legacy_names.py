@@ -1,0 +1,115 @@
+"""Upgrading from the release before names.py: a CR whose children carry its legacy names keeps them.
+
+The release before commit 006c30e named every child after the CR (Deployment and Service ``<name>``, canary
+``<name>-canary``, instance label ``<name>``). The emulator is given those children, owned by their CRs, before
+the operator starts, as an upgrade finds them. Two CRs that collided under the old scheme are both there:
+``foo`` and ``foo-canary``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gptd_operator import api, builders, names
+from gptd_operator.settings import Settings
+
+from tests.support.cluster import Cluster, RunningOperator, eventually
+from tests.support.scenario import NS, cr, ready_deployment, status_of
+
+LEGACY = {"foo": "uid-foo", "foo-canary": "uid-foo-canary"}  # foo is plain: its names never changed
+
+
+def legacy_children(name: str, uid: str) -> list[tuple[str, dict[str, Any]]]:
+    """The stable Deployment and the Service the legacy release made for CR ``name``. The pod template is today's
+    (revision hashes are stable across upgrades); names, labels and owners are checked against the legacy scheme
+    written out here, so a broken names.py can't build a fixture that passes for legacy."""
+    spec = api.parse_spec(cr(name, uid)["spec"])
+    kept = names.LegacyName(name)
+    dep = builders.build_deployment(kept, NS, uid, spec, Settings())
+    svc = builders.build_service(kept, NS, uid, spec)
+    instance = {"app.kubernetes.io/name": "gptd-runtime", "app.kubernetes.io/instance": name}
+    for obj in (dep, svc):
+        meta = obj["metadata"]
+        assert meta["name"] == name
+        assert meta["labels"]["app.kubernetes.io/instance"] == name
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "gptd-operator"
+        assert meta["ownerReferences"] == [{"apiVersion": "gptd.io/v1alpha1", "kind": "GPTDeployment", "name": name,
+                                            "uid": uid, "controller": True, "blockOwnerDeletion": True}]
+    assert dep["spec"]["selector"]["matchLabels"] == {**instance, "gptd.io/track": "stable"}
+    assert svc["spec"]["selector"] == instance
+    return [("deployments", dep), ("services", svc)]
+
+
+@pytest.fixture()
+async def legacy(cluster: Cluster, kubeconfig: Path) -> dict[str, dict[str, str]]:
+    """The CRs and their legacy children; uids of the children by (plural, name)."""
+    uids: dict[str, dict[str, str]] = {"deployments": {}, "services": {}}
+    for name, uid in LEGACY.items():
+        await cluster.create("gptdeployments", NS, cr(name, uid))
+        for plural, obj in legacy_children(name, uid):
+            made = await cluster.create(plural, NS, obj)
+            uids[plural][name] = made["metadata"]["uid"]
+    for name in LEGACY:
+        await ready_deployment(cluster, name)
+    return uids
+
+
+@pytest.fixture()
+async def operator(legacy: dict[str, dict[str, str]], operator: RunningOperator) -> AsyncIterator[RunningOperator]:
+    """The operator, started only once the legacy children exist (an upgrade)."""
+    yield operator
+
+
+async def _names(cluster: Cluster, plural: str) -> dict[str, str]:
+    return {o["metadata"]["name"]: o["metadata"]["uid"] for o in await cluster.list(plural, NS)}
+
+
+async def test_an_upgrade_keeps_legacy_children_and_makes_no_second_set(
+    cluster: Cluster, legacy: dict[str, dict[str, str]], operator: RunningOperator
+) -> None:
+    for name in LEGACY:
+        await eventually(lambda name=name: _served(cluster, name), what=f"status.service of {name}")
+    await operator.resync_passes(2)
+    # Exactly the legacy objects, the very same ones (uids): no hashed second Deployment or Service.
+    assert await _names(cluster, "deployments") == legacy["deployments"]
+    assert await _names(cluster, "services") == legacy["services"]
+    assert await cluster.get("deployments", NS, names.base("foo-canary")) is None
+    st = await status_of(cluster, "foo-canary")
+    assert st["service"] == "foo-canary"
+    assert st["url"] == f"http://foo-canary.{NS}.svc.cluster.local:8000"
+    assert st["selector"] == "app.kubernetes.io/instance=foo-canary,app.kubernetes.io/name=gptd-runtime"
+    assert st["phase"] == "Ready"
+    # Each CR still controls its own Deployment: foo's and foo-canary's children never changed hands.
+    for name, uid in LEGACY.items():
+        dep = await cluster.get("deployments", NS, name)
+        assert dep is not None and dep["metadata"]["ownerReferences"][0]["uid"] == uid
+    # And the upgrade is a no-op: not one write now that it settled.
+    before = len(cluster.requests())
+    await operator.resync_passes(2)
+    assert cluster.writes(before) == [], "\n".join(cluster.writes(before))
+
+
+async def _served(cluster: Cluster, name: str) -> bool:
+    st = await status_of(cluster, name)
+    return st.get("service") == name and st.get("phase") == "Ready"
+
+
+async def test_a_new_cr_gets_collision_free_names_beside_legacy_ones(
+    cluster: Cluster, legacy: dict[str, dict[str, str]], operator: RunningOperator
+) -> None:
+    # bar-canary is created after the upgrade: nothing of it carries a legacy label, so it gets the hashed base.
+    await cluster.create("gptdeployments", NS, cr("bar-canary", "uid-bar-canary"))
+    hashed = names.base("bar-canary")
+    await eventually(lambda: cluster.get("deployments", NS, hashed), what="the new CR's Deployment")
+    await eventually(lambda: cluster.get("services", NS, hashed), what="the new CR's Service")
+    assert await cluster.get("deployments", NS, "bar-canary") is None
+
+    async def named() -> bool:
+        return (await status_of(cluster, "bar-canary")).get("service") == hashed
+
+    await eventually(named, what="status.service of bar-canary")
+    await operator.resync_passes(1)
+    assert set(await _names(cluster, "deployments")) == {*LEGACY, hashed}
