@@ -88,8 +88,11 @@ async def test_an_upgrade_keeps_legacy_children_and_makes_no_second_set(
         assert dep is not None and dep["metadata"]["ownerReferences"][0]["uid"] == uid
     # And the upgrade is a no-op: not one write now that it settled.
     before = len(cluster.requests())
+    reconciles = operator.reconciler.reconciles
     await operator.resync_passes(2)
     assert cluster.writes(before) == [], "\n".join(cluster.writes(before))
+    # Once per CR per pass, although foo-canary is indexed under two keys (its base and its own name).
+    assert operator.reconciler.reconciles - reconciles == 2 * len(LEGACY)
 
 
 async def _served(cluster: Cluster, name: str) -> bool:
@@ -113,3 +116,52 @@ async def test_a_new_cr_gets_collision_free_names_beside_legacy_ones(
     await eventually(named, what="status.service of bar-canary")
     await operator.resync_passes(1)
     assert set(await _names(cluster, "deployments")) == {*LEGACY, hashed}
+
+
+async def test_two_legacy_crs_still_collide_as_before_and_the_canary_is_refused(
+    cluster: Cluster, legacy: dict[str, dict[str, str]], operator: RunningOperator
+) -> None:
+    # CR foo's canary would be "foo-canary": CR foo-canary's kept stable Deployment. It is neither adopted nor
+    # patched; foo is told why (the old release had the same collision; a new CR foo-canary would not).
+    for name in LEGACY:
+        await eventually(lambda name=name: _served(cluster, name), what=f"{name} Ready")
+    theirs = await cluster.get("deployments", NS, "foo-canary")
+    assert theirs is not None
+    await cluster.patch("gptdeployments", NS, "foo", {"spec": {
+        "model": {"revision": "v2"},
+        "rollout": {"strategy": "Canary", "canary": {"steps": [{"weight": 25, "pauseSeconds": 0}]}}}})
+
+    async def refused() -> dict[str, Any] | None:
+        ready = next((c for c in (await status_of(cluster, "foo")).get("conditions", []) if c["type"] == "Ready"), {})
+        return ready if ready.get("reason") == "InvalidSpec" else None
+
+    ready = await eventually(refused, what="foo's canary refused")
+    assert "Deployment foo-canary already exists and is not controlled by this GPTDeployment" in ready["message"]
+    await operator.resync_passes(2)
+    after = await cluster.get("deployments", NS, "foo-canary")
+    assert after is not None and after["metadata"]["uid"] == theirs["metadata"]["uid"]
+    assert after["metadata"]["ownerReferences"][0]["uid"] == LEGACY["foo-canary"]
+    assert after["spec"] == theirs["spec"]  # not patched to foo's canary
+    assert (await status_of(cluster, "foo-canary"))["service"] == "foo-canary"
+
+
+class TestLegacyLabelEvents:
+    """With the resync out of the way, only watch events drive reconciles: a legacy child's event (instance label
+    <name>, not the CR's base) must still find its CR."""
+
+    @pytest.fixture()
+    def operator_settings(self) -> Settings:
+        return Settings(resync_seconds=3600)
+
+    async def test_a_legacy_childs_event_reconciles_its_cr(
+        self, cluster: Cluster, legacy: dict[str, dict[str, str]], operator: RunningOperator
+    ) -> None:
+        await eventually(lambda: _served(cluster, "foo-canary"), what="foo-canary Ready")
+        # Play the Deployment controller: its pod went away. No resync will come: the event must do it.
+        await cluster.patch("deployments", NS, "foo-canary", {"status": {"readyReplicas": 0, "availableReplicas": 0}},
+                            sub="status")
+
+        async def not_ready() -> bool:
+            return (await status_of(cluster, "foo-canary")).get("phase") not in (None, "Ready")
+
+        await eventually(not_ready, what="foo-canary's status follows its legacy Deployment")
