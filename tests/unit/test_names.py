@@ -124,3 +124,22 @@ def test_the_reconciler_decides_from_the_indices_once_and_not_at_all_for_plain_n
     # A phantom (gone in the last LIST) is no evidence.
     assert not isinstance(handlers.children_name(indices, "ns1", "x-canary", UID, frozenset({"u1"})),
                           names.LegacyName)
+
+
+async def test_a_cr_whose_name_is_not_plain_is_found_by_its_own_name_too() -> None:
+    # Its legacy children's events carry instance=<name>, and requeue() wakes (namespace, <name>): both must find it.
+    body = {"metadata": {"name": "x-canary", "namespace": "ns1", "uid": UID}}
+    assert set(await handlers.index_crs("ns1", "x-canary", body)) == {("ns1", names.base("x-canary")),
+                                                                       ("ns1", "x-canary")}
+    assert set(await handlers.index_crs("ns1", "gpt2", {**body, "metadata": {"name": "gpt2"}})) == {("ns1", "gpt2")}
+
+    class Reconciler:
+        seen: list[Any] = []
+
+        async def reconcile(self, body: Any, indices: Any) -> None:
+            self.seen.append(body)
+
+    state = handlers.OperatorState(Settings(), Reconciler())  # type: ignore[arg-type]
+    crs = {k: [v] for k, v in (await handlers.index_crs("ns1", "x-canary", body)).items()}
+    await handlers._reconcile_owner(state, ("ns1", "x-canary"), {"gptd_crs": crs})  # what requeue() passes
+    assert Reconciler.seen == [body]
