@@ -812,3 +812,19 @@ def test_the_gate_holds_a_failed_candidate_for_its_message_even_past_the_timeout
     ro = plan.status["rollout"]
     assert ro["phase"] == "RolledBack" and ro["reason"] == "EvaluationFailed"
     assert "the specified backoff limit" in ro["message"]
+
+
+def test_a_failed_baseline_in_its_grace_is_waited_for_not_called_timed_out() -> None:
+    spec = make_spec({**EVAL, "maxRegression": 0.02})  # timeoutSeconds 600
+    status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                                     "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+    grace = evaluation.RESULT_GRACE_SECONDS
+    bjob = dataclasses.replace(failed(base_name(spec)), exit_code=None, message="", failed_since=at(605))
+    runs = (bjob, running(cand_name(spec), 590))
+    plan = decide(spec, status, observe(615, pods=(*OLD_PODS, NEW_POD), runs=runs))
+    assert {j.role for j in plan.evaluation_jobs} == {BASELINE, CANDIDATE} and not plan.events
+    assert plan.requeue_after == grace - 10  # the baseline's grace ends before the candidate's timeout
+    # its pod's message arrives: the evaluator's own error is the note
+    told = dataclasses.replace(bjob, exit_code=1, message=json.dumps({"error": "cannot reach http://10.0.0.1:8000"}))
+    plan = decide(spec, status, observe(616, pods=(*OLD_PODS, NEW_POD), runs=(told, running(cand_name(spec), 590))))
+    assert [e.reason for e in plan.events] == ["BaselineUnavailable"] and "cannot reach" in plan.events[0].message
