@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any
 
 import aiohttp
 
+from . import names
 from .api import CanaryAnalysis, GPTDeploymentSpec
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,11 @@ def _promql_string(value: str) -> str:
 
 
 def canary_pod_regex(name: str) -> str:
-    """The canary's pods, ``<name>-canary-<pod-template-hash>-<suffix>``; fully anchored by Prometheus, so the
-    stable pods ``<name>-<hash>-<suffix>`` and another CR named ``<name>-canary-x`` don't match."""
-    return f"{re.escape(name)}-canary-[a-z0-9]+-[a-z0-9]+"
+    """The canary's pods, ``<base>-canary-<pod-template-hash>-<suffix>`` (the canary Deployment is named after the
+    base, names.py, not the CR: ``llama-3.1-8b``'s pods start ``llama-3-1-8b--<hash>-canary-``); fully anchored by
+    Prometheus, so the stable pods ``<base>-<hash>-<suffix>`` and another CR's ``<base>-canary-x`` don't match."""
+    # A base holds [a-z0-9-] and, kept from the legacy release (names.LegacyName), '.': the one to escape.
+    return names.deployment(name, "canary").replace(".", "\\.") + "-[a-z0-9]+-[a-z0-9]+"
 
 
 def build_queries(name: str, namespace: str, analysis: CanaryAnalysis) -> dict[str, str]:

@@ -715,8 +715,9 @@ def wants_hpa(spec: GPTDeploymentSpec, settings: Settings) -> bool:
 def inflight_query(name: str, namespace: str) -> str:
     # Running + waiting, so queued requests count; `pod` is the label kubernetes service discovery sets.
     # Pods of <name> and <name>-canary only (`<deployment>-<hash>-<suffix>`, anchored by Prometheus), not those
-    # of another CR whose name starts with <name>-. Base names (names.py) hold no regex metacharacters.
-    pods = names.base(name) + "(-canary)?-[a-z0-9]+-[a-z0-9]+"
+    # of another CR whose name starts with <name>-. A base holds no regex metacharacter but the '.' of a kept
+    # legacy base (names.LegacyName).
+    pods = names.base(name).replace(".", "[.]") + "(-canary)?-[a-z0-9]+-[a-z0-9]+"
     sel = f'namespace="{namespace}",pod=~"{pods}"'
     running = f"sum(gptd:num_requests_running{{{sel}}} or vector(0))"
     return f"{running} + sum(gptd:num_requests_waiting{{{sel}}} or vector(0))"

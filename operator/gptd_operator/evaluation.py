@@ -158,6 +158,8 @@ class EvalRun:
     deadline_exceeded: bool = False
     target_uid: str = ""  # the pod it scores (uid, IP), when the Job says
     target_ip: str = ""
+    # A Failed Job whose pod is not yet seen terminated is "running" for up to RESULT_GRACE_SECONDS: seconds left.
+    recheck: float | None = None
 
 
 def _result(message: str) -> Mapping[str, Any] | None:
@@ -193,6 +195,15 @@ def _run_of(job: JobObs, now: datetime | None) -> EvalRun:
     failed = job.condition("Failed")
     if job.finally_failed and failed is not None:
         _, reason, message = failed
+        if (job.exit_code is None and reason != "DeadlineExceeded" and job.failed_since is not None
+                and now is not None):
+            # The Job and its pod are separate watches: the evaluator's own error is in the pod's termination
+            # message, so a Job seen Failed first waits a grace for it (a deadline is a timeout whatever it says;
+            # without lastTransitionTime there is nothing to measure the grace from).
+            left = RESULT_GRACE_SECONDS - _since(now, job.failed_since)
+            if left >= 0:
+                return EvalRun("running", job.start_time, message="the Job failed; waiting for its pod's message",
+                               recheck=max(1.0, left))
         error = (result or {}).get("error")
         text = str(error) if error else (message or reason or "the Job failed")
         return EvalRun("failed", job.start_time, result, text, deadline_exceeded=reason == "DeadlineExceeded")
@@ -252,6 +263,12 @@ def _since(now: datetime, when: datetime | None) -> float:
         return 0.0
     now = now if now.tzinfo else now.replace(tzinfo=UTC)
     return (now - (when if when.tzinfo else when.replace(tzinfo=UTC))).total_seconds()
+
+
+def _sooner(*delays: float | None) -> float | None:
+    """The earliest of the delays given (at least 1 s), None if none is."""
+    given = [d for d in delays if d is not None]
+    return max(1.0, min(given)) if given else None
 
 
 def _fmt(score: float | None) -> str:
@@ -315,6 +332,7 @@ def gate(
     baseline: float | None = None
     baseline_note = ""
     baseline_pending = False
+    baseline_recheck: float | None = None  # a failed baseline Job waiting for its pod's message: look again then
     if ev.maxRegression is not None and current and current != revision:
         bkey = eval_key(spec, dataset, current)
         cached = state.get("evaluationBaseline") or {}
@@ -336,7 +354,7 @@ def gate(
             elif brun.state == "succeeded":
                 baseline = float(brun.result["score"])  # type: ignore[index]
                 out.baseline = {"key": bkey, "revision": current, "score": baseline, "finishedAt": format_time(now)}
-            elif brun.state == "failed" or _since(now, brun.started) > ev.timeoutSeconds:
+            elif brun.state == "failed" or (_since(now, brun.started) > ev.timeoutSeconds and brun.recheck is None):
                 why = "timed out" if brun.state == "running" or brun.deadline_exceeded else brun.message
                 baseline_note = f"the baseline (revision {current}) could not be measured ({why}): judged on minScore"
                 out.events.append(("Warning", "BaselineUnavailable", baseline_note))
@@ -345,6 +363,7 @@ def gate(
             else:
                 wanted.append(EvalJob(BASELINE, bname, bkey, current, "", ""))
                 baseline_pending = True
+                baseline_recheck = brun.recheck
                 out.running = True
 
     # --- the candidate: the first new-revision pod whose containers are ready ---------------------------
@@ -362,19 +381,22 @@ def gate(
         out.running = True
         out.message = f"evaluating revision {revision} on pod {pod.name} ({metric}, dataset {dataset})"
         out.evaluation = {**base, "message": out.message, "startedAt": format_time(now)}
-        out.requeue = float(ev.timeoutSeconds)
+        out.requeue = _sooner(float(ev.timeoutSeconds), baseline_recheck)
         out.events.append(("Normal", "EvaluationStarted", out.message))
         return out
     elapsed = _since(now, run.started or parse_time(created_at) or now)
-    if (run.state == "running" and elapsed <= ev.timeoutSeconds) or (run.state == "succeeded" and baseline_pending):
+    in_grace = run.state == "running" and run.recheck is not None  # failed, its pod's message not seen yet
+    if ((run.state == "running" and (elapsed <= ev.timeoutSeconds or in_grace))
+            or (run.state == "succeeded" and baseline_pending)):
         wanted.append(EvalJob(CANDIDATE, cname, key, revision, "", ""))
         out.jobs = tuple(wanted)
         out.running = True
-        waiting = ("the baseline" if run.state == "succeeded"
+        waiting = ("the baseline" if run.state == "succeeded" else "its pod's message (the Job failed)" if in_grace
                    else f"the evaluator ({int(elapsed)}s of {ev.timeoutSeconds}s)")
         out.message = f"evaluating revision {revision} (Job {cname}): waiting for {waiting}"
         out.evaluation = {**base, "message": out.message, "startedAt": created_at or format_time(now)}
-        out.requeue = max(1.0, ev.timeoutSeconds - elapsed)
+        left = ev.timeoutSeconds - elapsed
+        out.requeue = _sooner(left if left > 0 else None, run.recheck, baseline_recheck) or 1.0
         return out
     finished = format_time(now)
     if run.state == "running" or run.deadline_exceeded:

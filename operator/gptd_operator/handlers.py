@@ -193,6 +193,20 @@ def snapshot(
     )
 
 
+def children_name(
+    indices: Mapping[str, Any], namespace: str, name: str, uid: str, phantoms: frozenset[str] = frozenset()
+) -> str:
+    """CR ``name`` as the builders get it: a ``names.LegacyName`` while it controls children the release before
+    names.py left under its legacy instance label (names.keeps_legacy). A plain name is returned at once: it has
+    no other base, so nothing is looked at; the others look in the indices only (no request)."""
+    if not names.may_have_legacy_children(name):
+        return name
+    key = (namespace, name)  # the legacy instance label: the CR name itself
+    legacy = [o for index_id in CHILD_INDICES.values() for o in _values(indices.get(index_id), key)
+              if (o.get("metadata") or {}).get("uid") not in phantoms]
+    return names.children_name(name, uid, legacy)
+
+
 @dataclass(frozen=True)
 class _Pass:
     """One reconcile of one CR: who it is and what it looked like when the pass started."""
@@ -293,6 +307,8 @@ class Reconciler:
     async def _reconcile(self, body: Mapping[str, Any], indices: Mapping[str, Any]) -> None:
         """validate → observe → plan → build → apply → report; a step that ends the pass returns None."""
         p = _Pass.of(body, self._written.get(body["metadata"].get("uid", ""), {}))
+        # Legacy child names (names.py): decided once, here, from the indices; every later step builds from p.name.
+        p = dataclasses.replace(p, name=children_name(indices, p.namespace, p.name, p.uid, self.phantoms))
         spec = await self._validate(p)
         if spec is None:
             return
@@ -974,23 +990,30 @@ async def _resync_loop(state: OperatorState) -> None:
             await rec.relist(indices)
         except Exception:  # the pass still runs on the indices; the next pass lists again
             log.exception("relist failed")
-        keys = list(crs)
-        for key in keys:
+        seen: set[tuple[str, str]] = set()  # a CR whose name is not plain is indexed under two keys (index_crs)
+        for key in list(crs):
             for body in list(crs.get(key, [])):
+                meta = body.get("metadata") or {}
+                who = (meta.get("namespace") or "", meta.get("uid") or meta.get("name") or "")
+                if who in seen:
+                    continue
+                seen.add(who)
                 try:
                     await state.in_handler_context(rec.reconcile(body, indices))
                 except Exception:  # one broken CR must not stop the resync of the others
                     log.exception("resync of %s/%s failed", *key)
         rec.resync_passes += 1
-        log.info("resync pass done: %d GPTDeployments in %.2f s", len(keys), time.monotonic() - started)
+        log.info("resync pass done: %d GPTDeployments in %.2f s", len(seen), time.monotonic() - started)
 
 
 # --- indices: the cluster as the watch streams show it, keyed by (namespace, base name)
 
 
 async def index_crs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], Any]:
-    # Keyed like the children's instance label (names.base), so a child's event finds its CR.
-    return {(namespace, names.base(name)): _plain(body)}
+    # Keyed like the children's instance label (names.base), so a child's event finds its CR; a name that is not
+    # plain also under itself: the instance label of its legacy children (names.py), and the key requeue() uses.
+    keys = {(namespace, names.base(name)), (namespace, name)}
+    return {key: _plain(body) for key in keys}
 
 
 def _index_child(namespace: str | None, labels: Mapping[str, str], body: Mapping[str, Any],

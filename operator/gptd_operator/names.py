@@ -20,12 +20,29 @@ No two CRs' children can collide: a base never ends in ``-canary``
 name; plain bases contain no ``--`` and hashed ones do, so a plain name never equals a hashed one; two
 hashed bases are equal only if 40 bits of SHA-256 collide. Every valid CR name is served this way, so no
 name needs refusing. ``status.service`` and ``status.url`` name the Service.
+
+Upgrading from a release before these rules (commit 006c30e): that release named every child after the CR
+itself (stable Deployment, Service, PDB, HPA and ScaledObject ``<name>``, canary ``<name>-canary``, instance
+label ``<name>``) and wrote no ``status.service``. For a CR whose name is not plain, building the new names
+would start a second stable Deployment (the model twice, its GPUs twice) beside the old one, which nobody
+deletes. So the names are *sticky*: a CR that still controls a child carrying its legacy instance label keeps
+the legacy base (``keeps_legacy``, decided once per reconcile from what the watches show); its children are
+patched in place, nothing is created beside them and ``status.service`` names the old Service. Only CR names
+that are valid label values (at most 63 characters) can have legacy children (a longer label was refused).
+A legacy base is not always a valid Service name (``llama-3.1-8b`` has dots; the old release's Service POST
+was refused, its Deployment was not): the Service then takes the hashed base, everything else the legacy one.
+A CR created after the upgrade has no legacy children, so it gets the collision-free names above. Two CRs that
+both kept legacy names collide as they did before the upgrade: CR ``foo``'s canary ``foo-canary`` is the
+legacy stable Deployment of CR ``foo-canary``, owned by that CR, so ``foo``'s canary is refused (NotOwned)
+until ``foo-canary`` drops its legacy children (delete them: its new ones are then created).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 MAX_LABEL = 63
 CANARY_SUFFIX = "-canary"
@@ -44,15 +61,63 @@ def is_plain(name: str) -> bool:
     )
 
 
-def base(name: str) -> str:
-    """The base name of every child of the GPTDeployment ``name`` (see the module docstring)."""
-    if is_plain(name):
-        return name
+class LegacyName(str):
+    """The name of a CR that keeps its legacy base (``keeps_legacy``): the same string, so owner references,
+    GETs of the CR and events are unchanged, while ``base()`` returns it as it is. A marker on the value rather
+    than a parameter because every builder derives its child names from the CR name it is given."""
+
+    __slots__ = ()
+
+
+# The legacy release's labels (builders.LABEL_* values; not imported: builders imports this module).
+_MANAGED_BY = ("app.kubernetes.io/managed-by", "gptd-operator")
+_INSTANCE = "app.kubernetes.io/instance"
+
+
+def may_have_legacy_children(name: str) -> bool:
+    """Whether the legacy release could have left children of CR ``name`` under other names than ``base(name)``:
+    the name is not plain, and it fits a label value (a longer instance label was refused, so nothing was made)."""
+    return not is_plain(name) and len(name) <= MAX_LABEL
+
+
+def keeps_legacy(name: str, uid: str, children: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether CR ``name`` (uid ``uid``) keeps its legacy base: it may have legacy children, and one of
+    ``children`` (what the watches show carrying instance label ``name``) is gptd's and controlled by this CR.
+
+    Another CR's objects never count, whatever their name: CR ``foo``'s canary ``foo-canary`` carries
+    instance ``foo`` and ``foo``'s uid, so it does not make a new CR ``foo-canary`` take legacy names."""
+    if not uid or not may_have_legacy_children(name):
+        return False
+    for child in children:
+        meta = child.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        if labels.get(_MANAGED_BY[0]) != _MANAGED_BY[1] or labels.get(_INSTANCE) != name:
+            continue
+        if any(r.get("uid") == uid and r.get("controller") for r in meta.get("ownerReferences") or []):
+            return True
+    return False
+
+
+def children_name(name: str, uid: str, children: Iterable[Mapping[str, Any]]) -> str:
+    """``name`` as the builders should get it: a ``LegacyName`` when it keeps its legacy base."""
+    return LegacyName(name) if keeps_legacy(name, uid, children) else name
+
+
+def _hashed(name: str) -> str:
     stem = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     if not stem[:1].isalpha():
         stem = f"g{stem}"
     stem = stem[:_STEM_CHARS].rstrip("-")
     return f"{stem}--{hashlib.sha256(name.encode()).hexdigest()[:_HASH_CHARS]}"
+
+
+def base(name: str) -> str:
+    """The base name of every child of the GPTDeployment ``name`` (see the module docstring)."""
+    if isinstance(name, LegacyName):
+        return str(name)
+    if is_plain(name):
+        return name
+    return _hashed(name)
 
 
 def deployment(name: str, track: str = "stable") -> str:
@@ -61,7 +126,10 @@ def deployment(name: str, track: str = "stable") -> str:
 
 
 def service(name: str) -> str:
-    return base(name)
+    """The Service: ``<base>``, but a DNS-1035 label even where a kept legacy base is not one (dots, a digit first:
+    the legacy release never got such a Service created)."""
+    kept = base(name)
+    return kept if _DNS1035.match(kept) else _hashed(str(name))
 
 
 def network_policy(name: str) -> str:
@@ -82,6 +150,8 @@ def evaluation_job(name: str, role: str, key: str) -> str:
     the name in a label). The digest covers the full base, so a cut stem can't make two CRs' Jobs collide."""
     digest = hashlib.sha256(f"{base(name)}\0{role}\0{key}".encode()).hexdigest()[:_HASH_CHARS]
     return f"{base(name)[:MAX_LABEL - 6 - _HASH_CHARS].rstrip('-')}-eval-{digest}"
+
+
 def model_cache(name: str) -> str:
     """The PersistentVolumeClaim of spec.model.cache (issue 10): ``<base>-model-cache``."""
     return f"{base(name)}-model-cache"

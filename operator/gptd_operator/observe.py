@@ -89,6 +89,9 @@ class JobObs:
     unschedulable: str = ""
     unschedulable_since: datetime | None = None
     creating_since: datetime | None = None
+    # lastTransitionTime of the condition Failed=True: how long the Job has been known to have failed (its pod's
+    # termination message, which says why, may reach us later by its own watch).
+    failed_since: datetime | None = None
 
     def condition(self, type_: str) -> tuple[str, str, str] | None:
         """(status, reason, message) of the condition ``type_``, or None."""
@@ -299,6 +302,8 @@ def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dic
         (str(c.get("type") or ""), str(c.get("status") or ""), str(c.get("reason") or ""), str(c.get("message") or ""))
         for c in status.get("conditions") or []
     )
+    failed_since = next((parse_time(c.get("lastTransitionTime")) for c in status.get("conditions") or []
+                         if c.get("type") == "Failed" and c.get("status") == "True"), None)
     return JobObs(
         name=name,
         revision=labels.get(LABEL_REVISION),
@@ -321,4 +326,5 @@ def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dic
         unschedulable=unschedulable,
         unschedulable_since=unschedulable_since,
         creating_since=creating_since,
+        failed_since=failed_since,
     )

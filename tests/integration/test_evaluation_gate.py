@@ -10,6 +10,7 @@ template, the Jobs, the pod condition, the CR's status and Events.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -503,3 +504,40 @@ async def test_a_refused_dataset_does_not_stop_marking_a_passed_revisions_pods(
     await new_pod(cluster, dep, "gpt2-new-2")
     cond = await eventually(lambda: pod_condition(cluster, "gpt2-new-2"), what="condition on a later pod")
     assert cond["status"] == "True"
+
+
+async def test_a_job_seen_failed_before_its_pod_is_judged_on_the_evaluators_own_error(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    # The Job and its pod come by separate watches: here the Job controller's Failed (with its lastTransitionTime,
+    # as a real one sets it) is seen first, the pod that says why only later.
+    old = await start(cluster)
+    dep = await change_revision(cluster, "v2", old)
+    await new_pod(cluster, dep)
+    job = await job_for(cluster, "candidate")
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    await cluster.patch("jobs", NS, job["metadata"]["name"], {"status": {"failed": 1, "startTime": now, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "lastTransitionTime": now,
+         "message": "Job has reached the specified backoff limit"}]}}, sub="status")
+    await status_where(cluster, "waiting for the pod", lambda s: "waiting for its pod's message" in
+                       (s.get("evaluation") or {}).get("message", ""))
+    await operator.resync_passes(2)
+    st = await status_where(cluster, "still held", lambda s: s.get("rollout", {}).get("phase") == "RollingOut")
+    assert condition(st, "RolledBack").get("status") != "True"
+    error = "dataset sentiment-eval: line 2: the runtime answered 400 Bad Request"
+    # now the pod (the same as finish() plays, created after the Job's condition)
+    name = job["metadata"]["name"]
+    await cluster.create("pods", NS, {
+        "metadata": {"name": f"{name}-x7k2p",
+                     "labels": {**job["spec"]["template"]["metadata"]["labels"], "batch.kubernetes.io/job-name": name},
+                     "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
+                                          "uid": job["metadata"]["uid"], "controller": True}]},
+        "spec": {"containers": [{"name": "evaluate", "image": "i"}], "restartPolicy": "Never"},
+        "status": {"phase": "Failed", "containerStatuses": [{"name": "evaluate", "ready": False, "restartCount": 0,
+                   "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": json.dumps({"error": error}),
+                                            "finishedAt": now}}}]},
+    })
+    st = await status_where(cluster, "RolledBack", lambda s: condition(s, "RolledBack").get("status") == "True")
+    rb = condition(st, "RolledBack")
+    assert rb["reason"] == "EvaluationFailed" and error in rb["message"]
+    await eventually(lambda: _on_revision(cluster, old), what="rolled back to v1")

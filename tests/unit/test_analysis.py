@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from gptd_operator import analysis, api
+from gptd_operator import analysis, api, names
 from gptd_operator.analysis import ERROR_RATE, TTFT_P95, build_queries, evaluate, missing
 
 
@@ -42,8 +42,13 @@ def test_pod_regex_matches_canary_pods_only() -> None:
     assert not rx.fullmatch("chat-7d9c8b5f4-x2k9p")  # the stable pods
     assert not rx.fullmatch("chat-canary-x-7d9c8b5f4-x2k9p")  # another CR named chat-canary-x
     assert not rx.fullmatch("chatty-canary-7d9c8b5f4-x2k9p")
-    # Dots in a CR name are literal (escaped for the regex and for the PromQL string).
+    # The canary Deployment is named after the base (names.py): a dotted CR's pods start <stem>--<hash>-canary-.
+    base = names.base("my.model")
     q = build_queries("my.model", "ns", cfg())[ERROR_RATE]
+    assert f'pod=~"{base}-canary-' in q and re.compile(analysis.canary_pod_regex("my.model")).fullmatch(
+        f"{base}-canary-7d9c8b5f4-x2k9p")
+    # A kept legacy base (names.LegacyName) keeps its dots: literal, escaped for the regex and the PromQL string.
+    q = build_queries(names.LegacyName("my.model"), "ns", cfg())[ERROR_RATE]
     assert 'pod=~"my\\\\.model-canary-' in q
 
 

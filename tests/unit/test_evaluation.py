@@ -767,3 +767,64 @@ def test_under_server_tls_the_job_verifies_the_service_name_at_the_pod_ip(tls: d
     plain = _job(make_spec())["spec"]["template"]["spec"]
     assert "--server-name" not in plain["containers"][0]["command"] and "ca" not in {v["name"] for v in
                                                                                       plain["volumes"]}
+
+
+def _failed_job(reason: str = "BackoffLimitExceeded", failed_at: str | None = "2026-01-01T00:01:00Z") -> dict[str, Any]:
+    cond = {"type": "Failed", "status": "True", "reason": reason,
+            "message": "Job has reached the specified backoff limit"}
+    if failed_at is not None:
+        cond["lastTransitionTime"] = failed_at
+    return _eval_job(failed=1, conditions=[cond])
+
+
+def test_a_failed_job_waits_a_grace_for_its_pods_message() -> None:
+    grace = evaluation.RESULT_GRACE_SECONDS
+    error = json.dumps({"error": "dataset x: line 7: not valid JSON"})
+    job = _failed_job()
+    assert observe_job(job).failed_since == at(60)
+    # the Job's Failed arrives first (its pod not seen, or seen still running): it waits, and says for how long
+    for pods in ([], [_eval_pod({"running": {}})]):
+        run = run_of(observe_job(job, pods), at(70))
+        assert run.state == "running" and "waiting for its pod's message" in run.message
+        assert run.recheck == grace - 10
+    # the pod's terminated state arrives: the evaluator's own error, at once
+    run = run_of(observe_job(job, [_eval_pod({"terminated": {"exitCode": 1, "message": error}})]), at(70))
+    assert run.state == "failed" and run.message == "dataset x: line 7: not valid JSON"
+    # no pod past the grace: judged on the Job's own message
+    run = run_of(observe_job(job), at(60 + grace + 1))
+    assert run.state == "failed" and run.message == "Job has reached the specified backoff limit"
+    # a deadline is a timeout whatever the pod says; without lastTransitionTime there is no grace to measure
+    assert run_of(observe_job(_failed_job("DeadlineExceeded")), at(70)).deadline_exceeded
+    assert run_of(observe_job(_failed_job(failed_at=None)), at(70)).state == "failed"
+
+
+def test_the_gate_holds_a_failed_candidate_for_its_message_even_past_the_timeout() -> None:
+    spec = make_spec()  # timeoutSeconds 600
+    status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                                     "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+    grace = evaluation.RESULT_GRACE_SECONDS
+    job = dataclasses.replace(failed(cand_name(spec), started=10), exit_code=None, message="", failed_since=at(605))
+    plan = decide(spec, status, observe(615, pods=(*OLD_PODS, NEW_POD), runs=(job,)))
+    assert plan.status["rollout"]["phase"] == "RollingOut" and [j.role for j in plan.evaluation_jobs] == [CANDIDATE]
+    assert plan.requeue_after == grace - 10  # woken when the grace ends, not a timeout verdict meanwhile
+    assert "waiting for its pod's message" in plan.status["evaluation"]["message"]
+    plan = decide(spec, status, observe(605 + grace + 1, pods=(*OLD_PODS, NEW_POD), runs=(job,)))
+    ro = plan.status["rollout"]
+    assert ro["phase"] == "RolledBack" and ro["reason"] == "EvaluationFailed"
+    assert "the specified backoff limit" in ro["message"]
+
+
+def test_a_failed_baseline_in_its_grace_is_waited_for_not_called_timed_out() -> None:
+    spec = make_spec({**EVAL, "maxRegression": 0.02})  # timeoutSeconds 600
+    status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                                     "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+    grace = evaluation.RESULT_GRACE_SECONDS
+    bjob = dataclasses.replace(failed(base_name(spec)), exit_code=None, message="", failed_since=at(605))
+    runs = (bjob, running(cand_name(spec), 590))
+    plan = decide(spec, status, observe(615, pods=(*OLD_PODS, NEW_POD), runs=runs))
+    assert {j.role for j in plan.evaluation_jobs} == {BASELINE, CANDIDATE} and not plan.events
+    assert plan.requeue_after == grace - 10  # the baseline's grace ends before the candidate's timeout
+    # its pod's message arrives: the evaluator's own error is the note
+    told = dataclasses.replace(bjob, exit_code=1, message=json.dumps({"error": "cannot reach http://10.0.0.1:8000"}))
+    plan = decide(spec, status, observe(616, pods=(*OLD_PODS, NEW_POD), runs=(told, running(cand_name(spec), 590))))
+    assert [e.reason for e in plan.events] == ["BaselineUnavailable"] and "cannot reach" in plan.events[0].message
