@@ -200,7 +200,9 @@ def _run_of(job: JobObs, now: datetime | None) -> EvalRun:
             # The Job and its pod are separate watches: the evaluator's own error is in the pod's termination
             # message, so a Job seen Failed first waits a grace for it (a deadline is a timeout whatever it says;
             # without lastTransitionTime there is nothing to measure the grace from).
-            left = RESULT_GRACE_SECONDS - _since(now, job.failed_since)
+            # At most the grace: lastTransitionTime is the API server's clock, and an operator clock behind it
+            # (a negative age) must not lengthen the wait.
+            left = min(RESULT_GRACE_SECONDS, RESULT_GRACE_SECONDS - _since(now, job.failed_since))
             if left >= 0:
                 return EvalRun("running", job.start_time, message="the Job failed; waiting for its pod's message",
                                recheck=max(1.0, left))

@@ -196,15 +196,16 @@ def snapshot(
 def children_name(
     indices: Mapping[str, Any], namespace: str, name: str, uid: str, phantoms: frozenset[str] = frozenset()
 ) -> str:
-    """CR ``name`` as the builders get it: a ``names.LegacyName`` while it controls children the release before
-    names.py left under its legacy instance label (names.keeps_legacy). A plain name is returned at once: it has
-    no other base, so nothing is looked at; the others look in the indices only (no request)."""
+    """CR ``name`` as the builders get it: a ``names.LegacyName`` while it controls the stable Deployment the
+    release before names.py left under its legacy name (names.keeps_legacy; no other kind counts). A plain name is
+    returned at once: it has no other base, so nothing is looked at; the others look in the Deployment index only
+    (no request)."""
     if not names.may_have_legacy_children(name):
         return name
     key = (namespace, name)  # the legacy instance label: the CR name itself
-    legacy = [o for index_id in CHILD_INDICES.values() for o in _values(indices.get(index_id), key)
-              if (o.get("metadata") or {}).get("uid") not in phantoms]
-    return names.children_name(name, uid, legacy)
+    deployments = [o for o in _values(indices.get(CHILD_INDICES["Deployment"]), key)
+                   if (o.get("metadata") or {}).get("uid") not in phantoms]
+    return names.children_name(name, uid, deployments)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Child names derived from the GPTDeployment's name: deterministic, DNS-1035 labels, collision-free.
+"""Child names derived from the GPTDeployment's name: deterministic, DNS-1035 labels, collision-free (but for kept
+legacy bases, below).
 
 A CR name is a DNS-1123 subdomain (up to 253 characters, dots allowed: ``llama-3.1-8b``). Its children need
 more: a Service name is a DNS-1035 label (lower-case alphanumerics and ``-``, letter first, at most 63
@@ -15,7 +16,7 @@ child carries the *base* name:
 The stable Deployment, the Service, the PDB, the HPA, the KEDA ScaledObject, the NetworkPolicy and the
 cert-manager Certificate are named ``<base>``; the canary Deployment ``<base>-canary``; the Secret the
 Certificate's issuer writes ``<base>-tls`` (a fixed suffix on distinct bases: distinct Secrets).
-No two CRs' children can collide: a base never ends in ``-canary``
+Among these bases no two CRs' children can collide: a base never ends in ``-canary``
 (hashed bases end in hex digits, plain ones are refused that ending), so no stable name equals a canary
 name; plain bases contain no ``--`` and hashed ones do, so a plain name never equals a hashed one; two
 hashed bases are equal only if 40 bits of SHA-256 collide. Every valid CR name is served this way, so no
@@ -25,16 +26,21 @@ Upgrading from a release before these rules (commit 006c30e): that release named
 itself (stable Deployment, Service, PDB, HPA and ScaledObject ``<name>``, canary ``<name>-canary``, instance
 label ``<name>``) and wrote no ``status.service``. For a CR whose name is not plain, building the new names
 would start a second stable Deployment (the model twice, its GPUs twice) beside the old one, which nobody
-deletes. So the names are *sticky*: a CR that still controls a child carrying its legacy instance label keeps
-the legacy base (``keeps_legacy``, decided once per reconcile from what the watches show); its children are
-patched in place, nothing is created beside them and ``status.service`` names the old Service. Only CR names
+deletes. So the names are *sticky*: a CR that still controls its legacy stable Deployment (named ``<name>``,
+legacy labels) keeps the legacy base (``keeps_legacy``, decided once per reconcile from what the watches show);
+its children are patched in place (the kept Deployment to today's pod template: its pods roll once if the old
+template differed), nothing is created beside them and ``status.service`` names the old Service. Only CR names
 that are valid label values (at most 63 characters) can have legacy children (a longer label was refused).
 A legacy base is not always a valid Service name (``llama-3.1-8b`` has dots; the old release's Service POST
 was refused, its Deployment was not): the Service then takes the hashed base, everything else the legacy one.
-A CR created after the upgrade has no legacy children, so it gets the collision-free names above. Two CRs that
-both kept legacy names collide as they did before the upgrade: CR ``foo``'s canary ``foo-canary`` is the
-legacy stable Deployment of CR ``foo-canary``, owned by that CR, so ``foo``'s canary is refused (NotOwned)
-until ``foo-canary`` drops its legacy children (delete them: its new ones are then created).
+A CR created after the upgrade has no legacy children, so it gets the names above. A kept legacy base is outside
+those rules, so it can collide: two CRs that both kept legacy names collide as they did before the upgrade (CR
+``foo``'s canary ``foo-canary`` is the legacy stable Deployment of CR ``foo-canary``), and a kept base may contain
+``--`` and equal another CR's hashed base (a CR literally named ``abc--0123456789`` beside one whose name hashes
+to that). The ownership checks (kube.NotOwned: a child controlled by another owner is never patched or
+adopted) turn either into a refusal of the second CR's child (InvalidSpec), never a takeover, until the kept CR
+moves to its new names: delete its legacy stable Deployment (the only evidence, ``keeps_legacy``), then its other
+legacy children by label (docs/operator.md).
 """
 
 from __future__ import annotations
@@ -80,17 +86,24 @@ def may_have_legacy_children(name: str) -> bool:
     return not is_plain(name) and len(name) <= MAX_LABEL
 
 
-def keeps_legacy(name: str, uid: str, children: Iterable[Mapping[str, Any]]) -> bool:
+def keeps_legacy(name: str, uid: str, deployments: Iterable[Mapping[str, Any]]) -> bool:
     """Whether CR ``name`` (uid ``uid``) keeps its legacy base: it may have legacy children, and one of
-    ``children`` (what the watches show carrying instance label ``name``) is gptd's and controlled by this CR.
+    ``deployments`` (what the watches show carrying instance label ``name``) is the legacy *stable Deployment*:
+    named ``name``, gptd's, instance label ``name``, controlled by this CR.
 
+    That Deployment alone is the evidence: it holds the GPUs (a second one is what the sticky names prevent), and
+    the legacy release always made it. Every other child a kept CR gets (NetworkPolicy, PVC, Jobs, ...) carries
+    the same labels and owner, so counting them would keep a CR legacy forever; with the Deployment alone,
+    ``kubectl delete deployment <name>`` moves it to its new names (docs/operator.md).
     Another CR's objects never count, whatever their name: CR ``foo``'s canary ``foo-canary`` carries
     instance ``foo`` and ``foo``'s uid, so it does not make a new CR ``foo-canary`` take legacy names."""
     if not uid or not may_have_legacy_children(name):
         return False
-    for child in children:
-        meta = child.get("metadata") or {}
+    for dep in deployments:
+        meta = dep.get("metadata") or {}
         labels = meta.get("labels") or {}
+        if dep.get("kind") not in (None, "Deployment") or meta.get("name") != name:
+            continue
         if labels.get(_MANAGED_BY[0]) != _MANAGED_BY[1] or labels.get(_INSTANCE) != name:
             continue
         if any(r.get("uid") == uid and r.get("controller") for r in meta.get("ownerReferences") or []):
@@ -98,9 +111,9 @@ def keeps_legacy(name: str, uid: str, children: Iterable[Mapping[str, Any]]) -> 
     return False
 
 
-def children_name(name: str, uid: str, children: Iterable[Mapping[str, Any]]) -> str:
+def children_name(name: str, uid: str, deployments: Iterable[Mapping[str, Any]]) -> str:
     """``name`` as the builders should get it: a ``LegacyName`` when it keeps its legacy base."""
-    return LegacyName(name) if keeps_legacy(name, uid, children) else name
+    return LegacyName(name) if keeps_legacy(name, uid, deployments) else name
 
 
 def _hashed(name: str) -> str:

@@ -205,3 +205,51 @@ class TestDottedLegacyName:
         before = len(cluster.requests())
         await operator.resync_passes(2)
         assert cluster.writes(before) == [], "\n".join(cluster.writes(before))
+
+
+LEFTOVER = ("deployments", "services", "poddisruptionbudgets", "horizontalpodautoscalers", "networkpolicies",
+            "persistentvolumeclaims", "jobs")  # docs/operator.md's second command, by label
+
+
+async def _labelled(cluster: Cluster, instance: str) -> list[tuple[str, str]]:
+    found = []
+    for plural in LEFTOVER:
+        found += [(plural, o["metadata"]["name"]) for o in await cluster.list(plural, NS)
+                  if (o["metadata"].get("labels") or {}).get("app.kubernetes.io/instance") == instance]
+    return sorted(found)
+
+
+async def test_the_documented_migration_moves_a_legacy_cr_to_its_new_names(
+    cluster: Cluster, legacy: dict[str, dict[str, str]], operator: RunningOperator
+) -> None:
+    # docs/operator.md: `kubectl delete deployment <name>`, then the remaining legacy children by label.
+    name, hashed = "foo-canary", names.base("foo-canary")
+    await eventually(lambda: _served(cluster, name), what="foo-canary Ready under its legacy names")
+    # A kept CR's later children carry the legacy labels too (here a NetworkPolicy): they must not keep it legacy.
+    await cluster.patch("gptdeployments", NS, name, {"spec": {"networkPolicy": {"enabled": True}}})
+    await eventually(lambda: cluster.get("networkpolicies", NS, name), what="the legacy-named NetworkPolicy")
+
+    await cluster.delete("deployments", NS, name)
+    await eventually(lambda: cluster.get("deployments", NS, hashed), what="the hashed Deployment")
+    await ready_deployment(cluster, hashed)
+
+    async def moved() -> dict[str, Any] | None:
+        st = await status_of(cluster, name)
+        return st if st.get("service") == hashed and st.get("phase") == "Ready" else None
+
+    st = await eventually(moved, what="status.service names the hashed Service")
+    assert st["url"] == f"http://{hashed}.{NS}.svc.cluster.local:8000"
+    assert await cluster.get("services", NS, hashed) is not None
+    await operator.resync_passes(2)
+    assert await cluster.get("deployments", NS, name) is None  # the legacy Deployment is not recreated
+    left = await _labelled(cluster, name)
+    assert ("services", name) in left and ("networkpolicies", name) in left  # left for the user to delete
+
+    for plural, obj in left:
+        await cluster.delete(plural, NS, obj)
+    await operator.resync_passes(2)
+    assert await _labelled(cluster, name) == []  # nothing legacy recreated
+    assert ("networkpolicies", hashed) in await _labelled(cluster, hashed)
+    assert (await status_of(cluster, name))["service"] == hashed
+    # CR foo kept its own legacy children throughout.
+    assert (await cluster.get("deployments", NS, "foo") or {})["metadata"]["uid"] == legacy["deployments"]["foo"]

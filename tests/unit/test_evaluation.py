@@ -828,3 +828,23 @@ def test_a_failed_baseline_in_its_grace_is_waited_for_not_called_timed_out() -> 
     told = dataclasses.replace(bjob, exit_code=1, message=json.dumps({"error": "cannot reach http://10.0.0.1:8000"}))
     plan = decide(spec, status, observe(616, pods=(*OLD_PODS, NEW_POD), runs=(told, running(cand_name(spec), 590))))
     assert [e.reason for e in plan.events] == ["BaselineUnavailable"] and "cannot reach" in plan.events[0].message
+
+
+def test_a_failed_jobs_grace_is_never_longer_than_the_grace_when_the_clock_is_behind() -> None:
+    # lastTransitionTime is the API server's clock; an operator clock behind it must not stretch the wait.
+    grace = evaluation.RESULT_GRACE_SECONDS
+    job = observe_job(_failed_job(failed_at="2026-01-01T01:00:00Z"))  # an hour ahead of the operator's now
+    run = run_of(job, at(70))
+    assert run.state == "running" and run.recheck == grace
+    run = run_of(job, at(3600 + grace + 1))  # past it by the Job's own clock: judged
+    assert run.state == "failed"
+
+
+def test_the_gate_wakes_within_the_grace_when_the_failure_is_stamped_ahead_of_its_clock() -> None:
+    spec = make_spec()  # timeoutSeconds 600
+    status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                                     "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+    job = dataclasses.replace(failed(cand_name(spec), started=10), exit_code=None, message="", failed_since=at(4000))
+    plan = decide(spec, status, observe(615, pods=(*OLD_PODS, NEW_POD), runs=(job,)))
+    assert plan.status["rollout"]["phase"] == "RollingOut"
+    assert plan.requeue_after == evaluation.RESULT_GRACE_SECONDS

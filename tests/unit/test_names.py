@@ -84,6 +84,17 @@ def test_only_this_crs_gptd_children_count() -> None:
     assert type(plain) is str and names.base(plain) != cr
 
 
+def test_only_the_legacy_stable_deployment_is_evidence() -> None:
+    # A kept CR's other children carry the same labels and owner: counting them would keep it legacy forever (the
+    # documented migration deletes the Deployment first). Its canary carries instance <name> too: not the GPU holder.
+    cr = "foo-canary"
+    for kind, name in (("Service", cr), ("NetworkPolicy", cr), ("PersistentVolumeClaim", f"{cr}-model-cache"),
+                       ("Job", f"{cr}-eval-0123456789"), ("Deployment", f"{cr}-canary")):
+        other = {**legacy_child(cr, name=name), "kind": kind}
+        assert not names.keeps_legacy(cr, UID, [other]), (kind, name)
+    assert names.keeps_legacy(cr, UID, [{**legacy_child(cr), "kind": "Service"}, legacy_child(cr)])
+
+
 @pytest.mark.parametrize("cr", ["gpt2", "a" * 56, "m" * 64, "a.b" * 30])
 def test_plain_and_over_long_names_never_keep_a_legacy_base(cr: str) -> None:
     # Plain: the legacy name is the base already. Over 63: the legacy release's instance label was refused.
@@ -118,7 +129,11 @@ class _Untouchable(dict):  # type: ignore[type-arg]
 def test_the_reconciler_decides_from_the_indices_once_and_not_at_all_for_plain_names() -> None:
     assert handlers.children_name(_Untouchable(), "ns1", "gpt2", UID) == "gpt2"
     child = {**legacy_child("x-canary"), "metadata": {**legacy_child("x-canary")["metadata"], "uid": "u1"}}
-    indices = {"gptd_services": {("ns1", "x-canary"): [child]}}
+    # Only the Deployment index is evidence: the same object under any other kind's index is not.
+    others = {index_id: {("ns1", "x-canary"): [{**child, "kind": kind}]}
+              for kind, index_id in handlers.CHILD_INDICES.items() if kind != "Deployment"}
+    assert type(handlers.children_name(others, "ns1", "x-canary", UID)) is str
+    indices = {"gptd_deployments": {("ns1", "x-canary"): [child]}}
     assert isinstance(handlers.children_name(indices, "ns1", "x-canary", UID), names.LegacyName)
     assert not isinstance(handlers.children_name(indices, "ns2", "x-canary", UID), names.LegacyName)
     # A phantom (gone in the last LIST) is no evidence.
