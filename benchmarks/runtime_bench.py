@@ -16,8 +16,8 @@ within minutes):
   of its periods). One client is one request at a time, so no participant's concurrency changes, and drift hits
   all of them alike. It does change what a request meets: the others' requests ran in between (cold caches,
   threads woken from idle), so these 1-client figures are not comparable with the earlier block-per-server ones.
-  In an ad-hoc A/B on this VM (2026-12-02, non-streaming, gptd/peer tokens/s), six 16-request blocks per server
-  gave single-round ratios of 0.76-1.18; six interleaved blocks of 12 requests each, 0.99-1.08;
+  In an ad-hoc A/B on this VM (2026-12-02, output not kept; non-streaming, gptd/peer tokens/s), six 16-request
+  blocks per server gave single-round ratios of 0.76-1.18; six interleaved blocks of 12 requests each, 0.99-1.08;
 - at more clients the load is the point, so each server's run stays whole, and the bound is measured right before
   and right after the cell (both servers back to back), each run divided by the mean of the two.
 The bound is also measured beside a busy neighbour (one other process spinning a Python loop): on a
@@ -441,7 +441,7 @@ def engine_in_process(settings: Any, clients: int, requests: int, max_tokens: in
 
 # -- one client: every participant's requests interleaved -----------------------------------------------------------
 # At one client a cell is a few seconds per server, and this VM's speed moves by 30 % and more between such
-# blocks (the bound alone went 663 -> 812 -> 832 -> 488 tok/s in successive runs, pinned to either vCPU), which
+# blocks (the bound alone went 663 -> 812 -> 832 -> 783 -> 488 tok/s in successive runs, pinned to either vCPU), which
 # is as large as the differences measured. One client means one request at a time, so the requests of gptd, the
 # peer, the bare loop and the in-process engine can alternate request by request without changing the load any
 # of them sees: drift then hits all of them alike. (At 32 clients the load is the point, so cells stay whole.)

@@ -129,8 +129,9 @@ class _Untouchable(dict):  # type: ignore[type-arg]
 def test_the_reconciler_decides_from_the_indices_once_and_not_at_all_for_plain_names() -> None:
     assert handlers.children_name(_Untouchable(), "ns1", "gpt2", UID) == "gpt2"
     child = {**legacy_child("x-canary"), "metadata": {**legacy_child("x-canary")["metadata"], "uid": "u1"}}
-    # Only the Deployment index is evidence: the same object under any other kind's index is not.
-    others = {index_id: {("ns1", "x-canary"): [{**child, "kind": kind}]}
+    # Only the Deployment index is evidence: the very same Deployment under any other index is not (what a
+    # reconciler reading every index, as before, would have taken for evidence).
+    others = {index_id: {("ns1", "x-canary"): [child]}
               for kind, index_id in handlers.CHILD_INDICES.items() if kind != "Deployment"}
     assert type(handlers.children_name(others, "ns1", "x-canary", UID)) is str
     indices = {"gptd_deployments": {("ns1", "x-canary"): [child]}}
