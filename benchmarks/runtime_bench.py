@@ -510,9 +510,9 @@ def tally(name: str, mode: str, samples: list[Sample | None]) -> Result:
 async def interleaved_cell(args: argparse.Namespace, threads: int, mode: str, urls: dict[str, str],
                            pids: dict[str, int], engine: Any, requests: int) -> list[Result]:
     """One 1-client cell: ``requests`` prompts (rounded up to a whole number of rotation periods), each sent to
-    every participant (the servers of ``urls``, the
-    bare loop, and ``engine`` when given) in rotation() order. Returns one Result per participant; the bare
-    loop's is named BOUND, and the same beside a busy neighbour BUSY_BOUND."""
+    every participant (the servers of ``urls``, the bare loop, and ``engine`` when given) in rotation() order.
+    Returns one Result per participant; the bare loop's is named BOUND, and the same beside a busy neighbour
+    BUSY_BOUND."""
     from gptd_runtime.engine import SamplingParams
 
     stream = mode == "stream"
