@@ -25,7 +25,15 @@ from typing import Any
 
 from . import builders, names
 from .api import GPTDeploymentSpec
-from .evaluation import DATASET_FILE, RESULT_FILE, evaluation_hash, pvc_claim, pvc_identity
+from .evaluation import (
+    DATASET_FILE,
+    RESULT_FILE,
+    RESULT_GRACE_SECONDS,
+    evaluation_hash,
+    failed_grace_left,
+    pvc_claim,
+    pvc_identity,
+)
 from .observe import JobObs, format_time
 from .settings import Settings
 
@@ -33,8 +41,8 @@ COMPONENT = "dataset-check"  # app.kubernetes.io/component of the check Jobs and
 FIELD = "spec.evaluation.dataset.pvc"
 STATUS_KEY = "datasetCheck"
 WAIT_REASON = "CheckingDataset"  # the Progressing reason while the rollout waits for the check
-# A Job seen Complete whose pod is gone (deleted, garbage-collected): how long to wait for the pod's result.
-RESULT_GRACE_SECONDS = 60
+# RESULT_GRACE_SECONDS (evaluation.py, the evaluator Jobs' too): how long a Job seen Complete whose pod is gone
+# (deleted, garbage-collected) waits for the pod's result, and a Job seen Failed first for its pod's error.
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class CheckPlan:
     wait: tuple[str, str] | None = None  # (Progressing reason, message)
     invalid: str | None = None  # the InvalidSpec message for FIELD
     record: dict[str, Any] | None = None  # new status.datasetCheck (None: unchanged)
+    requeue_after: float | None = None  # a Failed Job in its grace: look again then (no watch event may come)
     create: dict[str, Any] | None = None  # the check Job to create
     delete: tuple[str, ...] = ()  # check Jobs to delete (done, or of another key)
     events: tuple[tuple[str, str, str], ...] = ()  # (type, reason, message)
@@ -72,8 +81,9 @@ def _refusal(spec: GPTDeploymentSpec, error: str) -> str:
     return f"PersistentVolumeClaim {claim} file {path}: {error}"
 
 
-def verdict(job: JobObs, now: datetime) -> tuple[str, dict[str, Any] | str | None]:
-    """("passed", {"rows", "labels"}) | ("failed", message) | ("running", None) for one check Job."""
+def verdict(job: JobObs, now: datetime) -> tuple[str, dict[str, Any] | str | None, float | None]:
+    """("passed", {"rows", "labels"}, None) | ("failed", message, None) | ("running", what it waits on, seconds to
+    look again or None) for one check Job."""
     try:
         result = json.loads(job.message) if job.message else None
     except ValueError:
@@ -81,24 +91,29 @@ def verdict(job: JobObs, now: datetime) -> tuple[str, dict[str, Any] | str | Non
     result = result if isinstance(result, dict) else {}
     if job.complete or job.succeeded > 0:
         if isinstance(result.get("rows"), int):
-            return "passed", {"rows": result["rows"], "labels": list(result.get("labels") or [])}
+            return "passed", {"rows": result["rows"], "labels": list(result.get("labels") or [])}, None
         if job.exit_code is not None:
-            return "failed", "the dataset check finished without a result"
+            return "failed", "the dataset check finished without a result", None
         done = job.completion_time or job.start_time or job.created
         if job.pod_name is None and _since(now, done) > RESULT_GRACE_SECONDS:
-            return "failed", f"the dataset check completed but its pod is gone after {RESULT_GRACE_SECONDS}s"
-        return "running", None  # the pod's terminated state (the result) has not been seen yet
+            return "failed", f"the dataset check completed but its pod is gone after {RESULT_GRACE_SECONDS}s", None
+        return "running", job.waiting or None, None  # the pod's terminated state (the result) not seen yet
     failed = job.condition("Failed")
     if job.finally_failed and failed is not None:
         _, reason, message = failed
         if result.get("error"):
-            return "failed", str(result["error"])
+            return "failed", str(result["error"]), None
+        # Seen Failed before its pod's terminated state: wait (the grace, woken at its end) for the line it names
+        # rather than refuse with the Job controller's generic BackoffLimitExceeded.
+        left = failed_grace_left(job, now)
+        if left is not None:
+            return "running", "the Job failed; waiting for its pod's message", left
         if reason == "DeadlineExceeded":
             # e.g. a path missing on the claim: the kubelet cannot create the read-only subPath and says so
             why = job.waiting or "can the claim be mounted by a pod of this namespace?"
-            return "failed", f"the dataset check did not finish in time ({why})"
-        return "failed", job.waiting or message or reason or "the dataset check Job failed"
-    return "running", None
+            return "failed", f"the dataset check did not finish in time ({why})", None
+        return "failed", job.waiting or message or reason or "the dataset check Job failed", None
+    return "running", job.waiting or None, None
 
 
 def plan_check(
@@ -126,9 +141,10 @@ def plan_check(
                                                                        revision, jname, key),
                          delete=stale, record=started if prev != started else None,
                          events=(("Normal", "DatasetCheckStarted", waiting),))
-    state, detail = verdict(job, now)
+    state, detail, recheck = verdict(job, now)
     if state == "running":
-        return CheckPlan(wait=(WAIT_REASON, f"{waiting}: {job.waiting}" if job.waiting else waiting), delete=stale)
+        return CheckPlan(wait=(WAIT_REASON, f"{waiting}: {detail}" if detail else waiting), delete=stale,
+                         requeue_after=recheck)
     finished = format_time(now)
     if state == "passed":
         assert isinstance(detail, dict)

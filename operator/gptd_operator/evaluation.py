@@ -195,21 +195,31 @@ def _run_of(job: JobObs, now: datetime | None) -> EvalRun:
     failed = job.condition("Failed")
     if job.finally_failed and failed is not None:
         _, reason, message = failed
-        if (job.exit_code is None and reason != "DeadlineExceeded" and job.failed_since is not None
-                and now is not None):
-            # The Job and its pod are separate watches: the evaluator's own error is in the pod's termination
-            # message, so a Job seen Failed first waits a grace for it (a deadline is a timeout whatever it says;
-            # without lastTransitionTime there is nothing to measure the grace from).
-            # At most the grace: lastTransitionTime is the API server's clock, and an operator clock behind it
-            # (a negative age) must not lengthen the wait.
-            left = min(RESULT_GRACE_SECONDS, RESULT_GRACE_SECONDS - _since(now, job.failed_since))
-            if left >= 0:
-                return EvalRun("running", job.start_time, message="the Job failed; waiting for its pod's message",
-                               recheck=max(1.0, left))
+        left = failed_grace_left(job, now)
+        if left is not None:
+            return EvalRun("running", job.start_time, message="the Job failed; waiting for its pod's message",
+                           recheck=left)
         error = (result or {}).get("error")
         text = str(error) if error else (message or reason or "the Job failed")
         return EvalRun("failed", job.start_time, result, text, deadline_exceeded=reason == "DeadlineExceeded")
     return EvalRun("running", job.start_time)
+
+
+def failed_grace_left(job: JobObs, now: datetime | None) -> float | None:
+    """For a Job seen finally Failed before its pod's terminated state: the seconds (at least 1) still to wait for
+    that pod's termination message, which names the Job's own error; None once it is to be judged (the pod seen
+    terminated, the grace over, a deadline, no lastTransitionTime, not Failed). Shared by the evaluator Jobs and the
+    dataset-check Jobs (dataset_check.py)."""
+    failed = job.condition("Failed")
+    if (not job.finally_failed or failed is None or job.exit_code is not None or failed[1] == "DeadlineExceeded"
+            or job.failed_since is None or now is None):
+        # The Job and its pod are separate watches, so a Job seen Failed first waits a grace for the pod; a deadline
+        # is a timeout whatever the pod says, and without lastTransitionTime there is nothing to measure it from.
+        return None
+    # At most the grace: lastTransitionTime is the API server's clock, and an operator clock behind it (a negative
+    # age) must not lengthen the wait.
+    left = min(RESULT_GRACE_SECONDS, RESULT_GRACE_SECONDS - _since(now, job.failed_since))
+    return max(1.0, left) if left >= 0 else None
 
 
 def runs_of(jobs: Sequence[JobObs], now: datetime | None = None) -> dict[str, EvalRun]:

@@ -411,6 +411,9 @@ class Reconciler:
         image = spec.runtime.image or self.settings.runtime_image
         check = dataset_check.plan_check(spec, p.name, p.namespace, p.uid, self.settings, image, p.previous, revision,
                                          jobs, p.now)
+        if check.requeue_after is not None and self.requeue is not None:
+            # A check Job seen Failed before its pod: judged when the grace ends even if no watch event comes.
+            self.requeue(p.namespace, p.name, check.requeue_after)
         for job_name in check.delete:
             if children.by_kind("Job", job_name, p.name) is not None:
                 await self.kube.delete(kube.JOBS, p.namespace, job_name)

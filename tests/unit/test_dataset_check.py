@@ -33,7 +33,7 @@ def _job(name: str, *, result: dict[str, Any] | None = None, ok: bool = True, t:
                       pod_name=f"{name}-x")
     return JobObs(name=name, revision=RB, purpose=COMPONENT, failed=1, start_time=at(t),
                   conditions=(("Failed", "True", "BackoffLimitExceeded", "Job has reached the backoff limit"),),
-                  message=json.dumps(result), exit_code=1, pod_name=f"{name}-x")
+                  message=json.dumps(result), exit_code=1, pod_name=f"{name}-x", failed_since=at(t))
 
 
 def _with(status: dict[str, Any], check: dataset_check.CheckPlan) -> dict[str, Any]:
@@ -165,3 +165,53 @@ def test_every_record_the_check_writes_is_declared_in_the_typed_status() -> None
         parsed = GPTDeploymentStatus.model_validate({STATUS_KEY: record})
         assert isinstance(getattr(parsed, STATUS_KEY), DatasetCheckStatus)
         assert parsed.model_dump(exclude_none=True)[STATUS_KEY] == record
+
+
+def _failed_first(failed_at: float) -> tuple[Any, dict[str, Any], JobObs]:
+    """The spec, the status once its check Job started, and that Job seen Failed (lastTransitionTime
+    ``failed_at``) before its pod's terminated state."""
+    spec = make_spec(PVC_EVAL)
+    first = _plan(spec, dict(SETTLED))
+    name = first.create["metadata"]["name"]  # type: ignore[index]
+    job = dataclasses.replace(_job(name, result=BAD, ok=False), message="", exit_code=None, pod_name=None,
+                              failed_since=at(failed_at))
+    return spec, _with(dict(SETTLED), first), job
+
+
+def test_a_check_job_seen_failed_before_its_pod_waits_a_grace_for_the_line_it_names() -> None:
+    """The Job and its pod come by separate watches: a Job seen Failed first is not refused with the Job
+    controller's generic message while its pod's termination message (naming the line) may still come."""
+    grace = dataset_check.RESULT_GRACE_SECONDS
+    # Failed at t=60 by the Job's lastTransitionTime, its pod not seen (or seen still running)
+    spec, status, seen = _failed_first(60)
+    name = seen.name
+    for job in (seen, dataclasses.replace(seen, pod_name=f"{name}-x", running=True)):
+        check = _plan(spec, status, (job,), t=70)
+        assert check.invalid is None and check.identity is None and check.record is None and check.create is None
+        assert check.wait is not None and check.wait[0] == WAIT_REASON
+        assert "waiting for its pod's message" in check.wait[1]
+        assert check.requeue_after == grace - 10  # woken when the grace ends: no watch event may come
+    # the pod's terminated state arrives within the grace: refused naming the line
+    told = dataclasses.replace(seen, message=json.dumps(BAD), exit_code=1, pod_name=f"{name}-x")
+    check = _plan(spec, status, (told,), t=71)
+    assert check.invalid == 'PersistentVolumeClaim eval-data file sets/sentiment.jsonl: line 4: missing field "label"'
+    assert check.requeue_after is None
+    # no pod past the grace: refused on the Job's own message
+    check = _plan(spec, status, (seen,), t=60 + grace + 1)
+    assert check.invalid is not None and check.invalid.endswith("Job has reached the backoff limit")
+    assert check.requeue_after is None and check.wait is None
+    # a deadline is judged at once (a timeout whatever the pod says)...
+    late = dataclasses.replace(seen, conditions=(("Failed", "True", "DeadlineExceeded", "Job was active longer"),))
+    assert "did not finish in time" in (_plan(spec, status, (late,), t=70).invalid or "")
+    # ...and so is a Failed condition without lastTransitionTime (nothing to measure the grace from)
+    bare = dataclasses.replace(seen, failed_since=None)
+    assert (_plan(spec, status, (bare,), t=70).invalid or "").endswith("Job has reached the backoff limit")
+
+
+def test_a_check_jobs_grace_is_never_longer_than_the_grace_when_the_clock_is_behind() -> None:
+    # lastTransitionTime is the API server's clock; an operator clock behind it must not stretch the wait.
+    grace = dataset_check.RESULT_GRACE_SECONDS
+    spec, status, ahead = _failed_first(3600)  # an hour ahead of the operator's now
+    check = _plan(spec, status, (ahead,), t=70)
+    assert check.wait is not None and check.requeue_after == grace
+    assert _plan(spec, status, (ahead,), t=3600 + grace + 1).invalid is not None  # past it by the Job's own clock
