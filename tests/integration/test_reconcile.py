@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from gptd_operator import builders
+from gptd_operator import status as st
 
 from tests.support.cluster import Cluster, RunningOperator, eventually
 from tests.support.scenario import NS, condition, cr, phase_is, ready_deployment, status_of
@@ -343,3 +344,30 @@ async def test_canary_rollout_creates_canary_deployment(cluster: Cluster, operat
     assert "gptd.io/track" not in svc["spec"]["selector"]  # both tracks get traffic
     st = await status_of(cluster)
     assert st["rollout"]["phase"] == "Canary" and st["currentRevision"] == old
+
+
+async def test_the_status_is_computed_once_per_reconcile_pass(
+    cluster: Cluster, operator: RunningOperator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status.compute_status runs once per pass (in _report), from the objects as applied that pass."""
+    computed = [0]
+    real = st.compute_status
+
+    def counting(**kwargs: Any) -> dict[str, Any]:
+        computed[0] += 1
+        return real(**kwargs)
+
+    await cluster.create("gptdeployments", NS, cr(replicas=2))
+    await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
+    await ready_deployment(cluster, replicas=2)
+    await eventually(lambda: phase_is(cluster, "gpt2", "Ready"), what="Ready")
+    await operator.resync_passes(2)  # settle: every reaction to our own writes is done
+    monkeypatch.setattr(st, "compute_status", counting)  # looked up at each call, in the operator's thread
+    reconciles = operator.reconciler.reconciles
+    await operator.resync_passes(3)
+
+    async def once_each() -> bool:
+        return computed[0] == operator.reconciler.reconciles - reconciles
+
+    await eventually(once_each, what="one compute_status per reconcile pass", timeout=2.0)
+    assert operator.reconciler.reconciles - reconciles >= 3, "the passes really ran"
