@@ -110,9 +110,9 @@ def verdict(job: JobObs, now: datetime) -> tuple[str, dict[str, Any] | str | Non
             return "running", "the Job failed; waiting for its pod's message", left
         if reason == "DeadlineExceeded":
             # e.g. a path missing on the claim: the kubelet cannot create the read-only subPath and says so
-            why = job.waiting or "can the claim be mounted by a pod of this namespace?"
+            why = job.waiting or job.pod_failure or "can the claim be mounted by a pod of this namespace?"
             return "failed", f"the dataset check did not finish in time ({why})", None
-        return "failed", job.waiting or message or reason or "the dataset check Job failed", None
+        return "failed", job.waiting or job.pod_failure or message or reason or "the dataset check Job failed", None
     return "running", job.waiting or None, None
 
 

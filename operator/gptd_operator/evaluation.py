@@ -200,7 +200,7 @@ def _run_of(job: JobObs, now: datetime | None) -> EvalRun:
             return EvalRun("running", job.start_time, message="the Job failed; waiting for its pod's message",
                            recheck=left)
         error = (result or {}).get("error")
-        text = str(error) if error else (message or reason or "the Job failed")
+        text = str(error) if error else (job.pod_failure or message or reason or "the Job failed")
         return EvalRun("failed", job.start_time, result, text, deadline_exceeded=reason == "DeadlineExceeded")
     return EvalRun("running", job.start_time)
 
@@ -208,16 +208,19 @@ def _run_of(job: JobObs, now: datetime | None) -> EvalRun:
 def failed_grace_left(job: JobObs, now: datetime | None) -> float | None:
     """For a Job seen finally Failed before its pod's terminated state: the seconds (at least 1) still to wait for
     that pod's termination message, which names the Job's own error; None once it is to be judged (the pod seen
-    terminated, the grace over, a deadline, no lastTransitionTime, not Failed). Shared by the evaluator Jobs and the
-    dataset-check Jobs (dataset_check.py)."""
+    terminated or in a terminal phase, the grace over, a deadline, no lastTransitionTime, not Failed). Shared by the
+    evaluator Jobs and the dataset-check Jobs (dataset_check.py)."""
     failed = job.condition("Failed")
     if (not job.finally_failed or failed is None or job.exit_code is not None or failed[1] == "DeadlineExceeded"
-            or job.failed_since is None or now is None):
+            or job.failed_since is None or now is None or job.pod_phase in ("Failed", "Succeeded")):
         # The Job and its pod are separate watches, so a Job seen Failed first waits a grace for the pod; a deadline
         # is a timeout whatever the pod says, and without lastTransitionTime there is nothing to measure it from.
+        # A pod already terminal without a container state (rejected at admission, evicted before it started) will
+        # never get one: its own reason (JobObs.pod_failure) is all there is to wait for, and it is here.
         return None
-    # At most the grace: lastTransitionTime is the API server's clock, and an operator clock behind it (a negative
-    # age) must not lengthen the wait.
+    # Each single wait is capped at the grace: lastTransitionTime is the API server's clock, and an operator clock
+    # behind it by S reads a negative age. Every pass asks again, though, so the verdict still comes only once the
+    # operator's clock passes the stamp plus the grace: S + the grace in all (docs/evaluation.md, step 3).
     left = min(RESULT_GRACE_SECONDS, RESULT_GRACE_SECONDS - _since(now, job.failed_since))
     return max(1.0, left) if left >= 0 else None
 

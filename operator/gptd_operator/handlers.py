@@ -1069,7 +1069,9 @@ def _pod_summary(namespace: str | None, labels: Mapping[str, str], body: Mapping
     key = _owner_key(namespace, labels)
     if not key:
         return None
-    pod = _summary(body, ("phase", "conditions", "containerStatuses", "initContainerStatuses", "podIP"))
+    # reason/message: a pod Failed without a container state (rejected at admission, evicted) says why only there
+    pod = _summary(body, ("phase", "reason", "message", "conditions", "containerStatuses", "initContainerStatuses",
+                          "podIP"))
     pod["metadata"]["creationTimestamp"] = (body.get("metadata") or {}).get("creationTimestamp")
     gates = (pod.pop("spec", None) or {}).get("readinessGates")  # pod specs are big: only the gates are kept
     if gates:

@@ -111,20 +111,29 @@ async def finish(cluster: Cluster, job: dict[str, Any], result: dict[str, Any], 
                    succeeded=1 if ok else 0, failed=0 if ok else 1)
 
 
-async def terminated_pod(cluster: Cluster, job: dict[str, Any], result: dict[str, Any], *, ok: bool) -> None:
-    """Play the kubelet: the Job's pod terminated with ``result`` as its termination message."""
+async def job_pod(cluster: Cluster, job: dict[str, Any], status: dict[str, Any]) -> None:
+    """Play the Job controller and the kubelet: the Job's pod (its labels, owner and container as the Job's template
+    has them), with ``status``."""
     name = job["metadata"]["name"]
-    labels = {**job["spec"]["template"]["metadata"]["labels"], "batch.kubernetes.io/job-name": name}
+    template = job["spec"]["template"]
+    labels = {**template["metadata"]["labels"], "batch.kubernetes.io/job-name": name}
     await cluster.create("pods", NS, {
         "metadata": {"name": f"{name}-x7k2p", "labels": labels,
                      "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
                                           "uid": job["metadata"]["uid"], "controller": True}]},
-        "spec": {"containers": [{"name": "evaluate", "image": "i"}], "restartPolicy": "Never"},
-        "status": {"phase": "Succeeded" if ok else "Failed", "containerStatuses": [{
-            "name": "evaluate", "ready": False, "restartCount": 0,
-            "state": {"terminated": {"exitCode": 0 if ok else 1, "reason": "Completed" if ok else "Error",
-                                     "message": json.dumps(result), "finishedAt": "2026-01-01T00:01:00Z"}}}]},
+        "spec": {"containers": [{"name": c["name"], "image": c["image"]} for c in template["spec"]["containers"]],
+                 "restartPolicy": "Never"},
+        "status": status,
     })
+
+
+async def terminated_pod(cluster: Cluster, job: dict[str, Any], result: dict[str, Any], *, ok: bool) -> None:
+    """Play the kubelet: the Job's pod terminated just now with ``result`` as its termination message."""
+    container = job["spec"]["template"]["spec"]["containers"][0]["name"]  # "evaluate", or a check Job's "check"
+    await job_pod(cluster, job, {"phase": "Succeeded" if ok else "Failed", "containerStatuses": [{
+        "name": container, "ready": False, "restartCount": 0,
+        "state": {"terminated": {"exitCode": 0 if ok else 1, "reason": "Completed" if ok else "Error",
+                                 "message": json.dumps(result), "finishedAt": rfc3339()}}}]})
 
 
 async def run_job(cluster: Cluster, job: dict[str, Any], started_at: str) -> None:
@@ -526,6 +535,24 @@ async def test_a_check_job_seen_failed_before_its_pod_is_refused_naming_the_line
     st = await status_where(cluster, "InvalidSpec", _refused)
     assert condition(st, "Degraded")["message"] == (
         "spec.evaluation.dataset.pvc: PersistentVolumeClaim eval-data file sets/gen.jsonl: line 3: not valid JSON")
+    assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
+
+
+async def test_a_check_job_whose_pod_was_rejected_is_refused_at_once_naming_the_pods_reason(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    # The kubelet rejected the pod at admission: Failed with no container state, so no termination message will
+    # ever come. Refused without the 60 s grace, on what the pod says rather than the Job's BackoffLimitExceeded.
+    await claim(cluster)
+    old = await pvc_start(cluster)
+    job = await check_job(cluster)
+    why = "Pod was rejected: Node didn't have enough resource: cpu, requested: 500, used: 3800, capacity: 4000"
+    await job_pod(cluster, job, {"phase": "Failed", "reason": "OutOfcpu", "message": why})
+    now = rfc3339()
+    await mark_job(cluster, NS, job["metadata"]["name"], failed_condition(at=now), failed=1, startTime=now)
+    st = await status_where(cluster, "InvalidSpec", _refused)  # within 10 s: not after the grace
+    assert condition(st, "Degraded")["message"] == (
+        f"spec.evaluation.dataset.pvc: PersistentVolumeClaim eval-data file sets/gen.jsonl: OutOfcpu: {why}")
     assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
 
 

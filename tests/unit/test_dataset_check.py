@@ -208,6 +208,25 @@ def test_a_check_job_seen_failed_before_its_pod_waits_a_grace_for_the_line_it_na
     assert (_plan(spec, status, (bare,), t=70).invalid or "").endswith("Job has reached the backoff limit")
 
 
+def test_a_check_job_whose_pod_is_terminal_without_a_container_state_is_refused_at_once_naming_the_pods_reason(
+) -> None:
+    # Rejected at admission (OutOfcpu), or evicted before it started: no container state will ever come, so no
+    # grace, and the refusal says what the pod says rather than the Job's generic BackoffLimitExceeded.
+    spec, status, seen = _failed_first(60)
+    why = "OutOfcpu: Pod was rejected: Node didn't have enough resource: cpu"
+    rejected = dataclasses.replace(seen, pod_name=f"{seen.name}-x", pod_phase="Failed", pod_failure=why)
+    check = _plan(spec, status, (rejected,), t=61)
+    assert check.invalid == f"PersistentVolumeClaim eval-data file sets/sentiment.jsonl: {why}"
+    assert check.requeue_after is None and check.wait is None
+    # terminal, saying nothing of itself: judged at once all the same, on the Job's message
+    bare = dataclasses.replace(rejected, pod_failure="")
+    assert (_plan(spec, status, (bare,), t=61).invalid or "").endswith("Job has reached the backoff limit")
+    # a deadline names it too
+    late = dataclasses.replace(rejected, conditions=(("Failed", "True", "DeadlineExceeded", "Job was active"),))
+    assert _plan(spec, status, (late,), t=61).invalid == (
+        f"PersistentVolumeClaim eval-data file sets/sentiment.jsonl: the dataset check did not finish in time ({why})")
+
+
 def test_a_check_jobs_grace_is_never_longer_than_the_grace_when_the_clock_is_behind() -> None:
     # lastTransitionTime is the API server's clock; an operator clock behind it must not stretch the wait.
     grace = dataset_check.RESULT_GRACE_SECONDS

@@ -798,6 +798,34 @@ def test_a_failed_job_waits_a_grace_for_its_pods_message() -> None:
     assert run_of(observe_job(_failed_job(failed_at=None)), at(70)).state == "failed"
 
 
+# A pod the kubelet rejected at admission: terminal at once, no container ever started (so no container state).
+REJECTED = {"phase": "Failed", "reason": "OutOfcpu",
+            "message": "Pod was rejected: Node didn't have enough resource: cpu, requested: 500, used: 3800"}
+REJECTED_TEXT = "OutOfcpu: " + REJECTED["message"]
+
+
+def test_a_failed_job_whose_pod_is_terminal_without_a_container_state_is_judged_at_once_on_the_pods_reason() -> None:
+    # the Job's grace waits for a container termination message that a pod rejected at admission never gets
+    rejected = {**_eval_pod({}), "status": REJECTED}
+    job = observe_job(_failed_job(), [rejected])
+    assert job.pod_failure == REJECTED_TEXT and job.exit_code is None
+    assert evaluation.failed_grace_left(job, at(70)) is None
+    run = run_of(job, at(70))
+    assert run.state == "failed" and run.message == REJECTED_TEXT  # not the Job's generic backoff-limit message
+    # evicted after its container ran, but it said nothing (no termination message): the pod's reason too
+    evicted = {**_eval_pod({"terminated": {"exitCode": 137, "reason": "Error"}}),
+               "status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory.",
+                          "containerStatuses": [{"name": "evaluate", "state": {"terminated": {"exitCode": 137}}}]}}
+    assert run_of(observe_job(_failed_job(), [evicted]), at(70)).message == (
+        "Evicted: The node was low on resource: memory.")
+    # the evaluator's own error, when its container said one, still comes first
+    told = {**evicted, "status": {**evicted["status"], "containerStatuses": [{"name": "evaluate", "state": {
+        "terminated": {"exitCode": 1, "message": json.dumps({"error": "dataset x: line 7: not valid JSON"})}}}]}}
+    assert run_of(observe_job(_failed_job(), [told]), at(70)).message == "dataset x: line 7: not valid JSON"
+    # a pod still Pending with a reason is not a failure of its own
+    assert observe_job(_failed_job(), [{**rejected, "status": {**REJECTED, "phase": "Pending"}}]).pod_failure == ""
+
+
 def test_the_gate_holds_a_failed_candidate_for_its_message_even_past_the_timeout() -> None:
     spec = make_spec()  # timeoutSeconds 600
     status = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
