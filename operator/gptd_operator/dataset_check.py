@@ -23,17 +23,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from . import builders, names
+from . import builders, evaluation, names
 from .api import GPTDeploymentSpec
-from .evaluation import (
-    DATASET_FILE,
-    RESULT_FILE,
-    RESULT_GRACE_SECONDS,
-    evaluation_hash,
-    failed_grace_left,
-    pvc_claim,
-    pvc_identity,
-)
+from .evaluation import DATASET_FILE, RESULT_FILE, evaluation_hash, failed_grace_left, pvc_claim, pvc_identity
 from .observe import JobObs, format_time
 from .settings import Settings
 
@@ -41,8 +33,9 @@ COMPONENT = "dataset-check"  # app.kubernetes.io/component of the check Jobs and
 FIELD = "spec.evaluation.dataset.pvc"
 STATUS_KEY = "datasetCheck"
 WAIT_REASON = "CheckingDataset"  # the Progressing reason while the rollout waits for the check
-# RESULT_GRACE_SECONDS (evaluation.py, the evaluator Jobs' too): how long a Job seen Complete whose pod is gone
-# (deleted, garbage-collected) waits for the pod's result, and a Job seen Failed first for its pod's error.
+# evaluation.RESULT_GRACE_SECONDS (the evaluator Jobs' too): how long a Job seen Complete whose pod is gone
+# (deleted, garbage-collected) waits for the pod's result, and a Job seen Failed first for its pod's error. Read
+# through the module, as failed_grace_left reads it, so both paths here always use the same value.
 
 
 @dataclass(frozen=True)
@@ -95,8 +88,9 @@ def verdict(job: JobObs, now: datetime) -> tuple[str, dict[str, Any] | str | Non
         if job.exit_code is not None:
             return "failed", "the dataset check finished without a result", None
         done = job.completion_time or job.start_time or job.created
-        if job.pod_name is None and _since(now, done) > RESULT_GRACE_SECONDS:
-            return "failed", f"the dataset check completed but its pod is gone after {RESULT_GRACE_SECONDS}s", None
+        grace = evaluation.RESULT_GRACE_SECONDS
+        if job.pod_name is None and _since(now, done) > grace:
+            return "failed", f"the dataset check completed but its pod is gone after {grace}s", None
         return "running", job.waiting or None, None  # the pod's terminated state (the result) not seen yet
     failed = job.condition("Failed")
     if job.finally_failed and failed is not None:

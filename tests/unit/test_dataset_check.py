@@ -6,7 +6,8 @@ import dataclasses
 import json
 from typing import Any
 
-from gptd_operator import builders, dataset_check
+import pytest
+from gptd_operator import builders, dataset_check, evaluation
 from gptd_operator.dataset_check import COMPONENT, STATUS_KEY, WAIT_REASON, plan_check
 from gptd_operator.observe import JobObs
 from gptd_operator.rollout import decide
@@ -148,6 +149,21 @@ def test_a_complete_job_waits_for_its_pods_result() -> None:
     assert gone.invalid is not None and "pod is gone" in gone.invalid
 
 
+def test_both_graces_of_a_check_job_are_the_evaluators_one_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Job Complete whose pod is gone and a Job Failed before its pod wait the same evaluation.RESULT_GRACE_SECONDS,
+    # read when judging: set once (as the integration tests shorten it), both follow.
+    monkeypatch.setattr(evaluation, "RESULT_GRACE_SECONDS", 5)
+    spec = make_spec(PVC_EVAL)
+    name = _plan(spec, dict(SETTLED)).create["metadata"]["name"]  # type: ignore[index]
+    done = JobObs(name=name, revision=RB, purpose=COMPONENT, succeeded=1, start_time=at(0),
+                  completion_time=at(1), conditions=(("Complete", "True", "", ""),))
+    assert _plan(spec, dict(SETTLED), (done,), t=5).invalid is None
+    assert "pod is gone after 5s" in (_plan(spec, dict(SETTLED), (done,), t=7).invalid or "")
+    spec, status, seen = _failed_first(0)
+    assert _plan(spec, status, (seen,), t=2).requeue_after == 3
+    assert _plan(spec, status, (seen,), t=6).invalid is not None
+
+
 def test_every_record_the_check_writes_is_declared_in_the_typed_status() -> None:
     """status.datasetCheck is typed (api.DatasetCheckStatus, extra=forbid): a key the plan writes but the model
     lacks fails here rather than going undocumented in the CRD."""
@@ -181,7 +197,7 @@ def _failed_first(failed_at: float) -> tuple[Any, dict[str, Any], JobObs]:
 def test_a_check_job_seen_failed_before_its_pod_waits_a_grace_for_the_line_it_names() -> None:
     """The Job and its pod come by separate watches: a Job seen Failed first is not refused with the Job
     controller's generic message while its pod's termination message (naming the line) may still come."""
-    grace = dataset_check.RESULT_GRACE_SECONDS
+    grace = evaluation.RESULT_GRACE_SECONDS
     # Failed at t=60 by the Job's lastTransitionTime, its pod not seen (or seen still running)
     spec, status, seen = _failed_first(60)
     name = seen.name
@@ -231,7 +247,7 @@ def test_with_the_clock_behind_each_wait_of_a_check_job_is_capped_but_the_verdic
 ) -> None:
     # lastTransitionTime is the API server's clock. An operator clock behind it by S: no single wait is longer than
     # the grace, but every pass asks again, so the rollout is held S + the grace in all (docs/evaluation.md).
-    grace = dataset_check.RESULT_GRACE_SECONDS
+    grace = evaluation.RESULT_GRACE_SECONDS
     spec, status, ahead = _failed_first(3600)  # an hour ahead of the operator's now
     check = _plan(spec, status, (ahead,), t=70)
     assert check.wait is not None and check.requeue_after == grace  # capped: not 3600 - 70 + grace
