@@ -101,7 +101,8 @@ def verdict(job: JobObs, now: datetime) -> tuple[str, dict[str, Any] | str | Non
         # rather than refuse with the Job controller's generic BackoffLimitExceeded.
         left = failed_grace_left(job, now)
         if left is not None:
-            return "running", "the Job failed; waiting for its pod's message", left
+            wait = "the Job failed; waiting for its pod's message"
+            return "running", f"{wait} ({job.waiting})" if job.waiting else wait, left
         if reason == "DeadlineExceeded":
             # e.g. a path missing on the claim: the kubelet cannot create the read-only subPath and says so
             why = job.waiting or job.pod_failure or "can the claim be mounted by a pod of this namespace?"

@@ -207,6 +207,10 @@ def test_a_check_job_seen_failed_before_its_pod_waits_a_grace_for_the_line_it_na
         assert check.wait is not None and check.wait[0] == WAIT_REASON
         assert "waiting for its pod's message" in check.wait[1]
         assert check.requeue_after == grace - 10  # woken when the grace ends: no watch event may come
+    # what keeps its container from starting, when known, is still said meanwhile
+    why = 'CreateContainerConfigError: secret "s" not found'
+    check = _plan(spec, status, (dataclasses.replace(seen, pod_name=f"{name}-x", waiting=why),), t=70)
+    assert check.wait is not None and check.wait[1].endswith(f"waiting for its pod's message ({why})")
     # the pod's terminated state arrives within the grace: refused naming the line
     told = dataclasses.replace(seen, message=json.dumps(BAD), exit_code=1, pod_name=f"{name}-x")
     check = _plan(spec, status, (told,), t=71)
