@@ -412,7 +412,8 @@ class Reconciler:
         check = dataset_check.plan_check(spec, p.name, p.namespace, p.uid, self.settings, image, p.previous, revision,
                                          jobs, p.now)
         if check.requeue_after is not None and self.requeue is not None:
-            # A check Job seen Failed before its pod: judged when the grace ends even if no watch event comes.
+            # A check Job seen Failed before its pod: judged when the grace ends even if no watch event comes. Asked
+            # here, not through _report's delays: a pass refused after _build/_apply never reaches _report.
             self.requeue(p.namespace, p.name, check.requeue_after)
         for job_name in check.delete:
             if children.by_kind("Job", job_name, p.name) is not None:

@@ -576,6 +576,27 @@ class TestACheckJobsGraceEndsWithoutAWatchEvent:
         assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
 
 
+    async def test_even_when_every_pass_ends_before_the_report(
+        self, cluster: Cluster, operator: RunningOperator, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Someone else took over the Service: every pass is refused at apply (metadata.name) and never reaches the
+        # report, so the check's wake-up cannot ride on the report's delays (handlers._pvc_check asks for it).
+        monkeypatch.setattr(evaluation, "RESULT_GRACE_SECONDS", 3)
+        await claim(cluster)
+        await pvc_start(cluster)
+        job = await check_job(cluster)
+        await cluster.patch("services", NS, "gpt2", {"metadata": {"ownerReferences": []}})
+        await status_where(cluster, "the Service refused", lambda s: _refused(s) and
+                           "metadata.name" in condition(s, "Degraded").get("message", ""))
+        now = rfc3339()
+        await mark_job(cluster, NS, job["metadata"]["name"], failed_condition(at=now), failed=1, startTime=now)
+        st = await status_where(cluster, "the check refused after the grace", lambda s: "backoff limit" in
+                                condition(s, "Degraded").get("message", ""))
+        assert condition(st, "Degraded")["message"] == (
+            "spec.evaluation.dataset.pvc: PersistentVolumeClaim eval-data file sets/gen.jsonl: "
+            "Job has reached the specified backoff limit")
+
+
 async def test_a_refused_dataset_does_not_stop_marking_a_passed_revisions_pods(
     cluster: Cluster, operator: RunningOperator
 ) -> None:
