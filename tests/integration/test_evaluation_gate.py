@@ -433,6 +433,13 @@ async def pvc_start(cluster: Cluster, path: str = "sets/gen.jsonl") -> str:
     return old
 
 
+async def check_started(cluster: Cluster) -> tuple[str, dict[str, Any]]:
+    """The claim, then pvc_start: the old revision and the dataset-check Job the operator created."""
+    await claim(cluster)
+    old = await pvc_start(cluster)
+    return old, await check_job(cluster)
+
+
 async def test_a_pvc_dataset_needs_its_claim_and_a_bad_row_is_refused_by_the_check_job(
     cluster: Cluster, operator: RunningOperator
 ) -> None:
@@ -478,9 +485,7 @@ async def _none_left(cluster: Cluster) -> bool:
 async def test_a_good_pvc_dataset_is_checked_once_then_rolled_out_and_evaluated(
     cluster: Cluster, operator: RunningOperator
 ) -> None:
-    await claim(cluster)
-    old = await pvc_start(cluster)
-    job = await check_job(cluster)
+    old, job = await check_started(cluster)
     await operator.resync_passes(1)
     assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
     await finish(cluster, job, {"rows": 2, "labels": []})
@@ -510,9 +515,7 @@ def _refused(s: dict[str, Any]) -> bool:
 async def check_failed_first(cluster: Cluster) -> tuple[str, dict[str, Any]]:
     """A pvc dataset's check Job seen Failed (stamped with lastTransitionTime, as a real Job controller does)
     before any pod of it; returns the old revision and the Job once the status says the check waits for the pod."""
-    await claim(cluster)
-    old = await pvc_start(cluster)
-    job = await check_job(cluster)
+    old, job = await check_started(cluster)
     now = rfc3339()
     await mark_job(cluster, NS, job["metadata"]["name"], failed_condition(at=now), failed=1, startTime=now)
     await status_where(cluster, "waiting for the pod", lambda s: "waiting for its pod's message" in
@@ -543,9 +546,7 @@ async def test_a_check_job_whose_pod_was_rejected_is_refused_at_once_naming_the_
 ) -> None:
     # The kubelet rejected the pod at admission: Failed with no container state, so no termination message will
     # ever come. Refused without the 60 s grace, on what the pod says rather than the Job's BackoffLimitExceeded.
-    await claim(cluster)
-    old = await pvc_start(cluster)
-    job = await check_job(cluster)
+    old, job = await check_started(cluster)
     why = "Pod was rejected: Node didn't have enough resource: cpu, requested: 500, used: 3800, capacity: 4000"
     await job_pod(cluster, job, {"phase": "Failed", "reason": "OutOfcpu", "message": why})
     now = rfc3339()
@@ -582,9 +583,7 @@ class TestACheckJobsGraceEndsWithoutAWatchEvent:
         # Someone else took over the Service: every pass is refused at apply (metadata.name) and never reaches the
         # report, so the check's wake-up cannot ride on the report's delays (handlers._pvc_check asks for it).
         monkeypatch.setattr(evaluation, "RESULT_GRACE_SECONDS", 3)
-        await claim(cluster)
-        await pvc_start(cluster)
-        job = await check_job(cluster)
+        _, job = await check_started(cluster)
         await cluster.patch("services", NS, "gpt2", {"metadata": {"ownerReferences": []}})
         await status_where(cluster, "the Service refused", lambda s: _refused(s) and
                            "metadata.name" in condition(s, "Degraded").get("message", ""))
