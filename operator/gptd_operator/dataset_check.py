@@ -26,7 +26,7 @@ from typing import Any
 from . import builders, evaluation, names
 from .api import GPTDeploymentSpec
 from .evaluation import DATASET_FILE, RESULT_FILE, evaluation_hash, failed_grace_left, pvc_claim, pvc_identity
-from .observe import JobObs, format_time
+from .observe import JobObs, format_time, parse_time
 from .settings import Settings
 
 COMPONENT = "dataset-check"  # app.kubernetes.io/component of the check Jobs and their pods
@@ -74,9 +74,10 @@ def _refusal(spec: GPTDeploymentSpec, error: str) -> str:
     return f"PersistentVolumeClaim {claim} file {path}: {error}"
 
 
-def verdict(job: JobObs, now: datetime) -> tuple[str, dict[str, Any] | str | None, float | None]:
+def verdict(job: JobObs, now: datetime, seen: datetime | None = None
+            ) -> tuple[str, dict[str, Any] | str | None, float | None]:
     """("passed", {"rows", "labels"}, None) | ("failed", message, None) | ("running", what it waits on, seconds to
-    look again or None) for one check Job."""
+    look again or None) for one check Job; ``seen``: when the operator first saw it Failed (status), if it did."""
     try:
         result = json.loads(job.message) if job.message else None
     except ValueError:
@@ -99,7 +100,7 @@ def verdict(job: JobObs, now: datetime) -> tuple[str, dict[str, Any] | str | Non
             return "failed", str(result["error"]), None
         # Seen Failed before its pod's terminated state: wait (the grace, woken at its end) for the line it names
         # rather than refuse with the Job controller's generic BackoffLimitExceeded.
-        left = failed_grace_left(job, now)
+        left = failed_grace_left(job, now, seen)
         if left is not None:
             wait = "the Job failed; waiting for its pod's message"
             return "running", f"{wait} ({job.waiting})" if job.waiting else wait, left
@@ -136,10 +137,18 @@ def plan_check(
                                                                        revision, jname, key),
                          delete=stale, record=started if prev != started else None,
                          events=(("Normal", "DatasetCheckStarted", waiting),))
-    state, detail, recheck = verdict(job, now)
+    mine_prev = prev if prev.get("key") == key and prev.get("job") == jname else {}
+    seen = parse_time(mine_prev.get("failedSeenAt"))
+    state, detail, recheck = verdict(job, now, seen)
     if state == "running":
+        record = None
+        if recheck is not None and seen is None:
+            # First seen Failed before its pod's message: recorded, so the grace is timed by the operator's clock
+            # from here (failed_grace_left), across passes and restarts.
+            record = {**base, "job": jname, "startedAt": mine_prev.get("startedAt") or format_time(job.created or now),
+                      "failedSeenAt": format_time(now)}
         return CheckPlan(wait=(WAIT_REASON, f"{waiting}: {detail}" if detail else waiting), delete=stale,
-                         requeue_after=recheck)
+                         requeue_after=recheck, record=record)
     finished = format_time(now)
     if state == "passed":
         assert isinstance(detail, dict)

@@ -532,12 +532,15 @@ async def test_a_check_job_seen_failed_before_its_pod_is_refused_naming_the_line
     await operator.resync_passes(2)
     st = (await cluster.get("gptdeployments", NS, "gpt2"))["status"]  # type: ignore[index]
     assert not _refused(st) and condition(st, "Progressing")["reason"] == "CheckingDataset"
+    seen = st["datasetCheck"]["failedSeenAt"]  # the grace is timed from the operator's first sighting...
+    assert st["datasetCheck"]["job"] == job["metadata"]["name"]
     assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
     error = {"error": 'dataset /var/run/gptd/eval-dataset/dataset.jsonl: line 3: not valid JSON', "line": 3}
     await terminated_pod(cluster, job, error, ok=False)
     st = await status_where(cluster, "InvalidSpec", _refused)
     assert condition(st, "Degraded")["message"] == (
         "spec.evaluation.dataset.pvc: PersistentVolumeClaim eval-data file sets/gen.jsonl: line 3: not valid JSON")
+    assert seen and "failedSeenAt" not in st["datasetCheck"] and "job" not in st["datasetCheck"]  # ...until judged
     assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
 
 
@@ -630,6 +633,7 @@ async def test_a_job_seen_failed_before_its_pod_is_judged_on_the_evaluators_own_
     await operator.resync_passes(2)
     st = await status_where(cluster, "still held", lambda s: s.get("rollout", {}).get("phase") == "RollingOut")
     assert condition(st, "RolledBack").get("status") != "True"
+    assert list(st["evaluation"]["failedSeen"]) == [job["metadata"]["name"]]  # its grace timed from this sighting
     error = "dataset sentiment-eval: line 2: the runtime answered 400 Bad Request"
     await terminated_pod(cluster, job, {"error": error}, ok=False)  # now the pod, created after the Job's condition
     st = await status_where(cluster, "RolledBack", lambda s: condition(s, "RolledBack").get("status") == "True")

@@ -1,9 +1,9 @@
 """Playing the Job controller through the API: a Job's final condition (Complete or Failed), stamped as a real one.
 
 A real Job controller stamps every condition it sets with ``lastProbeTime`` and ``lastTransitionTime`` (metav1.Time:
-RFC 3339, UTC, whole seconds, ``Z``); the operator measures from the latter (evaluation.failed_grace_left: how long a
-Job seen Failed waits for its pod's message). So the helpers here stamp them by default; a test that depends on a
-condition without them (judged at once) says so with ``at=None``.
+RFC 3339, UTC, whole seconds, ``Z``); the operator reads the latter (evaluation.failed_grace_left: a Job seen Failed
+waits for its pod's message from its own first sighting, or from lastTransitionTime if that is longer ago). So the
+helpers here stamp them by default; a test of a condition without them says so with ``at=None``.
 
 Simpler than a real controller: Kubernetes >= 1.31 first writes an interim ``FailureTarget`` (or
 ``SuccessCriteriaMet``) condition and adds ``Failed`` (``Complete``) only once the Job's pods have terminated; these

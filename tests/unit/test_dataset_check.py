@@ -175,8 +175,11 @@ def test_every_record_the_check_writes_is_declared_in_the_typed_status() -> None
     status = _with(dict(SETTLED), started)
     passed = _plan(spec, status, (_job(name, result={"rows": 3, "labels": ["POS"]}),), t=5)
     failed = _plan(spec, status, (_job(name, result=BAD, ok=False),), t=5)
+    in_grace = _plan(spec, status, (_failed_first(0)[2],), t=5)  # Failed before its pod: first sighting recorded
     records = [c.record for c in (started, passed, failed)]
     assert all(records) and {r["passed"] for r in records[1:]} == {True, False}  # type: ignore[index]
+    assert in_grace.record is not None and "failedSeenAt" in in_grace.record
+    records.append(in_grace.record)
     for record in records:
         parsed = GPTDeploymentStatus.model_validate({STATUS_KEY: record})
         assert isinstance(getattr(parsed, STATUS_KEY), DatasetCheckStatus)
@@ -203,10 +206,13 @@ def test_a_check_job_seen_failed_before_its_pod_waits_a_grace_for_the_line_it_na
     name = seen.name
     for job in (seen, dataclasses.replace(seen, pod_name=f"{name}-x", running=True)):
         check = _plan(spec, status, (job,), t=70)
-        assert check.invalid is None and check.identity is None and check.record is None and check.create is None
+        assert check.invalid is None and check.identity is None and check.create is None
         assert check.wait is not None and check.wait[0] == WAIT_REASON
         assert "waiting for its pod's message" in check.wait[1]
         assert check.requeue_after == grace - 10  # woken when the grace ends: no watch event may come
+        # the first sighting is recorded (the operator's clock), the rest of the record kept
+        assert check.record == {**status[STATUS_KEY], "failedSeenAt": "2026-01-01T00:01:10Z"}
+    assert _plan(spec, _with(status, check), (seen,), t=75).record is None  # recorded once
     # what keeps its container from starting, when known, is still said meanwhile
     why = 'CreateContainerConfigError: secret "s" not found'
     check = _plan(spec, status, (dataclasses.replace(seen, pod_name=f"{name}-x", waiting=why),), t=70)
@@ -223,9 +229,13 @@ def test_a_check_job_seen_failed_before_its_pod_waits_a_grace_for_the_line_it_na
     # a deadline is judged at once (a timeout whatever the pod says)...
     late = dataclasses.replace(seen, conditions=(("Failed", "True", "DeadlineExceeded", "Job was active longer"),))
     assert "did not finish in time" in (_plan(spec, status, (late,), t=70).invalid or "")
-    # ...and so is a Failed condition without lastTransitionTime (nothing to measure the grace from)
+    # a Failed condition without lastTransitionTime waits the grace from the operator's own first sighting
     bare = dataclasses.replace(seen, failed_since=None)
-    assert (_plan(spec, status, (bare,), t=70).invalid or "").endswith("Job has reached the backoff limit")
+    first = _plan(spec, status, (bare,), t=70)
+    assert first.invalid is None and first.requeue_after == grace
+    later = _with(status, first)
+    assert _plan(spec, later, (bare,), t=70 + grace - 1).invalid is None
+    assert (_plan(spec, later, (bare,), t=70 + grace + 1).invalid or "").endswith("Job has reached the backoff limit")
 
 
 def test_a_check_job_whose_pod_is_terminal_without_a_container_state_is_refused_at_once_naming_the_pods_reason(
@@ -247,15 +257,25 @@ def test_a_check_job_whose_pod_is_terminal_without_a_container_state_is_refused_
         f"PersistentVolumeClaim eval-data file sets/sentiment.jsonl: the dataset check did not finish in time ({why})")
 
 
-def test_with_the_clock_behind_each_wait_of_a_check_job_is_capped_but_the_verdict_comes_at_the_stamp_plus_grace(
-) -> None:
-    # lastTransitionTime is the API server's clock. An operator clock behind it by S: no single wait is longer than
-    # the grace, but every pass asks again, so the rollout is held S + the grace in all (docs/evaluation.md).
+def test_with_the_api_servers_clock_ahead_a_check_jobs_grace_counts_from_the_operators_first_sighting() -> None:
+    # lastTransitionTime is the API server's clock; an hour ahead of the operator's, it would hold the rollout an
+    # hour and a grace. The operator times the grace from when it first saw the Job Failed (status), as
+    # model_cache.py times jobEndedAt, so the wait is the grace whatever the skew.
     grace = evaluation.RESULT_GRACE_SECONDS
     spec, status, ahead = _failed_first(3600)  # an hour ahead of the operator's now
-    check = _plan(spec, status, (ahead,), t=70)
-    assert check.wait is not None and check.requeue_after == grace  # capped: not 3600 - 70 + grace
-    # still held a grace later, and just before the stamp plus the grace: S + the grace in all...
-    for t in (70 + grace + 1, 3600 + grace - 1):
-        assert _plan(spec, status, (ahead,), t=t).invalid is None
-    assert _plan(spec, status, (ahead,), t=3600 + grace + 1).invalid is not None  # ...judged once past it
+    first = _plan(spec, status, (ahead,), t=70)
+    assert first.wait is not None and first.requeue_after == grace and first.record is not None
+    assert first.record["failedSeenAt"] == "2026-01-01T00:01:10Z"
+    later = _with(status, first)
+    assert _plan(spec, later, (ahead,), t=70 + grace - 1).invalid is None
+    assert _plan(spec, later, (ahead,), t=70 + grace + 1).invalid is not None  # not 3600 + grace
+    # a sighting recorded for another Job of the check (an earlier key) does not count
+    other = {**later, STATUS_KEY: {**later[STATUS_KEY], "job": "other"}}
+    assert _plan(spec, other, (ahead,), t=70 + grace + 1).invalid is None
+
+
+def test_a_check_job_failed_while_the_operator_was_away_is_judged_by_its_lastTransitionTime() -> None:
+    # first seen long after the Job controller stamped Failed (the operator restarted): no fresh grace
+    grace = evaluation.RESULT_GRACE_SECONDS
+    spec, status, seen = _failed_first(60)
+    assert _plan(spec, status, (seen,), t=60 + grace + 1).invalid is not None
