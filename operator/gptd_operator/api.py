@@ -554,6 +554,10 @@ class EvaluationStatus(BaseModel):
         None, description="When the evaluator Job was first asked for (its timeout counts from the Job's startTime, "
         "else its creationTimestamp, else from here: a suspended or not yet started Job still times out)."
     )
+    failedSeen: dict[str, str] | None = Field(
+        None, description="Evaluator Jobs seen Failed before their pod's message, by name: when the operator first "
+        "saw each so (the 60 s it waits for that message count from here)."
+    )
 
 
 class EvaluationBaseline(BaseModel):
@@ -584,6 +588,10 @@ class DatasetCheckStatus(BaseModel):
     specHash: str | None = Field(None, description="Hash of spec.evaluation: a failed check is retried on a change.")
     job: str | None = Field(None, description="The check Job while it runs.")
     startedAt: str | None = None
+    failedSeenAt: str | None = Field(
+        None, description="When the operator first saw the check Job Failed before its pod's message (the 60 s it "
+        "waits for that message count from here)."
+    )
     passed: bool | None = None
     rows: int | None = Field(None, description="Valid rows (after spec.evaluation.samples).")
     labels: list[str] | None = Field(None, description="The gold labels found (classification and NER).")

@@ -23,18 +23,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from . import builders, names
+from . import builders, evaluation, names
 from .api import GPTDeploymentSpec
-from .evaluation import DATASET_FILE, RESULT_FILE, evaluation_hash, pvc_claim, pvc_identity
-from .observe import JobObs, format_time
+from .evaluation import DATASET_FILE, RESULT_FILE, evaluation_hash, failed_grace_left, pvc_claim, pvc_identity
+from .observe import JobObs, format_time, parse_time
 from .settings import Settings
 
 COMPONENT = "dataset-check"  # app.kubernetes.io/component of the check Jobs and their pods
 FIELD = "spec.evaluation.dataset.pvc"
 STATUS_KEY = "datasetCheck"
 WAIT_REASON = "CheckingDataset"  # the Progressing reason while the rollout waits for the check
-# A Job seen Complete whose pod is gone (deleted, garbage-collected): how long to wait for the pod's result.
-RESULT_GRACE_SECONDS = 60
+# evaluation.RESULT_GRACE_SECONDS (the evaluator Jobs' too): how long a Job seen Complete whose pod is gone
+# (deleted, garbage-collected) waits for the pod's result, and a Job seen Failed first for its pod's error. Read
+# through the module, as failed_grace_left reads it, so both paths here always use the same value.
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class CheckPlan:
     wait: tuple[str, str] | None = None  # (Progressing reason, message)
     invalid: str | None = None  # the InvalidSpec message for FIELD
     record: dict[str, Any] | None = None  # new status.datasetCheck (None: unchanged)
+    requeue_after: float | None = None  # a Failed Job in its grace: look again then (no watch event may come)
     create: dict[str, Any] | None = None  # the check Job to create
     delete: tuple[str, ...] = ()  # check Jobs to delete (done, or of another key)
     events: tuple[tuple[str, str, str], ...] = ()  # (type, reason, message)
@@ -72,8 +74,10 @@ def _refusal(spec: GPTDeploymentSpec, error: str) -> str:
     return f"PersistentVolumeClaim {claim} file {path}: {error}"
 
 
-def verdict(job: JobObs, now: datetime) -> tuple[str, dict[str, Any] | str | None]:
-    """("passed", {"rows", "labels"}) | ("failed", message) | ("running", None) for one check Job."""
+def verdict(job: JobObs, now: datetime, seen: datetime | None = None
+            ) -> tuple[str, dict[str, Any] | str | None, float | None]:
+    """("passed", {"rows", "labels"}, None) | ("failed", message, None) | ("running", what it waits on, seconds to
+    look again or None) for one check Job; ``seen``: when the operator first saw it Failed (status), if it did."""
     try:
         result = json.loads(job.message) if job.message else None
     except ValueError:
@@ -81,24 +85,31 @@ def verdict(job: JobObs, now: datetime) -> tuple[str, dict[str, Any] | str | Non
     result = result if isinstance(result, dict) else {}
     if job.complete or job.succeeded > 0:
         if isinstance(result.get("rows"), int):
-            return "passed", {"rows": result["rows"], "labels": list(result.get("labels") or [])}
+            return "passed", {"rows": result["rows"], "labels": list(result.get("labels") or [])}, None
         if job.exit_code is not None:
-            return "failed", "the dataset check finished without a result"
+            return "failed", "the dataset check finished without a result", None
         done = job.completion_time or job.start_time or job.created
-        if job.pod_name is None and _since(now, done) > RESULT_GRACE_SECONDS:
-            return "failed", f"the dataset check completed but its pod is gone after {RESULT_GRACE_SECONDS}s"
-        return "running", None  # the pod's terminated state (the result) has not been seen yet
+        grace = evaluation.RESULT_GRACE_SECONDS
+        if job.pod_name is None and _since(now, done) > grace:
+            return "failed", f"the dataset check completed but its pod is gone after {grace}s", None
+        return "running", job.waiting or None, None  # the pod's terminated state (the result) not seen yet
     failed = job.condition("Failed")
     if job.finally_failed and failed is not None:
         _, reason, message = failed
         if result.get("error"):
-            return "failed", str(result["error"])
+            return "failed", str(result["error"]), None
+        # Seen Failed before its pod's terminated state: wait (the grace, woken at its end) for the line it names
+        # rather than refuse with the Job controller's generic BackoffLimitExceeded.
+        left = failed_grace_left(job, now, seen)
+        if left is not None:
+            wait = "the Job failed; waiting for its pod's message"
+            return "running", f"{wait} ({job.waiting})" if job.waiting else wait, left
         if reason == "DeadlineExceeded":
             # e.g. a path missing on the claim: the kubelet cannot create the read-only subPath and says so
-            why = job.waiting or "can the claim be mounted by a pod of this namespace?"
-            return "failed", f"the dataset check did not finish in time ({why})"
-        return "failed", job.waiting or message or reason or "the dataset check Job failed"
-    return "running", None
+            why = job.waiting or job.pod_failure or "can the claim be mounted by a pod of this namespace?"
+            return "failed", f"the dataset check did not finish in time ({why})", None
+        return "failed", job.waiting or job.pod_failure or message or reason or "the dataset check Job failed", None
+    return "running", job.waiting or None, None
 
 
 def plan_check(
@@ -126,9 +137,18 @@ def plan_check(
                                                                        revision, jname, key),
                          delete=stale, record=started if prev != started else None,
                          events=(("Normal", "DatasetCheckStarted", waiting),))
-    state, detail = verdict(job, now)
+    mine_prev = prev if prev.get("key") == key and prev.get("job") == jname else {}
+    seen = parse_time(mine_prev.get("failedSeenAt"))
+    state, detail, recheck = verdict(job, now, seen)
     if state == "running":
-        return CheckPlan(wait=(WAIT_REASON, f"{waiting}: {job.waiting}" if job.waiting else waiting), delete=stale)
+        record = None
+        if recheck is not None and seen is None:
+            # First seen Failed before its pod's message: recorded, so the grace is timed by the operator's clock
+            # from here (failed_grace_left), across passes and restarts.
+            record = {**base, "job": jname, "startedAt": mine_prev.get("startedAt") or format_time(job.created or now),
+                      "failedSeenAt": format_time(now)}
+        return CheckPlan(wait=(WAIT_REASON, f"{waiting}: {detail}" if detail else waiting), delete=stale,
+                         requeue_after=recheck, record=record)
     finished = format_time(now)
     if state == "passed":
         assert isinstance(detail, dict)

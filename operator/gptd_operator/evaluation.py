@@ -158,8 +158,10 @@ class EvalRun:
     deadline_exceeded: bool = False
     target_uid: str = ""  # the pod it scores (uid, IP), when the Job says
     target_ip: str = ""
-    # A Failed Job whose pod is not yet seen terminated is "running" for up to RESULT_GRACE_SECONDS: seconds left.
+    # A Failed Job whose pod is not yet seen terminated is "running" for up to RESULT_GRACE_SECONDS: seconds left,
+    # and when the operator first saw it Failed (kept in status.evaluation.failedSeen while it waits).
     recheck: float | None = None
+    failed_seen: datetime | None = None
 
 
 def _result(message: str) -> Mapping[str, Any] | None:
@@ -170,17 +172,18 @@ def _result(message: str) -> Mapping[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-def run_of(job: JobObs, now: datetime | None = None) -> EvalRun:
+def run_of(job: JobObs, now: datetime | None = None, seen: datetime | None = None) -> EvalRun:
     """A Job (observe.JobObs: its conditions and its pod's termination message) → EvalRun. The Job and its pod are
     separate watch streams: a Job seen Complete before its pod's terminated state (which carries the result) is
-    still running; it has no result only once its pod is seen terminated without one, or is gone for good."""
+    still running; it has no result only once its pod is seen terminated without one, or is gone for good. ``seen``:
+    when the operator first saw it Failed (None: not before this pass)."""
     # The timeout counts from the Job's start; a Job not started (suspended by a queue, controller lag) from its
     # creation, so it still times out.
     job = job if job.start_time is not None else replace(job, start_time=job.created)
-    return replace(_run_of(job, now), target_uid=job.target_uid, target_ip=job.target_ip)
+    return replace(_run_of(job, now, seen), target_uid=job.target_uid, target_ip=job.target_ip)
 
 
-def _run_of(job: JobObs, now: datetime | None) -> EvalRun:
+def _run_of(job: JobObs, now: datetime | None, seen: datetime | None) -> EvalRun:
     result = _result(job.message)
     if job.complete or job.succeeded > 0:
         if result is not None and isinstance(result.get("score"), int | float):
@@ -195,25 +198,44 @@ def _run_of(job: JobObs, now: datetime | None) -> EvalRun:
     failed = job.condition("Failed")
     if job.finally_failed and failed is not None:
         _, reason, message = failed
-        if (job.exit_code is None and reason != "DeadlineExceeded" and job.failed_since is not None
-                and now is not None):
-            # The Job and its pod are separate watches: the evaluator's own error is in the pod's termination
-            # message, so a Job seen Failed first waits a grace for it (a deadline is a timeout whatever it says;
-            # without lastTransitionTime there is nothing to measure the grace from).
-            # At most the grace: lastTransitionTime is the API server's clock, and an operator clock behind it
-            # (a negative age) must not lengthen the wait.
-            left = min(RESULT_GRACE_SECONDS, RESULT_GRACE_SECONDS - _since(now, job.failed_since))
-            if left >= 0:
-                return EvalRun("running", job.start_time, message="the Job failed; waiting for its pod's message",
-                               recheck=max(1.0, left))
+        left = failed_grace_left(job, now, seen)
+        if left is not None:
+            return EvalRun("running", job.start_time, message="the Job failed; waiting for its pod's message",
+                           recheck=left, failed_seen=seen or now)
         error = (result or {}).get("error")
-        text = str(error) if error else (message or reason or "the Job failed")
+        text = str(error) if error else (job.pod_failure or message or reason or "the Job failed")
         return EvalRun("failed", job.start_time, result, text, deadline_exceeded=reason == "DeadlineExceeded")
     return EvalRun("running", job.start_time)
 
 
-def runs_of(jobs: Sequence[JobObs], now: datetime | None = None) -> dict[str, EvalRun]:
-    return {j.name: run_of(j, now) for j in jobs if j.purpose == builders.EVALUATION_COMPONENT}
+def failed_grace_left(job: JobObs, now: datetime | None, seen: datetime | None = None) -> float | None:
+    """For a Job seen finally Failed before its pod's terminated state: the seconds (at least 1) still to wait for
+    that pod's termination message, which names the Job's own error; None once it is to be judged (the pod seen
+    terminated or in a terminal phase, the grace over, a deadline, not Failed). ``seen``: when the operator first saw
+    it Failed, by its own clock, from status (None: this pass is the first). Shared by the evaluator Jobs and the
+    dataset-check Jobs (dataset_check.py)."""
+    failed = job.condition("Failed")
+    if (not job.finally_failed or failed is None or job.exit_code is not None or failed[1] == "DeadlineExceeded"
+            or now is None or job.pod_phase in ("Failed", "Succeeded")):
+        # The Job and its pod are separate watches, so a Job seen Failed first waits a grace for the pod; a deadline
+        # is a timeout whatever the pod says. A pod already terminal without a container state (rejected at
+        # admission, evicted before it started) will never get one: its own reason (JobObs.pod_failure) is all there
+        # is to wait for, and it is here.
+        return None
+    # Timed by the operator's own clock from its first sighting, as model_cache.py times jobEndedAt: the API server's
+    # lastTransitionTime ahead of it (a skewed clock) cannot hold the rollout past the grace. lastTransitionTime
+    # still counts when it is longer ago (the Job failed while the operator was not running): whichever is older.
+    age = max(_since(now, seen or now), _since(now, job.failed_since) if job.failed_since is not None else 0.0)
+    left = RESULT_GRACE_SECONDS - max(0.0, age)
+    return max(1.0, left) if left >= 0 else None
+
+
+def runs_of(jobs: Sequence[JobObs], now: datetime | None = None,
+            seen: Mapping[str, Any] | None = None) -> dict[str, EvalRun]:
+    """The evaluator Jobs by name; ``seen``: status.evaluation.failedSeen (Job name → when first seen Failed)."""
+    seen = seen or {}
+    return {j.name: run_of(j, now, parse_time(seen.get(j.name))) for j in jobs
+            if j.purpose == builders.EVALUATION_COMPONENT}
 
 
 # ------------------------------------------------------------------------------------------ the gate
@@ -326,7 +348,12 @@ def gate(
             result = {k: prev.get(k) for k in ("score", "samples", "perLabel")}
             return _judge(spec, Gate("pending", ""), base, result, prev.get("baseline"), "", current, now)
         # no score (timed out, the evaluator failed): measured again below
-    runs = runs_of(jobs, now)
+    runs = runs_of(jobs, now, prev.get("failedSeen"))
+    # Jobs Failed and waiting for their pod's message: when each was first seen so (its grace's start, by the
+    # operator's clock) goes into every record below, so the next pass (or a restarted operator) times from it.
+    failed_seen = {n: format_time(r.failed_seen) for n, r in sorted(runs.items()) if r.failed_seen is not None}
+    if failed_seen:
+        base["failedSeen"] = failed_seen
     wanted: list[EvalJob] = []
     out = Gate("pending", "")
 

@@ -433,6 +433,10 @@ class Reconciler:
         image = spec.runtime.image or self.settings.runtime_image
         check = dataset_check.plan_check(spec, p.name, p.namespace, p.uid, self.settings, image, p.previous, revision,
                                          jobs, p.now)
+        if check.requeue_after is not None and self.requeue is not None:
+            # A check Job seen Failed before its pod: judged when the grace ends even if no watch event comes. Asked
+            # here, not through _report's delays: a pass refused after _build/_apply never reaches _report.
+            self.requeue(p.namespace, p.name, check.requeue_after)
         for job_name in check.delete:
             if children.by_kind("Job", job_name, p.name) is not None:
                 await self.kube.delete(kube.JOBS, p.namespace, job_name)
@@ -1089,7 +1093,9 @@ def _pod_summary(namespace: str | None, labels: Mapping[str, str], body: Mapping
     key = _owner_key(namespace, labels)
     if not key:
         return None
-    pod = _summary(body, ("phase", "conditions", "containerStatuses", "initContainerStatuses", "podIP"))
+    # reason/message: a pod Failed without a container state (rejected at admission, evicted) says why only there
+    pod = _summary(body, ("phase", "reason", "message", "conditions", "containerStatuses", "initContainerStatuses",
+                          "podIP"))
     pod["metadata"]["creationTimestamp"] = (body.get("metadata") or {}).get("creationTimestamp")
     gates = (pod.pop("spec", None) or {}).get("readinessGates")  # pod specs are big: only the gates are kept
     if gates:

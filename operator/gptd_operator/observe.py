@@ -82,6 +82,10 @@ class JobObs:
     pod_phase: str | None = None
     exit_code: int | None = None  # its container's state.terminated (or lastState.terminated)
     message: str = ""  # the terminated container's termination message (terminationMessagePath or log tail)
+    # The latest pod Failed without a container termination message (rejected at admission, e.g. "OutOfcpu: Pod was
+    # rejected: ...", or evicted before its container said anything): its own status "reason: message", the real
+    # cause where the Job's condition says only BackoffLimitExceeded.
+    pod_failure: str = ""
     running: bool = False  # the latest pod's container is running now (progress can be read from its log)
     waiting: str = ""  # the latest pod's container cannot start: "CreateContainerConfigError: secret ... not found"
     # The latest pod is not scheduled (PodScheduled=False): "Unschedulable: 0/3 nodes are available: ...", and since
@@ -272,7 +276,7 @@ def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dic
     exit_code: int | None = None
     message = ""
     running = False
-    waiting = unschedulable = ""
+    waiting = unschedulable = pod_failure = ""
     unschedulable_since = creating_since = None
     if pod is not None:
         pod_name = (pod.get("metadata") or {}).get("name")
@@ -298,6 +302,8 @@ def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dic
             if terminated:
                 exit_code = int(terminated.get("exitCode") or 0)
                 message = str(terminated.get("message") or "").strip()
+        if pod_phase == "Failed" and not message:
+            pod_failure = ": ".join(str(pod_status[k]).strip() for k in ("reason", "message") if pod_status.get(k))
     conditions = tuple(
         (str(c.get("type") or ""), str(c.get("status") or ""), str(c.get("reason") or ""), str(c.get("message") or ""))
         for c in status.get("conditions") or []
@@ -321,6 +327,7 @@ def observe_job(job: dict[str, Any], pods: tuple[dict[str, Any], ...] | list[dic
         pod_phase=pod_phase,
         exit_code=exit_code,
         message=message,
+        pod_failure=pod_failure,
         running=running,
         waiting=waiting,
         unschedulable=unschedulable,

@@ -10,13 +10,14 @@ template, the Jobs, the pod condition, the CR's status and Events.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from gptd_operator import builders
+from gptd_operator import builders, evaluation
+from gptd_operator.settings import Settings
 
 from tests.support.cluster import Cluster, RunningOperator, eventually
+from tests.support.jobs import complete_condition, failed_condition, mark_job, rfc3339
 from tests.support.scenario import (
     NS,
     REV,
@@ -105,23 +106,34 @@ def url_of(job: dict[str, Any]) -> str:
 async def finish(cluster: Cluster, job: dict[str, Any], result: dict[str, Any], *, ok: bool = True) -> None:
     """Play the Job controller and the kubelet: the evaluator's pod terminated with ``result`` as its termination
     message (written to /dev/termination-log by --result-file), then the Job's final condition."""
+    await terminated_pod(cluster, job, result, ok=ok)
+    await mark_job(cluster, NS, job["metadata"]["name"], complete_condition() if ok else failed_condition(),
+                   succeeded=1 if ok else 0, failed=0 if ok else 1)
+
+
+async def job_pod(cluster: Cluster, job: dict[str, Any], status: dict[str, Any]) -> None:
+    """Play the Job controller and the kubelet: the Job's pod (its labels, owner and container as the Job's template
+    has them), with ``status``."""
     name = job["metadata"]["name"]
-    labels = {**job["spec"]["template"]["metadata"]["labels"], "batch.kubernetes.io/job-name": name}
+    template = job["spec"]["template"]
+    labels = {**template["metadata"]["labels"], "batch.kubernetes.io/job-name": name}
     await cluster.create("pods", NS, {
         "metadata": {"name": f"{name}-x7k2p", "labels": labels,
                      "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
                                           "uid": job["metadata"]["uid"], "controller": True}]},
-        "spec": {"containers": [{"name": "evaluate", "image": "i"}], "restartPolicy": "Never"},
-        "status": {"phase": "Succeeded" if ok else "Failed", "containerStatuses": [{
-            "name": "evaluate", "ready": False, "restartCount": 0,
-            "state": {"terminated": {"exitCode": 0 if ok else 1, "reason": "Completed" if ok else "Error",
-                                     "message": json.dumps(result), "finishedAt": "2026-01-01T00:01:00Z"}}}]},
+        "spec": {"containers": [{"name": c["name"], "image": c["image"]} for c in template["spec"]["containers"]],
+                 "restartPolicy": "Never"},
+        "status": status,
     })
-    cond = ({"type": "Complete", "status": "True"} if ok else
-            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-             "message": "Job has reached the specified backoff limit"})
-    await cluster.patch("jobs", NS, name, {"status": {
-        "succeeded": 1 if ok else 0, "failed": 0 if ok else 1, "conditions": [cond]}}, sub="status")
+
+
+async def terminated_pod(cluster: Cluster, job: dict[str, Any], result: dict[str, Any], *, ok: bool) -> None:
+    """Play the kubelet: the Job's pod terminated just now with ``result`` as its termination message."""
+    container = job["spec"]["template"]["spec"]["containers"][0]["name"]  # "evaluate", or a check Job's "check"
+    await job_pod(cluster, job, {"phase": "Succeeded" if ok else "Failed", "containerStatuses": [{
+        "name": container, "ready": False, "restartCount": 0,
+        "state": {"terminated": {"exitCode": 0 if ok else 1, "reason": "Completed" if ok else "Error",
+                                 "message": json.dumps(result), "finishedAt": rfc3339()}}}]})
 
 
 async def run_job(cluster: Cluster, job: dict[str, Any], started_at: str) -> None:
@@ -404,6 +416,13 @@ async def check_job(cluster: Cluster) -> dict[str, Any]:
     return await eventually(one, what="one dataset-check Job")
 
 
+async def claim(cluster: Cluster) -> None:
+    """The claim a pvc dataset names (eval-data)."""
+    await cluster.create("persistentvolumeclaims", NS, {
+        "metadata": {"name": "eval-data"},
+        "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}}})
+
+
 async def pvc_start(cluster: Cluster, path: str = "sets/gen.jsonl") -> str:
     """v1 rolled out with one Ready old pod; then spec.evaluation with a pvc dataset and v2, in one change."""
     old = await started(cluster, replicas=1)
@@ -412,6 +431,13 @@ async def pvc_start(cluster: Cluster, path: str = "sets/gen.jsonl") -> str:
     pvc_eval = {**EVALUATION, "dataset": {"pvc": f"eval-data/{path}"}}
     await cluster.patch("gptdeployments", NS, "gpt2", {"spec": {"evaluation": pvc_eval, "model": {"revision": "v2"}}})
     return old
+
+
+async def check_started(cluster: Cluster) -> tuple[str, dict[str, Any]]:
+    """The claim, then pvc_start: the old revision and the dataset-check Job the operator created."""
+    await claim(cluster)
+    old = await pvc_start(cluster)
+    return old, await check_job(cluster)
 
 
 async def test_a_pvc_dataset_needs_its_claim_and_a_bad_row_is_refused_by_the_check_job(
@@ -424,9 +450,7 @@ async def test_a_pvc_dataset_needs_its_claim_and_a_bad_row_is_refused_by_the_che
     assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
     assert await check_jobs(cluster) == []
 
-    await cluster.create("persistentvolumeclaims", NS, {
-        "metadata": {"name": "eval-data"},
-        "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}}})
+    await claim(cluster)
     job = await check_job(cluster)
     spec = job["spec"]["template"]["spec"]
     command = spec["containers"][0]["command"]
@@ -461,11 +485,7 @@ async def _none_left(cluster: Cluster) -> bool:
 async def test_a_good_pvc_dataset_is_checked_once_then_rolled_out_and_evaluated(
     cluster: Cluster, operator: RunningOperator
 ) -> None:
-    await cluster.create("persistentvolumeclaims", NS, {
-        "metadata": {"name": "eval-data"},
-        "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}}})
-    old = await pvc_start(cluster)
-    job = await check_job(cluster)
+    old, job = await check_started(cluster)
     await operator.resync_passes(1)
     assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
     await finish(cluster, job, {"rows": 2, "labels": []})
@@ -486,6 +506,97 @@ async def test_a_good_pvc_dataset_is_checked_once_then_rolled_out_and_evaluated(
 
 async def _passed(cluster: Cluster) -> bool:
     return (await pod_condition(cluster, "gpt2-new-1")).get("status") == "True"
+
+
+def _refused(s: dict[str, Any]) -> bool:
+    return condition(s, "Degraded").get("reason") == "InvalidSpec"
+
+
+async def check_failed_first(cluster: Cluster) -> tuple[str, dict[str, Any]]:
+    """A pvc dataset's check Job seen Failed (stamped with lastTransitionTime, as a real Job controller does)
+    before any pod of it; returns the old revision and the Job once the status says the check waits for the pod."""
+    old, job = await check_started(cluster)
+    now = rfc3339()
+    await mark_job(cluster, NS, job["metadata"]["name"], failed_condition(at=now), failed=1, startTime=now)
+    await status_where(cluster, "waiting for the pod", lambda s: "waiting for its pod's message" in
+                       condition(s, "Progressing").get("message", ""))
+    return old, job
+
+
+async def test_a_check_job_seen_failed_before_its_pod_is_refused_naming_the_line(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    # The pod whose termination message names the line comes only later: not refused meanwhile with the generic
+    # BackoffLimitExceeded.
+    old, job = await check_failed_first(cluster)
+    await operator.resync_passes(2)
+    st = (await cluster.get("gptdeployments", NS, "gpt2"))["status"]  # type: ignore[index]
+    assert not _refused(st) and condition(st, "Progressing")["reason"] == "CheckingDataset"
+    seen = st["datasetCheck"]["failedSeenAt"]  # the grace is timed from the operator's first sighting...
+    assert st["datasetCheck"]["job"] == job["metadata"]["name"]
+    assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
+    error = {"error": 'dataset /var/run/gptd/eval-dataset/dataset.jsonl: line 3: not valid JSON', "line": 3}
+    await terminated_pod(cluster, job, error, ok=False)
+    st = await status_where(cluster, "InvalidSpec", _refused)
+    assert condition(st, "Degraded")["message"] == (
+        "spec.evaluation.dataset.pvc: PersistentVolumeClaim eval-data file sets/gen.jsonl: line 3: not valid JSON")
+    assert seen and "failedSeenAt" not in st["datasetCheck"] and "job" not in st["datasetCheck"]  # ...until judged
+    assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
+
+
+async def test_a_check_job_whose_pod_was_rejected_is_refused_at_once_naming_the_pods_reason(
+    cluster: Cluster, operator: RunningOperator
+) -> None:
+    # The kubelet rejected the pod at admission: Failed with no container state, so no termination message will
+    # ever come. Refused without the 60 s grace, on what the pod says rather than the Job's BackoffLimitExceeded.
+    old, job = await check_started(cluster)
+    why = "Pod was rejected: Node didn't have enough resource: cpu, requested: 500, used: 3800, capacity: 4000"
+    await job_pod(cluster, job, {"phase": "Failed", "reason": "OutOfcpu", "message": why})
+    now = rfc3339()
+    await mark_job(cluster, NS, job["metadata"]["name"], failed_condition(at=now), failed=1, startTime=now)
+    st = await status_where(cluster, "InvalidSpec", _refused)  # within 10 s: not after the grace
+    assert condition(st, "Degraded")["message"] == (
+        f"spec.evaluation.dataset.pvc: PersistentVolumeClaim eval-data file sets/gen.jsonl: OutOfcpu: {why}")
+    assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
+
+
+class TestACheckJobsGraceEndsWithoutAWatchEvent:
+    """With the resync out of the way, only the wake-up the check asked for ends the grace of a Job whose pod never
+    comes (no watch event announces that time has passed)."""
+
+    @pytest.fixture()
+    def operator_settings(self) -> Settings:
+        return Settings(resync_seconds=3600)
+
+    async def test_refused_on_the_jobs_own_message_when_the_grace_ends(
+        self, cluster: Cluster, operator: RunningOperator, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(evaluation, "RESULT_GRACE_SECONDS", 3)  # read at each judgement: short for the test
+        old, _ = await check_failed_first(cluster)
+        st = await status_where(cluster, "InvalidSpec after the grace", _refused)
+        assert condition(st, "Degraded")["message"] == (
+            "spec.evaluation.dataset.pvc: PersistentVolumeClaim eval-data file sets/gen.jsonl: "
+            "Job has reached the specified backoff limit")
+        assert labels_of(await cluster.get("deployments", NS, "gpt2"))[REV] == old  # type: ignore[arg-type]
+
+
+    async def test_even_when_every_pass_ends_before_the_report(
+        self, cluster: Cluster, operator: RunningOperator, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Someone else took over the Service: every pass is refused at apply (metadata.name) and never reaches the
+        # report, so the check's wake-up cannot ride on the report's delays (handlers._pvc_check asks for it).
+        monkeypatch.setattr(evaluation, "RESULT_GRACE_SECONDS", 3)
+        _, job = await check_started(cluster)
+        await cluster.patch("services", NS, "gpt2", {"metadata": {"ownerReferences": []}})
+        await status_where(cluster, "the Service refused", lambda s: _refused(s) and
+                           "metadata.name" in condition(s, "Degraded").get("message", ""))
+        now = rfc3339()
+        await mark_job(cluster, NS, job["metadata"]["name"], failed_condition(at=now), failed=1, startTime=now)
+        st = await status_where(cluster, "the check refused after the grace", lambda s: "backoff limit" in
+                                condition(s, "Degraded").get("message", ""))
+        assert condition(st, "Degraded")["message"] == (
+            "spec.evaluation.dataset.pvc: PersistentVolumeClaim eval-data file sets/gen.jsonl: "
+            "Job has reached the specified backoff limit")
 
 
 async def test_a_refused_dataset_does_not_stop_marking_a_passed_revisions_pods(
@@ -515,28 +626,16 @@ async def test_a_job_seen_failed_before_its_pod_is_judged_on_the_evaluators_own_
     dep = await change_revision(cluster, "v2", old)
     await new_pod(cluster, dep)
     job = await job_for(cluster, "candidate")
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    await cluster.patch("jobs", NS, job["metadata"]["name"], {"status": {"failed": 1, "startTime": now, "conditions": [
-        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "lastTransitionTime": now,
-         "message": "Job has reached the specified backoff limit"}]}}, sub="status")
+    now = rfc3339()
+    await mark_job(cluster, NS, job["metadata"]["name"], failed_condition(at=now), failed=1, startTime=now)
     await status_where(cluster, "waiting for the pod", lambda s: "waiting for its pod's message" in
                        (s.get("evaluation") or {}).get("message", ""))
     await operator.resync_passes(2)
     st = await status_where(cluster, "still held", lambda s: s.get("rollout", {}).get("phase") == "RollingOut")
     assert condition(st, "RolledBack").get("status") != "True"
+    assert list(st["evaluation"]["failedSeen"]) == [job["metadata"]["name"]]  # its grace timed from this sighting
     error = "dataset sentiment-eval: line 2: the runtime answered 400 Bad Request"
-    # now the pod (the same as finish() plays, created after the Job's condition)
-    name = job["metadata"]["name"]
-    await cluster.create("pods", NS, {
-        "metadata": {"name": f"{name}-x7k2p",
-                     "labels": {**job["spec"]["template"]["metadata"]["labels"], "batch.kubernetes.io/job-name": name},
-                     "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
-                                          "uid": job["metadata"]["uid"], "controller": True}]},
-        "spec": {"containers": [{"name": "evaluate", "image": "i"}], "restartPolicy": "Never"},
-        "status": {"phase": "Failed", "containerStatuses": [{"name": "evaluate", "ready": False, "restartCount": 0,
-                   "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": json.dumps({"error": error}),
-                                            "finishedAt": now}}}]},
-    })
+    await terminated_pod(cluster, job, {"error": error}, ok=False)  # now the pod, created after the Job's condition
     st = await status_where(cluster, "RolledBack", lambda s: condition(s, "RolledBack").get("status") == "True")
     rb = condition(st, "RolledBack")
     assert rb["reason"] == "EvaluationFailed" and error in rb["message"]

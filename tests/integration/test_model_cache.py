@@ -11,6 +11,7 @@ import pytest
 from gptd_operator import builders
 
 from tests.support.cluster import Cluster, RunningOperator, eventually
+from tests.support.jobs import complete_condition, failed_condition, mark_job
 from tests.support.scenario import (
     NS,
     REV,
@@ -77,9 +78,8 @@ async def complete(cluster: Cluster, job: dict[str, Any], sha: str, suffix: str 
     else:
         await cluster.patch("pods", NS, pod, {"status": {"phase": "Succeeded", "containerStatuses": [
             {"name": "fetch", "state": {"terminated": {"exitCode": 0, "message": result(sha)}}}]}}, sub="status")
-    await cluster.patch("jobs", NS, job["metadata"]["name"], {"status": {
-        "succeeded": 1, "startTime": "2026-01-01T00:00:00Z", "completionTime": "2026-01-01T00:00:40Z",
-        "conditions": [{"type": "Complete", "status": "True"}]}}, sub="status")
+    await mark_job(cluster, NS, job["metadata"]["name"], complete_condition(at="2026-01-01T00:00:40Z"), succeeded=1,
+                   startTime="2026-01-01T00:00:00Z", completionTime="2026-01-01T00:00:40Z")
 
 
 async def first_deploy(cluster: Cluster) -> dict[str, Any]:
@@ -189,9 +189,7 @@ async def test_a_failed_download_keeps_the_old_pods_and_is_degraded_with_the_hub
     error = json.dumps({"error": "revision nope not found in openai-community/gpt2 (404 Revision Not Found)",
                         "reason": "RevisionNotFound"})
     await run_pod(cluster, job, {"terminated": {"exitCode": 1, "message": error}})
-    await cluster.patch("jobs", NS, job["metadata"]["name"], {"status": {"failed": 5, "conditions": [
-        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-         "message": "Job has reached the specified backoff limit"}]}}, sub="status")
+    await mark_job(cluster, NS, job["metadata"]["name"], failed_condition(), failed=5)
     st = await status_where(cluster, "Degraded", lambda s: s.get("phase") == "Degraded" and condition(
         s, "Progressing").get("reason") == "DownloadFailed")
     degraded = condition(st, "Degraded")

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from gptd_operator import builders
+from gptd_operator import status as st
 
 from tests.support.cluster import Cluster, RunningOperator, eventually
 from tests.support.scenario import NS, condition, cr, phase_is, ready_deployment, status_of
@@ -343,3 +344,28 @@ async def test_canary_rollout_creates_canary_deployment(cluster: Cluster, operat
     assert "gptd.io/track" not in svc["spec"]["selector"]  # both tracks get traffic
     st = await status_of(cluster)
     assert st["rollout"]["phase"] == "Canary" and st["currentRevision"] == old
+
+
+async def test_the_status_is_computed_once_per_reconcile_pass(
+    cluster: Cluster, operator: RunningOperator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status.compute_status runs once per pass (in _report), from the objects as applied that pass."""
+    passes: list[int] = []  # at each call, which pass made it: read in the operator's thread, in that very pass
+    real = st.compute_status
+
+    def counting(**kwargs: Any) -> dict[str, Any]:
+        # The reconciler counts a pass when it starts, under the CR's lock (one CR here): the count is this pass's.
+        passes.append(operator.reconciler.reconciles)
+        return real(**kwargs)
+
+    await cluster.create("gptdeployments", NS, cr(replicas=2))
+    await eventually(lambda: cluster.get("deployments", NS, "gpt2"), what="Deployment")
+    await ready_deployment(cluster, replicas=2)
+    await eventually(lambda: phase_is(cluster, "gpt2", "Ready"), what="Ready")
+    await operator.resync_passes(2)  # settle: every reaction to our own writes is done
+    monkeypatch.setattr(st, "compute_status", counting)  # looked up at each call, in the operator's thread
+    await operator.resync_passes(3)
+    seen = list(passes)
+    # a pass in flight when the patch landed counts like any other: each pass exactly once, none skipped
+    assert len(set(seen)) >= 3, seen
+    assert seen == list(range(seen[0], seen[0] + len(seen))), seen

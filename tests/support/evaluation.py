@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from gptd_operator import api, builders, evaluation, names, rollout
 from gptd_operator.evaluation import BASELINE, CANDIDATE, eval_key
@@ -59,10 +59,14 @@ def succeeded(name: str, result: dict[str, Any], started: float = 0) -> JobObs:
                   conditions=(("Complete", "True", "", ""),), message=json.dumps(result), exit_code=0)
 
 
-def failed(name: str, reason: str = "BackoffLimitExceeded", message: str = "", started: float = 0) -> JobObs:
+def failed(name: str, reason: str = "BackoffLimitExceeded", message: str = "", started: float = 0,
+           failed_at: float | Literal["started"] | None = "started") -> JobObs:
+    """Its pod seen terminated (exit 1, ``message``). The Failed condition's lastTransitionTime (``failed_since``) is
+    ``failed_at``, by default ``started``, as a real Job controller always stamps it; None: a condition without it."""
+    stamp = started if failed_at == "started" else failed_at
     return JobObs(name=name, revision=None, purpose="evaluation", failed=1, start_time=at(started),
                   conditions=(("Failed", "True", reason, "Job has reached the specified backoff limit"),),
-                  message=message, exit_code=1)
+                  message=message, exit_code=1, failed_since=None if stamp is None else at(stamp))
 
 
 def observe(t: float, *, pods: tuple[PodObs, ...] = OLD_PODS, runs: tuple[JobObs, ...] = (),

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import kmock
 import pytest
+from gptd_operator.observe import observe_job
 
 from tests.support.apiserver import ApiServer
-from tests.support.cluster import register_resources
+from tests.support.cluster import Cluster, register_resources
+from tests.support.jobs import complete_condition, failed_condition, job_condition, mark_job
 from tests.support.quantity import canonical
 
 NS = "ns1"
@@ -164,3 +168,34 @@ async def test_pod_status_conditions_merge_by_type_under_strategic_merge_patch(
     status, _ = await call(s, "PATCH", f"{pods}/p/status", {"status": {"conditions": [gate]}})  # merge patch
     _, pod = await call(s, "GET", f"{pods}/p")
     assert pod["status"]["conditions"] == [gate]
+
+
+async def test_the_job_controller_stand_in_stamps_conditions_as_a_real_one(
+    http: tuple[ApiServer, aiohttp.ClientSession],
+) -> None:
+    """tests/support/jobs.py: a real Job controller sets lastProbeTime and lastTransitionTime (metav1.Time: RFC 3339,
+    UTC, seconds, Z) on every condition; the operator measures the grace of a Job seen Failed from the latter."""
+    k, session = http
+    cluster = Cluster(k, session)
+    await cluster.create("jobs", NS, {"metadata": {"name": "j"}, "spec": {"template": {"spec": {
+        "containers": [{"name": "c", "image": "i"}], "restartPolicy": "Never"}}}})
+    before = datetime.now(UTC).replace(microsecond=0)
+    await mark_job(cluster, NS, "j", failed_condition(), failed=1)
+    job = await cluster.get("jobs", NS, "j")
+    (cond,) = job["status"]["conditions"]  # type: ignore[index]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", cond["lastTransitionTime"]), cond
+    assert cond["lastProbeTime"] == cond["lastTransitionTime"] and cond["reason"] == "BackoffLimitExceeded"
+    failed_since = observe_job(job).failed_since  # type: ignore[arg-type]
+    assert failed_since is not None and before <= failed_since <= datetime.now(UTC)
+    assert "lastTransitionTime" in job_condition("SuccessCriteriaMet") and "lastProbeTime" in complete_condition()
+    # set by the test...
+    await mark_job(cluster, NS, "j", complete_condition(at="2026-01-01T00:00:40Z"), succeeded=1)
+    (cond,) = (await cluster.get("jobs", NS, "j"))["status"]["conditions"]  # type: ignore[index]
+    assert cond == {"type": "Complete", "status": "True", "lastProbeTime": "2026-01-01T00:00:40Z",
+                    "lastTransitionTime": "2026-01-01T00:00:40Z"}
+    # ...or left out, explicitly (a test that depends on "no lastTransitionTime: judged at once")
+    await mark_job(cluster, NS, "j", failed_condition(at=None), failed=1)
+    job = await cluster.get("jobs", NS, "j")
+    (cond,) = job["status"]["conditions"]  # type: ignore[index]
+    assert "lastTransitionTime" not in cond and "lastProbeTime" not in cond
+    assert observe_job(job).failed_since is None  # type: ignore[arg-type]

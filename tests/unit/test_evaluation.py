@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from gptd_operator import api, builders, crd, evaluation, names, rollout
-from gptd_operator.api import InvalidSpec
+from gptd_operator.api import GPTDeploymentStatus, InvalidSpec
 from gptd_operator.evaluation import BASELINE, CANDIDATE, eval_key, run_of
 from gptd_operator.observe import DeploymentObs, JobObs, Observations, PodObs, observe_job, observe_pod
 from gptd_operator.rollout import decide
@@ -793,9 +793,42 @@ def test_a_failed_job_waits_a_grace_for_its_pods_message() -> None:
     # no pod past the grace: judged on the Job's own message
     run = run_of(observe_job(job), at(60 + grace + 1))
     assert run.state == "failed" and run.message == "Job has reached the specified backoff limit"
-    # a deadline is a timeout whatever the pod says; without lastTransitionTime there is no grace to measure
+    # a deadline is a timeout whatever the pod says
     assert run_of(observe_job(_failed_job("DeadlineExceeded")), at(70)).deadline_exceeded
-    assert run_of(observe_job(_failed_job(failed_at=None)), at(70)).state == "failed"
+    # without lastTransitionTime the grace counts from the operator's own first sighting
+    bare = observe_job(_failed_job(failed_at=None))
+    run = run_of(bare, at(70))
+    assert run.state == "running" and run.recheck == grace and run.failed_seen == at(70)
+    assert run_of(bare, at(70 + grace - 1), seen=at(70)).state == "running"
+    assert run_of(bare, at(70 + grace + 1), seen=at(70)).state == "failed"
+
+
+# A pod the kubelet rejected at admission: terminal at once, no container ever started (so no container state).
+REJECTED = {"phase": "Failed", "reason": "OutOfcpu",
+            "message": "Pod was rejected: Node didn't have enough resource: cpu, requested: 500, used: 3800"}
+REJECTED_TEXT = "OutOfcpu: " + REJECTED["message"]
+
+
+def test_a_failed_job_whose_pod_is_terminal_without_a_container_state_is_judged_at_once_on_the_pods_reason() -> None:
+    # the Job's grace waits for a container termination message that a pod rejected at admission never gets
+    rejected = {**_eval_pod({}), "status": REJECTED}
+    job = observe_job(_failed_job(), [rejected])
+    assert job.pod_failure == REJECTED_TEXT and job.exit_code is None
+    assert evaluation.failed_grace_left(job, at(70)) is None
+    run = run_of(job, at(70))
+    assert run.state == "failed" and run.message == REJECTED_TEXT  # not the Job's generic backoff-limit message
+    # evicted after its container ran, but it said nothing (no termination message): the pod's reason too
+    evicted = {**_eval_pod({"terminated": {"exitCode": 137, "reason": "Error"}}),
+               "status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory.",
+                          "containerStatuses": [{"name": "evaluate", "state": {"terminated": {"exitCode": 137}}}]}}
+    assert run_of(observe_job(_failed_job(), [evicted]), at(70)).message == (
+        "Evicted: The node was low on resource: memory.")
+    # the evaluator's own error, when its container said one, still comes first
+    told = {**evicted, "status": {**evicted["status"], "containerStatuses": [{"name": "evaluate", "state": {
+        "terminated": {"exitCode": 1, "message": json.dumps({"error": "dataset x: line 7: not valid JSON"})}}}]}}
+    assert run_of(observe_job(_failed_job(), [told]), at(70)).message == "dataset x: line 7: not valid JSON"
+    # a pod still Pending with a reason is not a failure of its own
+    assert observe_job(_failed_job(), [{**rejected, "status": {**REJECTED, "phase": "Pending"}}]).pod_failure == ""
 
 
 def test_the_gate_holds_a_failed_candidate_for_its_message_even_past_the_timeout() -> None:
@@ -824,20 +857,25 @@ def test_a_failed_baseline_in_its_grace_is_waited_for_not_called_timed_out() -> 
     plan = decide(spec, status, observe(615, pods=(*OLD_PODS, NEW_POD), runs=runs))
     assert {j.role for j in plan.evaluation_jobs} == {BASELINE, CANDIDATE} and not plan.events
     assert plan.requeue_after == grace - 10  # the baseline's grace ends before the candidate's timeout
+    assert plan.status["evaluation"]["failedSeen"] == {base_name(spec): "2026-01-01T00:10:15Z"}
     # its pod's message arrives: the evaluator's own error is the note
     told = dataclasses.replace(bjob, exit_code=1, message=json.dumps({"error": "cannot reach http://10.0.0.1:8000"}))
     plan = decide(spec, status, observe(616, pods=(*OLD_PODS, NEW_POD), runs=(told, running(cand_name(spec), 590))))
     assert [e.reason for e in plan.events] == ["BaselineUnavailable"] and "cannot reach" in plan.events[0].message
 
 
-def test_a_failed_jobs_grace_is_never_longer_than_the_grace_when_the_clock_is_behind() -> None:
-    # lastTransitionTime is the API server's clock; an operator clock behind it must not stretch the wait.
+def test_with_the_api_servers_clock_ahead_a_failed_jobs_grace_counts_from_the_operators_first_sighting() -> None:
+    # lastTransitionTime is the API server's clock: an hour ahead of the operator's, it would hold the rollout an
+    # hour and a grace. Timed from the operator's own first sighting (status.evaluation.failedSeen) instead.
     grace = evaluation.RESULT_GRACE_SECONDS
     job = observe_job(_failed_job(failed_at="2026-01-01T01:00:00Z"))  # an hour ahead of the operator's now
     run = run_of(job, at(70))
-    assert run.state == "running" and run.recheck == grace
-    run = run_of(job, at(3600 + grace + 1))  # past it by the Job's own clock: judged
-    assert run.state == "failed"
+    assert run.state == "running" and run.recheck == grace and run.failed_seen == at(70)
+    run = run_of(job, at(80), seen=at(70))
+    assert run.recheck == grace - 10 and run.failed_seen == at(70)  # the first sighting is kept
+    assert run_of(job, at(70 + grace + 1), seen=at(70)).state == "failed"  # not 3600 + grace
+    # first seen long after the Job controller stamped it (the operator was away): no fresh grace
+    assert run_of(observe_job(_failed_job()), at(60 + grace + 1)).state == "failed"
 
 
 def test_the_gate_wakes_within_the_grace_when_the_failure_is_stamped_ahead_of_its_clock() -> None:
@@ -847,4 +885,16 @@ def test_the_gate_wakes_within_the_grace_when_the_failure_is_stamped_ahead_of_it
     job = dataclasses.replace(failed(cand_name(spec), started=10), exit_code=None, message="", failed_since=at(4000))
     plan = decide(spec, status, observe(615, pods=(*OLD_PODS, NEW_POD), runs=(job,)))
     assert plan.status["rollout"]["phase"] == "RollingOut"
-    assert plan.requeue_after == evaluation.RESULT_GRACE_SECONDS
+    grace = evaluation.RESULT_GRACE_SECONDS
+    assert plan.requeue_after == grace
+    # the first sighting is in status.evaluation, and the grace counts from it, not from the stamp ahead
+    assert plan.status["evaluation"]["failedSeen"] == {cand_name(spec): "2026-01-01T00:10:15Z"}
+    typed = GPTDeploymentStatus.model_validate({"evaluation": plan.status["evaluation"]})  # declared (extra=forbid)
+    assert typed.model_dump(exclude_none=True)["evaluation"] == plan.status["evaluation"]
+    status = merged(status, plan)
+    plan = decide(spec, status, observe(615 + grace - 1, pods=(*OLD_PODS, NEW_POD), runs=(job,)))
+    assert plan.status["rollout"]["phase"] == "RollingOut" and plan.requeue_after == 1
+    assert plan.status["evaluation"]["failedSeen"] == {cand_name(spec): "2026-01-01T00:10:15Z"}  # kept
+    plan = decide(spec, status, observe(615 + grace + 1, pods=(*OLD_PODS, NEW_POD), runs=(job,)))
+    assert plan.status["rollout"]["phase"] == "RolledBack"
+    assert "the specified backoff limit" in plan.status["rollout"]["message"]
