@@ -25,8 +25,8 @@ from typing import Any
 
 from . import builders, evaluation, names
 from .api import GPTDeploymentSpec
-from .evaluation import DATASET_FILE, RESULT_FILE, evaluation_hash, failed_grace_left, pvc_claim, pvc_identity
-from .observe import JobObs, format_time, parse_time
+from .evaluation import DATASET_FILE, RESULT_FILE, evaluation_hash, failed_grace_left, pvc_claim, pvc_identity, sighting
+from .observe import JobObs, format_time
 from .settings import Settings
 
 COMPONENT = "dataset-check"  # app.kubernetes.io/component of the check Jobs and their pods
@@ -138,7 +138,7 @@ def plan_check(
                          delete=stale, record=started if prev != started else None,
                          events=(("Normal", "DatasetCheckStarted", waiting),))
     mine_prev = prev if prev.get("key") == key and prev.get("job") == jname else {}
-    seen = parse_time(mine_prev.get("failedSeenAt"))
+    seen = sighting(mine_prev.get("failedSeenAt"), now)
     state, detail, recheck = verdict(job, now, seen)
     if state == "running":
         record = None

@@ -31,7 +31,7 @@ from gptd_common.eval_dataset import DatasetError, parse_dataset
 
 from . import builders, names
 from .api import GPTDeploymentSpec, InvalidSpec
-from .observe import ANN_EVAL_TARGET_IP, ANN_EVAL_TARGET_UID, JobObs, PodObs, format_time, parse_time
+from .observe import ANN_EVAL_TARGET_IP, ANN_EVAL_TARGET_UID, JobObs, PodObs, format_time, parse_own_time, parse_time
 from .settings import Settings
 
 GATE_CONDITION = builders.GATE_CONDITION
@@ -230,11 +230,19 @@ def failed_grace_left(job: JobObs, now: datetime | None, seen: datetime | None =
     return max(1.0, left) if left >= 0 else None
 
 
+def sighting(value: Any, now: datetime | None) -> datetime | None:
+    """A first sighting the operator recorded in status, read back. None, so that this pass sights the Job anew, when
+    it is not a time (the status is writable by hand) or lies ahead of this clock (the clock stepped back, or another
+    replica's ran ahead): trusted, it would hold the rollout until this clock passed it."""
+    seen = parse_own_time(value)
+    return None if seen is None or (now is not None and seen > now) else seen
+
+
 def runs_of(jobs: Sequence[JobObs], now: datetime | None = None,
             seen: Mapping[str, Any] | None = None) -> dict[str, EvalRun]:
     """The evaluator Jobs by name; ``seen``: status.evaluation.failedSeen (Job name → when first seen Failed)."""
     seen = seen or {}
-    return {j.name: run_of(j, now, parse_time(seen.get(j.name))) for j in jobs
+    return {j.name: run_of(j, now, sighting(seen.get(j.name), now)) for j in jobs
             if j.purpose == builders.EVALUATION_COMPONENT}
 
 
@@ -348,12 +356,17 @@ def gate(
             result = {k: prev.get(k) for k in ("score", "samples", "perLabel")}
             return _judge(spec, Gate("pending", ""), base, result, prev.get("baseline"), "", current, now)
         # no score (timed out, the evaluator failed): measured again below
-    runs = runs_of(jobs, now, prev.get("failedSeen"))
+    prev_seen = prev.get("failedSeen")
+    runs = runs_of(jobs, now, prev_seen if isinstance(prev_seen, dict) else None)
     # Jobs Failed and waiting for their pod's message: when each was first seen so (its grace's start, by the
-    # operator's clock) goes into every record below, so the next pass (or a restarted operator) times from it.
+    # operator's clock) goes into the pending record (pending()), for the Jobs still wanted, so the next pass (or a
+    # restarted operator) times from it; a verdict's record has none.
     failed_seen = {n: format_time(r.failed_seen) for n, r in sorted(runs.items()) if r.failed_seen is not None}
-    if failed_seen:
-        base["failedSeen"] = failed_seen
+
+    def pending(record: dict[str, Any], wanted_jobs: Sequence[EvalJob]) -> dict[str, Any]:
+        seen = {j.name: failed_seen[j.name] for j in wanted_jobs if j.name in failed_seen}
+        return {**record, "failedSeen": seen} if seen else record
+
     wanted: list[EvalJob] = []
     out = Gate("pending", "")
 
@@ -403,13 +416,13 @@ def gate(
         if pod is None:
             out.jobs = tuple(wanted)
             out.message = f"waiting for a pod of revision {revision} to start, to evaluate it"
-            out.evaluation = {**base, "message": out.message}
+            out.evaluation = pending({**base, "message": out.message}, out.jobs)
             return out
         wanted.append(EvalJob(CANDIDATE, cname, key, revision, pod.name, pod.ip, pod.uid))
         out.jobs = tuple(wanted)
         out.running = True
         out.message = f"evaluating revision {revision} on pod {pod.name} ({metric}, dataset {dataset})"
-        out.evaluation = {**base, "message": out.message, "startedAt": format_time(now)}
+        out.evaluation = pending({**base, "message": out.message, "startedAt": format_time(now)}, out.jobs)
         out.requeue = _sooner(float(ev.timeoutSeconds), baseline_recheck)
         out.events.append(("Normal", "EvaluationStarted", out.message))
         return out
@@ -421,9 +434,11 @@ def gate(
         out.jobs = tuple(wanted)
         out.running = True
         waiting = ("the baseline" if run.state == "succeeded" else "its pod's message (the Job failed)" if in_grace
-                   else f"the evaluator ({int(elapsed)}s of {ev.timeoutSeconds}s)")
+                   else f"the evaluator (timeout {ev.timeoutSeconds}s from startedAt)")
+        # No elapsed seconds in the message: a text that changes every pass is a status write every pass.
         out.message = f"evaluating revision {revision} (Job {cname}): waiting for {waiting}"
-        out.evaluation = {**base, "message": out.message, "startedAt": created_at or format_time(now)}
+        out.evaluation = pending({**base, "message": out.message, "startedAt": created_at or format_time(now)},
+                                 out.jobs)
         left = ev.timeoutSeconds - elapsed
         out.requeue = _sooner(left if left > 0 else None, run.recheck, baseline_recheck) or 1.0
         return out

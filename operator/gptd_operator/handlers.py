@@ -150,7 +150,8 @@ def packed(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def unpacked(entry: dict[str, Any] | None) -> dict[str, Any] | None:
-    """An index entry as the API returned it (a fresh dict: an index entry is never handed out to be mutated)."""
+    """An index entry with its spec decoded: a new top-level dict and spec; metadata and status are still the index's
+    own objects, read-only as every index entry is (nothing writes to what snapshot() returns)."""
     if entry is None or PACKED_SPEC not in entry:
         return entry
     out = {k: v for k, v in entry.items() if k != PACKED_SPEC}

@@ -146,6 +146,15 @@ def parse_time(value: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def parse_own_time(value: Any) -> datetime | None:
+    """A timestamp the operator wrote into status itself, read back: None when it is not one (the status
+    subresource is writable by anyone with the RBAC; a hand-written value must not stop every pass)."""
+    try:
+        return parse_time(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
 def format_time(value: datetime) -> str:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)

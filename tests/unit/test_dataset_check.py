@@ -279,3 +279,16 @@ def test_a_check_job_failed_while_the_operator_was_away_is_judged_by_its_lastTra
     grace = evaluation.RESULT_GRACE_SECONDS
     spec, status, seen = _failed_first(60)
     assert _plan(spec, status, (seen,), t=60 + grace + 1).invalid is not None
+
+
+def test_a_check_jobs_sighting_recorded_ahead_of_the_clock_or_not_a_time_is_taken_anew() -> None:
+    # A sighting the operator's own clock has not reached yet (it stepped back; another replica's ran ahead), or a
+    # hand-written value: trusted, it would hold the rollout until the clock passed it, or stop every pass.
+    grace = evaluation.RESULT_GRACE_SECONDS
+    spec, status, seen = _failed_first(60)
+    bare = dataclasses.replace(seen, failed_since=None)
+    for recorded in ("2026-01-01T01:01:10Z", "yesterday"):
+        ahead = {**status, STATUS_KEY: {**status[STATUS_KEY], "failedSeenAt": recorded}}
+        check = _plan(spec, ahead, (bare,), t=70)
+        assert check.invalid is None and check.requeue_after == grace
+        assert check.record is not None and check.record["failedSeenAt"] == "2026-01-01T00:01:10Z"

@@ -898,3 +898,45 @@ def test_the_gate_wakes_within_the_grace_when_the_failure_is_stamped_ahead_of_it
     plan = decide(spec, status, observe(615 + grace + 1, pods=(*OLD_PODS, NEW_POD), runs=(job,)))
     assert plan.status["rollout"]["phase"] == "RolledBack"
     assert "the specified backoff limit" in plan.status["rollout"]["message"]
+
+
+ROLLING = {**SETTLED, "rollout": {"revision": RB, "phase": "RollingOut", "startedAt": "2026-01-01T00:00:00Z",
+                                  "progressAt": "2026-01-01T00:00:00Z", "readyPods": 0, "evaluationGate": True}}
+
+
+def test_a_verdict_keeps_no_sighting_and_a_pending_record_only_the_wanted_jobs() -> None:
+    spec = make_spec({**EVAL, "maxRegression": 0.02})
+    in_grace = dataclasses.replace(failed(base_name(spec)), exit_code=None, message="", failed_since=at(605))
+    leftover = dataclasses.replace(failed("gpt2-eval-candidate-0ldkey"), exit_code=None, message="",
+                                   failed_since=at(605))  # another key's Job, about to be deleted
+    plan = decide(spec, ROLLING, observe(615, pods=(*OLD_PODS, NEW_POD),
+                                         runs=(in_grace, leftover, running(cand_name(spec), 590))))
+    assert plan.status["evaluation"]["failedSeen"] == {base_name(spec): "2026-01-01T00:10:15Z"}
+    # the candidate fails for good while the baseline is still in its grace: the verdict's record has no sighting
+    told = failed(cand_name(spec), message=json.dumps({"error": "dataset x: line 3: not valid JSON"}), started=590)
+    plan = decide(spec, merged(ROLLING, plan), observe(616, pods=(*OLD_PODS, NEW_POD), runs=(in_grace, told)))
+    assert plan.status["rollout"]["phase"] == "RolledBack"
+    assert plan.status["evaluation"]["passed"] is False and "failedSeen" not in plan.status["evaluation"]
+
+
+def test_a_sighting_recorded_ahead_of_the_clock_or_not_a_time_is_taken_anew() -> None:
+    grace = evaluation.RESULT_GRACE_SECONDS
+    job = observe_job(_failed_job(failed_at=None))  # nothing else to time the grace from
+    runs = evaluation.runs_of((dataclasses.replace(job, name="j"),), at(70), {"j": "2026-01-01T01:01:10Z"})
+    assert runs["j"].failed_seen == at(70) and runs["j"].recheck == grace  # recorded an hour ahead: taken anew
+    later = evaluation.runs_of((dataclasses.replace(job, name="j"),), at(70 + grace + 1), {"j": "2026-01-01T00:01:10Z"})
+    assert later["j"].state == "failed"  # so the grace ends after one grace
+    spec = make_spec()
+    broken = {**ROLLING, "evaluation": {"failedSeen": {cand_name(spec): "yesterday"}}}
+    jobd = dataclasses.replace(failed(cand_name(spec), started=10), exit_code=None, message="", failed_since=None)
+    plan = decide(spec, broken, observe(615, pods=(*OLD_PODS, NEW_POD), runs=(jobd,)))  # no ValueError
+    assert plan.status["evaluation"]["failedSeen"] == {cand_name(spec): "2026-01-01T00:10:15Z"}
+
+
+def test_a_running_evaluators_record_does_not_change_from_pass_to_pass() -> None:
+    spec = make_spec()  # timeoutSeconds 600
+    runs = (running(cand_name(spec), 10),)
+    first = decide(spec, ROLLING, observe(100, pods=(*OLD_PODS, NEW_POD), runs=runs))
+    later = decide(spec, merged(ROLLING, first), observe(200, pods=(*OLD_PODS, NEW_POD), runs=runs))
+    assert "waiting for the evaluator" in first.status["evaluation"]["message"]
+    assert later.status["evaluation"] == first.status["evaluation"]  # no status write per pass while it runs
