@@ -98,6 +98,14 @@ async def job_for(cluster: Cluster, role: str) -> dict[str, Any]:
     return await eventually(one, what=f"one {role} evaluation Job")
 
 
+async def candidate_of_v2(cluster: Cluster) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """start(), then revision v2 with its first pod: (the old revision, the v2 Deployment, its candidate Job)."""
+    old = await start(cluster)
+    dep = await change_revision(cluster, "v2", old)
+    await new_pod(cluster, dep)
+    return old, dep, await job_for(cluster, "candidate")
+
+
 def url_of(job: dict[str, Any]) -> str:
     args = job["spec"]["template"]["spec"]["containers"][0]["command"]
     return args[args.index("--url") + 1]
@@ -231,11 +239,8 @@ async def _no_jobs(cluster: Cluster) -> bool:
 async def test_a_low_score_rolls_back_with_the_scores_and_is_not_retried(
     cluster: Cluster, operator: RunningOperator
 ) -> None:
-    old = await start(cluster)
-    dep = await change_revision(cluster, "v2", old)
+    old, dep, job = await candidate_of_v2(cluster)
     new = labels_of(dep)[REV]
-    await new_pod(cluster, dep)
-    job = await job_for(cluster, "candidate")
     await finish(cluster, job, scores(0.5))
 
     dep = await eventually(lambda: _on_revision(cluster, old), what="rolled back to v1")
@@ -602,10 +607,8 @@ class TestACheckJobsGraceEndsWithoutAWatchEvent:
 async def test_a_refused_dataset_does_not_stop_marking_a_passed_revisions_pods(
     cluster: Cluster, operator: RunningOperator
 ) -> None:
-    old = await start(cluster)
-    dep = await change_revision(cluster, "v2", old)
-    await new_pod(cluster, dep)
-    await finish(cluster, await job_for(cluster, "candidate"), scores(0.9))
+    _, dep, job = await candidate_of_v2(cluster)
+    await finish(cluster, job, scores(0.9))
     await eventually(lambda: pod_condition(cluster, "gpt2-new-1"), what="the v2 pod passed")
     # Mid-rollout the dataset goes and spec.evaluation changes (so it must be read again): refused...
     await cluster.delete("configmaps", NS, "sentiment-eval")
@@ -622,10 +625,7 @@ async def test_a_job_seen_failed_before_its_pod_is_judged_on_the_evaluators_own_
 ) -> None:
     # The Job and its pod come by separate watches: here the Job controller's Failed (with its lastTransitionTime,
     # as a real one sets it) is seen first, the pod that says why only later.
-    old = await start(cluster)
-    dep = await change_revision(cluster, "v2", old)
-    await new_pod(cluster, dep)
-    job = await job_for(cluster, "candidate")
+    old, _, job = await candidate_of_v2(cluster)
     now = rfc3339()
     await mark_job(cluster, NS, job["metadata"]["name"], failed_condition(at=now), failed=1, startTime=now)
     await status_where(cluster, "waiting for the pod", lambda s: "waiting for its pod's message" in
