@@ -20,7 +20,7 @@ from gptd_operator import handlers, kube
 from gptd_operator.settings import Settings
 
 from tests.support.apiserver import ApiServer
-from tests.support.cluster import Cluster, RunningOperator, register_resources, write_kubeconfig
+from tests.support.cluster import Cluster, RunningOperator, operator_dump, register_resources, write_kubeconfig
 
 
 @pytest.fixture()
@@ -65,22 +65,32 @@ async def operator(kubeconfig: Path, operator_settings: Settings) -> AsyncIterat
     memo = handlers.register(registry, operator_settings, reconciler)
     stop = threading.Event()
     errors: list[BaseException] = []
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def main() -> None:
+        loops.append(asyncio.get_running_loop())
+        await kopf.operator(registry=registry, memo=memo, standalone=True, clusterwide=True, stop_flag=stop,
+                            liveness_endpoint=None)
 
     def run() -> None:
         try:
-            asyncio.run(kopf.operator(
-                registry=registry, memo=memo, standalone=True, clusterwide=True, stop_flag=stop,
-                liveness_endpoint=None,
-            ))
+            asyncio.run(main())
         except BaseException as exc:  # surfaced in the teardown
             errors.append(exc)
 
     thread = threading.Thread(target=run, name="gptd-operator", daemon=True)
     thread.start()
     running = RunningOperator(reconciler, thread)
-    await running.resync_passes(1)  # the operator is up: its resync loop runs
-    yield running
-    stop.set()
-    await asyncio.to_thread(thread.join, 20)
-    assert not thread.is_alive(), "the operator did not stop within 20 s"
+    # The operator is stopped whatever happens from here: one left running (its start-up timed out, say) keeps a
+    # thread of its loop's executor waiting on ``stop`` for ever, and the interpreter joins that thread at exit.
+    try:
+        try:
+            await running.started()
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{operator_dump(thread, loops[0] if loops else None)}") from None
+        yield running
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join, 20)
+    assert not thread.is_alive(), "the operator did not stop within 20 s\n" + operator_dump(thread, None)
     assert not errors, errors

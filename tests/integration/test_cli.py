@@ -30,8 +30,14 @@ async def test_cli_runs_the_operator(cluster: Cluster, kubeconfig: Path, tmp_pat
         assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "example.org/runtime:test"
     finally:
         proc.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(proc.wait, 30)
-        log.close()
+        try:
+            code = await asyncio.to_thread(proc.wait, 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # never left behind: it would go on retrying against the emulator this test stops
+            proc.wait()
+            raise
+        finally:
+            log.close()
     assert code == 0, (tmp_path / "operator.log").read_text()[-3000:]
 
 

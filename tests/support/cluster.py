@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,11 +145,37 @@ class RunningOperator:
     reconciler: handlers.Reconciler
     thread: threading.Thread
 
+    async def started(self, timeout: float = 10.0) -> None:
+        """Wait until the operator is up: its resync loop's first pass (run at once, on start-up) is done.
+
+        Not ``resync_passes(1)``: that counts from the passes already done when it is called, and the operator's
+        thread may have done the first one by then, so it would wait for the second, a whole resync period away."""
+        await eventually(lambda: _true(self.reconciler.resync_passes >= 1), timeout=timeout,
+                         what="the first resync pass")
+
     async def resync_passes(self, n: int = 2, timeout: float = 10.0) -> None:
         """Wait until ``n`` more full resync passes (every CR reconciled) have completed."""
         target = self.reconciler.resync_passes + n
         await eventually(lambda: _true(self.reconciler.resync_passes >= target), timeout=timeout,
                          what=f"{n} resync passes")
+
+
+def operator_dump(thread: threading.Thread, loop: asyncio.AbstractEventLoop | None) -> str:
+    """What an operator that is stuck is doing: its thread's stack and, given its loop, each pending task's."""
+    lines = [f"operator thread alive={thread.is_alive()}:"]
+    frame = sys._current_frames().get(thread.ident or -1)
+    if frame is not None:
+        lines += traceback.format_stack(frame)
+    if loop is not None:
+        try:  # read from another thread: a task added meanwhile may change the set under us
+            tasks = list(asyncio.all_tasks(loop))
+        except RuntimeError as exc:
+            tasks, lines = [], [*lines, f"tasks not listed: {exc}"]
+        for task in tasks:
+            lines.append(f"task {task.get_name()}: {task.get_coro()!r}")
+            lines += ["    " + line.strip() for frame in task.get_stack(limit=6)
+                      for line in traceback.format_stack(frame, limit=1)]
+    return "\n".join(lines)
 
 
 async def _true(value: bool) -> bool:
