@@ -486,7 +486,10 @@ def _plan(
     dl = {**base, **d.prev, "job": job.name, "attempt": attempt}
     dl.setdefault("startedAt", format_time(job.start_time) if job.start_time else d.now_s)
     result = _result(job)
-    if (job.complete or job.finally_failed) and result is None and job.exit_code is None:
+    # A pod terminal without a container state (rejected at admission, evicted before it started) will never report:
+    # its own reason (JobObs.pod_failure) is all there is, so it is judged at once, as the evaluator's Jobs are.
+    if ((job.complete or job.finally_failed) and result is None and job.exit_code is None
+            and job.pod_phase not in ("Failed", "Succeeded")):
         ended = parse_time(dl.get("jobEndedAt"))
         if ended is None:
             dl["jobEndedAt"], ended = d.now_s, now
@@ -515,7 +518,8 @@ def _plan(
         reason = str((result or {}).get("reason") or "")
         error = str((result or {}).get("error") or "")
         cond = job.condition("Failed") or ("", "", "")
-        message = error or job.message or f"{cond[1]}: {cond[2]}".strip(": ") or "the download Job failed"
+        message = (error or job.message or job.pod_failure or f"{cond[1]}: {cond[2]}".strip(": ")
+                   or "the download Job failed")
         return _failed(d, dl, delete, reason or cond[1] or "JobFailed", message, what)
     # Running, or waiting for its (next) pod.
     if progress is not None:

@@ -413,6 +413,18 @@ def test_a_finished_job_waits_briefly_for_its_pods_report() -> None:
     assert p.degraded == ("DownloadFailed", "DeadlineExceeded: Job was active longer than allowed")
 
 
+def test_a_failed_job_whose_pod_never_started_is_judged_at_once_on_the_pods_reason() -> None:
+    """A pod Failed without a container state (evicted before it started, rejected at admission) never reports: no
+    grace for its report, and its own reason is the message."""
+    status = then({}, plan())
+    failed = job(failed=1, conditions=(("Failed", "True", "BackoffLimitExceeded", "Job has reached the specified "
+                                        "backoff limit"),), pod_name="gpt2-fetch-abc1234567-1-x", pod_phase="Failed",
+                 pod_failure="Evicted: The node was low on resource: ephemeral-storage.")
+    p = plan(status=status, jobs=(failed,), t=10)
+    assert p.degraded == ("DownloadFailed", "Evicted: The node was low on resource: ephemeral-storage.")
+    assert p.status["download"]["reason"] == "BackoffLimitExceeded"
+
+
 # ------------------------------------------------------------------------------------------ s3:// through the cache
 
 
