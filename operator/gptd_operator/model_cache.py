@@ -538,9 +538,10 @@ def _plan(
         dl["display"] = f"{dl['percent']}% of {_human(total)}"
     dl["phase"] = "Downloading"
     degraded = None
-    if job.exit_code not in (None, 0) and not job.running:
-        # A try failed and the Job controller retries after its backoff: say why now, not after the last try.
-        error = str((result or {}).get("error") or job.message or f"exit code {job.exit_code}")
+    if (job.exit_code not in (None, 0) or job.pod_failure) and not job.running:
+        # A try failed and the Job controller retries after its backoff: say why now, not after the last try. A pod
+        # evicted or rejected (pod_failure) says why only in its own reason, with or without an exit code.
+        error = str((result or {}).get("error") or job.message or job.pod_failure or f"exit code {job.exit_code}")
         dl["reason"], dl["message"] = (result or {}).get("reason") or "Failed", error
         degraded = ("DownloadFailed", f"download of {what} failed (retrying): {error}")
     elif job.waiting:

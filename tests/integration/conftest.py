@@ -79,15 +79,16 @@ async def operator(kubeconfig: Path, operator_settings: Settings) -> AsyncIterat
             errors.append(exc)
 
     thread = threading.Thread(target=run, name="gptd-operator", daemon=True)
-    thread.start()
     running = RunningOperator(reconciler, thread)
+    thread.start()
     # The operator is stopped whatever happens from here: one left running (its start-up timed out, say) keeps a
     # thread of its loop's executor waiting on ``stop`` for ever, and the interpreter joins that thread at exit.
     try:
         try:
             await running.started()
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{operator_dump(thread, loops[0] if loops else None)}") from None
+        except (AssertionError, RuntimeError) as exc:
+            raise AssertionError(f"{exc}\nerrors: {errors!r}\n{operator_dump(thread, loops[0] if loops else None)}"
+                                 ) from None
         yield running
     finally:
         stop.set()

@@ -185,15 +185,17 @@ def test_killed_download_resumes_without_refetching_completed_files_or_bytes(
     part = work / (WEIGHTS + ".part")
     others = sorted(p.name for p in models["plain"].iterdir() if p.name != WEIGHTS)
     deadline = time.monotonic() + 60
-    # Files download in parallel: kill once the others are complete and the weights sit at the cut.
-    while not (part.exists() and part.stat().st_size == cut and all((work / n).exists() for n in others)):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, (
-            "the partial file never reached the cut", part.exists() and part.stat().st_size,
-            sorted(p.name for p in work.iterdir()) if work.exists() else None, hub.requests)
-        time.sleep(0.05)
-    proc.kill()
-    proc.communicate(timeout=10)
+    try:
+        # Files download in parallel: kill once the others are complete and the weights sit at the cut.
+        while not (part.exists() and part.stat().st_size == cut and all((work / n).exists() for n in others)):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, (
+                "the partial file never reached the cut", part.exists() and part.stat().st_size,
+                sorted(p.name for p in work.iterdir()) if work.exists() else None, hub.requests)
+            time.sleep(0.05)
+    finally:  # killed here on purpose, or because the wait failed: never left running
+        proc.kill()
+        proc.communicate(timeout=10)
     hub.release()
 
     # Killed mid-file: nothing looks complete.

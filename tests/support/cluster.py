@@ -150,8 +150,12 @@ class RunningOperator:
 
         Not ``resync_passes(1)``: that counts from the passes already done when it is called, and the operator's
         thread may have done the first one by then, so it would wait for the second, a whole resync period away."""
-        await eventually(lambda: _true(self.reconciler.resync_passes >= 1), timeout=timeout,
-                         what="the first resync pass")
+        async def first_pass() -> bool:
+            if not self.thread.is_alive():  # not an AssertionError: eventually() would go on polling
+                raise RuntimeError("the operator's thread ended during start-up")
+            return self.reconciler.resync_passes >= 1
+
+        await eventually(first_pass, timeout=timeout, what="the first resync pass")
 
     async def resync_passes(self, n: int = 2, timeout: float = 10.0) -> None:
         """Wait until ``n`` more full resync passes (every CR reconciled) have completed."""

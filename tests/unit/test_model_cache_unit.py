@@ -335,6 +335,11 @@ def test_a_failed_try_is_reported_while_the_job_controller_retries() -> None:
     assert p.wait[0] == "Downloading" and p.sha is None
     missing = job(active=1, waiting='CreateContainerConfigError: secret "hf" not found')
     assert 'secret "hf" not found' in plan(status=status, jobs=(missing,), t=20).degraded[1]
+    # A try evicted before its container started (no exit code, no message): the pod's own reason, at once.
+    evicted = job(active=0, failed=1, pod_phase="Failed", pod_failure="Evicted: The node was low on resource: memory.")
+    degraded = plan(status=status, jobs=(evicted,), t=20).degraded
+    assert degraded is not None and degraded[1].endswith("failed (retrying): Evicted: The node was low on resource: "
+                                                         "memory."), degraded
 
 
 def test_a_spec_change_cancels_the_old_download() -> None:

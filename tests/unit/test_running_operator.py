@@ -28,3 +28,13 @@ async def test_started_does_not_wait_for_a_second_pass_when_the_first_is_already
 async def test_started_waits_for_the_first_pass() -> None:
     with pytest.raises(AssertionError, match="the first resync pass"):
         await running(passes=0).started(timeout=0.2)
+
+
+async def test_started_gives_up_at_once_when_the_operators_thread_has_ended() -> None:
+    dead = threading.Thread(target=lambda: None)
+    dead.start()
+    dead.join()
+    reconciler: Any = SimpleNamespace(resync_passes=0)
+    # RuntimeError at once: waiting out the deadline would end in eventually()'s AssertionError instead
+    with pytest.raises(RuntimeError, match="ended during start-up"):
+        await RunningOperator(reconciler, dead).started(timeout=0.5)
